@@ -1,0 +1,274 @@
+"""Hardware specs from `hw_specs/*.yaml`: datasheet peaks with units and sources, plus optional
+measured curves (calibration) that override the peaks where present.
+
+YAML schema (every number carries its unit in the key; every section a `source`):
+
+    name: a30-xeon6426y
+    description: ...
+    gpu:  {name, mem_GiB | mem_GB, hbm_GBps, peak_TFLOPs: {bf16, fp16, fp32}, source}
+    cpu:  {name, cores, mem_GiB | mem_GB, dram_GBps, peak_TFLOPs: {bf16, fp32}, source}
+    link: {h2d_GBps, d2h_GBps, source}
+    measured:                      # optional; each curve is {x: y} with units in the key
+      source: ...
+      h2d_GBps_by_chunk_MB:        {1: 36.0, 4: 48.6, ...}
+      gpu_gemm_TFLOPs_by_M:        {1: 2.3, 2: 4.8, ...}        # bf16 expert GEMM against tokens M
+      cpu_gemm_GFLOPs_by_M:        {1: 28.8, ...}               # CPU expert GEMM against M
+      cpu_attention_kv_GBps:       {q1: {512: 66.9, 2048: ...}, q4: {...}}   # verify attention, KV GB/s
+      dram_read_GBps: 67.6
+      hbm_copy_GBps: 4173
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SpecError
+
+GiB = 1024**3
+GB = 1e9
+HW_SPEC_DIR = Path(__file__).resolve().parent.parent / "hw_specs"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A measured y(x) curve, interpolated linearly in log(x) and clamped at the ends."""
+
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+
+    def __call__(self, x: float) -> float:
+        lx = np.log(np.maximum(np.asarray(self.xs, dtype=float), 1e-12))
+        return float(np.interp(np.log(max(float(x), 1e-12)), lx, np.asarray(self.ys, dtype=float)))
+
+    @classmethod
+    def from_mapping(cls, m: dict, field_name: str) -> "Curve":
+        if not isinstance(m, dict) or not m:
+            raise SpecError(field_name, "must be a non-empty mapping of x to y", "fix the YAML")
+        try:
+            pts = sorted((float(str(k).lstrip("qLM").rstrip("MB")), float(v)) for k, v in m.items())
+        except (TypeError, ValueError):
+            raise SpecError(field_name, f"has a non-numeric point in {m!r}", "use numbers for x and y") from None
+        for x, y in pts:
+            if x <= 0 or y <= 0:
+                raise SpecError(field_name, f"point ({x}, {y}) is not positive", "measured values must be > 0")
+        return cls(tuple(p[0] for p in pts), tuple(p[1] for p in pts))
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    mem_bytes: float
+    hbm_Bps: float
+    peak_flops: dict[str, float]      # dtype -> FLOP/s
+    source: str
+
+
+@dataclass(frozen=True)
+class CPUSpec:
+    name: str
+    cores: int
+    mem_bytes: float
+    dram_Bps: float
+    peak_flops: dict[str, float]      # dtype -> FLOP/s
+    source: str
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    h2d_Bps: float
+    d2h_Bps: float
+    source: str
+
+
+@dataclass(frozen=True)
+class MeasuredCurves:
+    source: str = ""
+    h2d_GBps_by_chunk_MB: Curve | None = None
+    gpu_gemm_TFLOPs_by_M: Curve | None = None
+    cpu_gemm_GFLOPs_by_M: Curve | None = None
+    # query tokens n -> Curve(context -> KV GB/s)
+    cpu_attention_kv_GBps: dict[int, Curve] = field(default_factory=dict)
+    dram_read_GBps: float | None = None
+    hbm_copy_GBps: float | None = None
+
+    def cpu_attention_GBps(self, n_query: int, context: float) -> float | None:
+        """Measured verify-attention KV GB/s at n queries and a context, interpolated over both."""
+        if not self.cpu_attention_kv_GBps:
+            return None
+        ns = sorted(self.cpu_attention_kv_GBps)
+        vals = [self.cpu_attention_kv_GBps[n](context) for n in ns]
+        return float(np.interp(np.log(max(n_query, 1)), np.log(ns), vals))
+
+    @property
+    def empty(self) -> bool:
+        return not any([self.h2d_GBps_by_chunk_MB, self.gpu_gemm_TFLOPs_by_M, self.cpu_gemm_GFLOPs_by_M,
+                        self.cpu_attention_kv_GBps, self.dram_read_GBps, self.hbm_copy_GBps])
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    name: str
+    description: str
+    gpu: GPUSpec
+    cpu: CPUSpec
+    link: LinkSpec
+    measured: MeasuredCurves
+    source_path: str = ""
+    content_sha256: str = ""
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def with_overrides(self, *, gpu_mem_GiB: float | None = None, cpu_mem_GiB: float | None = None,
+                       h2d_GBps: float | None = None) -> "HardwareSpec":
+        """A copy with memory sizes or PCIe bandwidth replaced (what-if studies, CLI flags)."""
+        raw = json.loads(json.dumps(self.raw))
+        if gpu_mem_GiB is not None:
+            _positive(gpu_mem_GiB, "--gpu-mem-GiB")
+            raw["gpu"].pop("mem_GB", None)
+            raw["gpu"]["mem_GiB"] = gpu_mem_GiB
+        if cpu_mem_GiB is not None:
+            _positive(cpu_mem_GiB, "--cpu-mem-GiB")
+            raw["cpu"].pop("mem_GB", None)
+            raw["cpu"]["mem_GiB"] = cpu_mem_GiB
+        if h2d_GBps is not None:
+            _positive(h2d_GBps, "h2d_GBps")
+            raw["link"]["h2d_GBps"] = h2d_GBps
+            # a what-if on bandwidth replaces the measured H2D curve by the new peak
+            if isinstance(raw.get("measured"), dict):
+                raw["measured"].pop("h2d_GBps_by_chunk_MB", None)
+        return parse_hardware(raw, self.source_path)
+
+    def to_dict(self) -> dict:
+        return self.raw
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "HardwareSpec":
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError("hardware", f"no spec file at {p}",
+                            f"give a preset ({', '.join(list_hardware())}) or a path to a spec YAML")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise SpecError(f"hardware spec {p}", f"not valid YAML: {str(e).splitlines()[0]}", "fix the file") from None
+        return parse_hardware(raw, str(p))
+
+    @classmethod
+    def preset(cls, name: str) -> "HardwareSpec":
+        p = HW_SPEC_DIR / f"{name}.yaml"
+        if not p.is_file():
+            raise SpecError("hardware", f"unknown preset {name!r}",
+                            f"choose one of: {', '.join(list_hardware())}, or give a path to a spec YAML")
+        return cls.from_yaml(p)
+
+
+def list_hardware() -> list[str]:
+    return sorted(p.stem for p in HW_SPEC_DIR.glob("*.yaml"))
+
+
+def load_hardware(spec: str | Path | HardwareSpec) -> HardwareSpec:
+    if isinstance(spec, HardwareSpec):
+        return spec
+    s = str(spec)
+    if (HW_SPEC_DIR / f"{s}.yaml").is_file():
+        return HardwareSpec.preset(s)
+    if Path(s).is_file():
+        return HardwareSpec.from_yaml(s)
+    raise SpecError("hardware", f"{s!r} is neither a preset nor an existing file",
+                    f"choose a preset ({', '.join(list_hardware())}) or give a path to a spec YAML")
+
+
+# ---------------------------------------------------------------------------------------------
+def _positive(v: Any, field_name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(field_name, f"must be a number, got {v!r}", "fix the value")
+    if not v > 0:
+        raise SpecError(field_name, f"must be positive, got {v}", "give a positive number")
+    return float(v)
+
+
+def _section(raw: dict, key: str, where: str) -> dict:
+    s = raw.get(key)
+    if not isinstance(s, dict):
+        raise SpecError(f"{where}.{key}", "missing or not a mapping", f"add a `{key}:` section (see hw_specs/README.md)")
+    return s
+
+
+def _mem(sec: dict, where: str) -> float:
+    if "mem_GiB" in sec:
+        return _positive(sec["mem_GiB"], f"{where}.mem_GiB") * GiB
+    if "mem_GB" in sec:
+        return _positive(sec["mem_GB"], f"{where}.mem_GB") * GB
+    raise SpecError(f"{where}.mem_GiB", "missing", "add mem_GiB (or mem_GB)")
+
+
+def _flops(sec: dict, where: str) -> dict[str, float]:
+    pk = sec.get("peak_TFLOPs")
+    if not isinstance(pk, dict) or not pk:
+        raise SpecError(f"{where}.peak_TFLOPs", "missing or empty", "add e.g. `peak_TFLOPs: {bf16: 165, fp32: 10}`")
+    return {str(k): _positive(v, f"{where}.peak_TFLOPs.{k}") * 1e12 for k, v in pk.items()}
+
+
+def _source(sec: dict, where: str) -> str:
+    s = sec.get("source")
+    if not isinstance(s, str) or not s.strip():
+        raise SpecError(f"{where}.source", "missing", "say where the numbers come from (datasheet URL, measurement)")
+    return s
+
+
+def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
+    where = Path(path).name if path else "hardware spec"
+    if not isinstance(raw, dict):
+        raise SpecError(where, "top level is not a mapping", "see hw_specs/README.md for the schema")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"{where}.name", "missing", "add `name: <short-id>`")
+    g, c, lk = _section(raw, "gpu", where), _section(raw, "cpu", where), _section(raw, "link", where)
+    gpu = GPUSpec(name=str(g.get("name", "gpu")), mem_bytes=_mem(g, f"{where}.gpu"),
+                  hbm_Bps=_positive(g.get("hbm_GBps"), f"{where}.gpu.hbm_GBps") * GB,
+                  peak_flops=_flops(g, f"{where}.gpu"), source=_source(g, f"{where}.gpu"))
+    cores = c.get("cores")
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores <= 0:
+        raise SpecError(f"{where}.cpu.cores", f"must be a positive integer, got {cores!r}", "fix the YAML")
+    cpu = CPUSpec(name=str(c.get("name", "cpu")), cores=cores, mem_bytes=_mem(c, f"{where}.cpu"),
+                  dram_Bps=_positive(c.get("dram_GBps"), f"{where}.cpu.dram_GBps") * GB,
+                  peak_flops=_flops(c, f"{where}.cpu"), source=_source(c, f"{where}.cpu"))
+    h2d = _positive(lk.get("h2d_GBps"), f"{where}.link.h2d_GBps")
+    link = LinkSpec(h2d_Bps=h2d * GB, d2h_Bps=_positive(lk.get("d2h_GBps", h2d), f"{where}.link.d2h_GBps") * GB,
+                    source=_source(lk, f"{where}.link"))
+    measured = MeasuredCurves()
+    m = raw.get("measured")
+    if m is not None:
+        if not isinstance(m, dict):
+            raise SpecError(f"{where}.measured", "not a mapping", "fix the YAML or remove the section")
+        mw = f"{where}.measured"
+        att = {}
+        for qk, curve in (m.get("cpu_attention_kv_GBps") or {}).items():
+            try:
+                n = int(str(qk).lstrip("q"))
+            except ValueError:
+                raise SpecError(f"{mw}.cpu_attention_kv_GBps.{qk}", "keys must be q<N> (query tokens)",
+                                "e.g. q1, q4, q8") from None
+            att[n] = Curve.from_mapping(curve, f"{mw}.cpu_attention_kv_GBps.{qk}")
+
+        def cv(key):
+            return Curve.from_mapping(m[key], f"{mw}.{key}") if m.get(key) is not None else None
+
+        measured = MeasuredCurves(
+            source=_source(m, mw),
+            h2d_GBps_by_chunk_MB=cv("h2d_GBps_by_chunk_MB"),
+            gpu_gemm_TFLOPs_by_M=cv("gpu_gemm_TFLOPs_by_M"),
+            cpu_gemm_GFLOPs_by_M=cv("cpu_gemm_GFLOPs_by_M"),
+            cpu_attention_kv_GBps=att,
+            dram_read_GBps=_positive(m["dram_read_GBps"], f"{mw}.dram_read_GBps") if "dram_read_GBps" in m else None,
+            hbm_copy_GBps=_positive(m["hbm_copy_GBps"], f"{mw}.hbm_copy_GBps") if "hbm_copy_GBps" in m else None,
+        )
+    sha = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+    return HardwareSpec(name=name, description=str(raw.get("description", "")), gpu=gpu, cpu=cpu, link=link,
+                        measured=measured, source_path=str(path), content_sha256=sha, raw=raw)

@@ -1,0 +1,239 @@
+"""The Plan: the only thing the engine takes from the planner. Frozen, with a versioned JSON round-trip.
+
+A plan carries its inputs (model, draft, hardware, workload) with content hashes, every decision,
+the predicted per-stage times under the design's stage names, the memory footprint, the bound
+resource and the frontier it beat.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+from .stages import STAGE_NAMES
+
+SCHEMA_VERSION = 1
+
+
+def content_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where things live. Layers are indexed 0..num_layers-1 of the target."""
+
+    expert_cache_slots: tuple[int, ...]      # per layer: routed experts resident on the GPU (0 on dense layers)
+    target_kv_gpu_sequences: int = 0         # sequences whose target KV (and attention) live on the GPU
+    draft_kv_gpu_sequences: int = 0          # sequences whose draft KV lives on the GPU (the rest: CPU)
+    attention_device: str = "cpu"            # where the target's verify attention runs for CPU-KV sequences
+    cpu_expert_layers: tuple[int, ...] = ()  # layers whose non-resident experts compute on the CPU instead of streaming
+    streaming_buffers: int = 2               # per-layer expert buffers on the GPU (double buffering)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["expert_cache_slots"] = list(self.expert_cache_slots)
+        d["cpu_expert_layers"] = list(self.cpu_expert_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Placement":
+        d = _require(d, "placement", ("expert_cache_slots",))
+        known = {f.name for f in fields(cls)}
+        extra = set(d) - known
+        if extra:
+            raise SpecError(f"placement.{sorted(extra)[0]}", "unknown field", f"known fields: {', '.join(sorted(known))}")
+        out = dict(d)
+        out["expert_cache_slots"] = tuple(int(x) for x in d["expert_cache_slots"])
+        out["cpu_expert_layers"] = tuple(int(x) for x in d.get("cpu_expert_layers", ()))
+        return cls(**out)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted times of the plan's configuration (seconds, SI)."""
+
+    iteration_time_s: float
+    decode_tokens_per_s: float
+    stages: dict[str, float]                 # stage name -> seconds per iteration (busy time of that stage)
+    prefill_time_s: float = 0.0
+    end_to_end_tokens_per_s: float = 0.0
+    tokens_per_iteration: float = 0.0        # B * (acc(k) + 1)
+    source: str = "peak"                     # "peak" or "measured" (calibrated curves used)
+    timeline: list[dict] = field(default_factory=list)   # optional Gantt events {stage, resource, layer, micro_batch, start_s, end_s}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Prediction":
+        d = _require(d, "predicted", ("iteration_time_s", "decode_tokens_per_s", "stages"))
+        for name in d["stages"]:
+            if name not in STAGE_NAMES:
+                raise SpecError(f"predicted.stages.{name}", "unknown stage name", f"valid: {', '.join(STAGE_NAMES)}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: dict                              # ModelSpec.to_dict()
+    hardware: dict                           # the hardware spec as loaded (raw YAML mapping)
+    workload: dict                           # Workload.to_dict()
+    draft: dict | None                       # draft ModelSpec.to_dict(), None without a draft
+    batch: int                               # B: sequences decoded together
+    micro_batches: int                       # m
+    draft_len: int                           # k (0 = no speculation)
+    placement: Placement
+    predicted: Prediction
+    memory: dict                             # {gpu_bytes, cpu_bytes, gpu_capacity_bytes, cpu_capacity_bytes, gpu_breakdown, cpu_breakdown}
+    bound: str                               # the resource that limits the iteration: gpu | cpu | pcie
+    frontier: dict                           # {"by_k": [{draft_len, decode_tokens_per_s}...], "by_batch": [...]}
+    objective: str = "throughput"
+    alternatives: tuple[dict, ...] = ()      # next-best plans: {batch, micro_batches, draft_len, decode_tokens_per_s, ...}
+    solver: dict = field(default_factory=dict)
+    input_hashes: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if not self.input_hashes:
+            object.__setattr__(self, "input_hashes", self.compute_hashes())
+        self.validate()
+
+    def compute_hashes(self) -> dict:
+        return {"model": content_hash(self.model), "hardware": content_hash(self.hardware),
+                "workload": content_hash(self.workload),
+                "draft": content_hash(self.draft) if self.draft is not None else None}
+
+    def validate(self) -> None:
+        """Consistency checks; a hand-edited or truncated plan fails here with the field named."""
+        if self.schema_version != SCHEMA_VERSION:
+            raise SpecError("schema_version", f"plan has version {self.schema_version}, this specmoe reads {SCHEMA_VERSION}",
+                            "re-run `specmoe plan` to regenerate it")
+        for f_, v in (("batch", self.batch), ("micro_batches", self.micro_batches)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise SpecError(f_, f"must be a positive integer, got {v!r}", "re-run `specmoe plan`")
+        if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or self.draft_len < 0:
+            raise SpecError("draft_len", f"must be an integer >= 0, got {self.draft_len!r}", "re-run `specmoe plan`")
+        if self.micro_batches > self.batch:
+            raise SpecError("micro_batches", f"{self.micro_batches} exceeds batch {self.batch}", "use at most one micro-batch per sequence")
+        if self.draft_len > 0 and self.draft is None:
+            raise SpecError("draft", f"draft_len is {self.draft_len} but the plan has no draft model", "set draft_len to 0 or plan with --draft")
+        nl = int(self.model.get("num_layers", 0))
+        pl = self.placement
+        if len(pl.expert_cache_slots) != nl:
+            raise SpecError("placement.expert_cache_slots", f"has {len(pl.expert_cache_slots)} entries, the model has {nl} layers",
+                            "re-run `specmoe plan`")
+        ne = int(self.model.get("num_experts", 0))
+        for i, s in enumerate(pl.expert_cache_slots):
+            if s < 0 or s > ne:
+                raise SpecError(f"placement.expert_cache_slots[{i}]", f"{s} is outside [0, {ne}]", "re-run `specmoe plan`")
+        for f_ in ("target_kv_gpu_sequences", "draft_kv_gpu_sequences"):
+            v = getattr(pl, f_)
+            if v < 0 or v > self.batch:
+                raise SpecError(f"placement.{f_}", f"{v} is outside [0, batch={self.batch}]", "re-run `specmoe plan`")
+        if pl.attention_device not in ("cpu", "gpu"):
+            raise SpecError("placement.attention_device", f"{pl.attention_device!r} is not cpu or gpu", "fix the plan")
+        for i in pl.cpu_expert_layers:
+            if not 0 <= i < nl:
+                raise SpecError("placement.cpu_expert_layers", f"layer {i} is outside [0, {nl})", "re-run `specmoe plan`")
+        if self.bound not in ("gpu", "cpu", "pcie"):
+            raise SpecError("bound", f"{self.bound!r} is not gpu, cpu or pcie", "re-run `specmoe plan`")
+        want = self.compute_hashes()
+        for k, h in want.items():
+            if self.input_hashes.get(k) != h:
+                raise SpecError(f"input_hashes.{k}", "does not match the embedded inputs (edited by hand?)",
+                                "re-run `specmoe plan` rather than editing plan.json")
+
+    # ---- JSON ----
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version, "objective": self.objective,
+            "batch": self.batch, "micro_batches": self.micro_batches, "draft_len": self.draft_len,
+            "placement": self.placement.to_dict(), "predicted": self.predicted.to_dict(),
+            "memory": self.memory, "bound": self.bound, "frontier": self.frontier,
+            "alternatives": list(self.alternatives), "solver": self.solver,
+            "input_hashes": self.input_hashes,
+            "model": self.model, "draft": self.draft, "hardware": self.hardware, "workload": self.workload,
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1, default=_json_default)
+        if path is not None:
+            p = Path(path)
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(p)   # never a half-written plan
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Plan":
+        if not isinstance(d, dict):
+            raise SpecError("plan", "top level is not a JSON object", "give a plan.json written by `specmoe plan`")
+        if "schema_version" not in d:
+            raise SpecError("schema_version", "missing", "this is not a plan.json written by `specmoe plan`")
+        if d["schema_version"] != SCHEMA_VERSION:
+            raise SpecError("schema_version", f"plan has version {d['schema_version']}, this specmoe reads {SCHEMA_VERSION}",
+                            "re-run `specmoe plan` to regenerate it")
+        d = _require(d, "plan", ("batch", "micro_batches", "draft_len", "placement", "predicted", "memory", "bound",
+                                 "frontier", "model", "hardware", "workload"))
+        return cls(
+            model=d["model"], hardware=d["hardware"], workload=d["workload"], draft=d.get("draft"),
+            batch=d["batch"], micro_batches=d["micro_batches"], draft_len=d["draft_len"],
+            placement=Placement.from_dict(d["placement"]), predicted=Prediction.from_dict(d["predicted"]),
+            memory=d["memory"], bound=d["bound"], frontier=d["frontier"], objective=d.get("objective", "throughput"),
+            alternatives=tuple(d.get("alternatives", ())), solver=d.get("solver", {}),
+            input_hashes=d.get("input_hashes", {}), schema_version=d["schema_version"],
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError("plan", f"cannot read {p}: {e}", "give the path of a plan.json") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError("plan", f"{p} is not valid JSON ({e.msg} at line {e.lineno}; truncated?)",
+                            "re-run `specmoe plan` to regenerate it") from None
+        return cls.from_dict(d)
+
+    # ---- typed views of the inputs ----
+    def model_spec(self):
+        from .model_spec import ModelSpec
+        return ModelSpec.from_dict(self.model)
+
+    def draft_spec(self):
+        from .model_spec import ModelSpec
+        return ModelSpec.from_dict(self.draft) if self.draft is not None else None
+
+    def hardware_spec(self):
+        from .hardware_spec import parse_hardware
+        return parse_hardware(self.hardware, self.hardware.get("name", ""))
+
+    def workload_spec(self):
+        from .workload import Workload
+        return Workload.from_dict(self.workload)
+
+
+def _require(d: Any, where: str, keys: tuple[str, ...]) -> dict:
+    if not isinstance(d, dict):
+        raise SpecError(where, "is not a JSON object", "re-run `specmoe plan`")
+    for k in keys:
+        if k not in d:
+            raise SpecError(f"{where}.{k}" if where != "plan" else k, "missing (truncated or edited plan?)",
+                            "re-run `specmoe plan` to regenerate it")
+    return d
+
+
+def _json_default(o: Any):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
