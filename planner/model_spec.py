@@ -188,6 +188,37 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
+# Target preset -> the draft preset used when speculation is asked for without naming a draft.
+# The *-eagle presets are our one-layer EAGLE-style approximations (see their `_note`); the dense
+# presets are real small models of the same family and tokenizer.
+DEFAULT_DRAFTS: dict[str, str] = {
+    "mixtral-8x7b": "mixtral-8x7b-eagle",
+    "mixtral-8x22b": "mixtral-8x22b-eagle",
+    "deepseek-v2-lite": "deepseek-v2-lite-eagle",
+    "gpt-oss-20b": "gpt-oss-20b-eagle",
+    "phi-3.5-moe": "phi-3.5-moe-eagle",
+    "dbrx": "dbrx-eagle",
+    "qwen3-30b-a3b": "qwen3-0.6b",
+    "qwen1.5-moe-a2.7b": "qwen1.5-0.5b",
+    "olmoe-1b-7b": "olmo-1b",
+}
+# Family (HF model_type) -> draft preset, for targets given as a config.json rather than a preset.
+FAMILY_DEFAULT_DRAFTS: dict[str, str] = {
+    "mixtral": "mixtral-8x7b-eagle", "deepseek_v2": "deepseek-v2-lite-eagle", "gpt_oss": "gpt-oss-20b-eagle",
+    "phimoe": "phi-3.5-moe-eagle", "dbrx": "dbrx-eagle", "qwen3_moe": "qwen3-0.6b",
+    "qwen2_moe": "qwen1.5-0.5b", "olmoe": "olmo-1b",
+}
+
+
+def default_draft_name(model: "ModelSpec") -> str:
+    """The draft preset for a target: by preset name, else by family; SpecError if there is none."""
+    name = DEFAULT_DRAFTS.get(model.name) or FAMILY_DEFAULT_DRAFTS.get(model.family)
+    if name is None:
+        raise SpecError("draft", f"no default draft model for {model.name!r} (family {model.family})",
+                        "name one with --draft PRESET|config.json, or use --draft-len 0")
+    return name
+
+
 def load_model(spec: str | Path | dict | ModelSpec) -> ModelSpec:
     """A ModelSpec from a preset name, a path to a config.json (or its directory), or a dict."""
     if isinstance(spec, ModelSpec):

@@ -1,0 +1,402 @@
+"""A small event simulator of the decode iteration (DESIGN.md: "a DAG of stage events per layer and
+micro-batch, not a bare max"), the prefill, and a whole run.
+
+Events (per target layer i, micro-batch j; durations from `cost_model.IterationCosts`):
+
+    h2d(i)          pcie  the layer's non-resident experts; needs a free streaming buffer: with
+                          `streaming_buffers` = 2 (double buffering) the n-th streaming layer's copy
+                          waits for the MoE of the (n-2)-th streaming layer to finish with its buffer,
+                          so h2d(i+1) runs while layer i computes
+    pre(i,j)        gpu   after the previous layer's MoE of micro-batch j
+    attn(i,j)       cpu   after pre(i,j)  (and/or on the GPU for GPU-KV sequences; with
+                          attention_device "gpu" after a kv-h2d(i,j) on pcie)
+    post(i,j)       gpu   after attn(i,j)
+    moe(i,j)        gpu   after post(i,j) and h2d(i)   (the paper's per-micro-batch pipeline: GPU
+                          Other1 -> CPU attention -> GPU Other2 -> GPU MoE). With batched_moe=True
+                          one moe(i) needs every micro-batch's post(i,.) (the MoE over all tokens).
+    moe-cpu(i,j)    cpu   cold experts of a cpu_expert_layer, after post(i,j)
+    lm_head(j)      gpu   after the last layer of every micro-batch (of micro-batch j with
+                          overlap_draft);  verify(j) gpu after lm_head(j)
+    draft           k steps: draft.gpu on the GPU, draft.cpu as CPU attention then GPU FFN per step;
+                    after all verifies (paper) or, with overlap_draft, micro-batch j's draft after
+                    verify(j) while other micro-batches are still being verified; the next
+                    iteration's pre(0,j) waits for the draft tokens it verifies.
+
+Resources gpu, cpu and pcie each run one event at a time. Scheduling is list scheduling in a fixed
+priority order (the order the engine issues the work: layer by layer, micro-batch by micro-batch):
+whenever a resource is free it starts the highest-priority event whose inputs are ready. Two
+iterations are chained and the second one is measured, so the steady state includes the experts
+of the first layers prefetched during the previous iteration's draft phase; timeline times are
+relative to the end of the first iteration (a negative start is such a prefetch).
+
+Array dimension letters: E = events.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .cost_model import CostModel, IterationCosts, split_even
+from .plan import Placement
+from .stages import Stage
+
+RES = ("gpu", "cpu", "pcie")
+_R = {r: i for i, r in enumerate(RES)}
+_ST = {s: s.value for s in Stage}
+
+
+class Dag:
+    """Events with a resource, a duration, dependencies; priority = creation order."""
+
+    __slots__ = ("res", "dur", "succ", "npred", "meta")
+
+    def __init__(self):
+        self.res: list[int] = []
+        self.dur: list[float] = []
+        self.succ: list[list[int]] = []
+        self.npred: list[int] = []
+        self.meta: list[tuple] = []
+
+    def add(self, res: str, dur: float, deps, stage: str, layer: int = -1, mb: int = -1, it: int = 0) -> int:
+        i = len(self.dur)
+        self.res.append(_R[res])
+        self.dur.append(float(dur))
+        self.succ.append([])
+        n = 0
+        for d in deps:
+            if d is not None:
+                self.succ[d].append(i)
+                n += 1
+        self.npred.append(n)
+        self.meta.append((stage, layer, mb, it))
+        return i
+
+    def schedule(self) -> tuple[list[float], list[float]]:
+        """List scheduling: (start_s, end_s) per event."""
+        n = len(self.dur)
+        start = [0.0] * n
+        end = [0.0] * n
+        npred = list(self.npred)
+        res, dur, succ = self.res, self.dur, self.succ
+        ready: list[list[int]] = [[] for _ in RES]
+        for i in range(n):
+            if npred[i] == 0:
+                heapq.heappush(ready[res[i]], i)
+        busy = [False] * len(RES)
+        done: list[tuple[float, int]] = []
+        t = 0.0
+        finished = 0
+        while finished < n:
+            for r in range(len(RES)):
+                if not busy[r] and ready[r]:
+                    i = heapq.heappop(ready[r])
+                    start[i] = t
+                    end[i] = t + dur[i]
+                    busy[r] = True
+                    heapq.heappush(done, (end[i], i))
+            if not done:
+                raise RuntimeError("simulator deadlock: a dependency cycle in the event graph")
+            t, i = heapq.heappop(done)
+            batch = [i]
+            while done and done[0][0] <= t:
+                batch.append(heapq.heappop(done)[1])
+            for i in batch:
+                finished += 1
+                busy[res[i]] = False
+                for s_ in succ[i]:
+                    npred[s_] -= 1
+                    if npred[s_] == 0:
+                        heapq.heappush(ready[res[s_]], s_)
+        return start, end
+
+
+@dataclass
+class SimResult:
+    iteration_time_s: float
+    stages: dict[str, float]          # busy seconds per stage (design names), plus "iteration"
+    resource_busy_s: dict[str, float]
+    timeline: list[dict] = field(default_factory=list)
+
+    @property
+    def bound(self) -> str:
+        return max(self.resource_busy_s, key=self.resource_busy_s.get)
+
+
+def _build_iteration(dag: Dag, c: IterationCosts, it: int, prev_draft_end: list, buf_wait: list,
+                     h2d_chain: list, placement: Placement, overlap_draft: bool, prefetch: bool) -> tuple[list, int]:
+    """Add one iteration's events. prev_draft_end[j]: event(s) the micro-batch j's first layer waits
+    for. buf_wait: MoE events of the streaming layers so far (for the buffer dependency). h2d_chain:
+    the last H2D event (copies run in order on one copy stream). Returns the draft-end dependency
+    list for the next iteration and the index of the last event."""
+    L, M = c.pre_s.shape
+    nbuf = max(1, placement.streaming_buffers)
+    last = [list(prev_draft_end[j]) for j in range(M)]      # deps of pre(i, j)
+    gate = [] if prefetch else sorted({e for j in range(M) for e in prev_draft_end[j]})
+    lm_ends = []
+    TP, TA, TPO, TM, TH = (_ST[Stage.TARGET_PRE_ATTN], _ST[Stage.TARGET_ATTENTION], _ST[Stage.TARGET_POST_ATTN],
+                           _ST[Stage.TARGET_MOE], _ST[Stage.TARGET_H2D])
+    for i in range(L):
+        h = None
+        if c.h2d_s[i] > 0:
+            dep = list(buf_wait[-nbuf]) if len(buf_wait) >= nbuf else []
+            dep += h2d_chain + gate
+            h = dag.add("pcie", c.h2d_s[i], dep, TH, i, -1, it)
+            h2d_chain[:] = [h]
+            gate = []
+        posts = []
+        moes: list[int] = []
+        for j in range(M):
+            p = dag.add("gpu", c.pre_s[i, j], last[j], TP, i, j, it)
+            att = []
+            if c.attn_cpu_s[i, j] > 0:
+                att.append(dag.add("cpu", c.attn_cpu_s[i, j], (p,), TA, i, j, it))
+            if c.attn_gpu_s[i, j] > 0:
+                dk = p
+                if c.kv_h2d_s[i, j] > 0:
+                    dk = dag.add("pcie", c.kv_h2d_s[i, j], (p,), TH, i, j, it)
+                att.append(dag.add("gpu", c.attn_gpu_s[i, j], (dk,), TA, i, j, it))
+            po = dag.add("gpu", c.post_s[i, j], att or (p,), TPO, i, j, it)
+            posts.append(po)
+            if not c.batched_moe:
+                ends = []
+                if c.moe_gpu_s[i, j] > 0 or c.moe_cpu_s[i, j] == 0:
+                    ends.append(dag.add("gpu", c.moe_gpu_s[i, j], (po, h), TM, i, j, it))
+                if c.moe_cpu_s[i, j] > 0:
+                    ends.append(dag.add("cpu", c.moe_cpu_s[i, j], (po,), TM, i, j, it))
+                moes.extend(ends)
+                last[j] = ends
+        if c.batched_moe:
+            ends = []
+            if c.moe_gpu_s[i, 0] > 0 or c.moe_cpu_s[i, 0] == 0:
+                ends.append(dag.add("gpu", c.moe_gpu_s[i, 0], posts + [h], TM, i, -1, it))
+            if c.moe_cpu_s[i, 0] > 0:
+                ends.append(dag.add("cpu", c.moe_cpu_s[i, 0], posts, TM, i, -1, it))
+            moes = ends
+            last = [list(ends) for _ in range(M)]
+        if h is not None:
+            buf_wait.append(moes)
+    verifies = []
+    everything = [e for j in range(M) for e in last[j]]
+    for j in range(M):
+        # draft after target (the paper): the LM head and acceptance run once the whole batch has
+        # passed the last layer; with overlap_draft each micro-batch goes on as soon as it is through
+        lm = dag.add("gpu", c.lm_head_s[j], last[j] if overlap_draft else everything,
+                     _ST[Stage.TARGET_LM_HEAD], -1, j, it)
+        lm_ends.append(lm)
+        verifies.append(dag.add("gpu", c.verify_s[j], (lm,), _ST[Stage.VERIFY_ACCEPT], -1, j, it))
+    K = c.draft_gpu_s.shape[1]
+    G = c.draft_gpu_s.shape[0]
+    if K == 0:
+        nxt = [[verifies[j]] if overlap_draft else list(verifies) for j in range(M)]
+        return nxt, verifies[-1]
+    DG, DC = _ST[Stage.DRAFT_GPU], _ST[Stage.DRAFT_CPU]
+    group_end = []
+    for g in range(G):
+        deps = [verifies[g]] if G == M and overlap_draft else list(verifies)
+        ge = gc = None
+        for t in range(K):
+            if c.draft_gpu_s[g, t] > 0:
+                ge = dag.add("gpu", c.draft_gpu_s[g, t], deps if ge is None else (ge,), DG, -1, g, it)
+            if c.draft_cpu_attn_s[g, t] > 0 or c.draft_cpu_gpu_s[g, t] > 0:
+                a = dag.add("cpu", c.draft_cpu_attn_s[g, t], deps if gc is None else (gc,), DC, -1, g, it)
+                gc = dag.add("gpu", c.draft_cpu_gpu_s[g, t], (a,), DC, -1, g, it)
+        group_end.append([e for e in (ge, gc) if e is not None] or deps)
+    if G == M and overlap_draft:
+        nxt = [group_end[j] for j in range(M)]
+    else:
+        allend = [e for ge in group_end for e in ge]
+        nxt = [allend for _ in range(M)]
+    return nxt, max(e for ge in group_end for e in ge)
+
+
+def simulate_iteration(costs: IterationCosts, placement: Placement, overlap_draft: bool = False,
+                       prefetch: bool = False, record: bool = True) -> SimResult:
+    """Simulate two chained iterations of `costs`; report the second (the steady state).
+
+    overlap_draft: a micro-batch's draft steps may run while other micro-batches are verified, and
+      its next verification starts when its own drafts are ready (needs costs built with
+      draft_groups="micro_batch"). Default off, as in the paper.
+    prefetch: the next iteration's first expert copies may start during this iteration's draft
+      phase (as soon as a streaming buffer is free). Default off: the paper's iteration is target
+      (with its H2D) then draft.
+    record=False is the optimizer's fast path: no timeline is built."""
+    M = costs.pre_s.shape[1]
+    dag = Dag()
+    buf_wait: list = []
+    chain: list = []
+    nxt, _ = _build_iteration(dag, costs, 0, [[] for _ in range(M)], buf_wait, chain, placement,
+                                  overlap_draft, prefetch)
+    first2 = len(dag.dur)
+    nxt, _ = _build_iteration(dag, costs, 1, nxt, buf_wait, chain, placement, overlap_draft, prefetch)
+    start, end = dag.schedule()
+    t0 = max(end[:first2])
+    t1 = max(end[first2:])
+    stages = {s.value: 0.0 for s in Stage if s not in (Stage.ITERATION, Stage.PREFILL)}
+    busy = {r: 0.0 for r in RES}
+    tl = []
+    for e in range(first2, len(dag.dur)):
+        st, layer, mb, _ = dag.meta[e]
+        d = dag.dur[e]
+        stages[st] += d
+        busy[RES[dag.res[e]]] += d
+        if record and d > 0:
+            tl.append({"stage": st, "resource": RES[dag.res[e]], "layer": layer, "micro_batch": mb,
+                       "start_s": start[e] - t0, "end_s": end[e] - t0})
+    period = t1 - t0
+    stages[Stage.ITERATION.value] = period
+    return SimResult(iteration_time_s=period, stages=stages, resource_busy_s=busy, timeline=tl)
+
+
+@dataclass
+class ConfigEval:
+    """One configuration, evaluated without a timeline (the optimizer's fast path)."""
+
+    iteration_time_s: float
+    closed_form_s: float
+    decode_tokens_per_s: float
+    bound: str
+    moe_gpu_utilization: float
+    costs: IterationCosts
+
+
+def evaluate_config(cm: CostModel, batch: int, micro_batches: int, draft_len: int, placement: Placement,
+                    simulate: bool = True, context_len: float | None = None, overlap_draft: bool = False,
+                    prefetch: bool = False, batched_moe: bool = False) -> ConfigEval:
+    """Cost model + (optionally) the simulator for one configuration, no timeline. simulate=False
+    returns the closed form (sum over layers of the bare max) as the iteration time."""
+    c = cm.iteration(batch, micro_batches, draft_len, placement, context_len=context_len, batched_moe=batched_moe,
+                     draft_groups="micro_batch" if overlap_draft else "batch")
+    closed = c.closed_form_time_s
+    if simulate:
+        r = simulate_iteration(c, placement, overlap_draft=overlap_draft, prefetch=prefetch, record=False)
+        t, busy = r.iteration_time_s, r.resource_busy_s
+    else:
+        t, busy = closed, c.resource_busy_s()
+    return ConfigEval(iteration_time_s=t, closed_form_s=closed,
+                      decode_tokens_per_s=c.tokens_per_iteration / t if t > 0 else 0.0,
+                      bound=max(busy, key=busy.get), moe_gpu_utilization=c.moe_gpu_utilization(t), costs=c)
+
+
+# ---------------------------------------------------------------------------------------------------
+def prefill_time(cm: CostModel, batch: int, placement: Placement, chunk_tokens: int = 8192) -> float:
+    """Prefill of `batch` prompts: per layer, stream every non-resident expert once (overlapped with
+    the previous layer's compute), run all B*P prompt tokens through it in chunks on the GPU
+    (attention on the GPU, causal), and copy the new KV to the CPU (D2H). The layer pipeline costs
+    h2d(0) + sum_i max(gpu_i, h2d_{i+1}, d2h_i), then the LM head of the last tokens and the draft's
+    own prefill on the GPU (its weights and KV are there)."""
+    from .roofline import OpCost, time_on
+
+    m, hw, wl = cm.model, cm.hw, cm.workload
+    P = wl.prompt_len
+    T = batch * P
+    chunk = max(1, min(T, chunk_tokens))
+    nch = math.ceil(T / chunk)
+    wb, dt, um = cm.wb, cm.dtype, cm.use_measured
+
+    def g(flops, nbytes, tokens, kind="gemm"):
+        return time_on("gpu", hw, OpCost(flops, nbytes), dtype=dt, kind=kind, tokens=tokens, use_measured=um).time_s
+
+    pre = g(2.0 * T * cm.pre_elems, nch * cm.pre_elems * wb, chunk)
+    att_flops = 2.0 * batch * m.num_q_heads * cm.e_h * P * (P + 1) / 2.0
+    att = g(att_flops, T * cm.kv_tok_layer_bytes * 2, None, "attention")
+    post_moe = g(2.0 * T * cm.post_moe_elems, nch * cm.post_moe_elems * wb, chunk)
+    post_dense = g(2.0 * T * cm.post_dense_elems, nch * cm.post_dense_elems * wb, chunk)
+    E = cm.E
+    moe = g(2.0 * T * cm.na * m.expert_elems, nch * E * cm.expert_bytes, chunk * cm.na / max(E, 1)) if E else 0.0
+    d2h = T * cm.kv_tok_layer_bytes / hw.link.d2h_Bps
+    gpu = np.where(cm.is_moe, pre + att + post_moe + moe, pre + att + post_dense)            # [L]
+    slots = np.asarray(placement.expert_cache_slots, dtype=float)
+    h2d = np.where(cm.is_moe, (E - slots) * cm.expert_bytes / cm.h2d_Bps, 0.0)               # [L]
+    nxt = np.append(h2d[1:], 0.0)
+    total = float(h2d[0] + np.maximum(np.maximum(gpu, nxt), d2h).sum())
+    total += g(2.0 * batch * m.vocab_size * m.hidden, m.vocab_size * m.hidden * wb, batch)
+    if cm.draft is not None:
+        d = cm.draft
+        total += g(2.0 * T * cm.d_mm, nch * cm.d_mm * wb, chunk)
+        total += g(2.0 * d.num_layers * batch * d.num_q_heads * cm.d_e_h * P * (P + 1) / 2.0,
+                   T * cm.d_kv_tok_bytes, None, "attention")
+    return total
+
+
+@dataclass
+class RunResult:
+    prefill_time_s: float
+    decode_time_s: float
+    iterations: float
+    generated_tokens: int
+    end_to_end_tokens_per_s: float
+    decode_tokens_per_s: float
+    groups: list[dict]
+
+
+def _tokens_distribution(acc_table, k: int) -> tuple[float, float]:
+    """Mean and variance of tokens a sequence gains per iteration, min(A, k) + 1, with
+    P(A >= j) = acc(j) - acc(j-1) (a chain of drafts)."""
+    if k == 0:
+        return 1.0, 0.0
+    surv = [max(0.0, acc_table(j) - acc_table(j - 1)) for j in range(1, k + 1)]   # P(T >= j+1)
+    mean = 1.0 + sum(surv)
+    # E[T^2] = sum_t (2t-1) P(T >= t) for t = 1..k+1
+    e2 = 1.0 + sum((2 * (j + 1) - 1) * surv[j - 1] for j in range(1, k + 1))
+    return mean, max(0.0, e2 - mean * mean)
+
+
+def simulate_run(cm: CostModel, batch: int, micro_batches: int, draft_len: int, placement: Placement,
+                 groups: int = 12, overlap_draft: bool = False, batched_moe: bool = False,
+                 prefetch: bool = False) -> RunResult:
+    """A whole static-batch run: prefill, then decode iterations while contexts grow by acc(k)+1
+    tokens per iteration and sequences finish once they have gen_len tokens.
+
+    Iterations to finish N_G is about Normal(G/mu, G var/mu^3) (renewal theory; mu, var of tokens per
+    iteration), so the expected active count after n iterations is B P(N_G > n). Iterations are
+    stepped in `groups` coarse groups, each simulated once at its mid-point (active sequences,
+    context, draft sequences whose KV still fits the GPU's draft-KV budget)."""
+    wl = cm.workload
+    Gn = wl.gen_len
+    P = wl.prompt_len
+    prefill = prefill_time(cm, batch, placement)
+    mu, var = _tokens_distribution(wl.acceptance.acc, draft_len)
+    n_mean = Gn / mu
+    sd = math.sqrt(Gn * var / mu ** 3) if var > 0 else 0.0
+    n_lo = math.ceil(Gn / (draft_len + 1))
+    n_end = max(n_lo, math.ceil(n_mean + 4 * sd)) if sd > 0 else math.ceil(n_mean)
+
+    def active(n: float) -> float:
+        if sd == 0:
+            return float(batch) if n < n_mean else 0.0
+        z = (n + 0.5 - n_mean) / sd
+        return batch * 0.5 * math.erfc(z / math.sqrt(2))
+
+    draft_kv_budget = placement.draft_kv_gpu_sequences * wl.max_context   # token-slots of draft KV on the GPU
+    edges = np.unique(np.linspace(0, n_end, min(groups, n_end) + 1).round().astype(int))
+    decode = 0.0
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        mid = (a + b - 1) / 2.0
+        act = active(mid)
+        if act < 0.5:
+            continue
+        B = max(1, int(round(act)))
+        ctx = min(P + mid * mu, P + Gn)
+        mb = min(micro_batches, B)
+        g_seq = min(B, int(draft_kv_budget // max(ctx, 1.0)))
+        pl = replace(placement, target_kv_gpu_sequences=min(placement.target_kv_gpu_sequences, B),
+                     draft_kv_gpu_sequences=g_seq)
+        c = cm.iteration(B, mb, draft_len, pl, context_len=ctx, batched_moe=batched_moe,
+                         draft_groups="micro_batch" if overlap_draft else "batch")
+        t = simulate_iteration(c, pl, overlap_draft=overlap_draft, prefetch=prefetch, record=False).iteration_time_s
+        decode += t * (b - a)
+        out.append({"iterations": int(b - a), "active": B, "context": float(ctx), "draft_gpu_sequences": g_seq,
+                    "iteration_time_s": t})
+    gen = batch * Gn
+    total = prefill + decode
+    return RunResult(prefill_time_s=prefill, decode_time_s=decode, iterations=float(n_end), generated_tokens=gen,
+                     end_to_end_tokens_per_s=gen / total if total > 0 else 0.0,
+                     decode_tokens_per_s=gen / decode if decode > 0 else 0.0, groups=out)
+
+
+__all__ = ["Dag", "SimResult", "RunResult", "ConfigEval", "simulate_iteration", "simulate_run", "evaluate_config",
+           "prefill_time", "split_even"]
