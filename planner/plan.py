@@ -32,11 +32,14 @@ class Placement:
     attention_device: str = "cpu"            # where the target's verify attention runs for CPU-KV sequences
     cpu_expert_layers: tuple[int, ...] = ()  # layers whose non-resident experts compute on the CPU instead of streaming
     streaming_buffers: int = 2               # per-layer expert buffers on the GPU (double buffering)
+    cached_experts: tuple[tuple[int, ...], ...] = ()   # optional, per layer: which experts the slots hold
+                                             # (hottest first, from routing statistics); () = the engine's choice
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["expert_cache_slots"] = list(self.expert_cache_slots)
         d["cpu_expert_layers"] = list(self.cpu_expert_layers)
+        d["cached_experts"] = [list(x) for x in self.cached_experts]
         return d
 
     @classmethod
@@ -49,6 +52,11 @@ class Placement:
         out = dict(d)
         out["expert_cache_slots"] = tuple(int(x) for x in d["expert_cache_slots"])
         out["cpu_expert_layers"] = tuple(int(x) for x in d.get("cpu_expert_layers", ()))
+        try:
+            out["cached_experts"] = tuple(tuple(int(e) for e in row) for row in d.get("cached_experts", ()))
+        except (TypeError, ValueError):
+            raise SpecError("placement.cached_experts", "must be a list of lists of expert ids, one per layer",
+                            "re-run `specmoe plan`") from None
         return cls(**out)
 
 
@@ -140,6 +148,18 @@ class Plan:
         for i in pl.cpu_expert_layers:
             if not 0 <= i < nl:
                 raise SpecError("placement.cpu_expert_layers", f"layer {i} is outside [0, {nl})", "re-run `specmoe plan`")
+        if pl.cached_experts:
+            if len(pl.cached_experts) != nl:
+                raise SpecError("placement.cached_experts", f"has {len(pl.cached_experts)} entries, the model has {nl} layers",
+                                "re-run `specmoe plan`")
+            for i, (row, s) in enumerate(zip(pl.cached_experts, pl.expert_cache_slots)):
+                if len(row) != s or len(set(row)) != len(row) or any(not 0 <= e < ne for e in row):
+                    raise SpecError(f"placement.cached_experts[{i}]", f"{list(row)} is not {s} distinct expert ids in [0, {ne})",
+                                    "re-run `specmoe plan`")
+        if self.objective not in ("throughput", "latency"):
+            raise SpecError("objective", f"{self.objective!r} is not throughput or latency", "re-run `specmoe plan`")
+        if not isinstance(self.frontier, dict):
+            raise SpecError("frontier", "is not a mapping", "re-run `specmoe plan`")
         if self.bound not in ("gpu", "cpu", "pcie"):
             raise SpecError("bound", f"{self.bound!r} is not gpu, cpu or pcie", "re-run `specmoe plan`")
         want = self.compute_hashes()

@@ -1,0 +1,81 @@
+"""plan_for_checkpoint: a valid Plan for a checkpoint pair without the optimizer (tests, bench, demo).
+
+All routed experts cached unless given, every sequence's draft KV on the device, target KV on the
+CPU. Predicted stage times come from planner.estimate when it is importable and accepts the
+inputs, else zeros with source "none".
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner.model_spec import ModelSpec
+from planner.plan import Placement, Plan, Prediction
+from planner.stages import STAGE_NAMES
+
+
+def _predict(plan_kwargs: dict) -> tuple[Prediction, str]:
+    """The planner's prediction for this configuration: planner.estimate (event simulator, whole run)
+    if importable and it accepts the inputs, else zeros with source "none"."""
+    zeros = Prediction(iteration_time_s=0.0, decode_tokens_per_s=0.0, stages={s: 0.0 for s in STAGE_NAMES},
+                       source="none")
+    try:
+        from planner.estimate import estimate
+        from planner.hardware_spec import parse_hardware
+        from planner.workload import Workload
+
+        spec = ModelSpec.from_dict(plan_kwargs["model"])
+        draft = ModelSpec.from_dict(plan_kwargs["draft"]) if plan_kwargs["draft"] else None
+        k = plan_kwargs["draft_len"]
+        est = estimate(spec, parse_hardware(plan_kwargs["hardware"]), Workload.from_dict(plan_kwargs["workload"]),
+                       draft=draft if k > 0 else None, draft_len=k, micro_batches=plan_kwargs["micro_batches"],
+                       placement=plan_kwargs["placement"], batch=plan_kwargs["batch"], timeline=False)
+        pred = est.to_prediction()
+        stages = {s: float(pred.stages.get(s, 0.0)) for s in STAGE_NAMES}
+        return Prediction(iteration_time_s=float(pred.iteration_time_s),
+                          decode_tokens_per_s=float(pred.decode_tokens_per_s), stages=stages,
+                          prefill_time_s=float(pred.prefill_time_s),
+                          end_to_end_tokens_per_s=float(pred.end_to_end_tokens_per_s),
+                          tokens_per_iteration=float(pred.tokens_per_iteration), source=str(pred.source)), \
+            "planner.estimate"
+    except Exception as e:  # the planner's estimate is optional here (e.g. a plan its memory model refuses)
+        return zeros, f"none ({type(e).__name__}: {str(e)[:200]})"
+
+
+def plan_for_checkpoint(target_dir: str | Path, draft_dir: str | Path | None, hardware: Any = "devbox-2core",
+                        batch: int = 8, draft_len: int = 4, micro_batches: int = 1, *, prompt_len: int = 64,
+                        gen_len: int = 64, acceptance: Any = None, expert_cache_slots: list[int] | None = None,
+                        draft_kv_gpu_sequences: int | None = None, target_kv_gpu_sequences: int = 0,
+                        cpu_expert_layers: tuple[int, ...] = ()) -> Plan:
+    from planner.hardware_spec import load_hardware
+    from planner.workload import Workload, load_acceptance
+
+    from .memory_check import requirement
+    from .checkpoint import read_config
+
+    spec = ModelSpec.from_hf_config(target_dir)
+    dspec = ModelSpec.from_hf_config(draft_dir) if draft_dir is not None else None
+    hw = load_hardware(hardware)
+    wl = Workload(prompt_len=prompt_len, gen_len=gen_len, batch=batch, acceptance=load_acceptance(acceptance))
+    slots = expert_cache_slots if expert_cache_slots is not None else [
+        spec.num_experts if i in spec.moe_layers else 0 for i in range(spec.num_layers)]
+    placement = Placement(expert_cache_slots=tuple(int(s) for s in slots),
+                          draft_kv_gpu_sequences=batch if draft_kv_gpu_sequences is None else draft_kv_gpu_sequences,
+                          target_kv_gpu_sequences=target_kv_gpu_sequences,
+                          cpu_expert_layers=tuple(cpu_expert_layers))
+    kw = dict(model=spec.to_dict(), hardware=hw.raw, workload=wl.to_dict(),
+              draft=dspec.to_dict() if dspec else None, batch=batch, micro_batches=micro_batches,
+              draft_len=draft_len, placement=placement)
+    pred, source = _predict(kw)
+    tcfg = read_config(target_dir)
+    dcfg = read_config(draft_dir) if draft_dir is not None else None
+    req = requirement(tcfg, dcfg, type("P", (), {"placement": placement, "batch": batch})(), tcfg.dtype
+                      if tcfg.dtype != torch.float16 else torch.float32, prompt_len + gen_len + draft_len + 2,
+                      batch * max(prompt_len, draft_len + 1))
+    memory = {"gpu_bytes": req["device_bytes"], "cpu_bytes": req["host_bytes"],
+              "gpu_capacity_bytes": hw.gpu.mem_bytes, "cpu_capacity_bytes": hw.cpu.mem_bytes,
+              "gpu_breakdown": req["device_breakdown"], "cpu_breakdown": req["host_breakdown"]}
+    return Plan(**kw, predicted=pred, memory=memory, bound="gpu", frontier={"by_k": [], "by_batch": []},
+                solver={"name": "plan_for_checkpoint", "prediction": source})

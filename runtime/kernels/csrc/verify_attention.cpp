@@ -1,0 +1,682 @@
+// CPU verify attention for speculative decoding: N = k+1 query tokens per sequence against
+// the sequence's cached keys plus the N new ones, causal only inside the new block.
+//
+// Dimension letters: B batch rows, N query tokens per sequence, Hq query heads, Hkv KV heads,
+// g = Hq/Hkv query heads per KV head, D head dim, R cache rows, S cache capacity (positions),
+// L = ctx+N keys of one sequence, M = g*N query rows of one (sequence, KV head), Mp = M rounded
+// up to the vector width W, Mb <= 4W rows of one row block, C keys per chunk.
+//
+// Layouts (row-major, contiguous): q [B, N, Hq, D] fp32; k/v cache [R, Hkv, S, D] fp32 or bf16;
+// out [B, N, Hq, D] fp32. Query row m = i*g + j of (b, h) is q[b, i, h*g + j, :]; it sits at
+// position ctx+i and sees keys 0..ctx+i.
+//
+// Work decomposition: items (sequence b, KV head h, key range) run in parallel (OpenMP, dynamic,
+// largest first); a long context is split into several key ranges whose partial softmax
+// results (unnormalised O, row max, row sum) are merged afterwards (split-K, flash-decoding),
+// so B=1 with a long context still uses every thread. Inside an item the keys are walked in
+// chunks of C with an online softmax; all M = g*N query rows of the KV head share each chunk,
+// so K and V are read from memory once per (sequence, KV head).
+//
+// Per chunk and row block: S^T[c][m] = K[c] . Q^T[:, m] (a small GEMM: key scalars broadcast,
+// vectors over query rows, register tile KC keys x MV vectors), the causal mask on the new
+// block, the row max / exp2 / row sums vectorised over query rows, then O[m] = O[m]*alpha +
+// sum_c P[c][m] V[c] (register tile MR rows x DVG vectors over D). Q is pre-scaled by
+// scale*log2(e) so the softmax uses exp2. Accumulation is fp32; bf16 K/V chunks are widened to
+// fp32 in a small L1/L2-resident buffer first. With M <= 8 rows (k+1 <= 2 at g = 4) a vector
+// would be mostly padding, so on AVX-512 the QK splits each row's dot product over 16/Mq lanes
+// instead (row-split QK, below). While a chunk computes, the next one is prefetched into L2.
+//
+// SIMD: GCC/Clang vector extensions of width W (16 floats with AVX-512, 8 with AVX, 4
+// otherwise); the compiler maps them onto the target ISA (-march=native); AVX-512 intrinsics
+// for the row-split QK and the bf16 widening. Head dims 64, 96, 128, 256 have compile-time
+// paths; any other D runs the same algorithm with a runtime D.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VA_W 16
+#define VA_NACC 24
+#define VA_ISA "avx512"
+#elif defined(__AVX__)
+#define VA_W 8
+#define VA_NACC 12
+#define VA_ISA "avx"
+#else
+#define VA_W 4
+#define VA_NACC 12
+#define VA_ISA "vec128"
+#endif
+
+namespace {
+
+constexpr int W = VA_W;        // floats per vector
+constexpr int NACC = VA_NACC;  // accumulator vectors per register tile
+typedef float vf __attribute__((vector_size(VA_W * 4)));
+typedef int32_t vi __attribute__((vector_size(VA_W * 4)));
+typedef uint32_t vu __attribute__((vector_size(VA_W * 4)));
+typedef uint16_t vh __attribute__((vector_size(VA_W * 2)));
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float LOG2E = 1.4426950408889634f;
+
+inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf vsplat(float s) { return s - vf{}; }  // s - 0 == s exactly: folds to a broadcast
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vload_bf16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+#else
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu);
+  return (vf)(u << 16);
+#endif
+}
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// 2^x for x <= 0 (Cephes exp2f polynomial on [-0.5, 0.5], rel. error ~2e-7); exactly 0 for
+// x < -126 (and -inf).
+inline vf vexp2(vf x) {
+  const vf lo = vsplat(-126.0f);
+  const vi under = x < lo;
+  x = under ? lo : x;
+  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: round to nearest integer
+  const vf t = x + magic;
+  const vf r = t - magic;
+  const vf f = x - r;
+  const vi n = (vi)t - (vi)magic;
+  vf p = vsplat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const vf s = (vf)((n + 127) << 23);
+  const vf res = p * s;
+  return under ? vsplat(0.0f) : res;
+}
+
+// ---------------------------------------------------------------- register-tile kernels
+
+constexpr int kc_for(int mv) { return NACC / mv; }  // keys per QK tile for MV row vectors
+constexpr int dvg_for(int dv) {  // D-vectors per PV tile: divides dv, MR*G + G + 1 fit the registers
+  int best = 1;
+  for (int j = 1; j <= dv && j <= NACC / 6; ++j)
+    if (dv % j == 0) best = j;
+  return best;
+}
+
+// Prefetch of the next chunk while this one computes. The next chunk's K rows are one
+// contiguous block, its V rows another; each 16-wide d step of a QK tile prefetches the next
+// `per_step` lines of both into L2, so the whole chunk is requested evenly over this one.
+struct Prefetch {
+  const char* k = nullptr;  // next K line to prefetch; nullptr: nothing to do
+  const char* end = nullptr;
+  int64_t vdelta = 0;  // V cache offset from the K cache, bytes
+  int64_t per_step = 0;
+  inline void step() {
+    if (k >= end) return;
+    for (int64_t i = 0; i < per_step; ++i) {
+      __builtin_prefetch(k + 64 * i, 0, 2);
+      __builtin_prefetch(k + 64 * i + vdelta, 0, 2);
+    }
+    k += 64 * per_step;
+  }
+};
+
+// st[c][mv*W + lane] = sum_d k[c*D + d] * qt[d*ldq + mv*W + lane], c < KC, for one row block.
+// The d loop runs in steps of 16; each step prefetches one line per key row of K and V.
+template <int DT, int MV, int KC>
+inline void qk_tile(const float* __restrict k, int64_t Drt, const float* __restrict qt,
+                    int64_t ldq, float* __restrict st, int64_t lds, Prefetch& pf) {
+  const int64_t D = DT > 0 ? DT : Drt;
+  vf acc[KC][MV];
+#pragma GCC unroll 32
+  for (int c = 0; c < KC; ++c)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) acc[c][v] = vf{};
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    pf.step();
+    const int64_t d1 = (DT > 0 && DT % 16 == 0) ? d0 + 16 : std::min<int64_t>(d0 + 16, D);
+    for (int64_t d = d0; d < d1; ++d) {
+      vf qv[MV];
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) qv[v] = vload(qt + d * ldq + v * W);
+#pragma GCC unroll 32
+      for (int c = 0; c < KC; ++c) {
+        const vf kb = vsplat(k[c * D + d]);
+#pragma GCC unroll 4
+        for (int v = 0; v < MV; ++v) acc[c][v] += kb * qv[v];
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int c = 0; c < KC; ++c)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) vstore(st + c * lds + v * W, acc[c][v]);
+}
+
+// o[r][:] = o[r][:] * alpha[r] + sum_{c < nc} p[c*ldp + r] * v[c][:], r < MR (DT % W == 0).
+template <int DT, int MR>
+inline void pv_tile(const float* __restrict v, int64_t nc, const float* __restrict p,
+                    int64_t ldp, const float* __restrict alpha, float* __restrict o) {
+  constexpr int DV = DT / W;
+  constexpr int G = dvg_for(DV);
+  for (int g0 = 0; g0 < DV; g0 += G) {
+    vf acc[MR][G];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const vf a = vsplat(alpha[r]);
+#pragma GCC unroll 8
+      for (int j = 0; j < G; ++j) acc[r][j] = vload(o + r * DT + (g0 + j) * W) * a;
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      vf vv[G];
+#pragma GCC unroll 8
+      for (int j = 0; j < G; ++j) vv[j] = vload(v + c * DT + (g0 + j) * W);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const vf pb = vsplat(p[c * ldp + r]);
+#pragma GCC unroll 8
+        for (int j = 0; j < G; ++j) acc[r][j] += pb * vv[j];
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < G; ++j) vstore(o + r * DT + (g0 + j) * W, acc[r][j]);
+  }
+}
+
+template <int DT>
+constexpr int mr_for() { return DT > 0 ? NACC / dvg_for(DT / W) : 1; }
+
+template <int DT, int MR>
+inline void pv_rows_rem(int rem, const float* v, int64_t nc, const float* p, int64_t ldp,
+                        const float* alpha, float* o) {
+  if constexpr (MR > 1) {
+    if (rem == MR - 1) return pv_tile<DT, MR - 1>(v, nc, p, ldp, alpha, o);
+    return pv_rows_rem<DT, MR - 1>(rem, v, nc, p, ldp, alpha, o);
+  }
+}
+
+// Rows [0, rows) of one row block: PV for a compile-time D, runtime-D loop otherwise.
+template <int DT>
+inline void pv_rows(int64_t rows, int64_t D, const float* v, int64_t nc, const float* p,
+                    int64_t ldp, const float* alpha, float* o) {
+  if constexpr (DT > 0 && DT % W == 0) {
+    constexpr int MR = mr_for<DT>();
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR) pv_tile<DT, MR>(v, nc, p + r, ldp, alpha + r, o + r * DT);
+    if (r < rows) pv_rows_rem<DT, MR>(int(rows - r), v, nc, p + r, ldp, alpha + r, o + r * DT);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* orow = o + r * D;
+      const float a = alpha[r];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) orow[d] *= a;
+      for (int64_t c = 0; c < nc; ++c) {
+        const float pc = p[c * ldp + r];
+        if (pc == 0.0f) continue;
+        const float* vrow = v + c * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) orow[d] += pc * vrow[d];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- work items and buffers
+
+struct Args {
+  const float* q;
+  const void* k;
+  const void* v;
+  bool bf16;
+  const int64_t* slots;
+  const int64_t* ctx;
+  float* out;
+  int64_t B, N, Hq, Hkv, D, R, S, g, M, Mp;
+  float qscale;  // scale * log2(e)
+  int64_t C;     // keys per chunk (multiple of every KC)
+  int flags;     // bit 0: runtime-D path; bit 1: no row-split QK
+};
+
+struct Item {
+  int64_t b, h, k0, k1;
+  int64_t part;  // -1: write the output directly; else index of its partial result
+};
+
+struct Buf {  // 64-byte aligned, grows only
+  float* p = nullptr;
+  size_t n = 0;
+  ~Buf() { std::free(p); }
+  bool ensure(size_t want) {
+    if (want <= n) return true;
+    std::free(p);
+    size_t bytes = ((want * sizeof(float) + 63) / 64) * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    n = p ? want : 0;
+    return p != nullptr;
+  }
+};
+
+struct Workspace {
+  Buf qt, st, o, ml, kb, vb;
+  bool ensure(const Args& a) {
+    const size_t mb = std::min<int64_t>(a.Mp, 4 * W);
+    const size_t cpad = size_t(a.C + NACC);
+    return qt.ensure(size_t(a.D) * a.Mp) && st.ensure(cpad * mb) && o.ensure(size_t(a.Mp) * a.D) &&
+           ml.ensure(size_t(4) * a.Mp) && kb.ensure(cpad * a.D) && vb.ensure(cpad * a.D);
+  }
+};
+
+template <int DT, int MV>
+void qk_block(const Args& a, const float* kc, int64_t nc, bool direct, const float* qt, float* st,
+              float* ktail, Prefetch& pf) {
+  constexpr int KC = kc_for(MV);
+  const int64_t D = DT > 0 ? DT : a.D;
+  int64_t c = 0;
+  if (direct) {  // full tiles straight from the source rows, a zero-padded copy for the tail
+    for (; c + KC <= nc; c += KC)
+      qk_tile<DT, MV, KC>(kc + c * D, D, qt, a.Mp, st + c * MV * W, MV * W, pf);
+    if (c < nc) {
+      std::memset(ktail, 0, sizeof(float) * KC * D);
+      std::memcpy(ktail, kc + c * D, sizeof(float) * (nc - c) * D);
+      qk_tile<DT, MV, KC>(ktail, D, qt, a.Mp, st + c * MV * W, MV * W, pf);
+    }
+  } else {  // kc is a buffer zero-padded to a multiple of NACC rows
+    for (; c < nc; c += KC) qk_tile<DT, MV, KC>(kc + c * D, D, qt, a.Mp, st + c * MV * W, MV * W, pf);
+  }
+}
+
+template <int DT>
+void qk_dispatch(int mv, const Args& a, const float* kc, int64_t nc, bool direct, const float* qt,
+                 float* st, float* ktail, Prefetch& pf) {
+  switch (mv) {
+    case 1: return qk_block<DT, 1>(a, kc, nc, direct, qt, st, ktail, pf);
+    case 2: return qk_block<DT, 2>(a, kc, nc, direct, qt, st, ktail, pf);
+    case 3: return qk_block<DT, 3>(a, kc, nc, direct, qt, st, ktail, pf);
+    default: return qk_block<DT, 4>(a, kc, nc, direct, qt, st, ktail, pf);
+  }
+}
+
+#if defined(__AVX512F__)
+// Row-split QK for M <= 8 query rows (AVX-512). Lane m*R + j of a vector accumulates the terms
+// d = t*R + j of row m, R = 16/Mq lanes per row (Mq = M rounded up to a power of two), so every
+// lane does useful work where the plain tile would leave most lanes padding. K arrives as a
+// group broadcast (R consecutive floats repeated 16/R times: a pure load), Q as the packed
+// qx[t][m*R + j] = q[m][t*R + j]; a permute tree sums each row's R lanes per key at the end.
+constexpr bool kHasSplitQK = true;
+template <int R> inline __m512 kgroup(const float* p);
+template <> inline __m512 kgroup<2>(const float* p) {
+  double d;
+  std::memcpy(&d, p, 8);
+  return _mm512_castpd_ps(_mm512_set1_pd(d));
+}
+template <> inline __m512 kgroup<4>(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+template <> inline __m512 kgroup<8>(const float* p) {
+  return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(p))));
+}
+template <> inline __m512 kgroup<16>(const float* p) { return _mm512_loadu_ps(p); }
+
+// Sum of each group of R lanes, group m's sum in lane m, lanes >= 16/R zero.
+template <int R>
+inline __m512 group_sums(__m512 v) {
+  if constexpr (R >= 16) v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));  // lane ^ 8
+  if constexpr (R >= 8) v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));   // lane ^ 4
+  if constexpr (R >= 4) v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));         // lane ^ 2
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));                                // lane ^ 1
+  alignas(64) static const int32_t idx[16] = {0 * R % 16, 1 * R % 16, 2 * R % 16, 3 * R % 16,
+                                              4 * R % 16, 5 * R % 16, 6 * R % 16, 7 * R % 16};
+  return _mm512_maskz_permutexvar_ps(__mmask16((1u << (16 / R)) - 1), _mm512_load_si512(idx), v);
+}
+
+template <int DT, int R, int KC>
+inline void qk_tile_split(const float* __restrict k, int64_t Drt, const float* __restrict qx,
+                          float* __restrict st, Prefetch& pf) {
+  const int64_t D = DT > 0 ? DT : Drt;
+  __m512 acc[KC];
+#pragma GCC unroll 32
+  for (int c = 0; c < KC; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    pf.step();
+    const int64_t d1 = (DT > 0 && DT % 16 == 0) ? d0 + 16 : std::min<int64_t>(d0 + 16, D);
+    for (int64_t d = d0; d < d1; d += R) {
+      const __m512 qv = _mm512_loadu_ps(qx + d / R * 16);
+#pragma GCC unroll 32
+      for (int c = 0; c < KC; ++c) acc[c] = _mm512_fmadd_ps(kgroup<R>(k + c * D + d), qv, acc[c]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int c = 0; c < KC; ++c) _mm512_storeu_ps(st + c * 16, group_sums<R>(acc[c]));
+}
+
+template <int DT, int R>
+void qk_block_split(const Args& a, const float* kc, int64_t nc, bool direct, const float* qx, float* st,
+                    float* ktail, Prefetch& pf) {
+  constexpr int KC = NACC;
+  const int64_t D = DT > 0 ? DT : a.D;
+  int64_t c = 0;
+  if (direct) {
+    for (; c + KC <= nc; c += KC) qk_tile_split<DT, R, KC>(kc + c * D, D, qx, st + c * 16, pf);
+    if (c < nc) {
+      std::memset(ktail, 0, sizeof(float) * KC * D);
+      std::memcpy(ktail, kc + c * D, sizeof(float) * (nc - c) * D);
+      qk_tile_split<DT, R, KC>(ktail, D, qx, st + c * 16, pf);
+    }
+  } else {
+    for (; c < nc; c += KC) qk_tile_split<DT, R, KC>(kc + c * D, D, qx, st + c * 16, pf);
+  }
+}
+
+template <int DT>
+void qk_split_dispatch(int r, const Args& a, const float* kc, int64_t nc, bool direct, const float* qx,
+                       float* st, float* ktail, Prefetch& pf) {
+  switch (r) {
+    case 2: return qk_block_split<DT, 2>(a, kc, nc, direct, qx, st, ktail, pf);
+    case 4: return qk_block_split<DT, 4>(a, kc, nc, direct, qx, st, ktail, pf);
+    case 8: return qk_block_split<DT, 8>(a, kc, nc, direct, qx, st, ktail, pf);
+    default: return qk_block_split<DT, 16>(a, kc, nc, direct, qx, st, ktail, pf);
+  }
+}
+#else
+constexpr bool kHasSplitQK = false;
+template <int DT>
+void qk_split_dispatch(int, const Args&, const float*, int64_t, bool, const float*, float*, float*, Prefetch&) {}
+#endif
+
+// Lanes per query row of the row-split QK, 0 where it does not apply.
+inline int split_lanes(int64_t M, int64_t D, int flags) {
+  if (!kHasSplitQK || (flags & 2) || M > W / 2) return 0;
+  int mq = 1;
+  while (mq < M) mq *= 2;
+  const int r = W / mq;
+  return D % r == 0 ? r : 0;
+}
+
+inline void widen_rows(const uint16_t* src, int64_t rows, int64_t D, float* dst) {
+  const int64_t n = rows * D;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore(dst + i, vload_bf16(src + i));
+  for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+template <int DT>
+void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float* part_ml) {
+  const int64_t D = DT > 0 ? DT : a.D;
+  const int64_t g = a.g, M = a.M, Mp = a.Mp, C = a.C;
+  const int64_t ctx = a.ctx[it.b];
+  const int64_t slot = a.slots[it.b];
+  float* qt = w.qt.p;  // [D][Mp]
+  float* o = w.o.p;    // [Mp][D]
+  float* mrow = w.ml.p;
+  float* lrow = mrow + Mp;
+  float* alpha = lrow + Mp;
+
+  // Q^T of the M rows, pre-scaled, padded rows zero: qt[d][m], or for the row-split QK
+  // qt[t][m*R + j] = q[m][t*R + j].
+  const int R = split_lanes(M, D, a.flags);
+  std::memset(qt, 0, sizeof(float) * D * Mp);
+  for (int64_t i = 0; i < a.N; ++i)
+    for (int64_t j = 0; j < g; ++j) {
+      const int64_t m = i * g + j;
+      const float* src = a.q + ((it.b * a.N + i) * a.Hq + it.h * g + j) * D;
+      if (R)
+        for (int64_t d = 0; d < D; ++d) qt[d / R * W + m * R + d % R] = src[d] * a.qscale;
+      else
+        for (int64_t d = 0; d < D; ++d) qt[d * Mp + m] = src[d] * a.qscale;
+    }
+  std::memset(o, 0, sizeof(float) * Mp * D);
+  for (int64_t m = 0; m < Mp; ++m) { mrow[m] = NEG_INF; lrow[m] = 0.0f; }
+
+  const int64_t head = (slot * a.Hkv + it.h) * a.S * D;  // element offset of K/V[slot, h, 0, 0]
+  const bool direct = !a.bf16;
+  const int64_t elem = a.bf16 ? 2 : 4;
+  const char* kbytes = static_cast<const char*>(a.k);
+  const int64_t vdelta = static_cast<const char*>(a.v) - kbytes;
+  for (int64_t c0 = it.k0; c0 < it.k1; c0 += C) {
+    const int64_t nc = std::min(C, it.k1 - c0);
+    const float *kc, *vc;
+    if (a.bf16) {
+      const int64_t npad = (nc + NACC - 1) / NACC * NACC;
+      widen_rows(static_cast<const uint16_t*>(a.k) + head + c0 * D, nc, D, w.kb.p);
+      std::memset(w.kb.p + nc * D, 0, sizeof(float) * (npad - nc) * D);
+      widen_rows(static_cast<const uint16_t*>(a.v) + head + c0 * D, nc, D, w.vb.p);
+      kc = w.kb.p;
+      vc = w.vb.p;
+    } else {
+      kc = static_cast<const float*>(a.k) + head + c0 * D;
+      vc = static_cast<const float*>(a.v) + head + c0 * D;
+    }
+    for (int64_t mb0 = 0; mb0 < Mp; mb0 += 4 * W) {
+      const int64_t Mb = std::min<int64_t>(4 * W, Mp - mb0);
+      const int mv = int(Mb / W);
+      float* st = w.st.p;  // [nc(+pad)][Mb]
+      Prefetch pf;
+      const int64_t ahead = a.bf16 ? 2 * C : C;  // about the same number of bytes ahead
+      if (mb0 == 0 && c0 + ahead < it.k1) {
+        const int64_t next = std::min(C, it.k1 - c0 - ahead);
+        const int64_t lines = (next * D * elem + 63) / 64;
+        const int64_t kc_tile = R ? NACC : kc_for(mv);
+        const int64_t steps = (nc + kc_tile - 1) / kc_tile * ((D + 15) / 16);
+        pf.k = kbytes + (head + (c0 + ahead) * D) * elem;
+        pf.end = pf.k + lines * 64;
+        pf.vdelta = vdelta;
+        pf.per_step = (lines + steps - 1) / steps;
+      }
+      if (R)
+        qk_split_dispatch<DT>(R, a, kc, nc, direct, qt, st, w.kb.p, pf);
+      else
+        qk_dispatch<DT>(mv, a, kc, nc, direct, qt + mb0, st, w.kb.p, pf);
+      // Causal mask inside the new block: key ctx+t is hidden from rows with i < t.
+      for (int64_t c = std::max<int64_t>(0, ctx + 1 - c0); c < nc; ++c) {
+        const int64_t hide = std::min<int64_t>((c0 + c - ctx) * g - mb0, Mb);
+        for (int64_t m = 0; m < hide; ++m) st[c * Mb + m] = NEG_INF;
+      }
+      // Online softmax update, vectorised over query rows.
+      for (int v = 0; v < mv; ++v) {
+        vf cm = vsplat(NEG_INF);
+        for (int64_t c = 0; c < nc; ++c) cm = vmax(cm, vload(st + c * Mb + v * W));
+        const vf mold = vload(mrow + mb0 + v * W);
+        const vf mnew = vmax(mold, cm);
+        const vf ms = mnew == vsplat(NEG_INF) ? vsplat(0.0f) : mnew;
+        const vf al = vexp2(mold - ms);
+        vf sum = vf{};
+        for (int64_t c = 0; c < nc; ++c) {
+          const vf pc = vexp2(vload(st + c * Mb + v * W) - ms);
+          vstore(st + c * Mb + v * W, pc);
+          sum += pc;
+        }
+        vstore(lrow + mb0 + v * W, vload(lrow + mb0 + v * W) * al + sum);
+        vstore(mrow + mb0 + v * W, mnew);
+        vstore(alpha + mb0 + v * W, al);
+      }
+      const int64_t rows = std::min<int64_t>(Mb, M - mb0);
+      pv_rows<DT>(rows, D, vc, nc, st, Mb, alpha + mb0, o + mb0 * D);
+    }
+  }
+
+  if (it.part < 0) {
+    for (int64_t i = 0; i < a.N; ++i)
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t m = i * g + j;
+        float* dst = a.out + ((it.b * a.N + i) * a.Hq + it.h * g + j) * D;
+        const float inv = 1.0f / lrow[m];
+        const float* orow = o + m * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dst[d] = orow[d] * inv;
+      }
+  } else {
+    std::memcpy(part_o + it.part * M * D, o, sizeof(float) * M * D);
+    float* ml = part_ml + it.part * 2 * M;
+    std::memcpy(ml, mrow, sizeof(float) * M);
+    std::memcpy(ml + M, lrow, sizeof(float) * M);
+  }
+}
+
+// Combine the partial results of one (b, h) split into `nsplit` key ranges.
+void merge(const Args& a, int64_t b, int64_t h, int64_t first, int64_t nsplit, const float* part_o,
+           const float* part_ml, float* acc /* [D] scratch */) {
+  const int64_t D = a.D, M = a.M, g = a.g;
+  for (int64_t m = 0; m < M; ++m) {
+    float mstar = NEG_INF;
+    for (int64_t s = 0; s < nsplit; ++s) mstar = std::max(mstar, part_ml[(first + s) * 2 * M + m]);
+    std::fill(acc, acc + D, 0.0f);
+    float l = 0.0f;
+    for (int64_t s = 0; s < nsplit; ++s) {
+      const float* ml = part_ml + (first + s) * 2 * M;
+      if (ml[m] == NEG_INF) continue;
+      const float wgt = std::exp2(ml[m] - mstar);
+      l += wgt * ml[M + m];
+      const float* os = part_o + ((first + s) * M + m) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += wgt * os[d];
+    }
+    const int64_t i = m / g, j = m % g;
+    float* dst = a.out + ((b * a.N + i) * a.Hq + h * g + j) * D;
+    const float inv = 1.0f / l;
+    for (int64_t d = 0; d < D; ++d) dst[d] = acc[d] * inv;
+  }
+}
+
+template <int DT>
+int run_all(const Args& a, int nthreads, int64_t split_keys) {
+  // Split long contexts so that there are a few items per thread (balance by keys).
+  int64_t total = 0;
+  for (int64_t b = 0; b < a.B; ++b) total += a.Hkv * (a.ctx[b] + a.N);
+  int64_t target = split_keys > 0 ? split_keys
+                                  : std::max<int64_t>(4 * a.C, (total + 4 * nthreads - 1) / (4 * nthreads));
+  target = (target + a.C - 1) / a.C * a.C;
+  std::vector<Item> items;
+  struct Split { int64_t b, h, first, n; };
+  std::vector<Split> splits;
+  int64_t nparts = 0;
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t L = a.ctx[b] + a.N;
+    const int64_t ns = (L + target - 1) / target;
+    const int64_t len = ((L + ns - 1) / ns + a.C - 1) / a.C * a.C;
+    for (int64_t h = 0; h < a.Hkv; ++h) {
+      if (ns <= 1) {
+        items.push_back({b, h, 0, L, -1});
+        continue;
+      }
+      int64_t n = 0, first = nparts;
+      for (int64_t k0 = 0; k0 < L; k0 += len, ++n) items.push_back({b, h, k0, std::min(L, k0 + len), nparts++});
+      splits.push_back({b, h, first, n});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& x, const Item& y) { return x.k1 - x.k0 > y.k1 - y.k0; });
+  std::vector<float> part_o, part_ml;
+  try {
+    part_o.resize(size_t(nparts) * a.M * a.D);
+    part_ml.resize(size_t(nparts) * 2 * a.M);
+  } catch (...) {
+    return -4;
+  }
+  int failed = 0;
+  const int64_t nitems = int64_t(items.size());
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems)));
+#pragma omp parallel num_threads(nt)
+  {
+    static thread_local Workspace w;
+    const bool ok = w.ensure(a);
+    if (!ok) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < nitems; ++t)
+      if (ok) run_item<DT>(a, items[t], w, part_o.data(), part_ml.data());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < int64_t(splits.size()); ++s)
+      if (ok) merge(a, splits[s].b, splits[s].h, splits[s].first, splits[s].n, part_o.data(), part_ml.data(), w.o.p);
+  }
+  return failed ? -4 : 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success; negative on bad arguments (-1 sizes, -2 slot, -3 ctx) or allocation
+// failure (-4). Nothing is written on a bad argument. num_threads <= 0: OpenMP default.
+// chunk_keys <= 0: default chunk; split_keys <= 0: automatic split-K; flags bit 0: force the
+// runtime-D path, bit 1: never use the row-split QK.
+int specmoe_verify_attention(const float* q, const void* k_cache, const void* v_cache,
+                             int32_t kv_bf16, const int64_t* slots, const int64_t* ctx_lens,
+                             float* out, int64_t B, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
+                             int64_t R, int64_t S, float scale, int32_t num_threads,
+                             int64_t chunk_keys, int64_t split_keys, int32_t flags) {
+  if (B < 0 || N < 1 || Hq < 1 || Hkv < 1 || D < 1 || R < 1 || S < 1 || Hq % Hkv != 0) return -1;
+  if (B == 0) return 0;
+  if (!q || !k_cache || !v_cache || !slots || !ctx_lens || !out) return -1;
+  for (int64_t b = 0; b < B; ++b) {
+    if (slots[b] < 0 || slots[b] >= R) return -2;
+    if (ctx_lens[b] < 0 || ctx_lens[b] > S - N) return -3;
+  }
+  Args a;
+  a.q = q; a.k = k_cache; a.v = v_cache; a.bf16 = kv_bf16 != 0;
+  a.slots = slots; a.ctx = ctx_lens; a.out = out;
+  a.B = B; a.N = N; a.Hq = Hq; a.Hkv = Hkv; a.D = D; a.R = R; a.S = S;
+  a.g = Hq / Hkv; a.M = a.g * N; a.Mp = (a.M + W - 1) / W * W;
+  a.qscale = scale * LOG2E;
+  a.flags = flags;
+  constexpr int64_t LCM = NACC;  // every KC = NACC/MV divides NACC (MV in 1..4)
+  const int64_t want = chunk_keys > 0 ? chunk_keys : 64;
+  a.C = std::max<int64_t>(LCM, (want + LCM - 1) / LCM * LCM);
+  int nt = num_threads;
+#ifdef _OPENMP
+  if (nt <= 0) nt = omp_get_max_threads();
+#else
+  nt = 1;
+#endif
+  try {  // allocation failures outside the parallel region surface as -4, never as a crash
+    if (flags & 1) return run_all<0>(a, nt, split_keys);
+    switch (D) {
+      case 64: return run_all<64>(a, nt, split_keys);
+      case 96: return run_all<96>(a, nt, split_keys);
+      case 128: return run_all<128>(a, nt, split_keys);
+      case 256: return run_all<256>(a, nt, split_keys);
+      default: return run_all<0>(a, nt, split_keys);
+    }
+  } catch (...) {
+    return -4;
+  }
+}
+
+// "isa=avx512 width=16 openmp=1 max_threads=2"
+const char* specmoe_verify_attention_info() {
+  static char buf[128];
+  int mt = 1, omp = 0;
+#ifdef _OPENMP
+  mt = omp_get_max_threads();
+  omp = 1;
+#endif
+  std::snprintf(buf, sizeof buf, "isa=%s width=%d openmp=%d max_threads=%d", VA_ISA, W, omp, mt);
+  return buf;
+}
+
+}  // extern "C"

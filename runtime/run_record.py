@@ -1,0 +1,155 @@
+"""RunRecord: what the engine measured, the only thing the report takes from the engine (JSON).
+
+Stage times use the names of planner/stages.py. `stages` holds, for every stage of a decode
+iteration and for `iteration` itself, the mean measured seconds per decode iteration; for
+`prefill`, the total prefill seconds of the run (prompts are prefilled when they enter the batch).
+`stage_totals_s` holds the totals of every stage over the run.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner.stages import ITERATION_PARTS, STAGE_NAMES, Stage
+
+RUN_RECORD_VERSION = 1
+
+
+class StageTimer:
+    """Accumulates wall seconds per stage into the current phase ("decode" or "prefill").
+
+    With `profile` on a CUDA device every stage is bracketed by torch.cuda.synchronize so the time
+    is the stage's own; without it GPU stages measure only their launch (the CPU is synchronous).
+    """
+
+    def __init__(self, device: torch.device | None = None, profile: bool = False):
+        self.sync = bool(profile and device is not None and device.type == "cuda")
+        self.device = device
+        self.totals: dict[str, dict[str, float]] = {"decode": {}, "prefill": {}}
+        self.phase = "decode"
+
+    @contextmanager
+    def stage(self, stage: Stage | str):
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize(self.device)
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: Stage | str, seconds: float) -> None:
+        name = str(stage)
+        d = self.totals[self.phase]
+        d[name] = d.get(name, 0.0) + float(seconds)
+
+    @contextmanager
+    def in_phase(self, phase: str):
+        prev, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = prev
+
+
+@dataclass
+class RunRecord:
+    complete: bool
+    stages: dict[str, float]                  # stage name -> mean s per decode iteration (prefill: total s)
+    stage_totals_s: dict[str, float]          # stage name -> total s over the run
+    prefill_stage_totals_s: dict[str, float]  # the target's sub-stages while prefilling (total s)
+    iterations: int
+    decode_tokens_per_s: float
+    end_to_end_tokens_per_s: float
+    acceptance_histogram: dict[str, int]      # accepted drafts per verified sequence -> count
+    mean_accepted: float
+    backends: dict[str, str]
+    machine: dict[str, Any]
+    git_commit: str
+    plan_hashes: dict[str, Any]
+    draft_len: int                            # k requested (the plan's or the override)
+    batch: int
+    micro_batches: int
+    h2d_bytes: int
+    token_flips: int                          # emitted greedy tokens whose target top-2 logit gap < flip_gap
+    flip_gap: float = 1e-4
+    error: str | None = None
+    sequences: int = 0                        # prompts given
+    finished_sequences: int = 0
+    generated_tokens: int = 0                 # incl. each sequence's first token (from prefill)
+    decode_tokens: int = 0                    # tokens emitted by decode iterations
+    prompt_tokens: int = 0
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    total_time_s: float = 0.0
+    temperature: float = 0.0
+    seed: int = 0
+    max_new_tokens: int = 0
+    dynamic_k: bool = False
+    dynamic_k_source: str = ""
+    draft_len_histogram: dict[str, int] = field(default_factory=dict)  # k used per iteration -> count
+    acceptance_oracle: float | None = None    # set when a seeded Bernoulli oracle replaced real acceptance
+    device: str = "cpu"
+    dtype: str = ""
+    weights: dict[str, str] = field(default_factory=dict)   # target/draft: checkpoint name or random source
+    h2d_experts: int = 0
+    h2d_unused_experts: int = 0               # streamed on a prediction (prefetch) but not used
+    prefetch_next_layer: bool = False
+    cache_fill_bytes: int = 0
+    draft_kv_gpu_sequences: int = 0
+    target_kv_gpu_sequences: int = 0
+    expert_cache_slots: list[int] = field(default_factory=list)
+    profile_stages: bool = False
+    schema_version: int = RUN_RECORD_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1, default=str)
+        if path is not None:
+            p = Path(path)
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(p)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        from planner.errors import SpecError
+
+        if not isinstance(d, dict) or "stages" not in d or "complete" not in d:
+            raise SpecError("run record", "not a run.json written by `specmoe run`", "give the run.json of a run")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "RunRecord":
+        from planner.errors import SpecError
+
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SpecError("run record", f"cannot read {path}: {e}", "give the run.json of a run") from None
+        return cls.from_dict(d)
+
+
+def stage_summary(timer: StageTimer, iterations: int, prefill_time_s: float) -> tuple[dict, dict, dict]:
+    """(stages: mean s per iteration + prefill total, totals, prefill sub-stage totals)."""
+    dec = timer.totals["decode"]
+    totals = {name: float(dec.get(name, 0.0)) for name in STAGE_NAMES}
+    totals[Stage.PREFILL.value] = float(prefill_time_s)
+    means = {}
+    for s in ITERATION_PARTS + (Stage.ITERATION,):
+        means[s.value] = totals[s.value] / iterations if iterations else 0.0
+    means[Stage.PREFILL.value] = float(prefill_time_s)
+    pre = {k: float(v) for k, v in timer.totals["prefill"].items()}
+    return means, totals, pre
