@@ -226,10 +226,19 @@ template <int DT>
 inline void pv_rows(int64_t rows, int64_t D, const float* v, int64_t nc, const float* p,
                     int64_t ldp, const float* alpha, float* o) {
   if constexpr (DT > 0 && DT % W == 0) {
+    // Balanced row tiles (32 rows at MR = 6: 6,6,5,5,5,5 rather than 6,6,6,6,6,2).
     constexpr int MR = mr_for<DT>();
+    const int64_t ntiles = (rows + MR - 1) / MR;
+    const int64_t base = rows / ntiles, extra = rows % ntiles;
     int64_t r = 0;
-    for (; r + MR <= rows; r += MR) pv_tile<DT, MR>(v, nc, p + r, ldp, alpha + r, o + r * DT);
-    if (r < rows) pv_rows_rem<DT, MR>(int(rows - r), v, nc, p + r, ldp, alpha + r, o + r * DT);
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t mr = base + (t < extra ? 1 : 0);
+      if (mr == MR)
+        pv_tile<DT, MR>(v, nc, p + r, ldp, alpha + r, o + r * DT);
+      else
+        pv_rows_rem<DT, MR>(int(mr), v, nc, p + r, ldp, alpha + r, o + r * DT);
+      r += mr;
+    }
   } else {
     for (int64_t r = 0; r < rows; ++r) {
       float* orow = o + r * D;
