@@ -131,6 +131,11 @@ def h2d_rate(hw: HardwareSpec, chunk_bytes: float | None = None, use_measured: b
 def compute_rate(hw: HardwareSpec, resource: str, dtype: str, kind: str = "gemm", tokens: float | None = None,
                  use_measured: bool = True) -> tuple[float, str]:
     """(FLOP/s, source) for a GEMM of M = `tokens` rows (measured curve, capped at the peak) or the peak."""
+    if resource == "cpu" and kind == "attention":
+        # The CPU verify-attention kernel widens bf16/fp16 KV to fp32 and runs fp32 FMAs (as the
+        # paper's MKL SGEMM kernel does), so its compute roof is the CPU's fp32 peak, not the
+        # bf16 matrix-unit peak, whatever the KV dtype.
+        dtype = "fp32"
     peak = peak_flops(hw, resource, dtype)
     if use_measured and kind == "gemm" and tokens is not None and tokens > 0:
         if resource == "gpu" and hw.measured.gpu_gemm_TFLOPs_by_M is not None:

@@ -71,10 +71,22 @@ def test_peaks_and_errors():
     hw = HardwareSpec.preset("a30-xeon6426y")
     assert peak_flops(hw, "gpu", "float16") == pytest.approx(165e12)
     assert peak_flops(hw, "gpu", "fp8") == pytest.approx(165e12)       # no fp8 peak listed: bf16's
-    assert peak_flops(hw, "cpu", "fp32") == pytest.approx(1.2e12)
+    assert peak_flops(hw, "cpu", "fp32") == pytest.approx(2.43e12)     # Table 1 gives one (fp32 vector) rate
+    assert peak_flops(HardwareSpec.preset("h200-host"), "cpu", "fp32") == pytest.approx(1.0e12)
     with pytest.raises(SpecError, match="resource"):
         time_on("tpu", hw, OpCost(1))
     with pytest.raises(SpecError, match="kind"):
         time_on("gpu", hw, OpCost(1), kind="conv")
     a, b = OpCost(1, 2, 3, 4), OpCost(10, 20, 30, 40)
     assert a + b == OpCost(11, 22, 33, 44) and a.scaled(2) == OpCost(2, 4, 6, 8)
+
+
+def test_cpu_attention_uses_the_fp32_roof():
+    """The verify kernel widens bf16 KV to fp32 and runs fp32 FMAs: on a host whose bf16 peak is a
+    matrix unit's (AMX), CPU attention is bounded by the fp32 vector peak, not the bf16 one."""
+    hw = HardwareSpec.preset("h200-host")            # cpu: bf16 4.0 TFLOP/s (AMX), fp32 1.0
+    op = OpCost(flops=1e12, dram_bytes=1.0)          # compute-bound by far
+    t = time_on("cpu", hw, op, dtype="bf16", kind="attention", use_measured=False)
+    assert t.time_s == pytest.approx(1.0)            # 1e12 flop / 1.0e12 flop/s
+    g = time_on("cpu", hw, op, dtype="bf16", kind="gemm", use_measured=False)
+    assert g.time_s == pytest.approx(0.25)           # GEMMs do use the bf16 (AMX) peak
