@@ -21,6 +21,7 @@ _EXPORTS = {
     "CostModel": "cost_model",
     "max_batch": "memory", "footprint": "memory", "default_placement": "memory",
     "simulate_iteration": "simulator", "simulate_run": "simulator", "evaluate_config": "simulator",
+    "optimize": "optimizer",
 }
 
 __all__ = sorted(_EXPORTS)

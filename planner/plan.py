@@ -2,7 +2,20 @@
 
 A plan carries its inputs (model, draft, hardware, workload) with content hashes, every decision,
 the predicted per-stage times under the design's stage names, the memory footprint, the bound
-resource and the frontier it beat.
+resource and the frontier it beat. Written by planner.optimizer.optimize (`specmoe plan`):
+
+  frontier      {"by_k": [{draft_len, decode_tokens_per_s, closed_form_tokens_per_s, feasible,
+                 iteration_time_s, per_token_latency_s, variant, optimality_gap}, ...],
+                 "by_batch": [{batch, ...the same...}, ...]}: the best plan at each draft length
+                 (chosen B and m) and at each batch candidate (chosen k and m)
+  alternatives  next-best distinct (batch, micro_batches, draft_len): {batch, micro_batches, draft_len,
+                 variant, decode_tokens_per_s, closed_form_tokens_per_s, iteration_time_s,
+                 per_token_latency_s, relative_to_chosen, differs, placement}
+  solver        {name, status, objective, time_s, milps, statuses, points, pruned_by_bound,
+                 batch_candidates, refined_batch, closed_form_iteration_s, closed_form_tokens_per_s,
+                 closed_form_check_rel_err, routing_stats(_sha256), ...}
+decode_tokens_per_s values come from the event simulator; closed_form_* from the cost model's closed
+form, which is what the optimizer maximises.
 """
 from __future__ import annotations
 
@@ -19,7 +32,10 @@ SCHEMA_VERSION = 1
 
 
 def content_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of the object as JSON. Canonicalised through a JSON round trip first, so that a mapping
+    with integer keys (measured curves in hardware specs) hashes the same before and after plan.json."""
+    canon = json.loads(json.dumps(obj, default=str))
+    return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,11 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
+        # the inputs as they read back from plan.json (e.g. integer keys of measured curves become strings)
+        for name in ("model", "hardware", "workload", "draft"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, json.loads(json.dumps(v, default=str)))
         if not self.input_hashes:
             object.__setattr__(self, "input_hashes", self.compute_hashes())
         self.validate()
