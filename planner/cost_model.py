@@ -34,6 +34,26 @@ The draft's first step re-reads the acc(k)+1 accepted tokens, the other k-1 step
 
 Every layer's closed form is the bare max of its three resources (the design's check of the
 simulator): layer_time = max(t_h2d, t_cpu, t_gpu).
+
+Fixed costs (planner/overhead.py): where the hardware spec has `measured.op_overhead_us` or
+`measured.stage_overhead_us`, every stage costs fixed + roofline, the fixed part counted per
+invocation as the engine makes them (runtime/speculative.py, runtime/target_model.py):
+  target.pre_attn    one per layer and micro-batch, plus one per pass (embedding), + per sequence per pass
+  target.attention   one per layer and micro-batch on each KV part it has (host / device), + per sequence
+                     per pass. The GPU-KV sequences spread over the micro-batches as everywhere in the cost
+                     model (split_even, which planner.milp models too); the engine puts the first rows on
+                     the device, so with m > 1 and 0 < GPU-KV sequences < B its part count can differ
+  target.post_attn   one per layer and micro-batch, + per token per layer
+  target.moe         one per layer (all micro-batches together) + one per touched expert, E(1-(1-n_a/E)^N),
+                     + per token per MoE layer; spread evenly over the micro-batch columns when batched_moe is off
+  target.h2d         one per streamed expert (folded into the per-uncached-expert slope, so it stays linear)
+  target.lm_head     one per iteration (spread over the micro-batch columns)
+  verify.accept      one per iteration + per sequence + per verified token
+  draft.gpu/.cpu     per draft step of each non-empty part: step + L_d x layer + sequences x per-sequence;
+                     its first step also L_d x catchup x P(some sequence accepted all k drafts),
+                     1 - (1 - P(A >= k))^seqs with P(A >= k) = acc(k) - acc(k-1) (all inside _draft_part,
+                     which planner.milp's draft time uses too)
+Without either field (and with use_measured=False) the fixed parts are zero: the bare roofline.
 """
 from __future__ import annotations
 
@@ -44,6 +64,7 @@ import numpy as np
 from .errors import SpecError
 from .hardware_spec import HardwareSpec
 from .model_spec import ModelSpec
+from .overhead import Overheads
 from .plan import Placement
 from .roofline import OpCost, OpTime, h2d_rate, peak_flops, time_on
 from .stages import Stage
@@ -221,6 +242,9 @@ class CostModel:
             self.h2d_Bps, self.h2d_src = h2d_rate(hw, self.expert_bytes, use_measured)
         else:
             self.h2d_Bps, self.h2d_src = hw.link.h2d_Bps, "peak"
+        # fixed per-invocation costs (planner/overhead.py): measured, so off with use_measured=False
+        self.ov = hw.measured.overheads if use_measured else Overheads()
+        self.has_ov = self.ov.any
         if draft is not None:
             self.d_mm = matmul_elems_per_token(draft)
             self.d_e_h = head_read_elems(draft)
@@ -357,6 +381,8 @@ class CostModel:
         if E:
             p_all = 1.0 - (1.0 - na / E) ** N
             h2d_unit = p_all * self.expert_bytes / self.h2d_Bps
+            if self.has_ov:      # one copy per streamed expert
+                h2d_unit += p_all * self.ov.get("target.h2d")
         else:
             p_all = h2d_unit = 0.0
         h2d = np.where(stream, uncached * h2d_unit, 0.0)                    # [L]
@@ -382,6 +408,12 @@ class CostModel:
             moe_gpu = np.where(self.is_moe[:, None], gpu_share[:, None] * moe_mb[None, :], 0.0)
             moe_cpu = np.where(cpu_layer[:, None], uncached[:, None] * cpue_mb[None, :], 0.0)
         moe_flops = 2.0 * N * na * m.expert_elems * float(np.where(self.is_moe, gpu_share, 0.0).sum())
+        cpu_per_seq = np.full(L, one_cpu)                                   # [L]
+        gpu_per_seq = np.full(L, one_gpu)                                   # [L]
+        if self.has_ov:
+            moe_full += self._add_fixed(B, M, k1, mb, tg, cpu_attn_on_gpu, batched_moe, pre, post, attn_cpu, attn_gpu,
+                                        moe_gpu, lm_mb, ver_mb, cpu_per_seq, gpu_per_seq)
+            srcs.add("measured")
 
         # ---- draft ----
         if k > 0:
@@ -406,8 +438,6 @@ class CostModel:
             dg = dca = dcg = np.zeros((1, 0))
             dsz = np.asarray([B])
 
-        cpu_per_seq = np.full(L, one_cpu)                                   # [L]
-        gpu_per_seq = np.full(L, one_gpu)                                   # [L]
         return IterationCosts(
             batch=B, micro_batches=M, draft_len=k, context_len=s, mb_sizes=np.asarray(mb), tokens=N,
             tokens_per_iteration=B * (acc + 1.0), batched_moe=batched_moe,
@@ -419,6 +449,65 @@ class CostModel:
             cpu_attn_s_per_seq=cpu_per_seq, gpu_attn_s_per_seq=gpu_per_seq, moe_flops_gpu=moe_flops,
             gpu_peak_flops=self.gpu_peak, sources=frozenset(srcs),
         )
+
+    # ---- fixed per-invocation costs (module doc, planner/overhead.py) ----
+    def _add_fixed(self, B: int, M: int, k1: int, mb: list[int], tg: list[int], attn_on_gpu: bool, batched_moe: bool,
+                   pre, post, attn_cpu, attn_gpu, moe_gpu, lm_mb, ver_mb, cpu_per_seq, gpu_per_seq) -> float:
+        """Add the fixed costs to the stage arrays in place (shapes as in IterationCosts); returns the
+        fixed MoE seconds of one MoE layer (for moe_gpu_full_s)."""
+        o = self.ov.get
+        N = B * k1
+        pre += o("target.pre_attn")                                          # [L, M] each layer x micro-batch
+        post += o("target.post_attn") + o("target.post_attn.token") * k1 * np.asarray(mb, dtype=float)[None, :]
+        for j in range(M):
+            pre[0, j] += o("target.pre_attn") / M + o("target.pre_attn.sequence") * mb[j]   # once per pass
+            n_dev, n_host = tg[j], mb[j] - tg[j]
+            if attn_on_gpu:
+                n_dev, n_host = n_dev + n_host, 0
+            if n_host > 0:
+                attn_cpu[:, j] += o("target.attention")
+                attn_cpu[0, j] += o("target.attention.sequence") * n_host
+            if n_dev > 0:
+                attn_gpu[:, j] += o("target.attention.gpu")
+                attn_gpu[0, j] += o("target.attention.sequence") * n_dev
+            lm_mb[j] += o("target.lm_head") / M
+            ver_mb[j] += o("verify.accept") / M + (o("verify.accept.sequence") + o("verify.accept.token") * k1) * mb[j]
+        cpu_per_seq[0] += o("target.attention.sequence")
+        gpu_per_seq[0] += o("target.attention.sequence")
+        per_moe_layer = (o("target.moe") + o("target.moe.expert") * touched_experts(self.E, self.na, N)
+                         + o("target.moe.token") * N)
+        fixed = np.where(self.is_moe, per_moe_layer, o("target.moe"))       # [L] dense layers: one invocation
+        if batched_moe:
+            moe_gpu[:, 0] += fixed
+        else:
+            moe_gpu += fixed[:, None] / M
+        return float(per_moe_layer) if self.E else 0.0
+
+    def _draft_fixed(self, seqs: int, q: float) -> float:
+        """Fixed seconds of one draft step of one non-empty draft-KV part of `seqs` sequences, q tokens
+        each; the first step (q = acc(k) + 1 > 1) also pays, with the probability that some sequence
+        catches up two tokens, the attention group of its own those get."""
+        if not self.has_ov or seqs <= 0:
+            return 0.0
+        o = self.ov.get
+        t = o("draft.step") + self.draft.num_layers * o("draft.layer") + o("draft.sequence") * seqs
+        if q > 1.0:
+            t += self.draft.num_layers * o("draft.catchup") * (1.0 - (1.0 - self._full_accept_p(q)) ** seqs)
+        return t
+
+    def _full_accept_p(self, q: float) -> float:
+        """P(A >= k) = acc(k) - acc(k-1) for the k whose first draft step reads q = acc(k) + 1 tokens (the
+        smallest such k: a draft length inside a flat stretch of acc is never worth more than its first)."""
+        memo = self.__dict__.setdefault("_full_accept", {})
+        if q not in memo:
+            acc = self.workload.acceptance.acc
+            p = 0.0
+            for k in range(1, 257):
+                if acc(k) + 1.0 == q:
+                    p = max(0.0, acc(k) - acc(k - 1))
+                    break
+            memo[q] = p
+        return memo[q]
 
     # ---- draft pieces ----
     def _draft_part(self, seqs: int, q: float, s: float, srcs: set, on_gpu: bool) -> float:
@@ -434,7 +523,7 @@ class CostModel:
             op = self._attn_op(seqs, q, s, True, spec=d, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,
                                layers=d.num_layers)
             t += self._t("gpu", op, srcs, dtype=self.workload.kv_dtype, kind="attention")
-        return t
+        return t + self._draft_fixed(seqs, q)
 
     def _draft_cpu_attn(self, seqs: int, q: float, s: float, srcs: set) -> float:
         op = self._attn_op(seqs, q, s, False, spec=self.draft, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,

@@ -16,6 +16,10 @@ YAML schema (every number carries its unit in the key; every section a `source`)
       cpu_attention_kv_GBps:       {q1: {512: 66.9, 2048: ...}, q4: {...}}   # verify attention, KV GB/s
       dram_read_GBps: 67.6
       hbm_copy_GBps: 4173
+      op_overhead_us: 12.5         # optional: fixed cost of one torch operation (dispatch, launch)
+      stage_overhead_us:           # optional: fixed cost per invocation of the engine's stages,
+        target.pre_attn: 180       #   keys and units in planner/overhead.py (OVERHEAD_KEYS)
+        target.moe.expert: 95
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SpecError
+from .overhead import Overheads, parse_op_overhead_us, parse_stage_overhead_us
 
 GiB = 1024**3
 GB = 1e9
@@ -95,6 +100,13 @@ class MeasuredCurves:
     cpu_attention_kv_GBps: dict[int, Curve] = field(default_factory=dict)
     dram_read_GBps: float | None = None
     hbm_copy_GBps: float | None = None
+    op_overhead_us: float | None = None                                  # one torch operation
+    stage_overhead_us: dict[str, float] = field(default_factory=dict)    # planner/overhead.py keys
+
+    @property
+    def overheads(self) -> Overheads:
+        """The fixed per-invocation costs (planner/overhead.py); none when neither field is given."""
+        return Overheads.from_measured(self.op_overhead_us, self.stage_overhead_us)
 
     def cpu_attention_GBps(self, n_query: int, context: float) -> float | None:
         """Measured verify-attention KV GB/s at n queries and a context, interpolated over both."""
@@ -107,7 +119,8 @@ class MeasuredCurves:
     @property
     def empty(self) -> bool:
         return not any([self.h2d_GBps_by_chunk_MB, self.gpu_gemm_TFLOPs_by_M, self.cpu_gemm_GFLOPs_by_M,
-                        self.cpu_attention_kv_GBps, self.dram_read_GBps, self.hbm_copy_GBps])
+                        self.cpu_attention_kv_GBps, self.dram_read_GBps, self.hbm_copy_GBps,
+                        self.op_overhead_us, self.stage_overhead_us])
 
 
 @dataclass(frozen=True)
@@ -268,6 +281,10 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
             cpu_attention_kv_GBps=att,
             dram_read_GBps=_positive(m["dram_read_GBps"], f"{mw}.dram_read_GBps") if "dram_read_GBps" in m else None,
             hbm_copy_GBps=_positive(m["hbm_copy_GBps"], f"{mw}.hbm_copy_GBps") if "hbm_copy_GBps" in m else None,
+            op_overhead_us=(parse_op_overhead_us(m["op_overhead_us"], f"{mw}.op_overhead_us")
+                            if m.get("op_overhead_us") is not None else None),
+            stage_overhead_us=(parse_stage_overhead_us(m["stage_overhead_us"], f"{mw}.stage_overhead_us")
+                               if m.get("stage_overhead_us") is not None else {}),
         )
     sha = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
     return HardwareSpec(name=name, description=str(raw.get("description", "")), gpu=gpu, cpu=cpu, link=link,

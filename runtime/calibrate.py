@@ -16,6 +16,10 @@ Each measurement is a plain function returning numbers (tested one by one):
     measure_cpu_attention_kv_GBps  runtime.kernels.verify_attention over a cold pool of KV layers
     measure_pinned_copy_GBps_by_chunk_MB, measure_gpu_gemm_TFLOPs_by_M, measure_hbm_copy_GBps,
     gpu_facts                      the CUDA side (CUDA events, warm-up, medians)
+    measure_stage_overheads        the engine's own stage code on tiny random models (in
+                                   runtime/calibrate_overhead.py); fit_overheads turns the samples
+                                   into `op_overhead_us` and `stage_overhead_us` (planner/overhead.py)
+                                   when the spec is built, against the cost model's own roofline
 
 CPU timings keep the best of many individually timed calls (the machine may be shared: the best
 call is the closest to what the hardware does alone); GPU timings keep the median of CUDA-event
@@ -23,7 +27,12 @@ timings (steady there).
 Chunk sizes are in MiB (2^20 bytes, written "MB" in keys as in shared/measurements), rates in
 GB/s (1e9 bytes).
 
-Results are cached by machine fingerprint under
+Set OMP_WAIT_POLICY=PASSIVE before torch is imported (the CLI does): spinning OpenMP threads of an
+idle pool slow the engine's small operations several-fold on shared cores, and the fixed costs
+measured here are those of the engine as it runs.
+
+Results are cached by machine fingerprint (CPU, cores, memory, GPU, torch, threads, OMP wait policy,
+the sources of the kernels and the engine, the measured shapes and the mode) under
 ${SPECMOE_CACHE_DIR:-~/.cache/specmoe}/calibration/<fingerprint>.yaml; `force` re-measures.
 Every file is written to a temporary file and renamed, so an interrupted run leaves none behind.
 
@@ -56,9 +65,10 @@ from planner.model_spec import ModelSpec, load_model
 MiB = 2**20
 GiB = 2**30
 GB = 1e9
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "tiny-moe"
+DEFAULT_DRAFT_DIR = REPO_ROOT / "models" / "tiny-draft"
 FALLBACK_MODEL = "mixtral-8x7b"
 DEFAULT_CPU_BASE = "devbox-2core"
 GEMM_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -79,6 +89,8 @@ class Settings:
     attn_call_bytes: int           # KV bytes read by one verify-attention call (sets B)
     chunks_MB: tuple[int, ...]
     gpu_Ms: tuple[int, ...]
+    overhead_rounds: int = 6       # engine-stage measurement: interleaved rounds over the configurations
+    overhead_per_round: int = 5    # iterations per configuration per round
 
 
 FULL = Settings("full", reps=5, min_time_s=0.05, pool_min_bytes=1 * GiB, pool_max_bytes=2 * GiB,
@@ -86,7 +98,8 @@ FULL = Settings("full", reps=5, min_time_s=0.05, pool_min_bytes=1 * GiB, pool_ma
                 chunks_MB=(1, 4, 16, 64, 256, 1024), gpu_Ms=tuple(2**i for i in range(13)))
 QUICK = Settings("quick", reps=3, min_time_s=0.02, pool_min_bytes=512 * MiB, pool_max_bytes=512 * MiB,
                  cpu_gemm_weight_max_bytes=16 * MiB, attn_call_bytes=8 * MiB,
-                 chunks_MB=(1, 4, 16, 64, 256), gpu_Ms=tuple(2**i for i in range(11)))
+                 chunks_MB=(1, 4, 16, 64, 256), gpu_Ms=tuple(2**i for i in range(11)),
+                 overhead_rounds=3, overhead_per_round=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +442,43 @@ def resolve_model(model) -> tuple[str, ModelSpec]:
         raise SpecError("--model", e.problem if e.field == "model" else f"{e.field}: {e.problem}", e.fix) from None
 
 
+def resolve_model_config(model) -> dict:
+    """The HF config.json mapping of the calibration model (as resolve_model finds it)."""
+    from planner.model_spec import PRESET_DIR
+
+    if model is None:
+        p = DEFAULT_MODEL_DIR / "config.json"
+        if not p.is_file():
+            p = PRESET_DIR / f"{FALLBACK_MODEL}.json"
+    elif (PRESET_DIR / f"{model}.json").is_file():
+        p = PRESET_DIR / f"{model}.json"
+    else:
+        p = Path(model)
+        if p.is_dir():
+            p = p / "config.json"
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpecError("--model", f"cannot read {p}: {e}", "give a preset or a config.json") from None
+    if not isinstance(cfg, dict):
+        raise SpecError("--model", f"{p} is not a JSON object", "give a HF config.json")
+    return cfg
+
+
+def engine_configs(model_cfg: dict) -> dict:
+    """The tiny target and drafts (1 and 2 layers) of the engine-stage measurement."""
+    from .calibrate_overhead import draft_config, shrink_config
+
+    target = shrink_config(model_cfg)
+    base = None
+    if (DEFAULT_DRAFT_DIR / "config.json").is_file():
+        try:
+            base = json.loads((DEFAULT_DRAFT_DIR / "config.json").read_text())
+        except (OSError, ValueError):
+            base = None
+    return {"target": target, "drafts": {n: draft_config(target, base, n) for n in (1, 2)}}
+
+
 def resolve_base(base) -> dict:
     """The raw mapping of the base hardware spec (a preset name or a spec YAML)."""
     try:
@@ -437,7 +487,7 @@ def resolve_base(base) -> dict:
         raise SpecError("--base", e.problem if e.field == "hardware" else f"{e.field}: {e.problem}", e.fix) from None
 
 
-def measured_shapes(spec: ModelSpec, st: Settings) -> dict[str, int]:
+def measured_shapes(spec: ModelSpec, st: Settings) -> dict[str, Any]:
     """Expert GEMM and attention shapes; the CPU GEMM's F is halved until fp32 W fits the budget."""
     F = spec.expert_intermediate if spec.is_moe else spec.dense_intermediate
     if F <= 0 or spec.hidden <= 0:
@@ -445,8 +495,9 @@ def measured_shapes(spec: ModelSpec, st: Settings) -> dict[str, int]:
     F_cpu = F
     while F_cpu > 64 and spec.hidden * F_cpu * 4 > st.cpu_gemm_weight_max_bytes:
         F_cpu = max(64, F_cpu // 2)
+    structure = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
     return {"h": spec.hidden, "F": F, "F_cpu": F_cpu, "n_q": spec.num_q_heads, "n_kv": spec.num_kv_heads,
-            "d": spec.head_dim}
+            "d": spec.head_dim, "structure": structure}
 
 
 def specmoe_version() -> str:
@@ -458,10 +509,16 @@ def specmoe_version() -> str:
         return "source"
 
 
+ENGINE_SOURCES = ("kernels/verify_attention.py", "kernels/csrc/verify_attention.cpp", "kernels/moe_ops.py",
+                  "target_model.py", "draft_model.py", "speculative.py", "kv_cache.py", "layers.py",
+                  "expert_store.py", "run_record.py", "calibrate_overhead.py")
+
+
 def kernel_source_sha() -> str:
+    """Hash of the kernels' and the engine's sources (the fixed costs are the engine's) and of the
+    bundled draft's config (the draft of the engine-stage measurement)."""
     h = hashlib.sha256()
-    for p in (REPO_ROOT / "runtime" / "kernels" / "verify_attention.py",
-              REPO_ROOT / "runtime" / "kernels" / "csrc" / "verify_attention.cpp"):
+    for p in [REPO_ROOT / "runtime" / f for f in ENGINE_SOURCES] + [DEFAULT_DRAFT_DIR / "config.json"]:
         try:
             h.update(p.read_bytes())
         except OSError:
@@ -482,6 +539,7 @@ def fingerprint(facts: dict, shapes: dict, mode: str) -> tuple[str, dict]:
     fp = {"format": FORMAT_VERSION, "cpu": facts["cpu_name"], "cores": facts["cores"],
           "mem_GiB": round(facts["mem_total_bytes"] / GiB), "gpu": facts["gpu_name"] or "none",
           "torch": str(torch.__version__), "specmoe": specmoe_version(), "kernel_sha": kernel_source_sha(),
+          "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
           "shapes": shapes, "mode": mode}
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:20], fp
 
@@ -564,8 +622,10 @@ _SpecDumper.add_representer(dict, _represent_dict)
 
 
 # ---------------------------------------------------------------------------------------------
-def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool = True) -> dict[str, Any]:
-    """All measurement steps under one tqdm bar; returns the raw results (what the cache holds)."""
+def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool = True,
+                     engine_cfgs: dict | None = None) -> dict[str, Any]:
+    """All measurement steps under one tqdm bar; returns the raw results (what the cache holds).
+    engine_cfgs: {"target": HF config, "drafts": {layers: HF config}} of the engine-stage step."""
     from tqdm import tqdm
 
     engine_dtype = "bf16" if has_gpu else "fp32"
@@ -588,6 +648,20 @@ def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool =
                 res.setdefault("skipped", {})[f"cpu_gemm_{dtype}"] = str(e).splitlines()[0]
         return step
 
+    def overheads():
+        from .calibrate_overhead import measure_stage_overheads
+
+        cfgs = engine_cfgs
+        if not cfgs:
+            res.setdefault("skipped", {})["stage_overheads"] = "no engine configuration for this model"
+            return
+        try:
+            res["stage_overheads"] = measure_stage_overheads(
+                cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=st.overhead_rounds,
+                per_round=st.overhead_per_round, progress=lambda msg: bar.set_postfix_str(msg))
+        except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:   # a family the engine lacks
+            res.setdefault("skipped", {})["stage_overheads"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+
     steps: list[tuple[str, Callable[[], None]]] = [
         ("fill a cold buffer", pool),
         ("DRAM read", lambda: res.__setitem__("dram_read_GBps", measure_dram_read_GBps(
@@ -599,6 +673,7 @@ def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool =
         ("CPU verify attention", lambda: res.__setitem__("cpu_attention_kv_GBps", measure_cpu_attention_kv_GBps(
             shapes["n_q"], shapes["n_kv"], shapes["d"], pool=state["pool"], kv_dtype=engine_dtype,
             call_bytes=st.attn_call_bytes, reps=st.reps, min_time_s=st.min_time_s))),
+        ("engine stage overheads", overheads),
         # read again at the end and keep the better: a burst of other work spoils one pass, not both
         ("DRAM read again", lambda: res.__setitem__("dram_read_GBps", max(res["dram_read_GBps"], measure_dram_read_GBps(
             state["pool"], reps=st.reps)))),
@@ -754,7 +829,21 @@ def build_spec_raw(cached: dict, base_raw: dict | None, base_label: str | None, 
     gpu, cpu, link = (_ordered(sec) for sec in (gpu, cpu, link))
     desc = (f"Calibrated by `specmoe calibrate` on {date}: {machine}."
             + ("" if has_gpu else " No GPU: 'gpu' is this CPU standing in for it and 'link' is a host memory copy."))
-    return {"name": name, "description": desc, "gpu": gpu, "cpu": cpu, "link": link, "measured": measured}
+    raw = {"name": name, "description": desc, "gpu": gpu, "cpu": cpu, "link": link, "measured": measured}
+    if r.get("stage_overheads"):
+        from .calibrate_overhead import fit_overheads
+
+        # fitted against the cost model's roofline on the curves above (the fixed costs are the rest)
+        op_us, stage_us, det = fit_overheads(r["stage_overheads"], raw)
+        details = measured.pop("details")
+        if op_us:
+            measured["op_overhead_us"] = op_us
+        measured["stage_overhead_us"] = stage_us
+        measured["source"] += ("; fixed costs per stage invocation (op_overhead_us, stage_overhead_us) fitted to the "
+                               "engine's own stages timed on tiny random models, against the cost model's roofline "
+                               "(runtime/calibrate_overhead.py)")
+        measured["details"] = {**details, "stage_overheads": det}
+    return raw
 
 
 _KEY_ORDER = {k: i for i, k in enumerate(("name", "cores", "mem_GiB", "hbm_GBps", "dram_GBps", "h2d_GBps",
@@ -806,7 +895,8 @@ def calibrate_with_info(out_path, model=None, base=None, quick: bool = False, fo
     if cached is None:
         fid, fp = fingerprint(facts, shapes, st.mode)
         facts = {**facts, "attention_backend": attention_backend()}
-        results = run_measurements(st, shapes, has_gpu, progress=progress)
+        results = run_measurements(st, shapes, has_gpu, progress=progress,
+                                   engine_cfgs=engine_configs(resolve_model_config(model)))
         cached = {"fingerprint": fp, "fingerprint_id": fid, "measured_at": datetime.date.today().isoformat(),
                   "mode": st.mode, "model": model_label, "facts": facts, "shapes": shapes,
                   "results": _plain(results)}

@@ -1,9 +1,11 @@
 """`specmoe calibrate`: measure this machine and write a hardware spec with measured curves.
 
     specmoe calibrate -o hw_specs/NAME.yaml [--model PRESET|config.json] [--base PRESET|spec.yaml]
-                      [--quick] [--force] [--no-progress]
+                      [--quick] [--force] [--threads N] [--no-progress]
 """
 from __future__ import annotations
+
+import os
 
 
 def add_arguments(p) -> None:
@@ -17,6 +19,9 @@ def add_arguments(p) -> None:
                         "with a GPU and no base the measured peaks are used)")
     p.add_argument("--quick", action="store_true", help="about 20 s instead of up to 2 minutes, less precise")
     p.add_argument("--force", action="store_true", help="measure again even if this machine is in the cache")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads to measure with (default: torch's default); the engine's fixed costs depend "
+                        "on it, and the cache keeps one calibration per thread count (`specmoe demo` uses 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -34,11 +39,27 @@ def summary_lines(raw: dict) -> list[str]:
              f"  CPU GEMM GFLOP/s by M {_fmt_curve(m['cpu_gemm_GFLOPs_by_M'])}"]
     for q, c in m.get("cpu_attention_kv_GBps", {}).items():
         lines.append(f"  verify attention {q:>3s} KV GB/s by context {_fmt_curve(c, 2)}")
+    if m.get("op_overhead_us"):
+        lines.append(f"  fixed cost per torch operation {m['op_overhead_us']:.1f} us")
+    if m.get("stage_overhead_us"):
+        lines.append("  fixed cost per stage invocation (us): "
+                     + "  ".join(f"{k}:{v:.0f}" for k, v in m["stage_overhead_us"].items()))
     return lines
 
 
 def run(args) -> int:
+    # before torch is imported: an idle OpenMP pool that spins slows small operations several-fold on
+    # shared cores; the fixed costs measured are those of the engine run the same way
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from planner.errors import SpecError
     from runtime.calibrate import calibrate_with_info
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SpecError("--threads", f"must be >= 1, got {args.threads}", "e.g. --threads 2")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     spec, info = calibrate_with_info(args.output, model=args.model, base=args.base, quick=args.quick,
                                      force=args.force, progress=not args.no_progress)

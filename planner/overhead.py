@@ -1,0 +1,123 @@
+"""Fixed per-invocation costs of the engine's stages: the dispatch overhead (Python, torch operator
+dispatch, kernel launches) that the roofline has no term for. On small models, and for the small
+per-layer operations of large ones, it dominates: every stage costs `fixed + roofline`.
+
+A hardware spec carries them under `measured:` (written by `specmoe calibrate`, which times the
+engine's own stage code on tiny problems and fits these terms; see runtime/calibrate_overhead.py):
+
+    op_overhead_us: 12.5              # one torch operation; the fallback for a key the table lacks
+    stage_overhead_us:                # microseconds, keys below; any subset
+      target.pre_attn: 180
+      target.moe.expert: 95
+      ...
+
+A key missing from `stage_overhead_us` costs `op_overhead_us` x OPS_PER_INVOCATION[key] (the
+torch operations the engine issues per invocation, counted by calibrate); keys counted per
+sequence or per token have no operation count (Python work per sequence; small elementwise work
+per token that the roofline, which counts GEMMs and weight bytes, leaves out) and cost 0 then.
+A spec with neither field has no fixed costs: its predictions are the bare roofline.
+
+How many invocations an iteration makes (B sequences, m micro-batches, L target layers, L_d draft
+layers, k drafts) is counted as runtime/speculative.py and runtime/target_model.py run them; the
+cost model adds the terms in CostModel.iteration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SpecError
+
+US = 1e-6
+
+# key -> what one unit is (the engine's invocations)
+OVERHEAD_KEYS: dict[str, str] = {
+    "target.pre_attn": "per invocation: each layer and micro-batch, plus one per pass (embedding, rotary tables)",
+    "target.pre_attn.sequence": "per sequence per target pass (positions of the pass)",
+    "target.attention": "per invocation over host-memory (CPU) KV: each layer and micro-batch that has such sequences",
+    "target.attention.gpu": "per invocation over device (GPU) KV: each layer and micro-batch that has such sequences",
+    "target.attention.sequence": "per sequence per target pass (the KV cache's index plan, built once per pass)",
+    "target.post_attn": "per layer and micro-batch (o-proj, router, shared expert)",
+    "target.post_attn.token": "per token per layer (elementwise work, routing softmax/top-k the roofline omits)",
+    "target.moe": "per layer (the engine runs the routed experts of all micro-batches of a layer together)",
+    "target.moe.expert": "per expert a layer's tokens touch (each expert is one small GEMM chain)",
+    "target.moe.token": "per token per MoE layer (permutation, gather and weighted combine the roofline omits)",
+    "target.h2d": "per streamed expert (one copy)",
+    "target.lm_head": "per iteration",
+    "verify.accept": "per iteration",
+    "verify.accept.sequence": "per sequence per iteration (acceptance bookkeeping, KV roll-back)",
+    "verify.accept.token": "per verified token per iteration (argmax and top-2 over the vocabulary)",
+    "draft.step": "per draft step of each draft-KV part (draft.gpu and draft.cpu each)",
+    "draft.layer": "per draft step per draft layer",
+    "draft.sequence": "per draft step per sequence",
+    "draft.catchup": ("per draft layer, once per iteration and draft-KV part in which some sequence catches up two "
+                      "tokens (all k drafts were accepted): the first draft step attends those as a group of their own"),
+}
+
+# Torch function calls the engine makes per invocation of each key (fp32 on a CPU device, the tiny
+# Mixtral target, Llama drafts of 1 and 2 layers), counted by `specmoe calibrate` with a
+# TorchFunctionMode inside the engine's stage brackets and solved per key over its configurations
+# (runtime/calibrate_overhead.py; spec details `ops_per_invocation`, 2026-11-28). Per-sequence keys
+# have none (their cost is Python per sequence).
+OPS_PER_INVOCATION: dict[str, float] = {
+    "target.pre_attn": 36.0,
+    "target.attention": 61.5,
+    "target.attention.gpu": 63.5,
+    "target.post_attn": 20.0,
+    "target.moe": 87.5,
+    "target.moe.expert": 24.0,
+    "target.h2d": 1.0,            # one copy per streamed expert (issued outside the stage brackets)
+    "target.lm_head": 11.0,
+    "verify.accept": 38.0,
+    "draft.step": 39.0,
+    "draft.layer": 180.0,
+    "draft.catchup": 30.0,
+}
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Seconds per unit of each key (see OVERHEAD_KEYS); `get` falls back to op x ops per invocation."""
+
+    op_s: float = 0.0
+    table_s: dict[str, float] = field(default_factory=dict)
+
+    def get(self, key: str) -> float:
+        if key in self.table_s:
+            return self.table_s[key]
+        return self.op_s * OPS_PER_INVOCATION.get(key, 0.0)
+
+    @property
+    def any(self) -> bool:
+        return self.op_s > 0 or any(v > 0 for v in self.table_s.values())
+
+    @classmethod
+    def from_measured(cls, op_overhead_us: float | None, stage_overhead_us: dict[str, float] | None) -> "Overheads":
+        return cls(op_s=(op_overhead_us or 0.0) * US,
+                   table_s={k: float(v) * US for k, v in (stage_overhead_us or {}).items()})
+
+
+def parse_op_overhead_us(v: Any, field_name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(field_name, f"must be a number of microseconds, got {v!r}", "e.g. `op_overhead_us: 12.5`")
+    if not v > 0:
+        raise SpecError(field_name, f"must be positive, got {v}", "give the fixed cost of one operation in us, or remove it")
+    return float(v)
+
+
+def parse_stage_overhead_us(m: Any, field_name: str) -> dict[str, float]:
+    """The `stage_overhead_us` mapping: known keys, numbers >= 0 (a fitted term may be 0)."""
+    if not isinstance(m, dict):
+        raise SpecError(field_name, f"must be a mapping of key to microseconds, got {type(m).__name__}",
+                        "e.g. `stage_overhead_us: {target.pre_attn: 180, target.moe: 250}`")
+    out = {}
+    for k, v in m.items():
+        if str(k) not in OVERHEAD_KEYS:
+            raise SpecError(f"{field_name}.{k}", "is not a known key",
+                            f"use some of: {', '.join(OVERHEAD_KEYS)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise SpecError(f"{field_name}.{k}", f"must be a number of microseconds, got {v!r}", "fix the value")
+        if v < 0:
+            raise SpecError(f"{field_name}.{k}", f"must be >= 0, got {v}", "fixed costs cannot be negative")
+        out[str(k)] = float(v)
+    return out

@@ -1,0 +1,290 @@
+"""`specmoe demo`: the whole job on the bundled trained pair (models/tiny-moe + models/tiny-draft).
+
+    res = run_demo("out/demo", n_prompts=32, max_new_tokens=48)
+    res.summary_line   # demo: speculation X.XXx over k=0; iteration time error E.E% (predicted vs measured); report: PATH
+
+1. calibrate this machine (runtime.calibrate, cached by machine fingerprint: a full measurement in
+   the cache is used, else the cached quick one, else a quick measurement is made now) -> hardware.yaml
+2. profile acc(k) of the pair with the engine's greedy loop (runtime.acceptance_profile), cached in
+   the out directory under a key of the models' content, the prompts and the settings
+3. plan with planner.optimize on the calibrated spec: prompt length from the prompts, gen = the new
+   tokens, batch = the planner's choice capped by the number of prompts (or --batch), acceptance =
+   the profile -> plan.json. When the planner's best has k = 0 (speculation does not pay by the
+   model), the best plan with k >= 1 is run instead, so that speculation is measured; both
+   predictions are printed. Without a GPU, CPU-computed experts are not offered to the planner:
+   the cost model would overlap them with the "GPU" work, which is the same cores here.
+4. run the prompts with speculation (the plan's k) and with k = 0 (same plan, draft_len = 0), in the
+   order spec, k=0, k=0, spec (drift over the runs cancels out of the speedup) -> run.json and
+   run_k0.json (the first run of each), outputs.jsonl, outputs_k0.jsonl, demo.json (summary)
+5. predicted against measured (planner.report) -> the table on stdout, report.html
+
+The iteration time error is signed: (predicted - measured) / measured of run.json's mean iteration,
+as `specmoe report plan.json run.json` prints it. The speedup is decode tokens/s with speculation
+over k = 0, over both runs of each.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch is imported (see runtime/calibrate.py)
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from planner.errors import SpecError
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET_DIR = REPO / "models" / "tiny-moe"
+DRAFT_DIR = REPO / "models" / "tiny-draft"
+PROMPTS = REPO / "models" / "prompts.jsonl"
+STEPS = 5
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    spec_path: Path
+    acceptance_path: Path
+    plan_path: Path
+    run_path: Path
+    run_k0_path: Path
+    report_path: Path
+    speedup: float
+    iteration_error_pct: float | None
+    table: str
+    draft_len: int
+    batch: int
+    micro_batches: int
+    differing_sequences: int
+    timings_s: dict = field(default_factory=dict)
+
+    @property
+    def summary_line(self) -> str:
+        err = "n/a" if self.iteration_error_pct is None else f"{self.iteration_error_pct:+.1f}%"
+        return (f"demo: speculation {self.speedup:.2f}x over k=0; iteration time error {err} (predicted vs measured); "
+                f"report: {self.report_path}")
+
+
+def content_hash(*paths: Path, extra: object = None) -> str:
+    """sha256 of the files (name and bytes) under the given files/directories and of `extra` (JSON)."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = sorted(p for p in Path(root).rglob("*") if p.is_file()) if Path(root).is_dir() else [Path(root)]
+        for f in files:
+            h.update(str(f.relative_to(root) if Path(root).is_dir() else f.name).encode())
+            h.update(f.read_bytes())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _check_inputs(n_prompts: int, max_new_tokens: int, batch: int | None) -> list[str]:
+    from .cli_run import read_prompts
+
+    for d in (TARGET_DIR, DRAFT_DIR):
+        if not (d / "config.json").is_file():
+            raise SpecError("models", f"the bundled model {d} is missing", "restore models/ (scripts/train_tiny.py makes it)")
+    prompts = read_prompts(PROMPTS)
+    for flag, v in (("--n-prompts", n_prompts), ("--max-new-tokens", max_new_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SpecError(flag, f"must be a positive integer, got {v!r}", f"e.g. {flag} 32")
+    if n_prompts > len(prompts):
+        raise SpecError("--n-prompts", f"{n_prompts} exceeds the {len(prompts)} prompts of {PROMPTS.name}",
+                        f"use at most {len(prompts)}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise SpecError("--batch", f"must be a positive integer, got {batch!r}", "e.g. --batch 16")
+    return prompts
+
+
+def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_tokens: int = 48, batch: int | None = None,
+             quick: bool = False, log: Callable[[str], None] = print, progress: bool = True,
+             threads: int | None = 1) -> DemoResult:
+    """The demo (module doc). `quick`: acceptance profiled for k = 1..4 on the run's prompts only (else
+    k = 1..8 on every bundled prompt) and the planner's draft lengths limited to 0..4. `threads`: torch
+    intra-op threads for everything measured and run here (default 1: the tiny pair's operations are
+    too small to split, and OpenMP hand-offs on shared cores only add time and noise; None keeps
+    torch's default). The calibration is cached per thread count (it is part of the fingerprint)."""
+    all_prompts = _check_inputs(n_prompts, max_new_tokens, batch)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise SpecError("--threads", f"must be a positive integer, got {threads!r}", "e.g. --threads 1")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SpecError("--out", f"cannot create {out}: {e.strerror}", "choose a writable directory") from None
+    if not out.is_dir():
+        raise SpecError("--out", f"{out} is not a directory", "choose a directory")
+    prompts = all_prompts[:n_prompts]
+    times: dict[str, float] = {}
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    # ---- 1. calibrate ----
+    from .calibrate import calibrate_with_info
+
+    t0 = time.perf_counter()
+    log(f"demo [1/{STEPS}] calibrating this machine with {torch.get_num_threads()} torch thread(s) (cached by machine "
+        f"fingerprint) ...")
+    spec_path = out / "hardware.yaml"
+    spec, info = calibrate_with_info(spec_path, quick=True, progress=progress)
+    times["calibrate"] = time.perf_counter() - t0
+    if info["cache_hit"]:
+        how = f"the cached {info['mode']} calibration ({info['cache_path']})"
+    else:
+        how = (f"a {info['mode']} calibration measured now in {info['elapsed_s']:.0f} s (cached for next time; "
+               f"`specmoe calibrate -o SPEC.yaml` measures the full one)")
+    log(f"demo [1/{STEPS}] using {how} -> {spec_path}")
+
+    # ---- 2. acceptance ----
+    from .acceptance_profile import profile_acceptance
+    from .device import pick_device
+
+    dev = pick_device(None)
+    dtype = "float32" if dev.type == "cpu" else "bfloat16"      # the CPU computes the bf16 pair in fp32
+    max_k = 4 if quick else 8
+    prof_prompts = prompts if quick else all_prompts
+    key = content_hash(TARGET_DIR, DRAFT_DIR, extra={"prompts": prof_prompts, "max_k": max_k,
+                                                     "new": max_new_tokens, "dtype": dtype, "device": dev.type})
+    acc_path = out / f"acceptance-{key[:16]}.csv"
+    t0 = time.perf_counter()
+    from planner.workload import AcceptanceProfile
+
+    profile = None
+    if acc_path.is_file():
+        try:
+            profile = AcceptanceProfile.from_csv(acc_path)
+            log(f"demo [2/{STEPS}] acceptance of the pair: cached {acc_path.name} (same models, prompts and settings)")
+        except SpecError:
+            profile = None
+    if profile is None:
+        log(f"demo [2/{STEPS}] profiling acceptance of the pair: k = 1..{max_k}, {len(prof_prompts)} prompts, "
+            f"{max_new_tokens} new tokens, greedy ...")
+        res = profile_acceptance(TARGET_DIR, DRAFT_DIR, prof_prompts, max_k=max_k, max_new_tokens=max_new_tokens,
+                                 dtype=dtype,
+                                 progress=lambda k, row: log(f"demo [2/{STEPS}]   k={k}: acc {row['raw']:.3f}"))
+        res.write_csv(acc_path)
+        profile = AcceptanceProfile.from_csv(acc_path)
+        log(f"demo [2/{STEPS}] acc(k) = " + ", ".join(f"{a:.2f}" for a in profile.table[1:])
+            + f" ({res.elapsed_s:.0f} s) -> {acc_path.name}")
+    times["acceptance"] = time.perf_counter() - t0
+
+    # ---- 3. plan ----
+    from planner import optimize
+    from planner.model_spec import ModelSpec
+    from planner.workload import Workload
+
+    from .checkpoint import load_tokenizer
+
+    t0 = time.perf_counter()
+    tok = load_tokenizer(TARGET_DIR)
+    lens = [len(tok.encode(p)) for p in prompts]
+    prompt_len = max(1, math.ceil(sum(lens) / len(lens)))
+    wdt = "fp32" if dtype == "float32" else "bf16"
+    tspec, dspec = ModelSpec.from_hf_config(TARGET_DIR, name="tiny-moe"), ModelSpec.from_hf_config(DRAFT_DIR, name="tiny-draft")
+    log(f"demo [3/{STEPS}] planning (planner.optimize): prompt {prompt_len} tokens (mean of {len(prompts)}), "
+        f"{max_new_tokens} new, k in 0..{max_k}, on {spec.name} ...")
+
+    cpu_experts = "auto" if dev.type == "cuda" else "off"
+
+    def plan_for(b, ks):
+        wl = Workload(prompt_len=prompt_len, gen_len=max_new_tokens, batch=b, acceptance=profile,
+                      kv_dtype=wdt, weight_dtype=wdt, name="demo")
+        return optimize(tspec, spec, wl, draft=dspec, k_values=ks, micro_batch_values=(1, 2, 4, 8),
+                        gpu_attention=False, cpu_expert_mode=cpu_experts, alternatives=2)
+
+    ks = range(0, max_k + 1)
+    plan = plan_for(batch, ks)
+    if batch is None and plan.batch > len(prompts):
+        log(f"demo [3/{STEPS}] the planner's batch {plan.batch} exceeds the {len(prompts)} prompts: planning again "
+            f"at batch {len(prompts)}")
+        batch = len(prompts)
+        plan = plan_for(batch, ks)
+    if plan.draft_len == 0:
+        best0 = plan
+        plan = plan_for(batch if batch is not None else best0.batch, range(1, max_k + 1))
+        log(f"demo [3/{STEPS}] the planner's best is k = 0 ({best0.predicted.decode_tokens_per_s:.0f} tok/s predicted; "
+            f"speculation does not pay by the model): running its best speculative plan, k = {plan.draft_len} "
+            f"({plan.predicted.decode_tokens_per_s:.0f} tok/s predicted), to measure speculation")
+    plan_path = out / "plan.json"
+    plan.to_json(plan_path)
+    times["plan"] = time.perf_counter() - t0
+    log(f"demo [3/{STEPS}] plan: batch {plan.batch}, micro-batches {plan.micro_batches}, k {plan.draft_len}; predicted "
+        f"iteration {plan.predicted.iteration_time_s * 1e3:.1f} ms, {plan.predicted.decode_tokens_per_s:.0f} tok/s "
+        f"({plan.predicted.source} rates) -> {plan_path}")
+
+    # ---- 4. run with speculation and with k = 0 ----
+    from .engine import Engine
+
+    t0 = time.perf_counter()
+    log(f"demo [4/{STEPS}] loading the engine ({dev.type}, {dtype}) and warming up ...")
+    eng = Engine(plan, TARGET_DIR, DRAFT_DIR, dtype=dtype)
+    eng.generate(prompts[:2], max_new_tokens=4, draft_len=plan.draft_len)     # one-time costs out of the timing
+    runs: dict[str, list] = {"spec": [], "k0": []}
+    for i, (mode, k) in enumerate((("spec", plan.draft_len), ("k0", 0), ("k0", 0), ("spec", plan.draft_len))):
+        log(f"demo [4/{STEPS}] run {i + 1}/4: {len(prompts)} prompts, {max_new_tokens} new tokens, k = {k} ...")
+        outs = []
+        res = eng.generate(prompts, max_new_tokens=max_new_tokens, draft_len=k, on_finish=outs.append)
+        tag = "" if mode == "spec" else "_k0"
+        written = ""
+        if not runs[mode]:
+            res.record.to_json(out / f"run{tag}.json")
+            _write_jsonl(out / f"outputs{tag}.jsonl", [o.to_dict() for o in sorted(outs, key=lambda o: o.index)])
+            written = f" -> run{tag}.json"
+        runs[mode].append(res)
+        r = res.record
+        log(f"demo [4/{STEPS}]   k = {k}: decode {r.decode_tokens_per_s:.1f} tok/s, {r.iterations} iterations of "
+            f"{r.stages['iteration'] * 1e3:.1f} ms, mean accepted {r.mean_accepted:.2f}{written}")
+    spec_res, k0_res = runs["spec"][0], runs["k0"][0]
+    differing = sum(1 for a, b in zip(spec_res.outputs, k0_res.outputs) if a.token_ids != b.token_ids)
+    times["run"] = time.perf_counter() - t0
+
+    # ---- 5. report ----
+    from planner.report import compare, render_table, write_html
+
+    t0 = time.perf_counter()
+    run_path = out / "run.json"
+    cmp = compare(plan_path, run_path)
+    table = render_table(cmp)
+    report_path = write_html(plan_path, run_path, out / "report.html", comparison=cmp)
+    times["report"] = time.perf_counter() - t0
+    def pooled(rs) -> float:       # decode tokens/s over the runs of one mode
+        secs = sum(r.record.decode_time_s for r in rs)
+        return sum(r.record.decode_tokens for r in rs) / secs if secs > 0 else 0.0
+
+    spec_tps, k0_tps = pooled(runs["spec"]), pooled(runs["k0"])
+    speedup = spec_tps / k0_tps if k0_tps > 0 else 0.0
+    its = [r.record.stages["iteration"] for r in runs["spec"]]
+    log(f"demo [5/{STEPS}] predicted against measured (speculative run, k = {plan.draft_len}):")
+    log(table)
+    log(f"demo [5/{STEPS}] speculation k = {plan.draft_len}: {spec_tps:.1f} tok/s; k = 0: {k0_tps:.1f} tok/s (decode, "
+        f"both runs of each); greedy outputs identical in {len(prompts) - differing}/{len(prompts)} sequences"
+        + ("" if not differing else " (the rest: near-tie logits flipped, see token_flips in the run records)"))
+    spread = (max(its) - min(its)) / min(its) * 100 if min(its) > 0 else 0.0
+    log(f"demo [5/{STEPS}] the two speculative runs' mean iterations: "
+        + ", ".join(f"{x * 1e3:.2f} ms" for x in its) + f" ({spread:.0f}% apart: the measurement noise of this machine)")
+    summary = {"speedup": speedup, "spec_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["spec"]],
+               "k0_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["k0"]],
+               "spec_iteration_s": its, "predicted_iteration_s": plan.predicted.iteration_time_s,
+               "iteration_error_pct": cmp.iteration_error_pct, "draft_len": plan.draft_len, "batch": plan.batch,
+               "micro_batches": plan.micro_batches, "differing_sequences": differing, "threads": torch.get_num_threads(),
+               "calibration": {"mode": info["mode"], "cache_hit": info["cache_hit"]}, "timings_s": times}
+    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    return DemoResult(out_dir=out, spec_path=spec_path, acceptance_path=acc_path, plan_path=plan_path,
+                      run_path=run_path, run_k0_path=out / "run_k0.json", report_path=report_path, speedup=speedup,
+                      iteration_error_pct=cmp.iteration_error_pct, table=table, draft_len=plan.draft_len,
+                      batch=plan.batch, micro_batches=plan.micro_batches, differing_sequences=differing,
+                      timings_s=times)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)

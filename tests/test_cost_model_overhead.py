@@ -1,0 +1,273 @@
+"""Fixed per-invocation costs in the cost model (planner/overhead.py): the spec fields parse with clear
+errors, every stage grows by exactly (invocations counted as the engine makes them) x (its fixed
+cost), specs without the fields are unchanged, and the optimizer then prefers fewer micro-batches
+on hardware where fixed costs dominate."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from planner.cost_model import CostModel, touched_experts
+from planner.errors import SpecError
+from planner.hardware_spec import HardwareSpec, list_hardware, load_hardware, parse_hardware
+from planner.model_spec import load_model
+from planner.overhead import OPS_PER_INVOCATION, OVERHEAD_KEYS
+from planner.plan import Placement
+from planner.simulator import simulate_iteration
+from planner.stages import Stage
+from planner.workload import Workload, load_acceptance
+
+TABLE = {key: 10.0 * (i + 1) for i, key in enumerate(OVERHEAD_KEYS)}     # distinct values, us
+
+
+def _spec(base: str = "a30-xeon6426y", op: float | None = None, table: dict | None = None) -> HardwareSpec:
+    raw = copy.deepcopy(load_hardware(base).raw)
+    m = raw.setdefault("measured", {})
+    m.setdefault("source", "test")
+    if op is not None:
+        m["op_overhead_us"] = op
+    if table is not None:
+        m["stage_overhead_us"] = dict(table)
+    return parse_hardware(raw, "test.yaml")
+
+
+def _wl(k_alpha: float = 0.6) -> Workload:
+    return Workload(prompt_len=200, gen_len=100, acceptance=load_acceptance(k_alpha))
+
+
+def _delta(model, draft, B, M, k, pl, batched, hw_with, hw_without=None):
+    base = CostModel(model, hw_without or _spec(), _wl(), draft).iteration(B, M, k, pl, batched_moe=batched)
+    withv = CostModel(model, hw_with, _wl(), draft).iteration(B, M, k, pl, batched_moe=batched)
+    a, b = base.stage_totals(), withv.stage_totals()
+    return {s: b[s] - a[s] for s in a}, base, withv
+
+
+def _expected(model, draft, B, M, k, pl: Placement, cost) -> dict[str, float]:
+    """Invocations x fixed cost, counted here by hand as runtime/target_model.py and speculative.py run."""
+    us = 1e-6
+    L = model.num_layers
+    mb = [B // M + (1 if j < B % M else 0) for j in range(M)]          # split evenly, larger parts first
+    t = min(pl.target_kv_gpu_sequences, B)
+    tg = [t // M + (1 if j < t % M else 0) for j in range(M)]
+    dev_mbs = sum(1 for j in range(M) if tg[j] > 0)
+    host_mbs = sum(1 for j in range(M) if mb[j] - tg[j] > 0)
+    N = B * (k + 1)
+    n_moe = len(model.moe_layers)
+    p = 1.0 - (1.0 - model.top_k / model.num_experts) ** N
+    streamed = sum(model.num_experts - pl.expert_cache_slots[l] for l in model.moe_layers)
+    out = {
+        Stage.TARGET_PRE_ATTN.value: (1 + L * M) * cost("target.pre_attn") + B * cost("target.pre_attn.sequence"),
+        Stage.TARGET_ATTENTION.value: (L * host_mbs * cost("target.attention") + L * dev_mbs * cost("target.attention.gpu")
+                                       + B * cost("target.attention.sequence")),
+        Stage.TARGET_POST_ATTN.value: L * M * cost("target.post_attn") + L * N * cost("target.post_attn.token"),
+        Stage.TARGET_MOE.value: L * cost("target.moe") + n_moe * touched_experts(model.num_experts, model.top_k, N)
+        * cost("target.moe.expert") + n_moe * N * cost("target.moe.token"),
+        Stage.TARGET_H2D.value: streamed * p * cost("target.h2d"),
+        Stage.TARGET_LM_HEAD.value: cost("target.lm_head"),
+        Stage.VERIFY_ACCEPT.value: cost("verify.accept") + B * cost("verify.accept.sequence") + N * cost("verify.accept.token"),
+        Stage.DRAFT_GPU.value: 0.0,
+        Stage.DRAFT_CPU.value: 0.0,
+    }
+    if k > 0:
+        g = min(B, pl.draft_kv_gpu_sequences)
+        step = cost("draft.step") + draft.num_layers * cost("draft.layer")
+        acc = _wl().acceptance
+        full = acc.acc(k) - acc.acc(k - 1)          # P(all k drafts accepted): the next first step catches up 2 tokens
+        for stage, n in ((Stage.DRAFT_GPU.value, g), (Stage.DRAFT_CPU.value, B - g)):
+            if n:
+                out[stage] = k * (step + n * cost("draft.sequence")) + draft.num_layers * cost("draft.catchup") * (
+                    1 - (1 - full) ** n)
+    return {s: v * us for s, v in out.items()}
+
+
+CASES = [  # model, draft, B, m, k, expert cache slots per layer, draft KV on GPU, target KV on GPU, batched MoE
+    ("mixtral-8x7b", "mixtral-8x7b-eagle", 64, 4, 3, 2, 64, 0, False),
+    ("mixtral-8x7b", "mixtral-8x7b-eagle", 37, 3, 5, 0, 20, 7, True),
+    ("mixtral-8x7b", None, 16, 1, 0, 8, 0, 16, False),
+    ("qwen1.5-moe-a2.7b", "qwen1.5-0.5b", 9, 2, 2, 30, 0, 3, True),
+    ("olmoe-1b-7b", "olmo-1b", 128, 8, 1, 64, 100, 0, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[2]}-m{c[3]}-k{c[4]}")
+def test_each_stage_grows_by_invocations_times_its_fixed_cost(case):
+    name, dname, B, M, k, slots, g, t, batched = case
+    model = load_model(name)
+    draft = load_model(dname) if dname else None
+    pl = Placement(expert_cache_slots=tuple(slots if l in model.moe_layers else 0 for l in range(model.num_layers)),
+                   draft_kv_gpu_sequences=g, target_kv_gpu_sequences=t)
+    delta, base, withv = _delta(model, draft, B, M, k, pl, batched, _spec(table=TABLE))
+    want = _expected(model, draft, B, M, k, pl, lambda key: TABLE[key])
+    for s in want:
+        assert delta[s] == pytest.approx(want[s], rel=1e-9, abs=1e-15), s
+    assert withv.source == "measured"
+    # the linear pieces the optimizer reads move with the arrays
+    assert withv.h2d_s_per_uncached_expert - base.h2d_s_per_uncached_expert == pytest.approx(
+        (1 - (1 - model.top_k / model.num_experts) ** (B * (k + 1))) * TABLE["target.h2d"] * 1e-6)
+
+
+def test_op_overhead_alone_costs_ops_per_invocation():
+    model, draft = load_model("mixtral-8x7b"), load_model("mixtral-8x7b-eagle")
+    pl = Placement(expert_cache_slots=(3,) * model.num_layers, draft_kv_gpu_sequences=10, target_kv_gpu_sequences=2)
+    op = 7.0
+    delta, _, _ = _delta(model, draft, 24, 2, 4, pl, False, _spec(op=op))
+    want = _expected(model, draft, 24, 2, 4, pl, lambda key: op * OPS_PER_INVOCATION.get(key, 0.0))
+    for s in want:
+        assert delta[s] == pytest.approx(want[s], rel=1e-9, abs=1e-15), s
+    # a table entry wins over the fallback, the other keys keep it
+    delta2, _, _ = _delta(model, draft, 24, 2, 4, pl, False, _spec(op=op, table={"target.post_attn": 0.0}))
+    assert delta2[Stage.TARGET_POST_ATTN.value] == 0.0
+    assert delta2[Stage.TARGET_PRE_ATTN.value] == pytest.approx(delta[Stage.TARGET_PRE_ATTN.value])
+
+
+def test_serial_iteration_grows_by_the_sum_of_the_fixed_costs():
+    """m = 1 and every expert cached: the simulated iteration is one chain, so it grows by exactly the sum."""
+    model, draft = load_model("mixtral-8x7b"), load_model("mixtral-8x7b-eagle")
+    pl = Placement(expert_cache_slots=(8,) * model.num_layers, draft_kv_gpu_sequences=32)
+    delta, base, withv = _delta(model, draft, 32, 1, 3, pl, False, _spec(table=TABLE))
+    t0 = simulate_iteration(base, pl, record=False).iteration_time_s
+    t1 = simulate_iteration(withv, pl, record=False).iteration_time_s
+    assert t1 - t0 == pytest.approx(sum(delta.values()), rel=1e-9)
+    # the closed form (bare max per layer) overlaps the CPU attention with the GPU work: it grows less
+    assert 0 < withv.closed_form_time_s - base.closed_form_time_s <= sum(delta.values())
+
+
+@pytest.mark.parametrize("name", list_hardware())
+def test_specs_without_the_fields_are_unchanged(name):
+    hw = load_hardware(name)
+    model, draft = load_model("mixtral-8x7b"), load_model("mixtral-8x7b-eagle")
+    pl = Placement(expert_cache_slots=(2,) * model.num_layers, draft_kv_gpu_sequences=8)
+    raw = copy.deepcopy(hw.raw)
+    if isinstance(raw.get("measured"), dict):
+        raw["measured"].pop("op_overhead_us", None)
+        raw["measured"].pop("stage_overhead_us", None)
+    bare = parse_hardware(raw, "bare.yaml")
+    assert not bare.measured.overheads.any
+    c0 = CostModel(model, bare, _wl(), draft).iteration(16, 2, 2, pl)
+    c1 = CostModel(model, hw, _wl(), draft, use_measured=False).iteration(16, 2, 2, pl)
+    c2 = CostModel(model, bare, _wl(), draft, use_measured=False).iteration(16, 2, 2, pl)
+    # use_measured=False ignores fixed costs as it ignores every measured curve
+    assert c1.stage_totals() == c2.stage_totals()
+    if not hw.measured.overheads.any:
+        c3 = CostModel(model, hw, _wl(), draft).iteration(16, 2, 2, pl)
+        assert c3.stage_totals() == c0.stage_totals()
+
+
+def test_h200_estimate_reproduces_the_bench_residuals():
+    """hw_specs/h200-host-calibrated.yaml's fixed costs are the per-stage residuals of the H200 offload
+    bench (spec_alpha0.8_profiled) divided by the invocations: at that point they close those stages."""
+    import json
+    from pathlib import Path
+
+    from planner.model_spec import ModelSpec
+
+    d = json.loads((Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_offload_h200.json").read_text())
+    mode = d["modes"]["spec_alpha0.8_profiled"]
+    t, dr = ModelSpec.from_hf_config(d["config"]["target"]), ModelSpec.from_hf_config(d["config"]["draft"])
+    wl = Workload(prompt_len=256, gen_len=128, batch=369, acceptance=load_acceptance(0.8))
+    pl = Placement(expert_cache_slots=tuple(mode["expert_cache_slots"]), draft_kv_gpu_sequences=369)
+    c = CostModel(t, load_hardware("h200-host-calibrated"), wl, dr).iteration(
+        369, 8, 8, pl, context_len=mode["measured_mean_context"])
+    st, meas = c.stage_totals(), mode["stages_measured_s"]
+    for s in ("target.pre_attn", "target.post_attn", "target.lm_head", "draft.gpu", "verify.accept"):
+        assert st[s] == pytest.approx(meas[s], rel=0.01), s
+    assert not load_hardware("h200-host").measured.overheads.any      # the peak-only spec stays bare
+
+
+def test_optimizer_prefers_fewer_micro_batches_when_fixed_costs_dominate():
+    from planner import optimize
+
+    wl = _wl(0.7)
+    kw = dict(draft="mixtral-8x7b-eagle", k_values=range(0, 4), micro_batch_values=(1, 2, 4, 8), alternatives=0,
+              timeline=False)
+    bare = optimize("mixtral-8x7b", _spec(), wl, **kw)
+    heavy = optimize("mixtral-8x7b", _spec(table={"target.pre_attn": 2e5, "target.attention": 2e5,
+                                                   "target.post_attn": 2e5}), wl, **kw)
+    assert bare.micro_batches > 1          # without fixed costs overlapping micro-batches pays here
+    assert heavy.micro_batches == 1        # 0.2 s per micro-batch invocation: one micro-batch
+    assert heavy.predicted.source == "measured"
+
+
+# ---- the spec fields ----
+@pytest.mark.parametrize("field,value,msg", [
+    ("op_overhead_us", 0, "positive"),
+    ("op_overhead_us", -3.0, "positive"),
+    ("op_overhead_us", "fast", "number"),
+    ("stage_overhead_us", {"target.nonsense": 3}, "not a known key"),
+    ("stage_overhead_us", {"target.moe": -1}, ">= 0"),
+    ("stage_overhead_us", {"target.moe": "x"}, "number"),
+    ("stage_overhead_us", [1, 2], "mapping"),
+])
+def test_bad_fields_name_the_field(field, value, msg):
+    raw = copy.deepcopy(load_hardware("devbox-2core").raw)
+    raw.setdefault("measured", {"source": "test"})[field] = value
+    with pytest.raises(SpecError) as e:
+        parse_hardware(raw, "bad.yaml")
+    assert field in str(e.value) and msg in str(e.value)
+
+
+def test_fields_parse():
+    hw = _spec(op=4.5, table={"target.moe.expert": 95, "draft.layer": 0})
+    assert hw.measured.op_overhead_us == 4.5
+    assert hw.measured.stage_overhead_us == {"target.moe.expert": 95.0, "draft.layer": 0.0}
+    ov = hw.measured.overheads
+    assert ov.any and ov.get("target.moe.expert") == pytest.approx(95e-6) and ov.get("draft.layer") == 0.0
+    assert ov.get("target.pre_attn") == pytest.approx(4.5e-6 * OPS_PER_INVOCATION["target.pre_attn"])
+    assert ov.get("verify.accept.sequence") == 0.0
+    assert np.isclose(HardwareSpec.from_yaml(load_hardware("devbox-2core-calibrated").source_path).measured.overheads.get(
+        "target.pre_attn"), load_hardware("devbox-2core-calibrated").measured.overheads.get("target.pre_attn"))
+
+
+# ---- the calibration's fit (runtime/calibrate_overhead.py) counts as the cost model does ----
+def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_samples():
+    """Samples made of the cost model's roofline plus known fixed costs x the calibration's invocation
+    counts: the fit returns the known costs, and a spec holding them makes the cost model reproduce
+    every sample, so the calibration and the cost model count invocations alike."""
+    import json
+
+    from planner.model_spec import PRESET_DIR, ModelSpec
+    from runtime.calibrate_overhead import (CONFIGS, ORACLE_ALPHA, STAGES, _features, _roofline_stages, draft_config,
+                                            fit_overheads, shrink_config)
+
+    target = shrink_config(json.loads((PRESET_DIR / "mixtral-8x7b.json").read_text()))
+    drafts = {n: draft_config(target, None, n) for n in (1, 2)}
+    spec = ModelSpec.from_hf_config(target, name="t")
+    dspecs = {n: ModelSpec.from_hf_config(d, name=f"d{n}") for n, d in drafts.items()}
+    hw_raw = copy.deepcopy(load_hardware("devbox-2core-calibrated").raw)
+    for key in ("op_overhead_us", "stage_overhead_us"):
+        hw_raw["measured"].pop(key, None)
+    hw = parse_hardware(hw_raw, "x.yaml")
+    truth = {key: 15.0 + 7.0 * i for i, key in enumerate(OVERHEAD_KEYS)}
+    E, n_moe = spec.num_experts, len(spec.moe_layers)
+    configs = []
+    for B, k, M, Ld, t, cache in CONFIGS:
+        slots = [(E if cache == "full" else E // 2) if l in spec.moe_layers else 0 for l in range(spec.num_layers)]
+        N = B * (k + 1)
+        p = 1 - (1 - spec.top_k / E) ** N
+        c = {"B": B, "k": k, "m": M, "draft_layers": Ld, "target_kv_gpu": t, "cache": cache, "expert_cache_slots": slots,
+             "context": 30.0, "copies_per_iteration": sum(E - s for s in slots if s) * p if cache == "half" else 0.0,
+             "catchup_per_iteration": 1 - (1 - ORACLE_ALPHA ** k) ** B if k else 0.0, "ops": {}}
+        roof = _roofline_stages(c, spec, dspecs[Ld], hw, "fp32")
+        feats = _features(c, spec, n_moe, touched_experts(E, spec.top_k, N))
+        med = {st: roof.get(st, 0.0) + sum(truth[key] * 1e-6 * n for key, n in feats.get(st, {}).items()) for st in STAGES}
+        med["iteration"] = sum(med.values())
+        c["median_s"] = c["mean_s"] = med
+        configs.append(c)
+    raw = {"device": "cpu", "dtype": "float32", "target_config": target, "draft_configs": drafts, "configs": configs}
+    op_us, stage_us, det = fit_overheads(raw, hw_raw)
+    for key, v in truth.items():
+        assert stage_us[key] == pytest.approx(v, rel=1e-3), key
+    assert max(det["fit_max_rel_err_by_stage"].values()) < 1e-3
+    hw_raw["measured"]["stage_overhead_us"] = stage_us
+    fitted = parse_hardware(hw_raw, "fitted.yaml")
+    for c in configs:
+        wl = Workload(prompt_len=16, gen_len=64, acceptance=load_acceptance(ORACLE_ALPHA), kv_dtype="fp32",
+                      weight_dtype="fp32")
+        cm = CostModel(spec, fitted, wl, dspecs[c["draft_layers"]] if c["k"] else None)
+        pl = Placement(expert_cache_slots=tuple(c["expert_cache_slots"]), draft_kv_gpu_sequences=c["B"],
+                       target_kv_gpu_sequences=c["target_kv_gpu"])
+        st = cm.iteration(c["B"], min(c["m"], c["B"]), c["k"], pl, context_len=c["context"], batched_moe=True).stage_totals()
+        for s in STAGES:
+            assert st[s] == pytest.approx(c["median_s"][s], rel=1e-3, abs=1e-9), (c["B"], c["k"], c["m"], s)
