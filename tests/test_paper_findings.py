@@ -8,7 +8,8 @@ raises throughput clearly, more GPU memory has limited effect.
 Two of the findings do NOT hold under the current cost model, and are marked strict xfail (they turn
 into failures the day the cost model reproduces them, so the marker gets removed). Investigation
 (numbers in the report to the lead):
-  * CPU verify attention is costed at the spec's bf16 datasheet peak, 2.43 TFLOP/s. At the paper's
+  * CPU verify attention is costed at the spec's datasheet CPU peak, 2.43 TFLOP/s (Table 1's single
+    rate, the fp32 vector rate the verify kernel runs at). At the paper's
     own Table 3 setting (A30, s = 512 + 64, k = 5, about 1900 sequences) the cost model gives 1.43 s
     of CPU attention per iteration against the paper's 3.88 s estimate (4.29 s measured), 2.7x
     less, while H2D agrees (3.61 s against 3.55 s). The paper's kernel computes in fp32 (the spec's
@@ -51,7 +52,7 @@ def _by_k(plan) -> list[float]:
     return [e["decode_tokens_per_s"] for e in pts]
 
 
-COST_MODEL_GAP = ("cost model: CPU verify attention at the bf16 datasheet peak is ~2.7x cheaper than the paper's "
+COST_MODEL_GAP = ("cost model: CPU verify attention at the CPU's datasheet peak is ~2.7x cheaper than the paper's "
                   "Table 3 and the usable-memory rule gives ~520-575 sequences instead of 824, so the A30 "
                   "iteration stays PCIe-bound over k <= 8 (see the module docstring and the report)")
 
