@@ -140,7 +140,8 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
         how = f"the cached {info['mode']} calibration ({info['cache_path']})"
     else:
         how = (f"a {info['mode']} calibration measured now in {info['elapsed_s']:.0f} s (cached for next time; "
-               f"`specmoe calibrate -o SPEC.yaml` measures the full one)")
+               f"`specmoe calibrate -o SPEC.yaml --threads {torch.get_num_threads()}` measures the full one, which "
+               f"the demo then uses)")
     log(f"demo [1/{STEPS}] using {how} -> {spec_path}")
 
     # ---- 2. acceptance ----
