@@ -7,9 +7,10 @@ naming the flag and the fix (SpecError -> exit 2 in runtime/cli.py).
 from __future__ import annotations
 
 import json
-import math
 
 from planner.errors import SpecError
+
+from .cli_args import int_arg as _int, pos_float_arg as _pos_float
 
 
 def add_arguments(p) -> None:
@@ -35,28 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--timeline", action="store_true", help="with --json: include the simulated event timeline")
 
 
-def _int(text: str, flag: str, minimum: int) -> int:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise SpecError(flag, f"{text!r} is not a number", f"give an integer >= {minimum}") from None
-    if not math.isfinite(v) or v != int(v):
-        raise SpecError(flag, f"{text!r} is not an integer", f"give an integer >= {minimum}")
-    if v < minimum:
-        raise SpecError(flag, f"must be >= {minimum}, got {text}", f"give an integer >= {minimum}")
-    return int(v)
 
 
-def _pos_float(text: str | None, flag: str) -> float | None:
-    if text is None:
-        return None
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise SpecError(flag, f"{text!r} is not a number", "give a positive number") from None
-    if not math.isfinite(v) or v <= 0:
-        raise SpecError(flag, f"must be positive, got {text}", "give a positive number")
-    return v
 
 
 def build(args):

@@ -6,10 +6,11 @@ bad value gets one message naming the flag and the fix (SpecError -> exit 2 in r
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from planner.errors import SpecError
+
+from .cli_args import int_arg as _int, pos_float_arg as _pos_float
 
 GiB = 2 ** 30
 
@@ -45,28 +46,8 @@ def add_arguments(p) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-def _int(text, flag: str, minimum: int) -> int:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise SpecError(flag, f"{text!r} is not a number", f"give an integer >= {minimum}") from None
-    if not math.isfinite(v) or v != int(v):
-        raise SpecError(flag, f"{text!r} is not an integer", f"give an integer >= {minimum}")
-    if v < minimum:
-        raise SpecError(flag, f"must be >= {minimum}, got {text}", f"give an integer >= {minimum}")
-    return int(v)
 
 
-def _pos_float(text, flag: str) -> float | None:
-    if text is None:
-        return None
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise SpecError(flag, f"{text!r} is not a number", "give a positive number") from None
-    if not math.isfinite(v) or v <= 0:
-        raise SpecError(flag, f"must be positive, got {text}", "give a positive number")
-    return v
 
 
 def load_routing_stats(path: str, num_layers: int, num_experts: int):
