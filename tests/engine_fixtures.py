@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,3 +132,13 @@ def add_tokenizer(path: Path, vocab_size: int = 96) -> Path:
     tok.add_special_tokens(["<pad>", "<s>", "</s>"])
     tok.save(str(Path(path) / "tokenizer.json"))
     return Path(path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_module():
+    """Engine tests run with one torch thread (faster and less noisy on 2 shared cores);
+    a test module opts in by importing it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,18 +12,13 @@ import time
 import pytest
 import torch
 
+from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import REPO, add_tokenizer, make_pair
 from runtime.cli import main
 from runtime.cli_run import read_prompts
 from runtime.engine import plan_for_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

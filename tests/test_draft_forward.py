@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import DRAFT_KINDS, hf_logits, load_hf, make_checkpoint
 from runtime.draft_model import DraftModel
 from runtime.kv_cache import PassLayout, SplitKVCache, block_attention_torch
@@ -15,12 +16,6 @@ from test_target_forward import rel_err, run_chunked
 DEV = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("kind", DRAFT_KINDS)

@@ -10,6 +10,7 @@ import socket
 import pytest
 import torch
 
+from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import add_tokenizer, make_pair
 from planner.errors import SpecError
 from planner.stages import STAGE_NAMES
@@ -20,12 +21,6 @@ from runtime.weights import WeightSource
 from test_speculative_exact import ragged_prompts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import (TINY_DRAFT, TINY_MOE, have_tiny_pair, load_hf, make_pair, tiny_prompts)
 from runtime.engine import Engine, plan_for_checkpoint
 
 MAX_NEW = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def hf_greedy(hf, prompts, max_new, eos=2):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import TARGET_KINDS, hf_logits, load_hf, make_checkpoint
 from runtime.expert_store import ExpertStore
 from runtime.kv_cache import PassLayout, SplitKVCache
@@ -18,12 +19,6 @@ DEV = torch.device("cpu")
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_chunked(forward, kv: SplitKVCache, seqs: list[list[int]], chunks: list[int]) -> list[torch.Tensor]:
