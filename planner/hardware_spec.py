@@ -5,8 +5,10 @@ YAML schema (every number carries its unit in the key; every section a `source`)
 
     name: a30-xeon6426y
     description: ...
-    gpu:  {name, mem_GiB | mem_GB, hbm_GBps, peak_TFLOPs: {bf16, fp16, fp32}, source}
-    cpu:  {name, cores, mem_GiB | mem_GB, dram_GBps, peak_TFLOPs: {bf16, fp32}, source}
+    gpu:  {name, mem_GiB | mem_GB, hbm_GBps, peak_TFLOPs: {bf16, fp16, fp32}, source,
+           usable_mem_fraction}      # optional, default 0.90 (planner/memory.py says why)
+    cpu:  {name, cores, mem_GiB | mem_GB, dram_GBps, peak_TFLOPs: {bf16, fp32}, source,
+           usable_mem_fraction}      # optional, default 0.85
     link: {h2d_GBps, d2h_GBps, source}
     measured:                      # optional; each curve is {x: y} with units in the key
       source: ...
@@ -14,6 +16,8 @@ YAML schema (every number carries its unit in the key; every section a `source`)
       gpu_gemm_TFLOPs_by_M:        {1: 2.3, 2: 4.8, ...}        # bf16 expert GEMM against tokens M
       cpu_gemm_GFLOPs_by_M:        {1: 28.8, ...}               # CPU expert GEMM against M
       cpu_attention_kv_GBps:       {q1: {512: 66.9, 2048: ...}, q4: {...}}   # verify attention, KV GB/s
+      cpu_attention_TFLOPs: 0.81   # sustained FLOP rate of the CPU verify-attention kernel, where a
+                                   #   profile gives one rate rather than a KV GB/s curve (the curve wins)
       dram_read_GBps: 67.6
       hbm_copy_GBps: 4173
       op_overhead_us: 12.5         # optional: fixed cost of one torch operation (dispatch, launch)
@@ -36,6 +40,9 @@ from .overhead import Overheads, parse_op_overhead_us, parse_stage_overhead_us
 
 GiB = 1024**3
 GB = 1e9
+# The share of each memory a plan may use unless a spec says otherwise (planner/memory.py says why).
+DEFAULT_GPU_USABLE_FRACTION = 0.90
+DEFAULT_CPU_USABLE_FRACTION = 0.85
 HW_SPEC_DIR = Path(__file__).resolve().parent.parent / "hw_specs"
 
 
@@ -71,6 +78,7 @@ class GPUSpec:
     hbm_Bps: float
     peak_flops: dict[str, float]      # dtype -> FLOP/s
     source: str
+    usable_fraction: float = DEFAULT_GPU_USABLE_FRACTION
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class CPUSpec:
     dram_Bps: float
     peak_flops: dict[str, float]      # dtype -> FLOP/s
     source: str
+    usable_fraction: float = DEFAULT_CPU_USABLE_FRACTION
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ class MeasuredCurves:
     cpu_attention_kv_GBps: dict[int, Curve] = field(default_factory=dict)
     dram_read_GBps: float | None = None
     hbm_copy_GBps: float | None = None
+    cpu_attention_TFLOPs: float | None = None                            # one sustained rate (profile)
     op_overhead_us: float | None = None                                  # one torch operation
     stage_overhead_us: dict[str, float] = field(default_factory=dict)    # planner/overhead.py keys
 
@@ -120,7 +130,7 @@ class MeasuredCurves:
     def empty(self) -> bool:
         return not any([self.h2d_GBps_by_chunk_MB, self.gpu_gemm_TFLOPs_by_M, self.cpu_gemm_GFLOPs_by_M,
                         self.cpu_attention_kv_GBps, self.dram_read_GBps, self.hbm_copy_GBps,
-                        self.op_overhead_us, self.stage_overhead_us])
+                        self.cpu_attention_TFLOPs, self.op_overhead_us, self.stage_overhead_us])
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,17 @@ def _flops(sec: dict, where: str) -> dict[str, float]:
     return {str(k): _positive(v, f"{where}.peak_TFLOPs.{k}") * 1e12 for k, v in pk.items()}
 
 
+def _usable(sec: dict, where: str, default: float) -> float:
+    v = sec.get("usable_mem_fraction")
+    if v is None:
+        return default
+    f = _positive(v, f"{where}.usable_mem_fraction")
+    if f > 1.0:
+        raise SpecError(f"{where}.usable_mem_fraction", f"must be at most 1, got {v}",
+                        "give the share of the memory a plan may use, e.g. 0.85")
+    return f
+
+
 def _source(sec: dict, where: str) -> str:
     s = sec.get("source")
     if not isinstance(s, str) or not s.strip():
@@ -245,13 +266,15 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
     g, c, lk = _section(raw, "gpu", where), _section(raw, "cpu", where), _section(raw, "link", where)
     gpu = GPUSpec(name=str(g.get("name", "gpu")), mem_bytes=_mem(g, f"{where}.gpu"),
                   hbm_Bps=_positive(g.get("hbm_GBps"), f"{where}.gpu.hbm_GBps") * GB,
-                  peak_flops=_flops(g, f"{where}.gpu"), source=_source(g, f"{where}.gpu"))
+                  peak_flops=_flops(g, f"{where}.gpu"), source=_source(g, f"{where}.gpu"),
+                  usable_fraction=_usable(g, f"{where}.gpu", DEFAULT_GPU_USABLE_FRACTION))
     cores = c.get("cores")
     if isinstance(cores, bool) or not isinstance(cores, int) or cores <= 0:
         raise SpecError(f"{where}.cpu.cores", f"must be a positive integer, got {cores!r}", "fix the YAML")
     cpu = CPUSpec(name=str(c.get("name", "cpu")), cores=cores, mem_bytes=_mem(c, f"{where}.cpu"),
                   dram_Bps=_positive(c.get("dram_GBps"), f"{where}.cpu.dram_GBps") * GB,
-                  peak_flops=_flops(c, f"{where}.cpu"), source=_source(c, f"{where}.cpu"))
+                  peak_flops=_flops(c, f"{where}.cpu"), source=_source(c, f"{where}.cpu"),
+                  usable_fraction=_usable(c, f"{where}.cpu", DEFAULT_CPU_USABLE_FRACTION))
     h2d = _positive(lk.get("h2d_GBps"), f"{where}.link.h2d_GBps")
     link = LinkSpec(h2d_Bps=h2d * GB, d2h_Bps=_positive(lk.get("d2h_GBps", h2d), f"{where}.link.d2h_GBps") * GB,
                     source=_source(lk, f"{where}.link"))
@@ -281,6 +304,8 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
             cpu_attention_kv_GBps=att,
             dram_read_GBps=_positive(m["dram_read_GBps"], f"{mw}.dram_read_GBps") if "dram_read_GBps" in m else None,
             hbm_copy_GBps=_positive(m["hbm_copy_GBps"], f"{mw}.hbm_copy_GBps") if "hbm_copy_GBps" in m else None,
+            cpu_attention_TFLOPs=(_positive(m["cpu_attention_TFLOPs"], f"{mw}.cpu_attention_TFLOPs")
+                                  if m.get("cpu_attention_TFLOPs") is not None else None),
             op_overhead_us=(parse_op_overhead_us(m["op_overhead_us"], f"{mw}.op_overhead_us")
                             if m.get("op_overhead_us") is not None else None),
             stage_overhead_us=(parse_stage_overhead_us(m["stage_overhead_us"], f"{mw}.stage_overhead_us")

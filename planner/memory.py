@@ -9,7 +9,8 @@ sequences, draft KV of the CPU-draft sequences.
 KV is budgeted at the longest context a sequence reaches (prompt + output): memory must hold the
 last iteration, not the mean one.
 
-Margins (the share of each memory the plan may use):
+Margins (the share of each memory the plan may use; a hardware spec may set its own with
+`usable_mem_fraction` under gpu: or cpu:, e.g. to reproduce a published deployment):
   GPU_MEM_FRACTION = 0.90: CUDA context, cuBLAS workspaces and allocator fragmentation take the rest
                      (MoE-Lightning's optimizer uses 0.86, FlexGen leaves similar headroom).
   CPU_MEM_FRACTION = 0.85: the OS, page cache, the Python runtime and pinned-staging overheads
@@ -21,13 +22,13 @@ import math
 from dataclasses import dataclass
 
 from .errors import InfeasibleError, SpecError
-from .hardware_spec import HardwareSpec
+from .hardware_spec import DEFAULT_CPU_USABLE_FRACTION, DEFAULT_GPU_USABLE_FRACTION, HardwareSpec
 from .model_spec import ModelSpec
 from .plan import Placement
 from .workload import Workload
 
-GPU_MEM_FRACTION = 0.90
-CPU_MEM_FRACTION = 0.85
+GPU_MEM_FRACTION = DEFAULT_GPU_USABLE_FRACTION     # 0.90
+CPU_MEM_FRACTION = DEFAULT_CPU_USABLE_FRACTION     # 0.85
 ACT_BYTES = 2
 LOGIT_BYTES = 4
 GiB = 1024 ** 3
@@ -49,6 +50,14 @@ class Footprint:
     cpu_breakdown: dict
 
     @property
+    def gpu_fraction(self) -> float:
+        return self.gpu_usable_bytes / self.gpu_capacity_bytes
+
+    @property
+    def cpu_fraction(self) -> float:
+        return self.cpu_usable_bytes / self.cpu_capacity_bytes
+
+    @property
     def fits_gpu(self) -> bool:
         return self.gpu_bytes <= self.gpu_usable_bytes
 
@@ -64,7 +73,7 @@ class Footprint:
         return {"gpu_bytes": self.gpu_bytes, "cpu_bytes": self.cpu_bytes,
                 "gpu_capacity_bytes": self.gpu_capacity_bytes, "cpu_capacity_bytes": self.cpu_capacity_bytes,
                 "gpu_usable_bytes": self.gpu_usable_bytes, "cpu_usable_bytes": self.cpu_usable_bytes,
-                "gpu_fraction": GPU_MEM_FRACTION, "cpu_fraction": CPU_MEM_FRACTION,
+                "gpu_fraction": self.gpu_fraction, "cpu_fraction": self.cpu_fraction,
                 "gpu_breakdown": dict(self.gpu_breakdown), "cpu_breakdown": dict(self.cpu_breakdown)}
 
     def check(self, batch: int | None = None, max_fit: int | None = None, placement_given: bool = False) -> None:
@@ -83,12 +92,12 @@ class Footprint:
                 fix += (", a shorter prompt/output, a smaller KV dtype (--kv-dtype fp8), "
                         "or more host memory (--cpu-mem-GiB)")
             raise InfeasibleError("cpu memory", f"needs {_g(self.cpu_bytes)} ({parts}) but "
-                                  f"{_g(self.cpu_usable_bytes)} is usable ({CPU_MEM_FRACTION:.0%} of "
+                                  f"{_g(self.cpu_usable_bytes)} is usable ({self.cpu_fraction:.0%} of "
                                   f"{_g(self.cpu_capacity_bytes)})" + (f" at batch {batch}" if batch else ""), fix)
         if not self.fits_gpu:
             parts = ", ".join(f"{k} {_g(v)}" for k, v in self.gpu_breakdown.items() if v)
             raise InfeasibleError("gpu memory", f"needs {_g(self.gpu_bytes)} ({parts}) but "
-                                  f"{_g(self.gpu_usable_bytes)} is usable ({GPU_MEM_FRACTION:.0%} of "
+                                  f"{_g(self.gpu_usable_bytes)} is usable ({self.gpu_fraction:.0%} of "
                                   f"{_g(self.gpu_capacity_bytes)})" + (f" at batch {batch}" if batch else ""),
                                   "cache fewer experts, keep less draft/target KV on the GPU, lower the batch, "
                                   "or give more GPU memory (--gpu-mem-GiB)")
@@ -167,7 +176,7 @@ def footprint(model: ModelSpec, hw: HardwareSpec, workload: Workload, batch: int
     gcap, ccap = hw.gpu.mem_bytes, hw.cpu.mem_bytes
     return Footprint(gpu_bytes=float(sum(gpu.values())), cpu_bytes=float(sum(cpu.values())),
                      gpu_capacity_bytes=gcap, cpu_capacity_bytes=ccap,
-                     gpu_usable_bytes=gcap * GPU_MEM_FRACTION, cpu_usable_bytes=ccap * CPU_MEM_FRACTION,
+                     gpu_usable_bytes=gcap * hw.gpu.usable_fraction, cpu_usable_bytes=ccap * hw.cpu.usable_fraction,
                      gpu_breakdown={k: float(v) for k, v in gpu.items()},
                      cpu_breakdown={k: float(v) for k, v in cpu.items()})
 

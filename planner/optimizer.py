@@ -42,7 +42,7 @@ from .cost_model import CostModel
 from .errors import InfeasibleError, SpecError
 from .estimate import estimate
 from .hardware_spec import HardwareSpec, load_hardware
-from .memory import GPU_MEM_FRACTION, CPU_MEM_FRACTION, Footprint, footprint
+from .memory import Footprint, footprint
 from .model_spec import ModelSpec, default_draft_name, load_model
 from .plan import Placement, Plan, Prediction
 from .simulator import prefill_time, simulate_iteration
@@ -697,5 +697,5 @@ def _raise_infeasible(cm: CostModel, wl: Workload, ks, mbs, variants, S: _Search
         raise InfeasibleError("batch", f"no placement fits batch {B} with draft lengths {ks} and micro-batches {mbs}",
                               "lower the batch (or --batch max), shorten the prompt/output, or give more memory")
     raise InfeasibleError("memory", "no configuration fits although the smallest one's weights do "
-                          f"(GPU {GPU_MEM_FRACTION:.0%} / CPU {CPU_MEM_FRACTION:.0%} usable)",
+                          f"(GPU {fp.gpu_fraction:.0%} / CPU {fp.cpu_fraction:.0%} usable)",
                           "shorten the prompt/output or give more memory")

@@ -136,6 +136,11 @@ def compute_rate(hw: HardwareSpec, resource: str, dtype: str, kind: str = "gemm"
         # paper's MKL SGEMM kernel does), so its compute roof is the CPU's fp32 peak, not the
         # bf16 matrix-unit peak, whatever the KV dtype.
         dtype = "fp32"
+        peak = peak_flops(hw, resource, dtype)
+        if use_measured and hw.measured.cpu_attention_TFLOPs is not None:
+            # a profiled sustained rate of the kernel (below the FMA peak: softmax, merges, loads)
+            return min(hw.measured.cpu_attention_TFLOPs * 1e12, peak), "measured"
+        return peak, "peak"
     peak = peak_flops(hw, resource, dtype)
     if use_measured and kind == "gemm" and tokens is not None and tokens > 0:
         if resource == "gpu" and hw.measured.gpu_gemm_TFLOPs_by_M is not None:

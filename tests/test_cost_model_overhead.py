@@ -18,12 +18,13 @@ from planner.plan import Placement
 from planner.simulator import simulate_iteration
 from planner.stages import Stage
 from planner.workload import Workload, load_acceptance
+from tiny_specs import datasheet
 
 TABLE = {key: 10.0 * (i + 1) for i, key in enumerate(OVERHEAD_KEYS)}     # distinct values, us
 
 
 def _spec(base: str = "a30-xeon6426y", op: float | None = None, table: dict | None = None) -> HardwareSpec:
-    raw = copy.deepcopy(load_hardware(base).raw)
+    raw = copy.deepcopy(datasheet(base).raw if base == "a30-xeon6426y" else load_hardware(base).raw)
     m = raw.setdefault("measured", {})
     m.setdefault("source", "test")
     if op is not None:

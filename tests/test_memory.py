@@ -6,7 +6,7 @@ import pytest
 
 from planner.errors import InfeasibleError
 from planner.hardware_spec import HardwareSpec
-from planner.memory import (CPU_MEM_FRACTION, GPU_MEM_FRACTION, activation_bytes, default_placement, footprint,
+from planner.memory import (GPU_MEM_FRACTION, activation_bytes, default_placement, footprint,
                             kv_bytes_per_sequence, max_batch)
 from planner.model_spec import ModelSpec
 from planner.plan import Placement
@@ -39,7 +39,7 @@ def test_footprint_by_hand(mix):
     assert c["draft_kv"] == 60 * 1590 * 16 * 1024
     assert fp.gpu_bytes == sum(g.values()) and fp.cpu_bytes == sum(c.values())
     assert fp.gpu_usable_bytes == 24 * GiB * GPU_MEM_FRACTION
-    assert fp.cpu_usable_bytes == 250e9 * CPU_MEM_FRACTION
+    assert fp.cpu_usable_bytes == 250e9 * 0.98       # the A30 spec's usable_mem_fraction
     # without speculation the draft takes nothing
     fp0 = footprint(m, hw, wl, 100, 0, pl, d)
     assert fp0.gpu_breakdown["draft_weights"] == fp0.gpu_breakdown["draft_kv"] == fp0.cpu_breakdown["draft_kv"] == 0
@@ -93,7 +93,7 @@ def test_max_batch_monotone_in_memory(mix):
         prev = b
     # the paper's rule: (usable CPU memory - pinned experts) / KV per sequence at the longest context
     h = hw.with_overrides(cpu_mem_GiB=300)
-    want = int((300 * GiB * CPU_MEM_FRACTION - 32 * 8 * EXPERT) // kv_bytes_per_sequence(m, wl))
+    want = int((300 * GiB * h.cpu.usable_fraction - 32 * 8 * EXPERT) // kv_bytes_per_sequence(m, wl))
     assert max_batch(m, h, wl) == want
 
 

@@ -5,20 +5,13 @@ mixtral-8x7b-eagle draft. The paper (Sec. 6, Figs. 10 and 12): decode throughput
 falls as the draft length grows; speculation gains 1.5x (APPS) over no speculation; more CPU memory
 raises throughput clearly, more GPU memory has limited effect.
 
-Two of the findings do NOT hold under the current cost model, and are marked strict xfail (they turn
-into failures the day the cost model reproduces them, so the marker gets removed). Investigation
-(numbers in the report to the lead):
-  * CPU verify attention is costed at the spec's datasheet CPU peak, 2.43 TFLOP/s (Table 1's single
-    rate, the fp32 vector rate the verify kernel runs at). At the paper's
-    own Table 3 setting (A30, s = 512 + 64, k = 5, about 1900 sequences) the cost model gives 1.43 s
-    of CPU attention per iteration against the paper's 3.88 s estimate (4.29 s measured), 2.7x
-    less, while H2D agrees (3.61 s against 3.55 s). The paper's kernel computes in fp32 (the spec's
-    fp32 peak is 1.2 TFLOP/s) and reaches about 0.9 TFLOP/s by its own numbers.
-  * The memory model keeps 85% of host memory usable, so the KV budget gives about 520-575
-    sequences rather than the paper's 824.
-  With CPU attention that cheap and a batch that small, the iteration stays PCIe-bound up to about
-  k = 16 at APPS lengths, so throughput rises monotonically over k <= 8 and the best k gains about
-  3.9x over k = 0 (the i.i.d. alpha = 0.8 profile gives acc(8) + 1 = 4.3 tokens per iteration).
+The paper's host is costed at the rates SpecMoEOff itself measured there (hw_specs/a30-xeon6426y.yaml,
+`measured:`, derived from its Table 3 by scripts/derive_paper_profile.py: CPU verify attention at
+0.74 TFLOP/s, a third of the datasheet FMA peak; GPU MoE GEMMs at 67 TFLOP/s; per-sequence draft and
+bookkeeping costs) and with the paper's own memory use (`usable_mem_fraction: 0.98`: its 87 GB of
+weights plus 160 GiB of KV fill the 250 GB host). At datasheet peaks and an 85% memory margin the
+iteration stays PCIe-bound over k <= 8 and throughput rises monotonically (the test below that pins
+this down keeps the two explanations honest).
 """
 from __future__ import annotations
 
@@ -52,12 +45,8 @@ def _by_k(plan) -> list[float]:
     return [e["decode_tokens_per_s"] for e in pts]
 
 
-COST_MODEL_GAP = ("cost model: CPU verify attention at the CPU's datasheet peak is ~2.7x cheaper than the paper's "
-                  "Table 3 and the usable-memory rule gives ~520-575 sequences instead of 824, so the A30 "
-                  "iteration stays PCIe-bound over k <= 8 (see the module docstring and the report)")
 
 
-@pytest.mark.xfail(strict=True, reason=COST_MODEL_GAP)
 def test_throughput_rises_then_falls_with_k(base_plan):
     tps = _by_k(base_plan)
     peak = max(range(len(tps)), key=tps.__getitem__)
@@ -66,11 +55,28 @@ def test_throughput_rises_then_falls_with_k(base_plan):
     assert all(tps[i] >= tps[i + 1] * 0.999 for i in range(peak, len(tps) - 1)), "does not fall after the peak"
 
 
-@pytest.mark.xfail(strict=True, reason=COST_MODEL_GAP)
 def test_speculation_gain_is_paper_like(base_plan):
-    tps = _by_k(base_plan)
-    gain = max(tps) / tps[0]
+    """The best plan against the best plan without speculation, each at the batch it fits best (as
+    the paper's SpecMoEOff-w/o-sd runs at its own batch)."""
+    k0 = optimize("mixtral-8x7b", HW, WL, draft=_draft(), k_values=[0], alternatives=0)
+    gain = base_plan.predicted.decode_tokens_per_s / k0.predicted.decode_tokens_per_s
     assert 1.3 <= gain <= 3.0, f"best k gains {gain:.2f}x over k = 0"
+
+
+def test_without_the_paper_profile_the_iteration_stays_pcie_bound():
+    """The two causes named in the module docstring: at the datasheet CPU peak (no `measured:`
+    block) and an 85% memory margin, throughput still rises at k = 8, i.e. speculation never stops
+    paying over k <= 8 on this host."""
+    import copy
+
+    from planner.hardware_spec import parse_hardware
+
+    raw = copy.deepcopy(HardwareSpec.preset(HW).raw)
+    raw.pop("measured")
+    raw["cpu"].pop("usable_mem_fraction")
+    plan = optimize("mixtral-8x7b", parse_hardware(raw, "a30-datasheet.yaml"), WL, draft=_draft(), alternatives=0)
+    tps = _by_k(plan)
+    assert tps[8] > tps[7] > tps[6], [round(x) for x in tps]
 
 
 def test_speculation_pays_and_rises_at_first(base_plan):

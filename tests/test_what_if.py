@@ -12,8 +12,10 @@ from planner import Workload, load_acceptance, report_plots
 from planner.estimate import estimate
 from planner.plan import Plan
 from planner import what_if as wi
+from tiny_specs import datasheet
 
-M, H = "mixtral-8x7b", "a30-xeon6426y"
+M = "mixtral-8x7b"
+H = datasheet("a30-xeon6426y")         # bare roofline: no fixed costs outside the ops
 WL = Workload(566, 1024, acceptance=load_acceptance(0.8))
 TARGET_STAGES = ("target.pre_attn", "target.attention", "target.post_attn", "target.moe", "target.h2d",
                  "target.lm_head", "verify.accept")

@@ -38,3 +38,17 @@ def tiny_hw(**measured):
     if measured:
         raw["measured"] = dict(source="test", **measured)
     return parse_hardware(raw, "tiny.yaml")
+
+
+def datasheet(preset: str):
+    """A preset at its datasheet peaks and default memory margins: the `measured:` block (profiled
+    rates, fixed costs) and any `usable_mem_fraction` dropped, for tests of the bare roofline."""
+    import copy
+
+    from planner.hardware_spec import HardwareSpec
+
+    raw = copy.deepcopy(HardwareSpec.preset(preset).raw)
+    raw.pop("measured", None)
+    for sec in ("gpu", "cpu"):
+        raw[sec].pop("usable_mem_fraction", None)
+    return parse_hardware(raw, f"{preset}-datasheet.yaml")
