@@ -253,13 +253,70 @@ def predicted_timeline(plan: Plan | dict | str | Path) -> list[dict]:
     return list(_estimate_for(plan, plan.draft_len, timeline=True, run=False).timeline)
 
 
+LIVE_BATCH_TOLERANCE = 0.03     # re-estimate when the run's mean live batch is this much below the plan's
+
+
+def live_batch(run: dict) -> float | None:
+    """The run's mean number of sequences per decode iteration: verified sequences (the acceptance
+    histogram counts one per live sequence and iteration) over iterations. Under speculation a
+    static batch thins out at the end, as sequences reach their length at different iterations."""
+    hist, its = run.get("acceptance_histogram"), run.get("iterations")
+    if not isinstance(hist, dict) or not hist or not its:
+        return None
+    try:
+        n = sum(int(v) for v in hist.values())
+    except (TypeError, ValueError):
+        return None
+    return n / float(its) if n > 0 else None
+
+
+def _live_placement(plan: Plan, batch: int):
+    """The plan's placement for `batch` live sequences: GPU-resident KV shares scaled to the batch."""
+    from dataclasses import replace
+
+    pl, B = plan.placement, max(1, plan.batch)
+    return replace(pl, target_kv_gpu_sequences=min(batch, round(pl.target_kv_gpu_sequences * batch / B)),
+                   draft_kv_gpu_sequences=min(batch, round(pl.draft_kv_gpu_sequences * batch / B)))
+
+
 def _prediction(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict, list[dict]]:
     """(stages, totals, timeline) predicted for the run's configuration: the plan's own prediction
-    when the run used the plan's k (its timeline re-simulated from the plan's inputs when the plan
-    carries none); re-estimated from the plan's inputs when the run used another k or the plan
-    carries no prediction."""
+    when the run used the plan's k and batch (its timeline re-simulated from the plan's inputs when
+    the plan carries none); re-estimated from the plan's inputs when the run used another k, when
+    its mean live batch was smaller than the plan's (sequences finishing at different iterations
+    of a static batch; the prediction is then at that batch, so both sides describe the same
+    iterations), or when the plan carries no prediction."""
     p = plan.predicted
     k_run = int(run["draft_len"])
+    live = live_batch(run)
+    b_run = plan.batch
+    if live is not None and live < (1 - LIVE_BATCH_TOLERANCE) * plan.batch:
+        b_run = max(1, int(round(live)))
+        try:
+            e = _estimate_for(plan, k_run, timeline=True, placement=_live_placement(plan, b_run), batch=b_run)
+        except SpecError as err:
+            warnings.append(f"could not re-estimate at the run's mean live batch {live:.1f} ({err}); "
+                            f"predictions are for the plan's batch {plan.batch}")
+        else:
+            warnings.append(f"the run averaged {live:.1f} live sequences per iteration of the plan's {plan.batch} "
+                            f"(sequences finish at different iterations): predictions re-estimated at batch "
+                            f"{b_run}" + (f" and k={k_run}" if k_run != plan.draft_len else ""))
+            stages = dict(e.stages)
+            stages[Stage.ITERATION.value] = e.iteration_time_s
+            # prefill runs once over the whole batch: the plan's batch, not the live one
+            try:
+                prefill = (p.prefill_time_s if k_run == plan.draft_len and p.prefill_time_s > 0
+                           else _estimate_for(plan, k_run, timeline=False).prefill_time_s)
+            except SpecError:
+                prefill = e.prefill_time_s
+            stages[Stage.PREFILL.value] = prefill
+            dec = run.get("decode_tokens")
+            e2e = e.end_to_end_tokens_per_s
+            if dec and e.decode_tokens_per_s > 0:
+                gen = float(run.get("generated_tokens") or dec)
+                e2e = gen / (prefill + float(dec) / e.decode_tokens_per_s)
+            return stages, _pred_totals(e.iteration_time_s, e.decode_tokens_per_s, e2e,
+                                        e.tokens_per_iteration, prefill, e.source), list(e.timeline)
     if k_run == plan.draft_len and p.iteration_time_s > 0:
         stages = dict(p.stages)
         tot = _pred_totals(p.iteration_time_s, p.decode_tokens_per_s, p.end_to_end_tokens_per_s,

@@ -19,7 +19,8 @@
 5. predicted against measured (planner.report) -> the table on stdout, report.html
 
 The iteration time error is signed: (predicted - measured) / measured of run.json's mean iteration,
-as `specmoe report plan.json run.json` prints it. The speedup is decode tokens/s with speculation
+as `specmoe report plan.json run.json` prints it (predicted at the run's mean live batch: a static
+batch thins out under speculation as sequences finish at different iterations). The speedup is decode tokens/s with speculation
 over k = 0, over both runs of each.
 """
 from __future__ import annotations

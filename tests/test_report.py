@@ -33,7 +33,7 @@ def make_run(plan, factors: dict[str, float], iteration_factor: float, **over) -
     stages[Stage.ITERATION.value] = plan.predicted.iteration_time_s * iteration_factor
     stages[Stage.PREFILL.value] = 2.0
     run = {"complete": True, "stages": stages, "iterations": 20, "decode_tokens_per_s": 40.0,
-           "end_to_end_tokens_per_s": 30.0, "acceptance_histogram": {"0": 40, "1": 60, "2": 100},
+           "end_to_end_tokens_per_s": 30.0, "acceptance_histogram": {"0": 256, "1": 384, "2": 640},
            "mean_accepted": 1.3, "backends": {"verify_attention": "cpp-openmp"}, "machine": {"cpu_model": "test"},
            "git_commit": "abc", "plan_hashes": dict(plan.input_hashes), "draft_len": plan.draft_len,
            "batch": plan.batch, "micro_batches": plan.micro_batches, "h2d_bytes": 0, "decode_tokens": 2400,
@@ -172,6 +172,34 @@ def test_run_with_another_k_is_compared_at_its_k(plan):
     assert cmp.row("iteration").predicted == pytest.approx(e0.iteration_time_s)
     assert any("k=0" in w for w in cmp.warnings)
     assert all(r.name != "accepted drafts per sequence" for r in cmp.metrics)
+
+
+def test_thinning_batch_is_compared_at_its_live_size(plan):
+    """A static batch thins out under speculation (sequences reach their length at different
+    iterations): the histogram counts 20 iterations x 40 live sequences of the plan's 64, and the
+    prediction is re-estimated at batch 40, with a warning; a full batch is compared as planned."""
+    from planner.estimate import estimate
+    from planner.report import live_batch
+
+    full = make_run(plan, {}, 1.0)
+    assert live_batch(full) == pytest.approx(64.0)
+    assert compare(plan, full).row("iteration").predicted == pytest.approx(plan.predicted.iteration_time_s)
+    thin = make_run(plan, {}, 1.0, acceptance_histogram={"0": 160, "1": 240, "2": 400})
+    assert live_batch(thin) == pytest.approx(40.0)
+    cmp = compare(plan, thin)
+    pl = plan.placement
+    from dataclasses import replace
+
+    want = estimate(plan.model_spec(), plan.hardware_spec(), plan.workload_spec(), draft=plan.draft_spec(),
+                    draft_len=2, micro_batches=2, batch=40, timeline=False,
+                    placement=replace(pl, target_kv_gpu_sequences=min(40, round(pl.target_kv_gpu_sequences * 40 / 64)),
+                                      draft_kv_gpu_sequences=min(40, round(pl.draft_kv_gpu_sequences * 40 / 64))))
+    assert cmp.row("iteration").predicted == pytest.approx(want.iteration_time_s, rel=1e-9)
+    assert cmp.row("iteration").predicted < plan.predicted.iteration_time_s
+    assert cmp.row("tokens per iteration").predicted == pytest.approx(40 * (1 + WL.acceptance.acc(2)))
+    # prefill runs over the whole batch: still the plan's
+    assert cmp.row("prefill").predicted == pytest.approx(plan.predicted.prefill_time_s)
+    assert any("40.0 live sequences" in w for w in cmp.warnings)
 
 
 def test_prediction_helpers(plan):
