@@ -140,6 +140,7 @@ class IterationCosts:
     moe_flops_gpu: float            # routed-expert flops done on the GPU per iteration
     gpu_peak_flops: float
     sources: frozenset = field(default_factory=frozenset)
+    serial: bool = False            # the hardware's GPU is its CPU standing in: nothing overlaps
 
     # ---- closed forms ----
     @property
@@ -155,7 +156,9 @@ class IterationCosts:
         return self.h2d_s + self.kv_h2d_s.sum(axis=1)
 
     @property
-    def layer_time_s(self) -> np.ndarray:   # [L] bare max per layer
+    def layer_time_s(self) -> np.ndarray:   # [L] bare max per layer (the sum where nothing overlaps)
+        if self.serial:
+            return self.pcie_s + self.cpu_s + self.gpu_s
         return np.maximum(np.maximum(self.pcie_s, self.cpu_s), self.gpu_s)
 
     @property
@@ -163,6 +166,8 @@ class IterationCosts:
         """Lower bound of the draft phase: the busier of GPU and CPU, or the CPU part's step chain."""
         if self.draft_gpu_s.size == 0:
             return 0.0
+        if self.serial:
+            return float(self.draft_gpu_s.sum() + self.draft_cpu_gpu_s.sum() + self.draft_cpu_attn_s.sum())
         gpu = float(self.draft_gpu_s.sum() + self.draft_cpu_gpu_s.sum())
         cpu = float(self.draft_cpu_attn_s.sum())
         chain = float((self.draft_cpu_attn_s + self.draft_cpu_gpu_s).sum(axis=1).max())
@@ -447,7 +452,7 @@ class CostModel:
             touched=touched_experts(E, na, N), h2d_s_per_uncached_expert=h2d_unit,
             cpu_expert_s_per_uncached_expert=float(cpu_unit), moe_gpu_full_s=float(moe_full),
             cpu_attn_s_per_seq=cpu_per_seq, gpu_attn_s_per_seq=gpu_per_seq, moe_flops_gpu=moe_flops,
-            gpu_peak_flops=self.gpu_peak, sources=frozenset(srcs),
+            gpu_peak_flops=self.gpu_peak, sources=frozenset(srcs), serial=self.hw.gpu.shares_host_cpu,
         )
 
     # ---- fixed per-invocation costs (module doc, planner/overhead.py) ----
@@ -482,6 +487,24 @@ class CostModel:
         else:
             moe_gpu += fixed[:, None] / M
         return float(per_moe_layer) if self.E else 0.0
+
+    def prefill_fixed_s(self, batch: int, prompt_len: int, chunks: int) -> float:
+        """Fixed seconds of the prefill: the same stage invocations as a decode pass with one
+        micro-batch, once per chunk of prompt tokens, with per-token terms over all B*P tokens and
+        per-sequence terms once per sequence; then the LM head and the draft's own prefill pass."""
+        if not self.has_ov:
+            return 0.0
+        o = self.ov.get
+        T = batch * prompt_len
+        per_chunk = self.L * (o("target.pre_attn") + o("target.attention") + o("target.post_attn")) \
+            + float(np.where(self.is_moe, o("target.moe") + o("target.moe.expert") * touched_experts(
+                self.E, self.na, T / max(chunks, 1)), o("target.moe")).sum())
+        t = chunks * per_chunk + o("target.pre_attn") + o("target.lm_head")
+        t += batch * (o("target.pre_attn.sequence") + o("target.attention.sequence"))
+        t += T * self.L * o("target.post_attn.token") + T * float(self.is_moe.sum()) * o("target.moe.token")
+        if self.draft is not None:
+            t += o("draft.step") + self.draft.num_layers * o("draft.layer") + o("draft.sequence") * batch
+        return t
 
     def _draft_fixed(self, seqs: int, q: float) -> float:
         """Fixed seconds of one draft step of one non-empty draft-KV part of `seqs` sequences, q tokens

@@ -6,7 +6,10 @@ YAML schema (every number carries its unit in the key; every section a `source`)
     name: a30-xeon6426y
     description: ...
     gpu:  {name, mem_GiB | mem_GB, hbm_GBps, peak_TFLOPs: {bf16, fp16, fp32}, source,
-           usable_mem_fraction}      # optional, default 0.90 (planner/memory.py says why)
+           usable_mem_fraction,      # optional, default 0.90 (planner/memory.py says why)
+           shares_host_cpu}          # optional, default false: true where no GPU exists and the CPU
+                                     #   stands in for it (GPU, CPU and link work then run one
+                                     #   after another on the same cores)
     cpu:  {name, cores, mem_GiB | mem_GB, dram_GBps, peak_TFLOPs: {bf16, fp32}, source,
            usable_mem_fraction}      # optional, default 0.85
     link: {h2d_GBps, d2h_GBps, source}
@@ -79,6 +82,7 @@ class GPUSpec:
     peak_flops: dict[str, float]      # dtype -> FLOP/s
     source: str
     usable_fraction: float = DEFAULT_GPU_USABLE_FRACTION
+    shares_host_cpu: bool = False     # a CPU standing in for the GPU: no overlap between resources
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,13 @@ def _flops(sec: dict, where: str) -> dict[str, float]:
     return {str(k): _positive(v, f"{where}.peak_TFLOPs.{k}") * 1e12 for k, v in pk.items()}
 
 
+def _flag(sec: dict, key: str, where: str) -> bool:
+    v = sec.get(key, False)
+    if not isinstance(v, bool):
+        raise SpecError(f"{where}.{key}", f"must be true or false, got {v!r}", "fix the YAML")
+    return v
+
+
 def _usable(sec: dict, where: str, default: float) -> float:
     v = sec.get("usable_mem_fraction")
     if v is None:
@@ -267,7 +278,8 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
     gpu = GPUSpec(name=str(g.get("name", "gpu")), mem_bytes=_mem(g, f"{where}.gpu"),
                   hbm_Bps=_positive(g.get("hbm_GBps"), f"{where}.gpu.hbm_GBps") * GB,
                   peak_flops=_flops(g, f"{where}.gpu"), source=_source(g, f"{where}.gpu"),
-                  usable_fraction=_usable(g, f"{where}.gpu", DEFAULT_GPU_USABLE_FRACTION))
+                  usable_fraction=_usable(g, f"{where}.gpu", DEFAULT_GPU_USABLE_FRACTION),
+                  shares_host_cpu=_flag(g, "shares_host_cpu", f"{where}.gpu"))
     cores = c.get("cores")
     if isinstance(cores, bool) or not isinstance(cores, int) or cores <= 0:
         raise SpecError(f"{where}.cpu.cores", f"must be a positive integer, got {cores!r}", "fix the YAML")

@@ -22,7 +22,8 @@ Events (per target layer i, micro-batch j; durations from `cost_model.IterationC
                     verify(j) while other micro-batches are still being verified; the next
                     iteration's pre(0,j) waits for the draft tokens it verifies.
 
-Resources gpu, cpu and pcie each run one event at a time. Scheduling is list scheduling in a fixed
+Resources gpu, cpu and pcie each run one event at a time; on a host whose "GPU" is its CPU standing
+in (`shares_host_cpu`, IterationCosts.serial) they are one resource, so nothing overlaps. Scheduling is list scheduling in a fixed
 priority order (the order the engine issues the work: layer by layer, micro-batch by micro-batch):
 whenever a resource is free it starts the highest-priority event whose inputs are ready. Two
 iterations are chained and the second one is measured, so the steady state includes the experts
@@ -51,10 +52,12 @@ _ST = {s: s.value for s in Stage}
 class Dag:
     """Events with a resource, a duration, dependencies; priority = creation order."""
 
-    __slots__ = ("res", "dur", "succ", "npred", "meta")
+    __slots__ = ("res", "lane", "dur", "succ", "npred", "meta", "serial")
 
-    def __init__(self):
+    def __init__(self, serial: bool = False):
+        self.serial = serial        # every resource is the same one (a CPU standing in for the GPU)
         self.res: list[int] = []
+        self.lane: list[int] = []   # the queue an event waits in: its resource, or 0 when serial
         self.dur: list[float] = []
         self.succ: list[list[int]] = []
         self.npred: list[int] = []
@@ -63,6 +66,7 @@ class Dag:
     def add(self, res: str, dur: float, deps, stage: str, layer: int = -1, mb: int = -1, it: int = 0) -> int:
         i = len(self.dur)
         self.res.append(_R[res])
+        self.lane.append(0 if self.serial else _R[res])
         self.dur.append(float(dur))
         self.succ.append([])
         n = 0
@@ -80,7 +84,7 @@ class Dag:
         start = [0.0] * n
         end = [0.0] * n
         npred = list(self.npred)
-        res, dur, succ = self.res, self.dur, self.succ
+        res, dur, succ = self.lane, self.dur, self.succ
         ready: list[list[int]] = [[] for _ in RES]
         for i in range(n):
             if npred[i] == 0:
@@ -224,7 +228,7 @@ def simulate_iteration(costs: IterationCosts, placement: Placement, overlap_draf
       (with its H2D) then draft.
     record=False is the optimizer's fast path: no timeline is built."""
     M = costs.pre_s.shape[1]
-    dag = Dag()
+    dag = Dag(serial=costs.serial)
     buf_wait: list = []
     chain: list = []
     nxt, _ = _build_iteration(dag, costs, 0, [[] for _ in range(M)], buf_wait, chain, placement,
@@ -285,8 +289,9 @@ def prefill_time(cm: CostModel, batch: int, placement: Placement, chunk_tokens: 
     """Prefill of `batch` prompts: per layer, stream every non-resident expert once (overlapped with
     the previous layer's compute), run all B*P prompt tokens through it in chunks on the GPU
     (attention on the GPU, causal), and copy the new KV to the CPU (D2H). The layer pipeline costs
-    h2d(0) + sum_i max(gpu_i, h2d_{i+1}, d2h_i), then the LM head of the last tokens and the draft's
-    own prefill on the GPU (its weights and KV are there)."""
+    h2d(0) + sum_i max(gpu_i, h2d_{i+1}, d2h_i) (the plain sum where the CPU stands in for the GPU),
+    then the LM head of the last tokens and the draft's own prefill on the GPU (its weights and KV
+    are there), plus the fixed costs of those passes (CostModel.prefill_fixed_s)."""
     from .roofline import OpCost, time_on
 
     m, hw, wl = cm.model, cm.hw, cm.workload
@@ -311,8 +316,12 @@ def prefill_time(cm: CostModel, batch: int, placement: Placement, chunk_tokens: 
     slots = np.asarray(placement.expert_cache_slots, dtype=float)
     h2d = np.where(cm.is_moe, (E - slots) * cm.expert_bytes / cm.h2d_Bps, 0.0)               # [L]
     nxt = np.append(h2d[1:], 0.0)
-    total = float(h2d[0] + np.maximum(np.maximum(gpu, nxt), d2h).sum())
+    if hw.gpu.shares_host_cpu:      # a CPU standing in for the GPU: copies and compute take turns
+        total = float(h2d.sum() + gpu.sum() + d2h * len(gpu))
+    else:
+        total = float(h2d[0] + np.maximum(np.maximum(gpu, nxt), d2h).sum())
     total += g(2.0 * batch * m.vocab_size * m.hidden, m.vocab_size * m.hidden * wb, batch)
+    total += cm.prefill_fixed_s(batch, P, nch)
     if cm.draft is not None:
         d = cm.draft
         total += g(2.0 * T * cm.d_mm, nch * cm.d_mm * wb, chunk)

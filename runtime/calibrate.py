@@ -789,6 +789,7 @@ def build_spec_raw(cached: dict, base_raw: dict | None, base_label: str | None, 
     else:
         cpu["mem_GiB"] = round(mem_GiB / 2, 1)
         gpu = {"name": "CPU standing in for the GPU", "mem_GiB": round(mem_GiB / 3, 1),
+               "shares_host_cpu": True,          # the same cores: the cost model overlaps nothing
                "hbm_GBps": _r(r["dram_read_GBps"]),
                "peak_TFLOPs": {dt: _r(v) for dt, v in sorted(cpu_peak.items())},
                "source": (f"{tag}: no GPU, so the engine runs on this CPU: DRAM read and best expert GEMM "

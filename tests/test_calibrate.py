@@ -217,6 +217,7 @@ def test_spec_assembly_with_a_gpu_and_a_base():
     raw = cal.build_spec_raw(_synthetic_cache(True), base, "h200-host", "gpu-box")
     spec = parse_hardware(yaml.safe_load(cal.dump_spec_yaml(raw)), "gpu-box.yaml")
     assert spec.gpu.name == "NVIDIA H200" and spec.gpu.mem_bytes == pytest.approx(139.8 * 2**30)
+    assert not spec.gpu.shares_host_cpu
     assert spec.gpu.peak_flops["bf16"] == pytest.approx(989e12)          # datasheet peak kept
     assert spec.gpu.hbm_Bps == pytest.approx(4800e9)
     assert spec.link.h2d_Bps == pytest.approx(55.4e9)
@@ -242,6 +243,7 @@ def test_spec_assembly_without_gpu_raises_base_peaks_to_measurements():
     raw = cal.build_spec_raw(_synthetic_cache(False), base, "devbox-2core", "cpu-box")
     spec = parse_hardware(yaml.safe_load(cal.dump_spec_yaml(raw)), "cpu-box.yaml")
     assert spec.gpu.name == "CPU standing in for the GPU"
+    assert spec.gpu.shares_host_cpu                                     # the simulator overlaps nothing
     assert spec.gpu.mem_bytes + spec.cpu.mem_bytes < 128 * 2**30
     assert spec.cpu.dram_Bps == pytest.approx(60e9)                    # 60 measured > 26.4 in the base
     assert spec.cpu.peak_flops["fp32"] == pytest.approx(0.9e12)        # 900 GFLOP/s > 176

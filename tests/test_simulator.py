@@ -81,6 +81,56 @@ def _synthetic(L, M, pre, attn, post, moe, h2d, lm=0.0, ver=0.0):
         gpu_attn_s_per_seq=np.zeros(L), moe_flops_gpu=0.0, gpu_peak_flops=1.0)
 
 
+def _shared(**measured):
+    """The tiny machine with its "GPU" being the CPU standing in (shares_host_cpu)."""
+    from planner.hardware_spec import parse_hardware
+    from tiny_specs import TINY_HW
+
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_HW.items()}
+    raw["gpu"]["shares_host_cpu"] = True
+    if measured:
+        raw["measured"] = dict(source="test", **measured)
+    return parse_hardware(raw, "tiny-shared.yaml")
+
+
+def test_shared_cores_run_everything_in_turn():
+    """Where the CPU stands in for the GPU, H2D copies, CPU attention and GPU work share the same
+    cores: the iteration is the sum of its stages (the by-hand case above overlaps to 26284 ns), the
+    closed form is that sum too, and the prefill's layer pipeline is the sum of its parts."""
+    wl = Workload(10, 4, acceptance=load_acceptance(0.5))
+    cm_o, pl = _tiny()
+    cm_s = CostModel(tiny_target(), _shared(), wl, tiny_draft())
+    for M, k in ((1, 1), (2, 2), (1, 0)):
+        c, co = cm_s.iteration(2, M, k, pl, context_len=10), cm_o.iteration(2, M, k, pl, context_len=10)
+        assert c.serial and not co.serial
+        r, ro = simulate_iteration(c, pl), simulate_iteration(co, pl)
+        assert r.iteration_time_s == pytest.approx(c.sum_of_stages_s, rel=1e-12)
+        assert c.closed_form_time_s == pytest.approx(c.sum_of_stages_s, rel=1e-12)
+        assert c.sum_of_stages_s == pytest.approx(co.sum_of_stages_s, rel=1e-12)   # same stage times
+        assert r.iteration_time_s > ro.iteration_time_s
+        ends = sorted((e["start_s"], e["end_s"]) for e in r.timeline)
+        assert all(b[0] >= a[1] - 1e-15 for a, b in zip(ends, ends[1:]))          # never two at once
+    assert prefill_time(cm_s, 2, pl) > prefill_time(cm_o, 2, pl)
+
+
+def test_prefill_pays_the_fixed_costs_of_its_passes():
+    """Prefill runs the stages as one micro-batch per chunk: with fixed costs it grows by exactly
+    CostModel.prefill_fixed_s (one chunk here), which counts each invocation by hand."""
+    wl = Workload(10, 4, acceptance=load_acceptance(0.5))
+    _, pl = _tiny()
+    table = {"target.pre_attn": 100, "target.attention": 200, "target.post_attn": 300, "target.moe": 400,
+             "target.moe.expert": 10, "target.lm_head": 50, "target.pre_attn.sequence": 7,
+             "target.attention.sequence": 5, "draft.step": 20, "draft.layer": 30, "draft.sequence": 3}
+    cm0 = CostModel(tiny_target(), tiny_hw(), wl, tiny_draft())
+    cm1 = CostModel(tiny_target(), tiny_hw(stage_overhead_us=table), wl, tiny_draft())
+    B, L = 2, 2
+    touched = 4 * (1 - (1 - 2 / 4) ** (B * 10))      # 4 experts, top-2, 20 tokens in the chunk
+    want_us = (L * (100 + 200 + 300 + 400 + 10 * touched) + 100 + 50 + B * (7 + 5) + 20 + 1 * 30 + 3 * B)
+    assert cm1.prefill_fixed_s(B, 10, 1) == pytest.approx(want_us * 1e-6, rel=1e-9)
+    assert prefill_time(cm1, B, pl) - prefill_time(cm0, B, pl) == pytest.approx(want_us * 1e-6, rel=1e-9)
+    assert cm0.prefill_fixed_s(B, 10, 1) == 0.0
+
+
 def test_perfect_balance_tends_to_bare_max():
     """Each layer: H2D = CPU = GPU = 1 s. The bare max is L seconds; the pipeline adds fill and drain,
     whose share shrinks with more layers and more micro-batches. With m = 1 CPU and GPU cannot overlap."""
