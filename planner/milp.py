@@ -31,6 +31,8 @@ Array dimension letters: L = target layers, E = experts (E+1: the slot table 0..
 """
 from __future__ import annotations
 
+import itertools
+
 import time
 from dataclasses import dataclass, field
 
@@ -98,6 +100,7 @@ class PointCosts:
     draft_s: np.ndarray | None = None             # [P] D(g) at the breakpoints, exact cost-model values
     draft_exact: bool = True                      # False: D interpolated between breakpoints somewhere
     layer_class: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))   # [L] identical layers share one
+    serial: bool = False                          # GPU, CPU and PCIe are the same cores: T_l is their sum
 
     @property
     def num_layers(self) -> int:
@@ -275,7 +278,7 @@ def point_costs(cm: CostModel, batch: int, micro_batches: int, draft_len: int,
         expert_bytes=float(m.expert_elems * wl.weight_bytes_per_elem),
         kv_target_bytes=float(kv_bytes_per_sequence(m, wl)),
         kv_draft_bytes=float(draft_kv_bytes_per_sequence(cm.draft, wl)) if use_draft else 0.0,
-        time_scale_s=float(c0.closed_form_time_s) or 1.0,
+        time_scale_s=float(c0.closed_form_time_s) or 1.0, serial=bool(c0.serial),
     )
     pc.gemm_rate_drop = _gemm_rate_drop(cm, B * (cm.workload.acceptance.acc(k) + 1.0)) if use_draft else 1.0
     zeros = np.zeros(L)
@@ -802,6 +805,20 @@ def _ge(prob, name: str, lhs_var, terms: list, const: float) -> None:
                                          pulp.LpConstraintGE, name=name))
 
 
+def _layer_time(prob, T_l, res: list[list[tuple[str, list, float]]], serial: bool, layer: int) -> None:
+    """T_l >= each resource's time (they overlap), or on a serial host (the CPU standing in for the
+    GPU) T_l >= their sum. A resource whose time is the max of several lines contributes each line:
+    the sum of maxima is the max over the combinations of one line per resource."""
+    if not serial:
+        for alts in res:
+            for name, terms, const in alts:
+                _ge(prob, name, T_l, terms, const)
+        return
+    for combo in itertools.product(*res):
+        _ge(prob, f"serial_{layer}_" + "_".join(n.rsplit("_", 1)[-1] if n.count("_") > 1 else "0" for n, _, _ in combo),
+            T_l, [t for _, terms, _ in combo for t in terms], sum(c for _, _, c in combo))
+
+
 def build(pc: PointCosts, variant: Variant, max_time_s: float | None = None) -> Milp:
     """The pulp model of one point and variant (needs add_draft, and add_kv_streaming for GPU
     attention). max_time_s: an upper bound on T (the latency objective's throughput floor)."""
@@ -831,6 +848,9 @@ def build(pc: PointCosts, variant: Variant, max_time_s: float | None = None) -> 
     kvh = pc.kv_h2d_s_per_seq if variant.gpu_attention else np.zeros(L)
     u_parts, v_parts = _attention_parts(prob, pc, variant, t)
     for l in range(L):
+        # the layer's resource times, each a list of linear alternatives (the max of its lines);
+        # T_l >= every one (the resources overlap), or >= their sum on a serial host
+        res: list[list[tuple[str, list, float]]] = []
         a_c, a_g, kv = pc.attn_cpu_s_per_seq[l] / S, pc.attn_gpu_s_per_seq[l] / S, kvh[l] / S
         # CPU-KV sequences B - t: attention on the CPU (y = 0), or streamed and on the GPU (y = 1):
         #   cpu attention a_c (1 - y)(B - t); gpu attention a_g (t + y (B - t)); KV streaming kv y (B - t)
@@ -841,9 +861,10 @@ def build(pc: PointCosts, variant: Variant, max_time_s: float | None = None) -> 
         if l not in c:
             # dense layer: pcie_l = KV streaming, cpu_l = CPU attention, gpu_l = pre + post + dense FFN + GPU attention
             if y:
-                _ge(prob, f"pcie_{l}", T[l], *kv_str)
-            _ge(prob, f"cpu_{l}", T[l], *cpu_att)
-            _ge(prob, f"gpu_{l}", T[l], gpu_att[0], gpu_att[1] + G)
+                res.append([(f"pcie_{l}", *kv_str)])
+            res.append([(f"cpu_{l}", *cpu_att)])
+            res.append([(f"gpu_{l}", gpu_att[0], gpu_att[1] + G)])
+            _layer_time(prob, T[l], res, pc.serial, l)
             continue
         mfix = pc.moe_fixed_s[l] / S
         moe_s, cu = pc.moe_gpu_s[l] / S - mfix, pc.cpu_expert_s / S
@@ -851,9 +872,10 @@ def build(pc: PointCosts, variant: Variant, max_time_s: float | None = None) -> 
             # pcie_l = KV streaming; cpu_l = CPU attention + cold experts cu (E - c_l);
             # gpu_l = G + attention + MoE c_l / E (+ the MoE's fixed cost, which stays)
             if y:
-                _ge(prob, f"pcie_{l}", T[l], *kv_str)
-            _ge(prob, f"cpu_{l}", T[l], cpu_att[0] + [(-cu, c[l])], cpu_att[1] + cu * E)
-            _ge(prob, f"gpu_{l}", T[l], gpu_att[0] + [(moe_s / E, c[l])], gpu_att[1] + G + mfix)
+                res.append([(f"pcie_{l}", *kv_str)])
+            res.append([(f"cpu_{l}", cpu_att[0] + [(-cu, c[l])], cpu_att[1] + cu * E)])
+            res.append([(f"gpu_{l}", gpu_att[0] + [(moe_s / E, c[l])], gpu_att[1] + G + mfix)])
+            _layer_time(prob, T[l], res, pc.serial, l)
             continue
         zl, xl = z.get(l, 0), x.get(l, 0)
         lines = pc.h2d_lines(l)
@@ -861,16 +883,17 @@ def build(pc: PointCosts, variant: Variant, max_time_s: float | None = None) -> 
             b, s = lines[0]
             # pcie_l: T_l >= (1 - x_l) H2D_l(c_l) + KV streaming; H2D_l = b + s c is linear with H2D_l(E) = 0,
             # so (1 - x)(b + s c) = b + s c + s z
-            _ge(prob, f"pcie_{l}", T[l], kv_str[0] + [(s / S, c[l]), (s / S, zl)], kv_str[1] + b / S)
+            res.append([(f"pcie_{l}", kv_str[0] + [(s / S, c[l]), (s / S, zl)], kv_str[1] + b / S)])
         else:
             big = pc.h2d_table_s[l][0] / S
-            for j, (b, s) in enumerate(lines):
-                # pcie_l: T_l >= H2D_l(c_l) - H2D_l(0) x_l + KV streaming (H2D_l convex: the max of its lines)
-                _ge(prob, f"pcie_{l}_{j}", T[l], kv_str[0] + [(s / S, c[l]), (-big, xl)], kv_str[1] + b / S)
+            # pcie_l: T_l >= H2D_l(c_l) - H2D_l(0) x_l + KV streaming (H2D_l convex: the max of its lines)
+            res.append([(f"pcie_{l}_{j}", kv_str[0] + [(s / S, c[l]), (-big, xl)], kv_str[1] + b / S)
+                        for j, (b, s) in enumerate(lines)])
         # cpu_l: T_l >= CPU attention + cold experts on the CPU: cu z_l
-        _ge(prob, f"cpu_{l}", T[l], cpu_att[0] + [(cu, zl)], cpu_att[1])
+        res.append([(f"cpu_{l}", cpu_att[0] + [(cu, zl)], cpu_att[1])])
         # gpu_l: T_l >= pre + post + GPU attention + MoE (1 - z_l / E)  (cold experts on the CPU leave the GPU)
-        _ge(prob, f"gpu_{l}", T[l], gpu_att[0] + [(-moe_s / E, zl)], gpu_att[1] + G + moe_s + mfix)
+        res.append([(f"gpu_{l}", gpu_att[0] + [(-moe_s / E, zl)], gpu_att[1] + G + moe_s + mfix)])
+        _layer_time(prob, T[l], res, pc.serial, l)
         # streaming buffers: U >= E - c_l on streaming layers:  U >= E - c_l - E x_l
         _ge(prob, f"buf_{l}", U, [(-1.0, c[l]), (-float(E), xl)], float(E))
     _symmetry(prob, pc, c, x, E)

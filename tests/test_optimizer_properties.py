@@ -1,7 +1,8 @@
 """Proof of the optimizer on small spaces, and its monotonicity (hypothesis).
 
 Exhaustive enumeration: random small MoE models (2-3 layers, 2-4 experts), random small hardware
-(datasheet peaks, sometimes with fixed per-invocation costs) and a fixed small batch. The brute force below walks every integer
+(datasheet peaks, sometimes with fixed per-invocation costs, sometimes a CPU standing in for the GPU)
+and a fixed small batch. The brute force below walks every integer
 assignment (per-layer cache slots c_l and CPU-expert flags x_l, GPU-KV sequences t, draft-KV split
 g, attention device y) for every draft length and micro-batch count, keeps those that fit memory,
 and evaluates the cost model's closed form. The MILP optimum must equal its best.
@@ -73,6 +74,9 @@ def instances(draw):
                 "source": "test"},
         "link": {"h2d_GBps": draw(st.floats(1, 60)), "source": "test"},
     }
+    if draw(st.integers(0, 3)) == 0:
+        # no GPU: the CPU stands in for it, so a layer's resources add up instead of overlapping
+        raw["gpu"]["shares_host_cpu"] = True
     if draw(st.booleans()):
         # fixed per-invocation costs (planner/overhead.py): steps in the cost of attention parts etc.
         from planner.overhead import OVERHEAD_KEYS
@@ -225,3 +229,28 @@ def test_monotone(inst, what, f):
     assert p1 is not None, f"more {what} made the problem infeasible"
     cf0, cf1 = p0.solver["closed_form_tokens_per_s"], p1.solver["closed_form_tokens_per_s"]
     assert cf1 >= cf0 * (1 - 1e-6), (what, cf0, cf1)
+
+
+def test_milp_on_a_serial_host_equals_brute_force():
+    """A fixed instance on a host whose GPU is its CPU standing in: the MILP bounds each layer by
+    the sum of its resources (every combination of H2D lines), and its optimum is the brute force's,
+    below the same machine with overlapping resources."""
+    m = _model(2, 4, 2, 64, 256, 2)
+    wl = Workload(prompt_len=32, gen_len=16, batch=3, acceptance=load_acceptance(0.8))
+    eb, kv = m.expert_elems * 2, kv_bytes_per_sequence(m, wl) + draft_kv_bytes_per_sequence(DRAFT, wl)
+    fixed_gpu = (m.non_expert_elems + DRAFT.total_params) * 2 + activation_bytes(m, 3, 2, 1, DRAFT)
+    raw = {"name": "tiny-serial",
+           "gpu": {"name": "g", "mem_GB": (fixed_gpu + 5 * eb + kv) / 0.9 / GB, "source": "test", "hbm_GBps": 40,
+                   "peak_TFLOPs": {"bf16": 0.3}, "shares_host_cpu": True},
+           "cpu": {"name": "c", "cores": 2, "mem_GB": (m.routed_expert_elems_total * 2 + 3 * kv) / 0.85 / GB,
+                   "dram_GBps": 25, "peak_TFLOPs": {"bf16": 0.2}, "source": "test"},
+           "link": {"h2d_GBps": 15, "source": "test"}}
+    hw = parse_hardware(raw)
+    ks, mbs = [0, 1, 2], (1, 2)
+    want = brute_force_tps(m, hw, wl, ks, mbs, np.random.default_rng(1))
+    plan = _plan(m, hw, wl, ks, mbs)
+    assert plan is not None and want > 0
+    assert plan.solver["closed_form_tokens_per_s"] == pytest.approx(want, rel=1e-6)
+    raw["gpu"]["shares_host_cpu"] = False
+    overlap = _plan(m, parse_hardware(raw), wl, ks, mbs)
+    assert overlap.solver["closed_form_tokens_per_s"] > plan.solver["closed_form_tokens_per_s"]
