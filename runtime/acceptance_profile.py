@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from planner.errors import SpecError
+
+from .atomic_file import atomic_write_text
 
 
 @dataclass
@@ -56,18 +56,7 @@ class AcceptanceResult:
     def write_csv(self, path: str | Path) -> Path:
         """Atomically (a temporary file renamed): an interruption leaves no half-written CSV."""
         p = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.csv_text())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_text(p, self.csv_text())
         return p
 
     def table(self) -> str:

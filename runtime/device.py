@@ -69,14 +69,15 @@ def device_mem_free_bytes(device: torch.device) -> tuple[int, int] | None:
     return int(free), int(total)
 
 
-def _cpu_model() -> str:
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def machine_description(device: torch.device) -> dict:
@@ -85,7 +86,7 @@ def machine_description(device: torch.device) -> dict:
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model_name(),
         "cpu_cores": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
