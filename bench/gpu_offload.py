@@ -10,24 +10,38 @@ engine's RandomWeights/ExpertStore). Draft: a random one-layer dense model of th
 mixtral-8x7b-eagle preset's shape, on the GPU. Draft proposals are accepted by a seeded Bernoulli
 oracle at rate alpha (Engine(acceptance_oracle=alpha)): every speculative number is ORACLE-DRIVEN.
 
-Memory regime: the full 32-layer model in a 24 GiB GPU + 128 GB host. The CPU budget is scaled by
-L/32 (everything in host memory scales with layers). The GPU budget cannot simply be 24 GiB * L/32:
-the two streaming buffers of one layer's experts (5.25 GiB), the embeddings, the draft, its KV and
-the activations do not shrink with fewer layers, and alone exceed 90% of 6 GiB. So the slice gets
-the full model's non-layer part (from the planner's plan for the full model at alpha=0.8) plus L/32
-of the rest; the expert-cache share then matches the full model's.
+Memory regime: the full 32-layer model in a 24 GiB GPU + 128 GB host, planned per mode. The CPU
+budget is scaled by L/32 (everything in host memory scales with layers). The GPU budget cannot simply
+be 24 GiB * L/32: the two streaming buffers of one layer's experts (5.25 GiB), the embeddings, the
+draft, its KV and the activations do not shrink with fewer layers, and alone exceed 90% of 6 GiB. So
+each mode's slice gets the non-layer part of the full model's plan for that same mode (k=0 has no
+draft and no draft KV) plus L/32 of the rest; the expert-cache share then matches the full model's in
+that mode (about 12.5% speculative, 16% at k=0), at 8 layers and after a fallback to 4 alike.
 
 Modes (each the planner's own plan, planner.optimize with cold experts streamed, target KV and its
 attention on the CPU; where optimize cannot run, e.g. without pulp, planner.estimate over k and m
 at planner.memory.max_batch): speculative at alpha 0.8, k = 0 (no draft, its own batch), alpha
 0.6, then alpha 0.8 again with per-stage synchronisation (clean per-stage times) if time allows.
-Each mode prefills its batch (prompt --prompt-len) and is stopped after --iterations decode
-iterations (a k-policy that raises after N iterations; the engine keeps the partial record). The
-accelerate baseline is the figure measured earlier on the same host (DESIGN.md), not re-run,
-unless --run-accelerate. Predicted stage times: planner.estimate for exactly the mode's batch, m,
-k, placement and mean measured context.
+A speculative mode for which the planner prefers k = 0 runs the best k >= 1 plan, labelled
+"[k>=1 forced]" with the planner's k = 0 figure beside it. Each mode prefills its batch (prompt
+--prompt-len) and is stopped after --iterations decode iterations (a k-policy that raises after N
+iterations; the engine keeps the partial record). The accelerate baseline is the figure measured
+earlier on the same host (DESIGN.md), not re-run, unless --run-accelerate. Predicted stage times:
+planner.estimate for exactly the mode's batch, m, k, placement and mean measured context, with
+the first layers' experts prefetched during the draft phase when the engine streams ahead.
 
-Time: phases are printed with elapsed seconds. A small warm-up (16 sequences, per-stage sync)
+Engine schedule (--streaming, --host-io): on CUDA layer i+1's non-resident experts stream while
+layer i computes and layer 0's over lm_head, acceptance and the draft phase ("next"). First a
+copy-overlap probe (about 1 s) measures whether a small transfer waits behind an expert-sized
+copy on the copy stream (pageable, pinned, D2H, and a zero-copy kernel read); --host-io auto
+picks from it how the CPU attention's inputs and output cross PCIe (once per layer, pinned, or
+read by a GPU kernel straight from pinned memory). A mode that fails with pinned/zero-copy
+transfers is rerun once with the direct per-micro-batch transfers. H2D GB/s = decode-phase bytes
+copied / copy-stream busy time (CUDA events around each copy batch); busy = that time / decode
+wall time. The pinned host experts are built once and kept across engines (and across the layer
+fallback), so only the first engine pays for them.
+
+Time: phases are printed with elapsed seconds. A small warm-up (8 sequences, 1 iteration)
 compiles the kernels and measures prefill attention; if the alpha=0.8 and k=0 modes are projected
 not to fit the budget, the slice falls back to half the layers. Before each mode the time left is
 checked (a mode that would not fit is recorded as skipped); SIGALRM at the budget stops a mode in
@@ -68,6 +82,7 @@ ACCEL_REF = {"tokens_per_s": 17.0, "step_s": 3.76, "batch": 64, "layers": 8, "gp
 GOALS = {"spec0.8_over_k0": 2.5, "spec0.8_over_accelerate": 20.0, "h2d_busy_fraction": 0.90,
          "iteration_error_pct": 10.0}
 ORACLE = "oracle-driven"
+STREAMING = {"auto": None, "next": "next", "predict": "predict", "off": "off"}   # --streaming -> Engine
 OPT = dict(cpu_expert_mode="off", gpu_attention=False, target_kv_gpu=False, timeline=False, alternatives=0)
 GiB = 1024 ** 3
 
@@ -95,6 +110,13 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-accelerate", action="store_true", help="also run transformers+accelerate (guarded)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny Mixtral-like model with the CPU as the device")
+    ap.add_argument("--host-io", choices=("auto", "direct", "pinned", "zero-copy"), default="auto",
+                    help="how the attention over host KV moves q/k/v and its output (Engine host_io): auto = from the "
+                         "copy-overlap probe on CUDA (zero-copy when a pinned H2D waits behind an expert copy and a "
+                         "zero-copy kernel does not, else pinned), direct on the CPU")
+    ap.add_argument("--streaming", choices=sorted(STREAMING), default="auto",
+                    help="expert streaming schedule (Engine prefetch_next_layer): auto = next on CUDA (layer i+1's "
+                         "experts stream while layer i computes, layer 0's during the draft phase), off on the CPU")
     ap.add_argument("--project-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests the fallback
     a = ap.parse_args(argv)
     a.iterations = a.iterations or (6 if a.quick else (4 if a.cpu_smoke else 12))
@@ -167,15 +189,16 @@ def smoke_full_budgets(tcfg: dict, context: int, batch: int = 16) -> tuple[float
     return (experts * 0.25 + 12e6) / GiB, (experts + kv) / CPU_MEM_FRACTION / 1e9
 
 
-def plan_for(spec, hw, wl, dspec, log):
-    """planner.optimize (streamed cold experts, target KV and attention on the CPU); where it cannot run
-    (e.g. pulp missing on the GPU host), the same choice by enumeration: planner.estimate over k in 0..8
-    and m in {1, 2, 4, 8}, each at planner.memory.max_batch with planner.memory.default_placement."""
+def plan_for(spec, hw, wl, dspec, log, k_min: int = 0):
+    """planner.optimize (streamed cold experts, target KV and attention on the CPU) over k in k_min..8;
+    where it cannot run (e.g. pulp missing on the GPU host), the same choice by enumeration:
+    planner.estimate over those k and m in {1, 2, 4, 8}, each at planner.memory.max_batch with
+    planner.memory.default_placement."""
+    ks = range(k_min, 9) if dspec is not None else [0]
     try:
         from planner.optimizer import optimize
 
-        return optimize(spec, hw, wl, draft=dspec if dspec is not None else False,
-                        k_values=range(0, 9) if dspec is not None else [0], **OPT)
+        return optimize(spec, hw, wl, draft=dspec if dspec is not None else False, k_values=ks, **OPT)
     except Exception as e:  # noqa: BLE001
         log(f"planner.optimize unavailable ({type(e).__name__}: {str(e)[:160]}); choosing by enumeration "
             f"with planner.estimate")
@@ -185,7 +208,7 @@ def plan_for(spec, hw, wl, dspec, log):
     from planner.plan import Plan
 
     best, tried = None, []
-    for k in (range(0, 9) if dspec is not None else [0]):
+    for k in ks:
         for m in (1, 2, 4, 8):
             try:
                 B = max_batch(spec, hw, wl, dspec if k else None, k, m)
@@ -210,58 +233,93 @@ def plan_for(spec, hw, wl, dspec, log):
                                 "placement)", "optimize_error": why})
 
 
-def budgets(tcfg, dspec, hw_base, args, log) -> dict:
-    """GPU and CPU budgets of the L-layer slice (see the module docstring)."""
-    from planner.memory import GPU_MEM_FRACTION
+MODES = (("spec_alpha0.8", 0.8), ("spec_alpha0.6", 0.6), ("k0", None))
+
+
+def full_model_plans(tcfg, dspec, hw_base, args, log) -> dict:
+    """The planner's plan of the full 32-layer model on the full machine, per mode (independent of the
+    slice's layer count, so computed once)."""
     from planner.model_spec import ModelSpec
     from planner.workload import AcceptanceProfile, Workload
 
     full_gpu, full_cpu = smoke_full_budgets(tcfg, args.prompt_len + args.gen_len) if args.cpu_smoke else (FULL_GPU_GiB, FULL_CPU_GB)
     full = ModelSpec.from_hf_config(dict(tcfg, num_hidden_layers=FULL_LAYERS), name="full-model")
     hw_full = hw_base.with_overrides(gpu_mem_GiB=full_gpu, cpu_mem_GiB=full_cpu * 1e9 / GiB)
-    wl = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, acceptance=AcceptanceProfile.from_alpha(0.8))
-    p = plan_for(full, hw_full, wl, dspec, log)
-    gb = p.memory["gpu_breakdown"]
-    wb = 2
-    layer_weights = (full.non_expert_elems - full.embed_elems - full.lm_head_elems) * wb
-    layer_part = gb.get("expert_cache", 0.0) + layer_weights
-    used = sum(gb.values())
-    fixed = used - layer_part
-    usable_full = full_gpu * GiB * GPU_MEM_FRACTION
-    L = args.layers
-    gpu_GiB = (fixed + (usable_full - fixed) * L / FULL_LAYERS) / GPU_MEM_FRACTION / GiB
-    cpu_GiB = full_cpu * 1e9 * L / FULL_LAYERS / GiB
-    cached = sum(p.placement.expert_cache_slots) / max(1, len(full.moe_layers) * full.num_experts)
-    out = {"full_model": {"gpu_GiB": full_gpu, "cpu_GB": full_cpu, "batch": p.batch, "draft_len": p.draft_len,
-                          "micro_batches": p.micro_batches, "cached_expert_fraction": cached,
-                          "gpu_breakdown_GiB": {k: v / GiB for k, v in gb.items()}},
-           "gpu_GiB": gpu_GiB, "cpu_GiB": cpu_GiB, "gpu_fixed_GiB": fixed / GiB,
-           "naive_gpu_GiB": full_gpu * L / FULL_LAYERS,
-           "rule": f"CPU: {full_cpu:g} GB * L/32. GPU: the full model's non-layer part ({fixed / GiB:.2f} GiB: "
-                   f"streaming buffers, embeddings, draft + its KV, activations) + L/32 of the rest of "
-                   f"{GPU_MEM_FRACTION:.0%} of {full_gpu:g} GiB, over {GPU_MEM_FRACTION:.0%} (24 GiB * L/32 = "
-                   f"{full_gpu * L / FULL_LAYERS:.1f} GiB cannot hold the two streaming buffers)"}
-    log(f"full model (32 layers, {full_gpu:.3g} GiB GPU, {full_cpu:.3g} GB host), planner at alpha=0.8: batch "
-        f"{p.batch}, k={p.draft_len}, m={p.micro_batches}, {cached:.1%} of experts cached")
-    log(f"slice budgets ({L} layers): GPU {gpu_GiB:.2f} GiB, CPU {cpu_GiB:.2f} GiB  [{out['rule']}]")
+    out = {"spec": full, "gpu_GiB": full_gpu, "cpu_GB": full_cpu, "plans": {}}
+    for name, alpha in MODES:
+        wl = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len,
+                      acceptance=AcceptanceProfile.from_alpha(alpha or 0.0))
+        p = plan_for(full, hw_full, wl, dspec if alpha is not None else None, log, k_min=1 if alpha else 0)
+        out["plans"][name] = p
+        cached = sum(p.placement.expert_cache_slots) / max(1, len(full.moe_layers) * full.num_experts)
+        log(f"full model (32 layers, {full_gpu:.3g} GiB GPU, {full_cpu:.3g} GB host), {name}: batch {p.batch}, "
+            f"k={p.draft_len}, m={p.micro_batches}, {cached:.1%} of experts cached")
     return out
 
 
-def make_plans(spec, dspec, hw, args, log) -> dict:
+def budgets(full: dict, args, log) -> dict:
+    """GPU and CPU budgets of the L-layer slice per mode (see the module docstring): the CPU scales by
+    L/32; the GPU gets the full model's non-layer part of that mode's plan (streaming buffers,
+    embeddings, draft + its KV, activations) plus L/32 of the rest, so each mode's slice keeps the
+    expert-cache share of the full model in that mode."""
+    from planner.memory import GPU_MEM_FRACTION
+
+    spec = full["spec"]
+    full_gpu, full_cpu = full["gpu_GiB"], full["cpu_GB"]
+    wb = 2
+    layer_weights = (spec.non_expert_elems - spec.embed_elems - spec.lm_head_elems) * wb
+    usable_full = full_gpu * GiB * GPU_MEM_FRACTION
+    L = args.layers
+    cpu_GiB = full_cpu * 1e9 * L / FULL_LAYERS / GiB
+    out = {"cpu_GiB": cpu_GiB, "naive_gpu_GiB": full_gpu * L / FULL_LAYERS, "modes": {}, "full_model": {}}
+    for name, p in full["plans"].items():
+        gb = p.memory["gpu_breakdown"]
+        layer_part = gb.get("expert_cache", 0.0) + layer_weights
+        fixed = sum(gb.values()) - layer_part
+        gpu_GiB = (fixed + (usable_full - fixed) * L / FULL_LAYERS) / GPU_MEM_FRACTION / GiB
+        cached = sum(p.placement.expert_cache_slots) / max(1, len(spec.moe_layers) * spec.num_experts)
+        out["modes"][name] = {"gpu_GiB": gpu_GiB, "gpu_fixed_GiB": fixed / GiB}
+        out["full_model"][name] = {"gpu_GiB": full_gpu, "cpu_GB": full_cpu, "batch": p.batch, "draft_len": p.draft_len,
+                                   "micro_batches": p.micro_batches, "cached_expert_fraction": cached,
+                                   "gpu_breakdown_GiB": {k: v / GiB for k, v in gb.items()}}
+        log(f"slice budgets ({L} layers), {name}: GPU {gpu_GiB:.2f} GiB (non-layer part {fixed / GiB:.2f} GiB), "
+            f"CPU {cpu_GiB:.2f} GiB")
+    first = out["modes"]["spec_alpha0.8"]
+    out.update(gpu_GiB=first["gpu_GiB"], gpu_fixed_GiB=first["gpu_fixed_GiB"])   # the headline mode's
+    out["rule"] = (f"CPU: {full_cpu:g} GB * L/32. GPU, per mode: the full model's non-layer part in that mode's "
+                   f"plan (streaming buffers, embeddings, draft + its KV, activations) + L/32 of the rest of "
+                   f"{GPU_MEM_FRACTION:.0%} of {full_gpu:g} GiB, over {GPU_MEM_FRACTION:.0%} ({full_gpu:g} GiB * L/32 = "
+                   f"{full_gpu * L / FULL_LAYERS:.1f} GiB cannot hold the two streaming buffers)")
+    log(f"budget rule: {out['rule']}")
+    return out
+
+
+def make_plans(spec, dspec, hw_for, args, log) -> dict:
+    """The slice's plan per mode. A speculative mode for which the planner prefers k=0 gets the best k>=1
+    plan instead (a speculative row must speculate), and says so (`forced_k`)."""
     from planner.workload import AcceptanceProfile, Workload
 
-    plans = {}
-    for name, alpha in (("spec_alpha0.8", 0.8), ("spec_alpha0.6", 0.6), ("k0", None)):
+    plans, notes = {}, {}
+    for name, alpha in MODES:
         wl = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len,
                       acceptance=AcceptanceProfile.from_alpha(alpha or 0.0))
+        hw = hw_for(name)
         t0 = time.perf_counter()
         p = plan_for(spec, hw, wl, dspec if alpha is not None else None, log)
+        note = ""
+        if alpha is not None and p.draft_len == 0:
+            best0 = p.predicted.decode_tokens_per_s
+            p = plan_for(spec, hw, wl, dspec, log, k_min=1)
+            note = (f"planner chose k=0 ({best0:.1f} tok/s predicted); the best k>=1 plan "
+                    f"({p.predicted.decode_tokens_per_s:.1f} tok/s predicted) is run")
+            notes[name] = {"forced_k": True, "planner_k0_tokens_per_s": best0, "note": note}
         plans[name] = p
         pl = p.placement
         log(f"plan {name:14s}: batch {p.batch}, k={p.draft_len}, m={p.micro_batches}, cache slots "
             f"{list(pl.expert_cache_slots)}, draft KV on GPU {pl.draft_kv_gpu_sequences}, predicted "
             f"{p.predicted.decode_tokens_per_s:.1f} tok/s ({p.solver.get('name', '?')}, {time.perf_counter() - t0:.1f} s)"
-            + (f"  [{ORACLE} acceptance {alpha}]" if alpha else ""))
+            + (f"  [{ORACLE} acceptance {alpha}]" if alpha else "") + (f"  [{note}]" if note else ""))
+    plans["_notes"] = notes
     return plans
 
 
@@ -269,7 +327,7 @@ def make_plans(spec, dspec, hw, args, log) -> dict:
 class Runner:
     """Builds engines (one at a time, reused while the expert placement is the same) and runs modes."""
 
-    def __init__(self, tcfg, dcfg, device, args, log):
+    def __init__(self, tcfg, dcfg, device, args, log, expert_host: dict | None = None):
         import torch
 
         from runtime.weights import WeightSource
@@ -281,6 +339,11 @@ class Runner:
         self.engine = None
         self.key = None
         self.build_s: list[float] = []
+        # the pinned host experts, kept across engines (a k=0 plan caches other experts, and the layer
+        # fallback keeps the first layers: random weights are seeded per tensor name)
+        L = tcfg["num_hidden_layers"]
+        self.expert_host = {l: h for l, h in (expert_host or {}).items() if l < L}
+        self.host_io = args.host_io_used
 
     def release(self) -> None:
         self.engine, self.key = None, None
@@ -300,7 +363,11 @@ class Runner:
         self.release()
         t0 = time.perf_counter()
         eng = Engine(plan, self.tsrc, self.dsrc if plan.draft_len > 0 else None, device=self.device,
-                     dtype=self.torch.bfloat16, check_memory=False, prefill_chunk_tokens=32768)
+                     dtype=self.torch.bfloat16, check_memory=False, prefill_chunk_tokens=32768,
+                     expert_host=self.expert_host, prefetch_next_layer=STREAMING[self.args.streaming],
+                     host_io=self.host_io)
+        if eng.store is not None:
+            self.expert_host = dict(eng.store.host)
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -317,7 +384,8 @@ class Runner:
         k = plan.draft_len
         eng.acceptance_oracle = alpha if k > 0 else None
         eng.profile_stages = profile
-        eng.prefetch_next_layer = False
+        eng.prefetch_next_layer = STREAMING[self.args.streaming]
+        eng.host_io = self.host_io
         eng.max_k = k
 
         def policy(info):
@@ -348,7 +416,7 @@ def summarize(rec, plan, alpha, spec, dspec, hw, args) -> dict:
     from planner.workload import AcceptanceProfile, Workload
 
     B, k = plan.batch, plan.draft_len
-    h2d_s = rec.stage_totals_s.get("target.h2d", 0.0)
+    h2d_s = rec.h2d_busy_s          # copy-stream busy seconds of the decode copies (CUDA events)
     dec_s = rec.decode_time_s
     pl = plan.placement
     n_slots = sum(pl.expert_cache_slots)
@@ -359,9 +427,11 @@ def summarize(rec, plan, alpha, spec, dspec, hw, args) -> dict:
          "target_kv_gpu_sequences": pl.target_kv_gpu_sequences, "iterations": rec.iterations,
          "decode_tokens": rec.decode_tokens, "decode_time_s": dec_s, "tokens_per_s": rec.decode_tokens_per_s,
          "iteration_s": rec.stages.get("iteration", 0.0), "prefill_s": rec.prefill_time_s,
-         "mean_accepted": rec.mean_accepted, "h2d_bytes": rec.h2d_bytes, "h2d_s": h2d_s,
-         "h2d_GBps": rec.h2d_bytes / h2d_s / 1e9 if h2d_s > 0 else None,
-         "h2d_busy_fraction": h2d_s / dec_s if dec_s > 0 else None,
+         "mean_accepted": rec.mean_accepted, "h2d_bytes": rec.h2d_decode_bytes, "h2d_s": h2d_s,
+         "h2d_bytes_all_phases": rec.h2d_bytes, "h2d_prefill_bytes": rec.h2d_prefill_bytes,
+         "h2d_GBps": rec.h2d_GBps, "h2d_busy_fraction": rec.h2d_busy_fraction,
+         "h2d_unused_experts": rec.h2d_unused_experts, "expert_streaming": rec.expert_streaming,
+         "host_io": rec.host_io,
          "stages_measured_s": dict(rec.stages), "profile_stages": rec.profile_stages,
          "planned": {"decode_tokens_per_s": plan.predicted.decode_tokens_per_s,
                      "iteration_s": plan.predicted.iteration_time_s, "gen_len": args.gen_len,
@@ -371,8 +441,10 @@ def summarize(rec, plan, alpha, spec, dspec, hw, args) -> dict:
     d["measured_mean_context"] = args.prompt_len + gen_eq / 2
     try:
         wl = Workload(prompt_len=args.prompt_len, gen_len=gen_eq, acceptance=AcceptanceProfile.from_alpha(alpha or 0.0))
+        # the engine's schedule: with streaming ahead, the first layers' experts stream during the draft phase
         est = estimate(spec, hw, wl, draft=dspec if k > 0 else None, draft_len=k, micro_batches=plan.micro_batches,
-                       placement=pl, batch=B, timeline=False, run=True)
+                       placement=pl, batch=B, timeline=False, run=True, prefetch=rec.expert_streaming == "next")
+        d["prediction_options"] = {"prefetch": rec.expert_streaming == "next"}
         d["stages_predicted_s"] = {s: float(v) for s, v in est.stages.items()}
         d["predicted_iteration_s"] = est.iteration_time_s
         d["predicted_tokens_per_s"] = est.decode_tokens_per_s
@@ -450,6 +522,85 @@ def run_accelerate(tcfg, device, args, log, remaining_s) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+def copy_overlap_probe(device, big_MB: int = 1024, small_MB: int = 4, reps: int = 3) -> dict:
+    """Does a small transfer on the compute stream wait for a large expert copy on the copy stream?
+    The target's CPU attention moves q/k/v to the host and its output back while experts stream; if
+    those transfers queue behind the expert copies, streaming cannot overlap attention. Times (ms) of
+    a small_MB transfer alone and while a big_MB pinned H2D runs on another stream, for: pageable H2D
+    (what torch's .to() of a plain host tensor does), pinned H2D, pinned D2H, and a kernel reading
+    pinned host memory directly (zero-copy over UVA: no copy engine)."""
+    import torch
+
+    cs = torch.cuda.Stream(device)
+    cur = torch.cuda.current_stream(device)
+    big_h = torch.empty(big_MB << 20, dtype=torch.uint8, pin_memory=True)
+    big_d = torch.empty(big_MB << 20, dtype=torch.uint8, device=device)
+    n = small_MB << 20
+    sp = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    spage = torch.empty(n, dtype=torch.uint8)
+    sd = torch.empty(n, dtype=torch.uint8, device=device)
+    out: dict = {"big_MB": big_MB, "small_MB": small_MB}
+    variants = {"h2d_pageable": lambda: sd.copy_(spage), "h2d_pinned": lambda: sd.copy_(sp, non_blocking=True),
+                "d2h_pinned": lambda: sp.copy_(sd, non_blocking=True)}
+    try:
+        class _HostView:     # pinned host memory seen as a CUDA array (UVA: same pointer)
+            __cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (sp.data_ptr(), False),
+                                        "version": 3, "strides": None}
+        zc = torch.as_tensor(_HostView(), device=device)
+        variants["zero_copy_kernel"] = lambda: torch.bitwise_or(zc, 0, out=sd)
+    except Exception as e:  # noqa: BLE001
+        out["zero_copy_kernel"] = {"error": f"{type(e).__name__}: {e}"}
+
+    def big():
+        with torch.cuda.stream(cs):
+            big_d.copy_(big_h, non_blocking=True)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    big()
+    cs.synchronize()
+    big_s = time.perf_counter() - t0
+    out["big_copy_ms"], out["big_copy_GBps"] = big_s * 1e3, (big_MB << 20) / big_s / 1e9
+    for name, fn in variants.items():
+        try:
+            alone, during = [], []
+            for _ in range(reps):
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                cur.synchronize()
+                alone.append(time.perf_counter() - t0)
+            for _ in range(reps):
+                torch.cuda.synchronize(device)
+                big()
+                time.sleep(0.002)                 # the big copy is under way
+                t0 = time.perf_counter()
+                fn()
+                cur.synchronize()
+                during.append(time.perf_counter() - t0)
+                cs.synchronize()
+            a, d = min(alone) * 1e3, min(during) * 1e3
+            out[name] = {"alone_ms": a, "during_big_copy_ms": d,
+                         "waits_for_big_copy": bool(d > 0.5 * (big_s * 1e3 - 2.0) and d > 3 * a)}
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    del big_h, big_d
+    return out
+
+
+def choose_host_io(asked: str, device, probe: dict | None) -> str:
+    """--host-io auto: direct without CUDA; zero-copy when the probe saw a pinned H2D wait behind the expert
+    copy and a zero-copy kernel not; pinned otherwise."""
+    if asked != "auto":
+        return asked
+    if device.type != "cuda":
+        return "direct"
+    p = probe or {}
+    pin, zc = p.get("h2d_pinned") or {}, p.get("zero_copy_kernel") or {}
+    if pin.get("waits_for_big_copy") and "alone_ms" in zc and not zc.get("waits_for_big_copy"):
+        return "zero-copy"
+    return "pinned"
+
+
 def machine_info(device) -> dict:
     from runtime.device import machine_description
 
@@ -483,7 +634,7 @@ def report(res: dict, log: Log) -> str:
     log(hdr)
     log("-" * len(hdr))
     for name, d in modes.items():
-        label = name + (f" [{ORACLE}]" if d.get("oracle") else "")
+        label = name + (f" [{ORACLE}]" if d.get("oracle") else "") + (" [k>=1 forced]" if d.get("forced_k") else "")
         if "tokens_per_s" not in d:
             log(f"{label:38s} {'':>5s} {'':>2s} {'':>2s} {'':>6s} {'':>3s} {'':>9s} {'':>8s} {'':>8s} {'':>6s} "
                 f"{'':>8s} {'':>5s} {'':>9s}  {d.get('status')}")
@@ -496,7 +647,16 @@ def report(res: dict, log: Log) -> str:
     acc = res["accelerate"]
     log(f"{'accelerate':38s} {acc.get('batch', ''):>5} {'':>2s} {'':>2s} {'':>6s} {'':>3s} "
         f"{fmt(tps.get('accelerate')):>9s} {fmt((acc.get('step_s') or 0) * 1e3 or None):>8s}  {acc['label']}")
-    log(f"H2D reference: {H2D_REF_GBps:g} GB/s pinned (measured on the H200 host)")
+    log(f"H2D reference: {H2D_REF_GBps:g} GB/s pinned (measured on the H200 host). H2D GB/s = decode-phase bytes "
+        f"copied / copy-stream busy time (CUDA events around each copy batch); busy = that time / decode wall time")
+    streams = sorted({f"{d.get('expert_streaming')} (host_io {d.get('host_io')})" for d in modes.values()
+                      if "expert_streaming" in d})
+    if streams:
+        log(f"expert streaming: {', '.join(streams)} (next = layer i+1's non-resident experts stream while layer i "
+            f"computes, layer 0's during the draft phase; off = after routing)")
+    for name, d in modes.items():
+        if d.get("forced_k"):
+            log(f"{name}: {d.get('note')}")
     pvm = res.get("predicted_vs_measured") or {}
     if pvm:
         log("")
@@ -600,6 +760,20 @@ def main(argv=None) -> int:
         mi = res["machine"]
         log(f"machine: GPU {mi.get('gpu')}, CPU {mi.get('cpu_model')} ({mi.get('cpu_cores')} cores), torch "
             f"{mi.get('torch_version')} (CUDA {mi.get('cuda_version')}), cupy {mi.get('cupy_version')}")
+        if device.type == "cuda":
+            try:
+                pr = copy_overlap_probe(device)
+                res["copy_overlap_probe"] = pr
+                log(f"copy-overlap probe ({pr['small_MB']} MB transfer while a {pr['big_MB']} MB expert-size H2D runs on "
+                    f"the copy stream, {pr['big_copy_GBps']:.1f} GB/s): " + "; ".join(
+                        f"{k} {v['alone_ms']:.2f} -> {v['during_big_copy_ms']:.2f} ms"
+                        + (" (WAITS)" if v.get("waits_for_big_copy") else "") if "alone_ms" in v else f"{k} {v}"
+                        for k, v in pr.items() if isinstance(v, dict)))
+            except Exception as e:  # noqa: BLE001
+                err("copy-overlap probe", e)
+        args.host_io_used = choose_host_io(args.host_io, device, res.get("copy_overlap_probe"))
+        res["config"]["host_io"] = args.host_io_used
+        log(f"attention host transfers: host_io={args.host_io_used} (--host-io {args.host_io})")
         from planner.hardware_spec import load_hardware
         from planner.model_spec import ModelSpec
 
@@ -611,18 +785,23 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         tcfg, dcfg = model_configs(args.layers, args.cpu_smoke)
         dspec = ModelSpec.from_hf_config(dcfg, name="draft-eagle-shape" if not args.cpu_smoke else "tiny-draft")
-        bud = budgets(tcfg, dspec, hw_base, args, log)
+        full = full_model_plans(tcfg, dspec, hw_base, args, log)
+        bud = budgets(full, args, log)
 
         def setup(L):
             tc = dict(tcfg, num_hidden_layers=L)
             sp = ModelSpec.from_hf_config(tc, name=f"mixtral-8x7b-{L}-layers" if not args.cpu_smoke else "tiny")
-            hw = hw_base.with_overrides(gpu_mem_GiB=bud["gpu_GiB"] * 1.0, cpu_mem_GiB=bud["cpu_GiB"])
-            return tc, sp, hw
-        tcfg, spec, hw = setup(args.layers)
-        plans = make_plans(spec, dspec, hw, args, log)
+
+            def hw_for(mode):
+                return hw_base.with_overrides(gpu_mem_GiB=bud["modes"][mode]["gpu_GiB"], cpu_mem_GiB=bud["cpu_GiB"])
+            return tc, sp, hw_for
+        tcfg, spec, hw_for = setup(args.layers)
+        plans = make_plans(spec, dspec, hw_for, args, log)
+        plan_notes = plans.pop("_notes")
         res["phases_s"]["planning"] = time.perf_counter() - t0
         res["config"].update(vocab_size=tcfg["vocab_size"], hardware=hw_base.name, budgets=bud, target=tcfg,
-                             draft=dcfg, planner_options=dict(OPT))
+                             draft=dcfg, planner_options=dict(OPT), plan_notes=plan_notes,
+                             expert_streaming=args.streaming)
         if args.plan_only:
             res["plans"] = {n: p.to_dict() for n, p in plans.items()}
             res["complete"] = True
@@ -645,7 +824,7 @@ def main(argv=None) -> int:
         res["phases_s"]["kernels"] = time.perf_counter() - t0
         runner = Runner(tcfg, dcfg, device, args, log)
         first = plans["spec_alpha0.8"]
-        n_warm = min(8 if args.cpu_smoke else 16, first.batch)
+        n_warm = min(8, first.batch)
         warm_rec = None
         try:
             t0 = time.perf_counter()
@@ -659,7 +838,7 @@ def main(argv=None) -> int:
             wplan = replace(first, batch=n_warm, micro_batches=min(first.micro_batches, n_warm),
                             placement=replace(fp, draft_kv_gpu_sequences=min(fp.draft_kv_gpu_sequences, n_warm),
                                               target_kv_gpu_sequences=min(fp.target_kv_gpu_sequences, n_warm)))
-            warm_rec, st, _, wall = runner.run(wplan, 0.8, True, 2)
+            warm_rec, st, _, wall = runner.run(wplan, 0.8, False, 1)
             if st.startswith("deadline"):
                 raise Deadline("the time budget ran out during the warm-up")
             res["phases_s"]["warmup"] = wall
@@ -667,7 +846,7 @@ def main(argv=None) -> int:
             if warm_rec is not None:
                 warm.update(prefill_s=warm_rec.prefill_time_s, prefill_stage_totals_s=warm_rec.prefill_stage_totals_s)
             res["warmup"] = warm
-            log.phase(f"warm-up ({n_warm} sequences, 2 iterations, per-stage sync) {wall:.1f} s")
+            log.phase(f"warm-up ({n_warm} sequences, 1 iteration) {wall:.1f} s")
         except Exception as e:  # noqa: BLE001  the modes still run (and report their own errors)
             err("first engine / warm-up", e)
             runner.release()
@@ -691,11 +870,14 @@ def main(argv=None) -> int:
             log.phase(f"budget tight: falling back to {L2} layers (budgets rescaled by {L2}/32)")
             runner.release()
             args.layers = L2
-            bud = budgets(dict(tcfg, num_hidden_layers=L2), dspec, hw_base, args, log)
+            bud = budgets(full, args, log)
             res["config"]["budgets"] = bud
-            tcfg, spec, hw = setup(L2)
-            plans = make_plans(spec, dspec, hw, args, log)
-            runner = Runner(tcfg, dcfg, device, args, log)
+            tcfg, spec, hw_for = setup(L2)
+            plans = make_plans(spec, dspec, hw_for, args, log)
+            plan_notes = plans.pop("_notes")
+            res["config"]["plan_notes"] = plan_notes
+            args.host_io_used = runner.host_io
+            runner = Runner(tcfg, dcfg, device, args, log, expert_host=runner.expert_host)
             res["config"].update(layers=L2, target=tcfg, layer_fallback=True)
 
         # ---- the modes ----
@@ -716,14 +898,27 @@ def main(argv=None) -> int:
             log.phase(f"{name}: batch {plan.batch}, k={plan.draft_len}, m={plan.micro_batches}"
                       + (f", {ORACLE} acceptance {alpha}" if alpha else "") + (", per-stage sync" if prof else ""))
             try:
-                rec, st, build_s, wall = runner.run(plan, alpha, prof, args.iterations)
+                try:
+                    rec, st, build_s, wall = runner.run(plan, alpha, prof, args.iterations)
+                except Exception as e:  # noqa: BLE001  untried host transfers on this GPU: once more, direct
+                    if runner.host_io == "direct" or remaining() < 20:
+                        raise
+                    err(f"{name} with host_io={runner.host_io}", e)
+                    log.phase(f"{name}: failed with host_io={runner.host_io}; this and later modes use host_io=direct")
+                    res["host_io_fallback"] = f"{runner.host_io} failed in {name}: {type(e).__name__}: {e}"
+                    runner.host_io = "direct"
+                    res["config"]["host_io"] = "direct"
+                    runner.release()
+                    rec, st, build_s, wall = runner.run(plan, alpha, prof, args.iterations)
                 prev_wall[name] = wall
                 if rec is None or rec.iterations == 0:
                     res["modes"][name] = {"status": st + " (no decode iteration measured)",
                                           "oracle": alpha is not None, "wall_s": wall}
                     log.phase(f"{name}: no decode iteration measured ({st})")
                 else:
-                    d = summarize(rec, plan, alpha, spec, dspec, hw, args)
+                    d = summarize(rec, plan, alpha, spec, dspec, hw_for(name.replace("_profiled", "")), args)
+                    if name.replace("_profiled", "") in plan_notes:
+                        d.update(plan_notes[name.replace("_profiled", "")])
                     d.update(status=st, build_s=build_s, wall_s=wall)
                     res["modes"][name] = d
                     if not prof:

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The one script run on the GPU host (H200, 16 cores): the offload benchmark within its 170 s budget,
-# then the verify-attention kernel benchmark (if present, at most 40 s). Results go to $OUT.
-# Nothing is installed (no network there): torch, cupy and transformers are the host's; this repo
-# is not installed, so it runs from the checkout with PYTHONPATH. The C++ kernel is built into
-# /tmp (a fresh machine has no cache; $HOME may not be writable).
-#     OUT=/path/to/results bash bench/run_gpu_session.sh
+# The one script run on the GPU host (H200, 16 cores, Python 3.12, no network). Results go to $OUT.
+#   1. pulp from the carried wheel folder .whl/ (made here by scripts/fetch_gpu_wheels.sh; git-ignored),
+#      installed into /tmp/site: without it bench/gpu_offload.py plans by enumeration.
+#   2. the GPU engine tests (token-identical greedy output through the copy stream in every expert-streaming
+#      schedule, the H2D accounting; about 60 s), log in $OUT/gpu_engine_tests.log.
+#   3. the offload benchmark within its time budget (default 240 s; GPU_BENCH_BUDGET_S to change).
+#   4. the verify-attention kernel benchmark (if present, at most 40 s).
+# torch, cupy and transformers are the host's; this repo is not installed, so it runs from the checkout
+# with PYTHONPATH. The C++ kernel is built into /tmp (a fresh machine has no cache; $HOME may not be
+# writable). Device tool call (from the repo root here):
+#     run(command="OUT=$OUT bash bench/run_gpu_session.sh", carry=[".whl"], timeout_s=560)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -12,7 +17,24 @@ export SPECMOE_CACHE_DIR="${SPECMOE_CACHE_DIR:-/tmp/specmoe-cache}"
 : "${OUT:?set OUT to the results folder}"
 mkdir -p "$OUT"
 
-python bench/gpu_offload.py --out "$OUT" --time-budget-s 170 2>&1 | tee "$OUT/gpu_offload.log"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  if python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  else
+    echo "pip install of .whl/*.whl failed: the bench will plan by enumeration"
+  fi
+else
+  echo "no .whl/ folder carried (run scripts/fetch_gpu_wheels.sh here and carry .whl): the bench will plan by enumeration"
+fi
+python -c "import pulp; print('pulp', pulp.__version__, 'solvers', pulp.listSolvers(onlyAvailable=True))" 2>&1 \
+  | tee "$OUT/gpu_engine_tests.log"
+
+# (at most 8 files come back from $OUT: the tests write one JSON, gpu_tests.json)
+SPECMOE_GPU_OUT="$OUT" timeout 150 python -m pytest -q -rA -p no:cacheprovider \
+  tests/test_engine_gpu.py 2>&1 | tail -40 | tee -a "$OUT/gpu_engine_tests.log"
+echo "GPU engine tests exit status $?"
+
+python bench/gpu_offload.py --out "$OUT" --time-budget-s "${GPU_BENCH_BUDGET_S:-240}" --prompt-len 256 2>&1 | tee "$OUT/gpu_offload.log"
 rc=$?
 echo "gpu_offload.py exit status $rc"
 

@@ -30,8 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--dynamic-k", action="store_true", help="re-choose k each iteration from the cost model")
     p.add_argument("--profile-stages", action="store_true", help="synchronize the GPU around every stage")
-    p.add_argument("--prefetch", action="store_true",
-                   help="start streaming layer i+1's predicted experts while layer i computes")
+    p.add_argument("--prefetch", nargs="?", const="next", default="auto", choices=("auto", "off", "next", "predict"),
+                   help="expert streaming schedule: next = stream layer i+1's non-resident experts while layer i "
+                        "computes (and layer 0's during the draft phase); predict = only those layer i+1's router "
+                        "predicts; off = after routing; auto (default) = next on CUDA, off on the CPU")
     p.add_argument("--acceptance-oracle", type=float, default=None,
                    help="replace real acceptance by a seeded Bernoulli oracle at this rate (benchmarks only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(total=len(prompts), unit="seq", desc="specmoe run", file=sys.stderr)
     engine = Engine(args.plan, args.target, args.draft, device=args.device, dtype=args.dtype,
                     profile_stages=args.profile_stages, dynamic_k=args.dynamic_k,
-                    acceptance_oracle=args.acceptance_oracle, prefetch_next_layer=args.prefetch)
+                    acceptance_oracle=args.acceptance_oracle, prefetch_next_layer=None if args.prefetch == "auto" else args.prefetch)
     outf = None   # opened at the first finished sequence: input errors leave no output files behind
 
     def on_finish(o):

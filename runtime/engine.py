@@ -34,7 +34,7 @@ from .kv_cache import SplitKVCache
 from .memory_check import check_fits, requirement
 from .run_record import RunRecord, StageTimer, stage_summary
 from .speculative import Sequence, SpeculativeDecoder
-from .target_model import TargetModel
+from .target_model import HOST_IO, TargetModel, stream_mode
 from .weights import WeightSource, as_weight_source
 
 __all__ = ["Engine", "GenerateResult", "SequenceOutput", "plan_for_checkpoint"]
@@ -75,7 +75,8 @@ class Engine:
                  k_policy: Callable[[IterationInfo], int] | None = None, max_k: int = 8,
                  acceptance_oracle: float | None = None, check_memory: bool = True,
                  progress: Callable[[int], None] | None = None, flip_gap: float = 1e-4,
-                 prefill_chunk_tokens: int = 16384, prefetch_next_layer: bool = False):
+                 prefill_chunk_tokens: int = 16384, prefetch_next_layer: bool | str | None = None,
+                 expert_host: dict | None = None, host_io: str = "auto"):
         self.plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
         self.device = pick_device(device)
         # ---- everything below up to the weights reads configs only ----
@@ -95,7 +96,14 @@ class Engine:
         self.profile_stages, self.dynamic_k, self.max_k = profile_stages, dynamic_k, int(max_k)
         self.k_policy, self.acceptance_oracle, self.flip_gap = k_policy, acceptance_oracle, float(flip_gap)
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
-        self.prefetch_next_layer = bool(prefetch_next_layer)
+        self.prefetch_next_layer = prefetch_next_layer   # None: "next" on CUDA when experts stream, else "off"
+        if host_io not in ("auto",) + HOST_IO:
+            raise SpecError("host_io", f"{host_io!r} is not a transfer mode", f"one of auto, {', '.join(HOST_IO)}")
+        try:
+            stream_mode(prefetch_next_layer if prefetch_next_layer is not None else False)
+        except ValueError as e:
+            raise SpecError("prefetch_next_layer", str(e), "give None (auto), True/False, 'next', 'predict' or 'off'") \
+                from None
         if acceptance_oracle is not None and not 0 <= acceptance_oracle <= 1:
             raise SpecError("acceptance_oracle", f"{acceptance_oracle} is outside [0, 1]", "give a rate such as 0.8")
         wl = self.plan.workload
@@ -111,13 +119,29 @@ class Engine:
         self.tcfg, self.dcfg = tsrc.config, (dsrc.config if dsrc else None)
         pl = self.plan.placement
         self.store = ExpertStore(tsrc, self.device, dtype, pl.expert_cache_slots, pl.cpu_expert_layers,
-                                 pl.streaming_buffers, progress) if self.tcfg.is_moe else None
+                                 pl.streaming_buffers, progress, host=expert_host) if self.tcfg.is_moe else None
         self.target = TargetModel(tsrc, self.store, self.device, dtype)
+        self.host_io = host_io
         self.draft = DraftModel(dsrc, self.device, dtype) if dsrc is not None else None
         self.tokenizer = load_tokenizer(tsrc.path) if tsrc.path is not None else None
         self.eos_ids = tuple(self.tcfg.eos_token_ids)
         self.last_result: GenerateResult | None = None
         self._cache_balanced = False
+
+    # host_io: how the target's attention over host KV rows moves q/k/v and its output when the streaming
+    # schedule is "next": "direct" (SplitKVCache.attend's own transfers per micro-batch), "pinned" (once per
+    # layer through pinned buffers), "zero-copy" (pinned in, output read by a GPU kernel from pinned memory);
+    # "auto": pinned on CUDA, direct on the CPU.
+
+    def expert_streaming(self) -> str:
+        """The streaming schedule generate() uses: prefetch_next_layer resolved (None: "next" where experts
+        stream on a CUDA device, "off" elsewhere; on the CPU the copies are synchronous, so streaming ahead
+        only moves them earlier)."""
+        p = self.prefetch_next_layer
+        if p is None:
+            return "next" if (self.device.type == "cuda" and self.store is not None and self.store.streaming_layers) \
+                else "off"
+        return stream_mode(p)
 
     # ---- checks ----
     def _check_plan(self, tcfg, dcfg) -> None:
@@ -207,9 +231,12 @@ class Engine:
         dkv = SplitKVCache(d.num_layers, B, pl.draft_kv_gpu_sequences, d.num_kv_heads, capacity, d.head_dim,
                            self.device, self.kv_dtype, self.kv_dtype, decode_kernel=True) if d is not None else None
         timer = StageTimer(self.device, self.profile_stages)
+        mode = self.expert_streaming()
+        self.target.host_io = hio = ("pinned" if self.device.type == "cuda" else "direct") if self.host_io == "auto" \
+            else self.host_io
         dec = SpeculativeDecoder(self.target, self.draft, tkv, dkv, timer, self.plan.micro_batches, self.eos_ids,
                                  temperature, seed, flip_gap=self.flip_gap, oracle_alpha=self.acceptance_oracle,
-                                 prefill_chunk_tokens=self.prefill_chunk_tokens, prefetch=self.prefetch_next_layer)
+                                 prefill_chunk_tokens=self.prefill_chunk_tokens, prefetch=mode)
         run = _RunState()
         queue, free_rows, active = deque(seqs), list(range(B - 1, -1, -1)), []
         outputs: dict[int, SequenceOutput] = {}
@@ -266,8 +293,15 @@ class Engine:
         except BaseException as e:  # noqa: BLE001  (KeyboardInterrupt included: keep what finished)
             error = e
         total_s = time.perf_counter() - t_start
-        means, totals, pre = stage_summary(timer, run.iterations, run.prefill_s)
         store = self.store
+        if store is not None:     # the copies still in flight (waits for them), in the phase that issued them
+            try:
+                timer.add_h2d(store.take_h2d(block=True))
+            except BaseException as e:  # noqa: BLE001
+                error = error or e
+        means, totals, pre = stage_summary(timer, run.iterations, run.prefill_s)
+        h2d_dec_bytes = timer.counters["decode"].get("h2d_bytes", 0)
+        h2d_busy_s = totals.get(Stage.TARGET_H2D.value, 0.0)
         rec = RunRecord(
             complete=error is None, stages=means, stage_totals_s=totals, prefill_stage_totals_s=pre,
             iterations=run.iterations,
@@ -290,7 +324,11 @@ class Engine:
                      "draft": self.draft_source.description if self.draft_source else "none"},
             h2d_experts=(store.h2d_experts - hx0) if store else 0,
             h2d_unused_experts=(store.h2d_unused_experts - hu0) if store else 0,
-            prefetch_next_layer=self.prefetch_next_layer,
+            prefetch_next_layer=mode != "off", expert_streaming=mode, host_io=hio if mode == "next" else "direct",
+            h2d_decode_bytes=h2d_dec_bytes, h2d_busy_s=h2d_busy_s,
+            h2d_GBps=h2d_dec_bytes / h2d_busy_s / 1e9 if h2d_busy_s > 0 else None,
+            h2d_busy_fraction=h2d_busy_s / run.decode_s if run.decode_s > 0 else None,
+            h2d_prefill_bytes=timer.counters["prefill"].get("h2d_bytes", 0),
             cache_fill_bytes=(store.cache_fill_bytes - fill0) if store else 0,
             draft_kv_gpu_sequences=pl.draft_kv_gpu_sequences, target_kv_gpu_sequences=pl.target_kv_gpu_sequences,
             expert_cache_slots=list(pl.expert_cache_slots), profile_stages=self.profile_stages,

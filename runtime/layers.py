@@ -94,6 +94,13 @@ def qkv(aw: AttnWeights, cfg: ArchConfig, x: torch.Tensor, cos: torch.Tensor, si
     T = x.shape[0]
     D, eps = cfg.head_dim, cfg.rms_eps
     qkv_ = Fn.linear(x, aw.qkv, aw.qkv_b)  # [T, (Hq + 2 Hkv) D]
+    if cfg.qk_norm == "none":      # q and k are adjacent in the fused projection: one rotary over both heads
+        if cfg.clip_qkv is not None:
+            qkv_ = qkv_.clamp(-cfg.clip_qkv, cfg.clip_qkv)
+        nqk = aw.q_out + aw.kv_out
+        qk = apply_rotary(qkv_[:, :nqk].reshape(T, -1, D), cos, sin)  # [T, Hq + Hkv, D]
+        q, k = qk.split([aw.q_out // D, aw.kv_out // D], dim=1)
+        return q, k, qkv_[:, nqk:].reshape(T, -1, D)
     q, k, v = qkv_.split([aw.q_out, aw.kv_out, aw.kv_out], dim=-1)
     if cfg.qk_norm == "full":      # OLMoE: over the whole projection, before the head split
         q = rms_norm(q, aw.q_norm, eps)

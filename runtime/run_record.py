@@ -24,27 +24,45 @@ RUN_RECORD_VERSION = 1
 class StageTimer:
     """Accumulates wall seconds per stage into the current phase ("decode" or "prefill").
 
-    With `profile` on a CUDA device every stage is bracketed by torch.cuda.synchronize so the time
-    is the stage's own; without it GPU stages measure only their launch (the CPU is synchronous).
+    With `profile` on a CUDA device every stage is bracketed by a synchronisation of the compute
+    stream (not the device: expert copies on the copy stream keep running across stage boundaries,
+    and a stage that waits for them, target.moe, shows the wait) so the time is the stage's own;
+    without it GPU stages measure only their launch (the CPU is synchronous). `counters` hold
+    per-phase sums other than seconds (e.g. "h2d_bytes", finished expert copies).
     """
 
     def __init__(self, device: torch.device | None = None, profile: bool = False):
         self.sync = bool(profile and device is not None and device.type == "cuda")
         self.device = device
         self.totals: dict[str, dict[str, float]] = {"decode": {}, "prefill": {}}
+        self.counters: dict[str, dict[str, int]] = {"decode": {}, "prefill": {}}
         self.phase = "decode"
+
+    def _sync(self) -> None:
+        torch.cuda.current_stream(self.device).synchronize()
 
     @contextmanager
     def stage(self, stage: Stage | str):
         if self.sync:
-            torch.cuda.synchronize(self.device)
+            self._sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             if self.sync:
-                torch.cuda.synchronize(self.device)
+                self._sync()
             self.add(stage, time.perf_counter() - t0)
+
+    def count(self, name: str, value: int, phase: str | None = None) -> None:
+        d = self.counters[phase or self.phase]
+        d[name] = d.get(name, 0) + int(value)
+
+    def add_h2d(self, by_phase: dict[str, tuple[int, float]]) -> None:
+        """ExpertStore.take_h2d()'s {phase: (bytes, busy s)} -> target.h2d seconds and h2d_bytes, per phase."""
+        for phase, (nbytes, secs) in by_phase.items():
+            d = self.totals[phase]
+            d[Stage.TARGET_H2D.value] = d.get(Stage.TARGET_H2D.value, 0.0) + float(secs)
+            self.count("h2d_bytes", nbytes, phase)
 
     def add(self, stage: Stage | str, seconds: float) -> None:
         name = str(stage)
@@ -101,8 +119,15 @@ class RunRecord:
     dtype: str = ""
     weights: dict[str, str] = field(default_factory=dict)   # target/draft: checkpoint name or random source
     h2d_experts: int = 0
-    h2d_unused_experts: int = 0               # streamed on a prediction (prefetch) but not used
-    prefetch_next_layer: bool = False
+    h2d_unused_experts: int = 0               # streamed ahead of routing (prefetch) but not used by the pass
+    prefetch_next_layer: bool = False         # expert_streaming != "off"
+    expert_streaming: str = "off"             # "off" (after routing), "next" (next layer ahead), "predict"
+    host_io: str = "direct"                   # attention transfers for host KV rows (runtime.target_model.HOST_IO)
+    h2d_decode_bytes: int = 0                 # finished expert copies attributed to decode (with h2d_busy_s)
+    h2d_busy_s: float = 0.0                   # copy-stream busy seconds of those copies (CUDA events)
+    h2d_GBps: float | None = None             # achieved: h2d_decode_bytes / h2d_busy_s
+    h2d_busy_fraction: float | None = None    # h2d_busy_s / decode_time_s
+    h2d_prefill_bytes: int = 0
     cache_fill_bytes: int = 0
     draft_kv_gpu_sequences: int = 0
     target_kv_gpu_sequences: int = 0

@@ -69,7 +69,7 @@ class SpeculativeDecoder:
     def __init__(self, target: TargetModel, draft: DraftModel | None, target_kv: SplitKVCache,
                  draft_kv: SplitKVCache | None, timer: StageTimer, micro_batches: int, eos_ids: tuple[int, ...],
                  temperature: float = 0.0, seed: int = 0, flip_gap: float = 1e-4, oracle_alpha: float | None = None,
-                 prefill_chunk_tokens: int = 16384, prefetch: bool = False):
+                 prefill_chunk_tokens: int = 16384, prefetch: bool | str = False):
         self.target, self.draft, self.tkv, self.dkv = target, draft, target_kv, draft_kv
         self.timer, self.m = timer, micro_batches
         self.eos = set(int(e) for e in eos_ids)
@@ -78,7 +78,7 @@ class SpeculativeDecoder:
         self.gen = torch.Generator().manual_seed(int(seed))          # every random draw comes from here (host)
         self.flip_gap = flip_gap
         self.prefill_chunk_tokens = max(1, int(prefill_chunk_tokens))
-        self.prefetch = bool(prefetch)
+        self.prefetch = prefetch     # the expert-streaming schedule (TargetModel.forward's prefetch)
         self.oracle_alpha = oracle_alpha
         self.V = target.config.vocab_size
         self.flips = 0

@@ -136,3 +136,43 @@ def test_a_failing_mode_is_reported_and_the_rest_still_runs(tmp_path):
     assert d["goals"]["spec0.8_over_k0"]["result"] == "N/A"
     assert d["modes"]["spec_alpha0.8"]["planned"]["planner"].startswith("bench enumeration")
     assert d["modes"]["spec_alpha0.8"]["draft_len"] > 0
+
+
+def test_four_layer_budgets_stay_in_the_full_models_regime(tmp_path):
+    """After the 4-layer fallback every mode keeps the full model's expert-cache share for that mode (the
+    H200 run cached 6 of 8 experts at k=0 there), and a speculative row never runs k=0 (a plan the planner
+    did not prefer is forced to k>=1 and says so)."""
+    out = tmp_path / "plans4"
+    p = _run(["--plan-only", "--layers", "4", "--out", str(out)], tmp_path, timeout=90)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads((out / "gpu_offload.json").read_text())
+    b = d["config"]["budgets"]
+    for name, plan in d["plans"].items():
+        slots = plan["placement"]["expert_cache_slots"]
+        frac = sum(slots) / (4 * 8)
+        full = b["full_model"][name]["cached_expert_fraction"]
+        assert len(slots) == 4 and frac <= 0.25 and abs(frac - full) <= 0.1, (name, slots, full)
+        assert b["modes"][name]["gpu_GiB"] > 0
+    for name in ("spec_alpha0.8", "spec_alpha0.6"):
+        assert d["plans"][name]["draft_len"] >= 1, name
+        note = d["config"]["plan_notes"].get(name)
+        if note:
+            assert note["forced_k"] and "k=0" in note["note"]
+            assert f"{name}: {note['note']}" in p.stdout or "k>=1" in p.stdout
+    assert b["modes"]["k0"]["gpu_GiB"] < b["modes"]["spec_alpha0.8"]["gpu_GiB"]   # no draft, no draft KV
+
+
+def test_choose_host_io():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_offload_mod", SCRIPT)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    waits = {"h2d_pinned": {"alone_ms": 0.1, "during_big_copy_ms": 18.0, "waits_for_big_copy": True},
+             "zero_copy_kernel": {"alone_ms": 0.2, "during_big_copy_ms": 0.3, "waits_for_big_copy": False}}
+    assert m.choose_host_io("auto", cuda, waits) == "zero-copy"
+    assert m.choose_host_io("auto", cuda, dict(waits, zero_copy_kernel={"error": "TypeError"})) == "pinned"
+    assert m.choose_host_io("auto", cuda, None) == "pinned"
+    assert m.choose_host_io("auto", cpu, waits) == "direct"
+    assert m.choose_host_io("direct", cuda, waits) == "direct"
