@@ -441,10 +441,13 @@ def summarize(rec, plan, alpha, spec, dspec, hw, args) -> dict:
     d["measured_mean_context"] = args.prompt_len + gen_eq / 2
     try:
         wl = Workload(prompt_len=args.prompt_len, gen_len=gen_eq, acceptance=AcceptanceProfile.from_alpha(alpha or 0.0))
-        # the engine's schedule: with streaming ahead, the first layers' experts stream during the draft phase
+        # the engine's schedule: the MoE of all micro-batches runs together; with streaming ahead the
+        # first layers' experts stream during the draft phase and pre/post attention run once per layer
+        ahead = rec.expert_streaming == "next"
         est = estimate(spec, hw, wl, draft=dspec if k > 0 else None, draft_len=k, micro_batches=plan.micro_batches,
-                       placement=pl, batch=B, timeline=False, run=True, prefetch=rec.expert_streaming == "next")
-        d["prediction_options"] = {"prefetch": rec.expert_streaming == "next"}
+                       placement=pl, batch=B, timeline=False, run=True, prefetch=ahead, batched_moe=True,
+                       batched_layer=ahead)
+        d["prediction_options"] = {"prefetch": ahead, "batched_moe": True, "batched_layer": ahead}
         d["stages_predicted_s"] = {s: float(v) for s, v in est.stages.items()}
         d["predicted_iteration_s"] = est.iteration_time_s
         d["predicted_tokens_per_s"] = est.decode_tokens_per_s

@@ -38,12 +38,13 @@ simulator): layer_time = max(t_h2d, t_cpu, t_gpu).
 Fixed costs (planner/overhead.py): where the hardware spec has `measured.op_overhead_us` or
 `measured.stage_overhead_us`, every stage costs fixed + roofline, the fixed part counted per
 invocation as the engine makes them (runtime/speculative.py, runtime/target_model.py):
-  target.pre_attn    one per layer and micro-batch, plus one per pass (embedding), + per sequence per pass
+  target.pre_attn    one per layer and micro-batch (one per layer with batched_layer), plus one per pass
+                     (embedding), + per sequence per pass
   target.attention   one per layer and micro-batch on each KV part it has (host / device), + per sequence
                      per pass. The GPU-KV sequences spread over the micro-batches as everywhere in the cost
                      model (split_even, which planner.milp models too); the engine puts the first rows on
                      the device, so with m > 1 and 0 < GPU-KV sequences < B its part count can differ
-  target.post_attn   one per layer and micro-batch, + per token per layer
+  target.post_attn   one per layer and micro-batch (one per layer with batched_layer), + per token per layer
   target.moe         one per layer (all micro-batches together) + one per touched expert, E(1-(1-n_a/E)^N),
                      + per token per MoE layer; spread evenly over the micro-batch columns when batched_moe is off
   target.h2d         one per streamed expert (folded into the per-uncached-expert slope, so it stays linear)
@@ -141,6 +142,7 @@ class IterationCosts:
     gpu_peak_flops: float
     sources: frozenset = field(default_factory=frozenset)
     serial: bool = False            # the hardware's GPU is its CPU standing in: nothing overlaps
+    batched_layer: bool = False     # pre_attn and post_attn once per layer too (column 0); attention per micro-batch
 
     # ---- closed forms ----
     @property
@@ -275,8 +277,14 @@ class CostModel:
 
     def iteration(self, batch: int, micro_batches: int, draft_len: int, placement: Placement,
                   context_len: float | None = None, batched_moe: bool = False,
-                  draft_groups: str = "batch", draft_kv_gpu_sequences: int | None = None) -> IterationCosts:
+                  draft_groups: str = "batch", draft_kv_gpu_sequences: int | None = None,
+                  batched_layer: bool = False) -> IterationCosts:
         """Costs of one decode iteration.
+
+        batched_moe: the routed experts of all micro-batches run together, once per layer (as the
+        engine does). batched_layer: pre_attn and post_attn as well (the engine's schedule when it
+        streams the next layer's experts ahead on a GPU); only attention stays per micro-batch.
+        Both put the layer's whole time in micro-batch column 0.
 
         draft_groups: "batch" (one GPU part and one CPU part for the whole batch, the paper's
         draft-after-target) or "micro_batch" (one per micro-batch, for overlapping a micro-batch's
@@ -401,6 +409,12 @@ class CostModel:
         kv_h2d = ones * kvh_mb[None, :]
         gpu_share = np.where(cpu_layer, slots / max(E, 1), 1.0)             # [L]
         cpu_unit = float(cpue_mb.sum())          # CPU seconds per uncached expert, all micro-batches
+        if batched_layer:
+            batched_moe = True
+            pre_w, pm_w, pd_w = per_b(B)[0:3]
+            pre = np.zeros((L, M)); post = np.zeros((L, M))
+            pre[:, 0] = pre_w
+            post[:, 0] = np.where(self.is_moe, pm_w, pd_w)
         if batched_moe:
             moe_whole, cpue_whole = per_b(B)[3:5]
             moe_full = float(moe_whole)
@@ -417,7 +431,7 @@ class CostModel:
         gpu_per_seq = np.full(L, one_gpu)                                   # [L]
         if self.has_ov:
             moe_full += self._add_fixed(B, M, k1, mb, tg, cpu_attn_on_gpu, batched_moe, pre, post, attn_cpu, attn_gpu,
-                                        moe_gpu, lm_mb, ver_mb, cpu_per_seq, gpu_per_seq)
+                                        moe_gpu, lm_mb, ver_mb, cpu_per_seq, gpu_per_seq, batched_layer)
             srcs.add("measured")
 
         # ---- draft ----
@@ -445,7 +459,7 @@ class CostModel:
 
         return IterationCosts(
             batch=B, micro_batches=M, draft_len=k, context_len=s, mb_sizes=np.asarray(mb), tokens=N,
-            tokens_per_iteration=B * (acc + 1.0), batched_moe=batched_moe,
+            tokens_per_iteration=B * (acc + 1.0), batched_moe=batched_moe, batched_layer=batched_layer,
             pre_s=pre, attn_cpu_s=attn_cpu, attn_gpu_s=attn_gpu, kv_h2d_s=kv_h2d, post_s=post,
             moe_gpu_s=moe_gpu, moe_cpu_s=moe_cpu, h2d_s=h2d, lm_head_s=lm_mb, verify_s=ver_mb,
             draft_group_sizes=dsz, draft_gpu_s=dg, draft_cpu_attn_s=dca, draft_cpu_gpu_s=dcg,
@@ -457,13 +471,18 @@ class CostModel:
 
     # ---- fixed per-invocation costs (module doc, planner/overhead.py) ----
     def _add_fixed(self, B: int, M: int, k1: int, mb: list[int], tg: list[int], attn_on_gpu: bool, batched_moe: bool,
-                   pre, post, attn_cpu, attn_gpu, moe_gpu, lm_mb, ver_mb, cpu_per_seq, gpu_per_seq) -> float:
+                   pre, post, attn_cpu, attn_gpu, moe_gpu, lm_mb, ver_mb, cpu_per_seq, gpu_per_seq,
+                   batched_layer: bool = False) -> float:
         """Add the fixed costs to the stage arrays in place (shapes as in IterationCosts); returns the
         fixed MoE seconds of one MoE layer (for moe_gpu_full_s)."""
         o = self.ov.get
         N = B * k1
-        pre += o("target.pre_attn")                                          # [L, M] each layer x micro-batch
-        post += o("target.post_attn") + o("target.post_attn.token") * k1 * np.asarray(mb, dtype=float)[None, :]
+        if batched_layer:                                                    # each layer, once over all micro-batches
+            pre[:, 0] += o("target.pre_attn")
+            post[:, 0] += o("target.post_attn") + o("target.post_attn.token") * k1 * B
+        else:                                                                # [L, M] each layer x micro-batch
+            pre += o("target.pre_attn")
+            post += o("target.post_attn") + o("target.post_attn.token") * k1 * np.asarray(mb, dtype=float)[None, :]
         for j in range(M):
             pre[0, j] += o("target.pre_attn") / M + o("target.pre_attn.sequence") * mb[j]   # once per pass
             n_dev, n_host = tg[j], mb[j] - tg[j]

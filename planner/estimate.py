@@ -77,6 +77,7 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
              draft: str | Path | dict | ModelSpec | None = None, draft_len: int = 0, micro_batches: int = 2,
              placement: Placement | None = None, batch: int | str | None = None, *,
              overlap_draft: bool = False, prefetch: bool = False, batched_moe: bool = False,
+             batched_layer: bool = False,
              timeline: bool = True, run: bool = True, use_measured: bool = True) -> Estimate:
     """Predict one configuration.
 
@@ -84,7 +85,9 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
     draft: needed when draft_len > 0; None then means the default draft of the target (DEFAULT_DRAFTS).
     placement: None gives the default (target KV on the CPU, draft KV on the GPU for as many
       sequences as fit, then as many expert cache slots as fit).
-    overlap_draft / prefetch / batched_moe: simulator options (see planner.simulator).
+    overlap_draft / prefetch / batched_moe / batched_layer: simulator options (see planner.simulator;
+      the engine always batches the MoE, and on a GPU also pre/post attention with prefetch, its
+      default streaming-ahead schedule).
     run: also simulate prefill and the whole run (end-to-end throughput).
     """
     m = load_model(model)
@@ -123,7 +126,7 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
 
     cm = CostModel(m, hw, workload, d, use_measured=use_measured)
     groups = "micro_batch" if overlap_draft else "batch"
-    costs = cm.iteration(B, mb, k, placement, batched_moe=batched_moe, draft_groups=groups)
+    costs = cm.iteration(B, mb, k, placement, batched_moe=batched_moe, draft_groups=groups, batched_layer=batched_layer)
     sim = simulate_iteration(costs, placement, overlap_draft=overlap_draft, prefetch=prefetch, record=timeline)
     it = sim.iteration_time_s
     stages = dict(sim.stages)
@@ -136,11 +139,12 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
         memory=fp.to_dict(), bound=sim.bound, moe_gpu_utilization=costs.moe_gpu_utilization(it),
         source=costs.source, placement=placement, timeline=sim.timeline,
         options={"overlap_draft": overlap_draft, "prefetch": prefetch, "batched_moe": batched_moe,
+                 "batched_layer": batched_layer,
                  "use_measured": use_measured, "acceptance": workload.acceptance.source},
     )
     if run:
         rr = simulate_run(cm, B, mb, k, placement, overlap_draft=overlap_draft, batched_moe=batched_moe,
-                          prefetch=prefetch)
+                          prefetch=prefetch, batched_layer=batched_layer)
         est.prefill_time_s = rr.prefill_time_s
         est.decode_time_s = rr.decode_time_s
         est.end_to_end_tokens_per_s = rr.end_to_end_tokens_per_s

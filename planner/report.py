@@ -205,13 +205,29 @@ def _resource(plan: Plan, stage: Stage) -> str:
     return STAGE_RESOURCE[stage]
 
 
+SCHEDULE_KEYS = ("overlap_draft", "prefetch", "batched_moe", "batched_layer")
+
+
+def engine_schedule(run: dict) -> dict[str, bool] | None:
+    """The simulator options that describe how the engine ran (runtime/target_model.py): the MoE of
+    all micro-batches always together; streaming ahead ('next', the CUDA default) also runs pre/post
+    attention once per layer and streams the first layers' experts during the draft phase. None for
+    a run record that does not say."""
+    mode = run.get("expert_streaming")
+    if mode not in ("next", "predict", "off"):
+        return None
+    return {"batched_moe": True, "batched_layer": mode == "next", "prefetch": mode == "next"}
+
+
 def _estimate_for(plan: Plan, draft_len: int, timeline: bool, placement=None, batch: int | None = None,
-                  run: bool = True):
-    """planner.estimate of the plan's inputs at `draft_len` (the plan's placement unless given)."""
+                  run: bool = True, schedule: dict | None = None):
+    """planner.estimate of the plan's inputs at `draft_len` (the plan's placement unless given), with
+    the plan's simulator options, or `schedule`'s where given."""
     from .estimate import estimate
 
     opts = plan.solver.get("options", {}) if isinstance(plan.solver, dict) else {}
-    kw = {k: bool(opts[k]) for k in ("overlap_draft", "prefetch", "batched_moe") if k in opts}
+    kw = {k: bool(opts[k]) for k in SCHEDULE_KEYS if k in opts}
+    kw.update(schedule or {})
     return estimate(plan.model_spec(), plan.hardware_spec(), plan.workload_spec(),
                     draft=plan.draft_spec() if draft_len > 0 else None, draft_len=draft_len,
                     micro_batches=min(plan.micro_batches, batch or plan.batch),
@@ -290,23 +306,37 @@ def _prediction(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict,
     k_run = int(run["draft_len"])
     live = live_batch(run)
     b_run = plan.batch
-    if live is not None and live < (1 - LIVE_BATCH_TOLERANCE) * plan.batch:
+    opts = plan.solver.get("options", {}) if isinstance(plan.solver, dict) else {}
+    sched = engine_schedule(run)
+    if sched is not None and all(bool(opts.get(k, False)) == v for k, v in sched.items()):
+        sched = None                        # the plan already predicted the engine's schedule
+    if sched is not None and plan.micro_batches == 1 and not sched["prefetch"]:
+        sched = None                        # one micro-batch without streaming ahead: the same events
+    if sched is not None:
+        warnings.append("the engine ran " + ", ".join(f"{k}={v}" for k, v in sched.items())
+                        + f" (expert streaming {run.get('expert_streaming')!r}): predictions re-simulated "
+                          "with that schedule")
+    if sched is not None or (live is not None and live < (1 - LIVE_BATCH_TOLERANCE) * plan.batch):
+        if live is None or live >= (1 - LIVE_BATCH_TOLERANCE) * plan.batch:
+            live = float(plan.batch)
         b_run = max(1, int(round(live)))
         try:
-            e = _estimate_for(plan, k_run, timeline=True, placement=_live_placement(plan, b_run), batch=b_run)
+            e = _estimate_for(plan, k_run, timeline=True, placement=_live_placement(plan, b_run), batch=b_run,
+                              schedule=sched)
         except SpecError as err:
-            warnings.append(f"could not re-estimate at the run's mean live batch {live:.1f} ({err}); "
-                            f"predictions are for the plan's batch {plan.batch}")
+            warnings.append(f"could not re-estimate at the run's batch {live:.1f} ({err}); "
+                            f"predictions are for the plan's batch {plan.batch} and schedule")
         else:
-            warnings.append(f"the run averaged {live:.1f} live sequences per iteration of the plan's {plan.batch} "
-                            f"(sequences finish at different iterations): predictions re-estimated at batch "
-                            f"{b_run}" + (f" and k={k_run}" if k_run != plan.draft_len else ""))
+            if b_run != plan.batch:
+                warnings.append(f"the run averaged {live:.1f} live sequences per iteration of the plan's "
+                                f"{plan.batch} (sequences finish at different iterations): predictions "
+                                f"re-estimated at batch {b_run}" + (f" and k={k_run}" if k_run != plan.draft_len else ""))
             stages = dict(e.stages)
             stages[Stage.ITERATION.value] = e.iteration_time_s
             # prefill runs once over the whole batch: the plan's batch, not the live one
             try:
                 prefill = (p.prefill_time_s if k_run == plan.draft_len and p.prefill_time_s > 0
-                           else _estimate_for(plan, k_run, timeline=False).prefill_time_s)
+                           else _estimate_for(plan, k_run, timeline=False, schedule=sched).prefill_time_s)
             except SpecError:
                 prefill = e.prefill_time_s
             stages[Stage.PREFILL.value] = prefill

@@ -7,7 +7,9 @@ Events (per target layer i, micro-batch j; durations from `cost_model.IterationC
                           `streaming_buffers` = 2 (double buffering) the n-th streaming layer's copy
                           waits for the MoE of the (n-2)-th streaming layer to finish with its buffer,
                           so h2d(i+1) runs while layer i computes
-    pre(i,j)        gpu   after the previous layer's MoE of micro-batch j
+    pre(i,j)        gpu   after the previous layer's MoE of micro-batch j (batched_layer: one pre(i)
+                          over all micro-batches, after the previous layer's MoE, and one post(i)
+                          after every attn(i,j): the engine's schedule when it streams ahead)
     attn(i,j)       cpu   after pre(i,j)  (and/or on the GPU for GPU-KV sequences; with
                           attention_device "gpu" after a kv-h2d(i,j) on pcie)
     post(i,j)       gpu   after attn(i,j)
@@ -152,7 +154,21 @@ def _build_iteration(dag: Dag, c: IterationCosts, it: int, prev_draft_end: list,
             gate = []
         posts = []
         moes: list[int] = []
-        for j in range(M):
+        if c.batched_layer:
+            # the engine's streaming-ahead schedule: pre_attn over every micro-batch, attention per
+            # micro-batch, post_attn over all of them, then the MoE (batched) below
+            p = dag.add("gpu", float(c.pre_s[i].sum()), sorted({e for j in range(M) for e in last[j]}), TP, i, -1, it)
+            att = []
+            for j in range(M):
+                if c.attn_cpu_s[i, j] > 0:
+                    att.append(dag.add("cpu", c.attn_cpu_s[i, j], (p,), TA, i, j, it))
+                if c.attn_gpu_s[i, j] > 0:
+                    dk = p
+                    if c.kv_h2d_s[i, j] > 0:
+                        dk = dag.add("pcie", c.kv_h2d_s[i, j], (p,), TH, i, j, it)
+                    att.append(dag.add("gpu", c.attn_gpu_s[i, j], (dk,), TA, i, j, it))
+            posts.append(dag.add("gpu", float(c.post_s[i].sum()), att or (p,), TPO, i, -1, it))
+        for j in range(M if not c.batched_layer else 0):
             p = dag.add("gpu", c.pre_s[i, j], last[j], TP, i, j, it)
             att = []
             if c.attn_cpu_s[i, j] > 0:
@@ -268,11 +284,11 @@ class ConfigEval:
 
 def evaluate_config(cm: CostModel, batch: int, micro_batches: int, draft_len: int, placement: Placement,
                     simulate: bool = True, context_len: float | None = None, overlap_draft: bool = False,
-                    prefetch: bool = False, batched_moe: bool = False) -> ConfigEval:
+                    prefetch: bool = False, batched_moe: bool = False, batched_layer: bool = False) -> ConfigEval:
     """Cost model + (optionally) the simulator for one configuration, no timeline. simulate=False
     returns the closed form (sum over layers of the bare max) as the iteration time."""
     c = cm.iteration(batch, micro_batches, draft_len, placement, context_len=context_len, batched_moe=batched_moe,
-                     draft_groups="micro_batch" if overlap_draft else "batch")
+                     draft_groups="micro_batch" if overlap_draft else "batch", batched_layer=batched_layer)
     closed = c.closed_form_time_s
     if simulate:
         r = simulate_iteration(c, placement, overlap_draft=overlap_draft, prefetch=prefetch, record=False)
@@ -355,7 +371,7 @@ def _tokens_distribution(acc_table, k: int) -> tuple[float, float]:
 
 def simulate_run(cm: CostModel, batch: int, micro_batches: int, draft_len: int, placement: Placement,
                  groups: int = 12, overlap_draft: bool = False, batched_moe: bool = False,
-                 prefetch: bool = False) -> RunResult:
+                 prefetch: bool = False, batched_layer: bool = False) -> RunResult:
     """A whole static-batch run: prefill, then decode iterations while contexts grow by acc(k)+1
     tokens per iteration and sequences finish once they have gen_len tokens.
 
@@ -395,7 +411,7 @@ def simulate_run(cm: CostModel, batch: int, micro_batches: int, draft_len: int, 
         pl = replace(placement, target_kv_gpu_sequences=min(placement.target_kv_gpu_sequences, B),
                      draft_kv_gpu_sequences=g_seq)
         c = cm.iteration(B, mb, draft_len, pl, context_len=ctx, batched_moe=batched_moe,
-                         draft_groups="micro_batch" if overlap_draft else "batch")
+                         draft_groups="micro_batch" if overlap_draft else "batch", batched_layer=batched_layer)
         t = simulate_iteration(c, pl, overlap_draft=overlap_draft, prefetch=prefetch, record=False).iteration_time_s
         decode += t * (b - a)
         out.append({"iterations": int(b - a), "active": B, "context": float(ctx), "draft_gpu_sequences": g_seq,

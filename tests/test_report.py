@@ -202,6 +202,29 @@ def test_thinning_batch_is_compared_at_its_live_size(plan):
     assert any("40.0 live sequences" in w for w in cmp.warnings)
 
 
+def test_run_is_compared_under_the_engines_schedule(plan):
+    """The engine batches the MoE of all micro-batches and, streaming ahead on a GPU ('next'), also
+    pre/post attention and the first layers' copies during the draft: a run record that says so is
+    compared against that schedule, re-simulated from the plan's inputs."""
+    from planner.estimate import estimate
+    from planner.report import engine_schedule
+
+    assert engine_schedule({}) is None
+    assert engine_schedule({"expert_streaming": "off"}) == {"batched_moe": True, "batched_layer": False,
+                                                            "prefetch": False}
+    run = make_run(plan, {}, 1.0, expert_streaming="next")
+    cmp = compare(plan, run)
+    want = estimate(plan.model_spec(), plan.hardware_spec(), plan.workload_spec(), draft=plan.draft_spec(),
+                    draft_len=2, micro_batches=2, batch=64, placement=plan.placement, timeline=False,
+                    batched_moe=True, batched_layer=True, prefetch=True)
+    assert cmp.row("iteration").predicted == pytest.approx(want.iteration_time_s, rel=1e-9)
+    assert cmp.row("iteration").predicted != pytest.approx(plan.predicted.iteration_time_s, rel=1e-6)
+    assert any("expert streaming 'next'" in w for w in cmp.warnings)
+    # a record without the field is compared as planned
+    assert compare(plan, make_run(plan, {}, 1.0)).row("iteration").predicted == \
+        pytest.approx(plan.predicted.iteration_time_s)
+
+
 def test_prediction_helpers(plan):
     assert predicted_timeline(plan) == plan.predicted.timeline
     by_k = throughput_by_k(plan)

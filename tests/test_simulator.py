@@ -317,3 +317,35 @@ def test_bare_max_bounds_uniform_layers_from_below():
         assert c.closed_form_time_s * (1 - 1e-9) <= t <= c.sum_of_stages_s * (1 + 1e-9)
         checked += 1
     assert checked > 30
+
+
+def test_batched_layer_schedule_is_the_engines_streaming_ahead():
+    """batched_layer: one pre_attn and one post_attn event per layer over all micro-batches (fixed
+    costs counted once per layer), attention per micro-batch between them, the MoE batched. With one
+    micro-batch it is the per-micro-batch schedule exactly."""
+    wl = Workload(10, 4, acceptance=load_acceptance(0.5))
+    table = {"target.pre_attn": 100, "target.post_attn": 300, "target.post_attn.token": 2}
+    cm = CostModel(tiny_target(), tiny_hw(stage_overhead_us=table), wl, tiny_draft())
+    _, pl = _tiny()
+    one_a = simulate_iteration(cm.iteration(4, 1, 1, pl, context_len=10, batched_moe=True), pl)
+    one_b = simulate_iteration(cm.iteration(4, 1, 1, pl, context_len=10, batched_layer=True), pl)
+    assert one_b.iteration_time_s == pytest.approx(one_a.iteration_time_s, rel=1e-12)
+    per_mb = cm.iteration(4, 2, 1, pl, context_len=10, batched_moe=True)
+    c = cm.iteration(4, 2, 1, pl, context_len=10, batched_layer=True)
+    assert c.batched_moe and c.batched_layer and not per_mb.batched_layer
+    L = 2
+    # fixed costs: per-micro-batch counts 2 x L invocations of each, the batched schedule L (+1 per pass)
+    fixed_pre = lambda x: x.pre_s.sum() - CostModel(tiny_target(), tiny_hw(), wl, tiny_draft()).iteration(
+        4, 2, 1, pl, context_len=10, batched_layer=x.batched_layer, batched_moe=True).pre_s.sum()
+    assert fixed_pre(per_mb) == pytest.approx((2 * L + 1) * 100e-6)
+    assert fixed_pre(c) == pytest.approx((L + 1) * 100e-6)
+    assert np.all(c.pre_s[1:, 1] == 0) and np.all(c.post_s[:, 1] == 0)     # (layer 0 carries the pass's share)
+    r = simulate_iteration(c, pl)
+    ev = defaultdict(list)
+    for e in r.timeline:
+        ev[(e["stage"], e["layer"])].append(e)
+    for i in range(L):
+        (pre,), (post,) = ev[("target.pre_attn", i)], ev[("target.post_attn", i)]
+        atts = ev[("target.attention", i)]
+        assert pre["micro_batch"] == post["micro_batch"] == -1 and len(atts) == 2
+        assert all(pre["end_s"] <= a["start_s"] + 1e-15 and a["end_s"] <= post["start_s"] + 1e-15 for a in atts)
