@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .device import host_empty
@@ -94,8 +95,8 @@ class PassLayout:
 
     def positions(self, device: torch.device) -> torch.Tensor:
         """[T] int64."""
-        return torch.cat([torch.arange(c, c + k, dtype=torch.int64) for c, k in zip(self.ctx, self.n)]).to(device) \
-            if self.rows else torch.zeros(0, dtype=torch.int64, device=device)
+        n = np.asarray(self.n, dtype=np.int64)
+        return torch.from_numpy(np.repeat(np.asarray(self.ctx, dtype=np.int64), n) + _within(n)).to(device)
 
     def last_token_index(self, device: torch.device) -> torch.Tensor:
         """[B] index of each sequence's last token."""
@@ -111,6 +112,16 @@ class PassLayout:
             sub = PassLayout(self.rows[s0:s1], self.ctx[s0:s1], self.n[s0:s1])
             out.append((sub, self.offsets[s0], self.offsets[s1]))
         return out
+
+
+def _within(n: np.ndarray) -> np.ndarray:
+    """[sum n] each token's index inside its own sequence: 0..n[0]-1, 0..n[1]-1, ..."""
+    total = int(n.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+
+
+def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
 
 class SplitKVCache:
@@ -166,32 +177,31 @@ class SplitKVCache:
         if key in layout._plans:
             return layout._plans[key]
         plans = []
+        rows = np.asarray(layout.rows, dtype=np.int64)       # [B]
+        ctx = np.asarray(layout.ctx, dtype=np.int64)         # [B]
+        n = np.asarray(layout.n, dtype=np.int64)             # [B]
+        off = np.asarray(layout.offsets[:-1], dtype=np.int64)  # [B] first token of each sequence
+        over = np.flatnonzero(ctx + n > self.capacity)
+        if over.size:
+            b = int(over[0])
+            raise RuntimeError(f"KV row {layout.rows[b]}: {layout.ctx[b]}+{layout.n[b]} positions exceed the "
+                               f"capacity {self.capacity}")
+        on_dev = rows < self.device_rows
         for p in (0, 1):
             dev = self.part_devices[p]
-            seqs = [b for b, r in enumerate(layout.rows) if (r < self.device_rows) == (p == 0)]
-            if not seqs:
+            seqs = np.flatnonzero(on_dev if p == 0 else ~on_dev)    # [B_p] in pass order
+            if not seqs.size:
                 continue
-            toks, rows_t, pos_t = [], [], []
-            by_n: dict[int, list[int]] = {}
-            for b in seqs:
-                _, lr = self.part_of(layout.rows[b])
-                c, n, o = layout.ctx[b], layout.n[b], layout.offsets[b]
-                if c + n > self.capacity:
-                    raise RuntimeError(f"KV row {layout.rows[b]}: {c}+{n} positions exceed the capacity {self.capacity}")
-                toks.extend(range(o, o + n))
-                rows_t.extend([lr] * n)
-                pos_t.extend(range(c, c + n))
-                by_n.setdefault(n, []).append(b)
-            pp = _PartPlan(p, torch.tensor(toks, dtype=torch.int64, device=model_device),
-                           torch.tensor(rows_t, dtype=torch.int64, device=dev),
-                           torch.tensor(pos_t, dtype=torch.int64, device=dev))
-            for n, bs in sorted(by_n.items()):
-                idx = [t for b in bs for t in range(layout.offsets[b], layout.offsets[b] + n)]
-                pp.groups.append(_Group(
-                    n, torch.tensor([self.part_of(layout.rows[b])[1] for b in bs], dtype=torch.int64, device=dev),
-                    torch.tensor([layout.ctx[b] for b in bs], dtype=torch.int64, device=dev),
-                    torch.tensor(idx, dtype=torch.int64, device=model_device),
-                    max(layout.ctx[b] for b in bs)))
+            lr = rows[seqs] - (0 if p == 0 else self.device_rows)    # [B_p] rows local to the part
+            ns, w = n[seqs], _within(n[seqs])                        # [B_p], [T_p]
+            pp = _PartPlan(p, _tensor(np.repeat(off[seqs], ns) + w, model_device), _tensor(np.repeat(lr, ns), dev),
+                           _tensor(np.repeat(ctx[seqs], ns) + w, dev))
+            for nv in np.unique(ns):                                 # ascending token counts
+                sel = ns == nv
+                bs = seqs[sel]                                       # [B_g]
+                idx = (off[bs][:, None] + np.arange(nv)[None, :]).reshape(-1)   # [B_g * nv]
+                pp.groups.append(_Group(int(nv), _tensor(lr[sel], dev), _tensor(ctx[bs], dev),
+                                        _tensor(idx, model_device), int(ctx[bs].max())))
             plans.append(pp)
         layout._plans[key] = plans
         return plans
