@@ -121,6 +121,10 @@ def test_forced_paths_small_chunks_and_splits(dtype):
     check(3, 8, 8, 2, 96, [100, 700, 5], dtype, num_threads=1)
     check(8, 2, 8, 2, 128, ctxs, dtype, _chunk_keys=24, _split_keys=24)  # row-split QK, M = 8
     check(8, 1, 8, 2, 64, ctxs, dtype, _chunk_keys=24, _split_keys=48)  # row-split QK, M = 4
+    # Default chunk C = 72: an item's last chunk takes the rest (102 keys: 4 tiles + an overlapping
+    # 5th), 132 = 72 + 60, 142 = 72 + 70; plain QK (M = 12) and row-split QK (M = 8).
+    check(3, 3, 8, 2, 128, [99, 129, 139], dtype)
+    check(3, 2, 8, 2, 128, [100, 130, 140], dtype)
 
 
 @needs_compiler

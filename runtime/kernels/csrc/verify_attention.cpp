@@ -10,12 +10,12 @@
 // out [B, N, Hq, D] fp32. Query row m = i*g + j of (b, h) is q[b, i, h*g + j, :]; it sits at
 // position ctx+i and sees keys 0..ctx+i.
 //
-// Work decomposition: items (sequence b, KV head h, key range) run in parallel (OpenMP, dynamic,
-// largest first); a long context is split into several key ranges whose partial softmax
-// results (unnormalised O, row max, row sum) are merged afterwards (split-K, flash-decoding),
-// so B=1 with a long context still uses every thread. Inside an item the keys are walked in
-// chunks of C with an online softmax; all M = g*N query rows of the KV head share each chunk,
-// so K and V are read from memory once per (sequence, KV head).
+// Work decomposition: items (sequence b, KV head h, key range) run in parallel (OpenMP threads
+// claiming items largest first from a shared counter); a long context is split into several key
+// ranges whose partial softmax results (unnormalised O, row max, row sum) are merged afterwards
+// (split-K, flash-decoding), so B=1 with a long context still uses every thread. Inside an item
+// the keys are walked in chunks of about C with an online softmax; all M = g*N query rows of the
+// KV head share each chunk, so K and V are read from memory once per (sequence, KV head).
 //
 // Per chunk and row block: S^T[c][m] = K[c] . Q^T[:, m] (a small GEMM: key scalars broadcast,
 // vectors over query rows, register tile KC keys x MV vectors), the causal mask on the new
@@ -24,7 +24,15 @@
 // scale*log2(e) so the softmax uses exp2. Accumulation is fp32; bf16 K/V chunks are widened to
 // fp32 in a small L1/L2-resident buffer first. With M <= 8 rows (k+1 <= 2 at g = 4) a vector
 // would be mostly padding, so on AVX-512 the QK splits each row's dot product over 16/Mq lanes
-// instead (row-split QK, below). While a chunk computes, the next one is prefetched into L2.
+// instead (row-split QK, below) and the scores are kept packed (Mq rows per key, 16/Mq keys per
+// vector) through the softmax.
+//
+// Memory: the kernel streams K and V once, so at small N it is bound by how many cache lines
+// one core keeps in flight. While a chunk computes, the next one (at an item's last chunk: the
+// first chunk of the item this thread runs next, claimed early for that) is prefetched into L2,
+// spread evenly over the QK and PV work of the chunk: in bursts the prefetches fill the line
+// fill buffers and stall the FMAs, and memory and compute then take turns instead of
+// overlapping.
 //
 // SIMD: GCC/Clang vector extensions of width W (16 floats with AVX-512, 8 with AVX, 4
 // otherwise); the compiler maps them onto the target ISA (-march=native); AVX-512 intrinsics
@@ -96,15 +104,7 @@ inline float bf16_to_float(uint16_t h) {
 
 // 2^x for x <= 0 (Cephes exp2f polynomial on [-0.5, 0.5], rel. error ~2e-7); exactly 0 for
 // x < -126 (and -inf).
-inline vf vexp2(vf x) {
-  const vf lo = vsplat(-126.0f);
-  const vi under = x < lo;
-  x = under ? lo : x;
-  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: round to nearest integer
-  const vf t = x + magic;
-  const vf r = t - magic;
-  const vf f = x - r;
-  const vi n = (vi)t - (vi)magic;
+inline vf exp2_poly(vf f) {
   vf p = vsplat(1.535336188319500e-4f);
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
@@ -112,9 +112,28 @@ inline vf vexp2(vf x) {
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
+  return p;
+}
+inline vf vexp2(vf x) {
+#if defined(__AVX512F__)
+  // round, polynomial, scale by 2^n (vscalefps); the compare zeroes x < -126 and -inf.
+  const __m512 xv = (__m512)x;
+  const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+  const __m512 r = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf p = exp2_poly(x - (vf)r);
+  return (vf)_mm512_maskz_scalef_ps(keep, (__m512)p, r);
+#else
+  const vf lo = vsplat(-126.0f);
+  const vi under = x < lo;
+  x = under ? lo : x;
+  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: round to nearest integer
+  const vf t = x + magic;
+  const vf r = t - magic;
+  const vi n = (vi)t - (vi)magic;
   const vf s = (vf)((n + 127) << 23);
-  const vf res = p * s;
+  const vf res = exp2_poly(x - r) * s;
   return under ? vsplat(0.0f) : res;
+#endif
 }
 
 // ---------------------------------------------------------------- register-tile kernels
@@ -127,21 +146,27 @@ constexpr int dvg_for(int dv) {  // D-vectors per PV tile: divides dv, MR*G + G 
   return best;
 }
 
-// Prefetch of the next chunk while this one computes. The next chunk's K rows are one
-// contiguous block, its V rows another; each 16-wide d step of a QK tile prefetches the next
-// `per_step` lines of both into L2, so the whole chunk is requested evenly over this one.
+// Prefetch of the next chunk while this one computes (the next item's first chunk while an
+// item's last one does). The next chunk's K rows are one contiguous block, its V rows another;
+// the QK tiles (every 16-wide d step) and the PV tiles (every 8 keys) call step(units) with the
+// vector FMAs they are about to do, and it requests the lines of both that are due by then at
+// `rate` lines per FMA, so the chunk is requested evenly over the whole of this one's compute.
 struct Prefetch {
   const char* k = nullptr;  // next K line to prefetch; nullptr: nothing to do
   const char* end = nullptr;
   int64_t vdelta = 0;  // V cache offset from the K cache, bytes
-  int64_t per_step = 0;
-  inline void step() {
+  float rate = 0.0f;   // line pairs per unit of work
+  float credit = 0.0f;
+  inline void step(int units) {
     if (k >= end) return;
-    for (int64_t i = 0; i < per_step; ++i) {
+    credit += float(units) * rate;
+    const int n = int(credit);
+    credit -= float(n);
+    for (int i = 0; i < n; ++i) {
       __builtin_prefetch(k + 64 * i, 0, 2);
       __builtin_prefetch(k + 64 * i + vdelta, 0, 2);
     }
-    k += 64 * per_step;
+    k += 64 * n;
   }
 };
 
@@ -157,7 +182,7 @@ inline void qk_tile(const float* __restrict k, int64_t Drt, const float* __restr
 #pragma GCC unroll 4
     for (int v = 0; v < MV; ++v) acc[c][v] = vf{};
   for (int64_t d0 = 0; d0 < D; d0 += 16) {
-    pf.step();
+    pf.step(KC * MV * 16);
     const int64_t d1 = (DT > 0 && DT % 16 == 0) ? d0 + 16 : std::min<int64_t>(d0 + 16, D);
     for (int64_t d = d0; d < d1; ++d) {
       vf qv[MV];
@@ -180,7 +205,7 @@ inline void qk_tile(const float* __restrict k, int64_t Drt, const float* __restr
 // o[r][:] = o[r][:] * alpha[r] + sum_{c < nc} p[c*ldp + r] * v[c][:], r < MR (DT % W == 0).
 template <int DT, int MR>
 inline void pv_tile(const float* __restrict v, int64_t nc, const float* __restrict p,
-                    int64_t ldp, const float* __restrict alpha, float* __restrict o) {
+                    int64_t ldp, const float* __restrict alpha, float* __restrict o, Prefetch& pf) {
   constexpr int DV = DT / W;
   constexpr int G = dvg_for(DV);
   for (int g0 = 0; g0 < DV; g0 += G) {
@@ -192,6 +217,7 @@ inline void pv_tile(const float* __restrict v, int64_t nc, const float* __restri
       for (int j = 0; j < G; ++j) acc[r][j] = vload(o + r * DT + (g0 + j) * W) * a;
     }
     for (int64_t c = 0; c < nc; ++c) {
+      if ((c & 7) == 0) pf.step(8 * MR * G);
       vf vv[G];
 #pragma GCC unroll 8
       for (int j = 0; j < G; ++j) vv[j] = vload(v + c * DT + (g0 + j) * W);
@@ -214,17 +240,17 @@ constexpr int mr_for() { return DT > 0 ? NACC / dvg_for(DT / W) : 1; }
 
 template <int DT, int MR>
 inline void pv_rows_rem(int rem, const float* v, int64_t nc, const float* p, int64_t ldp,
-                        const float* alpha, float* o) {
+                        const float* alpha, float* o, Prefetch& pf) {
   if constexpr (MR > 1) {
-    if (rem == MR - 1) return pv_tile<DT, MR - 1>(v, nc, p, ldp, alpha, o);
-    return pv_rows_rem<DT, MR - 1>(rem, v, nc, p, ldp, alpha, o);
+    if (rem == MR - 1) return pv_tile<DT, MR - 1>(v, nc, p, ldp, alpha, o, pf);
+    return pv_rows_rem<DT, MR - 1>(rem, v, nc, p, ldp, alpha, o, pf);
   }
 }
 
 // Rows [0, rows) of one row block: PV for a compile-time D, runtime-D loop otherwise.
 template <int DT>
 inline void pv_rows(int64_t rows, int64_t D, const float* v, int64_t nc, const float* p,
-                    int64_t ldp, const float* alpha, float* o) {
+                    int64_t ldp, const float* alpha, float* o, Prefetch& pf) {
   if constexpr (DT > 0 && DT % W == 0) {
     // Balanced row tiles (32 rows at MR = 6: 6,6,5,5,5,5 rather than 6,6,6,6,6,2).
     constexpr int MR = mr_for<DT>();
@@ -234,9 +260,9 @@ inline void pv_rows(int64_t rows, int64_t D, const float* v, int64_t nc, const f
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t mr = base + (t < extra ? 1 : 0);
       if (mr == MR)
-        pv_tile<DT, MR>(v, nc, p + r, ldp, alpha + r, o + r * DT);
+        pv_tile<DT, MR>(v, nc, p + r, ldp, alpha + r, o + r * DT, pf);
       else
-        pv_rows_rem<DT, MR>(int(mr), v, nc, p + r, ldp, alpha + r, o + r * DT);
+        pv_rows_rem<DT, MR>(int(mr), v, nc, p + r, ldp, alpha + r, o + r * DT, pf);
       r += mr;
     }
   } else {
@@ -291,11 +317,18 @@ struct Buf {  // 64-byte aligned, grows only
   }
 };
 
+// An item of `len` keys is walked in round(len / C) chunks (at least one): C keys each, the last
+// one takes the rest (C/2 .. 3C/2 - 1 keys), so there is no short tail chunk at the end of an
+// item, whose compute would be too short to hide the prefetch of the next chunk.
+inline int64_t max_chunk(int64_t C) { return C + C / 2; }
+inline int64_t chunk_count(int64_t len, int64_t C) { return std::max<int64_t>(1, (len + C / 2) / C); }
+inline int64_t chunk_len(int64_t len, int64_t C, int64_t n, int64_t i) { return i + 1 < n ? C : len - i * C; }
+
 struct Workspace {
   Buf qt, st, o, ml, kb, vb;
   bool ensure(const Args& a) {
     const size_t mb = std::min<int64_t>(a.Mp, 4 * W);
-    const size_t cpad = size_t(a.C + NACC);
+    const size_t cpad = size_t(max_chunk(a.C) + NACC);
     return qt.ensure(size_t(a.D) * a.Mp) && st.ensure(cpad * mb) && o.ensure(size_t(a.Mp) * a.D) &&
            ml.ensure(size_t(4) * a.Mp) && kb.ensure(cpad * a.D) && vb.ensure(cpad * a.D);
   }
@@ -307,10 +340,16 @@ void qk_block(const Args& a, const float* kc, int64_t nc, bool direct, const flo
   constexpr int KC = kc_for(MV);
   const int64_t D = DT > 0 ? DT : a.D;
   int64_t c = 0;
-  if (direct) {  // full tiles straight from the source rows, a zero-padded copy for the tail
+  // Full tiles straight from the source rows. The tail: a last tile that ends at key nc and
+  // overlaps the one before (it recomputes the same scores bit for bit, nothing is copied), or
+  // with fewer than KC keys in the chunk a zero-padded copy.
+  if (direct) {
     for (; c + KC <= nc; c += KC)
       qk_tile<DT, MV, KC>(kc + c * D, D, qt, a.Mp, st + c * MV * W, MV * W, pf);
-    if (c < nc) {
+    if (c < nc && nc >= KC) {
+      c = nc - KC;
+      qk_tile<DT, MV, KC>(kc + c * D, D, qt, a.Mp, st + c * MV * W, MV * W, pf);
+    } else if (c < nc) {
       std::memset(ktail, 0, sizeof(float) * KC * D);
       std::memcpy(ktail, kc + c * D, sizeof(float) * (nc - c) * D);
       qk_tile<DT, MV, KC>(ktail, D, qt, a.Mp, st + c * MV * W, MV * W, pf);
@@ -336,7 +375,8 @@ void qk_dispatch(int mv, const Args& a, const float* kc, int64_t nc, bool direct
 // d = t*R + j of row m, R = 16/Mq lanes per row (Mq = M rounded up to a power of two), so every
 // lane does useful work where the plain tile would leave most lanes padding. K arrives as a
 // group broadcast (R consecutive floats repeated 16/R times: a pure load), Q as the packed
-// qx[t][m*R + j] = q[m][t*R + j]; a permute tree sums each row's R lanes per key at the end.
+// qx[t][m*R + j] = q[m][t*R + j]; a permute tree sums each row's R lanes per key at the end, and
+// key c's Mq row sums are stored packed at st[c*Mq + m].
 constexpr bool kHasSplitQK = true;
 template <int R> inline __m512 kgroup(const float* p);
 template <> inline __m512 kgroup<2>(const float* p) {
@@ -370,7 +410,7 @@ inline void qk_tile_split(const float* __restrict k, int64_t Drt, const float* _
 #pragma GCC unroll 32
   for (int c = 0; c < KC; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t d0 = 0; d0 < D; d0 += 16) {
-    pf.step();
+    pf.step(KC * 16 / R);
     const int64_t d1 = (DT > 0 && DT % 16 == 0) ? d0 + 16 : std::min<int64_t>(d0 + 16, D);
     for (int64_t d = d0; d < d1; d += R) {
       const __m512 qv = _mm512_loadu_ps(qx + d / R * 16);
@@ -379,7 +419,7 @@ inline void qk_tile_split(const float* __restrict k, int64_t Drt, const float* _
     }
   }
 #pragma GCC unroll 32
-  for (int c = 0; c < KC; ++c) _mm512_storeu_ps(st + c * 16, group_sums<R>(acc[c]));
+  for (int c = 0; c < KC; ++c) _mm512_mask_storeu_ps(st + c * (16 / R), __mmask16((1u << (16 / R)) - 1), group_sums<R>(acc[c]));
 }
 
 template <int DT, int R>
@@ -389,14 +429,17 @@ void qk_block_split(const Args& a, const float* kc, int64_t nc, bool direct, con
   const int64_t D = DT > 0 ? DT : a.D;
   int64_t c = 0;
   if (direct) {
-    for (; c + KC <= nc; c += KC) qk_tile_split<DT, R, KC>(kc + c * D, D, qx, st + c * 16, pf);
-    if (c < nc) {
+    for (; c + KC <= nc; c += KC) qk_tile_split<DT, R, KC>(kc + c * D, D, qx, st + c * (16 / R), pf);
+    if (c < nc && nc >= KC) {
+      c = nc - KC;
+      qk_tile_split<DT, R, KC>(kc + c * D, D, qx, st + c * (16 / R), pf);
+    } else if (c < nc) {
       std::memset(ktail, 0, sizeof(float) * KC * D);
       std::memcpy(ktail, kc + c * D, sizeof(float) * (nc - c) * D);
-      qk_tile_split<DT, R, KC>(ktail, D, qx, st + c * 16, pf);
+      qk_tile_split<DT, R, KC>(ktail, D, qx, st + c * (16 / R), pf);
     }
   } else {
-    for (; c < nc; c += KC) qk_tile_split<DT, R, KC>(kc + c * D, D, qx, st + c * 16, pf);
+    for (; c < nc; c += KC) qk_tile_split<DT, R, KC>(kc + c * D, D, qx, st + c * (16 / R), pf);
   }
 }
 
@@ -432,8 +475,36 @@ inline void widen_rows(const uint16_t* src, int64_t rows, int64_t D, float* dst)
   for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
 }
 
+// Work units (vector FMAs, rounded up to 8 keys) that pv_rows passes to Prefetch::step().
 template <int DT>
-void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float* part_ml) {
+inline int64_t pv_units(int64_t rows, int64_t nc) {
+  if constexpr (DT > 0 && DT % W == 0) {
+    return rows * (DT / W) * ((nc + 7) / 8 * 8);
+  } else {
+    return 0;
+  }
+}
+
+// The work item a thread runs after the current one, claimed from the shared counter only when
+// it is first needed (for the prefetch of its first chunk, or when the current item is done).
+struct NextItem {
+  const Item* items;
+  int64_t nitems;
+  int64_t* counter;  // shared: index of the next unclaimed item
+  int64_t claimed = -1;
+  const Item* get() {
+    if (claimed < 0) {
+      int64_t t;
+#pragma omp atomic capture
+      t = (*counter)++;
+      claimed = t;
+    }
+    return claimed < nitems ? items + claimed : nullptr;
+  }
+};
+
+template <int DT>
+void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float* part_ml, NextItem& next) {
   const int64_t D = DT > 0 ? DT : a.D;
   const int64_t g = a.g, M = a.M, Mp = a.Mp, C = a.C;
   const int64_t ctx = a.ctx[it.b];
@@ -447,16 +518,48 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
   // Q^T of the M rows, pre-scaled, padded rows zero: qt[d][m], or for the row-split QK
   // qt[t][m*R + j] = q[m][t*R + j].
   const int R = split_lanes(M, D, a.flags);
-  std::memset(qt, 0, sizeof(float) * D * Mp);
-  for (int64_t i = 0; i < a.N; ++i)
-    for (int64_t j = 0; j < g; ++j) {
-      const int64_t m = i * g + j;
-      const float* src = a.q + ((it.b * a.N + i) * a.Hq + it.h * g + j) * D;
-      if (R)
-        for (int64_t d = 0; d < D; ++d) qt[d / R * W + m * R + d % R] = src[d] * a.qscale;
-      else
-        for (int64_t d = 0; d < D; ++d) qt[d * Mp + m] = src[d] * a.qscale;
+  const int64_t Mq = R ? W / R : 0;  // row-split: rows per vector, scores packed st[c*Mq + m]
+#if defined(__AVX512F__)
+  // One gather per vector of qt, contiguous stores (row by row the scalar stores would be
+  // scattered). Offsets are int32: fine for q up to 2^31 floats past this (b, h).
+  const bool gather = (a.N * a.Hq + g) * D < (int64_t(1) << 31);
+#else
+  const bool gather = false;
+#endif
+  if (gather) {
+#if defined(__AVX512F__)
+    const float* q0 = a.q + (it.b * a.N * a.Hq + it.h * g) * D;  // row m = i*g + j: q0 + (i*Hq + j)*D
+    const __m512 sc = _mm512_set1_ps(a.qscale);
+    auto row_off = [&](int64_t m) { return (m / g * a.Hq + m % g) * D; };
+    alignas(64) int32_t off[16];
+    if (R) {  // lane l = m*R + j of qt[t] holds q[m][t*R + j]
+      for (int64_t l = 0; l < 16; ++l) off[l] = int32_t(row_off(std::min<int64_t>(l / R, M - 1)) + l % R);
+      const __m512i idx = _mm512_load_si512(off);
+      const __mmask16 valid = __mmask16((1u << (M * R)) - 1);  // M*R <= 16 (split_lanes)
+      for (int64_t t = 0; t < D / R; ++t)
+        _mm512_storeu_ps(qt + t * W, _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, q0 + t * R, 4), sc));
+    } else {  // lanes of qt[d][m0 .. m0+15] are rows
+      for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+        for (int64_t l = 0; l < 16; ++l) off[l] = int32_t(row_off(std::min<int64_t>(m0 + l, M - 1)));
+        const __m512i idx = _mm512_load_si512(off);
+        const __mmask16 valid = __mmask16(M - m0 >= 16 ? 0xFFFF : (1u << (M - m0)) - 1);
+        for (int64_t d = 0; d < D; ++d)
+          _mm512_storeu_ps(qt + d * Mp + m0, _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, q0 + d, 4), sc));
+      }
     }
+#endif
+  } else {
+    std::memset(qt, 0, sizeof(float) * D * Mp);
+    for (int64_t i = 0; i < a.N; ++i)
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t m = i * g + j;
+        const float* src = a.q + ((it.b * a.N + i) * a.Hq + it.h * g + j) * D;
+        if (R)
+          for (int64_t d = 0; d < D; ++d) qt[d / R * W + m * R + d % R] = src[d] * a.qscale;
+        else
+          for (int64_t d = 0; d < D; ++d) qt[d * Mp + m] = src[d] * a.qscale;
+      }
+  }
   std::memset(o, 0, sizeof(float) * Mp * D);
   for (int64_t m = 0; m < Mp; ++m) { mrow[m] = NEG_INF; lrow[m] = 0.0f; }
 
@@ -465,8 +568,25 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
   const int64_t elem = a.bf16 ? 2 : 4;
   const char* kbytes = static_cast<const char*>(a.k);
   const int64_t vdelta = static_cast<const char*>(a.v) - kbytes;
-  for (int64_t c0 = it.k0; c0 < it.k1; c0 += C) {
-    const int64_t nc = std::min(C, it.k1 - c0);
+  const int64_t ahead = a.bf16 ? 2 : 1;  // chunks ahead: about the same number of bytes
+  const int64_t len = it.k1 - it.k0;
+  const int64_t nchunks = chunk_count(len, C);
+  for (int64_t ci = 0; ci < nchunks; ++ci) {
+    const int64_t c0 = it.k0 + ci * C;
+    const int64_t nc = chunk_len(len, C, nchunks, ci);
+    // The chunk to prefetch: `ahead` chunks on, in this item or else at the start of the next.
+    const char* pf_k = nullptr;
+    int64_t pf_keys = 0;
+    if (ci + ahead < nchunks) {
+      pf_keys = chunk_len(len, C, nchunks, ci + ahead);
+      pf_k = kbytes + (head + (c0 + ahead * C) * D) * elem;
+    } else if (const Item* nx = next.get()) {
+      const int64_t nlen = nx->k1 - nx->k0, nn = chunk_count(nlen, C), j = ci + ahead - nchunks;
+      if (j < nn) {
+        pf_keys = chunk_len(nlen, C, nn, j);
+        pf_k = kbytes + ((a.slots[nx->b] * a.Hkv + nx->h) * a.S * D + (nx->k0 + j * C) * D) * elem;
+      }
+    }
     const float *kc, *vc;
     if (a.bf16) {
       const int64_t npad = (nc + NACC - 1) / NACC * NACC;
@@ -482,18 +602,18 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
     for (int64_t mb0 = 0; mb0 < Mp; mb0 += 4 * W) {
       const int64_t Mb = std::min<int64_t>(4 * W, Mp - mb0);
       const int mv = int(Mb / W);
-      float* st = w.st.p;  // [nc(+pad)][Mb]
+      const int64_t rows = std::min<int64_t>(Mb, M - mb0);
+      const int64_t ld = R ? Mq : Mb;  // st row stride
+      float* st = w.st.p;  // [nc(+pad)][ld]
       Prefetch pf;
-      const int64_t ahead = a.bf16 ? 2 * C : C;  // about the same number of bytes ahead
-      if (mb0 == 0 && c0 + ahead < it.k1) {
-        const int64_t next = std::min(C, it.k1 - c0 - ahead);
-        const int64_t lines = (next * D * elem + 63) / 64;
+      if (mb0 == 0 && pf_k) {
+        const int64_t lines = (pf_keys * D * elem + 63) / 64;
         const int64_t kc_tile = R ? NACC : kc_for(mv);
-        const int64_t steps = (nc + kc_tile - 1) / kc_tile * ((D + 15) / 16);
-        pf.k = kbytes + (head + (c0 + ahead) * D) * elem;
+        const int64_t qk_units = (nc + kc_tile - 1) / kc_tile * ((D + 15) / 16) * (R ? NACC * 16 / R : NACC * 16);
+        pf.k = pf_k;
         pf.end = pf.k + lines * 64;
         pf.vdelta = vdelta;
-        pf.per_step = (lines + steps - 1) / steps;
+        pf.rate = float(lines) / float(qk_units + pv_units<DT>(rows, nc));
       }
       if (R)
         qk_split_dispatch<DT>(R, a, kc, nc, direct, qt, st, w.kb.p, pf);
@@ -501,29 +621,60 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
         qk_dispatch<DT>(mv, a, kc, nc, direct, qt + mb0, st, w.kb.p, pf);
       // Causal mask inside the new block: key ctx+t is hidden from rows with i < t.
       for (int64_t c = std::max<int64_t>(0, ctx + 1 - c0); c < nc; ++c) {
-        const int64_t hide = std::min<int64_t>((c0 + c - ctx) * g - mb0, Mb);
-        for (int64_t m = 0; m < hide; ++m) st[c * Mb + m] = NEG_INF;
+        const int64_t hide = std::min<int64_t>((c0 + c - ctx) * g - mb0, R ? Mq : Mb);
+        for (int64_t m = 0; m < hide; ++m) st[c * ld + m] = NEG_INF;
       }
-      // Online softmax update, vectorised over query rows.
-      for (int v = 0; v < mv; ++v) {
+      if (R) {
+        // Online softmax on the packed scores: lane l of every vector is row l % Mq.
+        const int64_t n = nc * Mq, nv = (n + W - 1) / W;
+        for (int64_t i = n; i < nv * W; ++i) st[i] = NEG_INF;
         vf cm = vsplat(NEG_INF);
-        for (int64_t c = 0; c < nc; ++c) cm = vmax(cm, vload(st + c * Mb + v * W));
-        const vf mold = vload(mrow + mb0 + v * W);
-        const vf mnew = vmax(mold, cm);
-        const vf ms = mnew == vsplat(NEG_INF) ? vsplat(0.0f) : mnew;
-        const vf al = vexp2(mold - ms);
+        for (int64_t v = 0; v < nv; ++v) cm = vmax(cm, vload(st + v * W));
+        alignas(64) float lane[W], pat[W];
+        vstore(lane, cm);
+        for (int64_t m = 0; m < Mq; ++m) {
+          float mx = lane[m];
+          for (int64_t l = m + Mq; l < W; l += Mq) mx = std::max(mx, lane[l]);
+          const float mnew = std::max(mrow[m], mx);
+          const float ms = mnew == NEG_INF ? 0.0f : mnew;
+          alpha[m] = std::exp2(mrow[m] - ms);
+          mrow[m] = mnew;
+          for (int64_t l = m; l < W; l += Mq) pat[l] = ms;
+        }
+        const vf msv = vload(pat);
         vf sum = vf{};
-        for (int64_t c = 0; c < nc; ++c) {
-          const vf pc = vexp2(vload(st + c * Mb + v * W) - ms);
-          vstore(st + c * Mb + v * W, pc);
+        for (int64_t v = 0; v < nv; ++v) {
+          const vf pc = vexp2(vload(st + v * W) - msv);
+          vstore(st + v * W, pc);
           sum += pc;
         }
-        vstore(lrow + mb0 + v * W, vload(lrow + mb0 + v * W) * al + sum);
-        vstore(mrow + mb0 + v * W, mnew);
-        vstore(alpha + mb0 + v * W, al);
+        vstore(lane, sum);
+        for (int64_t m = 0; m < Mq; ++m) {
+          float sm = 0.0f;
+          for (int64_t l = m; l < W; l += Mq) sm += lane[l];
+          lrow[m] = lrow[m] * alpha[m] + sm;
+        }
+      } else {
+        // Online softmax update, vectorised over query rows.
+        for (int v = 0; v < mv; ++v) {
+          vf cm = vsplat(NEG_INF);
+          for (int64_t c = 0; c < nc; ++c) cm = vmax(cm, vload(st + c * Mb + v * W));
+          const vf mold = vload(mrow + mb0 + v * W);
+          const vf mnew = vmax(mold, cm);
+          const vf ms = mnew == vsplat(NEG_INF) ? vsplat(0.0f) : mnew;
+          const vf al = vexp2(mold - ms);
+          vf sum = vf{};
+          for (int64_t c = 0; c < nc; ++c) {
+            const vf pc = vexp2(vload(st + c * Mb + v * W) - ms);
+            vstore(st + c * Mb + v * W, pc);
+            sum += pc;
+          }
+          vstore(lrow + mb0 + v * W, vload(lrow + mb0 + v * W) * al + sum);
+          vstore(mrow + mb0 + v * W, mnew);
+          vstore(alpha + mb0 + v * W, al);
+        }
       }
-      const int64_t rows = std::min<int64_t>(Mb, M - mb0);
-      pv_rows<DT>(rows, D, vc, nc, st, Mb, alpha + mb0, o + mb0 * D);
+      pv_rows<DT>(rows, D, vc, nc, st, ld, alpha + mb0, o + mb0 * D, pf);
     }
   }
 
@@ -608,6 +759,8 @@ int run_all(const Args& a, int nthreads, int64_t split_keys) {
   int failed = 0;
   const int64_t nitems = int64_t(items.size());
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems)));
+  int64_t counter = 0;  // next unclaimed item (claimed one ahead, see NextItem)
+  const bool merging = !splits.empty();
 #pragma omp parallel num_threads(nt)
   {
     static thread_local Workspace w;
@@ -616,12 +769,18 @@ int run_all(const Args& a, int nthreads, int64_t split_keys) {
 #pragma omp atomic write
       failed = 1;
     }
+    NextItem cur{items.data(), nitems, &counter};
+    for (const Item* it = cur.get(); it; it = cur.get()) {
+      NextItem next{items.data(), nitems, &counter};
+      if (ok) run_item<DT>(a, *it, w, part_o.data(), part_ml.data(), next);
+      cur = next;  // claimed during the item (for its prefetch) or claimed now
+    }
+    if (merging) {
+#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < nitems; ++t)
-      if (ok) run_item<DT>(a, items[t], w, part_o.data(), part_ml.data());
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < int64_t(splits.size()); ++s)
-      if (ok) merge(a, splits[s].b, splits[s].h, splits[s].first, splits[s].n, part_o.data(), part_ml.data(), w.o.p);
+      for (int64_t s = 0; s < int64_t(splits.size()); ++s)
+        if (ok) merge(a, splits[s].b, splits[s].h, splits[s].first, splits[s].n, part_o.data(), part_ml.data(), w.o.p);
+    }
   }
   return failed ? -4 : 0;
 }
