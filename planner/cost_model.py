@@ -49,6 +49,8 @@ invocation as the engine makes them (runtime/speculative.py, runtime/target_mode
                      + per token per MoE layer; spread evenly over the micro-batch columns when batched_moe is off
   target.h2d         one per streamed expert (folded into the per-uncached-expert slope, so it stays linear)
   target.lm_head     one per iteration (spread over the micro-batch columns)
+  iteration.other    one per iteration + per sequence: engine work outside every stage, added to the
+                     iteration (IterationCosts.other_s), not to a stage
   verify.accept      one per iteration + per sequence + per verified token
   draft.gpu/.cpu     per draft step of each non-empty part: step + L_d x layer + sequences x per-sequence;
                      its first step also L_d x catchup x P(some sequence accepted all k drafts),
@@ -143,6 +145,7 @@ class IterationCosts:
     sources: frozenset = field(default_factory=frozenset)
     serial: bool = False            # the hardware's GPU is its CPU standing in: nothing overlaps
     batched_layer: bool = False     # pre_attn and post_attn once per layer too (column 0); attention per micro-batch
+    other_s: float = 0.0            # fixed engine time outside every stage (iteration.other keys): adds to the period
 
     # ---- closed forms ----
     @property
@@ -179,12 +182,12 @@ class IterationCosts:
     def closed_form_time_s(self) -> float:
         """Sum over layers of max(t_h2d, t_cpu, t_gpu), then LM head, acceptance and the draft phase."""
         return (float(self.layer_time_s.sum()) + float(self.lm_head_s.sum()) + float(self.verify_s.sum())
-                + self.draft_time_closed_s)
+                + self.draft_time_closed_s + self.other_s)
 
     @property
     def sum_of_stages_s(self) -> float:
         """Everything serialised: the upper bound of the iteration."""
-        return float(sum(self.stage_totals().values()))
+        return float(sum(self.stage_totals().values())) + self.other_s
 
     def stage_totals(self) -> dict[str, float]:
         """Busy seconds per stage per iteration, under the design's stage names."""
@@ -467,6 +470,7 @@ class CostModel:
             cpu_expert_s_per_uncached_expert=float(cpu_unit), moe_gpu_full_s=float(moe_full),
             cpu_attn_s_per_seq=cpu_per_seq, gpu_attn_s_per_seq=gpu_per_seq, moe_flops_gpu=moe_flops,
             gpu_peak_flops=self.gpu_peak, sources=frozenset(srcs), serial=self.hw.gpu.shares_host_cpu,
+            other_s=(self.ov.get("iteration.other") + self.ov.get("iteration.other.sequence") * B) if self.has_ov else 0.0,
         )
 
     # ---- fixed per-invocation costs (module doc, planner/overhead.py) ----

@@ -50,6 +50,9 @@ OVERHEAD_KEYS: dict[str, str] = {
     "draft.step": "per draft step of each draft-KV part (draft.gpu and draft.cpu each)",
     "draft.layer": "per draft step per draft layer",
     "draft.sequence": "per draft step per sequence",
+    "iteration.other": ("per iteration: the engine's work outside every stage (building the pass's layout and "
+                        "inputs, Python between stages); no stage holds it, the iteration does"),
+    "iteration.other.sequence": "per sequence per iteration, outside every stage",
     "draft.catchup": ("per draft layer, once per iteration and draft-KV part in which some sequence catches up two "
                       "tokens (all k drafts were accepted): the first draft step attends those as a group of their own"),
 }

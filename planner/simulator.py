@@ -265,7 +265,7 @@ def simulate_iteration(costs: IterationCosts, placement: Placement, overlap_draf
         if record and d > 0:
             tl.append({"stage": st, "resource": RES[dag.res[e]], "layer": layer, "micro_batch": mb,
                        "start_s": start[e] - t0, "end_s": end[e] - t0})
-    period = t1 - t0
+    period = t1 - t0 + costs.other_s       # the engine's work outside every stage, in series
     stages[Stage.ITERATION.value] = period
     return SimResult(iteration_time_s=period, stages=stages, resource_busy_s=busy, timeline=tl)
 

@@ -19,7 +19,9 @@ roofline (planner.cost_model on the just-measured curves, no fixed costs) and th
 planner/overhead.py (invocations per layer and micro-batch, per touched expert, per sequence, per
 draft step and layer), solved by non-negative least squares over the configurations. So the fixed
 terms are exactly what the cost model adds, and at the calibration points fixed + roofline
-reproduces the measurement up to the fit residual (recorded). `op_overhead_us` is the fitted fixed
+reproduces the measurement up to the fit residual (recorded). What no stage times (the iteration
+minus its stages: the pass's layout and inputs, Python between stages) is fitted the same way to
+iteration.other + iteration.other.sequence x B. `op_overhead_us` is the fitted fixed
 time of the largest configuration divided by the torch operations it issued (counted by a
 TorchFunctionMode per stage), the fallback for keys a spec lacks.
 
@@ -351,6 +353,14 @@ def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, floa
         fit_err[st] = float(np.max(np.abs(pred - meas) / scale))
         fit_by_cfg[st] = [_r(v) for v in (pred - meas) / scale]
         roof_share[st] = float(np.mean(roof / scale))
+    # the engine's work outside every stage (layout and inputs of the pass, Python between stages):
+    # iteration - sum of stages = iteration.other + iteration.other.sequence x B, relative to the iteration
+    Xo = np.array([[1.0, float(c["B"])] for c in raw["configs"]])                          # [configs, 2]
+    it_s = np.array([c[STAT]["iteration"] for c in raw["configs"]], dtype=float)          # [configs]
+    yo = it_s - np.array([sum(c[STAT][st] for st in STAGES) for c in raw["configs"]], dtype=float)
+    so, _ = nnls(Xo / it_s[:, None], yo / it_s)
+    theta["iteration.other"], theta["iteration.other.sequence"] = float(so[0]), float(so[1])
+    fit_err["iteration.other"] = float(np.max(np.abs(Xo @ so - yo) / it_s))
     # ops per invocation (exact counts: the same features, least squares) and the per-operation cost
     ops_rows: dict[str, list[tuple[dict, float]]] = {}
     for c in raw["configs"]:

@@ -107,7 +107,7 @@ def brute_force_tps(m: ModelSpec, hw, wl: Workload, ks, mbs, rng) -> float:
                                cpu_expert_layers=tuple(moe) if x else ())
                 LT[(t, y, c, x)] = cm.iteration(B, mb, k, pl).layer_time_s
             c0 = cm.iteration(B, mb, k, Placement(expert_cache_slots=(0,) * L))
-            fixed = float(c0.lm_head_s.sum() + c0.verify_s.sum())
+            fixed = float(c0.lm_head_s.sum() + c0.verify_s.sum() + c0.other_s)
             gs = range(B + 1) if d is not None else [0]
             D = {g: cm.iteration(B, mb, k, Placement(expert_cache_slots=(0,) * L), draft_kv_gpu_sequences=g)
                  .draft_time_closed_s for g in gs}
