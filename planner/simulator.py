@@ -131,6 +131,21 @@ class SimResult:
         return max(self.resource_busy_s, key=self.resource_busy_s.get)
 
 
+def _attention(dag: Dag, c: IterationCosts, i: int, j: int, pre: int, it: int) -> list[int]:
+    """Layer i's verify attention of micro-batch j after its pre-attention event: the CPU-KV part on the
+    CPU, the GPU-KV part on the GPU (after streaming CPU KV over PCIe when attention runs there)."""
+    att = []
+    TA, TH = _ST[Stage.TARGET_ATTENTION], _ST[Stage.TARGET_H2D]
+    if c.attn_cpu_s[i, j] > 0:
+        att.append(dag.add("cpu", c.attn_cpu_s[i, j], (pre,), TA, i, j, it))
+    if c.attn_gpu_s[i, j] > 0:
+        dk = pre
+        if c.kv_h2d_s[i, j] > 0:
+            dk = dag.add("pcie", c.kv_h2d_s[i, j], (pre,), TH, i, j, it)
+        att.append(dag.add("gpu", c.attn_gpu_s[i, j], (dk,), TA, i, j, it))
+    return att
+
+
 def _build_iteration(dag: Dag, c: IterationCosts, it: int, prev_draft_end: list, buf_wait: list,
                      h2d_chain: list, placement: Placement, overlap_draft: bool, prefetch: bool) -> tuple[list, int]:
     """Add one iteration's events. prev_draft_end[j]: event(s) the micro-batch j's first layer waits
@@ -142,8 +157,8 @@ def _build_iteration(dag: Dag, c: IterationCosts, it: int, prev_draft_end: list,
     last = [list(prev_draft_end[j]) for j in range(M)]      # deps of pre(i, j)
     gate = [] if prefetch else sorted({e for j in range(M) for e in prev_draft_end[j]})
     lm_ends = []
-    TP, TA, TPO, TM, TH = (_ST[Stage.TARGET_PRE_ATTN], _ST[Stage.TARGET_ATTENTION], _ST[Stage.TARGET_POST_ATTN],
-                           _ST[Stage.TARGET_MOE], _ST[Stage.TARGET_H2D])
+    TP, TPO, TM, TH = (_ST[Stage.TARGET_PRE_ATTN], _ST[Stage.TARGET_POST_ATTN], _ST[Stage.TARGET_MOE],
+                       _ST[Stage.TARGET_H2D])
     for i in range(L):
         h = None
         if c.h2d_s[i] > 0:
@@ -158,26 +173,11 @@ def _build_iteration(dag: Dag, c: IterationCosts, it: int, prev_draft_end: list,
             # the engine's streaming-ahead schedule: pre_attn over every micro-batch, attention per
             # micro-batch, post_attn over all of them, then the MoE (batched) below
             p = dag.add("gpu", float(c.pre_s[i].sum()), sorted({e for j in range(M) for e in last[j]}), TP, i, -1, it)
-            att = []
-            for j in range(M):
-                if c.attn_cpu_s[i, j] > 0:
-                    att.append(dag.add("cpu", c.attn_cpu_s[i, j], (p,), TA, i, j, it))
-                if c.attn_gpu_s[i, j] > 0:
-                    dk = p
-                    if c.kv_h2d_s[i, j] > 0:
-                        dk = dag.add("pcie", c.kv_h2d_s[i, j], (p,), TH, i, j, it)
-                    att.append(dag.add("gpu", c.attn_gpu_s[i, j], (dk,), TA, i, j, it))
+            att = [a for j in range(M) for a in _attention(dag, c, i, j, p, it)]
             posts.append(dag.add("gpu", float(c.post_s[i].sum()), att or (p,), TPO, i, -1, it))
         for j in range(M if not c.batched_layer else 0):
             p = dag.add("gpu", c.pre_s[i, j], last[j], TP, i, j, it)
-            att = []
-            if c.attn_cpu_s[i, j] > 0:
-                att.append(dag.add("cpu", c.attn_cpu_s[i, j], (p,), TA, i, j, it))
-            if c.attn_gpu_s[i, j] > 0:
-                dk = p
-                if c.kv_h2d_s[i, j] > 0:
-                    dk = dag.add("pcie", c.kv_h2d_s[i, j], (p,), TH, i, j, it)
-                att.append(dag.add("gpu", c.attn_gpu_s[i, j], (dk,), TA, i, j, it))
+            att = _attention(dag, c, i, j, p, it)
             po = dag.add("gpu", c.post_s[i, j], att or (p,), TPO, i, j, it)
             posts.append(po)
             if not c.batched_moe:
