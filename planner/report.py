@@ -331,6 +331,9 @@ def _prediction(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict,
                 warnings.append(f"the run averaged {live:.1f} live sequences per iteration of the plan's "
                                 f"{plan.batch} (sequences finish at different iterations): predictions "
                                 f"re-estimated at batch {b_run}" + (f" and k={k_run}" if k_run != plan.draft_len else ""))
+            elif k_run != plan.draft_len:
+                warnings.append(f"the run used k={k_run}, the plan k={plan.draft_len}: predictions re-estimated "
+                                f"from the plan's inputs at k={k_run}")
             stages = dict(e.stages)
             stages[Stage.ITERATION.value] = e.iteration_time_s
             # prefill runs once over the whole batch: the plan's batch, not the live one
