@@ -12,16 +12,18 @@
    the profile -> plan.json. When the planner's best has k = 0 (speculation does not pay by the
    model), the best plan with k >= 1 is run instead, so that speculation is measured; both
    predictions are printed. Without a GPU, CPU-computed experts are not offered to the planner:
-   the cost model would overlap them with the "GPU" work, which is the same cores here.
-4. run the prompts with speculation (the plan's k) and with k = 0 (same plan, draft_len = 0), in the
-   order spec, k=0, k=0, spec (drift over the runs cancels out of the speedup) -> run.json and
-   run_k0.json (the first run of each), outputs.jsonl, outputs_k0.jsonl, demo.json (summary)
+   the "GPU" is the same cores, so they would only be the same work under another name.
+4. run the prompts with speculation (the plan's k) and with k = 0 (same plan, draft_len = 0), three
+   times each, interleaved spec, k=0, k=0, spec, spec, k=0 (drift over the runs cancels out of the
+   speedup) -> run.json and run_k0.json (each mode's median run by mean iteration time: one slow
+   spell of this machine does not decide the comparison), outputs.jsonl, outputs_k0.jsonl,
+   demo.json (summary)
 5. predicted against measured (planner.report) -> the table on stdout, report.html
 
 The iteration time error is signed: (predicted - measured) / measured of run.json's mean iteration,
 as `specmoe report plan.json run.json` prints it (predicted at the run's mean live batch: a static
-batch thins out under speculation as sequences finish at different iterations). The speedup is decode tokens/s with speculation
-over k = 0, over both runs of each.
+batch thins out under speculation as sequences finish at different iterations). The speedup is
+decode tokens/s with speculation over k = 0, over all runs of each.
 """
 from __future__ import annotations
 
@@ -230,21 +232,27 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     eng = Engine(plan, TARGET_DIR, DRAFT_DIR, dtype=dtype)
     eng.generate(prompts[:2], max_new_tokens=4, draft_len=plan.draft_len)     # one-time costs out of the timing
     runs: dict[str, list] = {"spec": [], "k0": []}
-    for i, (mode, k) in enumerate((("spec", plan.draft_len), ("k0", 0), ("k0", 0), ("spec", plan.draft_len))):
-        log(f"demo [4/{STEPS}] run {i + 1}/4: {len(prompts)} prompts, {max_new_tokens} new tokens, k = {k} ...")
+    outs_by_run: dict[int, list] = {}
+    order = (("spec", plan.draft_len), ("k0", 0), ("k0", 0), ("spec", plan.draft_len), ("spec", plan.draft_len),
+             ("k0", 0))                               # interleaved, so slow spells of the machine hit both modes
+    for i, (mode, k) in enumerate(order):
+        log(f"demo [4/{STEPS}] run {i + 1}/{len(order)}: {len(prompts)} prompts, {max_new_tokens} new tokens, k = {k} ...")
         outs = []
         res = eng.generate(prompts, max_new_tokens=max_new_tokens, draft_len=k, on_finish=outs.append)
-        tag = "" if mode == "spec" else "_k0"
-        written = ""
-        if not runs[mode]:
-            res.record.to_json(out / f"run{tag}.json")
-            _write_jsonl(out / f"outputs{tag}.jsonl", [o.to_dict() for o in sorted(outs, key=lambda o: o.index)])
-            written = f" -> run{tag}.json"
+        outs_by_run[id(res)] = outs
         runs[mode].append(res)
         r = res.record
         log(f"demo [4/{STEPS}]   k = {k}: decode {r.decode_tokens_per_s:.1f} tok/s, {r.iterations} iterations of "
-            f"{r.stages['iteration'] * 1e3:.1f} ms, mean accepted {r.mean_accepted:.2f}{written}")
-    spec_res, k0_res = runs["spec"][0], runs["k0"][0]
+            f"{r.stages['iteration'] * 1e3:.1f} ms, mean accepted {r.mean_accepted:.2f}")
+    # the run records compared and kept: each mode's median run by mean iteration time
+    for mode, tag in (("spec", ""), ("k0", "_k0")):
+        med = median_run(runs[mode])
+        med.record.to_json(out / f"run{tag}.json")
+        _write_jsonl(out / f"outputs{tag}.jsonl",
+                     [o.to_dict() for o in sorted(outs_by_run[id(med)], key=lambda o: o.index)])
+        log(f"demo [4/{STEPS}] {'speculative' if mode == 'spec' else 'k = 0'} median run: "
+            f"{med.record.stages['iteration'] * 1e3:.1f} ms per iteration -> run{tag}.json")
+    spec_res, k0_res = median_run(runs["spec"]), median_run(runs["k0"])
     differing = sum(1 for a, b in zip(spec_res.outputs, k0_res.outputs) if a.token_ids != b.token_ids)
     times["run"] = time.perf_counter() - t0
 
@@ -264,17 +272,18 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     spec_tps, k0_tps = pooled(runs["spec"]), pooled(runs["k0"])
     speedup = spec_tps / k0_tps if k0_tps > 0 else 0.0
     its = [r.record.stages["iteration"] for r in runs["spec"]]
-    log(f"demo [5/{STEPS}] predicted against measured (speculative run, k = {plan.draft_len}):")
+    log(f"demo [5/{STEPS}] predicted against measured (the median speculative run, k = {plan.draft_len}):")
     log(table)
     log(f"demo [5/{STEPS}] speculation k = {plan.draft_len}: {spec_tps:.1f} tok/s; k = 0: {k0_tps:.1f} tok/s (decode, "
-        f"both runs of each); greedy outputs identical in {len(prompts) - differing}/{len(prompts)} sequences"
+        f"all runs of each); greedy outputs identical in {len(prompts) - differing}/{len(prompts)} sequences"
         + ("" if not differing else " (the rest: near-tie logits flipped, see token_flips in the run records)"))
     spread = (max(its) - min(its)) / min(its) * 100 if min(its) > 0 else 0.0
-    log(f"demo [5/{STEPS}] the two speculative runs' mean iterations: "
+    log(f"demo [5/{STEPS}] the speculative runs' mean iterations: "
         + ", ".join(f"{x * 1e3:.2f} ms" for x in its) + f" ({spread:.0f}% apart: the measurement noise of this machine)")
     summary = {"speedup": speedup, "spec_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["spec"]],
                "k0_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["k0"]],
-               "spec_iteration_s": its, "predicted_iteration_s": plan.predicted.iteration_time_s,
+               "spec_iteration_s": its, "k0_iteration_s": [r.record.stages["iteration"] for r in runs["k0"]],
+               "predicted_iteration_s": plan.predicted.iteration_time_s,
                "iteration_error_pct": cmp.iteration_error_pct, "draft_len": plan.draft_len, "batch": plan.batch,
                "micro_batches": plan.micro_batches, "differing_sequences": differing, "threads": torch.get_num_threads(),
                "calibration": {"mode": info["mode"], "cache_hit": info["cache_hit"]}, "timings_s": times}
@@ -284,6 +293,12 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
                       iteration_error_pct=cmp.iteration_error_pct, table=table, draft_len=plan.draft_len,
                       batch=plan.batch, micro_batches=plan.micro_batches, differing_sequences=differing,
                       timings_s=times)
+
+
+def median_run(results: list):
+    """The run with the median mean iteration time (the lower middle one of an even count)."""
+    ranked = sorted(results, key=lambda r: r.record.stages["iteration"])
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
