@@ -304,6 +304,13 @@ def explain(cmp: Comparison, plan: Plan, run: dict) -> list[str]:
                      f"{ratios[len(ratios) // 2]:.3g}x): a miss this uniform is a missing term, not a mis-tuned rate. "
                      "For small models fixed per-operation costs (Python dispatch, kernel launches, synchronisation) "
                      "dominate, and the roofline, which counts only FLOPs and bytes, has no term for them.")
+    elif len(ratios) >= 3 and (ratios[0] > 1.08 or ratios[-1] < 1 / 1.08) and ratios[-1] / ratios[0] < 2.0:
+        slower = ratios[0] > 1
+        notes.append(f"Every measured stage is {ratios[0]:.2f}x to {ratios[-1]:.2f}x its prediction, all "
+                     + ("slower" if slower else "faster") + ": a miss this uniform is the machine running "
+                     + ("slower" if slower else "faster") + " than when it was calibrated (other load, frequency), "
+                     "not one mis-modelled stage. Calibrate again (`specmoe calibrate --force`) and compare runs "
+                     "made close together.")
     for r in parts:
         if r.predicted > 0 and not r.measured:
             notes.append(f"{r.name} is predicted ({_ms(r.predicted)}) but was not measured: the run did not execute "

@@ -225,6 +225,16 @@ def test_run_is_compared_under_the_engines_schedule(plan):
         pytest.approx(plan.predicted.iteration_time_s)
 
 
+def test_a_uniform_miss_is_named_as_machine_drift(plan):
+    """Every stage 1.2-1.4x slower than predicted: the notes say the machine ran slower than when it
+    was calibrated; a mixed miss (some stages faster, some slower) says nothing of the sort."""
+    uniform = {s: 1.2 + 0.2 * (i % 2) for i, s in enumerate(PARTS)}
+    notes = compare(plan, make_run(plan, uniform, 1.3)).notes
+    assert any("machine running slower than when it was calibrated" in n for n in notes), notes
+    mixed = {s: (0.8 if i % 2 else 1.25) for i, s in enumerate(PARTS)}
+    assert not any("machine running" in n for n in compare(plan, make_run(plan, mixed, 1.0)).notes)
+
+
 def test_prediction_helpers(plan):
     assert predicted_timeline(plan) == plan.predicted.timeline
     by_k = throughput_by_k(plan)
