@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .batch_drain import at_live_batch, drain, live_placement
 from .cost_model import CostModel
 from .errors import SpecError
 from .hardware_spec import HardwareSpec, load_hardware
@@ -50,6 +51,7 @@ class Estimate:
     run_groups: list[dict] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     timeline: list[dict] = field(default_factory=list)
+    job: dict[str, Any] = field(default_factory=dict)   # a finite job's drain (see Prediction.job); {} for a stream
 
     def to_dict(self, timeline: bool = True) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("placement", "timeline")}
@@ -59,12 +61,16 @@ class Estimate:
         return d
 
     def to_prediction(self) -> Prediction:
-        """The Plan's `predicted` block."""
-        return Prediction(iteration_time_s=self.iteration_time_s, decode_tokens_per_s=self.decode_tokens_per_s,
+        """The Plan's `predicted` block (for a finite job, its decode and end-to-end tokens/s are the job's)."""
+        job = self.job
+        return Prediction(iteration_time_s=self.iteration_time_s,
+                          decode_tokens_per_s=job["decode_tokens_per_s"] if job else self.decode_tokens_per_s,
                           stages=dict(self.stages), prefill_time_s=self.prefill_time_s,
-                          end_to_end_tokens_per_s=self.end_to_end_tokens_per_s,
+                          end_to_end_tokens_per_s=job["end_to_end_tokens_per_s"] if job else self.end_to_end_tokens_per_s,
                           tokens_per_iteration=self.tokens_per_iteration, source=self.source,
-                          timeline=list(self.timeline))
+                          timeline=list(self.timeline), job={k: v for k, v in job.items()
+                                                             if k not in ("decode_tokens_per_s", "end_to_end_tokens_per_s")}
+                          | ({"steady_decode_tokens_per_s": self.decode_tokens_per_s} if job else {}))
 
 
 def _int_arg(v: Any, name: str, minimum: int) -> int:
@@ -151,4 +157,23 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
         est.run_decode_tokens_per_s = rr.decode_tokens_per_s
         est.run_groups = rr.groups
         est.stages[Stage.PREFILL.value] = rr.prefill_time_s
+    d = drain(workload, B, k)
+    if d is not None:
+        def at(b: int) -> float:
+            if b >= B:
+                return it
+            pl = live_placement(placement, B, b)
+            c = cm.iteration(b, min(mb, b), k, pl, batched_moe=batched_moe, draft_groups=groups,
+                             batched_layer=batched_layer)
+            return simulate_iteration(c, pl, overlap_draft=overlap_draft, prefetch=prefetch, record=False).iteration_time_s
+
+        t_live = at_live_batch(at, B, d.mean_live_batch)
+        dec_s = d.iterations * t_live
+        pre_s = est.prefill_time_s * (d.num_prompts / B if d.num_prompts > B else 1.0)
+        gen = d.num_prompts * workload.gen_len
+        est.job = {**d.to_dict(), "iteration_time_s": t_live, "decode_time_s": dec_s, "prefill_time_s": pre_s,
+                   "decode_tokens_per_s": d.decode_tokens_per_s(t_live),
+                   "end_to_end_tokens_per_s": gen / (pre_s + dec_s) if pre_s + dec_s > 0 else 0.0,
+                   "method": "planner/batch_drain.py: acceptance spread -> finishing iterations; "
+                             "iteration simulated at the mean live batch"}
     return est

@@ -32,12 +32,13 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import numpy as np
 
 from . import milp
+from .batch_drain import Drain, at_live_batch, drain, live_placement
 from .cost_model import CostModel
 from .errors import InfeasibleError, SpecError
 from .estimate import estimate
@@ -165,6 +166,8 @@ class _Search:
         self.milp_time_s = 0.0
         self.statuses: dict[str, int] = {}
         self.max_check_err = 0.0
+        self.drains: dict[tuple, Drain | None] = {}
+        self.live_times: dict[tuple, float] = {}
 
     def acc1(self, k: int) -> float:
         return self.cm.workload.acceptance.acc(k) + 1.0 if k > 0 else 1.0
@@ -303,7 +306,38 @@ class _Search:
             self.solve_many(todo)
 
     def score_of(self, s: Solved) -> float:
+        """Seconds per token of a solved point. For a throughput job of workload.num_prompts prompts:
+        the job's decode time per decode token, iterations x T(mean live batch) (planner/batch_drain.py),
+        never below the steady-state score the bounds are compared with (T(b)/b does not rise as b falls)."""
+        if self.objective == "throughput" and self.cm.workload.num_prompts is not None:
+            sec = self.job_seconds_per_token(s)
+            if sec is not None:
+                return sec
         return self.score(s.closed_form_s, s.batch, s.draft_len)
+
+    def drain_of(self, B: int, k: int) -> Drain | None:
+        key = (B, k)
+        if key not in self.drains:
+            self.drains[key] = drain(self.cm.workload, B, k)
+        return self.drains[key]
+
+    def live_closed_form_s(self, s: Solved, live: float) -> float:
+        """The closed-form iteration of s's placement at `live` (fractional) live sequences."""
+        def at(b: int) -> float:
+            if b >= s.batch:
+                return s.closed_form_s
+            key = (s.batch, s.micro_batches, s.draft_len, s.variant, b)
+            if key not in self.live_times:
+                self.live_times[key] = closed_form_s(self.cm, b, min(s.micro_batches, b), s.draft_len,
+                                                     live_placement(s.placement, s.batch, b), self.stats)
+            return self.live_times[key]
+        return at_live_batch(at, s.batch, live)
+
+    def job_seconds_per_token(self, s: Solved) -> float | None:
+        d = self.drain_of(s.batch, s.draft_len)
+        if d is None or d.decode_tokens <= 0:
+            return None
+        return d.iterations * self.live_closed_form_s(s, d.mean_live_batch) / d.decode_tokens
 
 
 def _best_first(S: _Search, heap: list, best: dict, width: int = 2) -> None:
@@ -531,6 +565,8 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
                     key = (k, mb, v.x_mode == "stream")
                     if key not in limits:
                         limits[key] = batch_limit(cm, k, mb, v.x_mode, target_kv_gpu, v.streaming_buffers)
+                        if workload.num_prompts is not None:     # rows beyond the job's prompts stay empty
+                            limits[key] = min(limits[key], workload.num_prompts)
                     Bs = batch_grid(limits[key], objective)
                 grids[(k, mb, v.x_mode)] = Bs
                 for B in Bs:
@@ -584,10 +620,11 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
     order = sorted(best.values(), key=S.score_of)
     alts = []
     pred, bound, mem = _evaluate(cm, win, stats, timeline)
+    pred = _add_job(S, win, pred)
     win_tps = pred.decode_tokens_per_s
     for s in order[1:1 + max(0, int(alternatives))]:
         sim_t = _simulate_s(cm, s, stats)
-        tps = s.tokens_per_iteration / sim_t
+        tps = _job_tps(S, s, sim_t)
         alts.append({"batch": s.batch, "micro_batches": s.micro_batches, "draft_len": s.draft_len,
                      "variant": s.variant.label(), "decode_tokens_per_s": tps,
                      "closed_form_tokens_per_s": s.closed_form_tokens_per_s, "iteration_time_s": sim_t,
@@ -624,13 +661,51 @@ def _simulate_s(cm: CostModel, s: Solved, stats) -> float:
     return simulate_iteration(c, s.placement, record=False).iteration_time_s
 
 
+def _live_sim_s(S: _Search, s: Solved, full_s: float, live: float) -> float:
+    """The simulated iteration of s's placement at `live` (fractional) live sequences; full_s at s.batch."""
+    def at(b: int) -> float:
+        if b >= s.batch:
+            return full_s
+        pl = live_placement(s.placement, s.batch, b)
+        return simulate_iteration(_costs(S.cm, b, min(s.micro_batches, b), s.draft_len, pl, S.stats), pl,
+                                  record=False).iteration_time_s
+    return at_live_batch(at, s.batch, live)
+
+
+def _job_tps(S: _Search, s: Solved, sim_t: float) -> float:
+    """Decode tokens/s of s: steady state (B (acc(k)+1) / T), or for a finite job its tokens over
+    iterations x T(mean live batch), simulated."""
+    d = S.drain_of(s.batch, s.draft_len) if S.objective == "throughput" else None
+    if d is None or d.iterations <= 0:
+        return s.tokens_per_iteration / sim_t
+    return d.decode_tokens_per_s(_live_sim_s(S, s, sim_t, d.mean_live_batch))
+
+
+def _add_job(S: _Search, s: Solved, pred: Prediction) -> Prediction:
+    """For a finite job (workload.num_prompts): pred with the predicted drain, the simulated iteration
+    at the mean live batch, and the job's throughputs (decode_tokens_per_s becomes the job's)."""
+    d = S.drain_of(s.batch, s.draft_len)
+    if d is None or pred.job:        # none, or estimate() priced it in already
+        return pred
+    t_live = _live_sim_s(S, s, pred.iteration_time_s, d.mean_live_batch)
+    dec_s = d.iterations * t_live
+    pre_s = pred.prefill_time_s * (d.num_prompts / s.batch if d.num_prompts > s.batch else 1.0)
+    gen = d.num_prompts * S.cm.workload.gen_len
+    job = {**d.to_dict(), "iteration_time_s": t_live, "decode_time_s": dec_s, "prefill_time_s": pre_s,
+           "steady_decode_tokens_per_s": pred.decode_tokens_per_s,
+           "method": "planner/batch_drain.py: acceptance spread -> finishing iterations; "
+                     "iteration simulated at the mean live batch"}
+    return replace(pred, decode_tokens_per_s=d.decode_tokens_per_s(t_live), job=job,
+                   end_to_end_tokens_per_s=gen / (pre_s + dec_s) if pre_s + dec_s > 0 else 0.0)
+
+
 def _frontier_entry(S: _Search, s: Solved | None, axis: str, value: int) -> dict:
     """One frontier point: its best plan, simulated. `optimality_gap`: by how much (relative, closed form) a
     variant left unsolved could at most beat it (0: exact)."""
     if s is None:
         return {axis: value, "feasible": False, "decode_tokens_per_s": 0.0, "closed_form_tokens_per_s": 0.0}
     sim_t = _simulate_s(S.cm, s, S.stats)
-    return {axis: value, "feasible": True, "decode_tokens_per_s": s.tokens_per_iteration / sim_t,
+    return {axis: value, "feasible": True, "decode_tokens_per_s": _job_tps(S, s, sim_t),
             "closed_form_tokens_per_s": s.closed_form_tokens_per_s, "iteration_time_s": sim_t,
             "per_token_latency_s": sim_t / s.accepted_plus_one, "variant": s.variant.label(),
             "optimality_gap": S.gaps.get(s.key, 0.0)}

@@ -88,9 +88,16 @@ class Prediction:
     tokens_per_iteration: float = 0.0        # B * (acc(k) + 1)
     source: str = "peak"                     # "peak" or "measured" (calibrated curves used)
     timeline: list[dict] = field(default_factory=list)   # optional Gantt events {stage, resource, layer, micro_batch, start_s, end_s}
+    # a finite job (workload.num_prompts): planner/batch_drain.py's Drain fields plus iteration_time_s at
+    # the mean live batch, decode_time_s, prefill_time_s and steady_decode_tokens_per_s (the full batch's
+    # rate); decode_tokens_per_s above is then the job's. Empty for an open stream.
+    job: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["job"]:
+            d.pop("job")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Prediction":

@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import SpecError
 from .plan import Plan
-from .report_predict import (LIVE_BATCH_TOLERANCE, SCHEDULE_KEYS, _acc, _prediction, engine_schedule,  # noqa: F401
+from .report_predict import (LIVE_BATCH_TOLERANCE, SCHEDULE_KEYS, _acc, _prediction, engine_schedule, job_prediction,  # noqa: F401
                              live_batch, predicted_timeline, throughput_by_k)
 from .stages import ITERATION_PARTS, STAGE_NAMES, STAGE_RESOURCE, Stage
 
@@ -158,6 +158,9 @@ class Comparison:
     measured_timeline: list[dict] = field(default_factory=list)
     by_k: list[dict] = field(default_factory=list)
     acceptance: dict[str, Any] = field(default_factory=dict)
+    # the machine's speed around the run against calibration (run record `speed_probe`): {ratio, before_s,
+    # after_s, calibration_iteration_s, scaled_error_pct: the iteration error with the prediction x ratio}
+    drift: dict[str, Any] = field(default_factory=dict)
 
     def row(self, name: str) -> Row:
         for r in self.stages + self.metrics:
@@ -237,6 +240,18 @@ def compare(plan: Plan | dict | str | Path, run: dict | str | Path, goal_pct: fl
     if k > 0:
         metrics.append(Row("accepted drafts per sequence", "all", _acc(plan, k),
                            float(run["mean_accepted"]) if "mean_accepted" in run else None, "tok"))
+    try:
+        job = job_prediction(plan, run)
+    except SpecError as e:
+        job = None
+        warnings.append(f"no prediction of the job's drain: {e}")
+    if job is not None:
+        live = live_batch(run)
+        metrics += [
+            Row("mean live batch", "all", job["mean_live_batch"], live, "seq"),
+            Row("decode iterations", "all", job["iterations"], float(its), "iter"),
+            Row("job decode tokens/s", "all", job["decode_tokens_per_s"], float(run["decode_tokens_per_s"]), "tok/s"),
+        ]
     header = _header(plan, run, tot)
     cmp = Comparison(stages=rows, metrics=metrics, mean_abs_error_pct=mae, goal_pct=goal_pct,
                      calibrated=tot["source"] == "measured", notes=[], warnings=warnings, header=header,
@@ -246,8 +261,25 @@ def compare(plan: Plan | dict | str | Path, run: dict | str | Path, goal_pct: fl
         cmp.by_k = throughput_by_k(plan)
     except SpecError as e:
         warnings.append(f"no throughput-against-k curve: {e}")
+    cmp.drift = _drift(run, cmp.row(Stage.ITERATION.value))
     cmp.notes = explain(cmp, plan, run)
     return cmp
+
+
+def _drift(run: dict, it: Row) -> dict:
+    """The run's speed probe (runtime/speed_probe.py) and the iteration error with the prediction scaled
+    by it; {} when the run was not probed."""
+    sp = run.get("speed_probe")
+    if not isinstance(sp, dict):
+        return {}
+    try:
+        ratio = float(sp["ratio"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    if not ratio > 0 or not it.measured:
+        return {}
+    return {**{k: sp[k] for k in ("calibration_iteration_s", "before_s", "after_s") if k in sp}, "ratio": ratio,
+            "scaled_error_pct": (it.predicted * ratio - it.measured) / it.measured * 100.0}
 
 
 def _header(plan: Plan, run: dict, tot: dict) -> dict:
@@ -311,6 +343,14 @@ def explain(cmp: Comparison, plan: Plan, run: dict) -> list[str]:
                      + ("slower" if slower else "faster") + " than when it was calibrated (other load, frequency), "
                      "not one mis-modelled stage. Calibrate again (`specmoe calibrate --force`) and compare runs "
                      "made close together.")
+    if cmp.drift:
+        r, e2 = cmp.drift["ratio"], cmp.drift["scaled_error_pct"]
+        notes.append(f"Machine speed: a fixed probe of the engine's own stage code took {r:.2f}x its calibration time "
+                     f"around this run, so the machine ran {abs(r - 1):.0%} {'slower' if r > 1 else 'faster'} than when "
+                     f"it was calibrated. Scaled by that, the predicted iteration is off by {e2:+.1f}% "
+                     + ("(within the goal: the rest of the miss is the machine, not the model)."
+                        if abs(e2) <= cmp.goal_pct < abs(e if e is not None else 0) else
+                        "(the probe explains little of the miss)." if e is not None and abs(e2) >= abs(e) else "."))
     for r in parts:
         if r.predicted > 0 and not r.measured:
             notes.append(f"{r.name} is predicted ({_ms(r.predicted)}) but was not measured: the run did not execute "
@@ -409,6 +449,11 @@ def render_table(cmp: Comparison) -> str:
                      f"{_err(r):>9s}")
     mae = "n/a" if cmp.mean_abs_error_pct is None else f"{cmp.mean_abs_error_pct:.1f}%"
     lines += ["", f"  mean |error| over the measured iteration stages: {mae}", f"  {cmp.verdict}"]
+    if cmp.drift:
+        r = cmp.drift["ratio"]
+        lines.append(f"  machine speed: the speed probe took {r:.2f}x its calibration time around this run "
+                     f"({'slower' if r > 1 else 'faster'} than when calibrated); with the prediction scaled by it the "
+                     f"iteration error is {cmp.drift['scaled_error_pct']:+.1f}%")
     lines += [f"  warning: {w}" for w in cmp.warnings]
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .batch_drain import at_live_batch, drain, live_placement
 from .errors import SpecError
 from .plan import Plan
 from .stages import Stage
@@ -97,11 +98,34 @@ def live_batch(run: dict) -> float | None:
 
 def _live_placement(plan: Plan, batch: int):
     """The plan's placement for `batch` live sequences: GPU-resident KV shares scaled to the batch."""
+    return live_placement(plan.placement, plan.batch, batch)
+
+
+def job_prediction(plan: Plan, run: dict) -> dict | None:
+    """The drain the cost model predicts for the job the run was (its sequences, the plan's batch and
+    lengths, the run's k): planner/batch_drain.py's mean live batch and iterations, the iteration
+    simulated at that live batch, and the job's decode tokens/s. None when the run does not say how
+    many sequences it ran."""
     from dataclasses import replace
 
-    pl, B = plan.placement, max(1, plan.batch)
-    return replace(pl, target_kv_gpu_sequences=min(batch, round(pl.target_kv_gpu_sequences * batch / B)),
-                   draft_kv_gpu_sequences=min(batch, round(pl.draft_kv_gpu_sequences * batch / B)))
+    n = run.get("sequences")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return None
+    wl = plan.workload_spec()
+    gen = run.get("max_new_tokens")
+    wl = replace(wl, num_prompts=n, gen_len=gen if isinstance(gen, int) and gen >= 1 else wl.gen_len)
+    k = int(run["draft_len"])
+    d = drain(wl, plan.batch, k)
+    if d is None or d.iterations <= 0:
+        return None
+    sched = engine_schedule(run)
+
+    def at(b: int) -> float:
+        return _estimate_for(plan, k, timeline=False, placement=_live_placement(plan, b), batch=b, run=False,
+                             schedule=sched).iteration_time_s
+
+    t_live = at_live_batch(at, plan.batch, d.mean_live_batch)
+    return {**d.to_dict(), "iteration_time_s": t_live, "decode_tokens_per_s": d.decode_tokens_per_s(t_live)}
 
 
 def _prediction(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict, list[dict]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ class AcceptanceProfile:
     table: tuple[float, ...]          # table[k] = expected accepted drafts at draft length k; table[0] = 0
     alpha: float | None = None
     source: str = ""
+    # spread[k]: standard deviation across sequences of a sequence's mean accepted drafts per iteration
+    # at draft length k (spread[0] = 0); None when unmeasured. Sets how unevenly a batch finishes
+    # (planner/batch_drain.py).
+    spread: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if not self.table or self.table[0] != 0:
@@ -37,6 +42,19 @@ class AcceptanceProfile:
                 raise SpecError("acceptance", f"acc({k}) = {a} is below acc({k-1}) = {prev}",
                                 "acceptance must not fall as k grows")
             prev = a
+        if self.spread is not None:
+            if len(self.spread) != len(self.table):
+                raise SpecError("acceptance", f"spread has {len(self.spread)} entries for {len(self.table)} k values",
+                                "give one accepted_sd per k")
+            for k, sd in enumerate(self.spread):
+                if not (sd >= 0 and math.isfinite(sd)):
+                    raise SpecError("acceptance", f"accepted_sd at k={k} is {sd}", "a standard deviation is >= 0")
+
+    def spread_at(self, k: int) -> float | None:
+        """Across-sequence standard deviation of accepted drafts per iteration at k (None: unmeasured)."""
+        if self.spread is None or k <= 0:
+            return None if self.spread is None else 0.0
+        return self.spread[min(k, len(self.spread) - 1)]
 
     @property
     def max_k(self) -> int:
@@ -82,27 +100,38 @@ class AcceptanceProfile:
         col = "accepted" if "accepted" in rows[0] else None
         if col is None:
             raise SpecError("acceptance", f"{source} lacks an `accepted` column", "header must be `k,accepted`")
+        has_sd = "accepted_sd" in rows[0]
         pts: dict[int, float] = {0: 0.0}
+        sds: dict[int, float] = {0: 0.0}
         for i, r in enumerate(rows, start=2):
             try:
                 k, a = int(r["k"]), float(r[col])
+                if has_sd:
+                    sds[k] = float(r["accepted_sd"])
             except (TypeError, ValueError):
-                raise SpecError("acceptance", f"{source} line {i}: k={r.get('k')!r} accepted={r.get(col)!r} "
-                                "is not numeric", "fix the row") from None
+                raise SpecError("acceptance", f"{source} line {i}: k={r.get('k')!r} accepted={r.get(col)!r}"
+                                + (f" accepted_sd={r.get('accepted_sd')!r}" if has_sd else "")
+                                + " is not numeric", "fix the row") from None
             if k < 0:
                 raise SpecError("acceptance", f"{source} line {i}: k={k} is negative", "k must be >= 0")
             pts[k] = a
         ks = sorted(pts)
         if ks != list(range(ks[-1] + 1)):
             raise SpecError("acceptance", f"{source} must list every k from 1 to {ks[-1]}", "add the missing rows")
-        return cls(tuple(pts[k] for k in ks), alpha=None, source=source)
+        return cls(tuple(pts[k] for k in ks), alpha=None, source=source,
+                   spread=tuple(sds.get(k, 0.0) for k in ks) if has_sd else None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"table": list(self.table), "alpha": self.alpha, "source": self.source}
+        d: dict[str, Any] = {"table": list(self.table), "alpha": self.alpha, "source": self.source}
+        if self.spread is not None:
+            d["spread"] = list(self.spread)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "AcceptanceProfile":
-        return cls(tuple(float(x) for x in d["table"]), d.get("alpha"), d.get("source", ""))
+        sp = d.get("spread")
+        return cls(tuple(float(x) for x in d["table"]), d.get("alpha"), d.get("source", ""),
+                   tuple(float(x) for x in sp) if sp is not None else None)
 
 
 def _alpha_acc(alpha: float, k: int) -> float:
@@ -136,6 +165,9 @@ class Workload:
     """What is served: prompt and output lengths, batch, dtypes, acceptance.
 
     batch: a positive int, or None for "the most that fits" (the planner decides).
+    num_prompts: the job's number of prompts, or None for an open stream (the batch stays full).
+      A finite job's batch thins out at its end under speculation (planner/batch_drain.py), and a
+      batch above it only costs memory.
     """
 
     prompt_len: int
@@ -145,6 +177,7 @@ class Workload:
     kv_dtype: str = "bf16"
     weight_dtype: str = "bf16"
     name: str = ""
+    num_prompts: int | None = None
 
     def __post_init__(self):
         for f in ("prompt_len", "gen_len"):
@@ -153,6 +186,10 @@ class Workload:
                 raise SpecError(f, f"must be a positive integer, got {v!r}", f"pass --{f.replace('_', '-')} N with N >= 1")
         if self.batch is not None and (isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch <= 0):
             raise SpecError("batch", f"must be a positive integer or 'max', got {self.batch!r}", "pass --batch B or --batch max")
+        if self.num_prompts is not None and (isinstance(self.num_prompts, bool) or not isinstance(self.num_prompts, int)
+                                             or self.num_prompts <= 0):
+            raise SpecError("num_prompts", f"must be a positive integer, got {self.num_prompts!r}",
+                            "pass --num-prompts N, or leave it out for an open stream")
         if self.kv_dtype not in KV_DTYPES:
             raise SpecError("kv_dtype", f"unknown dtype {self.kv_dtype!r}", f"one of {', '.join(KV_DTYPES)}")
         if self.weight_dtype not in KV_DTYPES:
@@ -177,12 +214,16 @@ class Workload:
         return self.prompt_len + self.gen_len / 2
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt_len": self.prompt_len, "gen_len": self.gen_len, "batch": self.batch,
-                "acceptance": self.acceptance.to_dict(), "kv_dtype": self.kv_dtype,
-                "weight_dtype": self.weight_dtype, "name": self.name}
+        d = {"prompt_len": self.prompt_len, "gen_len": self.gen_len, "batch": self.batch,
+             "acceptance": self.acceptance.to_dict(), "kv_dtype": self.kv_dtype,
+             "weight_dtype": self.weight_dtype, "name": self.name}
+        if self.num_prompts is not None:
+            d["num_prompts"] = self.num_prompts
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Workload":
         return cls(prompt_len=d["prompt_len"], gen_len=d["gen_len"], batch=d.get("batch"),
                    acceptance=AcceptanceProfile.from_dict(d["acceptance"]), kv_dtype=d.get("kv_dtype", "bf16"),
-                   weight_dtype=d.get("weight_dtype", "bf16"), name=d.get("name", ""))
+                   weight_dtype=d.get("weight_dtype", "bf16"), name=d.get("name", ""),
+                   num_prompts=d.get("num_prompts"))

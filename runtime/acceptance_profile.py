@@ -2,13 +2,15 @@
 speculative loop: `specmoe profile-acceptance` and the demo.
 
     prof = profile_acceptance(target_dir, draft_dir, prompts, max_k=8, max_new_tokens=48)
-    prof.write_csv("acceptance.csv")      # k,accepted[,raw_accepted,verified,...]; AcceptanceProfile.from_csv reads it
+    prof.write_csv("acceptance.csv")      # k,accepted,raw_accepted,verified,iterations,accepted_sd
 
 Method: one Engine (a plan from plan_for_checkpoint at draft length max_k, so memory is checked for
 the largest k once) generates every prompt greedily at each k = 1..max_k (generate(draft_len=k));
 acc(k) is the RunRecord's accepted drafts / verified sequences over the whole run, exactly the
 quantity the cost model's acc(k) stands for (tokens per iteration = acc(k) + 1), measured where the
-engine's iterations really start. Greedy acceptance is exact, so every k emits the target's greedy
+engine's iterations really start. `accepted_sd` is the standard deviation across prompts of each
+sequence's own mean accepted drafts per iteration: how unevenly a batch finishes under speculation
+(planner/batch_drain.py turns it into the mean live batch of a finite job). Greedy acceptance is exact, so every k emits the target's greedy
 text; sequences whose tokens differ between k (a top-2 logit gap inside float noise) are counted.
 
 acc(k) = E[min(A, k)] (A: the run of draft tokens the target agrees with) cannot fall as k grows,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +47,15 @@ class AcceptanceResult:
     max_new_tokens: int
     elapsed_s: float
     info: dict = field(default_factory=dict)
+    accepted_sd: list[float] = field(default_factory=list)   # across sequences, of each one's mean accepted drafts
 
     def csv_text(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["k", "accepted", "raw_accepted", "verified", "iterations"])
-        for k, a, r, v, n in zip(self.ks, self.accepted, self.raw, self.verified, self.iterations):
-            w.writerow([k, f"{a:.6f}", f"{r:.6f}", v, n])
+        sd = self.accepted_sd if len(self.accepted_sd) == len(self.ks) else None
+        w.writerow(["k", "accepted", "raw_accepted", "verified", "iterations"] + (["accepted_sd"] if sd else []))
+        for i, (k, a, r, v, n) in enumerate(zip(self.ks, self.accepted, self.raw, self.verified, self.iterations)):
+            w.writerow([k, f"{a:.6f}", f"{r:.6f}", v, n] + ([f"{sd[i]:.6f}"] if sd else []))
         return buf.getvalue()
 
     def write_csv(self, path: str | Path) -> Path:
@@ -60,9 +65,10 @@ class AcceptanceResult:
         return p
 
     def table(self) -> str:
-        lines = ["   k   acc(k)   measured   alpha   tokens/iter   verified"]
-        for k, a, r, v in zip(self.ks, self.accepted, self.raw, self.verified):
-            lines.append(f"  {k:2d}  {a:7.3f}  {r:9.3f}  {a / k:6.3f}  {a + 1:12.3f}  {v:9d}")
+        sd = self.accepted_sd if len(self.accepted_sd) == len(self.ks) else [float("nan")] * len(self.ks)
+        lines = ["   k   acc(k)   measured   alpha   tokens/iter   verified   sd across sequences"]
+        for k, a, r, v, s in zip(self.ks, self.accepted, self.raw, self.verified, sd):
+            lines.append(f"  {k:2d}  {a:7.3f}  {r:9.3f}  {a / k:6.3f}  {a + 1:12.3f}  {v:9d}  {s:20.3f}")
         lines.append(f"  ({self.prompts} prompts, {self.max_new_tokens} new tokens, greedy; {self.differing_sequences} "
                      f"sequences differ between k, {self.token_flips} near-tie tokens; {self.elapsed_s:.1f} s)")
         return "\n".join(lines)
@@ -109,7 +115,7 @@ def profile_acceptance(target_dir, draft_dir, prompts: list, max_k: int = 8, max
                                prompt_len=longest, gen_len=max_new_tokens)
     t0 = time.perf_counter()
     eng = Engine(plan, target_dir, draft_dir, device=device, dtype=dtype, max_k=max_k)
-    raw, verified, iters, tps = [], [], [], []
+    raw, verified, iters, tps, sds = [], [], [], [], []
     first: dict[int, list[int]] | None = None
     differing: set[int] = set()
     flips = 0
@@ -121,6 +127,7 @@ def profile_acceptance(target_dir, draft_dir, prompts: list, max_k: int = 8, max
         verified.append(n_ver)
         iters.append(int(rec.iterations))
         tps.append(float(rec.decode_tokens_per_s))
+        sds.append(sequence_spread(res.outputs))
         flips += int(rec.token_flips)
         toks = {o.index: list(o.token_ids) for o in res.outputs}
         if first is None:
@@ -135,4 +142,15 @@ def profile_acceptance(target_dir, draft_dir, prompts: list, max_k: int = 8, max
                             tokens_per_s=tps, differing_sequences=len(differing), token_flips=flips,
                             prompts=len(prompts), max_new_tokens=max_new_tokens,
                             elapsed_s=time.perf_counter() - t0,
-                            info={"batch": B, "device": str(eng.device), "dtype": str(eng.dtype).replace("torch.", "")})
+                            info={"batch": B, "device": str(eng.device), "dtype": str(eng.dtype).replace("torch.", "")},
+                            accepted_sd=sds)
+
+
+def sequence_spread(outputs) -> float:
+    """Standard deviation across sequences of each one's mean accepted drafts per decode iteration
+    (sequences without a decode iteration left out; 0 with fewer than two)."""
+    means = [o.accepted_drafts / o.decode_iterations for o in outputs if o.decode_iterations > 0]
+    if len(means) < 2:
+        return 0.0
+    m = sum(means) / len(means)
+    return math.sqrt(sum((x - m) ** 2 for x in means) / (len(means) - 1))

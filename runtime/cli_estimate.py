@@ -19,6 +19,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-len", required=True, metavar="N", help="prompt tokens per sequence")
     p.add_argument("--gen-len", required=True, metavar="N", help="generated tokens per sequence")
     p.add_argument("--batch", default="max", metavar="B|max", help="sequences decoded together (default: max that fits)")
+    p.add_argument("--num-prompts", default=None, metavar="N",
+                   help="prompts in the job: also predict how its batch drains and the job's throughput "
+                        "(default: an open stream)")
     p.add_argument("--draft-len", default="0", metavar="K", help="draft tokens per iteration (0: no speculation)")
     p.add_argument("--acceptance", default=None, metavar="ALPHA|table.csv",
                    help="per-token acceptance rate in [0, 1), or a CSV with columns k,accepted")
@@ -64,8 +67,9 @@ def build(args):
         raise SpecError("--acceptance", f"needed with --draft-len {k}",
                         "give a per-token acceptance rate such as 0.8, or a CSV with columns k,accepted")
     acc = load_acceptance(args.acceptance if args.acceptance is not None else 0.0, max_k=max(16, k))
+    n_prompts = None if args.num_prompts is None else _int(args.num_prompts, "--num-prompts", 1)
     wl = Workload(prompt_len=prompt, gen_len=gen, batch=batch, acceptance=acc, kv_dtype=args.kv_dtype,
-                  weight_dtype=args.weight_dtype)
+                  weight_dtype=args.weight_dtype, num_prompts=n_prompts)
     draft = None
     if k > 0:
         draft = load_model(args.draft if args.draft is not None else default_draft_name(model))
@@ -97,6 +101,12 @@ def format_table(e) -> str:
     if e.prefill_time_s:
         lines.append(f"  whole run: prefill {e.prefill_time_s:.2f} s, decode {e.decode_time_s:.2f} s, "
                      f"end-to-end {e.end_to_end_tokens_per_s:.1f} tokens/s (decode-only {e.run_decode_tokens_per_s:.1f})")
+    if e.job:
+        j = e.job
+        lines.append(f"  job of {j['num_prompts']} prompts: the batch drains to {j['mean_live_batch']:.1f} live sequences "
+                     f"on average over {j['iterations']:.1f} decode iterations (iteration {j['iteration_time_s']:.4f} s "
+                     f"there); job decode {j['decode_tokens_per_s']:.1f} tokens/s, end-to-end "
+                     f"{j['end_to_end_tokens_per_s']:.1f}")
     mem = e.memory
     lines += ["", f"  GPU memory {_gib(mem['gpu_bytes'])} of {_gib(mem['gpu_usable_bytes'])} usable "
                   f"({mem['gpu_fraction']:.0%} of {mem['gpu_capacity_bytes'] / 2**30:.1f} GiB)"]

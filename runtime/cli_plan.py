@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gen-len", metavar="N", help="generated tokens per sequence")
     p.add_argument("--batch", default="max", metavar="B|max",
                    help="sequences decoded together (default: max, the optimizer chooses)")
+    p.add_argument("--num-prompts", default=None, metavar="N",
+                   help="prompts in the job: a finite job's batch drains at its end under speculation, which the "
+                        "plan then prices in (default: an open stream, the batch stays full)")
     p.add_argument("--draft", default=None, metavar="PRESET|config.json",
                    help="draft model (default: the target's default draft, if it has one)")
     p.add_argument("--acceptance", default=None, metavar="ALPHA|table.csv",
@@ -90,6 +93,7 @@ def build(args):
     gen = _int(args.gen_len, "--gen-len", 1)
     kmax = _int(args.max_draft_len, "--max-draft-len", 0)
     batch = None if str(args.batch).lower() == "max" else _int(args.batch, "--batch", 1)
+    n_prompts = None if args.num_prompts is None else _int(args.num_prompts, "--num-prompts", 1)
     mbs = [_int(x, "--micro-batches", 1) for x in str(args.micro_batches).split(",") if x.strip()]
     if not mbs:
         raise SpecError("--micro-batches", "is empty", "give e.g. 1,2,4,8")
@@ -119,7 +123,7 @@ def build(args):
                         "or --max-draft-len 0")
     acc = load_acceptance(args.acceptance if args.acceptance is not None else 0.0, max_k=max(16, kmax))
     wl = Workload(prompt_len=prompt, gen_len=gen, batch=batch, acceptance=acc, kv_dtype=args.kv_dtype,
-                  weight_dtype=args.weight_dtype)
+                  weight_dtype=args.weight_dtype, num_prompts=n_prompts)
     draft = load_model(args.draft) if args.draft is not None else None
     stats = (load_routing_stats(args.routing_stats, model.num_layers, model.num_experts)
              if args.routing_stats is not None else None)
@@ -155,6 +159,12 @@ def format_plan(plan) -> str:
         f"bound {plan.bound}; closed form {sv.get('closed_form_tokens_per_s', 0.0):.1f} tokens/s"
         + (f"; end-to-end {pr.end_to_end_tokens_per_s:.1f} tokens/s" if pr.end_to_end_tokens_per_s else ""),
     ]
+    job = getattr(pr, "job", None) or {}
+    if job:
+        lines.append(f"  job of {job['num_prompts']} prompts: the batch drains to {job['mean_live_batch']:.1f} live "
+                     f"sequences on average over {job['iterations']:.1f} decode iterations (iteration "
+                     f"{job['iteration_time_s']:.4f} s there); job decode {pr.decode_tokens_per_s:.1f} tokens/s, "
+                     f"full batch {job['steady_decode_tokens_per_s']:.1f}")
     mem = plan.memory
     if "gpu_usable_bytes" in mem:
         lines.append(f"  memory: GPU {mem['gpu_bytes'] / GiB:.2f} of {mem['gpu_usable_bytes'] / GiB:.2f} GiB usable, "

@@ -47,10 +47,13 @@ class SequenceOutput:
     token_ids: list[int]           # generated tokens only
     text: str | None
     finish_reason: str
+    decode_iterations: int = 0     # decode iterations the sequence was live in
+    accepted_drafts: int = 0       # drafts accepted over them
 
     def to_dict(self) -> dict:
         return {"index": self.index, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
-                "finish_reason": self.finish_reason}
+                "finish_reason": self.finish_reason, "decode_iterations": self.decode_iterations,
+                "accepted_drafts": self.accepted_drafts}
 
 
 @dataclass
@@ -249,7 +252,8 @@ class Engine:
 
         def finish(s: Sequence):
             out = SequenceOutput(s.index, s.prompt_text if s.prompt_text is not None else s.prompt, list(s.generated),
-                                 self._decode(s.generated), s.finish_reason or "length")
+                                 self._decode(s.generated), s.finish_reason or "length", s.decode_iterations,
+                                 s.accepted_drafts)
             outputs[s.index] = out
             free_rows.append(s.row)
             if on_finish is not None:

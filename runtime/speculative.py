@@ -40,6 +40,8 @@ class Sequence:
     target_len: int = 0            # tokens in the target KV
     draft_pending: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    decode_iterations: int = 0     # decode iterations this sequence was live in
+    accepted_drafts: int = 0       # drafts the target accepted over them (before length/EOS truncation)
 
     @property
     def last(self) -> int:
@@ -217,6 +219,8 @@ class SpeculativeDecoder:
             emitted = 0
             for i, s in enumerate(active):
                 a = acc_l[i]
+                s.decode_iterations += 1
+                s.accepted_drafts += a
                 new = drafts_l[i][:a] + [nxt_l[i]]
                 emitted += self._emit(s, new)
                 s.target_len += 1 + a

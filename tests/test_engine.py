@@ -54,6 +54,12 @@ def test_run_record(pair, tmp_path):
     hist = {int(a): n for a, n in rec.acceptance_histogram.items()}
     assert max(hist) <= 3 and sum(hist.values()) > 0
     assert abs(rec.mean_accepted - sum(a * n for a, n in hist.items()) / sum(hist.values())) < 1e-9
+    # per sequence: its decode iterations and accepted drafts add up to the run's histogram
+    assert sum(o.decode_iterations for o in res.outputs) == sum(hist.values())
+    assert sum(o.accepted_drafts for o in res.outputs) == sum(a * n for a, n in hist.items())
+    assert all(o.decode_iterations <= len(o.token_ids) and o.accepted_drafts <= 3 * o.decode_iterations
+               for o in res.outputs)
+    assert {"decode_iterations", "accepted_drafts"} <= set(res.outputs[0].to_dict())
     assert rec.plan_hashes == p.input_hashes and rec.batch == 4 and rec.micro_batches == 2 and rec.draft_len == 3
     assert rec.h2d_bytes > 0 and rec.h2d_experts > 0
     assert {"verify_attention", "expert_permutation", "greedy_accept", "draft_decode_attention"} <= set(rec.backends)

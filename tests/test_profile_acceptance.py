@@ -66,8 +66,9 @@ def test_csv_loads_monotone_within_0_k(profiled, capsys):
     rows = list(csv.DictReader(out.open()))
     assert [int(r["k"]) for r in rows] == [1, 2, 3, 4]
     for r in rows:
-        k, raw, ver = int(r["k"]), float(r["raw_accepted"]), int(r["verified"])
-        assert 0.0 <= raw <= k and ver > 0
+        k, raw, ver, sd = int(r["k"]), float(r["raw_accepted"]), int(r["verified"]), float(r["accepted_sd"])
+        assert 0.0 <= raw <= k and ver > 0 and 0.0 <= sd <= k
+    assert prof.spread is not None and prof.spread[1:] == tuple(float(r["accepted_sd"]) for r in rows)
     # a trained pair: the draft agrees with the target often (acc(1) is an acceptance rate)
     assert 0.2 < acc[0] <= 1.0
     assert sorted(p.name for p in out.parent.iterdir()) == ["acc.csv", "p.jsonl"]     # no temporary file left
@@ -101,3 +102,15 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert main(["profile-acceptance", "--target", str(tmp_path), "--draft", str(TINY_DRAFT), "--prompts",
                  str(TINY_PROMPTS), "-o", str(out), "--no-progress"]) == 2
     assert not out.exists()
+
+
+def test_sequence_spread_is_the_sample_sd_of_per_sequence_means():
+    import statistics
+    from types import SimpleNamespace as NS
+
+    from runtime.acceptance_profile import sequence_spread
+
+    outs = [NS(accepted_drafts=a, decode_iterations=n) for a, n in ((3, 10), (9, 12), (0, 7), (5, 0), (14, 15))]
+    want = statistics.stdev([0.3, 0.75, 0.0, 14 / 15])        # the sequence without an iteration is left out
+    assert sequence_spread(outs) == pytest.approx(want, rel=1e-12)
+    assert sequence_spread(outs[:1]) == 0.0

@@ -305,3 +305,42 @@ def test_report_of_a_real_engine_run(tmp_path_factory):
     out = write_html(plan, rec, tmp_path_factory.mktemp("html") / "report.html")
     assert "target.moe" in out.read_text()
     assert render_table(cmp).count("\n") > len(PARTS)
+
+
+def test_job_rows_predict_the_drain(plan):
+    """The job the run was (its sequences, the run's k and new tokens): the predicted mean live batch
+    and iterations are planner/batch_drain.py's, against the run's own; the job's decode tokens/s is
+    its tokens over iterations x the iteration simulated at that live batch."""
+    from dataclasses import replace
+
+    from planner.batch_drain import drain
+    from planner.estimate import estimate
+    from planner.report import live_batch
+
+    run = make_run(plan, {}, 1.0, acceptance_histogram={"0": 160, "1": 240, "2": 400}, max_new_tokens=49,
+                   sequences=64)
+    cmp = compare(plan, run)
+    d = drain(replace(WL, num_prompts=64, gen_len=49), 64, 2)
+    assert cmp.row("mean live batch").predicted == pytest.approx(d.mean_live_batch)
+    assert cmp.row("mean live batch").measured == pytest.approx(live_batch(run)) == pytest.approx(40.0)
+    assert cmp.row("decode iterations").predicted == pytest.approx(d.iterations)
+    assert cmp.row("decode iterations").measured == 20
+    lo = int(d.mean_live_batch)
+    if lo < 64:
+        pl = plan.placement
+
+        def t(b):
+            return estimate(plan.model_spec(), plan.hardware_spec(), plan.workload_spec(), draft=plan.draft_spec(),
+                            draft_len=2, micro_batches=2, batch=b, timeline=False, run=False,
+                            placement=replace(pl, target_kv_gpu_sequences=min(b, round(pl.target_kv_gpu_sequences * b / 64)),
+                                              draft_kv_gpu_sequences=min(b, round(pl.draft_kv_gpu_sequences * b / 64)))
+                            ).iteration_time_s
+        t_live = t(lo) + (t(lo + 1) - t(lo)) * (d.mean_live_batch - lo)
+    else:
+        t_live = plan.predicted.iteration_time_s
+    assert cmp.row("job decode tokens/s").predicted == pytest.approx(d.decode_tokens / (d.iterations * t_live), rel=1e-6)
+    assert "mean live batch" in render_table(cmp)
+    # a run record that does not say how many sequences it ran: no job rows
+    run.pop("sequences")
+    with pytest.raises(KeyError):
+        compare(plan, run).row("decode iterations")
