@@ -103,6 +103,15 @@ def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool =
         except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:   # a family the engine lacks
             res.setdefault("skipped", {})["stage_overheads"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
 
+    def probe():
+        from .speed_probe import probe_iteration_s
+
+        if engine_cfgs and "stage_overheads" not in res.get("skipped", {}):
+            try:
+                res.setdefault("speed_probe_s", []).append(probe_iteration_s(engine_cfgs))
+            except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:
+                res.setdefault("skipped", {})["speed_probe"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+
     steps: list[tuple[str, Callable[[], None]]] = [
         ("fill a cold buffer", pool),
         ("DRAM read", lambda: res.__setitem__("dram_read_GBps", measure_dram_read_GBps(
@@ -114,7 +123,9 @@ def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool =
         ("CPU verify attention", lambda: res.__setitem__("cpu_attention_kv_GBps", measure_cpu_attention_kv_GBps(
             shapes["n_q"], shapes["n_kv"], shapes["d"], pool=state["pool"], kv_dtype=engine_dtype,
             call_bytes=st.attn_call_bytes, reps=st.reps, min_time_s=st.min_time_s))),
+        ("speed probe", probe),
         ("engine stage overheads", overheads),
+        ("speed probe again", probe),
         # read again at the end and keep the better: a burst of other work spoils one pass, not both
         ("DRAM read again", lambda: res.__setitem__("dram_read_GBps", max(res["dram_read_GBps"], measure_dram_read_GBps(
             state["pool"], reps=st.reps)))),

@@ -55,8 +55,8 @@ class Settings:
     attn_call_bytes: int           # KV bytes read by one verify-attention call (sets B)
     chunks_MB: tuple[int, ...]
     gpu_Ms: tuple[int, ...]
-    overhead_rounds: int = 6       # engine-stage measurement: interleaved rounds over the configurations
-    overhead_per_round: int = 5    # iterations per configuration per round
+    overhead_rounds: int = 12      # engine-stage measurement: interleaved rounds over the configurations
+    overhead_per_round: int = 4    # iterations per configuration per round
 
 
 FULL = Settings("full", reps=5, min_time_s=0.05, pool_min_bytes=1 * GiB, pool_max_bytes=2 * GiB,

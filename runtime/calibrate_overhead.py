@@ -9,8 +9,10 @@ widths if it is large) and a tiny random draft (1 and 2 layers) run the real spe
 (runtime.speculative.SpeculativeDecoder.step: target_model's pre_attn/attention/post_attn/moe, the
 draft steps, the acceptance check, the LM head) under the engine's StageTimer, at a handful of
 configurations (batch, draft length, micro-batches, draft layers, where the target KV lives, full or
-half expert cache). Each stage's mean (and median) seconds per iteration are kept; the fit uses
-the mean, as the engine's RunRecord reports means. Acceptance comes from the engine's seeded
+half expert cache), interleaved in rounds. Each stage's mean (and median) seconds per iteration
+are kept; the fit uses the mean, as the engine's RunRecord reports means, after dividing each round
+by the machine's speed in that round (round_speeds: a shared machine runs whole rounds 20-50%
+slower or faster), so that the configurations are compared at one speed. Acceptance comes from the engine's seeded
 Bernoulli oracle (random drafts agree with nothing), so sequences catch up after fully accepted
 drafts as they do with a real draft.
 
@@ -50,7 +52,9 @@ CONFIGS: tuple[tuple[int, int, int, int, int, str], ...] = (
 )
 PROMPT_LEN = 16
 ORACLE_ALPHA = 0.6     # per-draft acceptance rate of the measurement's oracle
-STAT = "mean_s"        # fitted: the mean seconds per iteration, as the engine's RunRecord reports them
+STAT = "normalized_s"  # fitted: mean seconds per iteration (as RunRecords report them), each round divided by
+                       # the machine's speed in it (round_speeds) and scaled to a typical round; "mean_s" in
+                       # caches written before
 STAGES = ("target.pre_attn", "target.attention", "target.post_attn", "target.moe", "target.h2d",
           "target.lm_head", "verify.accept", "draft.gpu")
 
@@ -232,6 +236,8 @@ def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, ro
         for run in runs:
             for _ in range(per_round):
                 one(run, True)
+    speed = round_speeds([run["samples"]["iteration"] for run in runs], rounds, per_round)
+    ref = statistics.median(speed)
     out = []
     for run in runs:
         # one more iteration counting the torch operations of each stage
@@ -248,10 +254,31 @@ def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, ro
                     "catchup_per_iteration": statistics.fmean(run["catchup"]) if k > 0 else 0.0,
                     "median_s": {st: statistics.median(v) for st, v in run["samples"].items()},
                     "mean_s": {st: statistics.fmean(v) for st, v in run["samples"].items()},
+                    "normalized_s": {st: ref * statistics.fmean(m / f for m, f in zip(_round_means(v, rounds, per_round),
+                                                                                  speed))
+                                     for st, v in run["samples"].items()},
                     "ops": {st: int(n) for st, n in sorted(counts.items())}})
     return {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "samples": rounds * per_round,
+            "round_speed": [round(f / ref, 4) for f in speed],
             "prompt_len": PROMPT_LEN, "target_config": target_cfg,
             "draft_configs": {int(k): v for k, v in draft_cfgs.items()}, "configs": out}
+
+
+def _round_means(samples: list[float], rounds: int, per_round: int) -> list[float]:
+    return [statistics.fmean(samples[r * per_round:(r + 1) * per_round]) for r in range(rounds)]
+
+
+def round_speeds(iteration_samples: list[list[float]], rounds: int, per_round: int) -> list[float]:
+    """The machine's relative slowness in each round: per round, the median over configurations of
+    the round's mean iteration over that configuration's median round (1 = a typical round; 1.3 =
+    everything ran 30% slower then). Dividing each round by it takes the machine's spells out of the
+    comparison between configurations, which the fit depends on."""
+    rel = []
+    for v in iteration_samples:
+        rm = _round_means(v, rounds, per_round)
+        med = statistics.median(rm)
+        rel.append([x / med if med > 0 else 1.0 for x in rm])
+    return [statistics.median(col) for col in zip(*rel)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +337,10 @@ def _roofline_stages(c: dict, spec, dspec, hw, dtype: str) -> dict[str, float]:
     return costs.stage_totals()
 
 
+def _stat(c: dict) -> dict:
+    return c.get(STAT) or c["mean_s"]
+
+
 def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, float], dict[str, Any]]:
     """(op_overhead_us, stage_overhead_us, details) from measure_stage_overheads' samples and a hardware
     spec (raw mapping) holding the measured curves but no fixed costs."""
@@ -334,7 +365,7 @@ def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, floa
         touched = touched_experts(spec.num_experts, spec.top_k, N) if spec.num_experts else 0.0
         roof = _roofline_stages(c, spec, dspecs[c["draft_layers"]], hw, dt)
         for st, feats in _features(c, spec, n_moe, touched).items():
-            rows.setdefault(st, []).append((feats, c[STAT][st], roof.get(st, 0.0)))
+            rows.setdefault(st, []).append((feats, _stat(c)[st], roof.get(st, 0.0)))
     theta: dict[str, float] = {}
     fit_err: dict[str, float] = {}
     fit_by_cfg: dict[str, list[float]] = {}
@@ -356,8 +387,8 @@ def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, floa
     # the engine's work outside every stage (layout and inputs of the pass, Python between stages):
     # iteration - sum of stages = iteration.other + iteration.other.sequence x B, relative to the iteration
     Xo = np.array([[1.0, float(c["B"])] for c in raw["configs"]])                          # [configs, 2]
-    it_s = np.array([c[STAT]["iteration"] for c in raw["configs"]], dtype=float)          # [configs]
-    yo = it_s - np.array([sum(c[STAT][st] for st in STAGES) for c in raw["configs"]], dtype=float)
+    it_s = np.array([_stat(c)["iteration"] for c in raw["configs"]], dtype=float)          # [configs]
+    yo = it_s - np.array([sum(_stat(c)[st] for st in STAGES) for c in raw["configs"]], dtype=float)
     so, _ = nnls(Xo / it_s[:, None], yo / it_s)
     theta["iteration.other"], theta["iteration.other.sequence"] = float(so[0]), float(so[1])
     fit_err["iteration.other"] = float(np.max(np.abs(Xo @ so - yo) / it_s))
@@ -377,14 +408,14 @@ def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, floa
         y = np.array([n for _, n in rs], dtype=float)
         sol, _ = nnls(X, y)
         ops.update({key: round(float(v), 1) for key, v in zip(keys, sol)})
-    ref = max(raw["configs"], key=lambda c: c[STAT]["iteration"])
+    ref = max(raw["configs"], key=lambda c: _stat(c)["iteration"])
     N = ref["B"] * (ref["k"] + 1)
     touched = touched_experts(spec.num_experts, spec.top_k, N) if spec.num_experts else 0.0
     fixed_ref = sum(theta.get(key, 0.0) * n for feats in _features(ref, spec, n_moe, touched).values()
                     for key, n in feats.items())
     ops_ref = sum(n for st, n in ref["ops"].items() if st in STAGES)
     op_us = fixed_ref / ops_ref * 1e6 if ops_ref > 0 and fixed_ref > 0 else None
-    untimed = [c[STAT]["iteration"] - sum(c[STAT][st] for st in STAGES) for c in raw["configs"]]
+    untimed = [_stat(c)["iteration"] - sum(_stat(c)[st] for st in STAGES) for c in raw["configs"]]
     stage_us = {key: _r(v * 1e6) for key, v in sorted(theta.items())}
     details = {
         "method": ("engine stages timed on tiny random models (runtime/calibrate_overhead.py); per stage "

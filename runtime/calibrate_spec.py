@@ -304,6 +304,10 @@ def build_spec_raw(cached: dict, base_raw: dict | None, base_label: str | None, 
             "elapsed_s": r.get("elapsed_s"),
             "load_avg_1min": [r.get("load_avg_before"), r.get("load_avg_after")],
             "fingerprint": cached["fingerprint_id"],
+            **({"speed_probe": {"iteration_s": _r(sum(r["speed_probe_s"]) / len(r["speed_probe_s"])),
+                                "samples_s": [_r(x) for x in r["speed_probe_s"]],
+                                "method": "runtime/speed_probe.py, before and after the engine-stage step"}}
+               if r.get("speed_probe_s") else {}),
         },
     }
     gpu, cpu, link = (_ordered(sec) for sec in (gpu, cpu, link))

@@ -133,6 +133,9 @@ class RunRecord:
     target_kv_gpu_sequences: int = 0
     expert_cache_slots: list[int] = field(default_factory=list)
     profile_stages: bool = False
+    # runtime/speed_probe.py around the run, against calibration: {calibration_iteration_s, before_s,
+    # after_s, ratio (> 1: the machine ran slower than when calibrated)}; None when not probed
+    speed_probe: dict | None = None
     schema_version: int = RUN_RECORD_VERSION
 
     def to_dict(self) -> dict:

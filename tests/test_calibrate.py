@@ -59,6 +59,12 @@ def test_quick_run_writes_a_loadable_plausible_spec(quick_run):
         assert spec.gpu.name == "CPU standing in for the GPU"
         # the stand-in GPU's GEMM curve is the CPU's fp32 one, in TFLOP/s
         assert m.gpu_gemm_TFLOPs_by_M.ys == pytest.approx([y / 1e3 for y in m.cpu_gemm_GFLOPs_by_M.ys], rel=1e-3)
+    # the speed probe ran before and after the engine-stage step; its mean is what runs are compared with
+    from runtime.speed_probe import calibration_probe_s
+
+    probe = spec.raw["measured"]["details"]["speed_probe"]
+    assert len(probe["samples_s"]) == 2 and all(0 < x < 1 for x in probe["samples_s"])
+    assert calibration_probe_s(spec.raw) == pytest.approx(sum(probe["samples_s"]) / 2, rel=1e-3)
     # the progress bar's steps all ran and no temporary file was left beside the output
     assert sorted(p.name for p in quick_run["dir"].iterdir()) == ["box.yaml", "cache"]
     umask = os.umask(0)

@@ -1,0 +1,73 @@
+"""runtime/speed_probe.py and the report's machine-speed line: the probe times the engine's own stage
+code; the drift ratio and the scaled iteration error are checked against hand-computed values."""
+from __future__ import annotations
+
+import pytest
+
+from planner import Workload, load_acceptance
+from planner.report import compare, render_table
+from planner.what_if import fixed_plan
+from runtime.speed_probe import PROBE_CONFIG, calibration_probe_s, speed_drift
+
+SPEC = {"measured": {"details": {"speed_probe": {"iteration_s": 0.02}}}}
+
+
+def test_drift_ratio_is_the_mean_probe_over_the_calibrations():
+    d = speed_drift(0.025, 0.023, SPEC)
+    assert d["ratio"] == pytest.approx(0.024 / 0.02) and d["calibration_iteration_s"] == 0.02
+    assert d["config"] == list(PROBE_CONFIG)
+    assert speed_drift(0.02, 0.02, {"measured": {}}) is None
+    assert speed_drift(0.0, 0.02, SPEC) is None
+    assert calibration_probe_s({"measured": {"details": {"speed_probe": {"iteration_s": "x"}}}}) is None
+    assert calibration_probe_s({}) is None
+
+
+def test_report_scales_the_prediction_by_the_probe():
+    plan = fixed_plan("mixtral-8x7b", "a30-xeon6426y", Workload(566, 1024, acceptance=load_acceptance(0.8)),
+                      draft_len=2, batch=64, micro_batches=2)
+    p = plan.predicted
+    measured = p.iteration_time_s * 1.3                # the machine ran 25% slower, the model a little off
+    run = {"complete": True, "stages": {**p.stages, "iteration": measured}, "iterations": 20,
+           "decode_tokens_per_s": 40.0, "acceptance_histogram": {"0": 256, "1": 384, "2": 640}, "mean_accepted": 1.3,
+           "backends": {}, "machine": {}, "git_commit": "abc", "plan_hashes": dict(plan.input_hashes),
+           "draft_len": 2, "batch": 64, "micro_batches": 2, "h2d_bytes": 0, "decode_tokens": 2400,
+           "speed_probe": {"calibration_iteration_s": 0.02, "before_s": 0.025, "after_s": 0.025, "ratio": 1.25}}
+    cmp = compare(plan, run)
+    it = cmp.row("iteration")
+    assert cmp.iteration_error_pct == pytest.approx((p.iteration_time_s - measured) / measured * 100)
+    assert cmp.drift["ratio"] == 1.25
+    assert cmp.drift["scaled_error_pct"] == pytest.approx((it.predicted * 1.25 - measured) / measured * 100)
+    assert cmp.drift["scaled_error_pct"] == pytest.approx((1.25 / 1.3 - 1) * 100)
+    table = render_table(cmp)
+    assert "machine speed: the speed probe took 1.25x its calibration time" in table
+    assert f"{cmp.drift['scaled_error_pct']:+.1f}%" in table
+    assert any(n.startswith("Machine speed:") for n in cmp.notes)
+    run.pop("speed_probe")
+    assert compare(plan, run).drift == {} and "machine speed" not in render_table(compare(plan, run))
+
+
+def test_probe_times_the_engine_stage_code():
+    pytest.importorskip("torch")
+    from runtime.calibrate_spec import engine_configs, resolve_model_config
+    from runtime.speed_probe import probe_iteration_s
+
+    t = probe_iteration_s(engine_configs(resolve_model_config(None)), iterations=4)
+    assert 1e-5 < t < 1.0
+
+
+def test_round_speeds_take_the_machines_spells_out():
+    """Three configurations over four rounds; round 2 ran 1.5x slower for all of them, round 3 0.8x:
+    the per-round speeds recover that, and dividing by them leaves each configuration's own time."""
+    import statistics
+
+    from runtime.calibrate_overhead import round_speeds
+
+    base, spell, per = [0.010, 0.020, 0.035], [1.0, 1.0, 1.5, 0.8], 3
+    samples = [[b * f for f in spell for _ in range(per)] for b in base]
+    samples[1][0] *= 1.3                                  # one odd iteration in one configuration
+    sp = round_speeds(samples, len(spell), per)
+    ref = statistics.median(spell)
+    assert sp == pytest.approx([f / ref for f in spell], rel=1e-9)
+    for b, v in zip(base[::2], samples[::2]):
+        rounds = [statistics.fmean(v[r * per:(r + 1) * per]) for r in range(len(spell))]
+        assert statistics.fmean(m / s for m, s in zip(rounds, sp)) == pytest.approx(b * ref, rel=1e-9)
