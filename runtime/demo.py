@@ -3,18 +3,20 @@
     res = run_demo("out/demo", n_prompts=32, max_new_tokens=48)
     res.summary_line   # demo: speculation X.XXx over k=0; iteration time error E.E% (predicted vs measured); report: PATH
 
-1. calibrate this machine (runtime.calibrate, cached by machine fingerprint: a full measurement in
-   the cache is used, else the cached quick one, else a quick measurement is made now) -> hardware.yaml
+1. calibrate this machine (runtime.calibrate, cached by machine fingerprint: the full measurement,
+   about 30 s on 2 cores the first time; --quick accepts a cached quick one or measures one) ->
+   hardware.yaml
 2. profile acc(k) of the pair with the engine's greedy loop (runtime.acceptance_profile), cached in
    the out directory under a key of the models' content, the prompts and the settings
 3. plan with planner.optimize on the calibrated spec: prompt length from the prompts, gen = the new
    tokens, batch = the planner's choice capped by the number of prompts (or --batch), acceptance =
-   the profile -> plan.json. When the planner's best has k = 0 (speculation does not pay by the
+   the profile, and the job's size (num_prompts: the batch drains at the end of a finite job,
+   planner/batch_drain.py) -> plan.json. When the planner's best has k = 0 (speculation does not pay by the
    model), the best plan with k >= 1 is run instead, so that speculation is measured; both
    predictions are printed. Without a GPU, CPU-computed experts are not offered to the planner:
    the "GPU" is the same cores, so they would only be the same work under another name.
-4. run the prompts with speculation (the plan's k) and with k = 0 (same plan, draft_len = 0), three
-   times each, interleaved spec, k=0, k=0, spec, spec, k=0 (drift over the runs cancels out of the
+4. run the prompts with speculation (the plan's k) and with k = 0 (same plan, draft_len = 0), five
+   times each, interleaved spec, k=0, k=0, spec, ... (drift over the runs cancels out of the
    speedup) -> run.json and run_k0.json (each mode's median run by mean iteration time: one slow
    spell of this machine does not decide the comparison), outputs.jsonl, outputs_k0.jsonl,
    demo.json (summary)
@@ -47,6 +49,7 @@ TARGET_DIR = REPO / "models" / "tiny-moe"
 DRAFT_DIR = REPO / "models" / "tiny-draft"
 PROMPTS = REPO / "models" / "prompts.jsonl"
 STEPS = 5
+REPEATS = 5          # runs per mode
 
 
 @dataclass
@@ -137,7 +140,7 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     log(f"demo [1/{STEPS}] calibrating this machine with {torch.get_num_threads()} torch thread(s) (cached by machine "
         f"fingerprint) ...")
     spec_path = out / "hardware.yaml"
-    spec, info = calibrate_with_info(spec_path, quick=True, progress=progress)
+    spec, info = calibrate_with_info(spec_path, quick=quick, progress=progress)
     times["calibrate"] = time.perf_counter() - t0
     if info["cache_hit"]:
         how = f"the cached {info['mode']} calibration ({info['cache_path']})"
@@ -155,7 +158,7 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     dtype = "float32" if dev.type == "cpu" else "bfloat16"      # the CPU computes the bf16 pair in fp32
     max_k = 4 if quick else 8
     prof_prompts = prompts if quick else all_prompts
-    key = content_hash(TARGET_DIR, DRAFT_DIR, extra={"prompts": prof_prompts, "max_k": max_k,
+    key = content_hash(TARGET_DIR, DRAFT_DIR, extra={"prompts": prof_prompts, "max_k": max_k, "format": 2,
                                                      "new": max_new_tokens, "dtype": dtype, "device": dev.type})
     acc_path = out / f"acceptance-{key[:16]}.csv"
     t0 = time.perf_counter()
@@ -200,7 +203,7 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
 
     def plan_for(b, ks):
         wl = Workload(prompt_len=prompt_len, gen_len=max_new_tokens, batch=b, acceptance=profile,
-                      kv_dtype=wdt, weight_dtype=wdt, name="demo")
+                      kv_dtype=wdt, weight_dtype=wdt, name="demo", num_prompts=len(prompts))
         return optimize(tspec, spec, wl, draft=dspec, k_values=ks, micro_batch_values=(1, 2, 4, 8),
                         gpu_attention=False, cpu_expert_mode=cpu_experts, alternatives=2)
 
@@ -211,8 +214,11 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
             f"at batch {len(prompts)}")
         batch = len(prompts)
         plan = plan_for(batch, ks)
+    k0_pred = next((e["decode_tokens_per_s"] for e in plan.frontier.get("by_k", [])
+                    if e.get("draft_len") == 0 and e.get("feasible", True)), None)
     if plan.draft_len == 0:
         best0 = plan
+        k0_pred = best0.predicted.decode_tokens_per_s
         plan = plan_for(batch if batch is not None else best0.batch, range(1, max_k + 1))
         log(f"demo [3/{STEPS}] the planner's best is k = 0 ({best0.predicted.decode_tokens_per_s:.0f} tok/s predicted; "
             f"speculation does not pay by the model): running its best speculative plan, k = {plan.draft_len} "
@@ -233,17 +239,27 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     eng.generate(prompts[:2], max_new_tokens=4, draft_len=plan.draft_len)     # one-time costs out of the timing
     runs: dict[str, list] = {"spec": [], "k0": []}
     outs_by_run: dict[int, list] = {}
-    order = (("spec", plan.draft_len), ("k0", 0), ("k0", 0), ("spec", plan.draft_len), ("spec", plan.draft_len),
-             ("k0", 0))                               # interleaved, so slow spells of the machine hit both modes
+    order = [(("spec", plan.draft_len), ("k0", 0))[(i + i // 2) % 2] for i in range(2 * REPEATS)]
+    # spec, k0, k0, spec, spec, k0, ...: interleaved, so slow spells of the machine hit both modes
+    from .calibrate_spec import engine_configs, resolve_model_config
+    from .speed_probe import calibration_probe_s, probe_iteration_s, speed_drift
+
+    probe_cfgs = engine_configs(resolve_model_config(None)) if calibration_probe_s(spec.raw) else None
+    probe = probe_iteration_s(probe_cfgs) if probe_cfgs else None    # the machine's speed before each run
     for i, (mode, k) in enumerate(order):
         log(f"demo [4/{STEPS}] run {i + 1}/{len(order)}: {len(prompts)} prompts, {max_new_tokens} new tokens, k = {k} ...")
         outs = []
         res = eng.generate(prompts, max_new_tokens=max_new_tokens, draft_len=k, on_finish=outs.append)
         outs_by_run[id(res)] = outs
         runs[mode].append(res)
+        if probe_cfgs:
+            after = probe_iteration_s(probe_cfgs)
+            res.record.speed_probe = speed_drift(probe, after, spec.raw)
+            probe = after
         r = res.record
         log(f"demo [4/{STEPS}]   k = {k}: decode {r.decode_tokens_per_s:.1f} tok/s, {r.iterations} iterations of "
-            f"{r.stages['iteration'] * 1e3:.1f} ms, mean accepted {r.mean_accepted:.2f}")
+            f"{r.stages['iteration'] * 1e3:.1f} ms, mean accepted {r.mean_accepted:.2f}"
+            + (f"; machine speed probe {r.speed_probe['ratio']:.2f}x the calibration's time" if r.speed_probe else ""))
     # the run records compared and kept: each mode's median run by mean iteration time
     for mode, tag in (("spec", ""), ("k0", "_k0")):
         med = median_run(runs[mode])
@@ -271,16 +287,22 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
 
     spec_tps, k0_tps = pooled(runs["spec"]), pooled(runs["k0"])
     speedup = spec_tps / k0_tps if k0_tps > 0 else 0.0
+    pred_speedup = plan.predicted.decode_tokens_per_s / k0_pred if k0_pred else None
     its = [r.record.stages["iteration"] for r in runs["spec"]]
     log(f"demo [5/{STEPS}] predicted against measured (the median speculative run, k = {plan.draft_len}):")
     log(table)
     log(f"demo [5/{STEPS}] speculation k = {plan.draft_len}: {spec_tps:.1f} tok/s; k = 0: {k0_tps:.1f} tok/s (decode, "
         f"all runs of each); greedy outputs identical in {len(prompts) - differing}/{len(prompts)} sequences"
         + ("" if not differing else " (the rest: near-tie logits flipped, see token_flips in the run records)"))
+    if pred_speedup is not None:
+        job = plan.predicted.job
+        log(f"demo [5/{STEPS}] speculation predicted {pred_speedup:.2f}x, measured {speedup:.2f}x"
+            + (f" (the {len(prompts)}-prompt job's batch drains to {job['mean_live_batch']:.1f} live sequences on "
+               f"average over {job['iterations']:.1f} iterations, predicted)" if job else ""))
     spread = (max(its) - min(its)) / min(its) * 100 if min(its) > 0 else 0.0
     log(f"demo [5/{STEPS}] the speculative runs' mean iterations: "
         + ", ".join(f"{x * 1e3:.2f} ms" for x in its) + f" ({spread:.0f}% apart: the measurement noise of this machine)")
-    summary = {"speedup": speedup, "spec_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["spec"]],
+    summary = {"speedup": speedup, "predicted_speedup": pred_speedup, "spec_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["spec"]],
                "k0_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["k0"]],
                "spec_iteration_s": its, "k0_iteration_s": [r.record.stages["iteration"] for r in runs["k0"]],
                "predicted_iteration_s": plan.predicted.iteration_time_s,
