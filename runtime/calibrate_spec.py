@@ -306,7 +306,8 @@ def build_spec_raw(cached: dict, base_raw: dict | None, base_label: str | None, 
             "fingerprint": cached["fingerprint_id"],
             **({"speed_probe": {"iteration_s": _r(sum(r["speed_probe_s"]) / len(r["speed_probe_s"])),
                                 "samples_s": [_r(x) for x in r["speed_probe_s"]],
-                                "method": "runtime/speed_probe.py, before and after the engine-stage step"}}
+                                "method": "runtime/speed_probe.py, before and after the engine-stage step",
+                                "engine_configs": _probe_configs(r)}}
                if r.get("speed_probe_s") else {}),
         },
     }
@@ -343,6 +344,15 @@ def dump_spec_yaml(raw: dict) -> str:
     head = ("# Written by `specmoe calibrate` (runtime/calibrate.py). Peaks in gpu/cpu/link; the measured:\n"
             "# curves override them in the cost model (schema: planner/hardware_spec.py).\n")
     return head + yaml.dump(_plain(raw), Dumper=_SpecDumper, sort_keys=False, width=120, allow_unicode=True)
+
+
+def _probe_configs(r: dict) -> dict | None:
+    """The tiny target and one-layer draft the probe ran (so a later process repeats the same probe)."""
+    so = r.get("stage_overheads") or {}
+    if "target_config" not in so or not so.get("draft_configs"):
+        return None
+    drafts = {int(k): v for k, v in so["draft_configs"].items()}
+    return {"target": so["target_config"], "drafts": {1: drafts.get(1, next(iter(drafts.values())))}}
 
 
 def _load_cache(path: Path, fp: dict) -> dict | None:

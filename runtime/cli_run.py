@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "predicts; off = after routing; auto (default) = next on CUDA, off on the CPU")
     p.add_argument("--acceptance-oracle", type=float, default=None,
                    help="replace real acceptance by a seeded Bernoulli oracle at this rate (benchmarks only)")
+    p.add_argument("--no-speed-probe", action="store_true",
+                   help="skip the machine-speed probe before and after the run (it runs when the plan's hardware "
+                        "spec was calibrated with one: about 0.3 s each on 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -97,16 +100,20 @@ def run(args: argparse.Namespace) -> int:
         if args.outputs:
             if outf is None:
                 outf = open(args.outputs, "w")
-            outf.write(json.dumps({"index": o.index, "prompt": o.prompt, "text": o.text, "token_ids": o.token_ids,
-                                   "finish_reason": o.finish_reason}) + "\n")
+            outf.write(json.dumps(o.to_dict()) + "\n")
             outf.flush()
         if bar is not None:
             bar.update(1)
 
+    from .speed_probe import RunProbe
+
+    probe = RunProbe({} if args.no_speed_probe else engine.plan.hardware, engine.device)
+    probe.before()
     code = 0
     try:
         res = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               seed=args.seed, draft_len=args.draft_len, on_finish=on_finish)
+        probe.after(res.record)
         res.record.to_json(out_path)
     except BaseException as e:  # noqa: BLE001
         partial = getattr(e, "partial_result", None)

@@ -241,21 +241,17 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     outs_by_run: dict[int, list] = {}
     order = [(("spec", plan.draft_len), ("k0", 0))[(i + i // 2) % 2] for i in range(2 * REPEATS)]
     # spec, k0, k0, spec, spec, k0, ...: interleaved, so slow spells of the machine hit both modes
-    from .calibrate_spec import engine_configs, resolve_model_config
-    from .speed_probe import calibration_probe_s, probe_iteration_s, speed_drift
+    from .speed_probe import RunProbe
 
-    probe_cfgs = engine_configs(resolve_model_config(None)) if calibration_probe_s(spec.raw) else None
-    probe = probe_iteration_s(probe_cfgs) if probe_cfgs else None    # the machine's speed before each run
+    probe = RunProbe(spec.raw, eng.device)          # the machine's speed around each run
+    probe.before()
     for i, (mode, k) in enumerate(order):
         log(f"demo [4/{STEPS}] run {i + 1}/{len(order)}: {len(prompts)} prompts, {max_new_tokens} new tokens, k = {k} ...")
         outs = []
         res = eng.generate(prompts, max_new_tokens=max_new_tokens, draft_len=k, on_finish=outs.append)
         outs_by_run[id(res)] = outs
         runs[mode].append(res)
-        if probe_cfgs:
-            after = probe_iteration_s(probe_cfgs)
-            res.record.speed_probe = speed_drift(probe, after, spec.raw)
-            probe = after
+        probe.after(res.record)
         r = res.record
         log(f"demo [4/{STEPS}]   k = {k}: decode {r.decode_tokens_per_s:.1f} tok/s, {r.iterations} iterations of "
             f"{r.stages['iteration'] * 1e3:.1f} ms, mean accepted {r.mean_accepted:.2f}"

@@ -132,3 +132,34 @@ def test_bad_prompt_ids_leave_no_files(setup, tmp_path, capsys):
                  "-o", str(rec), "--no-progress"])
     assert code == 2 and "max_position_embeddings" in capsys.readouterr().err
     assert not out.exists() and not rec.exists()
+
+
+def test_run_probes_the_machine_when_the_spec_has_a_probe(setup, tmp_path):
+    """A plan whose hardware spec carries a calibration speed probe: `specmoe run` times the same probe
+    before and after the run and records the ratio; --no-speed-probe skips it; a spec without one
+    (the setup's devbox-2core) records none."""
+    from dataclasses import replace
+
+    from planner.plan import Plan
+    from runtime.calibrate_spec import engine_configs, resolve_model_config
+
+    root, t, d, plan = setup
+    p = Plan.from_json(plan)
+    cfgs = engine_configs(resolve_model_config(None))
+    cfgs = {"target": cfgs["target"], "drafts": {1: cfgs["drafts"][1]}}
+    hw = {**p.hardware, "measured": {**p.hardware.get("measured", {}),
+                                     "details": {"speed_probe": {"iteration_s": 0.01, "engine_configs": cfgs}}}}
+    probed = tmp_path / "probed.json"
+    replace(p, hardware=hw, input_hashes={}).to_json(probed)      # hashes recomputed for the new spec
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w5 w6\nw40\n")
+    runs = {}
+    for name, pl, extra in (("probed", probed, []), ("skipped", probed, ["--no-speed-probe"]), ("none", plan, [])):
+        rec = tmp_path / f"run-{name}.json"
+        assert main(["run", str(pl), "--target", str(t), "--draft", str(d), "--prompts", str(prompts),
+                     "--max-new-tokens", "4", "-o", str(rec), "--no-progress", *extra]) == 0
+        runs[name] = json.loads(rec.read_text())["speed_probe"]
+    sp = runs["probed"]
+    assert sp["calibration_iteration_s"] == 0.01 and sp["before_s"] > 0 and sp["after_s"] > 0
+    assert sp["ratio"] == pytest.approx((sp["before_s"] + sp["after_s"]) / 2 / 0.01)
+    assert runs["skipped"] is None and runs["none"] is None
