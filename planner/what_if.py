@@ -43,6 +43,10 @@ def _draft_for(model: ModelSpec, draft) -> ModelSpec | None:
 
 def _try(model, hw, wl, draft, k, mb, batch, **kw) -> Estimate | None:
     try:
+        if batch == "max" and wl.num_prompts is not None:     # a finite job: no more rows than prompts
+            from .memory import max_batch
+
+            batch = min(max_batch(model, hw, wl, draft if k else None, k, mb), wl.num_prompts)
         return estimate(model, hw, wl, draft=draft if k else None, draft_len=k, micro_batches=mb, batch=batch,
                         timeline=False, run=False, **kw)
     except SpecError:
@@ -53,8 +57,12 @@ def _row(e: Estimate | None, **extra) -> dict:
     if e is None:
         return {**extra, "fits": False, "batch": np.nan, "decode_tokens_per_s": np.nan, "iteration_time_s": np.nan,
                 "bound": None}
+    job = e.job or {}
     return {**extra, "fits": True, "batch": e.batch, "micro_batches": e.micro_batches,
-            "decode_tokens_per_s": e.decode_tokens_per_s, "iteration_time_s": e.iteration_time_s, "bound": e.bound,
+            # a finite job's throughput (its batch drains: planner/batch_drain.py), else the full batch's
+            "decode_tokens_per_s": job.get("decode_tokens_per_s", e.decode_tokens_per_s),
+            "steady_decode_tokens_per_s": e.decode_tokens_per_s, "mean_live_batch": job.get("mean_live_batch", e.batch),
+            "iteration_time_s": e.iteration_time_s, "bound": e.bound,
             "accepted_per_iteration": e.accepted_per_iteration, "moe_gpu_utilization": e.moe_gpu_utilization}
 
 
@@ -130,17 +138,23 @@ def _point(m, hw, wl, d, ks, micro_batches) -> dict:
 def sweep(model, hardware, workload: Workload, param: str, values: Iterable[float], draft=None,
           ks: Iterable[int] = KS, micro_batches: Iterable[int] = (2,)) -> pd.DataFrame:
     """Best-k and k=0 decode throughput against one parameter: "h2d_GBps", "gpu_mem_GiB",
-    "cpu_mem_GiB" (the hardware spec with that value replaced) or "acceptance" (per-token rate alpha).
+    "cpu_mem_GiB" (the hardware spec with that value replaced), "acceptance" (per-token rate alpha)
+    or "num_prompts" (the job's size: the batch is capped by it and drains at the end).
     Columns: the parameter, k0_*, spec_* (best with k >= 1), best_* (overall), speedup."""
     m, hw = load_model(model), load_hardware(hardware)
     d = _draft_for(m, draft)
     ks = list(ks)
-    if param not in HW_PARAMS + ("acceptance",):
-        raise SpecError("param", f"unknown sweep parameter {param!r}", f"one of {', '.join(HW_PARAMS + ('acceptance',))}")
+    params = HW_PARAMS + ("acceptance", "num_prompts")
+    if param not in params:
+        raise SpecError("param", f"unknown sweep parameter {param!r}", f"one of {', '.join(params)}")
     rows = []
     for v in values:
         if param == "acceptance":
             pt = _point(m, hw, _with_alpha(workload, v), d, ks, micro_batches)
+        elif param == "num_prompts":
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise SpecError("num_prompts", f"sweep value {v!r} is not a positive integer", "give prompt counts")
+            pt = _point(m, hw, replace(workload, num_prompts=int(v)), d, ks, micro_batches)
         else:
             pt = _point(m, hw.with_overrides(**{param: float(v)}), workload, d, ks, micro_batches)
         rows.append({param: v, **pt})
@@ -161,6 +175,12 @@ def sweep_cpu_memory(model, hardware, workload, values, **kw) -> pd.DataFrame:
 
 def sweep_acceptance(model, hardware, workload, values, **kw) -> pd.DataFrame:
     return sweep(model, hardware, workload, "acceptance", values, **kw)
+
+
+def sweep_job_size(model, hardware, workload, values, **kw) -> pd.DataFrame:
+    """Against the job's number of prompts: a small job cannot fill the batch memory allows, and under
+    speculation its batch drains at the end (planner/batch_drain.py); rows price both in."""
+    return sweep(model, hardware, workload, "num_prompts", values, **kw)
 
 
 def speculation_breakeven(model, hardware, workload: Workload, param: str = "acceptance", lo: float | None = None,

@@ -94,7 +94,7 @@ def test_plan_deployment(kernel_name, tmp_path):
 def test_what_if_hardware(kernel_name, tmp_path):
     nb = _run("what_if_hardware.ipynb", kernel_name, tmp_path)
     text = _text(nb)
-    assert "acceptance rate" in text and "host-to-device bandwidth" in text
+    assert "acceptance rate" in text and "host-to-device bandwidth" in text and "num_prompts" in text
 
 
 def _have_tiny_pair() -> bool:

@@ -102,3 +102,22 @@ def test_plans_are_valid_and_best_of_their_grid(tmp_path):
     assert (f.batch, f.micro_batches, f.draft_len) == (32, 2, 2)
     assert [x["draft_len"] for x in f.frontier["by_k"]] == [0, 1, 2]
     assert f.frontier["by_k"][2]["decode_tokens_per_s"] == pytest.approx(f.predicted.decode_tokens_per_s)
+
+
+def test_job_size_sweep_caps_the_batch_and_prices_the_drain():
+    """Against the job's prompts: the batch never exceeds them, throughput at a job the size of the
+    batch is below the open stream's (the batch drains), and a bad count is refused."""
+    from planner import Workload, load_acceptance, what_if
+    from planner.errors import SpecError
+
+    wl = Workload(566, 1024, acceptance=load_acceptance(0.8))
+    df = what_if.sweep_job_size("mixtral-8x7b", "a30-xeon6426y", wl, [16, 709])
+    assert (df.k0_batch <= df.num_prompts).all() and (df.best_batch <= df.num_prompts).all()
+    stream = what_if.best_by_k("mixtral-8x7b", "a30-xeon6426y", wl, ks=[4], batch=709)
+    job = what_if.best_by_k("mixtral-8x7b", "a30-xeon6426y", Workload(566, 1024, acceptance=load_acceptance(0.8),
+                                                                       num_prompts=709), ks=[4], batch=709)
+    assert job.decode_tokens_per_s[0] < stream.decode_tokens_per_s[0]
+    assert job.steady_decode_tokens_per_s[0] == pytest.approx(stream.decode_tokens_per_s[0])
+    assert job.mean_live_batch[0] < 709
+    with pytest.raises(SpecError, match="num_prompts"):
+        what_if.sweep_job_size("mixtral-8x7b", "a30-xeon6426y", wl, [0])
