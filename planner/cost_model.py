@@ -498,7 +498,7 @@ class CostModel:
             if n_dev > 0:
                 attn_gpu[:, j] += o("target.attention.gpu")
                 attn_gpu[0, j] += o("target.attention.sequence") * n_dev
-            lm_mb[j] += o("target.lm_head") / M
+            lm_mb[j] += o("target.lm_head") / M + o("target.lm_head.token") * k1 * mb[j]
             ver_mb[j] += o("verify.accept") / M + (o("verify.accept.sequence") + o("verify.accept.token") * k1) * mb[j]
         cpu_per_seq[0] += o("target.attention.sequence")
         gpu_per_seq[0] += o("target.attention.sequence")
@@ -522,7 +522,7 @@ class CostModel:
         per_chunk = self.L * (o("target.pre_attn") + o("target.attention") + o("target.post_attn")) \
             + float(np.where(self.is_moe, o("target.moe") + o("target.moe.expert") * touched_experts(
                 self.E, self.na, T / max(chunks, 1)), o("target.moe")).sum())
-        t = chunks * per_chunk + o("target.pre_attn") + o("target.lm_head")
+        t = chunks * per_chunk + o("target.pre_attn") + o("target.lm_head") + o("target.lm_head.token") * batch
         t += batch * (o("target.pre_attn.sequence") + o("target.attention.sequence"))
         t += T * self.L * o("target.post_attn.token") + T * float(self.is_moe.sum()) * o("target.moe.token")
         if self.draft is not None:

@@ -44,6 +44,8 @@ OVERHEAD_KEYS: dict[str, str] = {
     "target.moe.token": "per token per MoE layer (permutation, gather and weighted combine the roofline omits)",
     "target.h2d": "per streamed expert (one copy)",
     "target.lm_head": "per iteration",
+    "target.lm_head.token": ("per token through the LM head (the vocabulary-wide GEMM runs off the expert-shaped "
+                             "GEMM curve the roofline uses, and the logits are cast to fp32)"),
     "verify.accept": "per iteration",
     "verify.accept.sequence": "per sequence per iteration (acceptance bookkeeping, KV roll-back)",
     "verify.accept.token": "per verified token per iteration (argmax and top-2 over the vocabulary)",

@@ -55,7 +55,7 @@ class Settings:
     attn_call_bytes: int           # KV bytes read by one verify-attention call (sets B)
     chunks_MB: tuple[int, ...]
     gpu_Ms: tuple[int, ...]
-    overhead_rounds: int = 12      # engine-stage measurement: interleaved rounds over the configurations
+    overhead_rounds: int = 32      # engine-stage measurement: interleaved rounds over the configurations
     overhead_per_round: int = 4    # iterations per configuration per round
 
 

@@ -49,6 +49,8 @@ CONFIGS: tuple[tuple[int, int, int, int, int, str], ...] = (
     (8, 2, 4, 1, 0, "full"),
     (2, 4, 2, 2, 0, "full"),
     (32, 1, 1, 1, 8, "full"),
+    (32, 0, 1, 1, 0, "full"),
+    (24, 2, 1, 2, 0, "full"),
 )
 PROMPT_LEN = 16
 ORACLE_ALPHA = 0.6     # per-draft acceptance rate of the measurement's oracle
@@ -311,7 +313,7 @@ def _features(c: dict, spec, n_moe: int, touched: float) -> dict[str, dict[str, 
                              "target.attention.sequence": B},
         "target.post_attn": {"target.post_attn": L * M, "target.post_attn.token": L * B * (k + 1)},
         "target.moe": {"target.moe": L, "target.moe.expert": n_moe * touched, "target.moe.token": n_moe * B * (k + 1)},
-        "target.lm_head": {"target.lm_head": 1},
+        "target.lm_head": {"target.lm_head": 1, "target.lm_head.token": B * (k + 1)},
         "verify.accept": {"verify.accept": 1, "verify.accept.sequence": B, "verify.accept.token": B * (k + 1)},
     }
     if c["copies_per_iteration"] > 0:

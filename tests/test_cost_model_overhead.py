@@ -66,7 +66,7 @@ def _expected(model, draft, B, M, k, pl: Placement, cost) -> dict[str, float]:
         Stage.TARGET_MOE.value: L * cost("target.moe") + n_moe * touched_experts(model.num_experts, model.top_k, N)
         * cost("target.moe.expert") + n_moe * N * cost("target.moe.token"),
         Stage.TARGET_H2D.value: streamed * p * cost("target.h2d"),
-        Stage.TARGET_LM_HEAD.value: cost("target.lm_head"),
+        Stage.TARGET_LM_HEAD.value: cost("target.lm_head") + N * cost("target.lm_head.token"),
         Stage.VERIFY_ACCEPT.value: cost("verify.accept") + B * cost("verify.accept.sequence") + N * cost("verify.accept.token"),
         Stage.DRAFT_GPU.value: 0.0,
         Stage.DRAFT_CPU.value: 0.0,

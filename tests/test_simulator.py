@@ -119,13 +119,13 @@ def test_prefill_pays_the_fixed_costs_of_its_passes():
     wl = Workload(10, 4, acceptance=load_acceptance(0.5))
     _, pl = _tiny()
     table = {"target.pre_attn": 100, "target.attention": 200, "target.post_attn": 300, "target.moe": 400,
-             "target.moe.expert": 10, "target.lm_head": 50, "target.pre_attn.sequence": 7,
+             "target.moe.expert": 10, "target.lm_head": 50, "target.lm_head.token": 9, "target.pre_attn.sequence": 7,
              "target.attention.sequence": 5, "draft.step": 20, "draft.layer": 30, "draft.sequence": 3}
     cm0 = CostModel(tiny_target(), tiny_hw(), wl, tiny_draft())
     cm1 = CostModel(tiny_target(), tiny_hw(stage_overhead_us=table), wl, tiny_draft())
     B, L = 2, 2
     touched = 4 * (1 - (1 - 2 / 4) ** (B * 10))      # 4 experts, top-2, 20 tokens in the chunk
-    want_us = (L * (100 + 200 + 300 + 400 + 10 * touched) + 100 + 50 + B * (7 + 5) + 20 + 1 * 30 + 3 * B)
+    want_us = (L * (100 + 200 + 300 + 400 + 10 * touched) + 100 + 50 + 9 * B + B * (7 + 5) + 20 + 1 * 30 + 3 * B)
     assert cm1.prefill_fixed_s(B, 10, 1) == pytest.approx(want_us * 1e-6, rel=1e-9)
     assert prefill_time(cm1, B, pl) - prefill_time(cm0, B, pl) == pytest.approx(want_us * 1e-6, rel=1e-9)
     assert cm0.prefill_fixed_s(B, 10, 1) == 0.0
