@@ -108,7 +108,8 @@ def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool =
 
         if engine_cfgs and "stage_overheads" not in res.get("skipped", {}):
             try:
-                res.setdefault("speed_probe_s", []).append(probe_iteration_s(engine_cfgs))
+                for _ in range(2):       # twice before and twice after the engine-stage step: the median of four
+                    res.setdefault("speed_probe_s", []).append(probe_iteration_s(engine_cfgs))
             except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:
                 res.setdefault("skipped", {})["speed_probe"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -304,9 +305,10 @@ def build_spec_raw(cached: dict, base_raw: dict | None, base_label: str | None, 
             "elapsed_s": r.get("elapsed_s"),
             "load_avg_1min": [r.get("load_avg_before"), r.get("load_avg_after")],
             "fingerprint": cached["fingerprint_id"],
-            **({"speed_probe": {"iteration_s": _r(sum(r["speed_probe_s"]) / len(r["speed_probe_s"])),
+            **({"speed_probe": {"iteration_s": _r(statistics.median(r["speed_probe_s"])),
                                 "samples_s": [_r(x) for x in r["speed_probe_s"]],
-                                "method": "runtime/speed_probe.py, before and after the engine-stage step",
+                                "method": "runtime/speed_probe.py, twice before and twice after the engine-stage "
+                                          "step; iteration_s is their median",
                                 "engine_configs": _probe_configs(r)}}
                if r.get("speed_probe_s") else {}),
         },

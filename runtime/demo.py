@@ -38,7 +38,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -220,6 +220,9 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
         best0 = plan
         k0_pred = best0.predicted.decode_tokens_per_s
         plan = plan_for(batch if batch is not None else best0.batch, range(1, max_k + 1))
+        if plan.batch == best0.batch:      # the k = 0 point of the throughput-against-k chart: the planner's best
+            k0_pts = [e for e in best0.frontier.get("by_k", []) if e.get("draft_len") == 0]
+            plan = replace(plan, frontier={**plan.frontier, "by_k": k0_pts + list(plan.frontier.get("by_k", []))})
         log(f"demo [3/{STEPS}] the planner's best is k = 0 ({best0.predicted.decode_tokens_per_s:.0f} tok/s predicted; "
             f"speculation does not pay by the model): running its best speculative plan, k = {plan.draft_len} "
             f"({plan.predicted.decode_tokens_per_s:.0f} tok/s predicted), to measure speculation")

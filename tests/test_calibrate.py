@@ -63,8 +63,10 @@ def test_quick_run_writes_a_loadable_plausible_spec(quick_run):
     from runtime.speed_probe import calibration_probe_s
 
     probe = spec.raw["measured"]["details"]["speed_probe"]
-    assert len(probe["samples_s"]) == 2 and all(0 < x < 1 for x in probe["samples_s"])
-    assert calibration_probe_s(spec.raw) == pytest.approx(sum(probe["samples_s"]) / 2, rel=1e-3)
+    import statistics
+
+    assert len(probe["samples_s"]) == 4 and all(0 < x < 1 for x in probe["samples_s"])
+    assert calibration_probe_s(spec.raw) == pytest.approx(statistics.median(probe["samples_s"]), rel=2e-3)
     # the progress bar's steps all ran and no temporary file was left beside the output
     assert sorted(p.name for p in quick_run["dir"].iterdir()) == ["box.yaml", "cache"]
     umask = os.umask(0)
