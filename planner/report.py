@@ -278,7 +278,8 @@ def _drift(run: dict, it: Row) -> dict:
         return {}
     if not ratio > 0 or not it.measured:
         return {}
-    return {**{k: sp[k] for k in ("calibration_iteration_s", "before_s", "after_s") if k in sp}, "ratio": ratio,
+    return {**{k: sp[k] for k in ("calibration_iteration_s", "before_s", "after_s", "calibration_spread") if k in sp},
+            "ratio": ratio,
             "scaled_error_pct": (it.predicted * ratio - it.measured) / it.measured * 100.0}
 
 
@@ -344,13 +345,19 @@ def explain(cmp: Comparison, plan: Plan, run: dict) -> list[str]:
                      "not one mis-modelled stage. Calibrate again (`specmoe calibrate --force`) and compare runs "
                      "made close together.")
     if cmp.drift:
-        r, e2 = cmp.drift["ratio"], cmp.drift["scaled_error_pct"]
-        notes.append(f"Machine speed: a fixed probe of the engine's own stage code took {r:.2f}x its calibration time "
-                     f"around this run, so the machine ran {abs(r - 1):.0%} {'slower' if r > 1 else 'faster'} than when "
-                     f"it was calibrated. Scaled by that, the predicted iteration is off by {e2:+.1f}% "
+        r, e2, noise = cmp.drift["ratio"], cmp.drift["scaled_error_pct"], cmp.drift.get("calibration_spread")
+        text = (f"Machine speed: a fixed probe of the engine's own stage code took {r:.2f}x its calibration time "
+                f"around this run. ")
+        if noise is not None and abs(r - 1) <= noise:
+            text += (f"That is within the probe's own noise (its four calibration samples spread {noise:.0%}), so it "
+                     f"says nothing either way about the miss (scaled by it: {e2:+.1f}%).")
+        else:
+            text += (f"The machine ran {abs(r - 1):.0%} {'slower' if r > 1 else 'faster'} than when it was calibrated; "
+                     f"scaled by that, the predicted iteration is off by {e2:+.1f}% "
                      + ("(within the goal: the rest of the miss is the machine, not the model)."
                         if abs(e2) <= cmp.goal_pct < abs(e if e is not None else 0) else
-                        "(the probe explains little of the miss)." if e is not None and abs(e2) >= abs(e) else "."))
+                        "(the probe does not explain the miss)." if e is not None and abs(e2) >= abs(e) else "."))
+        notes.append(text)
     for r in parts:
         if r.predicted > 0 and not r.measured:
             notes.append(f"{r.name} is predicted ({_ms(r.predicted)}) but was not measured: the run did not execute "
@@ -450,10 +457,11 @@ def render_table(cmp: Comparison) -> str:
     mae = "n/a" if cmp.mean_abs_error_pct is None else f"{cmp.mean_abs_error_pct:.1f}%"
     lines += ["", f"  mean |error| over the measured iteration stages: {mae}", f"  {cmp.verdict}"]
     if cmp.drift:
-        r = cmp.drift["ratio"]
+        r, noise = cmp.drift["ratio"], cmp.drift.get("calibration_spread")
         lines.append(f"  machine speed: the speed probe took {r:.2f}x its calibration time around this run "
-                     f"({'slower' if r > 1 else 'faster'} than when calibrated); with the prediction scaled by it the "
-                     f"iteration error is {cmp.drift['scaled_error_pct']:+.1f}%")
+                     f"({'slower' if r > 1 else 'faster'} than when calibrated"
+                     + (f"; its calibration samples spread {noise:.0%}" if noise is not None else "")
+                     + f"); with the prediction scaled by it the iteration error is {cmp.drift['scaled_error_pct']:+.1f}%")
     lines += [f"  warning: {w}" for w in cmp.warnings]
     return "\n".join(lines)
 

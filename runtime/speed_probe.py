@@ -89,5 +89,21 @@ def speed_drift(before_s: float, after_s: float, spec_raw: dict) -> dict | None:
     cal = calibration_probe_s(spec_raw)
     if cal is None or before_s <= 0 or after_s <= 0:
         return None
-    return {"calibration_iteration_s": cal, "before_s": float(before_s), "after_s": float(after_s),
-            "ratio": statistics.fmean((before_s, after_s)) / cal, "config": list(PROBE_CONFIG)}
+    out = {"calibration_iteration_s": cal, "before_s": float(before_s), "after_s": float(after_s),
+           "ratio": statistics.fmean((before_s, after_s)) / cal, "config": list(PROBE_CONFIG)}
+    noise = calibration_probe_spread(spec_raw)
+    if noise is not None:
+        out["calibration_spread"] = noise
+    return out
+
+
+def calibration_probe_spread(spec_raw: dict) -> float | None:
+    """(max - min) / median of the calibration's probe samples: how much the probe itself moved while
+    the machine was being calibrated (a drift smaller than that is within the probe's noise)."""
+    try:
+        xs = [float(x) for x in spec_raw["measured"]["details"]["speed_probe"]["samples_s"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(xs) < 2 or min(xs) <= 0:
+        return None
+    return (max(xs) - min(xs)) / statistics.median(xs)

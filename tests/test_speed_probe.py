@@ -71,3 +71,25 @@ def test_round_speeds_take_the_machines_spells_out():
     for b, v in zip(base[::2], samples[::2]):
         rounds = [statistics.fmean(v[r * per:(r + 1) * per]) for r in range(len(spell))]
         assert statistics.fmean(m / s for m, s in zip(rounds, sp)) == pytest.approx(b * ref, rel=1e-9)
+
+
+def test_a_drift_inside_the_probes_own_noise_is_called_so():
+    from runtime.speed_probe import calibration_probe_spread
+
+    spec = {"measured": {"details": {"speed_probe": {"iteration_s": 0.02, "samples_s": [0.018, 0.02, 0.021, 0.024]}}}}
+    assert calibration_probe_spread(spec) == pytest.approx(0.006 / 0.0205)
+    d = speed_drift(0.021, 0.021, spec)
+    assert d["calibration_spread"] == pytest.approx(0.006 / 0.0205)
+    plan = fixed_plan("mixtral-8x7b", "a30-xeon6426y", Workload(566, 1024, acceptance=load_acceptance(0.8)),
+                      draft_len=2, batch=64, micro_batches=2)
+    p = plan.predicted
+    run = {"complete": True, "stages": {**p.stages, "iteration": p.iteration_time_s * 1.2}, "iterations": 20,
+           "decode_tokens_per_s": 40.0, "acceptance_histogram": {"0": 256, "1": 384, "2": 640}, "mean_accepted": 1.3,
+           "backends": {}, "machine": {}, "git_commit": "abc", "plan_hashes": dict(plan.input_hashes),
+           "draft_len": 2, "batch": 64, "micro_batches": 2, "h2d_bytes": 0, "decode_tokens": 2400, "speed_probe": d}
+    cmp = compare(plan, run)
+    note = next(n for n in cmp.notes if n.startswith("Machine speed:"))
+    assert "within the probe's own noise" in note and "spread 29%" in render_table(cmp)
+    run["speed_probe"] = speed_drift(0.03, 0.03, spec)            # 1.5x: well outside the noise
+    note = next(n for n in compare(plan, run).notes if n.startswith("Machine speed:"))
+    assert "ran 50% slower" in note
