@@ -26,8 +26,10 @@ Per layer i and micro-batch j (b_j sequences, n_j = b_j(k+1) tokens):
                     CPU   (layers in placement.cpu_expert_layers) the non-cached experts compute on the
                           CPU instead: (E - c) experts x max(flops / CPU GEMM rate, p w_e / DRAM bw);
                           the GPU then computes only the cached share c/E of the routed tokens.
-  target.lm_head    GPU   final projection over all n_j tokens (logits for every draft position)
-  verify.accept     GPU   read the n_j V fp32 logits and compare (memory-bound)
+  target.lm_head    GPU   final projection over all B(k+1) tokens at once (logits for every draft
+                          position), as the engine runs it; its time is spread over the micro-batch
+                          columns by share
+  verify.accept     GPU   read the B(k+1) V fp32 logits and compare (memory-bound), once per iteration
   draft.gpu         GPU   k draft steps for sequences with draft KV on the GPU (weights + KV from HBM)
   draft.cpu         CPU+GPU  the same for CPU-draft-KV sequences: attention on the CPU, the rest on the GPU
 The draft's first step re-reads the acc(k)+1 accepted tokens, the other k-1 steps one token each.
@@ -369,8 +371,12 @@ class CostModel:
         pre_mb = np.empty(M); pm_mb = np.empty(M); pd_mb = np.empty(M); moe_mb = np.empty(M)
         cpue_mb = np.empty(M); lm_mb = np.empty(M); ver_mb = np.empty(M)
         ac_mb = np.empty(M); ag_mb = np.empty(M); kvh_mb = np.empty(M)
+        # the LM head and the acceptance run once over the whole batch (runtime/speculative.py), their time
+        # spread over the micro-batch columns by share
+        _, _, _, _, _, lm_all, ver_all = per_b(B)
         for j in range(M):
-            pre_mb[j], pm_mb[j], pd_mb[j], moe_mb[j], cpue_mb[j], lm_mb[j], ver_mb[j] = per_b(mb[j])
+            pre_mb[j], pm_mb[j], pd_mb[j], moe_mb[j], cpue_mb[j], _, _ = per_b(mb[j])
+            lm_mb[j], ver_mb[j] = lm_all * mb[j] / B, ver_all * mb[j] / B
             n_cpu = mb[j] - tg[j]
             ag_mb[j] = attn(tg[j], True)
             if cpu_attn_on_gpu and n_cpu > 0:

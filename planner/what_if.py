@@ -378,11 +378,12 @@ def iteration_ops(model, hardware, workload: Workload, draft=None, draft_len: in
         add("h2d (experts)", Stage.TARGET_H2D, "pcie",
             OpCost(flops=2.0 * N * cm.na * m.expert_elems, pcie_bytes=mean_unc * p_all * cm.expert_bytes),
             len(moe_layers), chunk_bytes=cm.expert_bytes)
-    add("lm_head", Stage.TARGET_LM_HEAD, "gpu", OpCost(2.0 * n * m.vocab_size * m.hidden,
-                                                       m.vocab_size * m.hidden * wb + n * m.vocab_size * LOGIT_BYTES),
-        M, tokens=n)
-    add("verify.accept", Stage.VERIFY_ACCEPT, "gpu", OpCost(float(n * m.vocab_size), n * m.vocab_size * LOGIT_BYTES),
-        M, kind="memory")
+    nb = B * k1                  # the LM head and the acceptance run once over the whole batch
+    add("lm_head", Stage.TARGET_LM_HEAD, "gpu", OpCost(2.0 * nb * m.vocab_size * m.hidden,
+                                                       m.vocab_size * m.hidden * wb + nb * m.vocab_size * LOGIT_BYTES),
+        1, tokens=nb)
+    add("verify.accept", Stage.VERIFY_ACCEPT, "gpu", OpCost(float(nb * m.vocab_size), nb * m.vocab_size * LOGIT_BYTES),
+        1, kind="memory")
     if k > 0 and d is not None:
         g = min(B, pl.draft_kv_gpu_sequences)
         c = B - g
