@@ -23,17 +23,18 @@ from __future__ import annotations
 import statistics
 
 PROBE_CONFIG = (16, 2, 1, 1, 0, "full")   # (B, k, m, draft layers, target-KV sequences on the device, cache)
-PROBE_ITERATIONS = 24
+PROBE_ITERATIONS = 40
 
 
 def probe_iteration_s(engine_cfgs: dict, iterations: int = PROBE_ITERATIONS, device=None) -> float:
-    """Mean seconds per iteration of the probe workload (about 0.3 s on 2 cores with the tiny model).
+    """Median seconds per iteration of the probe workload (about 0.5 s on 2 cores with the tiny model;
+    the median, so that one hiccup of the machine does not decide the probe).
     engine_cfgs: {"target": HF config, "drafts": {layers: HF config}} (runtime.calibrate_spec.engine_configs)."""
     from .calibrate_overhead import measure_stage_overheads
 
     r = measure_stage_overheads(engine_cfgs["target"], {int(k): v for k, v in engine_cfgs["drafts"].items()},
                                 rounds=1, per_round=iterations, warmup=2, configs=(PROBE_CONFIG,), device=device)
-    return float(r["configs"][0]["mean_s"]["iteration"])
+    return float(r["configs"][0]["median_s"]["iteration"])
 
 
 def probe_configs(spec_raw: dict) -> dict | None:
