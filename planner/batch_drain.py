@@ -244,3 +244,24 @@ def at_live_batch(time_at: Callable[[int], float], batch: int, live: float) -> f
     if hi == lo or live <= lo:
         return t_lo
     return t_lo + (time_at(hi) - t_lo) * (live - lo)
+
+
+def live_curve(workload: Workload, batch: int, draft_len: int) -> list[float] | None:
+    """Expected live sequences in decode iterations 1, 2, ... of a static batch (num_prompts <= batch:
+    every sequence starts together), until fewer than 0.01 remain; None for an open stream or a
+    refilled job. A sequence with N iterations (continuous) is live in iteration n when N > n - 1/2."""
+    n_p = workload.num_prompts
+    if n_p is None or n_p > batch:
+        return None
+    L = workload.gen_len - 1
+    if L <= 0:
+        return []
+    acc = workload.acceptance
+    means, sds = _finish_distribution(acc.table, acc.spread, acc.alpha, draft_len, L) if draft_len > 0 \
+        else (np.array([float(L)]), np.array([0.0]))
+    x = np.arange(1, int(np.ceil(float(np.max(means + 8 * sds)))) + 2) - 0.5          # [n]
+    s = np.where(sds > 0, sds, 1e-12)
+    alive = np.mean(1.0 - _norm_cdf((x[:, None] - means[None, :]) / s[None, :]), axis=1)   # P(N > n - 1/2)
+    curve = n_p * alive
+    keep = np.flatnonzero(curve >= 0.01)
+    return [float(v) for v in curve[:keep[-1] + 1]] if keep.size else []

@@ -161,6 +161,9 @@ class Comparison:
     # the machine's speed around the run against calibration (run record `speed_probe`): {ratio, before_s,
     # after_s, calibration_iteration_s, scaled_error_pct: the iteration error with the prediction x ratio}
     drift: dict[str, Any] = field(default_factory=dict)
+    # live sequences per decode iteration: {"measured": the run's counts, "predicted": the expected drain of a
+    # static batch (planner/batch_drain.live_curve) or None}
+    live: dict[str, Any] = field(default_factory=dict)
 
     def row(self, name: str) -> Row:
         for r in self.stages + self.metrics:
@@ -245,6 +248,12 @@ def compare(plan: Plan | dict | str | Path, run: dict | str | Path, goal_pct: fl
     except SpecError as e:
         job = None
         warnings.append(f"no prediction of the job's drain: {e}")
+    lives = run.get("live_by_iteration")
+    if isinstance(lives, list) and lives:
+        live_pred = job.get("live_curve") if job is not None else None
+        live_m = [int(x) for x in lives]
+    else:
+        live_pred, live_m = None, []
     if job is not None:
         live = live_batch(run)
         metrics += [
@@ -262,6 +271,7 @@ def compare(plan: Plan | dict | str | Path, run: dict | str | Path, goal_pct: fl
     except SpecError as e:
         warnings.append(f"no throughput-against-k curve: {e}")
     cmp.drift = _drift(run, cmp.row(Stage.ITERATION.value))
+    cmp.live = {"measured": live_m, "predicted": live_pred} if live_m else {}
     cmp.notes = explain(cmp, plan, run)
     return cmp
 
@@ -490,6 +500,10 @@ def write_html(plan: Plan | dict | str | Path, run: dict | str | Path, path: str
                                         cmp.header["run_draft_len"], it_m)))
     if cmp.acceptance:
         figs.append(("Accepted drafts per verified sequence", rp.acceptance_bars(cmp.acceptance)))
+    lives = cmp.live.get("measured") if cmp.live else None
+    if lives:
+        figs.append(("Live sequences per decode iteration", rp.live_batch(cmp.live.get("predicted"), lives,
+                                                                          plan_obj.batch)))
     page = _page(cmp, figs)
     tmp = out.with_name(f".{out.name}.tmp")
     try:

@@ -74,6 +74,20 @@ def throughput_vs_k(by_k: list[dict], plan_k: int, plan_tps: float, run_k: int |
     return fig
 
 
+def live_batch(predicted: list[float] | None, measured: list[int], batch: int) -> go.Figure:
+    """Live sequences per decode iteration: the run's counts and the drain the planner predicted
+    (planner/batch_drain.py: expected live sequences of a static batch)."""
+    fig = go.Figure(go.Scatter(x=list(range(1, len(measured) + 1)), y=list(measured), mode="lines+markers",
+                               name="measured", line={"color": "#d62728"}, marker={"size": 4}))
+    if predicted:
+        fig.add_trace(go.Scatter(x=list(range(1, len(predicted) + 1)), y=list(predicted), mode="lines",
+                                 name="predicted (expected)", line={"color": "#1f77b4", "dash": "dash"}))
+    fig.update_layout(title=f"Live sequences per decode iteration (batch {batch}): how the job's batch drains",
+                      xaxis_title="decode iteration", yaxis_title="live sequences", **_LAYOUT)
+    fig.update_yaxes(rangemode="tozero")
+    return fig
+
+
 def acceptance_bars(acc: dict[str, Any]) -> go.Figure:
     """Measured share of verified sequences by accepted drafts, against the planned distribution."""
     k = acc["k"]

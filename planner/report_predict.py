@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .batch_drain import at_live_batch, drain, live_placement
+from .batch_drain import at_live_batch, drain, live_curve, live_placement
 from .errors import SpecError
 from .plan import Plan
 from .stages import Stage
@@ -83,9 +83,13 @@ LIVE_BATCH_TOLERANCE = 0.03     # re-estimate when the run's mean live batch is 
 
 
 def live_batch(run: dict) -> float | None:
-    """The run's mean number of sequences per decode iteration: verified sequences (the acceptance
-    histogram counts one per live sequence and iteration) over iterations. Under speculation a
+    """The run's mean number of sequences per decode iteration: from its per-iteration counts, or
+    verified sequences (the acceptance histogram counts one per live sequence and iteration) over
+    iterations in records without them. Under speculation a
     static batch thins out at the end, as sequences reach their length at different iterations."""
+    lives = run.get("live_by_iteration")
+    if isinstance(lives, list) and lives and all(isinstance(x, int) and not isinstance(x, bool) for x in lives):
+        return sum(lives) / len(lives)
     hist, its = run.get("acceptance_histogram"), run.get("iterations")
     if not isinstance(hist, dict) or not hist or not its:
         return None
@@ -125,7 +129,9 @@ def job_prediction(plan: Plan, run: dict) -> dict | None:
                              schedule=sched).iteration_time_s
 
     t_live = at_live_batch(at, plan.batch, d.mean_live_batch)
-    return {**d.to_dict(), "iteration_time_s": t_live, "decode_tokens_per_s": d.decode_tokens_per_s(t_live)}
+    curve = live_curve(wl, plan.batch, k)
+    return {**d.to_dict(), "iteration_time_s": t_live, "decode_tokens_per_s": d.decode_tokens_per_s(t_live),
+            "live_curve": curve}
 
 
 def _prediction(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict, list[dict]]:

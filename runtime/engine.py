@@ -336,6 +336,7 @@ class Engine:
             cache_fill_bytes=(store.cache_fill_bytes - fill0) if store else 0,
             draft_kv_gpu_sequences=pl.draft_kv_gpu_sequences, target_kv_gpu_sequences=pl.target_kv_gpu_sequences,
             expert_cache_slots=list(pl.expert_cache_slots), profile_stages=self.profile_stages,
+            live_by_iteration=list(run.live),
         )
         result = GenerateResult([outputs[i] for i in sorted(outputs)], rec,
                                 [s.index for s in seqs if s.index not in outputs])
@@ -359,6 +360,7 @@ class _RunState:
         self.accepted = self.trials = self.verified = 0
         self.hist: dict[int, int] = {}
         self.k_hist: dict[int, int] = {}
+        self.live: list[int] = []          # sequences in each decode iteration
 
     def record_iteration(self, st, dt: float) -> None:
         self.iterations += 1
@@ -366,6 +368,7 @@ class _RunState:
         self.decode_tokens += st.emitted
         self.generated += st.emitted
         self.k_hist[st.k] = self.k_hist.get(st.k, 0) + 1
+        self.live.append(len(st.accepted))
         if st.k > 0:
             for a in st.accepted:
                 self.hist[a] = self.hist.get(a, 0) + 1

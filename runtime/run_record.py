@@ -136,6 +136,7 @@ class RunRecord:
     # runtime/speed_probe.py around the run, against calibration: {calibration_iteration_s, before_s,
     # after_s, ratio (> 1: the machine ran slower than when calibrated)}; None when not probed
     speed_probe: dict | None = None
+    live_by_iteration: list[int] = field(default_factory=list)   # sequences in each decode iteration
     schema_version: int = RUN_RECORD_VERSION
 
     def to_dict(self) -> dict:

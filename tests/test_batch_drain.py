@@ -249,3 +249,21 @@ def test_cli_plan_and_estimate_take_num_prompts(tmp_path, capsys):
                 "--num-prompts", "0", "--acceptance", "0.5"] + (["-o", str(out)] if cmd == "plan" else [])
         assert main(args) == 2
         assert "--num-prompts" in capsys.readouterr().err
+
+
+def test_live_curve_of_a_static_batch():
+    """Expected live sequences per iteration: a full batch of equal lengths for gen - 1 iterations;
+    under speculation it sums to the sequences' expected iterations (each is live N of them) and
+    drains where the simulated sequences do."""
+    from planner.batch_drain import live_curve
+
+    c0 = live_curve(Workload(16, 48, num_prompts=32), 32, 0)
+    assert c0 == pytest.approx([32.0] * 47)
+    prof = AcceptanceProfile((0.0, 0.7, 1.2, 1.55), spread=(0.0, 0.2, 0.45, 0.7))
+    wl = Workload(16, 48, acceptance=prof, num_prompts=24)
+    c = live_curve(wl, 32, 2)
+    d = drain(wl, 32, 2)
+    assert sum(c) == pytest.approx(24 * d.mean_sequence_iterations, rel=0.02)
+    assert c[0] == pytest.approx(24.0) and all(a >= b - 1e-9 for a, b in zip(c, c[1:]))
+    assert live_curve(Workload(16, 48, acceptance=prof), 32, 2) is None          # open stream
+    assert live_curve(Workload(16, 48, acceptance=prof, num_prompts=40), 32, 2) is None   # refilled

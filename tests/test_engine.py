@@ -60,6 +60,8 @@ def test_run_record(pair, tmp_path):
     assert all(o.decode_iterations <= len(o.token_ids) and o.accepted_drafts <= 3 * o.decode_iterations
                for o in res.outputs)
     assert {"decode_iterations", "accepted_drafts"} <= set(res.outputs[0].to_dict())
+    assert len(rec.live_by_iteration) == rec.iterations and sum(rec.live_by_iteration) == sum(hist.values())
+    assert 1 <= min(rec.live_by_iteration) and max(rec.live_by_iteration) <= 4      # never above the batch
     assert rec.plan_hashes == p.input_hashes and rec.batch == 4 and rec.micro_batches == 2 and rec.draft_len == 3
     assert rec.h2d_bytes > 0 and rec.h2d_experts > 0
     assert {"verify_attention", "expert_permutation", "greedy_accept", "draft_decode_attention"} <= set(rec.backends)

@@ -344,3 +344,19 @@ def test_job_rows_predict_the_drain(plan):
     run.pop("sequences")
     with pytest.raises(KeyError):
         compare(plan, run).row("decode iterations")
+
+
+def test_live_sequences_chart(plan, tmp_path):
+    """A run with per-iteration live counts gets the drain chart (its counts against the predicted
+    curve of a static batch); the mean live batch is taken from those counts."""
+    from planner.report import live_batch
+
+    lives = [64] * 10 + [60, 50, 40, 30, 20, 10]
+    run = make_run(plan, {}, 1.0, live_by_iteration=lives, iterations=len(lives), sequences=64, max_new_tokens=20)
+    assert live_batch(run) == pytest.approx(sum(lives) / len(lives))
+    cmp = compare(plan, run)
+    assert cmp.live["measured"] == lives and cmp.live["predicted"] and cmp.live["predicted"][0] == pytest.approx(64)
+    html = write_html(plan, run, tmp_path / "r.html", comparison=cmp).read_text()
+    assert "Live sequences per decode iteration" in html
+    run.pop("live_by_iteration")
+    assert compare(plan, run).live == {}
