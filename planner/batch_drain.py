@@ -43,8 +43,8 @@ from .workload import AcceptanceProfile, Workload
 
 QUANTILES = 256          # points of the across-sequence rate distribution
 GRID = 4096              # points of the integral of E[max]
-REFILL_SIMULATED = 8     # refill simulated up to this many prompts per row, formula beyond
-SIMULATIONS = 16         # seeded simulations averaged
+REFILL_SIMULATED = 4     # refill simulated up to this many prompts per row, formula beyond
+SIMULATIONS = 8         # seeded simulations averaged
 
 
 @dataclass(frozen=True)

@@ -621,6 +621,9 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
     alts = []
     pred, bound, mem = _evaluate(cm, win, stats, timeline)
     pred = _add_job(S, win, pred)
+    if pred.job:       # the chosen point's own frontier entries: its simulated job throughput, exactly
+        for e in [e for e in by_k if e.get("draft_len") == kw] + [e for e in by_b if e.get("batch") == Bw]:
+            e["decode_tokens_per_s"] = pred.decode_tokens_per_s
     win_tps = pred.decode_tokens_per_s
     for s in order[1:1 + max(0, int(alternatives))]:
         sim_t = _simulate_s(cm, s, stats)
@@ -674,11 +677,12 @@ def _live_sim_s(S: _Search, s: Solved, full_s: float, live: float) -> float:
 
 def _job_tps(S: _Search, s: Solved, sim_t: float) -> float:
     """Decode tokens/s of s: steady state (B (acc(k)+1) / T), or for a finite job its tokens over
-    iterations x T(mean live batch), simulated."""
+    iterations x T(mean live batch), that T the simulated full-batch iteration scaled by the closed
+    form's live/full ratio (the chosen plan's own entries are then set to its simulated job figure)."""
     d = S.drain_of(s.batch, s.draft_len) if S.objective == "throughput" else None
     if d is None or d.iterations <= 0:
         return s.tokens_per_iteration / sim_t
-    return d.decode_tokens_per_s(_live_sim_s(S, s, sim_t, d.mean_live_batch))
+    return d.decode_tokens_per_s(sim_t * S.live_closed_form_s(s, d.mean_live_batch) / s.closed_form_s)
 
 
 def _add_job(S: _Search, s: Solved, pred: Prediction) -> Prediction:
