@@ -223,6 +223,20 @@ def _simulated_refill(means: np.ndarray, sds: np.ndarray, batch: int, n_p: int) 
     return _refill_cached((tuple(means.tolist()), tuple(sds.tolist())), batch, n_p)
 
 
+def job_summary(d: Drain, live_iteration_s: float, batch_prefill_s: float, gen_len: int) -> dict:
+    """The job's figures from its drain, the iteration at its mean live batch and the prefill of one
+    full batch: Drain's fields plus iteration_time_s, decode_time_s, prefill_time_s (all the job's
+    prompts), decode_tokens_per_s and end_to_end_tokens_per_s (all generated tokens over both)."""
+    dec_s = d.iterations * live_iteration_s
+    pre_s = batch_prefill_s * (d.num_prompts / d.batch if d.num_prompts > d.batch else 1.0)
+    gen = d.num_prompts * gen_len
+    return {**d.to_dict(), "iteration_time_s": live_iteration_s, "decode_time_s": dec_s, "prefill_time_s": pre_s,
+            "decode_tokens_per_s": d.decode_tokens_per_s(live_iteration_s),
+            "end_to_end_tokens_per_s": gen / (pre_s + dec_s) if pre_s + dec_s > 0 else 0.0,
+            "method": "planner/batch_drain.py: acceptance spread -> finishing iterations; "
+                      "iteration simulated at the mean live batch"}
+
+
 def live_placement(placement, batch: int, live: int):
     """`placement` (a planner.Placement made for `batch` sequences) for `live` of them: the GPU-resident
     KV sequence counts scaled to the live batch; the expert cache and the rest unchanged."""

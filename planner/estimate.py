@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .batch_drain import at_live_batch, drain, live_placement
+from .batch_drain import at_live_batch, drain, job_summary, live_placement
 from .cost_model import CostModel
 from .errors import SpecError
 from .hardware_spec import HardwareSpec, load_hardware
@@ -167,13 +167,5 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
                              batched_layer=batched_layer)
             return simulate_iteration(c, pl, overlap_draft=overlap_draft, prefetch=prefetch, record=False).iteration_time_s
 
-        t_live = at_live_batch(at, B, d.mean_live_batch)
-        dec_s = d.iterations * t_live
-        pre_s = est.prefill_time_s * (d.num_prompts / B if d.num_prompts > B else 1.0)
-        gen = d.num_prompts * workload.gen_len
-        est.job = {**d.to_dict(), "iteration_time_s": t_live, "decode_time_s": dec_s, "prefill_time_s": pre_s,
-                   "decode_tokens_per_s": d.decode_tokens_per_s(t_live),
-                   "end_to_end_tokens_per_s": gen / (pre_s + dec_s) if pre_s + dec_s > 0 else 0.0,
-                   "method": "planner/batch_drain.py: acceptance spread -> finishing iterations; "
-                             "iteration simulated at the mean live batch"}
+        est.job = job_summary(d, at_live_batch(at, B, d.mean_live_batch), est.prefill_time_s, workload.gen_len)
     return est

@@ -38,7 +38,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import milp
-from .batch_drain import Drain, at_live_batch, drain, live_placement
+from .batch_drain import Drain, at_live_batch, drain, job_summary, live_placement
 from .cost_model import CostModel
 from .errors import InfeasibleError, SpecError
 from .estimate import estimate
@@ -691,16 +691,11 @@ def _add_job(S: _Search, s: Solved, pred: Prediction) -> Prediction:
     d = S.drain_of(s.batch, s.draft_len)
     if d is None or pred.job:        # none, or estimate() priced it in already
         return pred
-    t_live = _live_sim_s(S, s, pred.iteration_time_s, d.mean_live_batch)
-    dec_s = d.iterations * t_live
-    pre_s = pred.prefill_time_s * (d.num_prompts / s.batch if d.num_prompts > s.batch else 1.0)
-    gen = d.num_prompts * S.cm.workload.gen_len
-    job = {**d.to_dict(), "iteration_time_s": t_live, "decode_time_s": dec_s, "prefill_time_s": pre_s,
-           "steady_decode_tokens_per_s": pred.decode_tokens_per_s,
-           "method": "planner/batch_drain.py: acceptance spread -> finishing iterations; "
-                     "iteration simulated at the mean live batch"}
-    return replace(pred, decode_tokens_per_s=d.decode_tokens_per_s(t_live), job=job,
-                   end_to_end_tokens_per_s=gen / (pre_s + dec_s) if pre_s + dec_s > 0 else 0.0)
+    job = job_summary(d, _live_sim_s(S, s, pred.iteration_time_s, d.mean_live_batch), pred.prefill_time_s,
+                      S.cm.workload.gen_len)
+    tps, e2e = job.pop("decode_tokens_per_s"), job.pop("end_to_end_tokens_per_s")
+    return replace(pred, decode_tokens_per_s=tps, end_to_end_tokens_per_s=e2e,
+                   job={**job, "steady_decode_tokens_per_s": pred.decode_tokens_per_s})
 
 
 def _frontier_entry(S: _Search, s: Solved | None, axis: str, value: int) -> dict:

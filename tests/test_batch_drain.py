@@ -18,11 +18,12 @@ from planner.workload import AcceptanceProfile
 
 # ---------------------------------------------------------------------------------------------------
 # plain references: sequences simulated iteration by iteration
-def sequence_iterations(rng, alphas: np.ndarray, k: int, L: int) -> np.ndarray:
-    """[n] decode iterations each sequence needs for L tokens: per iteration it drafts k tokens and
-    the target accepts a prefix, each draft with the sequence's own rate alpha_i, plus one token."""
+def simulate(rng, alphas: np.ndarray, k: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """([n] decode iterations, [n] accepted drafts) of sequences needing L tokens each: per iteration a
+    sequence drafts k tokens and the target accepts a prefix, each draft with the sequence's own rate
+    alpha_i, plus one token of its own."""
     n = len(alphas)
-    tokens = np.zeros(n)
+    tokens, acc_tot = np.zeros(n), np.zeros(n)
     iters = np.zeros(n, dtype=int)
     live = np.ones(n, dtype=bool)
     while live.any():
@@ -32,10 +33,15 @@ def sequence_iterations(rng, alphas: np.ndarray, k: int, L: int) -> np.ndarray:
             ok = going & (rng.random(n) < alphas)
             acc += ok
             going = ok
+        acc_tot[live] += acc[live]
         tokens[live] += 1 + acc[live]
         iters[live] += 1
         live = tokens < L
-    return iters
+    return iters, acc_tot
+
+
+def sequence_iterations(rng, alphas: np.ndarray, k: int, L: int) -> np.ndarray:
+    return simulate(rng, alphas, k, L)[0]
 
 
 def engine_refill(durations: np.ndarray, batch: int) -> float:
@@ -52,20 +58,7 @@ def profile_of(rng, alphas: np.ndarray, ks: range, L: int) -> AcceptanceProfile:
     sequence-iterations and the spread across sequences of each one's mean at k = 1."""
     table, spread = [0.0], [0.0]
     for k in ks:
-        n = len(alphas)
-        tok, acc_tot, its = np.zeros(n), np.zeros(n), np.zeros(n)
-        live = np.ones(n, dtype=bool)
-        while live.any():
-            acc = np.zeros(n)
-            going = live.copy()
-            for _ in range(k):
-                ok = going & (rng.random(n) < alphas)
-                acc += ok
-                going = ok
-            acc_tot[live] += acc[live]
-            its[live] += 1
-            tok[live] += 1 + acc[live]
-            live = tok < L
+        its, acc_tot = simulate(rng, alphas, k, L)
         table.append(float(acc_tot.sum() / its.sum()))
         spread.append(float(np.std(acc_tot / its, ddof=1)))
     table = list(np.maximum.accumulate(table))
