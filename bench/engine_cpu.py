@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 
 def read_prompts(path: Path, n: int) -> list[str]:
-    from runtime.cli_run import read_prompts as rp
+    from specmoe.runtime.cli.run import read_prompts as rp
 
     return rp(path)[:n]
 
@@ -92,9 +92,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from runtime.checkpoint import read_config
-    from runtime.device import machine_description
-    from runtime.engine import Engine, plan_for_checkpoint
+    from specmoe.runtime.weights.checkpoint import read_config
+    from specmoe.runtime.device import machine_description
+    from specmoe.runtime.engine import Engine, plan_for_checkpoint
 
     target, draft = Path(args.target), Path(args.draft)
     for p in (target, draft, Path(args.prompts)):

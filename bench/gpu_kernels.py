@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from runtime.kernels import cuda_ops  # noqa: E402
-from runtime.kernels import moe_ops as ops  # noqa: E402
+from specmoe.runtime.kernels import cuda_ops  # noqa: E402
+from specmoe.runtime.kernels import moe_ops as ops  # noqa: E402
 
 HBM_REFERENCE_TBPS = 4.2
 

@@ -165,7 +165,7 @@ def model_configs(layers: int, smoke: bool) -> tuple[dict, dict]:
              "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu",
              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
     else:
-        from planner.model_spec import PRESET_DIR
+        from specmoe.planner.model_spec import PRESET_DIR
 
         def load(name):
             return {k: v for k, v in json.loads((PRESET_DIR / f"{name}.json").read_text()).items()
@@ -179,10 +179,10 @@ def model_configs(layers: int, smoke: bool) -> tuple[dict, dict]:
 def smoke_full_budgets(tcfg: dict, context: int, batch: int = 16) -> tuple[float, float]:
     """The tiny model's 'full machine', sized against its 32-layer experts so that its plans land in the
     real run's regime (about 10% of experts cached, a speculative plan with several micro-batches)."""
-    from planner.model_spec import ModelSpec
+    from specmoe.planner.model_spec import ModelSpec
 
     full = ModelSpec.from_hf_config(dict(tcfg, num_hidden_layers=FULL_LAYERS), name="tiny-full")
-    from planner.memory import CPU_MEM_FRACTION
+    from specmoe.planner.memory import CPU_MEM_FRACTION
 
     experts = full.routed_expert_elems_total * 2
     kv = full.kv_bytes_per_token(2) * context * (batch + 0.5)      # the CPU holds `batch` sequences' KV
@@ -196,16 +196,16 @@ def plan_for(spec, hw, wl, dspec, log, k_min: int = 0):
     planner.memory.default_placement."""
     ks = range(k_min, 9) if dspec is not None else [0]
     try:
-        from planner.optimizer import optimize
+        from specmoe.planner.optimizer import optimize
 
         return optimize(spec, hw, wl, draft=dspec if dspec is not None else False, k_values=ks, **OPT)
     except Exception as e:  # noqa: BLE001
         log(f"planner.optimize unavailable ({type(e).__name__}: {str(e)[:160]}); choosing by enumeration "
             f"with planner.estimate")
         why = f"{type(e).__name__}: {str(e)[:200]}"
-    from planner.estimate import estimate
-    from planner.memory import max_batch
-    from planner.plan import Plan
+    from specmoe.planner.estimator import estimate
+    from specmoe.planner.memory import max_batch
+    from specmoe.planner.plan import Plan
 
     best, tried = None, []
     for k in ks:
@@ -239,8 +239,8 @@ MODES = (("spec_alpha0.8", 0.8), ("spec_alpha0.6", 0.6), ("k0", None))
 def full_model_plans(tcfg, dspec, hw_base, args, log) -> dict:
     """The planner's plan of the full 32-layer model on the full machine, per mode (independent of the
     slice's layer count, so computed once)."""
-    from planner.model_spec import ModelSpec
-    from planner.workload import AcceptanceProfile, Workload
+    from specmoe.planner.model_spec import ModelSpec
+    from specmoe.planner.workload import AcceptanceProfile, Workload
 
     full_gpu, full_cpu = smoke_full_budgets(tcfg, args.prompt_len + args.gen_len) if args.cpu_smoke else (FULL_GPU_GiB, FULL_CPU_GB)
     full = ModelSpec.from_hf_config(dict(tcfg, num_hidden_layers=FULL_LAYERS), name="full-model")
@@ -262,7 +262,7 @@ def budgets(full: dict, args, log) -> dict:
     L/32; the GPU gets the full model's non-layer part of that mode's plan (streaming buffers,
     embeddings, draft + its KV, activations) plus L/32 of the rest, so each mode's slice keeps the
     expert-cache share of the full model in that mode."""
-    from planner.memory import GPU_MEM_FRACTION
+    from specmoe.planner.memory import GPU_MEM_FRACTION
 
     spec = full["spec"]
     full_gpu, full_cpu = full["gpu_GiB"], full["cpu_GB"]
@@ -297,7 +297,7 @@ def budgets(full: dict, args, log) -> dict:
 def make_plans(spec, dspec, hw_for, args, log) -> dict:
     """The slice's plan per mode. A speculative mode for which the planner prefers k=0 gets the best k>=1
     plan instead (a speculative row must speculate), and says so (`forced_k`)."""
-    from planner.workload import AcceptanceProfile, Workload
+    from specmoe.planner.workload import AcceptanceProfile, Workload
 
     plans, notes = {}, {}
     for name, alpha in MODES:
@@ -330,7 +330,7 @@ class Runner:
     def __init__(self, tcfg, dcfg, device, args, log, expert_host: dict | None = None):
         import torch
 
-        from runtime.weights import WeightSource
+        from specmoe.runtime.weights.sources import WeightSource
 
         self.torch, self.device, self.args, self.log = torch, device, args, log
         gen_dev = "cuda" if device.type == "cuda" else "cpu"
@@ -352,7 +352,7 @@ class Runner:
             self.torch.cuda.empty_cache()
 
     def engine_for(self, plan):
-        from runtime.engine import Engine
+        from specmoe.runtime.engine import Engine
 
         pl = plan.placement      # what Engine() builds from; the KV split and batch are read per generate()
         key = (pl.expert_cache_slots, pl.cpu_expert_layers, pl.streaming_buffers, plan.draft_len > 0,
@@ -412,8 +412,8 @@ class Runner:
 
 def summarize(rec, plan, alpha, spec, dspec, hw, args) -> dict:
     """Measured figures of one mode and the planner's prediction for exactly its configuration."""
-    from planner.estimate import estimate
-    from planner.workload import AcceptanceProfile, Workload
+    from specmoe.planner.estimator import estimate
+    from specmoe.planner.workload import AcceptanceProfile, Workload
 
     B, k = plan.batch, plan.draft_len
     h2d_s = rec.h2d_busy_s          # copy-stream busy seconds of the decode copies (CUDA events)
@@ -605,7 +605,7 @@ def choose_host_io(asked: str, device, probe: dict | None) -> str:
 
 
 def machine_info(device) -> dict:
-    from runtime.device import machine_description
+    from specmoe.runtime.device import machine_description
 
     m = machine_description(device)
     try:
@@ -777,8 +777,8 @@ def main(argv=None) -> int:
         args.host_io_used = choose_host_io(args.host_io, device, res.get("copy_overlap_probe"))
         res["config"]["host_io"] = args.host_io_used
         log(f"attention host transfers: host_io={args.host_io_used} (--host-io {args.host_io})")
-        from planner.hardware_spec import load_hardware
-        from planner.model_spec import ModelSpec
+        from specmoe.planner.hardware_spec import load_hardware
+        from specmoe.planner.model_spec import ModelSpec
 
         try:
             hw_base = load_hardware(args.hardware)
@@ -819,7 +819,7 @@ def main(argv=None) -> int:
                   f"{'GPU, experts copied into pinned host memory' if device.type == 'cuda' else 'CPU'}")
         t0 = time.perf_counter()
         try:
-            from runtime.device import kernel_backends
+            from specmoe.runtime.device import kernel_backends
             res["backends"] = kernel_backends()       # builds the C++ verify kernel now, not inside a mode
         except Exception as e:  # noqa: BLE001
             res["backends"] = {}

@@ -33,8 +33,8 @@ def _cpu_s() -> float:
 
 
 def time_api(model: str, hw: str, solver: str) -> tuple[float, float, object]:
-    from planner.optimizer import optimize
-    from planner.workload import Workload, load_acceptance
+    from specmoe.planner.optimizer import optimize
+    from specmoe.planner.workload import Workload, load_acceptance
 
     wl = Workload(prompt_len=566, gen_len=1024, acceptance=load_acceptance(0.8))
     c0, t0 = _cpu_s(), time.perf_counter()
@@ -44,7 +44,7 @@ def time_api(model: str, hw: str, solver: str) -> tuple[float, float, object]:
 
 def time_cli(model: str, hw: str, solver: str) -> float:
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "-m", "runtime.cli", "plan", "--model", model, "--hardware", hw, "--prompt-len", "566",
+        cmd = [sys.executable, "-m", "specmoe.runtime.cli.main", "plan", "--model", model, "--hardware", hw, "--prompt-len", "566",
                "--gen-len", "1024", "--acceptance", "0.8", "--solver", solver, "-o", os.path.join(d, "plan.json")]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -6,13 +6,16 @@
 #      schedule, the H2D accounting; about 60 s), log in $OUT/gpu_engine_tests.log.
 #   3. the offload benchmark within its time budget (default 240 s; GPU_BENCH_BUDGET_S to change).
 #   4. the verify-attention kernel benchmark (if present, at most 40 s).
-# torch, cupy and transformers are the host's; this repo is not installed, so it runs from the checkout
-# with PYTHONPATH. The C++ kernel is built into /tmp (a fresh machine has no cache; $HOME may not be
+# torch, cupy and transformers are the host's; this repo is not installed: a folder of links in /tmp
+# gives the checkout's planner/, runtime/ and cuda_kernels/ their import names (specmoe.planner, ...). The C++ kernel is built into /tmp (a fresh machine has no cache; $HOME may not be
 # writable). Device tool call (from the repo root here):
 #     run(command="OUT=$OUT bash bench/run_gpu_session.sh", carry=[".whl"], timeout_s=560)
 set -o pipefail
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SRC_LINKS=/tmp/specmoe-src
+mkdir -p "$SRC_LINKS/specmoe"
+for pkg in planner runtime cuda_kernels; do ln -sfn "$PWD/$pkg" "$SRC_LINKS/specmoe/$pkg"; done
+export PYTHONPATH="$SRC_LINKS${PYTHONPATH:+:$PYTHONPATH}"
 export SPECMOE_CACHE_DIR="${SPECMOE_CACHE_DIR:-/tmp/specmoe-cache}"
 : "${OUT:?set OUT to the results folder}"
 mkdir -p "$OUT"

@@ -38,8 +38,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import SpecError
-from .workload import AcceptanceProfile, Workload
+from specmoe.planner.errors import SpecError
+from specmoe.planner.workload import AcceptanceProfile, Workload
 
 QUANTILES = 256          # points of the across-sequence rate distribution
 GRID = 4096              # points of the integral of E[max]

@@ -39,7 +39,7 @@ simulator): layer_time = max(t_h2d, t_cpu, t_gpu).
 
 Fixed costs (planner/overhead.py): where the hardware spec has `measured.op_overhead_us` or
 `measured.stage_overhead_us`, every stage costs fixed + roofline, the fixed part counted per
-invocation as the engine makes them (runtime/speculative.py, runtime/target_model.py):
+invocation as the engine makes them (runtime/speculative.py, runtime/model/target.py):
   target.pre_attn    one per layer and micro-batch (one per layer with batched_layer), plus one per pass
                      (embedding), + per sequence per pass
   target.attention   one per layer and micro-batch on each KV part it has (host / device), + per sequence
@@ -56,7 +56,7 @@ invocation as the engine makes them (runtime/speculative.py, runtime/target_mode
   verify.accept      one per iteration + per sequence + per verified token
   draft.gpu/.cpu     per draft step of each non-empty part: step + L_d x layer + sequences x per-sequence;
                      its first step also L_d x catchup x P(some sequence accepted all k drafts),
-                     1 - (1 - P(A >= k))^seqs with P(A >= k) = acc(k) - acc(k-1) (all inside _draft_part,
+                     1 - (1 - P(A >= k))^seqs with P(A >= k) = acc(k) - acc(k-1) (all inside draft_part,
                      which planner.milp's draft time uses too)
 Without either field (and with use_measured=False) the fixed parts are zero: the bare roofline.
 """
@@ -66,14 +66,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import SpecError
-from .hardware_spec import HardwareSpec
-from .model_spec import ModelSpec
-from .overhead import Overheads
-from .plan import Placement
-from .roofline import OpCost, OpTime, h2d_rate, peak_flops, time_on
-from .stages import Stage
-from .workload import KV_DTYPES, Workload
+from specmoe.planner.errors import SpecError
+from specmoe.planner.hardware_spec import HardwareSpec
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.overhead import Overheads
+from specmoe.planner.plan import Placement
+from specmoe.planner.roofline import OpCost, OpTime, h2d_rate, peak_flops, time_on
+from specmoe.planner.stages import Stage
+from specmoe.planner.workload import KV_DTYPES, Workload
 
 ACT_BYTES = 2        # activations are bf16/fp16
 LOGIT_BYTES = 4      # logits are fp32
@@ -269,7 +269,7 @@ class CostModel:
             srcs.add(ot.source)
         return ot.time_s
 
-    def _attn_op(self, seqs: float, k1: float, s: float, on_gpu: bool, spec: ModelSpec | None = None,
+    def attn_op(self, seqs: float, k1: float, s: float, on_gpu: bool, spec: ModelSpec | None = None,
                  e_h: float | None = None, kv_tok_bytes: float | None = None, layers: int = 1) -> OpCost:
         """Verify attention of `seqs` sequences, k1 query tokens each, over s cached + k1 new keys, in
         `layers` layers (kv_tok_bytes: KV bytes per token over those layers)."""
@@ -358,8 +358,8 @@ class CostModel:
         # per-sequence times are the slopes the optimizer uses, and the micro-batch times follow
         att_src: dict = {True: set(), False: set()}
         kvd = self.workload.kv_dtype
-        one_gpu = self._t("gpu", self._attn_op(1, k1, s, True), att_src[True], dtype=kvd, kind="attention")
-        one_cpu = self._t("cpu", self._attn_op(1, k1, s, False), att_src[False], dtype=kvd, kind="attention",
+        one_gpu = self._t("gpu", self.attn_op(1, k1, s, True), att_src[True], dtype=kvd, kind="attention")
+        one_cpu = self._t("cpu", self.attn_op(1, k1, s, False), att_src[False], dtype=kvd, kind="attention",
                           n_query=k1, context=s)
 
         def attn(seqs: int, on_gpu: bool) -> float:
@@ -457,9 +457,9 @@ class CostModel:
                     q = (acc + 1.0) if t == 0 else 1.0
                     key = (g, c, q)
                     if key not in dmemo:     # steps 1..k-1 are alike: one token per sequence
-                        dmemo[key] = (self._draft_part(g, q, s, srcs, on_gpu=True),
-                                      self._draft_part(c, q, s, srcs, on_gpu=False) if c > 0 else 0.0,
-                                      self._draft_cpu_attn(c, q, s, srcs) if c > 0 else 0.0)
+                        dmemo[key] = (self.draft_part(g, q, s, srcs, on_gpu=True),
+                                      self.draft_part(c, q, s, srcs, on_gpu=False) if c > 0 else 0.0,
+                                      self.draft_cpu_attn(c, q, s, srcs) if c > 0 else 0.0)
                     dg[gi, t], dcg[gi, t], dca[gi, t] = dmemo[key]
             dsz = np.asarray(groups)
         else:
@@ -562,7 +562,7 @@ class CostModel:
         return memo[q]
 
     # ---- draft pieces ----
-    def _draft_part(self, seqs: int, q: float, s: float, srcs: set, on_gpu: bool) -> float:
+    def draft_part(self, seqs: int, q: float, s: float, srcs: set, on_gpu: bool) -> float:
         """One draft step of `seqs` sequences, q tokens each, on the GPU: the matmuls, plus the
         attention over the draft KV when that KV is on the GPU."""
         if seqs <= 0:
@@ -572,13 +572,13 @@ class CostModel:
         t = self._t("gpu", OpCost(2.0 * n * self.d_mm, self.d_mm * self.wb + 2 * n * d.hidden * ACT_BYTES),
                     srcs, tokens=n)
         if on_gpu:
-            op = self._attn_op(seqs, q, s, True, spec=d, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,
+            op = self.attn_op(seqs, q, s, True, spec=d, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,
                                layers=d.num_layers)
             t += self._t("gpu", op, srcs, dtype=self.workload.kv_dtype, kind="attention")
         return t + self._draft_fixed(seqs, q)
 
-    def _draft_cpu_attn(self, seqs: int, q: float, s: float, srcs: set) -> float:
-        op = self._attn_op(seqs, q, s, False, spec=self.draft, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,
+    def draft_cpu_attn(self, seqs: int, q: float, s: float, srcs: set) -> float:
+        op = self.attn_op(seqs, q, s, False, spec=self.draft, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,
                            layers=self.draft.num_layers)
         return self._t("cpu", op, srcs, dtype=self.workload.kv_dtype, kind="attention", n_query=q, context=s)
 

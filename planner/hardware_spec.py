@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SpecError
-from .overhead import Overheads, parse_op_overhead_us, parse_stage_overhead_us
+from specmoe.planner.errors import SpecError
+from specmoe.planner.overhead import Overheads, parse_op_overhead_us, parse_stage_overhead_us
 
 GiB = 1024**3
 GB = 1e9

@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import InfeasibleError, SpecError
-from .hardware_spec import DEFAULT_CPU_USABLE_FRACTION, DEFAULT_GPU_USABLE_FRACTION, HardwareSpec
-from .model_spec import ModelSpec
-from .plan import Placement
-from .workload import Workload
+from specmoe.planner.errors import InfeasibleError, SpecError
+from specmoe.planner.hardware_spec import DEFAULT_CPU_USABLE_FRACTION, DEFAULT_GPU_USABLE_FRACTION, HardwareSpec
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.plan import Placement
+from specmoe.planner.workload import Workload
 
 GPU_MEM_FRACTION = DEFAULT_GPU_USABLE_FRACTION     # 0.90
 CPU_MEM_FRACTION = DEFAULT_CPU_USABLE_FRACTION     # 0.85

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from specmoe.planner.errors import SpecError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 

@@ -37,18 +37,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import milp
-from .batch_drain import Drain, at_live_batch, drain, job_summary, live_placement
-from .cost_model import CostModel
-from .errors import InfeasibleError, SpecError
-from .estimate import estimate
-from .hardware_spec import HardwareSpec, load_hardware
-from .memory import Footprint, footprint
-from .model_spec import ModelSpec, default_draft_name, load_model
-from .plan import Placement, Plan, Prediction
-from .simulator import prefill_time, simulate_iteration
-from .stages import Stage
-from .workload import Workload
+from specmoe.planner import milp
+from specmoe.planner.batch_drain import Drain, at_live_batch, drain, job_summary, live_placement
+from specmoe.planner.cost_model import CostModel
+from specmoe.planner.errors import InfeasibleError, SpecError
+from specmoe.planner.estimator import estimate
+from specmoe.planner.hardware_spec import HardwareSpec, load_hardware
+from specmoe.planner.memory import Footprint, footprint
+from specmoe.planner.model_spec import ModelSpec, default_draft_name, load_model
+from specmoe.planner.plan import Placement, Plan, Prediction
+from specmoe.planner.simulator import prefill_time, simulate_iteration
+from specmoe.planner.stages import Stage
+from specmoe.planner.workload import Workload
 
 OBJECTIVES = ("throughput", "latency")
 PER_LAYER_X_MAX_LAYERS = 8          # at most this many MoE layers: x_l per layer by default
@@ -62,7 +62,7 @@ def batch_limit(cm: CostModel, draft_len: int, micro_batches: int, x_mode: str =
     room moved to the GPU (draft KV, and target KV when allowed), no expert cache, the fewest
     streaming buffers the variant needs (none when cold experts may run on the CPU). 0 when not even
     one sequence fits. Same memory model as planner.memory.footprint (checked in the tests)."""
-    from .memory import activation_bytes, draft_kv_bytes_per_sequence, kv_bytes_per_sequence
+    from specmoe.planner.memory import activation_bytes, draft_kv_bytes_per_sequence, kv_bytes_per_sequence
 
     m, wl = cm.model, cm.workload
     k, M = int(draft_len), int(micro_batches)
@@ -648,7 +648,7 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
             pc.draft_exact for pc in S.costs.values() if pc.draft_g is not None),
     }
     if stats is not None:
-        from .plan import content_hash
+        from specmoe.planner.plan import content_hash
         solver_info["routing_stats_sha256"] = content_hash(np.round(stats, 12).tolist())
     return Plan(model=m.to_dict(), hardware=hw.raw, workload=workload.to_dict(),
                 draft=d.to_dict() if (d is not None and win.draft_len > 0) else None,

@@ -3,7 +3,7 @@ dispatch, kernel launches) that the roofline has no term for. On small models, a
 per-layer operations of large ones, it dominates: every stage costs `fixed + roofline`.
 
 A hardware spec carries them under `measured:` (written by `specmoe calibrate`, which times the
-engine's own stage code on tiny problems and fits these terms; see runtime/calibrate_overhead.py):
+engine's own stage code on tiny problems and fits these terms; see runtime/calibrate/overhead.py):
 
     op_overhead_us: 12.5              # one torch operation; the fallback for a key the table lacks
     stage_overhead_us:                # microseconds, keys below; any subset
@@ -18,7 +18,7 @@ per token that the roofline, which counts GEMMs and weight bytes, leaves out) an
 A spec with neither field has no fixed costs: its predictions are the bare roofline.
 
 How many invocations an iteration makes (B sequences, m micro-batches, L target layers, L_d draft
-layers, k drafts) is counted as runtime/speculative.py and runtime/target_model.py run them; the
+layers, k drafts) is counted as runtime/speculative.py and runtime/model/target.py run them; the
 cost model adds the terms in CostModel.iteration.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SpecError
+from specmoe.planner.errors import SpecError
 
 US = 1e-6
 
@@ -62,7 +62,7 @@ OVERHEAD_KEYS: dict[str, str] = {
 # Torch function calls the engine makes per invocation of each key (fp32 on a CPU device, the tiny
 # Mixtral target, Llama drafts of 1 and 2 layers), counted by `specmoe calibrate` with a
 # TorchFunctionMode inside the engine's stage brackets and solved per key over its configurations
-# (runtime/calibrate_overhead.py; spec details `ops_per_invocation`, 2026-11-28). Per-sequence keys
+# (runtime/calibrate/overhead.py; spec details `ops_per_invocation`, 2026-11-28). Per-sequence keys
 # have none (their cost is Python per sequence).
 OPS_PER_INVOCATION: dict[str, float] = {
     "target.pre_attn": 36.0,

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
-from .stages import STAGE_NAMES
+from specmoe.planner.errors import SpecError
+from specmoe.planner.stages import STAGE_NAMES
 
 SCHEMA_VERSION = 1
 
@@ -253,19 +253,19 @@ class Plan:
 
     # ---- typed views of the inputs ----
     def model_spec(self):
-        from .model_spec import ModelSpec
+        from specmoe.planner.model_spec import ModelSpec
         return ModelSpec.from_dict(self.model)
 
     def draft_spec(self):
-        from .model_spec import ModelSpec
+        from specmoe.planner.model_spec import ModelSpec
         return ModelSpec.from_dict(self.draft) if self.draft is not None else None
 
     def hardware_spec(self):
-        from .hardware_spec import parse_hardware
+        from specmoe.planner.hardware_spec import parse_hardware
         return parse_hardware(self.hardware, self.hardware.get("name", ""))
 
     def workload_spec(self):
-        from .workload import Workload
+        from specmoe.planner.workload import Workload
         return Workload.from_dict(self.workload)
 
 

@@ -23,8 +23,8 @@ import math
 from bisect import bisect_right
 from dataclasses import dataclass
 
-from .errors import SpecError
-from .hardware_spec import Curve, HardwareSpec
+from specmoe.planner.errors import SpecError
+from specmoe.planner.hardware_spec import Curve, HardwareSpec
 
 RESOURCES: tuple[str, ...] = ("gpu", "cpu", "pcie")
 KINDS: tuple[str, ...] = ("gemm", "attention", "memory", "copy")

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .cost_model import CostModel, IterationCosts, split_even
-from .plan import Placement
-from .stages import Stage
+from specmoe.planner.cost_model import CostModel, IterationCosts, split_even
+from specmoe.planner.plan import Placement
+from specmoe.planner.stages import Stage
 
 RES = ("gpu", "cpu", "pcie")
 _R = {r: i for i, r in enumerate(RES)}
@@ -308,7 +308,7 @@ def prefill_time(cm: CostModel, batch: int, placement: Placement, chunk_tokens: 
     h2d(0) + sum_i max(gpu_i, h2d_{i+1}, d2h_i) (the plain sum where the CPU stands in for the GPU),
     then the LM head of the last tokens and the draft's own prefill on the GPU (its weights and KV
     are there), plus the fixed costs of those passes (CostModel.prefill_fixed_s)."""
-    from .roofline import OpCost, time_on
+    from specmoe.planner.roofline import OpCost, time_on
 
     m, hw, wl = cm.model, cm.hw, cm.workload
     P = wl.prompt_len

@@ -2,7 +2,7 @@
 memory, CPU memory and acceptance rate, where speculation stops paying, the roofline of one
 iteration, and a Plan for a chosen or a searched configuration.
 
-Every number comes from planner.estimate (the cost model and the event simulator); the search uses
+Every number comes from specmoe.planner.estimator (the cost model and the event simulator); the search uses
 planner.optimizer.optimize when that module exists and `use_optimizer` allows it, else a grid of
 estimates over (k, micro-batches) at the largest batch that fits. Sweeps return pandas DataFrames;
 configurations that do not fit in memory give rows with fits=False and NaN throughput.
@@ -18,15 +18,15 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .cost_model import ACT_BYTES, LOGIT_BYTES, CostModel, split_even, touched_experts
-from .errors import SpecError
-from .estimate import Estimate, estimate
-from .hardware_spec import load_hardware
-from .model_spec import ModelSpec, default_draft_name, load_model
-from .plan import Placement, Plan
-from .roofline import OpCost, h2d_rate, memory_bandwidth, peak_flops, time_on
-from .stages import Stage
-from .workload import AcceptanceProfile, Workload
+from specmoe.planner.cost_model import ACT_BYTES, LOGIT_BYTES, CostModel, split_even, touched_experts
+from specmoe.planner.errors import SpecError
+from specmoe.planner.estimator import Estimate, estimate
+from specmoe.planner.hardware_spec import load_hardware
+from specmoe.planner.model_spec import ModelSpec, default_draft_name, load_model
+from specmoe.planner.plan import Placement, Plan
+from specmoe.planner.roofline import OpCost, h2d_rate, memory_bandwidth, peak_flops, time_on
+from specmoe.planner.stages import Stage
+from specmoe.planner.workload import AcceptanceProfile, Workload
 
 KS = range(0, 9)
 HW_PARAMS = ("h2d_GBps", "gpu_mem_GiB", "cpu_mem_GiB")
@@ -44,7 +44,7 @@ def _draft_for(model: ModelSpec, draft) -> ModelSpec | None:
 def _try(model, hw, wl, draft, k, mb, batch, **kw) -> Estimate | None:
     try:
         if batch == "max" and wl.num_prompts is not None:     # a finite job: no more rows than prompts
-            from .memory import max_batch
+            from specmoe.planner.memory import max_batch
 
             batch = min(max_batch(model, hw, wl, draft if k else None, k, mb), wl.num_prompts)
         return estimate(model, hw, wl, draft=draft if k else None, draft_len=k, micro_batches=mb, batch=batch,
@@ -89,7 +89,7 @@ def throughput_grid(model, hardware, workload: Workload, draft=None, ks: Iterabl
                     batches: Iterable[int] | None = None, micro_batches: int = 2) -> pd.DataFrame:
     """Decode throughput over draft length k x batch (long form: draft_len, batch, fits, ...).
     batches: default powers of two up to the largest batch that fits without speculation."""
-    from .memory import max_batch
+    from specmoe.planner.memory import max_batch
 
     m, hw = load_model(model), load_hardware(hardware)
     d = _draft_for(m, draft)
@@ -282,7 +282,7 @@ def fixed_plan(model, hardware, workload: Workload, draft=None, draft_len: int =
 
 def _optimizer():
     try:
-        from . import optimizer  # written alongside; absent in older trees
+        from specmoe.planner import optimizer  # written alongside; absent in older trees
     except ImportError:
         return None
     return getattr(optimizer, "optimize", None)
@@ -355,10 +355,10 @@ def iteration_ops(model, hardware, workload: Workload, draft=None, draft_len: in
     add("pre_attn", Stage.TARGET_PRE_ATTN, "gpu",
         OpCost(2.0 * n * cm.pre_elems, cm.pre_elems * wb + n * (m.hidden + cm.pre_out) * ACT_BYTES), L * M, tokens=n)
     if b - b_gpu_kv > 0 and pl.attention_device == "cpu":
-        add("attention (cpu)", Stage.TARGET_ATTENTION, "cpu", cm._attn_op(b - b_gpu_kv, k1, s, False), L * M,
+        add("attention (cpu)", Stage.TARGET_ATTENTION, "cpu", cm.attn_op(b - b_gpu_kv, k1, s, False), L * M,
             dtype=kvd, kind="attention", n_query=k1, context=s)
     if b_gpu_kv > 0:
-        add("attention (gpu)", Stage.TARGET_ATTENTION, "gpu", cm._attn_op(b_gpu_kv, k1, s, True), L * M,
+        add("attention (gpu)", Stage.TARGET_ATTENTION, "gpu", cm.attn_op(b_gpu_kv, k1, s, True), L * M,
             dtype=kvd, kind="attention")
     post_act = n * (m.num_q_heads * m.head_dim + 2 * m.hidden) * ACT_BYTES
     n_moe = len(m.moe_layers)
@@ -393,11 +393,11 @@ def iteration_ops(model, hardware, workload: Workload, draft=None, draft_len: in
                     OpCost(2.0 * seqs * cm.d_mm, cm.d_mm * wb + 2 * seqs * d.hidden * ACT_BYTES), k, tokens=seqs)
         if g > 0:
             add("draft attention (gpu)", Stage.DRAFT_GPU, "gpu",
-                cm._attn_op(g, 1, s, True, spec=d, e_h=cm.d_e_h, kv_tok_bytes=cm.d_kv_tok_bytes, layers=d.num_layers),
+                cm.attn_op(g, 1, s, True, spec=d, e_h=cm.d_e_h, kv_tok_bytes=cm.d_kv_tok_bytes, layers=d.num_layers),
                 k, dtype=kvd, kind="attention")
         if c > 0:
             add("draft attention (cpu)", Stage.DRAFT_CPU, "cpu",
-                cm._attn_op(c, 1, s, False, spec=d, e_h=cm.d_e_h, kv_tok_bytes=cm.d_kv_tok_bytes, layers=d.num_layers),
+                cm.attn_op(c, 1, s, False, spec=d, e_h=cm.d_e_h, kv_tok_bytes=cm.d_kv_tok_bytes, layers=d.num_layers),
                 k, dtype=kvd, kind="attention", n_query=1, context=s)
     df = pd.DataFrame(rows)
     df.attrs.update(batch=B, micro_batches=M, draft_len=k, model=m.name, hardware=hw.name)
@@ -422,7 +422,7 @@ def roofs(hardware, dtype: str = "bf16", chunk_bytes: float | None = None, use_m
 def roofline_chart(model, hardware, workload: Workload, draft=None, draft_len: int = 0, batch: int | str | None = None,
                    micro_batches: int = 2, placement: Placement | None = None, use_measured: bool = True):
     """The roofline figure of one iteration (plotly): iteration_ops on the roofs of `hardware`."""
-    from .report_plots import roofline
+    from specmoe.planner.report.plots import roofline
 
     m, hw = load_model(model), load_hardware(hardware)
     ops = iteration_ops(m, hw, workload, draft, draft_len, batch, micro_batches, placement, use_measured)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch is imported (see runtime/calibrate.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch is imported (see runtime/calibrate/run.py)
 
 import hashlib
 import json
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from planner.errors import SpecError
+from specmoe.planner.errors import SpecError
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_DIR = REPO / "models" / "tiny-moe"
@@ -91,7 +91,7 @@ def content_hash(*paths: Path, extra: object = None) -> str:
 
 
 def _check_inputs(n_prompts: int, max_new_tokens: int, batch: int | None) -> list[str]:
-    from .cli_run import read_prompts
+    from specmoe.runtime.cli.run import read_prompts
 
     for d in (TARGET_DIR, DRAFT_DIR):
         if not (d / "config.json").is_file():
@@ -134,7 +134,7 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
         torch.set_num_threads(threads)
 
     # ---- 1. calibrate ----
-    from .calibrate import calibrate_with_info
+    from specmoe.runtime.calibrate.run import calibrate_with_info
 
     t0 = time.perf_counter()
     log(f"demo [1/{STEPS}] calibrating this machine with {torch.get_num_threads()} torch thread(s) (cached by machine "
@@ -151,8 +151,8 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     log(f"demo [1/{STEPS}] using {how} -> {spec_path}")
 
     # ---- 2. acceptance ----
-    from .acceptance_profile import profile_acceptance
-    from .device import pick_device
+    from specmoe.runtime.calibrate.acceptance import profile_acceptance
+    from specmoe.runtime.device import pick_device
 
     dev = pick_device(None)
     dtype = "float32" if dev.type == "cpu" else "bfloat16"      # the CPU computes the bf16 pair in fp32
@@ -162,7 +162,7 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
                                                      "new": max_new_tokens, "dtype": dtype, "device": dev.type})
     acc_path = out / f"acceptance-{key[:16]}.csv"
     t0 = time.perf_counter()
-    from planner.workload import AcceptanceProfile
+    from specmoe.planner.workload import AcceptanceProfile
 
     profile = None
     if acc_path.is_file():
@@ -184,11 +184,11 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     times["acceptance"] = time.perf_counter() - t0
 
     # ---- 3. plan ----
-    from planner import optimize
-    from planner.model_spec import ModelSpec
-    from planner.workload import Workload
+    from specmoe.planner import optimize
+    from specmoe.planner.model_spec import ModelSpec
+    from specmoe.planner.workload import Workload
 
-    from .checkpoint import load_tokenizer
+    from specmoe.runtime.weights.checkpoint import load_tokenizer
 
     t0 = time.perf_counter()
     tok = load_tokenizer(TARGET_DIR)
@@ -234,7 +234,7 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
         f"({plan.predicted.source} rates) -> {plan_path}")
 
     # ---- 4. run with speculation and with k = 0 ----
-    from .engine import Engine
+    from specmoe.runtime.engine import Engine
 
     t0 = time.perf_counter()
     log(f"demo [4/{STEPS}] loading the engine ({dev.type}, {dtype}) and warming up ...")
@@ -244,7 +244,7 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     outs_by_run: dict[int, list] = {}
     order = [(("spec", plan.draft_len), ("k0", 0))[(i + i // 2) % 2] for i in range(2 * REPEATS)]
     # spec, k0, k0, spec, spec, k0, ...: interleaved, so slow spells of the machine hit both modes
-    from .speed_probe import RunProbe
+    from specmoe.runtime.calibrate.speed_probe import RunProbe
 
     probe = RunProbe(spec.raw, eng.device)          # the machine's speed around each run
     probe.before()
@@ -272,7 +272,7 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     times["run"] = time.perf_counter() - t0
 
     # ---- 5. report ----
-    from planner.report import compare, render_table, write_html
+    from specmoe.planner.report import compare, render_table, write_html
 
     t0 = time.perf_counter()
     run_path = out / "run.json"

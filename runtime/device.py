@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from planner.errors import SpecError
+from specmoe.planner.errors import SpecError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,8 +115,8 @@ def git_commit() -> str:
 
 def kernel_backends() -> dict[str, str]:
     """Kernel name -> backend the engine uses on this machine (verify attention and the moe_ops)."""
-    from runtime.kernels import moe_ops
-    from runtime.kernels.verify_attention import verify_attention_backend
+    from specmoe.runtime.kernels import moe_ops
+    from specmoe.runtime.kernels.verify_attention import verify_attention_backend
 
     out = {"verify_attention": verify_attention_backend()}
     out.update(moe_ops.kernel_backends())

@@ -20,22 +20,22 @@ from typing import Any, Callable
 
 import torch
 
-from planner.errors import SpecError
-from planner.plan import Plan
-from planner.stages import Stage
+from specmoe.planner.errors import SpecError
+from specmoe.planner.plan import Plan
+from specmoe.planner.stages import Stage
 
-from .checkpoint import DTYPES, load_tokenizer
-from .device import git_commit, kernel_backends, machine_description, pick_device
-from .draft_model import DraftModel
-from .engine_plan import plan_for_checkpoint
-from .expert_store import ExpertStore
-from .k_policy import CallableK, ConstantK, DynamicK, IterationInfo
-from .kv_cache import SplitKVCache
-from .memory_check import check_fits, requirement
-from .run_record import RunRecord, StageTimer, stage_summary
-from .speculative import Sequence, SpeculativeDecoder
-from .target_model import HOST_IO, TargetModel, stream_mode
-from .weights import WeightSource, as_weight_source
+from specmoe.runtime.weights.checkpoint import DTYPES, load_tokenizer
+from specmoe.runtime.device import git_commit, kernel_backends, machine_description, pick_device
+from specmoe.runtime.model.draft import DraftModel
+from specmoe.runtime.engine_plan import plan_for_checkpoint
+from specmoe.runtime.model.expert_store import ExpertStore
+from specmoe.runtime.k_policy import CallableK, ConstantK, DynamicK, IterationInfo
+from specmoe.runtime.model.kv_cache import SplitKVCache
+from specmoe.runtime.memory_check import check_fits, requirement
+from specmoe.runtime.run_record import RunRecord, StageTimer, stage_summary
+from specmoe.runtime.speculative import Sequence, SpeculativeDecoder
+from specmoe.runtime.model.target import HOST_IO, TargetModel, stream_mode
+from specmoe.runtime.weights.sources import WeightSource, as_weight_source
 
 __all__ = ["Engine", "GenerateResult", "SequenceOutput", "plan_for_checkpoint"]
 
@@ -66,7 +66,7 @@ class GenerateResult:
 def _config_of(x: Any):
     if isinstance(x, WeightSource):
         return x.config
-    from .checkpoint import read_config
+    from specmoe.runtime.weights.checkpoint import read_config
 
     return read_config(x)
 

@@ -1,7 +1,7 @@
 """plan_for_checkpoint: a valid Plan for a checkpoint pair without the optimizer (tests, bench, demo).
 
 All routed experts cached unless given, every sequence's draft KV on the device, target KV on the
-CPU. Predicted stage times come from planner.estimate when it is importable and accepts the
+CPU. Predicted stage times come from specmoe.planner.estimator when it is importable and accepts the
 inputs, else zeros with source "none".
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from planner.model_spec import ModelSpec
-from planner.plan import Placement, Plan, Prediction
-from planner.stages import STAGE_NAMES
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.plan import Placement, Plan, Prediction
+from specmoe.planner.stages import STAGE_NAMES
 
 
 def _predict(plan_kwargs: dict) -> tuple[Prediction, str]:
@@ -22,9 +22,9 @@ def _predict(plan_kwargs: dict) -> tuple[Prediction, str]:
     zeros = Prediction(iteration_time_s=0.0, decode_tokens_per_s=0.0, stages={s: 0.0 for s in STAGE_NAMES},
                        source="none")
     try:
-        from planner.estimate import estimate
-        from planner.hardware_spec import parse_hardware
-        from planner.workload import Workload
+        from specmoe.planner.estimator import estimate
+        from specmoe.planner.hardware_spec import parse_hardware
+        from specmoe.planner.workload import Workload
 
         spec = ModelSpec.from_dict(plan_kwargs["model"])
         draft = ModelSpec.from_dict(plan_kwargs["draft"]) if plan_kwargs["draft"] else None
@@ -39,7 +39,7 @@ def _predict(plan_kwargs: dict) -> tuple[Prediction, str]:
                           prefill_time_s=float(pred.prefill_time_s),
                           end_to_end_tokens_per_s=float(pred.end_to_end_tokens_per_s),
                           tokens_per_iteration=float(pred.tokens_per_iteration), source=str(pred.source)), \
-            "planner.estimate"
+            "specmoe.planner.estimator"
     except Exception as e:  # the planner's estimate is optional here (e.g. a plan its memory model refuses)
         return zeros, f"none ({type(e).__name__}: {str(e)[:200]})"
 
@@ -49,11 +49,11 @@ def plan_for_checkpoint(target_dir: str | Path, draft_dir: str | Path | None, ha
                         gen_len: int = 64, acceptance: Any = None, expert_cache_slots: list[int] | None = None,
                         draft_kv_gpu_sequences: int | None = None, target_kv_gpu_sequences: int = 0,
                         cpu_expert_layers: tuple[int, ...] = ()) -> Plan:
-    from planner.hardware_spec import load_hardware
-    from planner.workload import Workload, load_acceptance
+    from specmoe.planner.hardware_spec import load_hardware
+    from specmoe.planner.workload import Workload, load_acceptance
 
-    from .memory_check import requirement
-    from .checkpoint import read_config
+    from specmoe.runtime.memory_check import requirement
+    from specmoe.runtime.weights.checkpoint import read_config
 
     spec = ModelSpec.from_hf_config(target_dir)
     dspec = ModelSpec.from_hf_config(draft_dir) if draft_dir is not None else None

@@ -56,11 +56,11 @@ class DynamicK:
         self.cost = None
         self.source = "plan k (no cost model)"
         try:
-            from planner.cost_model import CostModel
+            from specmoe.planner.cost_model import CostModel
 
             self.cost = CostModel(plan.model_spec(), plan.hardware_spec(), plan.workload_spec(), plan.draft_spec())
             self._acc = plan.workload_spec().acceptance
-            self.source = "planner.cost_model"
+            self.source = "specmoe.planner.cost_model"
         except Exception as e:  # the cost model is optional: keep the plan's k
             self.source = f"plan k (cost model unavailable: {type(e).__name__})"
 
@@ -75,7 +75,7 @@ class DynamicK:
             m = max(1, min(self.plan.micro_batches, batch))
             costs = self.cost.iteration(batch, m, k, pl, context_len=max(1.0, ctx))
             try:   # the planner's event simulator; its closed form where the simulator is missing
-                from planner.simulator import simulate_iteration
+                from specmoe.planner.simulator import simulate_iteration
 
                 t = simulate_iteration(costs, pl, record=False).iteration_time_s
             except ImportError:

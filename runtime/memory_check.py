@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from planner.errors import SpecError
+from specmoe.planner.errors import SpecError
 
-from .checkpoint import ArchConfig, expected_shapes
-from .device import device_mem_free_bytes, host_mem_available_bytes
-from .expert_store import ExpertStore
+from specmoe.runtime.weights.checkpoint import ArchConfig, expected_shapes
+from specmoe.runtime.device import device_mem_free_bytes, host_mem_available_bytes
+from specmoe.runtime.model.expert_store import ExpertStore
 
 GiB = 1024 ** 3
 

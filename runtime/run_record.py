@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from planner.stages import ITERATION_PARTS, STAGE_NAMES, Stage
+from specmoe.planner.stages import ITERATION_PARTS, STAGE_NAMES, Stage
 
 RUN_RECORD_VERSION = 1
 
@@ -133,7 +133,7 @@ class RunRecord:
     target_kv_gpu_sequences: int = 0
     expert_cache_slots: list[int] = field(default_factory=list)
     profile_stages: bool = False
-    # runtime/speed_probe.py around the run, against calibration: {calibration_iteration_s, before_s,
+    # runtime/calibrate/speed_probe.py around the run, against calibration: {calibration_iteration_s, before_s,
     # after_s, ratio (> 1: the machine ran slower than when calibrated)}; None when not probed
     speed_probe: dict | None = None
     live_by_iteration: list[int] = field(default_factory=list)   # sequences in each decode iteration
@@ -153,7 +153,7 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunRecord":
-        from planner.errors import SpecError
+        from specmoe.planner.errors import SpecError
 
         if not isinstance(d, dict) or "stages" not in d or "complete" not in d:
             raise SpecError("run record", "not a run.json written by `specmoe run`", "give the run.json of a run")
@@ -162,7 +162,7 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "RunRecord":
-        from planner.errors import SpecError
+        from specmoe.planner.errors import SpecError
 
         try:
             d = json.loads(Path(path).read_text())

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from planner.stages import Stage
+from specmoe.planner.stages import Stage
 
-from .draft_model import DraftModel
-from .kv_cache import PassLayout, SplitKVCache
-from .run_record import StageTimer
-from .target_model import TargetModel
+from specmoe.runtime.model.draft import DraftModel
+from specmoe.runtime.model.kv_cache import PassLayout, SplitKVCache
+from specmoe.runtime.run_record import StageTimer
+from specmoe.runtime.model.target import TargetModel
 
 
 @dataclass
@@ -234,7 +234,7 @@ class SpeculativeDecoder:
         return IterationStats(k, acc_l, emitted, flips)
 
     def _accept(self, drafts: torch.Tensor, logits: torch.Tensor, qprobs: torch.Tensor | None):
-        from runtime.kernels.moe_ops import greedy_accept, rejection_sample_accept
+        from specmoe.runtime.kernels.moe_ops import greedy_accept, rejection_sample_accept
 
         B, k = drafts.shape
         if self.oracle_alpha is not None:   # seeded Bernoulli oracle in place of real acceptance

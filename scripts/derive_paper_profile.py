@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from planner.estimate import estimate  # noqa: E402
-from planner.hardware_spec import HardwareSpec, parse_hardware  # noqa: E402
-from planner.workload import Workload, load_acceptance  # noqa: E402
+from specmoe.planner.estimator import estimate  # noqa: E402
+from specmoe.planner.hardware_spec import HardwareSpec, parse_hardware  # noqa: E402
+from specmoe.planner.workload import Workload, load_acceptance  # noqa: E402
 
 SPEC = "a30-xeon6426y"
 TABLE3_S = {"target.attention": 4.29, "target.moe": 3.53, "others": 0.097, "iteration": 5.05}
@@ -50,7 +50,7 @@ def derive() -> dict:
     B, st = e.batch, e.stages
     peak_cpu = float(base["cpu"]["peak_TFLOPs"]["fp32"])
     peak_gpu = float(base["gpu"]["peak_TFLOPs"]["bf16"])
-    m_model = __import__("planner.model_spec", fromlist=["load_model"]).load_model("mixtral-8x7b")
+    m_model = __import__("specmoe.planner.model_spec", fromlist=["load_model"]).load_model("mixtral-8x7b")
     M = round(B * (K + 1) * m_model.top_k / m_model.num_experts)     # tokens per expert in one layer
     out = {
         "cpu_attention_TFLOPs": round(peak_cpu * st["target.attention"] / TABLE3_S["target.attention"], 3),

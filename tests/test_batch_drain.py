@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from planner import Workload, load_acceptance, optimize
-from planner.batch_drain import at_live_batch, drain, live_placement
-from planner.errors import SpecError
-from planner.plan import Placement
-from planner.workload import AcceptanceProfile
+from specmoe.planner import Workload, load_acceptance, optimize
+from specmoe.planner.batch_drain import at_live_batch, drain, live_placement
+from specmoe.planner.errors import SpecError
+from specmoe.planner.plan import Placement
+from specmoe.planner.workload import AcceptanceProfile
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_uneven_sequences_against_simulation(seed, mean, sd, k, L, n, b):
 
 def test_refill_formula_joins_the_simulation():
     """Past REFILL_SIMULATED prompts per row the formula takes over without a jump."""
-    from planner import batch_drain as bd
+    from specmoe.planner import batch_drain as bd
 
     prof = AcceptanceProfile((0.0, 0.7, 1.2, 1.5), spread=(0.0, 0.2, 0.4, 0.6))
     b = 16
@@ -212,7 +212,7 @@ def test_planner_prices_the_drain_in(plans):
     assert fj[job.draft_len] == pytest.approx(job.predicted.decode_tokens_per_s, rel=1e-6)
     assert max(fj.values()) < 0.75 * max(fs.values())  # PCIe-bound: a thinner batch is not faster per iteration
     assert job.draft_len <= stream.draft_len            # the drain costs long drafts most
-    from planner.plan import Plan
+    from specmoe.planner.plan import Plan
 
     assert Plan.from_dict(job.to_dict()).predicted.job == job.predicted.job
 
@@ -224,7 +224,7 @@ def test_batch_above_the_job_is_not_offered():
 
 
 def test_cli_plan_and_estimate_take_num_prompts(tmp_path, capsys):
-    from runtime.cli import main
+    from specmoe.runtime.cli.main import main
 
     acc = tmp_path / "acc.csv"
     acc.write_text("k,accepted,accepted_sd\n1,0.72,0.2\n2,1.2,0.45\n")
@@ -248,7 +248,7 @@ def test_live_curve_of_a_static_batch():
     """Expected live sequences per iteration: a full batch of equal lengths for gen - 1 iterations;
     under speculation it sums to the sequences' expected iterations (each is live N of them) and
     drains where the simulated sequences do."""
-    from planner.batch_drain import live_curve
+    from specmoe.planner.batch_drain import live_curve
 
     c0 = live_curve(Workload(16, 48, num_prompts=32), 32, 0)
     assert c0 == pytest.approx([32.0] * 47)

@@ -1,4 +1,4 @@
-"""`specmoe calibrate` (runtime/calibrate.py, runtime/cli_calibrate.py).
+"""`specmoe calibrate` (runtime/calibrate/run.py, runtime/cli/calibrate.py).
 
 One real `--quick` calibration is run per module (shared by the tests below); the other tests
 measure small things directly or check the inputs, the cache and the file handling. Timing
@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from planner.errors import SpecError
-from planner.hardware_spec import HardwareSpec, parse_hardware
-from runtime import calibrate as cal
-from runtime.cli import main as cli_main
+from specmoe.planner.errors import SpecError
+from specmoe.planner.hardware_spec import HardwareSpec, parse_hardware
+from specmoe.runtime.calibrate import run as cal
+from specmoe.runtime.cli.main import main as cli_main
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_quick_run_writes_a_loadable_plausible_spec(quick_run):
         # the stand-in GPU's GEMM curve is the CPU's fp32 one, in TFLOP/s
         assert m.gpu_gemm_TFLOPs_by_M.ys == pytest.approx([y / 1e3 for y in m.cpu_gemm_GFLOPs_by_M.ys], rel=1e-3)
     # the speed probe ran before and after the engine-stage step; its mean is what runs are compared with
-    from runtime.speed_probe import calibration_probe_s
+    from specmoe.runtime.calibrate.speed_probe import calibration_probe_s
 
     probe = spec.raw["measured"]["details"]["speed_probe"]
     import statistics

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from engine_fixtures import make_checkpoint
-from planner.errors import SpecError
-from planner.model_spec import ModelSpec
-from runtime.checkpoint import Checkpoint, expected_shapes, load_tokenizer, read_config
-from runtime.weights import RandomWeights, WeightSource, config_from_model_spec
+from specmoe.planner.errors import SpecError
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.runtime.weights.checkpoint import Checkpoint, expected_shapes, load_tokenizer, read_config
+from specmoe.runtime.weights.sources import RandomWeights, WeightSource, config_from_model_spec
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from planner.hardware_spec import HW_SPEC_DIR
-from planner.model_spec import PRESET_DIR
-from runtime.cli import main
+from specmoe.planner.hardware_spec import HW_SPEC_DIR
+from specmoe.planner.model_spec import PRESET_DIR
+from specmoe.runtime.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["estimate", "--model", "mixtral-8x7b", "--hardware", "a30-xeon6426y", "--prompt-len", "566",
@@ -145,12 +145,12 @@ def test_bad_input_one_line_exit_2(extra, field, bad_files, capsys):
 
 
 def _sub(args, code=None):
-    cmd = [sys.executable] + (["-c", code] if code else ["-m", "runtime.cli"]) + args
+    cmd = [sys.executable] + (["-c", code] if code else ["-m", "specmoe.runtime.cli.main"]) + args
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_subprocess_no_torch_and_no_traceback():
-    code = ("import sys; from runtime.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from specmoe.runtime.cli.main import main; rc = main(sys.argv[1:]); "
             "bad = sorted(m for m in ('torch', 'cupy', 'transformers') if m in sys.modules); "
             "print('IMPORTED', bad, file=sys.stderr); sys.exit(rc)")
     p = _sub(BASE[0:1] + BASE[1:] + ["--draft-len", "4", "--acceptance", "0.8", "--json"], code)

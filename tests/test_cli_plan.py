@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.cli import main
+from specmoe.runtime.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_routing_stats_file(files, capsys):
 def test_cli_does_not_import_torch(tmp_path):
     """The real benchmark case in a fresh interpreter: exit 0, a plan file, and torch never imported."""
     out = tmp_path / "plan.json"
-    code = ("import sys; from runtime.cli import main; rc = main(['plan', '--model', 'mixtral-8x7b', '--hardware', "
+    code = ("import sys; from specmoe.runtime.cli.main import main; rc = main(['plan', '--model', 'mixtral-8x7b', '--hardware', "
             "'a30-xeon6426y', '--prompt-len', '566', '--gen-len', '1024', '--acceptance', '0.8', '-o', sys.argv[1]]); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)

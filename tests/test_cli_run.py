@@ -14,9 +14,9 @@ import torch
 
 from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import REPO, add_tokenizer, make_pair
-from runtime.cli import main
-from runtime.cli_run import read_prompts
-from runtime.engine import plan_for_checkpoint
+from specmoe.runtime.cli.main import main
+from specmoe.runtime.cli.run import read_prompts
+from specmoe.runtime.engine import plan_for_checkpoint
 
 
 
@@ -100,7 +100,7 @@ def test_ctrl_c_keeps_finished_sequences(setup, tmp_path):
     p.write_text("\n".join(f"w{3 + i % 90} w{4 + i % 90}" for i in range(400)) + "\n")
     out, rec = tmp_path / "out.jsonl", tmp_path / "run.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run", str(plan), "--target", str(t), "--draft", str(d),
+    proc = subprocess.Popen([sys.executable, "-m", "specmoe.runtime.cli.main", "run", str(plan), "--target", str(t), "--draft", str(d),
                              "--prompts", str(p), "--max-new-tokens", "40", "--outputs", str(out), "-o", str(rec),
                              "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -140,8 +140,8 @@ def test_run_probes_the_machine_when_the_spec_has_a_probe(setup, tmp_path):
     (the setup's devbox-2core) records none."""
     from dataclasses import replace
 
-    from planner.plan import Plan
-    from runtime.calibrate_spec import engine_configs, resolve_model_config
+    from specmoe.planner.plan import Plan
+    from specmoe.runtime.calibrate.spec import engine_configs, resolve_model_config
 
     root, t, d, plan = setup
     p = Plan.from_json(plan)

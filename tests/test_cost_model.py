@@ -7,14 +7,14 @@ import time
 import numpy as np
 import pytest
 
-from planner.cost_model import CostModel, head_read_elems, split_even, touched_experts
-from planner.errors import SpecError
-from planner.hardware_spec import HardwareSpec
-from planner.model_spec import ModelSpec
-from planner.plan import Placement
-from planner.stages import Stage
+from specmoe.planner.cost_model import CostModel, head_read_elems, split_even, touched_experts
+from specmoe.planner.errors import SpecError
+from specmoe.planner.hardware_spec import HardwareSpec
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.plan import Placement
+from specmoe.planner.stages import Stage
 from tiny_specs import datasheet
-from planner.workload import Workload, load_acceptance
+from specmoe.planner.workload import Workload, load_acceptance
 from tiny_specs import tiny_draft, tiny_hw, tiny_target
 
 NS = 1e-9

@@ -9,15 +9,15 @@ import copy
 import numpy as np
 import pytest
 
-from planner.cost_model import CostModel, touched_experts
-from planner.errors import SpecError
-from planner.hardware_spec import HardwareSpec, list_hardware, load_hardware, parse_hardware
-from planner.model_spec import load_model
-from planner.overhead import OPS_PER_INVOCATION, OVERHEAD_KEYS
-from planner.plan import Placement
-from planner.simulator import simulate_iteration
-from planner.stages import Stage
-from planner.workload import Workload, load_acceptance
+from specmoe.planner.cost_model import CostModel, touched_experts
+from specmoe.planner.errors import SpecError
+from specmoe.planner.hardware_spec import HardwareSpec, list_hardware, load_hardware, parse_hardware
+from specmoe.planner.model_spec import load_model
+from specmoe.planner.overhead import OPS_PER_INVOCATION, OVERHEAD_KEYS
+from specmoe.planner.plan import Placement
+from specmoe.planner.simulator import simulate_iteration
+from specmoe.planner.stages import Stage
+from specmoe.planner.workload import Workload, load_acceptance
 from tiny_specs import datasheet
 
 TABLE = {key: 10.0 * (i + 1) for i, key in enumerate(OVERHEAD_KEYS)}     # distinct values, us
@@ -46,7 +46,7 @@ def _delta(model, draft, B, M, k, pl, batched, hw_with, hw_without=None):
 
 
 def _expected(model, draft, B, M, k, pl: Placement, cost) -> dict[str, float]:
-    """Invocations x fixed cost, counted here by hand as runtime/target_model.py and speculative.py run."""
+    """Invocations x fixed cost, counted here by hand as runtime/model/target.py and speculative.py run."""
     us = 1e-6
     L = model.num_layers
     mb = [B // M + (1 if j < B % M else 0) for j in range(M)]          # split evenly, larger parts first
@@ -165,7 +165,7 @@ def test_h200_estimate_reproduces_the_bench_residuals():
     import json
     from pathlib import Path
 
-    from planner.model_spec import ModelSpec
+    from specmoe.planner.model_spec import ModelSpec
 
     d = json.loads((Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_offload_h200.json").read_text())
     mode = d["modes"]["spec_alpha0.8_profiled"]
@@ -181,7 +181,7 @@ def test_h200_estimate_reproduces_the_bench_residuals():
 
 
 def test_optimizer_prefers_fewer_micro_batches_when_fixed_costs_dominate():
-    from planner import optimize
+    from specmoe.planner import optimize
 
     wl = _wl(0.7)
     kw = dict(draft="mixtral-8x7b-eagle", k_values=range(0, 4), micro_batch_values=(1, 2, 4, 8), alternatives=0,
@@ -224,15 +224,15 @@ def test_fields_parse():
         "target.pre_attn"), load_hardware("devbox-2core-calibrated").measured.overheads.get("target.pre_attn"))
 
 
-# ---- the calibration's fit (runtime/calibrate_overhead.py) counts as the cost model does ----
+# ---- the calibration's fit (runtime/calibrate/overhead.py) counts as the cost model does ----
 def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_samples():
     """Samples made of the cost model's roofline plus known fixed costs x the calibration's invocation
     counts: the fit returns the known costs, and a spec holding them makes the cost model reproduce
     every sample, so the calibration and the cost model count invocations alike."""
     import json
 
-    from planner.model_spec import PRESET_DIR, ModelSpec
-    from runtime.calibrate_overhead import (CONFIGS, ORACLE_ALPHA, STAGES, _features, _roofline_stages, draft_config,
+    from specmoe.planner.model_spec import PRESET_DIR, ModelSpec
+    from specmoe.runtime.calibrate.overhead import (CONFIGS, ORACLE_ALPHA, STAGES, _features, _roofline_stages, draft_config,
                                             fit_overheads, shrink_config)
 
     target = shrink_config(json.loads((PRESET_DIR / "mixtral-8x7b.json").read_text()))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.kernels import cuda_ops
-from runtime.kernels import moe_ops as ops
+from specmoe.runtime.kernels import cuda_ops
+from specmoe.runtime.kernels import moe_ops as ops
 
 pytestmark = pytest.mark.gpu
 

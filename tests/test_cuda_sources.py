@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import cuda_kernels
-from runtime.kernels import cuda_ops
+from specmoe import cuda_kernels
+from specmoe.runtime.kernels import cuda_ops
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "check_cuda_sources.py"

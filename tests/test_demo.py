@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow,
 def _demo(out: Path, cache: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
     env = dict(os.environ, SPECMOE_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "runtime.cli", "demo", "--quick", "--n-prompts", "8",
+    p = subprocess.run([sys.executable, "-m", "specmoe.runtime.cli.main", "demo", "--quick", "--n-prompts", "8",
                         "--max-new-tokens", "16", "--out", str(out), "--no-progress", *extra],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return p, time.perf_counter() - t0
@@ -67,7 +67,7 @@ def test_demo_last_line_and_files(demo_run):
     assert min(summary["spec_decode_tokens_per_s"]) / max(summary["k0_decode_tokens_per_s"]) <= speedup <= \
         max(summary["spec_decode_tokens_per_s"]) / min(summary["k0_decode_tokens_per_s"])
     assert summary["threads"] == 1
-    from planner.report import compare, live_batch
+    from specmoe.planner.report import compare, live_batch
 
     cmp = compare(out / "plan.json", out / "run.json")        # at the run's mean live batch
     it_p, it_m = cmp.row("iteration").predicted, run["stages"]["iteration"]
@@ -95,7 +95,7 @@ def test_demo_last_line_and_files(demo_run):
 def test_report_on_the_demo_files(demo_run):
     _, _, out, _ = demo_run
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.run([sys.executable, "-m", "runtime.cli", "report", str(out / "plan.json"), str(out / "run.json"),
+    p = subprocess.run([sys.executable, "-m", "specmoe.runtime.cli.main", "report", str(out / "plan.json"), str(out / "run.json"),
                         "--no-html"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert re.search(r"stage\s+resource\s+predicted s\s+measured s\s+error", p.stdout)
@@ -115,7 +115,7 @@ def test_bad_arguments_exit_2(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), SPECMOE_CACHE_DIR=str(tmp_path / "cache"))
     for extra, field in ((["--n-prompts", "0"], "--n-prompts"), (["--n-prompts", "1000"], "--n-prompts"),
                          (["--batch", "0"], "--batch")):
-        p = subprocess.run([sys.executable, "-m", "runtime.cli", "demo", "--out", str(tmp_path / "o"), *extra],
+        p = subprocess.run([sys.executable, "-m", "specmoe.runtime.cli.main", "demo", "--out", str(tmp_path / "o"), *extra],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and field in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "cache").exists()       # checked before anything is measured

@@ -8,9 +8,9 @@ import torch
 
 from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import DRAFT_KINDS, hf_logits, load_hf, make_checkpoint
-from runtime.draft_model import DraftModel
-from runtime.kv_cache import PassLayout, SplitKVCache, block_attention_torch
-from runtime.weights import WeightSource
+from specmoe.runtime.model.draft import DraftModel
+from specmoe.runtime.model.kv_cache import PassLayout, SplitKVCache, block_attention_torch
+from specmoe.runtime.weights.sources import WeightSource
 from test_target_forward import rel_err, run_chunked
 
 DEV = torch.device("cpu")
@@ -43,7 +43,7 @@ def test_draft_matches_transformers(kind, device_rows, tmp_path):
 
 
 def test_block_attention_matches_verify_reference():
-    from runtime.kernels.verify_attention import verify_attention_reference
+    from specmoe.runtime.kernels.verify_attention import verify_attention_reference
 
     g = torch.Generator().manual_seed(0)
     R, Hkv, S, D, Hq = 5, 2, 17, 8, 6

@@ -12,12 +12,12 @@ import torch
 
 from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import add_tokenizer, make_pair
-from planner.errors import SpecError
-from planner.stages import STAGE_NAMES
-from runtime.checkpoint import read_config
-from runtime.engine import Engine, plan_for_checkpoint
-from runtime.run_record import RunRecord
-from runtime.weights import WeightSource
+from specmoe.planner.errors import SpecError
+from specmoe.planner.stages import STAGE_NAMES
+from specmoe.runtime.weights.checkpoint import read_config
+from specmoe.runtime.engine import Engine, plan_for_checkpoint
+from specmoe.runtime.run_record import RunRecord
+from specmoe.runtime.weights.sources import WeightSource
 from test_speculative_exact import ragged_prompts
 
 

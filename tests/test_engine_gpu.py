@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from engine_fixtures import load_hf, make_pair
-from planner.errors import SpecError
-from planner.model_spec import PRESET_DIR
-from runtime.checkpoint import read_config
-from runtime.engine import Engine, plan_for_checkpoint
-from runtime.memory_check import check_fits, requirement
-from runtime.weights import WeightSource
+from specmoe.planner.errors import SpecError
+from specmoe.planner.model_spec import PRESET_DIR
+from specmoe.runtime.weights.checkpoint import read_config
+from specmoe.runtime.engine import Engine, plan_for_checkpoint
+from specmoe.runtime.memory_check import check_fits, requirement
+from specmoe.runtime.weights.sources import WeightSource
 from test_speculative_exact import _chi2_p, _exact_marginals, hf_greedy, ragged_prompts
 
 pytestmark = pytest.mark.gpu

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from planner import Placement, Plan, Workload, estimate, load_acceptance, load_hardware, load_model
-from planner.errors import InfeasibleError, SpecError
-from planner.model_spec import DEFAULT_DRAFTS
-from planner.stages import STAGE_NAMES
+from specmoe.planner import Placement, Plan, Workload, estimate, load_acceptance, load_hardware, load_model
+from specmoe.planner.errors import InfeasibleError, SpecError
+from specmoe.planner.model_spec import DEFAULT_DRAFTS
+from specmoe.planner.stages import STAGE_NAMES
 
 WL = Workload(566, 1024, acceptance=load_acceptance(0.8))
 

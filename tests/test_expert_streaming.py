@@ -9,12 +9,12 @@ import torch
 
 from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import make_pair
-from planner.errors import SpecError
-from runtime.checkpoint import read_config
-from runtime.engine import Engine, plan_for_checkpoint
-from runtime.expert_store import CopyLedger, ExpertStore
-from runtime.run_record import StageTimer
-from runtime.weights import WeightSource
+from specmoe.planner.errors import SpecError
+from specmoe.runtime.weights.checkpoint import read_config
+from specmoe.runtime.engine import Engine, plan_for_checkpoint
+from specmoe.runtime.model.expert_store import CopyLedger, ExpertStore
+from specmoe.runtime.run_record import StageTimer
+from specmoe.runtime.weights.sources import WeightSource
 from test_speculative_exact import ragged_prompts
 
 

@@ -8,9 +8,9 @@ import random
 import pytest
 import yaml
 
-from planner.errors import SpecError
-from planner.hardware_spec import HW_SPEC_DIR, Curve, HardwareSpec, list_hardware, load_hardware, parse_hardware
-from planner.roofline import interp_curve
+from specmoe.planner.errors import SpecError
+from specmoe.planner.hardware_spec import HW_SPEC_DIR, Curve, HardwareSpec, list_hardware, load_hardware, parse_hardware
+from specmoe.planner.roofline import interp_curve
 
 
 @pytest.mark.parametrize("name", list_hardware())
@@ -53,8 +53,8 @@ def test_paper_profile_matches_table_3():
 def test_usable_mem_fraction_is_validated(tmp_path):
     import copy
 
-    from planner.errors import SpecError
-    from planner.hardware_spec import parse_hardware
+    from specmoe.planner.errors import SpecError
+    from specmoe.planner.hardware_spec import parse_hardware
 
     raw = copy.deepcopy(HardwareSpec.preset("t4-host").raw)
     raw["cpu"]["usable_mem_fraction"] = 1.5

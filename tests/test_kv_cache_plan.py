@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from runtime.kv_cache import PassLayout, SplitKVCache
+from specmoe.runtime.model.kv_cache import PassLayout, SplitKVCache
 
 CPU = torch.device("cpu")
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from planner.errors import InfeasibleError
-from planner.hardware_spec import HardwareSpec
-from planner.memory import (GPU_MEM_FRACTION, activation_bytes, default_placement, footprint,
+from specmoe.planner.errors import InfeasibleError
+from specmoe.planner.hardware_spec import HardwareSpec
+from specmoe.planner.memory import (GPU_MEM_FRACTION, activation_bytes, default_placement, footprint,
                             kv_bytes_per_sequence, max_batch)
-from planner.model_spec import ModelSpec
-from planner.plan import Placement
-from planner.workload import Workload, load_acceptance
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.plan import Placement
+from specmoe.planner.workload import Workload, load_acceptance
 
 GiB = 2**30
 EXPERT = 3 * 4096 * 14336 * 2          # one Mixtral expert in bf16: 352,321,536 bytes

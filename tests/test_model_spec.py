@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from planner.errors import SpecError
-from planner.model_spec import (DEFAULT_DRAFTS, FAMILY_DEFAULT_DRAFTS, MOE_FAMILIES, PRESET_DIR, ModelSpec,
+from specmoe.planner.errors import SpecError
+from specmoe.planner.model_spec import (DEFAULT_DRAFTS, FAMILY_DEFAULT_DRAFTS, MOE_FAMILIES, PRESET_DIR, ModelSpec,
                                 default_draft_name, list_presets, load_model)
 
 # How each vendor counts "active" parameters. Mistral, Qwen, AI2, Microsoft and Databricks count the

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.kernels import moe_ops as ops
+from specmoe.runtime.kernels import moe_ops as ops
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -431,7 +431,7 @@ def test_draft_attention_rejects_bad_input():
 
 
 def test_dda_split_plan():
-    from runtime.kernels.cuda_ops import dda_splits
+    from specmoe.runtime.kernels.cuda_ops import dda_splits
 
     assert dda_splits(256, 8, 1024, 132) == (1, 1024)  # B * Hkv blocks already fill the GPU
     assert dda_splits(4, 8, 200, 132) == (1, 200)  # short: no split
@@ -455,7 +455,7 @@ def test_imports_and_runs_without_cupy():
     code = (
         "import sys; sys.modules['cupy'] = None\n"  # makes `import cupy` fail
         "import torch\n"
-        "from runtime.kernels import moe_ops, cuda_ops\n"
+        "from specmoe.runtime.kernels import moe_ops, cuda_ops\n"
         "assert not cuda_ops.cuda_available()\n"
         "assert 'cupy' in cuda_ops.unavailable_reason()\n"
         "assert set(moe_ops.kernel_backends().values()) <= {'torch-cpu', 'torch-cuda'}\n"

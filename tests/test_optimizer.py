@@ -6,16 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from planner import milp
-from planner.cost_model import CostModel
-from planner.errors import InfeasibleError, SpecError
-from planner.hardware_spec import HardwareSpec, parse_hardware
-from planner.memory import footprint
-from planner.model_spec import ModelSpec
-from planner.optimizer import batch_limit, closed_form_s, optimize
-from planner.plan import Placement, Plan
-from planner.stages import STAGE_NAMES
-from planner.workload import Workload, load_acceptance
+from specmoe.planner import milp
+from specmoe.planner.cost_model import CostModel
+from specmoe.planner.errors import InfeasibleError, SpecError
+from specmoe.planner.hardware_spec import HardwareSpec, parse_hardware
+from specmoe.planner.memory import footprint
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.optimizer import batch_limit, closed_form_s, optimize
+from specmoe.planner.plan import Placement, Plan
+from specmoe.planner.stages import STAGE_NAMES
+from specmoe.planner.workload import Workload, load_acceptance
 
 APPS = Workload(prompt_len=566, gen_len=1024, acceptance=load_acceptance(0.8))
 CASES = {"a30": ("mixtral-8x7b", "a30-xeon6426y", "mixtral-8x7b-eagle"),

@@ -21,15 +21,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner.cost_model import CostModel
-from planner.errors import InfeasibleError
-from planner.hardware_spec import parse_hardware
-from planner.memory import activation_bytes, draft_kv_bytes_per_sequence, footprint, kv_bytes_per_sequence
-from planner.milp import MEM_SLACK
-from planner.model_spec import ModelSpec
-from planner.optimizer import optimize
-from planner.plan import Placement
-from planner.workload import Workload, load_acceptance
+from specmoe.planner.cost_model import CostModel
+from specmoe.planner.errors import InfeasibleError
+from specmoe.planner.hardware_spec import parse_hardware
+from specmoe.planner.memory import activation_bytes, draft_kv_bytes_per_sequence, footprint, kv_bytes_per_sequence
+from specmoe.planner.milp import MEM_SLACK
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.optimizer import optimize
+from specmoe.planner.plan import Placement
+from specmoe.planner.workload import Workload, load_acceptance
 
 GB = 1e9
 
@@ -79,7 +79,7 @@ def instances(draw):
         raw["gpu"]["shares_host_cpu"] = True
     if draw(st.booleans()):
         # fixed per-invocation costs (planner/overhead.py): steps in the cost of attention parts etc.
-        from planner.overhead import OVERHEAD_KEYS
+        from specmoe.planner.overhead import OVERHEAD_KEYS
 
         raw["measured"] = {"source": "test", "op_overhead_us": draw(st.floats(0.01, 2.0)),
                            "stage_overhead_us": {k: draw(st.floats(0.0, 3.0)) for k in OVERHEAD_KEYS}}

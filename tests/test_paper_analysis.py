@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 
-from planner.estimate import estimate
-from planner.hardware_spec import HardwareSpec
-from planner.memory import footprint, kv_bytes_per_sequence, max_batch
-from planner.model_spec import ModelSpec
-from planner.plan import Placement
-from planner.workload import Workload, load_acceptance
+from specmoe.planner.estimator import estimate
+from specmoe.planner.hardware_spec import HardwareSpec
+from specmoe.planner.memory import footprint, kv_bytes_per_sequence, max_batch
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.plan import Placement
+from specmoe.planner.workload import Workload, load_acceptance
 
 GiB = 2**30
 

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import pytest
 
-from planner.hardware_spec import HardwareSpec
-from planner.optimizer import optimize
-from planner.workload import Workload, load_acceptance
+from specmoe.planner.hardware_spec import HardwareSpec
+from specmoe.planner.optimizer import optimize
+from specmoe.planner.workload import Workload, load_acceptance
 
 HW = "a30-xeon6426y"
 
 
 def _draft() -> str:
-    from planner.model_spec import list_presets
+    from specmoe.planner.model_spec import list_presets
 
     return "mixtral-8x7b-eagle" if "mixtral-8x7b-eagle" in list_presets() else "mistral-7b"
 
@@ -69,7 +69,7 @@ def test_without_the_paper_profile_the_iteration_stays_pcie_bound():
     paying over k <= 8 on this host."""
     import copy
 
-    from planner.hardware_spec import parse_hardware
+    from specmoe.planner.hardware_spec import parse_hardware
 
     raw = copy.deepcopy(HardwareSpec.preset(HW).raw)
     raw.pop("measured")

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from planner.errors import SpecError
-from planner.hardware_spec import HardwareSpec
-from planner.model_spec import ModelSpec
-from planner.plan import SCHEMA_VERSION, Placement, Plan, Prediction
-from planner.stages import STAGE_NAMES, Stage, parse_stage
-from planner.workload import Workload, load_acceptance
+from specmoe.planner.errors import SpecError
+from specmoe.planner.hardware_spec import HardwareSpec
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.plan import SCHEMA_VERSION, Placement, Plan, Prediction
+from specmoe.planner.stages import STAGE_NAMES, Stage, parse_stage
+from specmoe.planner.workload import Workload, load_acceptance
 
 
 def _plan(**over) -> Plan:

@@ -22,12 +22,12 @@ def test_source_has_no_forbidden_imports():
 def test_importing_and_using_the_planner_loads_none_of_them():
     code = r"""
 import sys, pkgutil, importlib
-import planner
-assert 'planner.cost_model' not in sys.modules and 'numpy' not in sys.modules, 'planner/__init__ is not import-light'
+from specmoe import planner
+assert 'specmoe.planner.cost_model' not in sys.modules and 'numpy' not in sys.modules, 'planner/__init__ is not import-light'
 for m in pkgutil.iter_modules(planner.__path__):
     importlib.import_module('planner.' + m.name)
-from planner import estimate, Workload, load_acceptance, Stage, Plan, Placement, ModelSpec, HardwareSpec
-from planner import AcceptanceProfile, load_model, load_hardware
+from specmoe.planner import estimate, Workload, load_acceptance, Stage, Plan, Placement, ModelSpec, HardwareSpec
+from specmoe.planner import AcceptanceProfile, load_model, load_hardware
 assert callable(estimate)
 e = estimate('mixtral-8x7b', 'a30-xeon6426y', Workload(64, 32, acceptance=load_acceptance(0.8)), draft_len=2, batch=16)
 assert e.iteration_time_s > 0

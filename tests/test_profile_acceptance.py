@@ -1,4 +1,4 @@
-"""`specmoe profile-acceptance` (runtime/acceptance_profile.py, runtime/cli_profile.py): acc(k) measured
+"""`specmoe profile-acceptance` (runtime/calibrate/acceptance.py, runtime/cli/profile.py): acc(k) measured
 with the engine's greedy loop on the bundled pair, written as a CSV the planner reads; the monotone
 fit against a plain reference; bad input exits 2 without writing anything."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from planner.workload import AcceptanceProfile
-from runtime.acceptance_profile import isotonic
-from runtime.cli import main
+from specmoe.planner.workload import AcceptanceProfile
+from specmoe.runtime.calibrate.acceptance import isotonic
+from specmoe.runtime.cli.main import main
 
 from engine_fixtures import TINY_DRAFT, TINY_MOE, TINY_PROMPTS
 
@@ -108,7 +108,7 @@ def test_sequence_spread_is_the_sample_sd_of_per_sequence_means():
     import statistics
     from types import SimpleNamespace as NS
 
-    from runtime.acceptance_profile import sequence_spread
+    from specmoe.runtime.calibrate.acceptance import sequence_spread
 
     outs = [NS(accepted_drafts=a, decode_iterations=n) for a, n in ((3, 10), (9, 12), (0, 7), (5, 0), (14, 15))]
     want = statistics.stdev([0.3, 0.75, 0.0, 14 / 15])        # the sequence without an iteration is left out

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from planner import Workload, load_acceptance
-from planner.errors import SpecError
-from planner.report import compare, load_run, predicted_timeline, render_table, throughput_by_k, write_html
-from planner.stages import ITERATION_PARTS, STAGE_NAMES, Stage
-from planner.what_if import fixed_plan
+from specmoe.planner import Workload, load_acceptance
+from specmoe.planner.errors import SpecError
+from specmoe.planner.report import compare, load_run, predicted_timeline, render_table, throughput_by_k, write_html
+from specmoe.planner.stages import ITERATION_PARTS, STAGE_NAMES, Stage
+from specmoe.planner.what_if import fixed_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 WL = Workload(566, 1024, acceptance=load_acceptance(0.8))
@@ -163,7 +163,7 @@ def test_html_written_atomically(plan, tmp_path):
 
 
 def test_run_with_another_k_is_compared_at_its_k(plan):
-    from planner.estimate import estimate
+    from specmoe.planner.estimator import estimate
 
     run = make_run(plan, {}, 1.0, draft_len=0, acceptance_histogram={}, mean_accepted=0.0)
     cmp = compare(plan, run)
@@ -178,8 +178,8 @@ def test_thinning_batch_is_compared_at_its_live_size(plan):
     """A static batch thins out under speculation (sequences reach their length at different
     iterations): the histogram counts 20 iterations x 40 live sequences of the plan's 64, and the
     prediction is re-estimated at batch 40, with a warning; a full batch is compared as planned."""
-    from planner.estimate import estimate
-    from planner.report import live_batch
+    from specmoe.planner.estimator import estimate
+    from specmoe.planner.report import live_batch
 
     full = make_run(plan, {}, 1.0)
     assert live_batch(full) == pytest.approx(64.0)
@@ -206,8 +206,8 @@ def test_run_is_compared_under_the_engines_schedule(plan):
     """The engine batches the MoE of all micro-batches and, streaming ahead on a GPU ('next'), also
     pre/post attention and the first layers' copies during the draft: a run record that says so is
     compared against that schedule, re-simulated from the plan's inputs."""
-    from planner.estimate import estimate
-    from planner.report import engine_schedule
+    from specmoe.planner.estimator import estimate
+    from specmoe.planner.report import engine_schedule
 
     assert engine_schedule({}) is None
     assert engine_schedule({"expert_streaming": "off"}) == {"batched_moe": True, "batched_layer": False,
@@ -247,7 +247,7 @@ def test_prediction_helpers(plan):
 def test_cli_prints_table_then_html_path(plan, tmp_path):
     plan.to_json(tmp_path / "plan.json")
     (tmp_path / "run.json").write_text(json.dumps(make_run(plan, {"target.moe": 0.8}, 1.05)))
-    code = ("import sys; from runtime.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from specmoe.runtime.cli.main import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'report imported torch'; sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, "report", str(tmp_path / "plan.json"), str(tmp_path / "run.json"),
                         "-o", str(tmp_path / "r.html")], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -258,7 +258,7 @@ def test_cli_prints_table_then_html_path(plan, tmp_path):
     moe = next(line for line in lines if line.strip().startswith("target.moe"))
     assert moe.endswith("+25.0%")
     # swapped arguments: exit 2, one line on stderr, nothing on stdout, no HTML
-    p = subprocess.run([sys.executable, "-m", "runtime.cli", "report", str(tmp_path / "run.json"),
+    p = subprocess.run([sys.executable, "-m", "specmoe.runtime.cli.main", "report", str(tmp_path / "run.json"),
                         str(tmp_path / "plan.json"), "-o", str(tmp_path / "x.html")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2 and p.stdout == ""
@@ -282,13 +282,13 @@ def _tiny_pair(tmp_path_factory):
 @pytest.mark.slow
 def test_report_of_a_real_engine_run(tmp_path_factory):
     pytest.importorskip("torch")
-    from runtime.engine import Engine
+    from specmoe.runtime.engine import Engine
 
     target, draft, ids = _tiny_pair(tmp_path_factory)
     wl = Workload(16, 8, acceptance=load_acceptance(0.5))
     plan = fixed_plan(target, "devbox-2core", wl, draft=draft, draft_len=2, batch=3, micro_batches=1)
     if ids is None:
-        from runtime.cli_run import read_prompts
+        from specmoe.runtime.cli.run import read_prompts
 
         prompts = read_prompts(ROOT / "models" / "prompts.jsonl")[:3]
     else:
@@ -313,9 +313,9 @@ def test_job_rows_predict_the_drain(plan):
     its tokens over iterations x the iteration simulated at that live batch."""
     from dataclasses import replace
 
-    from planner.batch_drain import drain
-    from planner.estimate import estimate
-    from planner.report import live_batch
+    from specmoe.planner.batch_drain import drain
+    from specmoe.planner.estimator import estimate
+    from specmoe.planner.report import live_batch
 
     run = make_run(plan, {}, 1.0, acceptance_histogram={"0": 160, "1": 240, "2": 400}, max_new_tokens=49,
                    sequences=64)
@@ -349,7 +349,7 @@ def test_job_rows_predict_the_drain(plan):
 def test_live_sequences_chart(plan, tmp_path):
     """A run with per-iteration live counts gets the drain chart (its counts against the predicted
     curve of a static batch); the mean live batch is taken from those counts."""
-    from planner.report import live_batch
+    from specmoe.planner.report import live_batch
 
     lives = [64] * 10 + [60, 50, 40, 30, 20, 10]
     run = make_run(plan, {}, 1.0, live_by_iteration=lives, iterations=len(lives), sequences=64, max_new_tokens=20)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from planner.errors import SpecError
-from planner.hardware_spec import HardwareSpec
-from planner.roofline import OpCost, compute_rate, h2d_rate, peak_flops, time_on
+from specmoe.planner.errors import SpecError
+from specmoe.planner.hardware_spec import HardwareSpec
+from specmoe.planner.roofline import OpCost, compute_rate, h2d_rate, peak_flops, time_on
 from tiny_specs import tiny_hw
 
 

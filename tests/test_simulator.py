@@ -9,14 +9,14 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from planner.cost_model import CostModel, IterationCosts
-from planner.hardware_spec import HardwareSpec
-from planner.memory import default_placement
-from planner.model_spec import ModelSpec
-from planner.plan import Placement
-from planner.simulator import Dag, evaluate_config, prefill_time, simulate_iteration, simulate_run
-from planner.stages import Stage
-from planner.workload import Workload, load_acceptance
+from specmoe.planner.cost_model import CostModel, IterationCosts
+from specmoe.planner.hardware_spec import HardwareSpec
+from specmoe.planner.memory import default_placement
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.plan import Placement
+from specmoe.planner.simulator import Dag, evaluate_config, prefill_time, simulate_iteration, simulate_run
+from specmoe.planner.stages import Stage
+from specmoe.planner.workload import Workload, load_acceptance
 from tiny_specs import tiny_draft, tiny_hw, tiny_target
 
 NS = 1e-9
@@ -83,7 +83,7 @@ def _synthetic(L, M, pre, attn, post, moe, h2d, lm=0.0, ver=0.0):
 
 def _shared(**measured):
     """The tiny machine with its "GPU" being the CPU standing in (shares_host_cpu)."""
-    from planner.hardware_spec import parse_hardware
+    from specmoe.planner.hardware_spec import parse_hardware
     from tiny_specs import TINY_HW
 
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_HW.items()}

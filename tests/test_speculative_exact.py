@@ -18,7 +18,7 @@ import torch
 
 from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import (TINY_DRAFT, TINY_MOE, have_tiny_pair, load_hf, make_pair, tiny_prompts)
-from runtime.engine import Engine, plan_for_checkpoint
+from specmoe.runtime.engine import Engine, plan_for_checkpoint
 
 MAX_NEW = 20
 

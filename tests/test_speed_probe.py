@@ -1,13 +1,13 @@
-"""runtime/speed_probe.py and the report's machine-speed line: the probe times the engine's own stage
+"""runtime/calibrate/speed_probe.py and the report's machine-speed line: the probe times the engine's own stage
 code; the drift ratio and the scaled iteration error are checked against hand-computed values."""
 from __future__ import annotations
 
 import pytest
 
-from planner import Workload, load_acceptance
-from planner.report import compare, render_table
-from planner.what_if import fixed_plan
-from runtime.speed_probe import PROBE_CONFIG, calibration_probe_s, speed_drift
+from specmoe.planner import Workload, load_acceptance
+from specmoe.planner.report import compare, render_table
+from specmoe.planner.what_if import fixed_plan
+from specmoe.runtime.calibrate.speed_probe import PROBE_CONFIG, calibration_probe_s, speed_drift
 
 SPEC = {"measured": {"details": {"speed_probe": {"iteration_s": 0.02}}}}
 
@@ -48,8 +48,8 @@ def test_report_scales_the_prediction_by_the_probe():
 
 def test_probe_times_the_engine_stage_code():
     pytest.importorskip("torch")
-    from runtime.calibrate_spec import engine_configs, resolve_model_config
-    from runtime.speed_probe import probe_iteration_s
+    from specmoe.runtime.calibrate.spec import engine_configs, resolve_model_config
+    from specmoe.runtime.calibrate.speed_probe import probe_iteration_s
 
     t = probe_iteration_s(engine_configs(resolve_model_config(None)), iterations=4)
     assert 1e-5 < t < 1.0
@@ -60,7 +60,7 @@ def test_round_speeds_take_the_machines_spells_out():
     the per-round speeds recover that, and dividing by them leaves each configuration's own time."""
     import statistics
 
-    from runtime.calibrate_overhead import round_speeds
+    from specmoe.runtime.calibrate.overhead import round_speeds
 
     base, spell, per = [0.010, 0.020, 0.035], [1.0, 1.0, 1.5, 0.8], 3
     samples = [[b * f for f in spell for _ in range(per)] for b in base]
@@ -74,7 +74,7 @@ def test_round_speeds_take_the_machines_spells_out():
 
 
 def test_a_drift_inside_the_probes_own_noise_is_called_so():
-    from runtime.speed_probe import calibration_probe_spread
+    from specmoe.runtime.calibrate.speed_probe import calibration_probe_spread
 
     spec = {"measured": {"details": {"speed_probe": {"iteration_s": 0.02, "samples_s": [0.018, 0.02, 0.021, 0.024]}}}}
     assert calibration_probe_spread(spec) == pytest.approx(0.006 / 0.0205)

@@ -9,11 +9,11 @@ import torch
 
 from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
 from engine_fixtures import TARGET_KINDS, hf_logits, load_hf, make_checkpoint
-from runtime.expert_store import ExpertStore
-from runtime.kv_cache import PassLayout, SplitKVCache
-from runtime.run_record import StageTimer
-from runtime.target_model import TargetModel
-from runtime.weights import WeightSource
+from specmoe.runtime.model.expert_store import ExpertStore
+from specmoe.runtime.model.kv_cache import PassLayout, SplitKVCache
+from specmoe.runtime.run_record import StageTimer
+from specmoe.runtime.model.target import TargetModel
+from specmoe.runtime.weights.sources import WeightSource
 
 DEV = torch.device("cpu")
 TOL = 1e-4

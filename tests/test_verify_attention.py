@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.kernels import build
-from runtime.kernels import verify_attention as va
+from specmoe.runtime.kernels import build
+from specmoe.runtime.kernels import verify_attention as va
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # max |out - ref| / max |ref|; fp32 accumulation measures ~1e-6
@@ -271,7 +271,7 @@ def fresh_backend(tmp_path, monkeypatch):
 
 
 def _load_in_subprocess(env):
-    code = ("from runtime.kernels import build; lib = build.load_cpp_kernel('verify_attention'); "
+    code = ("from specmoe.runtime.kernels import build; lib = build.load_cpp_kernel('verify_attention'); "
             "print(build.build_count, lib is not None)")
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

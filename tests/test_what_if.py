@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from planner import Workload, load_acceptance, report_plots
-from planner.estimate import estimate
-from planner.plan import Plan
-from planner import what_if as wi
+from specmoe.planner import Workload, load_acceptance
+from specmoe.planner.report import plots as report_plots
+from specmoe.planner.estimator import estimate
+from specmoe.planner.plan import Plan
+from specmoe.planner import what_if as wi
 from tiny_specs import datasheet
 
 M = "mixtral-8x7b"
@@ -107,8 +108,8 @@ def test_plans_are_valid_and_best_of_their_grid(tmp_path):
 def test_job_size_sweep_caps_the_batch_and_prices_the_drain():
     """Against the job's prompts: the batch never exceeds them, throughput at a job the size of the
     batch is below the open stream's (the batch drains), and a bad count is refused."""
-    from planner import Workload, load_acceptance, what_if
-    from planner.errors import SpecError
+    from specmoe.planner import Workload, load_acceptance, what_if
+    from specmoe.planner.errors import SpecError
 
     wl = Workload(566, 1024, acceptance=load_acceptance(0.8))
     df = what_if.sweep_job_size("mixtral-8x7b", "a30-xeon6426y", wl, [16, 709])

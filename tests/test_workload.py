@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.errors import SpecError
-from planner.workload import AcceptanceProfile, Workload, load_acceptance
+from specmoe.planner.errors import SpecError
+from specmoe.planner.workload import AcceptanceProfile, Workload, load_acceptance
 
 
 def test_alpha_formula():

@@ -5,8 +5,8 @@ max(flops, bytes) nanoseconds.
 """
 from __future__ import annotations
 
-from planner.hardware_spec import parse_hardware
-from planner.model_spec import ModelSpec
+from specmoe.planner.hardware_spec import parse_hardware
+from specmoe.planner.model_spec import ModelSpec
 
 # 2 layers, hidden h = 8, 4 query heads, 2 KV heads (d = 2, g = 2), 4 experts of width h_e = 16, top-2.
 TINY_TARGET = {"model_type": "mixtral", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
@@ -45,7 +45,7 @@ def datasheet(preset: str):
     rates, fixed costs) and any `usable_mem_fraction` dropped, for tests of the bare roofline."""
     import copy
 
-    from planner.hardware_spec import HardwareSpec
+    from specmoe.planner.hardware_spec import HardwareSpec
 
     raw = copy.deepcopy(HardwareSpec.preset(preset).raw)
     raw.pop("measured", None)

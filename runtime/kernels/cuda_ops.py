@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-import cuda_kernels
+from specmoe import cuda_kernels
 
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 PERM_CHUNK = 512  # = PERM_CHUNK in moe_permute.cu

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as Fn
 
-from runtime.kernels import cuda_ops
+from specmoe.runtime.kernels import cuda_ops
 
 __all__ = [
     "KernelInputError",

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from runtime.kernels.build import load_cpp_kernel
+from specmoe.runtime.kernels.build import load_cpp_kernel
 
 log = logging.getLogger("specmoe.kernels")
 

@@ -1,0 +1,231 @@
+"""What the cost model predicts for the run that actually happened (planner.report compares it):
+the plan's own prediction, or a re-estimate from the plan's inputs at the run's draft length, its
+mean live batch (a static batch thins out under speculation) and the schedule the engine ran
+(runtime/model/target.py: batched MoE; streaming ahead batches pre/post attention too); and the
+plan's throughput against k and its predicted timeline for the report's charts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from specmoe.planner.batch_drain import at_live_batch, drain, live_curve, live_placement
+from specmoe.planner.errors import SpecError
+from specmoe.planner.plan import Plan
+from specmoe.planner.stages import Stage
+
+
+SCHEDULE_KEYS = ("overlap_draft", "prefetch", "batched_moe", "batched_layer")
+
+
+def engine_schedule(run: dict) -> dict[str, bool] | None:
+    """The simulator options that describe how the engine ran (runtime/model/target.py): the MoE of
+    all micro-batches always together; streaming ahead ('next', the CUDA default) also runs pre/post
+    attention once per layer and streams the first layers' experts during the draft phase. None for
+    a run record that does not say."""
+    mode = run.get("expert_streaming")
+    if mode not in ("next", "predict", "off"):
+        return None
+    return {"batched_moe": True, "batched_layer": mode == "next", "prefetch": mode == "next"}
+
+
+def _estimate_for(plan: Plan, draft_len: int, timeline: bool, placement=None, batch: int | None = None,
+                  run: bool = True, schedule: dict | None = None):
+    """planner.estimate of the plan's inputs at `draft_len` (the plan's placement unless given), with
+    the plan's simulator options, or `schedule`'s where given."""
+    from specmoe.planner.estimator import estimate
+
+    opts = plan.solver.get("options", {}) if isinstance(plan.solver, dict) else {}
+    kw = {k: bool(opts[k]) for k in SCHEDULE_KEYS if k in opts}
+    kw.update(schedule or {})
+    return estimate(plan.model_spec(), plan.hardware_spec(), plan.workload_spec(),
+                    draft=plan.draft_spec() if draft_len > 0 else None, draft_len=draft_len,
+                    micro_batches=min(plan.micro_batches, batch or plan.batch),
+                    placement=plan.placement if placement is None else placement,
+                    batch=batch or plan.batch, timeline=timeline, run=run, **kw)
+
+
+def throughput_by_k(plan: Plan, ks: range | None = None) -> list[dict]:
+    """Predicted decode throughput against k: the plan's frontier when it has one, else
+    planner.estimate over k at the plan's batch (default placement; the plan's own at its k)."""
+    pts = [dict(p) for p in (plan.frontier or {}).get("by_k", []) if isinstance(p, dict)
+           and "draft_len" in p and "decode_tokens_per_s" in p and p.get("feasible", True)]
+    if pts:
+        return sorted(pts, key=lambda p: p["draft_len"])
+    from specmoe.planner.memory import default_placement
+
+    if ks is None:
+        ks = range(0, max(8, plan.draft_len + 2) + 1) if plan.draft is not None else range(0, 1)
+    m, hw, wl, d = plan.model_spec(), plan.hardware_spec(), plan.workload_spec(), plan.draft_spec()
+    out = []
+    for k in ks:
+        try:
+            pl = plan.placement if k == plan.draft_len else default_placement(
+                m, hw, wl, plan.batch, k, d if k else None, plan.micro_batches)
+            e = _estimate_for(plan, k, timeline=False, placement=pl, run=False)
+        except SpecError:
+            continue
+        out.append({"draft_len": k, "decode_tokens_per_s": e.decode_tokens_per_s, "batch": e.batch,
+                    "iteration_time_s": e.iteration_time_s, "bound": e.bound})
+    return out
+
+
+def predicted_timeline(plan: Plan | dict | str | Path) -> list[dict]:
+    """The plan's predicted Gantt events of one iteration; re-simulated from its inputs when the plan
+    carries none."""
+    from specmoe.planner.report.compare import load_plan
+
+    plan = load_plan(plan)
+    if plan.predicted.timeline:
+        return list(plan.predicted.timeline)
+    return list(_estimate_for(plan, plan.draft_len, timeline=True, run=False).timeline)
+
+
+LIVE_BATCH_TOLERANCE = 0.03     # re-estimate when the run's mean live batch is this much below the plan's
+
+
+def live_batch(run: dict) -> float | None:
+    """The run's mean number of sequences per decode iteration: from its per-iteration counts, or
+    verified sequences (the acceptance histogram counts one per live sequence and iteration) over
+    iterations in records without them. Under speculation a
+    static batch thins out at the end, as sequences reach their length at different iterations."""
+    lives = run.get("live_by_iteration")
+    if isinstance(lives, list) and lives and all(isinstance(x, int) and not isinstance(x, bool) for x in lives):
+        return sum(lives) / len(lives)
+    hist, its = run.get("acceptance_histogram"), run.get("iterations")
+    if not isinstance(hist, dict) or not hist or not its:
+        return None
+    try:
+        n = sum(int(v) for v in hist.values())
+    except (TypeError, ValueError):
+        return None
+    return n / float(its) if n > 0 else None
+
+
+def _live_placement(plan: Plan, batch: int):
+    """The plan's placement for `batch` live sequences: GPU-resident KV shares scaled to the batch."""
+    return live_placement(plan.placement, plan.batch, batch)
+
+
+def job_prediction(plan: Plan, run: dict) -> dict | None:
+    """The drain the cost model predicts for the job the run was (its sequences, the plan's batch and
+    lengths, the run's k): planner/batch_drain.py's mean live batch and iterations, the iteration
+    simulated at that live batch, and the job's decode tokens/s. None when the run does not say how
+    many sequences it ran."""
+    from dataclasses import replace
+
+    n = run.get("sequences")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return None
+    wl = plan.workload_spec()
+    gen = run.get("max_new_tokens")
+    wl = replace(wl, num_prompts=n, gen_len=gen if isinstance(gen, int) and gen >= 1 else wl.gen_len)
+    k = int(run["draft_len"])
+    d = drain(wl, plan.batch, k)
+    if d is None or d.iterations <= 0:
+        return None
+    sched = engine_schedule(run)
+
+    def at(b: int) -> float:
+        return _estimate_for(plan, k, timeline=False, placement=_live_placement(plan, b), batch=b, run=False,
+                             schedule=sched).iteration_time_s
+
+    t_live = at_live_batch(at, plan.batch, d.mean_live_batch)
+    curve = live_curve(wl, plan.batch, k)
+    return {**d.to_dict(), "iteration_time_s": t_live, "decode_tokens_per_s": d.decode_tokens_per_s(t_live),
+            "live_curve": curve}
+
+
+def _prediction(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict, list[dict]]:
+    """(stages, totals, timeline) predicted for the run's configuration: the plan's own prediction
+    when the run used the plan's k and batch (its timeline re-simulated from the plan's inputs when
+    the plan carries none); re-estimated from the plan's inputs when the run used another k, when
+    its mean live batch was smaller than the plan's (sequences finishing at different iterations
+    of a static batch; the prediction is then at that batch, so both sides describe the same
+    iterations), or when the plan carries no prediction."""
+    p = plan.predicted
+    k_run = int(run["draft_len"])
+    live = live_batch(run)
+    b_run = plan.batch
+    opts = plan.solver.get("options", {}) if isinstance(plan.solver, dict) else {}
+    sched = engine_schedule(run)
+    if sched is not None and all(bool(opts.get(k, False)) == v for k, v in sched.items()):
+        sched = None                        # the plan already predicted the engine's schedule
+    if sched is not None and plan.micro_batches == 1 and not sched["prefetch"]:
+        sched = None                        # one micro-batch without streaming ahead: the same events
+    if sched is not None:
+        warnings.append("the engine ran " + ", ".join(f"{k}={v}" for k, v in sched.items())
+                        + f" (expert streaming {run.get('expert_streaming')!r}): predictions re-simulated "
+                          "with that schedule")
+    if sched is not None or (live is not None and live < (1 - LIVE_BATCH_TOLERANCE) * plan.batch):
+        if live is None or live >= (1 - LIVE_BATCH_TOLERANCE) * plan.batch:
+            live = float(plan.batch)
+        b_run = max(1, int(round(live)))
+        try:
+            e = _estimate_for(plan, k_run, timeline=True, placement=_live_placement(plan, b_run), batch=b_run,
+                              schedule=sched)
+        except SpecError as err:
+            warnings.append(f"could not re-estimate at the run's batch {live:.1f} ({err}); "
+                            f"predictions are for the plan's batch {plan.batch} and schedule")
+        else:
+            if b_run != plan.batch:
+                warnings.append(f"the run averaged {live:.1f} live sequences per iteration of the plan's "
+                                f"{plan.batch} (sequences finish at different iterations): predictions "
+                                f"re-estimated at batch {b_run}" + (f" and k={k_run}" if k_run != plan.draft_len else ""))
+            elif k_run != plan.draft_len:
+                warnings.append(f"the run used k={k_run}, the plan k={plan.draft_len}: predictions re-estimated "
+                                f"from the plan's inputs at k={k_run}")
+            stages = dict(e.stages)
+            stages[Stage.ITERATION.value] = e.iteration_time_s
+            # prefill runs once over the whole batch: the plan's batch, not the live one
+            try:
+                prefill = (p.prefill_time_s if k_run == plan.draft_len and p.prefill_time_s > 0
+                           else _estimate_for(plan, k_run, timeline=False, schedule=sched).prefill_time_s)
+            except SpecError:
+                prefill = e.prefill_time_s
+            stages[Stage.PREFILL.value] = prefill
+            dec = run.get("decode_tokens")
+            e2e = e.end_to_end_tokens_per_s
+            if dec and e.decode_tokens_per_s > 0:
+                gen = float(run.get("generated_tokens") or dec)
+                e2e = gen / (prefill + float(dec) / e.decode_tokens_per_s)
+            return stages, _pred_totals(e.iteration_time_s, e.decode_tokens_per_s, e2e,
+                                        e.tokens_per_iteration, prefill, e.source), list(e.timeline)
+    if k_run == plan.draft_len and p.iteration_time_s > 0:
+        stages = dict(p.stages)
+        tot = _pred_totals(p.iteration_time_s, p.decode_tokens_per_s, p.end_to_end_tokens_per_s,
+                           p.tokens_per_iteration, p.prefill_time_s, p.source)
+        if p.timeline:
+            return stages, tot, list(p.timeline)
+        try:
+            e = _estimate_for(plan, k_run, timeline=True, run=False)
+        except SpecError as err:
+            warnings.append(f"no predicted timeline: re-simulating the plan failed ({err})")
+            return stages, tot, []
+        if abs(e.iteration_time_s - p.iteration_time_s) > 0.01 * p.iteration_time_s:
+            warnings.append(f"the re-simulated timeline ({e.iteration_time_s:.4g} s) differs from the plan's predicted "
+                            f"iteration ({p.iteration_time_s:.4g} s): the plan was made with other simulator options")
+        return stages, tot, list(e.timeline)
+    try:
+        e = _estimate_for(plan, k_run, timeline=True)
+    except SpecError as err:
+        raise SpecError("plan.predicted", f"has no prediction for k={k_run} and re-estimating failed: {err}",
+                        "re-run `specmoe plan`") from None
+    if k_run != plan.draft_len:
+        warnings.append(f"the run used k={k_run}, the plan k={plan.draft_len}: predictions re-estimated from the "
+                        f"plan's inputs at k={k_run}")
+    else:
+        warnings.append(f"the plan carries no prediction (source {p.source!r}): re-estimated from its inputs")
+    stages = dict(e.stages)
+    stages[Stage.ITERATION.value] = e.iteration_time_s
+    return stages, _pred_totals(e.iteration_time_s, e.decode_tokens_per_s, e.end_to_end_tokens_per_s,
+                                e.tokens_per_iteration, e.prefill_time_s, e.source), list(e.timeline)
+
+
+def _pred_totals(it, tps, e2e, tpi, prefill, source) -> dict:
+    return {"iteration_time_s": float(it), "decode_tokens_per_s": float(tps), "end_to_end_tokens_per_s": float(e2e),
+            "tokens_per_iteration": float(tpi), "prefill_time_s": float(prefill), "source": str(source)}
+
+
+def _acc(plan: Plan, k: int) -> float:
+    if k <= 0:
+        return 0.0
+    return plan.workload_spec().acceptance.acc(k)

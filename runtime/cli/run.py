@@ -1,0 +1,143 @@
+"""`specmoe run plan.json --target DIR --draft DIR --prompts FILE -o run.json`: execute a plan.
+
+--prompts: JSON lines with a "prompt" field, or plain text with one prompt per line.
+--outputs: JSONL, one object per finished sequence as it finishes (index, prompt, text, token_ids
+= generated tokens only). Ctrl-C or an error mid-run keeps every finished sequence's output and
+writes run.json with complete: false and the error (exit 130 on Ctrl-C, 1 on an error).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from specmoe.planner.errors import SpecError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan", help="plan.json written by `specmoe plan`")
+    p.add_argument("--target", required=True, help="target checkpoint directory (HF, safetensors)")
+    p.add_argument("--draft", default=None, help="draft checkpoint directory (needed when k > 0)")
+    p.add_argument("--prompts", required=True, help="JSON lines with a 'prompt' field, or one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--draft-len", type=int, default=None, help="override the plan's k (0 = no speculation)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outputs", default=None, help="JSONL file receiving each finished sequence")
+    p.add_argument("-o", "--output", required=True, help="run record to write (run.json)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dynamic-k", action="store_true", help="re-choose k each iteration from the cost model")
+    p.add_argument("--profile-stages", action="store_true", help="synchronize the GPU around every stage")
+    p.add_argument("--prefetch", nargs="?", const="next", default="auto", choices=("auto", "off", "next", "predict"),
+                   help="expert streaming schedule: next = stream layer i+1's non-resident experts while layer i "
+                        "computes (and layer 0's during the draft phase); predict = only those layer i+1's router "
+                        "predicts; off = after routing; auto (default) = next on CUDA, off on the CPU")
+    p.add_argument("--acceptance-oracle", type=float, default=None,
+                   help="replace real acceptance by a seeded Bernoulli oracle at this rate (benchmarks only)")
+    p.add_argument("--no-speed-probe", action="store_true",
+                   help="skip the machine-speed probe before and after the run (it runs when the plan's hardware "
+                        "spec was calibrated with one: about 0.3 s each on 2 cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from JSON lines ({"prompt": ...}) or plain text (one per line); SpecError otherwise."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SpecError("--prompts", f"cannot read {p}: {e.strerror or e}", "give an existing text file") from None
+    if b"\x00" in raw:
+        raise SpecError("--prompts", f"{p} is not a text file", "give JSON lines or plain text, one prompt per line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError("--prompts", f"{p} is not UTF-8 text", "give JSON lines or plain text, one prompt per line") from None
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise SpecError("--prompts", f"{p} is empty", "put one prompt per line (or JSON lines with a 'prompt' field)")
+    if not lines[0][1].lstrip().startswith("{"):
+        return [line for _, line in lines]
+    out = []
+    for i, line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpecError("--prompts", f"{p} line {i} is not valid JSON ({e.msg})", "fix the line") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise SpecError("--prompts", f"{p} line {i} has no string 'prompt' field", 'write {"prompt": "..."}')
+        out.append(obj["prompt"])
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from specmoe.runtime.engine import Engine
+
+    for name in ("max_new_tokens",):
+        v = getattr(args, name)
+        if v < 1:
+            raise SpecError(f"--{name.replace('_', '-')}", f"must be >= 1, got {v}", "e.g. 64")
+    if args.draft_len is not None and args.draft_len < 0:
+        raise SpecError("--draft-len", f"must be >= 0, got {args.draft_len}", "0 disables speculation")
+    prompts = read_prompts(args.prompts)
+    out_path = Path(args.output)
+    if not out_path.parent.is_dir():
+        raise SpecError("-o", f"directory {out_path.parent} does not exist", "create it first")
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), unit="seq", desc="specmoe run", file=sys.stderr)
+    engine = Engine(args.plan, args.target, args.draft, device=args.device, dtype=args.dtype,
+                    profile_stages=args.profile_stages, dynamic_k=args.dynamic_k,
+                    acceptance_oracle=args.acceptance_oracle, prefetch_next_layer=None if args.prefetch == "auto" else args.prefetch)
+    outf = None   # opened at the first finished sequence: input errors leave no output files behind
+
+    def on_finish(o):
+        nonlocal outf
+        if args.outputs:
+            if outf is None:
+                outf = open(args.outputs, "w")
+            outf.write(json.dumps(o.to_dict()) + "\n")
+            outf.flush()
+        if bar is not None:
+            bar.update(1)
+
+    from specmoe.runtime.calibrate.speed_probe import RunProbe
+
+    probe = RunProbe({} if args.no_speed_probe else engine.plan.hardware, engine.device)
+    probe.before()
+    code = 0
+    try:
+        res = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              seed=args.seed, draft_len=args.draft_len, on_finish=on_finish)
+        probe.after(res.record)
+        res.record.to_json(out_path)
+    except BaseException as e:  # noqa: BLE001
+        partial = getattr(e, "partial_result", None)
+        if partial is None:
+            raise
+        partial.record.to_json(out_path)
+        if isinstance(e, KeyboardInterrupt):
+            print(f"specmoe run: interrupted; {partial.record.finished_sequences} finished sequences kept, "
+                  f"run record (complete: false) in {out_path}", file=sys.stderr)
+            code = 130
+        elif isinstance(e, SpecError):
+            raise
+        else:
+            print(f"specmoe run: error: {type(e).__name__}: {e}; {partial.record.finished_sequences} finished "
+                  f"sequences kept, run record (complete: false) in {out_path}", file=sys.stderr)
+            code = 1
+    finally:
+        if outf is not None:
+            outf.close()
+        if bar is not None:
+            bar.close()
+    if code == 0:
+        r = engine.last_result.record
+        print(f"specmoe run: {r.finished_sequences} sequences, {r.generated_tokens} tokens; decode "
+              f"{r.decode_tokens_per_s:.1f} tok/s, end-to-end {r.end_to_end_tokens_per_s:.1f} tok/s, mean accepted "
+              f"{r.mean_accepted:.2f} (k={r.draft_len}); record in {out_path}")
+    return code

@@ -1,0 +1,342 @@
+"""Routed experts: all in host memory (pinned with CUDA), a device cache per the plan, two streaming
+buffers, byte and time accounting.
+
+Each expert is one flat host row [gate (F*H) | up (F*H) | down (H*F)], so streaming it is one copy.
+Per MoE layer the device cache holds `cache_slots[layer]` experts: the first ones until routing
+statistics exist, then the most-used ones per layer from the counts gathered during prefill
+(`rebalance()`). A pass through a layer streams only the non-resident experts, into one of two
+buffers (double buffering): with CUDA on a separate copy stream, with events guarding buffer reuse
+(a buffer's next copies wait for the compute that read it) and compute waiting for the copies
+(`weights()`); on the CPU the copy is synchronous. When the copies are issued is the caller's
+schedule (TargetModel.forward, mode "next" by default on CUDA): `prefetch_layer(l)` streams every
+non-resident expert of layer l ahead of its routing (layer i+1 while layer i computes; the first
+layer between passes, over lm_head, acceptance and the draft phase); `fetch(l, experts)` streams
+what routing touched and was not streamed yet. Experts streamed but not used by the pass are
+counted (`h2d_unused_experts`), never a correctness matter. Layers in `cpu_expert_layers` never
+stream: their non-resident experts compute on the host weights.
+
+Accounting (`take_h2d`): each batch of copies is one ledger entry (bytes, busy seconds); with CUDA
+the seconds are CUDA events recorded on the copy stream around the batch, so they are the time the
+copy stream was busy with it (batches on one stream never overlap). Entries are taken when they
+have finished, so bytes and seconds always go together: achieved GB/s = bytes / busy seconds.
+
+`trace` (a list, off by default) records the schedule for tests: ("begin", layer, buffer),
+("copy", layer, expert, buffer, index), ("wait", layer), ("end", layer, buffer, unused),
+("drop", layer, buffer, unused).
+
+Dimensions: E experts, F expert intermediate, H hidden, P = 3*F*H elements per expert.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from specmoe.runtime.device import host_empty
+from specmoe.runtime.weights.sources import WeightSource
+
+
+class CopyLedger:
+    """Finished copy batches -> bytes and busy seconds per tag (the phase that issued them). An entry is
+    (tag, bytes, seconds) when the copy was synchronous, or (tag, bytes, start, end) with CUDA events
+    (anything with query/synchronize/elapsed_time) recorded on one stream around the batch: entries
+    finish in order, so take() stops at the first unfinished one."""
+
+    def __init__(self):
+        self.pending: list[tuple] = []
+        self.tag = "decode"
+
+    def add_sync(self, nbytes: int, seconds: float) -> None:
+        self.pending.append((self.tag, int(nbytes), float(seconds)))
+
+    def add_events(self, nbytes: int, start, end) -> None:
+        self.pending.append((self.tag, int(nbytes), start, end))
+
+    def take(self, block: bool = False) -> dict[str, tuple[int, float]]:
+        """{tag: (bytes, seconds)} of the entries finished since the last take; block: wait for all."""
+        out: dict[str, tuple[int, float]] = {}
+        done = 0
+        for ent in self.pending:
+            if len(ent) == 4:
+                tag, b, start, end = ent
+                if block:
+                    end.synchronize()
+                elif not end.query():
+                    break
+                secs = start.elapsed_time(end) / 1e3
+            else:
+                tag, b, secs = ent
+            nb, ns = out.get(tag, (0, 0.0))
+            out[tag] = (nb + b, ns + secs)
+            done += 1
+        del self.pending[:done]
+        return out
+
+
+class ExpertStore:
+    def __init__(self, src: WeightSource, device: torch.device, dtype: torch.dtype, cache_slots: list[int] | tuple[int, ...],
+                 cpu_expert_layers: Iterable[int] = (), streaming_buffers: int = 2,
+                 progress: Callable[[int], None] | None = None, host: dict[int, torch.Tensor] | None = None):
+        """host: the host rows of another store of the same weights ({layer: [E, P]}, e.g. a previous
+        engine's `store.host`) to reuse instead of reading and pinning the experts again."""
+        c = src.config
+        self.config, self.device, self.dtype = c, device, dtype
+        self.E, self.F, self.H = c.num_experts, c.moe_intermediate, c.hidden
+        self.P = 3 * self.F * self.H
+        self.cuda = device.type == "cuda"
+        self.cpu_layers = set(int(i) for i in cpu_expert_layers)
+        if len(cache_slots) != c.num_layers:
+            raise ValueError(f"cache_slots has {len(cache_slots)} entries for {c.num_layers} layers")
+        self.slots = {l: max(0, min(int(cache_slots[l]), self.E)) for l in c.moe_layers}
+        FH = self.F * self.H
+        # ---- host store: every expert, pinned when CUDA ----
+        self.host: dict[int, torch.Tensor] = {}
+        for l in c.moe_layers:
+            old = (host or {}).get(l)
+            if old is not None and tuple(old.shape) == (self.E, self.P) and old.dtype == dtype and \
+                    (old.is_pinned() or not self.cuda):
+                self.host[l] = old
+                if progress:
+                    progress(self.E)
+                continue
+            h = host_empty((self.E, self.P), dtype, pin=self.cuda)  # [E, P]
+            for e in range(self.E):
+                gate, up, down = src.expert(l, e)
+                h[e, :FH].copy_(gate.reshape(-1))
+                h[e, FH:2 * FH].copy_(up.reshape(-1))
+                h[e, 2 * FH:].copy_(down.reshape(-1))
+                if progress:
+                    progress(1)
+            self.host[l] = h
+        # ---- device cache ----
+        self.cache: dict[int, torch.Tensor] = {}
+        self.cached: dict[int, list[int]] = {}
+        self.slot_of: dict[int, dict[int, int]] = {}
+        for l in c.moe_layers:
+            n = self.slots[l]
+            self.cache[l] = torch.empty((n, self.P), dtype=dtype, device=device)  # [slots, P]
+            self.cached[l] = list(range(n))
+            self.slot_of[l] = {e: i for i, e in enumerate(self.cached[l])}
+            if n:
+                self.cache[l].copy_(self.host[l][:n])
+        self.cache_fill_bytes = sum(self.slots.values()) * self.P * self.host_elem_bytes
+        # ---- streaming buffers (each holds one layer's non-resident experts) ----
+        need = max([self.E - self.slots[l] for l in c.moe_layers if l not in self.cpu_layers] or [0])
+        self.num_buffers = max(1, int(streaming_buffers)) if need else 0
+        self.buffers = [torch.empty((need, self.P), dtype=dtype, device=device) for _ in range(self.num_buffers)]
+        self.buffer_capacity = need
+        self.streaming_layers = [l for l in c.moe_layers if l not in self.cpu_layers and self.slots[l] < self.E
+                                 and self.num_buffers]
+        self._buf_of_layer: dict[int, int] = {}
+        self._streamed: dict[int, dict[int, int]] = {}
+        self._used: dict[int, set[int]] = {}
+        self._next_buf = 0
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._buf_free_event = [None] * self.num_buffers   # compute done with the buffer's last layer
+        self._copy_done: dict[int, object] = {}            # layer -> event after its latest copy
+        self.ledger = CopyLedger()
+        self.trace: list[tuple] | None = None
+        # ---- accounting ----
+        self.h2d_bytes = 0              # issued (all phases); take_h2d() gives finished bytes with their busy time
+        self.h2d_experts = 0
+        self.h2d_unused_experts = 0     # streamed ahead of routing but not used by the layer's pass
+        self.routing_counts = {l: torch.zeros(self.E, dtype=torch.int64) for l in c.moe_layers}
+        self.has_statistics = False
+
+    @property
+    def host_elem_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.P * self.host_elem_bytes
+
+    @staticmethod
+    def device_bytes(cfg, cache_slots, cpu_expert_layers, elem_bytes: int, streaming_buffers: int = 2) -> int:
+        P = 3 * cfg.hidden * cfg.moe_intermediate
+        cached = sum(min(int(cache_slots[l]), cfg.num_experts) for l in cfg.moe_layers)
+        need = max([cfg.num_experts - min(int(cache_slots[l]), cfg.num_experts)
+                    for l in cfg.moe_layers if l not in set(cpu_expert_layers)] or [0])
+        return (cached + (streaming_buffers if need else 0) * need) * P * elem_bytes
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A flat expert row -> (gate_up [2F, H], down [H, F]) views."""
+        FH = self.F * self.H
+        return flat[:2 * FH].view(2 * self.F, self.H), flat[2 * FH:].view(self.H, self.F)
+
+    def _log(self, *ev) -> None:
+        if self.trace is not None:
+            self.trace.append(ev)
+
+    # ---- one pass through a layer ----
+    def streams(self, layer: int) -> bool:
+        """Whether passes through `layer` stream experts (MoE, not on the CPU, not fully cached)."""
+        return layer in self.slots and layer not in self.cpu_layers and self.slots[layer] < self.E and self.num_buffers > 0
+
+    def begun(self, layer: int) -> bool:
+        return layer in self._streamed
+
+    def begin_layer(self, layer: int, ahead: bool = False) -> bool:
+        """Claim a free streaming buffer for `layer` (its copies wait until the buffer's previous layer's
+        compute is done). Idempotent: a layer begun ahead keeps its buffer. A buffer held by a begun layer is
+        never claimed: with none free, ahead=True returns False (nothing begun), ahead=False raises."""
+        if layer in self._streamed:
+            return True
+        if not self.streams(layer):
+            self._streamed[layer] = {}
+            self._used[layer] = set()
+            return True
+        held = set(self._buf_of_layer.values())
+        free = [(self._next_buf + j) % self.num_buffers for j in range(self.num_buffers)]
+        free = [b for b in free if b not in held]
+        if not free:
+            if ahead:
+                return False
+            raise RuntimeError(f"layer {layer}: every streaming buffer is held by another layer {sorted(self._buf_of_layer)}")
+        b = free[0]
+        self._next_buf = (b + 1) % self.num_buffers
+        self._streamed[layer] = {}
+        self._used[layer] = set()
+        self._buf_of_layer[layer] = b
+        self._log("begin", layer, b)
+        if self.cuda and self._buf_free_event[b] is not None:
+            self.copy_stream.wait_event(self._buf_free_event[b])
+        return True
+
+    def fully_streamed(self, layer: int) -> bool:
+        """Every non-resident expert of `layer` is streamed (or the layer never streams)."""
+        if not self.streams(layer):
+            return True
+        s = self._streamed.get(layer)
+        return s is not None and len(s) + self.slots[layer] >= self.E
+
+    def prefetch_layer(self, layer: int) -> bool:
+        """Begin `layer` ahead of its routing and stream all its non-resident experts; False when no buffer
+        is free (the layer then streams after its routing, as without prefetching)."""
+        if not self.streams(layer) or not self.begin_layer(layer, ahead=True):
+            return False
+        self.fetch(layer, range(self.E))
+        return True
+
+    def fetch(self, layer: int, experts: Iterable[int]) -> None:
+        """Stream the non-resident experts among `experts` that this pass has not streamed yet."""
+        if layer in self.cpu_layers or layer not in self._buf_of_layer:
+            return
+        streamed = self._streamed[layer]
+        resident = self.slot_of[layer]
+        todo = []
+        for e in experts:
+            e = int(e)
+            if e not in resident and e not in streamed and e not in todo:
+                todo.append(e)
+        if not todo:
+            return
+        if len(streamed) + len(todo) > self.buffer_capacity:
+            raise RuntimeError(f"layer {layer}: {len(streamed) + len(todo)} experts to stream exceed the buffer's "
+                               f"{self.buffer_capacity} slots")
+        b = self._buf_of_layer[layer]
+        buf = self.buffers[b]
+        host = self.host[layer]
+        nbytes = len(todo) * self.expert_bytes
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self.copy_stream):
+                start.record(self.copy_stream)
+                for e in todo:
+                    i = len(streamed)
+                    streamed[e] = i
+                    self._log("copy", layer, e, b, i)
+                    buf[i].copy_(host[e], non_blocking=True)
+                end.record(self.copy_stream)
+            self._copy_done[layer] = end
+            self.ledger.add_events(nbytes, start, end)
+        else:
+            t0 = time.perf_counter()
+            for e in todo:
+                i = len(streamed)
+                streamed[e] = i
+                self._log("copy", layer, e, b, i)
+                buf[i].copy_(host[e])
+            self.ledger.add_sync(nbytes, time.perf_counter() - t0)
+            self._copy_done[layer] = None     # done already; the marker keeps the schedule traceable
+        self.h2d_bytes += nbytes
+        self.h2d_experts += len(todo)
+
+    def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(gate_up [2F, H], down [H, F], on_host) for expert e of `layer`, waiting for its copy if streamed."""
+        s = self.slot_of[layer].get(e)
+        if s is not None:
+            return (*self.split(self.cache[layer][s]), False)
+        i = self._streamed.get(layer, {}).get(e)
+        if i is not None:
+            self._used[layer].add(e)
+            if layer in self._copy_done:
+                ev = self._copy_done.pop(layer)
+                self._log("wait", layer)
+                if self.cuda:
+                    torch.cuda.current_stream(self.device).wait_event(ev)
+            return (*self.split(self.buffers[self._buf_of_layer[layer]][i]), False)
+        if layer in self.cpu_layers:
+            return (*self.split(self.host[layer][e]), True)
+        raise RuntimeError(f"expert {e} of layer {layer} was neither cached nor fetched")
+
+    def _release(self, layer: int, kind: str) -> None:
+        b = self._buf_of_layer.pop(layer, None)
+        streamed = self._streamed.pop(layer, {})
+        unused = len(set(streamed) - self._used.pop(layer, set()))
+        self.h2d_unused_experts += unused
+        self._copy_done.pop(layer, None)
+        if b is not None:
+            self._log(kind, layer, b, unused)
+            if self.cuda:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+                self._buf_free_event[b] = ev
+
+    def end_layer(self, layer: int) -> None:
+        """The layer's compute is issued: its buffer may be reused once that compute finishes."""
+        self._release(layer, "end")
+
+    def drop_streams(self, keep: Iterable[int] = ()) -> None:
+        """Forget every begun layer but `keep` (an interrupted pass; the cache about to change): their
+        streamed experts count as unused and their buffers are free once the current stream gets there."""
+        keep = set(keep)
+        for layer in [l for l in self._streamed if l not in keep]:
+            self._release(layer, "drop")
+
+    def take_h2d(self, block: bool = False) -> dict[str, tuple[int, float]]:
+        """{phase: (bytes, copy-stream busy seconds)} of the copy batches finished since the last call, by
+        the phase (`ledger.tag`) that issued them; block: wait for all (without block nothing waits)."""
+        return self.ledger.take(block)
+
+    def take_h2d_time(self) -> float:
+        """Busy seconds of all copies since the last take (waits for them)."""
+        return sum(s for _, s in self.take_h2d(block=True).values())
+
+    # ---- statistics and cache choice ----
+    def record_routing(self, layer: int, topk_ids: torch.Tensor) -> None:
+        self.routing_counts[layer] += torch.bincount(topk_ids.reshape(-1).to("cpu"), minlength=self.E)
+        self.has_statistics = True
+
+    def rebalance(self) -> int:
+        """Cache the most-used experts per layer (ties: lower id); returns bytes copied. Layers streamed
+        ahead are dropped first (what is resident changes)."""
+        self.drop_streams()
+        moved = 0
+        for l in self.config.moe_layers:
+            n = self.slots[l]
+            if n == 0 or n >= self.E:
+                continue
+            counts = self.routing_counts[l].tolist()
+            want = sorted(range(self.E), key=lambda e: (-counts[e], e))[:n]
+            keep = set(want) & set(self.cached[l])
+            incoming = [e for e in want if e not in keep]
+            free_slots = [s for s, e in enumerate(self.cached[l]) if e not in keep]
+            for s, e in zip(free_slots, incoming):
+                self.cache[l][s].copy_(self.host[l][e], non_blocking=self.cuda)
+                self.cached[l][s] = e
+                moved += self.P * self.host_elem_bytes
+            self.slot_of[l] = {e: s for s, e in enumerate(self.cached[l])}
+        self.cache_fill_bytes += moved
+        return moved

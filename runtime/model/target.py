@@ -1,0 +1,336 @@
+"""The target MoE model's forward, split into the design's stages.
+
+Per layer: `pre_attn` (RMSNorm, QKV, QK-norm, rotary), `attention` (write K/V into the KV cache and
+attend: the CPU verify kernel for host-memory rows), `post_attn` (o_proj + residual, RMSNorm,
+router softmax/top-k, Qwen2-MoE's shared expert with its sigmoid gate), `moe` (routed experts
+grouped by expert through the permutation, SwiGLU, weighted combine, residual); then `lm_head`.
+`forward` runs one pass through the micro-batch pipeline: per layer, pre_attn/attention/post_attn
+per micro-batch (the next micro-batch's pre_attn is issued before this one's CPU attention, and
+the experts a micro-batch routes to start streaming as soon as its routing is known), then moe
+over the tokens of all micro-batches. With the "next" streaming schedule (the default on CUDA:
+Engine(prefetch_next_layer=None)) layer i+1's non-resident experts stream while layer i computes
+(double buffering: two buffers alternate between consecutive streaming layers), the first
+layer's at the end of a pass, and pre_attn/post_attn run once per layer over all tokens.
+
+Dimensions: T tokens, B sequences, H hidden, Hq/Hkv heads, D head dim, E experts, K top-k,
+F expert intermediate, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as Fn
+
+from specmoe.planner.stages import Stage
+
+from specmoe.runtime.model.expert_store import ExpertStore
+from specmoe.runtime.model.kv_cache import PassLayout, SplitKVCache
+from specmoe.runtime.model.layers import AttnWeights, Rotary, dense_mlp, load_attention, load_mlp, qkv, rms_norm
+from specmoe.runtime.run_record import StageTimer
+from specmoe.runtime.weights.sources import WeightSource
+
+
+@dataclass
+class _Layer:
+    attn: AttnWeights
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    router: torch.Tensor | None = None          # [E, H]
+    shared: tuple | None = None                 # (gate_up [2I, H], down [H, I], None, None)
+    shared_gate: torch.Tensor | None = None     # [1, H]
+    dense: tuple | None = None                  # dense FFN of a non-MoE layer, as `shared`
+
+
+@dataclass
+class _Routed:
+    """post_attn's output for one micro-batch."""
+    x: torch.Tensor            # [t, H] normed input of the FFN
+    ids: torch.Tensor | None   # [t, K] int64
+    w: torch.Tensor | None     # [t, K]
+    extra: torch.Tensor | None  # [t, H] shared-expert output (gated) or dense FFN output
+
+
+class TargetModel:
+    def __init__(self, src: WeightSource, store: ExpertStore | None, device: torch.device, dtype: torch.dtype):
+        c = src.config
+        self.config, self.device, self.dtype, self.store = c, device, dtype, store
+        if c.is_moe and store is None:
+            raise ValueError("a MoE target needs an ExpertStore")
+        get = lambda n: src.tensor(n).to(device=device, dtype=dtype)  # noqa: E731
+        self.embed = get("model.embed_tokens.weight")  # [V, H]
+        self.norm = get("model.norm.weight")
+        self.lm_head_w = self.embed if c.tie_word_embeddings else get("lm_head.weight")  # [V, H]
+        self.rotary = Rotary(c, device)
+        self.host_io = "direct"        # see HOST_IO; set by the Engine
+        self._io = HostIO(device)
+        self.layers: list[_Layer] = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            L = _Layer(load_attention(get, p + "self_attn.", c), get(p + "input_layernorm.weight"),
+                       get(p + "post_attention_layernorm.weight"))
+            if c.layer_is_moe(i):
+                L.router = src.router(i).to(device=device, dtype=dtype)
+                if c.shared_intermediate:
+                    L.shared = load_mlp(get, p + "mlp.shared_expert.")
+                    L.shared_gate = get(p + "mlp.shared_expert_gate.weight")
+            else:
+                L.dense = load_mlp(get, p + "mlp.")
+            self.layers.append(L)
+
+    # ---- stages ----
+    def pre_attn(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h [t, H] -> q [t, Hq, D], k, v [t, Hkv, D]."""
+        L = self.layers[layer]
+        return qkv(L.attn, self.config, rms_norm(h, L.in_norm, self.config.rms_eps), cos, sin)
+
+    def post_attn(self, layer: int, h: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, _Routed]:
+        """h [t, H] residual, o [t, Hq, D] attention output -> (h + o_proj(o), routing of the FFN input)."""
+        c, L = self.config, self.layers[layer]
+        h = h + Fn.linear(o.reshape(o.shape[0], -1), L.attn.o, L.attn.ob)  # [t, H]
+        x = rms_norm(h, L.post_norm, c.rms_eps)
+        if L.dense is not None:
+            return h, _Routed(x, None, None, dense_mlp(x, *L.dense))
+        probs = torch.softmax(Fn.linear(x, L.router).float(), dim=-1)  # [t, E]
+        w, ids = torch.topk(probs, c.top_k, dim=-1)  # [t, K]
+        if c.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        if c.family != "mixtral":
+            w = w.to(x.dtype)
+        extra = None
+        if L.shared is not None:
+            extra = torch.sigmoid(Fn.linear(x, L.shared_gate)) * dense_mlp(x, *L.shared)
+        return h, _Routed(x, ids, w, extra)
+
+    def moe(self, layer: int, h: torch.Tensor, r: _Routed) -> torch.Tensor:
+        """Routed experts over all tokens of the pass, grouped by expert; returns the new residual h [T, H]."""
+        from specmoe.runtime.kernels.moe_ops import expert_permutation, permute_tokens, silu_mul, unpermute_combine
+
+        if r.ids is None:
+            return h + r.extra
+        K = self.config.top_k
+        perm = expert_permutation(r.ids, self.config.num_experts)
+        E = self.config.num_experts
+        co = torch.cat((perm.counts.to(torch.int64), perm.offsets.to(torch.int64))).tolist()   # one sync, not two
+        counts, starts = co[:E], co[E:]
+        xs = permute_tokens(r.x, perm.perm, K)  # [T*K, H] by expert
+        ys = torch.empty_like(xs)               # [T*K, H]
+        touched = [e for e, n in enumerate(counts) if n]
+        resident = self.store.slot_of[layer]
+        # resident experts first: their compute overlaps the streamed experts' copies
+        for e in sorted(touched, key=lambda e: e not in resident):
+            start, n = starts[e], counts[e]
+            gate_up, down, on_host = self.store.weights(layer, e)
+            seg = xs[start:start + n]
+            if on_host:
+                seg_h = seg.to("cpu")
+                ys[start:start + n] = Fn.linear(silu_mul(Fn.linear(seg_h, gate_up)), down).to(ys.device)
+            else:
+                ys[start:start + n] = Fn.linear(silu_mul(Fn.linear(seg, gate_up)), down)
+        out = unpermute_combine(ys, perm.inv, r.w, out_dtype=h.dtype)  # [T, H]
+        h = h + out
+        return h if r.extra is None else h + r.extra
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """h [t, H] -> logits [t, V] fp32."""
+        return Fn.linear(rms_norm(h, self.norm, self.config.rms_eps), self.lm_head_w).float()
+
+    # ---- one pass ----
+    def _prefetch_next(self, layer: int, x: torch.Tensor) -> None:
+        """Mode "predict": predict layer+1's experts by its router on layer's FFN input x [T, H]; stream them."""
+        c, store, nxt = self.config, self.store, layer + 1
+        if nxt >= c.num_layers or not store.streams(nxt):
+            return
+        pred = torch.topk(Fn.linear(x, self.layers[nxt].router), c.top_k, dim=-1).indices  # [T, K]
+        if store.begin_layer(nxt, ahead=True):
+            store.fetch(nxt, torch.unique(pred).tolist())
+
+    def _layer_batched(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mbs, kv: SplitKVCache,
+                       timer: StageTimer, host_io: str) -> tuple[torch.Tensor, _Routed]:
+        """pre_attn over all T tokens, attention per micro-batch, post_attn over all tokens -> (h [T, H], routing).
+        host_io "pinned"/"zero-copy" (every KV row of the pass in host memory): q/k/v cross to the host once
+        per layer through pinned buffers and the attention output comes back once (a pinned copy, or a GPU
+        kernel reading the pinned buffer: no copy engine, so it never queues behind expert copies)."""
+        with timer.stage(Stage.TARGET_PRE_ATTN):
+            q, k, v = self.pre_attn(i, h, cos, sin)
+        if host_io != "direct":
+            with timer.stage(Stage.TARGET_ATTENTION):
+                q, k, v = (self._io.to_host(x) for x in (q, k, v))
+                self._io.wait()
+        outs = []
+        for sub, s, e in mbs:
+            with timer.stage(Stage.TARGET_ATTENTION):
+                outs.append(kv.attend(i, q[s:e], k[s:e], v[s:e], sub))
+        with timer.stage(Stage.TARGET_ATTENTION):
+            o = torch.cat(outs) if len(outs) > 1 else outs[0]   # [T, Hq, D]
+            if host_io != "direct":
+                o = self._io.to_device(o, zero_copy=host_io == "zero-copy")
+        with timer.stage(Stage.TARGET_POST_ATTN):
+            return self.post_attn(i, h, o)
+
+    def forward(self, tokens: torch.Tensor, layout: PassLayout, kv: SplitKVCache, timer: StageTimer,
+                micro_batches: int = 1, logits: str = "all", record_routing: bool = False,
+                prefetch: bool | str = False) -> torch.Tensor:
+        """tokens [T] int64 (device), sequence-major per `layout` -> logits fp32 [T, V] ("all") or [B, V] ("last").
+
+        K/V of the pass are written at the layout's positions; the caller commits or rolls back lengths.
+        prefetch (when experts stream), see STREAM_MODES: "off"/False: a layer's experts stream once its
+        routing is known; "next"/True: all non-resident experts of the next streaming layer stream while
+        this layer computes, and the first layer's at the end of the pass (over lm_head, acceptance and
+        the next draft phase), and as no copy waits for routing, pre_attn and post_attn run once per layer
+        over all tokens (attention stays per micro-batch); "predict": layer i+1's experts predicted by its
+        router on layer i's input.
+        """
+        c, store = self.config, self.store
+        mode = stream_mode(prefetch)
+        streaming = store.streaming_layers if store is not None else []
+        nxt_streaming = {l: n for l, n in zip(streaming, streaming[1:])}
+        if store is not None:
+            store.ledger.tag = timer.phase    # copies issued by this pass count in its phase
+        if streaming:
+            store.drop_streams(keep=streaming[:1] if mode == "next" else ())   # leftovers of an interrupted pass
+            if mode == "next":
+                store.prefetch_layer(streaming[0])
+        mbs = layout.split(micro_batches)
+        host_io = self.host_io if (mode == "next" and all(r >= kv.device_rows for r in layout.rows)) else "direct"
+        with timer.stage(Stage.TARGET_PRE_ATTN):
+            h = self.embed.index_select(0, tokens)  # [T, H]
+            cos, sin = self.rotary.cos_sin(layout.positions(self.device), self.dtype)  # [T, D]
+            cs = [(cos[s:e], sin[s:e]) for _, s, e in mbs]
+        for i in range(c.num_layers):
+            moe_layer = c.layer_is_moe(i)
+            if moe_layer:
+                store.begin_layer(i)
+                if mode == "next" and i in nxt_streaming:
+                    store.prefetch_layer(nxt_streaming[i])   # its buffer's last reader (layer i-1) is issued
+            need_fetch = moe_layer and not store.fully_streamed(i)
+            if mode == "next" and not need_fetch:
+                # nothing waits for this layer's routing: the GPU stages run once over all tokens (2 calls
+                # per layer instead of 2m), the CPU attention per micro-batch
+                h, r = self._layer_batched(i, h, cos, sin, mbs, kv, timer, host_io)
+                if moe_layer and record_routing:
+                    store.record_routing(i, r.ids)
+                with timer.stage(Stage.TARGET_MOE):
+                    h = self.moe(i, h, r)
+                if moe_layer:
+                    store.end_layer(i)
+                continue
+            parts: list[_Routed] = []
+            new_h: list[torch.Tensor] = []
+            with timer.stage(Stage.TARGET_PRE_ATTN):
+                s0, e0 = mbs[0][1], mbs[0][2]
+                nxt = self.pre_attn(i, h[s0:e0], *cs[0])
+            for j, (sub, s, e) in enumerate(mbs):
+                cur = nxt
+                if j + 1 < len(mbs):   # issue the next micro-batch's GPU work before this one's CPU attention
+                    with timer.stage(Stage.TARGET_PRE_ATTN):
+                        s1, e1 = mbs[j + 1][1], mbs[j + 1][2]
+                        nxt = self.pre_attn(i, h[s1:e1], *cs[j + 1])
+                with timer.stage(Stage.TARGET_ATTENTION):
+                    o = kv.attend(i, *cur, sub)
+                with timer.stage(Stage.TARGET_POST_ATTN):
+                    hj, r = self.post_attn(i, h[s:e], o)
+                new_h.append(hj)
+                parts.append(r)
+                if need_fetch:   # the experts this micro-batch routes to start streaming now
+                    store.fetch(i, torch.unique(r.ids).tolist())
+                if moe_layer and record_routing:
+                    store.record_routing(i, r.ids)
+            h = torch.cat(new_h) if len(new_h) > 1 else new_h[0]
+            r = _cat_routed(parts)
+            if mode == "predict" and store is not None:
+                with timer.stage(Stage.TARGET_POST_ATTN):
+                    self._prefetch_next(i, r.x)
+            with timer.stage(Stage.TARGET_MOE):
+                h = self.moe(i, h, r)
+            if moe_layer:
+                store.end_layer(i)
+        if mode == "next" and streaming:
+            store.prefetch_layer(streaming[0])    # the next pass's first layer, over lm_head and the draft phase
+        if store is not None:   # finished copy batches: bytes with their copy-stream busy time (never waits)
+            timer.add_h2d(store.take_h2d(block=False))
+        with timer.stage(Stage.TARGET_LM_HEAD):
+            if logits == "last":
+                h = h.index_select(0, layout.last_token_index(self.device))
+            out = self.lm_head(h)
+        return out
+
+
+STREAM_MODES = ("off", "next", "predict")
+HOST_IO = ("direct", "pinned", "zero-copy")   # how the attention of host KV rows gets its inputs and output
+
+
+class HostIO:
+    """Device <-> host transfers of the attention's inputs and output through pinned buffers (plain host
+    tensors without CUDA, where the same code runs as ordinary copies). Pinned buffers come from torch's
+    caching host allocator; a buffer read by a zero-copy kernel is kept alive until that kernel is done."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._event = None
+        self._inflight: list[tuple[object, torch.Tensor]] = []   # (event, pinned buffer a kernel reads)
+
+    def to_host(self, x: torch.Tensor) -> torch.Tensor:
+        """Start copying x (device) into a pinned host tensor; wait() before reading it."""
+        hx = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.cuda)
+        hx.copy_(x, non_blocking=self.cuda)
+        if self.cuda:
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(self.device))
+        return hx
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+
+    def to_device(self, hx: torch.Tensor, zero_copy: bool = False) -> torch.Tensor:
+        """A host tensor -> the device: a pinned non-blocking copy, or (zero_copy, CUDA) a kernel reading the
+        pinned buffer in place over PCIe (unified addressing)."""
+        if not self.cuda:
+            return hx.to(self.device)
+        pinned = torch.empty(hx.shape, dtype=hx.dtype, pin_memory=True)
+        pinned.copy_(hx)
+        if not zero_copy:
+            return pinned.to(self.device, non_blocking=True)
+        self._inflight = [(ev, b) for ev, b in self._inflight if not ev.query()]
+        idt = {2: torch.int16, 4: torch.int32}[pinned.element_size()]
+        view = torch.as_tensor(_CudaView(pinned.view(idt)), device=self.device)   # the pinned bytes, as CUDA
+        out = torch.empty(hx.shape, dtype=hx.dtype, device=self.device)
+        torch.bitwise_or(view, 0, out=out.view(idt))          # an elementwise kernel reads host memory
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._inflight.append((ev, pinned))
+        return out
+
+
+class _CudaView:
+    """__cuda_array_interface__ of a contiguous pinned host tensor (UVA: the host pointer is valid on the GPU)."""
+
+    _TYPESTR = {torch.int16: "<i2", torch.int32: "<i4"}
+
+    def __init__(self, t: torch.Tensor):
+        if t.dtype not in self._TYPESTR:
+            raise TypeError(f"no zero-copy view for {t.dtype}")
+        self.__cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": self._TYPESTR[t.dtype],
+                                         "data": (t.data_ptr(), False), "version": 3, "strides": None}
+
+
+def stream_mode(prefetch: bool | str | None) -> str:
+    """True -> "next", False/None -> "off", or one of STREAM_MODES."""
+    if prefetch is True:
+        return "next"
+    if prefetch is False or prefetch is None:
+        return "off"
+    if prefetch not in STREAM_MODES:
+        raise ValueError(f"prefetch must be a bool or one of {STREAM_MODES}, got {prefetch!r}")
+    return prefetch
+
+
+def _cat_routed(parts: list[_Routed]) -> _Routed:
+    if len(parts) == 1:
+        return parts[0]
+    cat = (lambda xs: None if xs[0] is None else torch.cat(xs))  # noqa: E731
+    return _Routed(cat([p.x for p in parts]), cat([p.ids for p in parts]), cat([p.w for p in parts]),
+                   cat([p.extra for p in parts]))
