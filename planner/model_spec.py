@@ -9,22 +9,20 @@ Qwen2/Qwen3, OLMo).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.hf_config import DENSE_FAMILIES, MOE_FAMILIES, parse_hf_config, read_config_file
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
                "float8": 1, "fp8": 1, "int8": 1, "int4": 0.5, "mxfp4": 0.5}
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-                "phimoe", "gpt_oss", "dbrx")
-DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "gemma", "gemma2")
+__all__ = ["ModelSpec", "load_model", "list_presets", "default_draft_name", "DEFAULT_DRAFTS", "DTYPE_BYTES",
+           "MOE_FAMILIES", "DENSE_FAMILIES", "PRESET_DIR"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +52,19 @@ class ModelSpec:
     source: str = ""                # where the config came from (preset name or path)
     config_sha256: str = ""
     published_params: dict[str, str] = field(default_factory=dict)
+    # ---- what the engine's forward needs beyond the cost model (planner/hf_config.py) ----
+    hidden_act: str = "silu"
+    rms_eps: float = 1e-6
+    rope: dict = field(default_factory=dict)       # transformers' rope_parameters: rope_type, rope_theta, ...
+    max_position_embeddings: int = 1 << 30
+    qkv_bias: bool = False                         # q, k and v projections carry a bias
+    o_bias: bool = False                           # the output projection carries one
+    qk_norm: str = "none"                          # "none" | "head" (Qwen3: per head) | "full" (OLMoE: all heads)
+    clip_qkv: float | None = None
+    mlp_bias: bool = False
+    sliding_window: int | None = None              # None: full attention
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
 
     # ---- derived sizes (elements) ----
     @property
@@ -144,12 +155,14 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["moe_layers"] = list(self.moe_layers)
+        d["eos_token_ids"] = list(self.eos_token_ids)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
         d = dict(d)
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
 
     # ---- construction ----
@@ -159,21 +172,10 @@ class ModelSpec:
         if isinstance(path_or_dict, dict):
             cfg, src = path_or_dict, name or "dict"
         else:
-            p = Path(path_or_dict)
-            if p.is_dir():
-                p = p / "config.json"
-            if not p.is_file():
-                raise SpecError("model", f"no config.json at {p}",
-                                "give a preset name (see `specmoe presets`) or a path to a HF config.json")
-            try:
-                cfg = json.loads(p.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SpecError(f"model config {p}", f"not valid JSON: {e}", "fix the file") from None
-            if not isinstance(cfg, dict):
-                raise SpecError(f"model config {p}", "top level is not a JSON object", "fix the file")
+            cfg, p = read_config_file(path_or_dict)
             src = str(p)
             name = name or (p.parent.name if p.name == "config.json" else p.stem)
-        return _parse(cfg, name or "model", src)
+        return cls(name=name or "model", source=src, **parse_hf_config(cfg, name or "model"))
 
     @classmethod
     def preset(cls, name: str) -> "ModelSpec":
@@ -232,144 +234,3 @@ def load_model(spec: str | Path | dict | ModelSpec) -> ModelSpec:
         return ModelSpec.from_hf_config(s)
     raise SpecError("model", f"{s!r} is neither a preset nor an existing path",
                     f"choose a preset ({', '.join(list_presets())}) or give a path to a config.json")
-
-
-# ---------------------------------------------------------------------------------------------
-def _get(cfg: dict, key: str, where: str, *alts: str, default: Any = ..., kind=int) -> Any:
-    for k in (key, *alts):
-        if k in cfg and cfg[k] is not None:
-            v = cfg[k]
-            if kind is int:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
-                    raise SpecError(f"{where}.{k}", f"must be an integer, got {v!r}", "fix config.json")
-                v = int(v)
-                if v <= 0:
-                    raise SpecError(f"{where}.{k}", f"must be positive, got {v}", "fix config.json")
-            return v
-    if default is ...:
-        raise SpecError(f"{where}.{key}", "missing from config.json",
-                        "add it, or check that this is a supported model family")
-    return default
-
-
-def _parse(cfg: dict, name: str, src: str) -> ModelSpec:
-    mt = cfg.get("model_type")
-    if not isinstance(mt, str):
-        raise SpecError(f"{name}.model_type", "missing from config.json",
-                        f"supported: {', '.join(MOE_FAMILIES + DENSE_FAMILIES)}")
-    where = name
-    if mt == "dbrx":
-        return _parse_dbrx(cfg, name, src)
-    if mt not in MOE_FAMILIES + DENSE_FAMILIES:
-        raise SpecError(f"{name}.model_type", f"unsupported family {mt!r}",
-                        f"supported: {', '.join(MOE_FAMILIES + DENSE_FAMILIES)}")
-    h = _get(cfg, "hidden_size", where)
-    L = _get(cfg, "num_hidden_layers", where)
-    nq = _get(cfg, "num_attention_heads", where)
-    nkv = _get(cfg, "num_key_value_heads", where, default=nq)
-    if nq % nkv:
-        raise SpecError(f"{where}.num_key_value_heads", f"{nkv} does not divide num_attention_heads={nq}",
-                        "fix config.json")
-    V = _get(cfg, "vocab_size", where)
-    d = _get(cfg, "head_dim", where, default=h // nq)
-    bias = bool(cfg.get("attention_bias", False)) or mt in ("qwen2", "qwen2_moe")  # Qwen2 has qkv bias
-    # attention weights per layer
-    if mt in ("deepseek_v2", "deepseek_v3") and cfg.get("kv_lora_rank"):
-        r_kv = _get(cfg, "kv_lora_rank", where)
-        d_nope = _get(cfg, "qk_nope_head_dim", where)
-        d_rope = _get(cfg, "qk_rope_head_dim", where)
-        d_v = _get(cfg, "v_head_dim", where)
-        r_q = cfg.get("q_lora_rank")
-        dq = d_nope + d_rope
-        q = h * nq * dq if not r_q else h * r_q + r_q + r_q * nq * dq
-        kv_a = h * (r_kv + d_rope) + r_kv            # down-projection + its norm
-        kv_b = r_kv * nq * (d_nope + d_v)             # up-projection
-        o = nq * d_v * h
-        attn = q + kv_a + kv_b + o
-        kv_per_tok = r_kv + d_rope                    # MLA caches the latent and the rope key
-        d = d_v
-        nkv = nq
-    else:
-        attn = h * nq * d + 2 * h * nkv * d + nq * d * h
-        if bias:
-            attn += nq * d + 2 * nkv * d + (h if mt in ("gpt_oss", "phimoe") else 0)
-        if mt == "gpt_oss":
-            attn += nq                                # attention sinks
-        kv_per_tok = 2 * nkv * d
-    # FFN
-    moe_layers: tuple[int, ...] = ()
-    E = topk = h_e = shared = 0
-    dense_inter = int(cfg.get("intermediate_size") or 0)
-    if mt in MOE_FAMILIES:
-        E = _get(cfg, "num_local_experts", where, "num_experts", "n_routed_experts")
-        topk = _get(cfg, "num_experts_per_tok", where, "experts_per_token")
-        if topk > E:
-            raise SpecError(f"{where}.num_experts_per_tok", f"{topk} exceeds the number of experts {E}",
-                            "fix config.json")
-        if mt in ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"):
-            h_e = _get(cfg, "moe_intermediate_size", where)
-        else:
-            h_e = _get(cfg, "intermediate_size", where)
-        if mt == "qwen2_moe":
-            shared = int(cfg.get("shared_expert_intermediate_size") or 0)
-        if mt in ("deepseek_v2", "deepseek_v3"):
-            shared = int(cfg.get("n_shared_experts") or 0) * h_e
-        first_dense = int(cfg.get("first_k_dense_replace") or 0)
-        freq = int(cfg.get("moe_layer_freq") or cfg.get("decoder_sparse_step") or 1)
-        mlp_only = set(cfg.get("mlp_only_layers") or [])
-        moe_layers = tuple(i for i in range(L)
-                           if i >= first_dense and (i + 1) % freq == 0 and i not in mlp_only)
-        if mt in ("mixtral", "phimoe", "olmoe", "gpt_oss"):
-            dense_inter = 0
-    else:
-        dense_inter = _get(cfg, "intermediate_size", where)
-    expert_matrices = 3
-    wd = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
-    if mt == "gpt_oss":
-        wd = "bfloat16"  # the planner budgets bf16 experts unless the workload says otherwise
-    spec = ModelSpec(
-        name=name, family=mt, vocab_size=V, hidden=h, num_layers=L, num_q_heads=nq, num_kv_heads=nkv,
-        head_dim=d, attn_elems=attn, kv_elems_per_token_layer=kv_per_tok,
-        moe_layers=moe_layers, num_experts=E, top_k=topk, expert_intermediate=h_e,
-        expert_matrices=expert_matrices, shared_expert_intermediate=shared, dense_intermediate=dense_inter,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), weight_dtype=str(wd),
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", mt in ("mixtral", "phimoe", "gpt_oss", "dbrx"))),
-        source=src, config_sha256=_sha(cfg), published_params=_published(cfg),
-    )
-    return spec
-
-
-def _parse_dbrx(cfg: dict, name: str, src: str) -> ModelSpec:
-    a = cfg.get("attn_config") or {}
-    f = cfg.get("ffn_config") or {}
-    h = _get(cfg, "d_model", name)
-    L = _get(cfg, "n_layers", name)
-    nq = _get(cfg, "n_heads", name)
-    nkv = _get(a, "kv_n_heads", f"{name}.attn_config", default=nq)
-    V = _get(cfg, "vocab_size", name)
-    d = h // nq
-    E = _get(f, "moe_num_experts", f"{name}.ffn_config")
-    topk = _get(f, "moe_top_k", f"{name}.ffn_config")
-    h_e = _get(f, "ffn_hidden_size", f"{name}.ffn_config")
-    attn = h * nq * d + 2 * h * nkv * d + nq * d * h
-    return ModelSpec(
-        name=name, family="dbrx", vocab_size=V, hidden=h, num_layers=L, num_q_heads=nq, num_kv_heads=nkv,
-        head_dim=d, attn_elems=attn, kv_elems_per_token_layer=2 * nkv * d,
-        moe_layers=tuple(range(L)), num_experts=E, top_k=topk, expert_intermediate=h_e, expert_matrices=3,
-        shared_expert_intermediate=0, dense_intermediate=0,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        weight_dtype=str(cfg.get("torch_dtype") or "bfloat16"), norm_topk_prob=True,
-        source=src, config_sha256=_sha(cfg), published_params=_published(cfg),
-    )
-
-
-def _sha(cfg: dict) -> str:
-    core = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
-
-
-def _published(cfg: dict) -> dict[str, str]:
-    p = cfg.get("_params")
-    if isinstance(p, dict):
-        return {k: str(v) for k, v in p.items() if k in ("total", "active")}
-    return {}

@@ -16,6 +16,9 @@ from typing import Any
 
 from specmoe.planner.errors import SpecError
 
+# The longest draft the planner searches and the engine's dynamic k may reach by default (the paper's
+# best k on its hosts is 4-6; acceptance falls geometrically past that).
+MAX_DRAFT_LEN = 8
 KV_DTYPES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
 
 

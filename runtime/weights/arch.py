@@ -1,5 +1,6 @@
-"""ArchConfig: what our forward needs from a HF config.json, for every supported family, and the
-shapes of the non-expert tensors it reads (checkpoint validation and random weights share them).
+"""ArchConfig: what our forward needs of a model, built from the planner's ModelSpec (the one
+config.json parser is planner/hf_config.py), and the shapes of the non-expert tensors it reads
+(checkpoint validation and random weights share them).
 
 Dimensions: V vocab, H hidden, Hq/Hkv heads, D head dim, E experts, F expert intermediate,
 I dense/shared intermediate.
@@ -7,11 +8,11 @@ I dense/shared intermediate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.hf_config import token_ids
+from specmoe.planner.model_spec import ModelSpec
 
 TARGET_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 DRAFT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -70,103 +71,34 @@ class ArchConfig:
         return layer in self.moe_layers
 
 
-def _int(cfg: dict, key: str, where: str, *alts: str, default: Any = ...) -> int:
-    for k in (key, *alts):
-        v = cfg.get(k)
-        if v is not None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v <= 0:
-                raise SpecError(f"{where}: config.json {k}", f"must be a positive integer, got {v!r}", "fix config.json")
-            return int(v)
-    if default is ...:
-        raise SpecError(f"{where}: config.json {key}", "missing", "is this a supported model family?")
-    return default
-
-
-def _ids(v: Any) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v,)
-    if isinstance(v, (list, tuple)):
-        return tuple(int(x) for x in v if isinstance(x, int) and not isinstance(x, bool))
-    return ()
+def arch_from_spec(spec: ModelSpec, raw: dict | None = None, generation_config: dict | None = None) -> ArchConfig:
+    """The engine's view of a model the planner parsed (planner/hf_config.py is the only config.json
+    parser). raw: the config.json object itself, which transformers' scaled-rope init functions read;
+    generation_config: generation_config.json, whose EOS ids take precedence over config.json's."""
+    where = spec.source or spec.name
+    if spec.family not in SUPPORTED_FAMILIES:
+        raise SpecError(f"{where}: config.json model_type", f"unsupported family {spec.family!r} for the engine",
+                        f"supported targets: {', '.join(TARGET_FAMILIES)}; drafts: {', '.join(DRAFT_FAMILIES)}")
+    if spec.hidden_act not in ("silu", "swish"):
+        raise SpecError(f"{where}: config.json hidden_act", f"{spec.hidden_act!r} is not supported",
+                        "only SwiGLU (silu) models")
+    eos = token_ids((generation_config or {}).get("eos_token_id")) or tuple(spec.eos_token_ids)
+    return ArchConfig(
+        family=spec.family, vocab_size=spec.vocab_size, hidden=spec.hidden, num_layers=spec.num_layers,
+        num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, rms_eps=spec.rms_eps,
+        rope=dict(spec.rope), max_position_embeddings=spec.max_position_embeddings, qkv_bias=spec.qkv_bias,
+        o_bias=spec.o_bias, qk_norm=spec.qk_norm, clip_qkv=spec.clip_qkv, moe_layers=tuple(spec.moe_layers),
+        num_experts=spec.num_experts, top_k=spec.top_k, moe_intermediate=spec.expert_intermediate,
+        shared_intermediate=spec.shared_expert_intermediate, dense_intermediate=spec.dense_intermediate,
+        norm_topk_prob=spec.norm_topk_prob, mlp_bias=spec.mlp_bias, tie_word_embeddings=spec.tie_word_embeddings,
+        sliding_window=spec.sliding_window, torch_dtype=spec.weight_dtype, eos_token_ids=eos,
+        bos_token_id=spec.bos_token_id, raw=dict(raw or {}),
+    )
 
 
 def parse_config(cfg: dict, where: str = "config", generation_config: dict | None = None) -> ArchConfig:
-    """ArchConfig from a config.json dict (and generation_config.json for the EOS ids)."""
-    if not isinstance(cfg, dict):
-        raise SpecError(f"{where}: config.json", "top level is not a JSON object", "fix the file")
-    mt = cfg.get("model_type")
-    if mt not in SUPPORTED_FAMILIES:
-        raise SpecError(f"{where}: config.json model_type", f"unsupported family {mt!r}",
-                        f"supported targets: {', '.join(TARGET_FAMILIES)}; drafts: {', '.join(DRAFT_FAMILIES)}")
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise SpecError(f"{where}: config.json hidden_act", f"{act!r} is not supported", "only SwiGLU (silu) models")
-    H = _int(cfg, "hidden_size", where)
-    L = _int(cfg, "num_hidden_layers", where)
-    nq = _int(cfg, "num_attention_heads", where)
-    nkv = _int(cfg, "num_key_value_heads", where, default=nq)
-    if nq % nkv:
-        raise SpecError(f"{where}: config.json num_key_value_heads", f"{nkv} does not divide {nq} query heads",
-                        "fix config.json")
-    D = _int(cfg, "head_dim", where, default=H // nq)
-    rope = dict(cfg.get("rope_parameters") or {})
-    if not rope:
-        rope = dict(cfg.get("rope_scaling") or {})
-        rope.setdefault("rope_type", rope.pop("type", "default"))
-        rope["rope_theta"] = cfg.get("rope_theta", 10000.0)
-    rope.setdefault("rope_type", "default")
-    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    moe_layers: tuple[int, ...] = ()
-    E = topk = F = shared = 0
-    dense = int(cfg.get("intermediate_size") or 0)
-    if mt in TARGET_FAMILIES:
-        E = _int(cfg, "num_local_experts", where, "num_experts")
-        topk = _int(cfg, "num_experts_per_tok", where)
-        if topk > E:
-            raise SpecError(f"{where}: config.json num_experts_per_tok", f"{topk} exceeds {E} experts", "fix config.json")
-        F = _int(cfg, "moe_intermediate_size", where) if mt in ("qwen2_moe", "qwen3_moe") else _int(
-            cfg, "intermediate_size", where)
-        if mt == "qwen2_moe":
-            shared = int(cfg.get("shared_expert_intermediate_size") or 0)
-        step = int(cfg.get("decoder_sparse_step") or 1)
-        mlp_only = set(cfg.get("mlp_only_layers") or [])
-        moe_layers = tuple(i for i in range(L) if (i + 1) % step == 0 and i not in mlp_only)
-        if len(moe_layers) < L:
-            _int(cfg, "intermediate_size", where)  # dense layers need it
-    else:
-        dense = _int(cfg, "intermediate_size", where)
-    # sliding windows (Mistral: every layer; Qwen: when use_sliding_window, per layer_types)
-    window = cfg.get("sliding_window")
-    if mt in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
-        lt = cfg.get("layer_types")
-        uses = bool(cfg.get("use_sliding_window", False)) and (lt is None or "sliding_attention" in lt)
-        window = window if uses else None
-    if mt == "olmoe":
-        window = None
-    eos = _ids((generation_config or {}).get("eos_token_id")) or _ids(cfg.get("eos_token_id"))
-    V = _int(cfg, "vocab_size", where)
-    clip = cfg.get("clip_qkv") if mt == "olmoe" else None
-    return ArchConfig(
-        family=mt, vocab_size=V, hidden=H, num_layers=L, num_q_heads=nq, num_kv_heads=nkv, head_dim=D,
-        rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope=rope,
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 1 << 30),
-        qkv_bias=bool(cfg.get("qkv_bias", True)) if mt == "qwen2_moe" else (
-            True if mt == "qwen2" else bool(cfg.get("attention_bias", False))),
-        o_bias=False if mt in ("qwen2", "qwen2_moe") else bool(cfg.get("attention_bias", False)),
-        qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(mt, "none"),
-        clip_qkv=float(clip) if clip is not None else None,
-        moe_layers=moe_layers, num_experts=E, top_k=topk, moe_intermediate=F, shared_intermediate=shared,
-        dense_intermediate=dense,
-        norm_topk_prob=True if mt == "mixtral" else bool(cfg.get("norm_topk_prob", False)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)) if mt == "llama" else False,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        sliding_window=int(window) if window else None,
-        torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
-        eos_token_ids=eos, bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
-        raw=cfg,
-    )
+    """ArchConfig from a config.json object, through the planner's parser."""
+    return arch_from_spec(ModelSpec.from_hf_config(cfg, name=where), cfg, generation_config)
 
 
 def expected_shapes(c: ArchConfig) -> dict[str, tuple[int, ...]]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.hf_config import read_config_file
 
 from specmoe.runtime.weights.arch import (DRAFT_FAMILIES, DTYPES, SUPPORTED_FAMILIES, TARGET_FAMILIES, ArchConfig,
                           expected_shapes, moe_prefix, parse_config, router_name)
@@ -40,7 +41,7 @@ class Checkpoint:
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
             raise SpecError("checkpoint", f"no config.json in {where}", "give a HF checkpoint directory")
-        self.raw_config = _read_json(cfg_path, where)
+        self.raw_config, _ = read_config_file(cfg_path)
         gen_path = self.path / "generation_config.json"
         gen = _read_json(gen_path, where) if gen_path.is_file() else None
         self.config = parse_config(self.raw_config, where, gen)
@@ -199,7 +200,7 @@ def read_config(path: str | Path) -> ArchConfig:
     if not (p / "config.json").is_file():
         raise SpecError("checkpoint", f"no config.json in {p}", "give a HF checkpoint directory")
     gen = p / "generation_config.json"
-    return parse_config(_read_json(p / "config.json", str(p)), str(p), _read_json(gen, str(p)) if gen.is_file() else None)
+    return parse_config(read_config_file(p)[0], str(p), _read_json(gen, str(p)) if gen.is_file() else None)
 
 
 def _read_json(p: Path, where: str) -> dict:

@@ -17,6 +17,8 @@ import torch
 
 from specmoe.planner.errors import SpecError
 
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.runtime.weights.arch import arch_from_spec
 from specmoe.runtime.weights.checkpoint import DTYPES, ArchConfig, Checkpoint, expected_shapes, parse_config
 
 
@@ -71,33 +73,8 @@ class CheckpointWeights(WeightSource):
 
 
 def config_from_model_spec(spec: Any) -> ArchConfig:
-    """An ArchConfig from a planner ModelSpec (or its dict), with the family's usual defaults for what
-    the spec does not carry (rope theta, norm eps, biases, QK-norm)."""
-    d = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
-    fam = d.get("family")
-    cfg = {
-        "model_type": fam, "vocab_size": d["vocab_size"], "hidden_size": d["hidden"],
-        "num_hidden_layers": d["num_layers"], "num_attention_heads": d["num_q_heads"],
-        "num_key_value_heads": d["num_kv_heads"], "head_dim": d["head_dim"], "hidden_act": "silu",
-        "rope_theta": 1e6 if fam in ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3") else 1e4,
-        "rms_norm_eps": 1e-5 if fam in ("mixtral", "olmoe", "llama", "mistral") else 1e-6,
-        "tie_word_embeddings": bool(d.get("tie_word_embeddings", False)),
-        "max_position_embeddings": 1 << 20, "dtype": d.get("weight_dtype", "bfloat16"),
-        "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
-    }
-    if d.get("num_experts"):
-        cfg.update({"num_local_experts": d["num_experts"], "num_experts_per_tok": d["top_k"]})
-        if fam in ("qwen2_moe", "qwen3_moe"):
-            cfg["moe_intermediate_size"] = d["expert_intermediate"]
-            cfg["intermediate_size"] = d.get("dense_intermediate") or d["expert_intermediate"]
-            moe = set(d.get("moe_layers") or range(d["num_layers"]))
-            cfg["mlp_only_layers"] = [i for i in range(d["num_layers"]) if i not in moe]
-            cfg["shared_expert_intermediate_size"] = d.get("shared_expert_intermediate", 0)
-        else:
-            cfg["intermediate_size"] = d["expert_intermediate"]
-    else:
-        cfg["intermediate_size"] = d["dense_intermediate"]
-    return parse_config(cfg, f"model spec {d.get('name', fam)}")
+    """The engine's ArchConfig of a planner ModelSpec (or its dict, as a plan carries it)."""
+    return arch_from_spec(spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec))
 
 
 class RandomWeights(WeightSource):
