@@ -24,7 +24,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # shared cores: idle OpenMP workers sleep, not spin
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 

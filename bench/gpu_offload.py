@@ -68,7 +68,6 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 if "--cpu-smoke" in sys.argv[1:]:   # shared CPU cores: idle OpenMP workers sleep (set before torch loads libgomp)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -698,11 +697,10 @@ def report(res: dict, log: Log) -> str:
 
 
 def write_json(res: dict, out: Path) -> None:
+    from specmoe.planner.atomic_file import atomic_write_text
+
     res["elapsed_s"] = elapsed()
-    p = out / "gpu_offload.json"
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=str))
-    tmp.replace(p)
+    atomic_write_text(out / "gpu_offload.json", json.dumps(res, indent=1, default=str))
 
 
 # ---------------------------------------------------------------------------------------------

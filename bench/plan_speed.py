@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CASES = [("mixtral-8x7b", "a30-xeon6426y"), ("qwen3-30b-a3b", "h200-host")]
 

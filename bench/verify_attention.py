@@ -43,7 +43,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from specmoe.runtime.kernels.verify_attention import (  # noqa: E402
     kernel_info, verify_attention, verify_attention_backend, verify_attention_reference)
 

@@ -141,15 +141,18 @@ def _streaming_layers(model: ModelSpec, placement: Placement) -> list[int]:
 
 
 def footprint(model: ModelSpec, hw: HardwareSpec, workload: Workload, batch: int, draft_len: int,
-              placement: Placement, draft: ModelSpec | None = None, micro_batches: int = 1) -> Footprint:
-    """GPU and CPU bytes of one configuration, with a breakdown of each."""
+              placement: Placement, draft: ModelSpec | None = None, micro_batches: int = 1,
+              context: int | None = None) -> Footprint:
+    """GPU and CPU bytes of one configuration, with a breakdown of each. context: KV positions per
+    sequence (default the workload's longest context; the engine passes the rows it allocates).
+    batch 0 gives what does not depend on the batch (weights, expert cache, streaming buffers)."""
     if len(placement.expert_cache_slots) != model.num_layers:
         raise SpecError("placement.expert_cache_slots", f"has {len(placement.expert_cache_slots)} entries, "
                         f"the model has {model.num_layers} layers", "give one entry per layer")
     wb = workload.weight_bytes_per_elem
     eb = model.expert_elems * wb
     use_draft = draft is not None and draft_len > 0
-    S = workload.max_context
+    S = workload.max_context if context is None else int(context)
     kv_t = model.kv_bytes_per_token(workload.kv_bytes_per_elem) * S
     kv_d = draft.kv_bytes_per_token(workload.kv_bytes_per_elem) * S if use_draft else 0.0
     tg = min(placement.target_kv_gpu_sequences, batch)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from specmoe.planner.atomic_file import atomic_write_text
 from specmoe.planner.errors import SpecError
 from specmoe.planner.stages import STAGE_NAMES
 
@@ -211,10 +212,7 @@ class Plan:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1, default=_json_default)
         if path is not None:
-            p = Path(path)
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(p)   # never a half-written plan
+            atomic_write_text(path, text)   # never a half-written plan
         return text
 
     @classmethod

@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from specmoe.planner.model_spec import ModelSpec
 from specmoe.planner.plan import Placement, Plan, Prediction
 from specmoe.planner.stages import STAGE_NAMES
@@ -50,10 +48,8 @@ def plan_for_checkpoint(target_dir: str | Path, draft_dir: str | Path | None, ha
                         draft_kv_gpu_sequences: int | None = None, target_kv_gpu_sequences: int = 0,
                         cpu_expert_layers: tuple[int, ...] = ()) -> Plan:
     from specmoe.planner.hardware_spec import load_hardware
+    from specmoe.planner.memory import footprint
     from specmoe.planner.workload import Workload, load_acceptance
-
-    from specmoe.runtime.memory_check import requirement
-    from specmoe.runtime.weights.checkpoint import read_config
 
     spec = ModelSpec.from_hf_config(target_dir)
     dspec = ModelSpec.from_hf_config(draft_dir) if draft_dir is not None else None
@@ -69,13 +65,7 @@ def plan_for_checkpoint(target_dir: str | Path, draft_dir: str | Path | None, ha
               draft=dspec.to_dict() if dspec else None, batch=batch, micro_batches=micro_batches,
               draft_len=draft_len, placement=placement)
     pred, source = _predict(kw)
-    tcfg = read_config(target_dir)
-    dcfg = read_config(draft_dir) if draft_dir is not None else None
-    req = requirement(tcfg, dcfg, type("P", (), {"placement": placement, "batch": batch})(), tcfg.dtype
-                      if tcfg.dtype != torch.float16 else torch.float32, prompt_len + gen_len + draft_len + 2,
-                      batch * max(prompt_len, draft_len + 1))
-    memory = {"gpu_bytes": req["device_bytes"], "cpu_bytes": req["host_bytes"],
-              "gpu_capacity_bytes": hw.gpu.mem_bytes, "cpu_capacity_bytes": hw.cpu.mem_bytes,
-              "gpu_breakdown": req["device_breakdown"], "cpu_breakdown": req["host_breakdown"]}
+    memory = footprint(spec, hw, wl, batch, draft_len, placement, dspec if draft_len > 0 else None,
+                       micro_batches).to_dict()
     return Plan(**kw, predicted=pred, memory=memory, bound="gpu", frontier={"by_k": [], "by_batch": []},
                 solver={"name": "plan_for_checkpoint", "prediction": source})

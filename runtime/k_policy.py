@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from specmoe.planner.workload import MAX_DRAFT_LEN
+
 
 @dataclass
 class IterationInfo:
@@ -49,7 +51,7 @@ class CallableK:
 class DynamicK:
     MIN_TRIALS = 64
 
-    def __init__(self, plan, k0: int, max_k: int = 8):
+    def __init__(self, plan, k0: int, max_k: int = MAX_DRAFT_LEN):
         self.plan, self.k0 = plan, int(k0)
         self.max_k = max(int(max_k), self.k0)
         self._cache: dict[tuple[int, int, int], float] = {}

@@ -1,86 +1,79 @@
-"""What a plan needs in device and host memory on this machine, checked against what is free
-BEFORE any weight is loaded (device: torch.cuda.mem_get_info; host: /proc/meminfo MemAvailable).
-On a CPU-only host the "device" is host memory too, so both needs are summed against MemAvailable.
+"""The planner's footprint of the plan being run (planner/memory.py, the one memory model), sized
+for what the engine allocates, checked against the memory really free on this machine (device:
+torch.cuda.mem_get_info; host: /proc/meminfo MemAvailable). On a CPU-only host the "device" is host
+memory too, so both parts are summed against MemAvailable.
+
+    fp = plan_footprint(plan, rows=0, context=0, ...)      # weights, expert cache, streaming buffers
+    check_fits(fp, device)                                  # SpecError with the numbers, or what was free
 """
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 
 import torch
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.hardware_spec import parse_hardware
+from specmoe.planner.memory import Footprint, footprint
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.plan import Plan
+from specmoe.planner.workload import Workload
 
-from specmoe.runtime.weights.checkpoint import ArchConfig, expected_shapes
 from specmoe.runtime.device import device_mem_free_bytes, host_mem_available_bytes
-from specmoe.runtime.model.expert_store import ExpertStore
 
 GiB = 1024 ** 3
+# the share of the memory free now that a run may take: the allocator's rounding and the Python
+# objects of a run are not in the footprint
+FREE_MARGIN = 0.95
 
 
-def non_expert_elems(c: ArchConfig) -> int:
-    n = sum(math.prod(s) for s in expected_shapes(c).values())
-    return n + len(c.moe_layers) * c.num_experts * c.hidden   # routers
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
-def kv_elem_bytes(dtype: torch.dtype) -> int:
-    return 2 if dtype == torch.bfloat16 else 4
+def plan_footprint(plan: Plan, rows: int, context: int, draft_len: int, weight_dtype: torch.dtype,
+                   kv_dtype: torch.dtype) -> Footprint:
+    """The planner's footprint of `plan` with `rows` KV rows of `context` positions, the engine's dtypes
+    and drafts of up to `draft_len` tokens."""
+    wl = replace(Workload.from_dict(plan.workload), weight_dtype=dtype_name(weight_dtype),
+                 kv_dtype=dtype_name(kv_dtype))
+    draft = ModelSpec.from_dict(plan.draft) if plan.draft else None
+    return footprint(ModelSpec.from_dict(plan.model), parse_hardware(plan.hardware), wl, rows, draft_len,
+                     plan.placement, draft, max(1, min(plan.micro_batches, max(rows, 1))), context=context)
 
 
-def requirement(target: ArchConfig, draft: ArchConfig | None, plan, dtype: torch.dtype, capacity: int,
-                tokens_per_pass: int) -> dict:
-    """{device_bytes, host_bytes, breakdown} for executing `plan` with KV rows of `capacity` positions."""
-    eb = torch.empty((), dtype=dtype).element_size()
-    kvb = kv_elem_bytes(dtype)
-    pl, B = plan.placement, plan.batch
-    dev: dict[str, int] = {}
-    host: dict[str, int] = {}
-    dev["target_non_expert_weights"] = non_expert_elems(target) * eb
-    if target.is_moe:
-        dev["expert_cache_and_buffers"] = ExpertStore.device_bytes(target, pl.expert_cache_slots, pl.cpu_expert_layers,
-                                                                   eb, pl.streaming_buffers)
-        host["experts"] = len(target.moe_layers) * target.num_experts * target.expert_elems * eb
-    kv_t = 2 * target.num_layers * target.num_kv_heads * target.head_dim * capacity * kvb   # per sequence
-    gpu_t = min(pl.target_kv_gpu_sequences, B)
-    dev["target_kv"] = gpu_t * kv_t
-    host["target_kv"] = (B - gpu_t) * kv_t
-    if draft is not None:
-        dev["draft_weights"] = non_expert_elems(draft) * eb
-        kv_d = 2 * draft.num_layers * draft.num_kv_heads * draft.head_dim * capacity * kvb
-        gpu_d = min(pl.draft_kv_gpu_sequences, B)
-        dev["draft_kv"] = gpu_d * kv_d
-        host["draft_kv"] = (B - gpu_d) * kv_d
-    V = max(target.vocab_size, draft.vocab_size if draft else 0)
-    width = max(target.hidden, target.num_q_heads * target.head_dim)
-    inter = max(target.moe_intermediate * max(target.top_k, 1), target.dense_intermediate, target.shared_intermediate)
-    dev["activations"] = tokens_per_pass * (12 * width + 2 * inter + 3 * V) * 4
-    return {"device_bytes": sum(dev.values()), "host_bytes": sum(host.values()),
-            "device_breakdown": dev, "host_breakdown": host}
+def minus(fp: Footprint, base: Footprint) -> Footprint:
+    """What `fp` needs beyond `base` (e.g. the KV and activations of a run beyond the loaded weights)."""
+    g = {k: v - base.gpu_breakdown.get(k, 0.0) for k, v in fp.gpu_breakdown.items()}
+    c = {k: v - base.cpu_breakdown.get(k, 0.0) for k, v in fp.cpu_breakdown.items()}
+    return replace(fp, gpu_bytes=sum(g.values()), cpu_bytes=sum(c.values()), gpu_breakdown=g, cpu_breakdown=c)
 
 
-def check_fits(req: dict, device: torch.device, margin: float = 0.95) -> dict:
-    """Raise SpecError with the numbers when `req` does not fit what is free now; return what was free."""
+def _fmt(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2 ** 20:.3f} MiB"
+
+
+def _top(d: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]) if v > 0)
+
+
+def check_fits(fp: Footprint, device: torch.device, what: str = "plan") -> dict:
+    """Raise SpecError with the numbers when `fp` does not fit what is free now; return what was free."""
     host_free = host_mem_available_bytes()
     dfree = device_mem_free_bytes(device)
-    need_d, need_h = req["device_bytes"], req["host_bytes"]
-
-    def fmt(b):
-        return f"{b / GiB:.2f} GiB"
-
-    def top(d):
-        return ", ".join(f"{k} {fmt(v)}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]) if v)
-
-    if dfree is None:   # CPU-only: both live in host memory
-        if host_free and need_d + need_h > margin * host_free:
-            raise SpecError("plan", f"needs {fmt(need_d + need_h)} of host memory ({top(req['device_breakdown'])}; "
-                            f"{top(req['host_breakdown'])}) but only {fmt(host_free)} is available (MemAvailable)",
-                            "plan with a smaller batch or context, or free memory")
+    need_d, need_h = fp.gpu_bytes, fp.cpu_bytes
+    if dfree is None:   # CPU-only: both parts live in host memory
+        if host_free and need_d + need_h > FREE_MARGIN * host_free:
+            raise SpecError(what, f"needs {_fmt(need_d + need_h)} of host memory ({_top(fp.gpu_breakdown)}; "
+                            f"{_top(fp.cpu_breakdown)}) but only {_fmt(host_free)} is available (MemAvailable)",
+                            "run fewer prompts at once, plan with a smaller batch or context, or free memory")
         return {"host_free_bytes": host_free, "device_free_bytes": None}
     free, total = dfree
-    if need_d > margin * free:
-        raise SpecError("plan", f"needs {fmt(need_d)} of GPU memory ({top(req['device_breakdown'])}) but only "
-                        f"{fmt(free)} of {fmt(total)} is free", "plan for this GPU's free memory (fewer cached "
+    if need_d > FREE_MARGIN * free:
+        raise SpecError(what, f"needs {_fmt(need_d)} of GPU memory ({_top(fp.gpu_breakdown)}) but only "
+                        f"{_fmt(free)} of {_fmt(total)} is free", "plan for this GPU's free memory (fewer cached "
                         "experts, smaller batch or fewer GPU KV sequences)")
-    if host_free and need_h > margin * host_free:
-        raise SpecError("plan", f"needs {fmt(need_h)} of host memory ({top(req['host_breakdown'])}) but only "
-                        f"{fmt(host_free)} is available (MemAvailable)", "plan with a smaller batch or context")
+    if host_free and need_h > FREE_MARGIN * host_free:
+        raise SpecError(what, f"needs {_fmt(need_h)} of host memory ({_top(fp.cpu_breakdown)}) but only "
+                        f"{_fmt(host_free)} is available (MemAvailable)", "plan with a smaller batch or context")
     return {"host_free_bytes": host_free, "device_free_bytes": free}

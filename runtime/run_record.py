@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from specmoe.planner.atomic_file import atomic_write_text
 from specmoe.planner.stages import ITERATION_PARTS, STAGE_NAMES, Stage
 
 RUN_RECORD_VERSION = 1
@@ -132,6 +133,10 @@ class RunRecord:
     draft_kv_gpu_sequences: int = 0
     target_kv_gpu_sequences: int = 0
     expert_cache_slots: list[int] = field(default_factory=list)
+    rows: int = 0                             # KV rows allocated: min(plan batch, prompts)
+    cached_experts_planned: bool = False      # the cache started with the plan's placement.cached_experts
+    experts_rebalanced: bool = False          # re-chosen from the first prefill's routing
+    cached_experts: dict[str, list[int]] = field(default_factory=dict)   # MoE layer -> experts held at the end
     profile_stages: bool = False
     # runtime/calibrate/speed_probe.py around the run, against calibration: {calibration_iteration_s, before_s,
     # after_s, ratio (> 1: the machine ran slower than when calibrated)}; None when not probed
@@ -145,10 +150,7 @@ class RunRecord:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1, default=str)
         if path is not None:
-            p = Path(path)
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(p)
+            atomic_write_text(path, text)
         return text
 
     @classmethod

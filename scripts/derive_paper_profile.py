@@ -25,7 +25,6 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from specmoe.planner.estimator import estimate  # noqa: E402
 from specmoe.planner.hardware_spec import HardwareSpec, parse_hardware  # noqa: E402

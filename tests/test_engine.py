@@ -107,16 +107,34 @@ def test_placements_do_not_change_output(pair):
         assert (r.record.h2d_bytes > 0) == (capacity > 0)
 
 
-def test_memory_refused_before_weights_load(pair, tmp_path):
+def test_memory_refused_before_weights_load(pair, tmp_path, monkeypatch):
+    """The plan's weights (the planner's footprint at no sequences) are checked against the memory free
+    before a weight is read: on a machine with 1 KiB free the broken checkpoint is never opened."""
     t, d = pair
     broken = tmp_path / "t"
     shutil.copytree(t, broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)   # loading it would fail with another error
-    huge = plan(broken, d, batch=4096, k=2, m=1, prompt_len=200000, gen_len=1000)
-    with pytest.raises(SpecError, match=r"needs [0-9.]+ GiB .*only [0-9.]+ GiB"):
-        Engine(huge, broken, d)
-    with pytest.raises(SpecError, match="cannot read"):  # the same plan at a sane size gets to the weights
+    monkeypatch.setattr("specmoe.runtime.memory_fit.host_mem_available_bytes", lambda: 1 << 10)
+    with pytest.raises(SpecError, match=r"needs [0-9.]+ MiB .*target_non_expert_weights.*only 0.001 MiB"):
         Engine(plan(broken, d, batch=2, k=2, m=1), broken, d)
+    monkeypatch.undo()
+    with pytest.raises(SpecError, match="cannot read"):  # with the machine's real memory it gets to the weights
+        Engine(plan(broken, d, batch=2, k=2, m=1), broken, d)
+
+
+def test_open_stream_plan_runs_the_prompts_it_has(pair, monkeypatch):
+    """A plan for thousands of sequences at a long context allocates KV for the prompts given, at their
+    length; KV that does not fit the memory free is refused before it is allocated, naming the rows."""
+    t, d = pair
+    huge = plan(t, d, batch=100000, k=2, m=1, prompt_len=200000, gen_len=1000)
+    eng = Engine(huge, t, d)
+    r = eng.generate(ragged_prompts(5, 4), max_new_tokens=6)
+    assert r.record.rows == 5 and r.record.batch == 100000 and len(r.outputs) == 5
+    kv_row = eng.weights_footprint.to_dict()   # weights only: no KV rows in it
+    assert kv_row["cpu_breakdown"]["target_kv"] == 0 and kv_row["gpu_breakdown"]["activations"] == 0
+    monkeypatch.setattr("specmoe.runtime.memory_fit.host_mem_available_bytes", lambda: 1 << 10)
+    with pytest.raises(SpecError, match=r"plan at 40 sequences: needs [0-9.]+ MiB .*target_kv"):
+        eng.generate(ragged_prompts(40, 4), max_new_tokens=6)
 
 
 def test_deterministic_with_seed(pair):
@@ -202,3 +220,41 @@ def test_input_errors(pair, tmp_path):
     shutil.copytree(other, plain)
     with pytest.raises(SpecError, match="tokenizer"):
         Engine(plan(plain, d, batch=2, k=2), plain, d).generate(["hello"], max_new_tokens=2)
+
+
+def test_planned_cached_experts_are_loaded_and_recorded(pair):
+    """placement.cached_experts is what the cache starts with (the rows hold those experts' weights);
+    the engine re-chooses them only when asked, and the run record says which it held."""
+    from dataclasses import replace
+
+    t, d = pair
+    p = plan(t, d, batch=3, k=2, expert_cache_slots=[4, 0, 2])
+    E, moe = p.model["num_experts"], p.model["moe_layers"]
+    want = tuple(tuple(range(E - 1, E - 1 - n, -1)) for n in p.placement.expert_cache_slots)
+    planned = replace(p, placement=replace(p.placement, cached_experts=want))
+    prompts = ragged_prompts(5, 4)
+    eng = Engine(planned, t, d)
+    for layer in moe:
+        assert eng.store.cached[layer] == list(want[layer])
+        for slot, e in enumerate(want[layer]):
+            assert torch.equal(eng.store.cache[layer][slot], eng.store.host[layer][e])
+    r = eng.generate(prompts, max_new_tokens=8)
+    assert r.record.cached_experts_planned and not r.record.experts_rebalanced
+    assert r.record.cached_experts == {str(layer): list(want[layer]) for layer in moe}
+    base = Engine(p, t, d).generate(prompts, max_new_tokens=8)          # no plan for them: first ids, rebalanced
+    assert not base.record.cached_experts_planned and base.record.experts_rebalanced
+    asked = Engine(planned, t, d, rebalance_experts=True).generate(prompts, max_new_tokens=8)
+    held = {layer: sorted(ids) for layer, ids in asked.record.cached_experts.items()}
+    assert asked.record.experts_rebalanced and held == {l: sorted(x) for l, x in base.record.cached_experts.items()}
+    assert [o.token_ids for o in r.outputs] == [o.token_ids for o in base.outputs] == \
+        [o.token_ids for o in asked.outputs]                              # what is cached never changes tokens
+
+
+def test_gpu_attention_plan_refused(pair):
+    from dataclasses import replace
+
+    t, d = pair
+    p = plan(t, d, batch=3, k=2)
+    gpu_attn = replace(p, placement=replace(p.placement, attention_device="gpu"))
+    with pytest.raises(SpecError, match=r"plan\.placement\.attention_device.*without `--gpu-attention`"):
+        Engine(gpu_attn, t, d)

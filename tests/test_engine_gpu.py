@@ -17,7 +17,8 @@ from specmoe.planner.errors import SpecError
 from specmoe.planner.model_spec import PRESET_DIR
 from specmoe.runtime.weights.checkpoint import read_config
 from specmoe.runtime.engine import Engine, plan_for_checkpoint
-from specmoe.runtime.memory_check import check_fits, requirement
+from specmoe.runtime.memory_fit import check_fits, plan_footprint
+from specmoe.runtime.model.kv_cache import kv_capacity
 from specmoe.runtime.weights.sources import WeightSource
 from test_speculative_exact import _chi2_p, _exact_marginals, hf_greedy, ragged_prompts
 
@@ -125,9 +126,9 @@ def test_mixtral_slice_random_weights(tmp_path):
     gen_dev = DEVICE if DEVICE == "cuda" else "cpu"
     tsrc = WeightSource.random(read_config(tdir), seed=0, dtype=torch.bfloat16, device_for_generation=gen_dev)
     dsrc = WeightSource.random(read_config(ddir), seed=1, dtype=torch.bfloat16, device_for_generation=gen_dev)
-    req = requirement(read_config(tdir), read_config(ddir), plan, torch.bfloat16, 64 + 32 + k + 2, B * 64)
+    fp = plan_footprint(plan, B, kv_capacity(64, 32, k), k, torch.bfloat16, torch.bfloat16)
     try:
-        check_fits(req, torch.device(DEVICE))
+        check_fits(fp, torch.device(DEVICE))
         refused = None
     except SpecError as e:   # the VM's MemAvailable can start low and grow on use: record, then go on
         refused = str(e)

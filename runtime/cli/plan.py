@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.workload import MAX_DRAFT_LEN
 
 from specmoe.runtime.cli.args import int_arg as _int, pos_float_arg as _pos_float
 
@@ -35,7 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--min-throughput", default=None, metavar="TPS",
                    help="with --objective latency: the decode tokens/s the plan must reach")
     p.add_argument("--solver", default="cbc", help="cbc (bundled with pulp, default) or highs")
-    p.add_argument("--max-draft-len", default="8", metavar="K", help="draft lengths 0..K are tried (default 8)")
+    p.add_argument("--max-draft-len", default=str(MAX_DRAFT_LEN), metavar="K",
+                   help=f"draft lengths 0..K are tried (default {MAX_DRAFT_LEN})")
     p.add_argument("--micro-batches", default="1,2,4,8", metavar="M,M,...",
                    help="micro-batch counts to try (default 1,2,4,8)")
     p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16, fp32, fp8 (default bf16)")
@@ -44,6 +46,9 @@ def add_arguments(p) -> None:
                    help="expert-hit counts per layer (rows) and expert (columns): caches each layer's hottest")
     p.add_argument("--time-limit", default=None, metavar="S", help="seconds per MILP (default 5; 1 with --routing-stats)")
     p.add_argument("--peak-only", action="store_true", help="ignore measured curves; use datasheet peaks")
+    p.add_argument("--gpu-attention", action="store_true",
+                   help="also consider streaming CPU KV to the GPU for attention (the cost model prices it; "
+                        "`specmoe run` refuses such plans: the engine attends CPU KV on the CPU)")
     p.add_argument("-o", "--output", default=None, metavar="plan.json", help="where to write the plan")
     p.add_argument("--explain", default=None, metavar="plan.json", help="explain an existing plan and exit")
 
@@ -129,7 +134,7 @@ def build(args):
              if args.routing_stats is not None else None)
     kw = dict(objective=args.objective, min_throughput=floor, routing_stats=stats, solver=args.solver,
               k_values=range(0, kmax + 1), micro_batch_values=tuple(mbs), use_measured=not args.peak_only,
-              time_limit_s=time_limit)
+              time_limit_s=time_limit, gpu_attention=args.gpu_attention)
     return model, hw, wl, draft, kw
 
 

@@ -145,15 +145,6 @@ def env_flags() -> tuple[str, ...]:
     return tuple(shlex.split(os.environ.get("SPECMOE_CXXFLAGS", "")))
 
 
-def kernel_flags(extra_flags: tuple[str, ...] = ()) -> list[str] | None:
-    """The full compile flags load_cpp_kernel would use now (None: no usable compiler)."""
-    cxx = find_compiler()
-    version = compiler_version(cxx) if cxx else None
-    if not cxx or version is None:
-        return None
-    return [*BASE_FLAGS, *_probe_flags(cxx, version), *extra_flags, *env_flags()]
-
-
 def load_cpp_kernel(name: str, extra_flags: tuple[str, ...] | list[str] = ()) -> ctypes.CDLL | None:
     """Build (or reuse) and load csrc/<name>.cpp; None with a logged warning when impossible.
 
@@ -222,7 +213,3 @@ def _build(cxx: list[str], flags: list[str], src: Path, so_path: Path, name: str
     os.replace(tmp, so_path)  # atomic: a concurrent build of the same key writes identical bytes
     return so_path
 
-
-def library_path(lib: ctypes.CDLL) -> str:
-    """File a loaded kernel library came from."""
-    return lib._name

@@ -2,9 +2,10 @@
 buffers, byte and time accounting.
 
 Each expert is one flat host row [gate (F*H) | up (F*H) | down (H*F)], so streaming it is one copy.
-Per MoE layer the device cache holds `cache_slots[layer]` experts: the first ones until routing
-statistics exist, then the most-used ones per layer from the counts gathered during prefill
-(`rebalance()`). A pass through a layer streams only the non-resident experts, into one of two
+Per MoE layer the device cache holds `cache_slots[layer]` experts: the ones the plan names
+(`cached_experts`, from the planner's routing statistics), else the first ones; `rebalance()` then
+caches the most-used ones per layer from the counts gathered during prefill, when the engine is
+asked to. A pass through a layer streams only the non-resident experts, into one of two
 buffers (double buffering): with CUDA on a separate copy stream, with events guarding buffer reuse
 (a buffer's next copies wait for the compute that read it) and compute waiting for the copies
 (`weights()`); on the CPU the copy is synchronous. When the copies are issued is the caller's
@@ -74,12 +75,25 @@ class CopyLedger:
         return out
 
 
+def initial_experts(planned: Iterable[int], slots: int, num_experts: int) -> list[int]:
+    """The experts a layer's cache starts with: the planned ones (at most `slots`), then the lowest ids
+    not planned, up to `slots`."""
+    out = [int(e) for e in planned][:slots]
+    if any(not 0 <= e < num_experts for e in out) or len(set(out)) != len(out):
+        raise ValueError(f"cached experts {out} are not distinct ids in [0, {num_experts})")
+    rest = (e for e in range(num_experts) if e not in set(out))
+    return out + [next(rest) for _ in range(slots - len(out))]
+
+
 class ExpertStore:
     def __init__(self, src: WeightSource, device: torch.device, dtype: torch.dtype, cache_slots: list[int] | tuple[int, ...],
                  cpu_expert_layers: Iterable[int] = (), streaming_buffers: int = 2,
-                 progress: Callable[[int], None] | None = None, host: dict[int, torch.Tensor] | None = None):
+                 progress: Callable[[int], None] | None = None, host: dict[int, torch.Tensor] | None = None,
+                 cached_experts: tuple[tuple[int, ...], ...] = ()):
         """host: the host rows of another store of the same weights ({layer: [E, P]}, e.g. a previous
-        engine's `store.host`) to reuse instead of reading and pinning the experts again."""
+        engine's `store.host`) to reuse instead of reading and pinning the experts again.
+        cached_experts: per layer, the experts the cache starts with (a plan's placement.cached_experts;
+        () = the first cache_slots[layer] of each layer)."""
         c = src.config
         self.config, self.device, self.dtype = c, device, dtype
         self.E, self.F, self.H = c.num_experts, c.moe_intermediate, c.hidden
@@ -116,10 +130,10 @@ class ExpertStore:
         for l in c.moe_layers:
             n = self.slots[l]
             self.cache[l] = torch.empty((n, self.P), dtype=dtype, device=device)  # [slots, P]
-            self.cached[l] = list(range(n))
+            self.cached[l] = initial_experts(cached_experts[l] if cached_experts else (), n, self.E)
             self.slot_of[l] = {e: i for i, e in enumerate(self.cached[l])}
             if n:
-                self.cache[l].copy_(self.host[l][:n])
+                self.cache[l].copy_(self.host[l][torch.tensor(self.cached[l], dtype=torch.int64)])
         self.cache_fill_bytes = sum(self.slots.values()) * self.P * self.host_elem_bytes
         # ---- streaming buffers (each holds one layer's non-resident experts) ----
         need = max([self.E - self.slots[l] for l in c.moe_layers if l not in self.cpu_layers] or [0])
@@ -151,14 +165,6 @@ class ExpertStore:
     @property
     def expert_bytes(self) -> int:
         return self.P * self.host_elem_bytes
-
-    @staticmethod
-    def device_bytes(cfg, cache_slots, cpu_expert_layers, elem_bytes: int, streaming_buffers: int = 2) -> int:
-        P = 3 * cfg.hidden * cfg.moe_intermediate
-        cached = sum(min(int(cache_slots[l]), cfg.num_experts) for l in cfg.moe_layers)
-        need = max([cfg.num_experts - min(int(cache_slots[l]), cfg.num_experts)
-                    for l in cfg.moe_layers if l not in set(cpu_expert_layers)] or [0])
-        return (cached + (streaming_buffers if need else 0) * need) * P * elem_bytes
 
     def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A flat expert row -> (gate_up [2F, H], down [H, F]) views."""
@@ -309,10 +315,6 @@ class ExpertStore:
         """{phase: (bytes, copy-stream busy seconds)} of the copy batches finished since the last call, by
         the phase (`ledger.tag`) that issued them; block: wait for all (without block nothing waits)."""
         return self.ledger.take(block)
-
-    def take_h2d_time(self) -> float:
-        """Busy seconds of all copies since the last take (waits for them)."""
-        return sum(s for _, s in self.take_h2d(block=True).values())
 
     # ---- statistics and cache choice ----
     def record_routing(self, layer: int, topk_ids: torch.Tensor) -> None:

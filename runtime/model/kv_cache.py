@@ -51,6 +51,12 @@ def block_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out
 
 
+def kv_capacity(longest_prompt: int, max_new_tokens: int, max_k: int) -> int:
+    """KV positions a row needs: the prompt, every new token, the k drafts the last verify pass writes
+    past the accepted ones, and 2 more for the pending token and the bonus token of that pass."""
+    return int(longest_prompt) + int(max_new_tokens) + int(max_k) + 2
+
+
 @dataclass
 class _Group:
     """Sequences of one part with the same N: what one kernel call needs."""
@@ -208,7 +214,7 @@ class SplitKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PassLayout) -> torch.Tensor:
         """Write the pass's new k, v [T, Hkv, D] at their positions, attend q [T, Hq, D] -> [T, Hq, D] (q's dtype)."""
-        from specmoe.runtime.kernels.moe_ops import draft_decode_attention
+        from specmoe.runtime.kernels.speculative_ops import draft_decode_attention
         from specmoe.runtime.kernels.verify_attention import verify_attention
 
         T, Hq, D = q.shape
