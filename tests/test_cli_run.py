@@ -163,3 +163,22 @@ def test_run_probes_the_machine_when_the_spec_has_a_probe(setup, tmp_path):
     assert sp["calibration_iteration_s"] == 0.01 and sp["before_s"] > 0 and sp["after_s"] > 0
     assert sp["ratio"] == pytest.approx((sp["before_s"] + sp["after_s"]) / 2 / 0.01)
     assert runs["skipped"] is None and runs["none"] is None
+
+
+def test_open_stream_plan_runs_on_five_prompts(setup, tmp_path):
+    """`specmoe plan` without --num-prompts plans an open stream (a batch far above five for a small
+    model); `specmoe run` of that plan on five prompts allocates KV for those five and finishes."""
+    root, t, d, _ = setup
+    plan = tmp_path / "open.json"
+    assert main(["plan", "--model", str(t), "--draft", str(d), "--hardware", "devbox-2core", "--prompt-len", "64",
+                 "--gen-len", "32", "--acceptance", "0.6", "--weight-dtype", "fp32", "--kv-dtype", "fp32",
+                 "--micro-batches", "1,2", "--max-draft-len", "2", "-o", str(plan)]) == 0
+    p = json.loads(plan.read_text())
+    assert p["batch"] > 1000 and p["placement"]["attention_device"] == "cpu"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w5 w6 w7\nw40\nw93 w94\nw10 w11 w12 w13\nw77\n")
+    rec = tmp_path / "run.json"
+    assert main(["run", str(plan), "--target", str(t), "--draft", str(d), "--prompts", str(prompts),
+                 "--max-new-tokens", "6", "-o", str(rec), "--no-progress"]) == 0
+    r = json.loads(rec.read_text())
+    assert r["complete"] and r["finished_sequences"] == 5 and r["rows"] == 5 and r["batch"] == p["batch"]

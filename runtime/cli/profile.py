@@ -11,13 +11,15 @@ import sys
 from pathlib import Path
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.workload import MAX_DRAFT_LEN
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="target checkpoint directory (HF, safetensors)")
     p.add_argument("--draft", required=True, help="draft checkpoint directory")
     p.add_argument("--prompts", required=True, help="JSON lines with a 'prompt' field, or one prompt per line")
-    p.add_argument("--max-k", type=int, default=8, help="largest draft length to measure (default 8)")
+    p.add_argument("--max-k", type=int, default=MAX_DRAFT_LEN,
+                   help=f"largest draft length to measure (default {MAX_DRAFT_LEN})")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt at each k (default 48)")
     p.add_argument("--batch", type=int, default=None, help="sequences decoded together (default: the prompts, at most 64)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speed-probe", action="store_true",
                    help="skip the machine-speed probe before and after the run (it runs when the plan's hardware "
                         "spec was calibrated with one: about 0.3 s each on 2 cores)")
+    p.add_argument("--rebalance-experts", action="store_true",
+                   help="re-choose the cached experts from the first prefill's routing even when the plan names them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -92,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(total=len(prompts), unit="seq", desc="specmoe run", file=sys.stderr)
     engine = Engine(args.plan, args.target, args.draft, device=args.device, dtype=args.dtype,
                     profile_stages=args.profile_stages, dynamic_k=args.dynamic_k,
-                    acceptance_oracle=args.acceptance_oracle, prefetch_next_layer=None if args.prefetch == "auto" else args.prefetch)
+                    acceptance_oracle=args.acceptance_oracle,
+                    prefetch_next_layer=None if args.prefetch == "auto" else args.prefetch,
+                    rebalance_experts=True if args.rebalance_experts else None)
     outf = None   # opened at the first finished sequence: input errors leave no output files behind
 
     def on_finish(o):
