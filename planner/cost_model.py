@@ -37,191 +37,116 @@ The draft's first step re-reads the acc(k)+1 accepted tokens, the other k-1 step
 Every layer's closed form is the bare max of its three resources (the design's check of the
 simulator): layer_time = max(t_h2d, t_cpu, t_gpu).
 
-Fixed costs (planner/overhead.py): where the hardware spec has `measured.op_overhead_us` or
-`measured.stage_overhead_us`, every stage costs fixed + roofline, the fixed part counted per
-invocation as the engine makes them (runtime/speculative.py, runtime/model/target.py):
-  target.pre_attn    one per layer and micro-batch (one per layer with batched_layer), plus one per pass
-                     (embedding), + per sequence per pass
-  target.attention   one per layer and micro-batch on each KV part it has (host / device), + per sequence
-                     per pass. The GPU-KV sequences spread over the micro-batches as everywhere in the cost
-                     model (split_even, which planner.milp models too); the engine puts the first rows on
-                     the device, so with m > 1 and 0 < GPU-KV sequences < B its part count can differ
-  target.post_attn   one per layer and micro-batch (one per layer with batched_layer), + per token per layer
-  target.moe         one per layer (all micro-batches together) + one per touched expert, E(1-(1-n_a/E)^N),
-                     + per token per MoE layer; spread evenly over the micro-batch columns when batched_moe is off
-  target.h2d         one per streamed expert (folded into the per-uncached-expert slope, so it stays linear)
-  target.lm_head     one per iteration (spread over the micro-batch columns)
-  iteration.other    one per iteration + per sequence: engine work outside every stage, added to the
-                     iteration (IterationCosts.other_s), not to a stage
-  verify.accept      one per iteration + per sequence + per verified token
-  draft.gpu/.cpu     per draft step of each non-empty part: step + L_d x layer + sequences x per-sequence;
-                     its first step also L_d x catchup x P(some sequence accepted all k drafts),
-                     1 - (1 - P(A >= k))^seqs with P(A >= k) = acc(k) - acc(k-1) (all inside draft_part,
-                     which planner.milp's draft time uses too)
-Without either field (and with use_measured=False) the fixed parts are zero: the bare roofline.
+Fixed costs (planner/fixed_costs.py, with the count of invocations per stage): where the hardware
+spec has measured per-invocation overheads, every stage costs fixed + roofline; without them (and with
+use_measured=False) the fixed parts are zero: the bare roofline.
+
+The result, with its closed forms, is an IterationCosts (planner/iteration_costs.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
+from specmoe.planner.cost_terms import (ACT_BYTES, LOGIT_BYTES, head_read_elems, matmul_elems_per_token, split_even,
+                                        touched_experts)
 from specmoe.planner.errors import SpecError
+from specmoe.planner.fixed_costs import FixedCosts
 from specmoe.planner.hardware_spec import HardwareSpec
+from specmoe.planner.iteration_costs import IterationCosts
 from specmoe.planner.model_spec import ModelSpec
 from specmoe.planner.overhead import Overheads
 from specmoe.planner.plan import Placement
 from specmoe.planner.roofline import OpCost, OpTime, h2d_rate, peak_flops, time_on
-from specmoe.planner.stages import Stage
 from specmoe.planner.workload import KV_DTYPES, Workload
 
-ACT_BYTES = 2        # activations are bf16/fp16
-LOGIT_BYTES = 4      # logits are fp32
-
-
-def touched_experts(num_experts: int, top_k: int, tokens: float) -> float:
-    """Expected distinct experts touched by `tokens` tokens under uniform top-k routing: E(1-(1-n_a/E)^N)."""
-    if num_experts <= 0 or tokens <= 0:
-        return 0.0
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
-
-
-def split_even(total: int, parts: int) -> list[int]:
-    """`total` split into `parts` near-equal integers, larger ones first."""
-    q, r = divmod(int(total), int(parts))
-    return [q + (1 if j < r else 0) for j in range(parts)]
-
-
-def head_read_elems(spec: ModelSpec) -> float:
-    """e_h: elements each query head reads per cached token (K and V). 2d with (G)QA; with MLA
-    (latent KV, kv_elems != 2 n_kv d) every head reads the whole latent for K and again for V."""
-    if spec.kv_elems_per_token_layer == 2 * spec.num_kv_heads * spec.head_dim:
-        return 2.0 * spec.head_dim
-    return 2.0 * spec.kv_elems_per_token_layer
-
-
-def matmul_elems_per_token(spec: ModelSpec) -> float:
-    """Weight elements a token multiplies through (active weights without the embedding lookup,
-    plus the tied embedding when it doubles as the LM head)."""
-    n = spec.active_params - spec.embed_elems
-    if spec.tie_word_embeddings:
-        n += spec.embed_elems
-    return float(n)
+__all__ = ["ACT_BYTES", "LOGIT_BYTES", "CostModel", "IterationCosts", "head_read_elems", "matmul_elems_per_token",
+           "split_even", "touched_experts"]
 
 
 @dataclass
-class IterationCosts:
-    """Seconds of every stage of one decode iteration of one configuration (arrays: see module doc)."""
+class _Config:
+    """One configuration of `iteration`, resolved: sizes, the split of sequences over micro-batches,
+    and the sources of the times computed for it (filled in as they are)."""
 
-    batch: int
-    micro_batches: int
-    draft_len: int
-    context_len: float
-    mb_sizes: np.ndarray            # [M] sequences per micro-batch
-    tokens: int                     # N = B(k+1)
-    tokens_per_iteration: float     # B(acc(k)+1)
-    batched_moe: bool               # True: one target.moe event per layer over all micro-batches
-    pre_s: np.ndarray               # [L, M]
-    attn_cpu_s: np.ndarray          # [L, M]
-    attn_gpu_s: np.ndarray          # [L, M]
-    kv_h2d_s: np.ndarray            # [L, M] (attention_device == "gpu": CPU KV streamed to the GPU)
-    post_s: np.ndarray              # [L, M]
-    moe_gpu_s: np.ndarray           # [L, M] (batched_moe: whole-batch time in column 0)
-    moe_cpu_s: np.ndarray           # [L, M] (cpu_expert_layers; batched_moe: column 0)
-    h2d_s: np.ndarray               # [L]
-    lm_head_s: np.ndarray           # [M]
-    verify_s: np.ndarray            # [M]
-    draft_group_sizes: np.ndarray   # [G]
-    draft_gpu_s: np.ndarray         # [G, K] GPU-part draft step
-    draft_cpu_attn_s: np.ndarray    # [G, K] CPU-part draft step: attention on the CPU
-    draft_cpu_gpu_s: np.ndarray     # [G, K] CPU-part draft step: the rest on the GPU
-    # ---- the linear pieces the optimizer uses ----
-    touched: float                  # expected experts touched per MoE layer by the N tokens
-    h2d_s_per_uncached_expert: float     # t_h2d(c) = (E - c) * this, on streaming MoE layers
-    cpu_expert_s_per_uncached_expert: float  # t_cpu_moe(c) = (E - c) * this, on cpu_expert_layers
-    moe_gpu_full_s: float           # GPU MoE time of a layer with all experts on the GPU (all micro-batches)
-    cpu_attn_s_per_seq: np.ndarray  # [L] CPU verify attention per CPU-KV sequence (linear)
-    gpu_attn_s_per_seq: np.ndarray  # [L] GPU verify attention per GPU-KV sequence (linear)
-    moe_flops_gpu: float            # routed-expert flops done on the GPU per iteration
-    gpu_peak_flops: float
-    sources: frozenset = field(default_factory=frozenset)
-    serial: bool = False            # the hardware's GPU is its CPU standing in: nothing overlaps
-    batched_layer: bool = False     # pre_attn and post_attn once per layer too (column 0); attention per micro-batch
-    other_s: float = 0.0            # fixed engine time outside every stage (iteration.other keys): adds to the period
+    B: int
+    M: int
+    k: int
+    s: float                    # mean context
+    acc: float                  # acc(k)
+    mb: list[int]               # [M] sequences per micro-batch
+    tg: list[int]               # [M] GPU-KV sequences per micro-batch
+    attn_on_gpu: bool           # CPU-KV attention runs on the GPU (the KV streamed over PCIe)
+    srcs: set = field(default_factory=set)
+    ops_memo: dict = field(default_factory=dict)      # b -> _TargetOps
 
-    # ---- closed forms ----
-    @property
-    def gpu_s(self) -> np.ndarray:     # [L]
-        return (self.pre_s + self.attn_gpu_s + self.post_s + self.moe_gpu_s).sum(axis=1)
+    def __post_init__(self):
+        self.k1 = self.k + 1                           # tokens per sequence through the target
+        self.N = self.B * self.k1                      # tokens through the target
 
-    @property
-    def cpu_s(self) -> np.ndarray:     # [L]
-        return (self.attn_cpu_s + self.moe_cpu_s).sum(axis=1)
 
-    @property
-    def pcie_s(self) -> np.ndarray:    # [L]
-        return self.h2d_s + self.kv_h2d_s.sum(axis=1)
+class _TargetOps(NamedTuple):
+    """Roofline seconds of the target's operations for b sequences of k+1 tokens (one layer)."""
 
-    @property
-    def layer_time_s(self) -> np.ndarray:   # [L] bare max per layer (the sum where nothing overlaps)
-        if self.serial:
-            return self.pcie_s + self.cpu_s + self.gpu_s
-        return np.maximum(np.maximum(self.pcie_s, self.cpu_s), self.gpu_s)
+    pre: float
+    post_moe: float
+    post_dense: float
+    moe: float
+    cpu_expert: float           # one non-cached expert on the CPU
+    lm_head: float
+    verify: float
 
-    @property
-    def draft_time_closed_s(self) -> float:
-        """Lower bound of the draft phase: the busier of GPU and CPU, or the CPU part's step chain."""
-        if self.draft_gpu_s.size == 0:
+
+class _AttentionSlopes(NamedTuple):
+    """Verify attention is linear in the sequences it covers (flops and bytes both are): the
+    per-sequence times are the slopes the optimizer uses, and the micro-batch times follow."""
+
+    gpu: float
+    cpu: float
+    src_gpu: set
+    src_cpu: set
+
+    def time(self, seqs: int, on_gpu: bool, srcs: set) -> float:
+        if seqs <= 0:
             return 0.0
-        if self.serial:
-            return float(self.draft_gpu_s.sum() + self.draft_cpu_gpu_s.sum() + self.draft_cpu_attn_s.sum())
-        gpu = float(self.draft_gpu_s.sum() + self.draft_cpu_gpu_s.sum())
-        cpu = float(self.draft_cpu_attn_s.sum())
-        chain = float((self.draft_cpu_attn_s + self.draft_cpu_gpu_s).sum(axis=1).max())
-        return max(gpu, cpu, chain)
+        srcs.update(self.src_gpu if on_gpu else self.src_cpu)
+        return seqs * (self.gpu if on_gpu else self.cpu)
 
-    @property
-    def closed_form_time_s(self) -> float:
-        """Sum over layers of max(t_h2d, t_cpu, t_gpu), then LM head, acceptance and the draft phase."""
-        return (float(self.layer_time_s.sum()) + float(self.lm_head_s.sum()) + float(self.verify_s.sum())
-                + self.draft_time_closed_s + self.other_s)
 
-    @property
-    def sum_of_stages_s(self) -> float:
-        """Everything serialised: the upper bound of the iteration."""
-        return float(sum(self.stage_totals().values())) + self.other_s
+@dataclass
+class _Columns:
+    """Per-micro-batch seconds of one layer ([M] each)."""
 
-    def stage_totals(self) -> dict[str, float]:
-        """Busy seconds per stage per iteration, under the design's stage names."""
-        return {
-            Stage.TARGET_PRE_ATTN.value: float(self.pre_s.sum()),
-            Stage.TARGET_ATTENTION.value: float(self.attn_cpu_s.sum() + self.attn_gpu_s.sum()),
-            Stage.TARGET_POST_ATTN.value: float(self.post_s.sum()),
-            Stage.TARGET_MOE.value: float(self.moe_gpu_s.sum() + self.moe_cpu_s.sum()),
-            Stage.TARGET_H2D.value: float(self.h2d_s.sum() + self.kv_h2d_s.sum()),
-            Stage.TARGET_LM_HEAD.value: float(self.lm_head_s.sum()),
-            Stage.DRAFT_GPU.value: float(self.draft_gpu_s.sum()),
-            Stage.DRAFT_CPU.value: float(self.draft_cpu_attn_s.sum() + self.draft_cpu_gpu_s.sum()),
-            Stage.VERIFY_ACCEPT.value: float(self.verify_s.sum()),
-        }
+    pre: np.ndarray
+    post_moe: np.ndarray
+    post_dense: np.ndarray
+    moe: np.ndarray
+    cpu_expert: np.ndarray
+    lm_head: np.ndarray
+    verify: np.ndarray
+    attn_cpu: np.ndarray
+    attn_gpu: np.ndarray
+    kv_h2d: np.ndarray
 
-    def resource_busy_s(self) -> dict[str, float]:
-        return {
-            "gpu": float(self.gpu_s.sum() + self.lm_head_s.sum() + self.verify_s.sum()
-                         + self.draft_gpu_s.sum() + self.draft_cpu_gpu_s.sum()),
-            "cpu": float(self.cpu_s.sum() + self.draft_cpu_attn_s.sum()),
-            "pcie": float(self.pcie_s.sum()),
-        }
 
-    def moe_gpu_utilization(self, iteration_time_s: float) -> float:
-        """Achieved routed-expert FLOP rate on the GPU over the iteration, as a fraction of its peak."""
-        if iteration_time_s <= 0:
-            return 0.0
-        return self.moe_flops_gpu / (iteration_time_s * self.gpu_peak_flops)
+class _Streaming(NamedTuple):
+    """Where each layer's experts live and what streaming the rest costs ([L] arrays)."""
 
-    @property
-    def source(self) -> str:
-        return "measured" if "measured" in self.sources else "peak"
+    slots: np.ndarray
+    cpu_layer: np.ndarray
+    uncached: np.ndarray
+    h2d_unit: float
+    h2d: np.ndarray
+
+
+class _Moe(NamedTuple):
+    gpu: np.ndarray             # [L, M]
+    cpu: np.ndarray             # [L, M]
+    full_s: float               # GPU MoE time of a layer with all experts on the GPU
+    cpu_unit: float             # CPU seconds per uncached expert, all micro-batches
+    flops_gpu: float
 
 
 class CostModel:
@@ -257,6 +182,7 @@ class CostModel:
         # fixed per-invocation costs (planner/overhead.py): measured, so off with use_measured=False
         self.ov = hw.measured.overheads if use_measured else Overheads()
         self.has_ov = self.ov.any
+        self.fixed = FixedCosts(self.ov, self.is_moe, self.E, self.na, draft, workload.acceptance)
         if draft is not None:
             self.d_mm = matmul_elems_per_token(draft)
             self.d_e_h = head_read_elems(draft)
@@ -296,7 +222,35 @@ class CostModel:
         draft with another's verification). draft_kv_gpu_sequences overrides the placement's (the
         whole-run simulation shrinks it as contexts grow).
         """
-        m, hw = self.model, self.hw
+        cfg = self._configure(batch, micro_batches, draft_len, placement, context_len)
+        att = self._attention_slopes(cfg)
+        cols = self._micro_batch_columns(cfg, att)
+        st = self._expert_streaming(cfg, placement)
+        pre, post, attn_cpu, attn_gpu, kv_h2d = self._layer_arrays(cfg, cols, batched_layer)
+        batched_moe = batched_moe or batched_layer
+        moe = self._moe_arrays(cfg, cols, st, batched_moe)
+        dg, dca, dcg, dsz = self._draft_arrays(cfg, placement, draft_groups, draft_kv_gpu_sequences)
+        B, E, N = cfg.B, self.E, cfg.N
+        costs = IterationCosts(
+            batch=B, micro_batches=cfg.M, draft_len=cfg.k, context_len=cfg.s, mb_sizes=np.asarray(cfg.mb), tokens=N,
+            tokens_per_iteration=B * (cfg.acc + 1.0), batched_moe=batched_moe, batched_layer=batched_layer,
+            pre_s=pre, attn_cpu_s=attn_cpu, attn_gpu_s=attn_gpu, kv_h2d_s=kv_h2d, post_s=post,
+            moe_gpu_s=moe.gpu, moe_cpu_s=moe.cpu, h2d_s=st.h2d, lm_head_s=cols.lm_head, verify_s=cols.verify,
+            draft_group_sizes=dsz, draft_gpu_s=dg, draft_cpu_attn_s=dca, draft_cpu_gpu_s=dcg,
+            touched=touched_experts(E, self.na, N), h2d_s_per_uncached_expert=st.h2d_unit,
+            cpu_expert_s_per_uncached_expert=float(moe.cpu_unit), moe_gpu_full_s=float(moe.full_s),
+            cpu_attn_s_per_seq=np.full(self.L, att.cpu), gpu_attn_s_per_seq=np.full(self.L, att.gpu),
+            moe_flops_gpu=moe.flops_gpu, gpu_peak_flops=self.gpu_peak, sources=frozenset(cfg.srcs),
+            serial=self.hw.gpu.shares_host_cpu,
+        )
+        if self.has_ov:
+            self.fixed.add_to(costs, cfg.tg, cfg.attn_on_gpu)
+        return costs
+
+    # ---- the steps of `iteration` ----
+    def _configure(self, batch, micro_batches, draft_len, placement: Placement,
+                   context_len: float | None) -> _Config:
+        """Check the configuration against the model and the placement, and resolve its sizes."""
         B, M, k = int(batch), int(micro_batches), int(draft_len)
         if B <= 0:
             raise SpecError("batch", f"must be a positive integer, got {batch!r}", "give a batch of at least 1")
@@ -310,256 +264,169 @@ class CostModel:
         if len(placement.expert_cache_slots) != self.L:
             raise SpecError("placement.expert_cache_slots", f"has {len(placement.expert_cache_slots)} entries, "
                             f"the model has {self.L} layers", "give one entry per layer")
-        s = float(self.workload.mean_context if context_len is None else context_len)
-        k1 = k + 1
-        acc = self.workload.acceptance.acc(k) if k > 0 else 0.0
-        srcs: set = set()
-        E, na = self.E, self.na
-        N = B * k1
-        mb = split_even(B, M)                                         # [M]
-        tg = split_even(min(placement.target_kv_gpu_sequences, B), M)  # GPU-KV sequences per micro-batch
-        cpu_attn_on_gpu = placement.attention_device == "gpu"
-        wb = self.wb
+        return _Config(
+            B=B, M=M, k=k, s=float(self.workload.mean_context if context_len is None else context_len),
+            acc=self.workload.acceptance.acc(k) if k > 0 else 0.0, mb=split_even(B, M),
+            tg=split_even(min(placement.target_kv_gpu_sequences, B), M),
+            attn_on_gpu=placement.attention_device == "gpu")
 
-        memo: dict = {}
+    def _target_ops(self, cfg: _Config, b: int) -> _TargetOps:
+        """Roofline seconds of one layer's target operations over b sequences (memoised per configuration)."""
+        if b in cfg.ops_memo:
+            return cfg.ops_memo[b]
+        m, wb, srcs, E, na = self.model, self.wb, cfg.srcs, self.E, self.na
+        n = b * cfg.k1
+        pre = self._t("gpu", OpCost(2.0 * n * self.pre_elems, self.pre_elems * wb
+                                    + n * (m.hidden + self.pre_out) * ACT_BYTES), srcs, tokens=n)
+        post_act = n * (m.num_q_heads * m.head_dim + 2 * m.hidden) * ACT_BYTES
+        post_moe = self._t("gpu", OpCost(2.0 * n * self.post_moe_elems, self.post_moe_elems * wb + post_act),
+                           srcs, tokens=n)
+        if self.num_dense:
+            post_dense = self._t("gpu", OpCost(2.0 * n * self.post_dense_elems,
+                                               self.post_dense_elems * wb + post_act), srcs, tokens=n)
+        else:
+            post_dense = 0.0
+        if E:
+            tj = touched_experts(E, na, n)
+            moe = self._t("gpu", OpCost(2.0 * n * na * m.expert_elems,
+                                        tj * self.expert_bytes + n * na * 2 * m.hidden * ACT_BYTES),
+                          srcs, tokens=n * na / tj)
+            p = 1.0 - (1.0 - na / E) ** n
+            tok_e = n * na / E
+            cpu_e = self._t("cpu", OpCost(2.0 * tok_e * m.expert_elems, dram_bytes=p * self.expert_bytes),
+                            srcs, tokens=tok_e)
+        else:
+            moe = cpu_e = 0.0
+        lm = self._t("gpu", OpCost(2.0 * n * m.vocab_size * m.hidden, m.vocab_size * m.hidden * wb
+                                   + n * m.vocab_size * LOGIT_BYTES), srcs, tokens=n)
+        ver = self._t("gpu", OpCost(float(n * m.vocab_size), n * m.vocab_size * LOGIT_BYTES), srcs, kind="memory")
+        cfg.ops_memo[b] = _TargetOps(pre, post_moe, post_dense, moe, cpu_e, lm, ver)
+        return cfg.ops_memo[b]
 
-        def per_b(b: int):
-            if b in memo:
-                return memo[b]
-            n = b * k1
-            pre = self._t("gpu", OpCost(2.0 * n * self.pre_elems, self.pre_elems * wb
-                                        + n * (m.hidden + self.pre_out) * ACT_BYTES), srcs, tokens=n)
-            post_act = n * (m.num_q_heads * m.head_dim + 2 * m.hidden) * ACT_BYTES
-            post_moe = self._t("gpu", OpCost(2.0 * n * self.post_moe_elems, self.post_moe_elems * wb + post_act),
-                               srcs, tokens=n)
-            if self.num_dense:
-                post_dense = self._t("gpu", OpCost(2.0 * n * self.post_dense_elems,
-                                                   self.post_dense_elems * wb + post_act), srcs, tokens=n)
-            else:
-                post_dense = 0.0
-            if E:
-                tj = touched_experts(E, na, n)
-                moe = self._t("gpu", OpCost(2.0 * n * na * m.expert_elems,
-                                            tj * self.expert_bytes + n * na * 2 * m.hidden * ACT_BYTES),
-                              srcs, tokens=n * na / tj)
-                p = 1.0 - (1.0 - na / E) ** n
-                tok_e = n * na / E
-                cpu_e = self._t("cpu", OpCost(2.0 * tok_e * m.expert_elems, dram_bytes=p * self.expert_bytes),
-                                srcs, tokens=tok_e)
-            else:
-                moe = cpu_e = 0.0
-            lm = self._t("gpu", OpCost(2.0 * n * m.vocab_size * m.hidden, m.vocab_size * m.hidden * wb
-                                       + n * m.vocab_size * LOGIT_BYTES), srcs, tokens=n)
-            ver = self._t("gpu", OpCost(float(n * m.vocab_size), n * m.vocab_size * LOGIT_BYTES), srcs, kind="memory")
-            memo[b] = (pre, post_moe, post_dense, moe, cpu_e, lm, ver)
-            return memo[b]
-
-        # verify attention is linear in the sequences it covers (flops and bytes both are): the
-        # per-sequence times are the slopes the optimizer uses, and the micro-batch times follow
-        att_src: dict = {True: set(), False: set()}
+    def _attention_slopes(self, cfg: _Config) -> _AttentionSlopes:
+        """Verify attention of one sequence in one layer, its KV on the GPU and on the CPU."""
+        src_gpu: set = set()
+        src_cpu: set = set()
         kvd = self.workload.kv_dtype
-        one_gpu = self._t("gpu", self.attn_op(1, k1, s, True), att_src[True], dtype=kvd, kind="attention")
-        one_cpu = self._t("cpu", self.attn_op(1, k1, s, False), att_src[False], dtype=kvd, kind="attention",
-                          n_query=k1, context=s)
+        one_gpu = self._t("gpu", self.attn_op(1, cfg.k1, cfg.s, True), src_gpu, dtype=kvd, kind="attention")
+        one_cpu = self._t("cpu", self.attn_op(1, cfg.k1, cfg.s, False), src_cpu, dtype=kvd, kind="attention",
+                          n_query=cfg.k1, context=cfg.s)
+        return _AttentionSlopes(one_gpu, one_cpu, src_gpu, src_cpu)
 
-        def attn(seqs: int, on_gpu: bool) -> float:
-            if seqs <= 0:
-                return 0.0
-            srcs.update(att_src[on_gpu])
-            return seqs * (one_gpu if on_gpu else one_cpu)
-
-        pre_mb = np.empty(M); pm_mb = np.empty(M); pd_mb = np.empty(M); moe_mb = np.empty(M)
-        cpue_mb = np.empty(M); lm_mb = np.empty(M); ver_mb = np.empty(M)
-        ac_mb = np.empty(M); ag_mb = np.empty(M); kvh_mb = np.empty(M)
-        # the LM head and the acceptance run once over the whole batch (runtime/speculative.py), their time
-        # spread over the micro-batch columns by share
-        _, _, _, _, _, lm_all, ver_all = per_b(B)
+    def _micro_batch_columns(self, cfg: _Config, att: _AttentionSlopes) -> _Columns:
+        """Each micro-batch's seconds in one layer. The LM head and the acceptance run once over the
+        whole batch (runtime/speculative.py), their time spread over the micro-batch columns by share."""
+        B, M, mb, tg, srcs = cfg.B, cfg.M, cfg.mb, cfg.tg, cfg.srcs
+        cols = _Columns(*(np.empty(M) for _ in range(10)))
+        whole = self._target_ops(cfg, B)
         for j in range(M):
-            pre_mb[j], pm_mb[j], pd_mb[j], moe_mb[j], cpue_mb[j], _, _ = per_b(mb[j])
-            lm_mb[j], ver_mb[j] = lm_all * mb[j] / B, ver_all * mb[j] / B
+            ops = self._target_ops(cfg, mb[j])
+            cols.pre[j], cols.post_moe[j], cols.post_dense[j] = ops.pre, ops.post_moe, ops.post_dense
+            cols.moe[j], cols.cpu_expert[j] = ops.moe, ops.cpu_expert
+            cols.lm_head[j], cols.verify[j] = whole.lm_head * mb[j] / B, whole.verify * mb[j] / B
             n_cpu = mb[j] - tg[j]
-            ag_mb[j] = attn(tg[j], True)
-            if cpu_attn_on_gpu and n_cpu > 0:
-                kv_bytes = n_cpu * (s + k1) * self.kv_tok_layer_bytes
-                kvh_mb[j] = self._t("pcie", OpCost(pcie_bytes=kv_bytes), srcs,
-                                    chunk_bytes=(s + k1) * self.kv_tok_layer_bytes)
-                ag_mb[j] += attn(n_cpu, True)
-                ac_mb[j] = 0.0
+            cols.attn_gpu[j] = att.time(tg[j], True, srcs)
+            if cfg.attn_on_gpu and n_cpu > 0:
+                kv_bytes = n_cpu * (cfg.s + cfg.k1) * self.kv_tok_layer_bytes
+                cols.kv_h2d[j] = self._t("pcie", OpCost(pcie_bytes=kv_bytes), srcs,
+                                         chunk_bytes=(cfg.s + cfg.k1) * self.kv_tok_layer_bytes)
+                cols.attn_gpu[j] += att.time(n_cpu, True, srcs)
+                cols.attn_cpu[j] = 0.0
             else:
-                kvh_mb[j] = 0.0
-                ac_mb[j] = attn(n_cpu, False)
+                cols.kv_h2d[j] = 0.0
+                cols.attn_cpu[j] = att.time(n_cpu, False, srcs)
+        return cols
 
-        # ---- per layer ----
-        L = self.L
+    def _expert_streaming(self, cfg: _Config, placement: Placement) -> _Streaming:
+        """Which MoE layers stream their non-cached experts and which compute them on the CPU, and the
+        H2D seconds of the streaming ones: (E - c) p w_e / B_h2d, plus one copy's fixed cost each."""
+        E, na = self.E, self.na
         slots = np.asarray(placement.expert_cache_slots, dtype=float)      # [L]
         if np.any(slots < 0) or np.any(slots > max(E, 0)):
             raise SpecError("placement.expert_cache_slots", f"entries must lie in [0, {E}]", "fix the placement")
-        cpu_layer = np.zeros(L, dtype=bool)                                 # [L]
+        cpu_layer = np.zeros(self.L, dtype=bool)                            # [L]
         if placement.cpu_expert_layers:
             cpu_layer[list(placement.cpu_expert_layers)] = True
         cpu_layer &= self.is_moe
         stream = self.is_moe & ~cpu_layer                                   # [L]
         uncached = np.where(self.is_moe, E - slots, 0.0)                    # [L]
         if E:
-            p_all = 1.0 - (1.0 - na / E) ** N
+            p_all = 1.0 - (1.0 - na / E) ** cfg.N
             h2d_unit = p_all * self.expert_bytes / self.h2d_Bps
             if self.has_ov:      # one copy per streamed expert
                 h2d_unit += p_all * self.ov.get("target.h2d")
         else:
-            p_all = h2d_unit = 0.0
+            h2d_unit = 0.0
         h2d = np.where(stream, uncached * h2d_unit, 0.0)                    # [L]
         if h2d.any():
-            srcs.add(self.h2d_src)
+            cfg.srcs.add(self.h2d_src)
+        return _Streaming(slots, cpu_layer, uncached, h2d_unit, h2d)
+
+    def _layer_arrays(self, cfg: _Config, cols: _Columns, batched_layer: bool):
+        """pre_attn, post_attn, attention (CPU, GPU) and KV streaming per layer and micro-batch ([L, M]);
+        with batched_layer, pre_attn and post_attn once per layer over the whole batch (column 0)."""
+        L, M = self.L, cfg.M
         ones = np.ones((L, 1))
-        pre = ones * pre_mb[None, :]                                        # [L, M]
-        post = np.where(self.is_moe[:, None], pm_mb[None, :], pd_mb[None, :])  # [L, M]
-        attn_cpu = ones * ac_mb[None, :]
-        attn_gpu = ones * ag_mb[None, :]
-        kv_h2d = ones * kvh_mb[None, :]
-        gpu_share = np.where(cpu_layer, slots / max(E, 1), 1.0)             # [L]
-        cpu_unit = float(cpue_mb.sum())          # CPU seconds per uncached expert, all micro-batches
+        pre = ones * cols.pre[None, :]                                      # [L, M]
+        post = np.where(self.is_moe[:, None], cols.post_moe[None, :], cols.post_dense[None, :])  # [L, M]
+        attn_cpu = ones * cols.attn_cpu[None, :]
+        attn_gpu = ones * cols.attn_gpu[None, :]
+        kv_h2d = ones * cols.kv_h2d[None, :]
         if batched_layer:
-            batched_moe = True
-            pre_w, pm_w, pd_w = per_b(B)[0:3]
+            whole = self._target_ops(cfg, cfg.B)
             pre = np.zeros((L, M)); post = np.zeros((L, M))
-            pre[:, 0] = pre_w
-            post[:, 0] = np.where(self.is_moe, pm_w, pd_w)
+            pre[:, 0] = whole.pre
+            post[:, 0] = np.where(self.is_moe, whole.post_moe, whole.post_dense)
+        return pre, post, attn_cpu, attn_gpu, kv_h2d
+
+    def _moe_arrays(self, cfg: _Config, cols: _Columns, st: _Streaming, batched_moe: bool) -> _Moe:
+        """Routed experts per layer and micro-batch: the GPU computes the cached share c/E on CPU-expert
+        layers (all of it elsewhere), the CPU the uncached experts; batched_moe puts a layer's whole
+        time in column 0."""
+        L, M = self.L, cfg.M
+        gpu_share = np.where(st.cpu_layer, st.slots / max(self.E, 1), 1.0)   # [L]
         if batched_moe:
-            moe_whole, cpue_whole = per_b(B)[3:5]
-            moe_full = float(moe_whole)
-            cpu_unit = float(cpue_whole)
+            whole = self._target_ops(cfg, cfg.B)
+            full_s, cpu_unit = float(whole.moe), float(whole.cpu_expert)
             moe_gpu = np.zeros((L, M)); moe_cpu = np.zeros((L, M))
-            moe_gpu[:, 0] = np.where(self.is_moe, moe_whole * gpu_share, 0.0)
-            moe_cpu[:, 0] = np.where(cpu_layer, uncached * cpu_unit, 0.0)
+            moe_gpu[:, 0] = np.where(self.is_moe, whole.moe * gpu_share, 0.0)
+            moe_cpu[:, 0] = np.where(st.cpu_layer, st.uncached * cpu_unit, 0.0)
         else:
-            moe_full = float(moe_mb.sum())
-            moe_gpu = np.where(self.is_moe[:, None], gpu_share[:, None] * moe_mb[None, :], 0.0)
-            moe_cpu = np.where(cpu_layer[:, None], uncached[:, None] * cpue_mb[None, :], 0.0)
-        moe_flops = 2.0 * N * na * m.expert_elems * float(np.where(self.is_moe, gpu_share, 0.0).sum())
-        cpu_per_seq = np.full(L, one_cpu)                                   # [L]
-        gpu_per_seq = np.full(L, one_gpu)                                   # [L]
-        if self.has_ov:
-            moe_full += self._add_fixed(B, M, k1, mb, tg, cpu_attn_on_gpu, batched_moe, pre, post, attn_cpu, attn_gpu,
-                                        moe_gpu, lm_mb, ver_mb, cpu_per_seq, gpu_per_seq, batched_layer)
-            srcs.add("measured")
+            full_s, cpu_unit = float(cols.moe.sum()), float(cols.cpu_expert.sum())
+            moe_gpu = np.where(self.is_moe[:, None], gpu_share[:, None] * cols.moe[None, :], 0.0)
+            moe_cpu = np.where(st.cpu_layer[:, None], st.uncached[:, None] * cols.cpu_expert[None, :], 0.0)
+        flops = 2.0 * cfg.N * self.na * self.model.expert_elems * float(np.where(self.is_moe, gpu_share, 0.0).sum())
+        return _Moe(moe_gpu, moe_cpu, full_s, cpu_unit, flops)
 
-        # ---- draft ----
-        if k > 0:
-            g_req = placement.draft_kv_gpu_sequences if draft_kv_gpu_sequences is None else draft_kv_gpu_sequences
-            G_total = max(0, min(B, int(g_req)))
-            groups = mb if draft_groups == "micro_batch" else [B]
-            g_gpu = split_even(G_total, len(groups)) if len(groups) > 1 else [G_total]
-            dg = np.zeros((len(groups), k)); dca = np.zeros((len(groups), k)); dcg = np.zeros((len(groups), k))
-            dmemo: dict = {}
-            for gi, (b, g) in enumerate(zip(groups, g_gpu)):
-                c = b - g
-                for t in range(k):
-                    q = (acc + 1.0) if t == 0 else 1.0
-                    key = (g, c, q)
-                    if key not in dmemo:     # steps 1..k-1 are alike: one token per sequence
-                        dmemo[key] = (self.draft_part(g, q, s, srcs, on_gpu=True),
-                                      self.draft_part(c, q, s, srcs, on_gpu=False) if c > 0 else 0.0,
-                                      self.draft_cpu_attn(c, q, s, srcs) if c > 0 else 0.0)
-                    dg[gi, t], dcg[gi, t], dca[gi, t] = dmemo[key]
-            dsz = np.asarray(groups)
-        else:
-            dg = dca = dcg = np.zeros((1, 0))
-            dsz = np.asarray([B])
+    def _draft_arrays(self, cfg: _Config, placement: Placement, draft_groups: str,
+                      draft_kv_gpu_sequences: int | None):
+        """Draft step seconds per group and step ([G, K]: GPU part, CPU part's attention, CPU part's
+        rest on the GPU) and the group sizes [G]."""
+        B, k = cfg.B, cfg.k
+        if k == 0:
+            return np.zeros((1, 0)), np.zeros((1, 0)), np.zeros((1, 0)), np.asarray([B])
+        g_req = placement.draft_kv_gpu_sequences if draft_kv_gpu_sequences is None else draft_kv_gpu_sequences
+        G_total = max(0, min(B, int(g_req)))
+        groups = cfg.mb if draft_groups == "micro_batch" else [B]
+        g_gpu = split_even(G_total, len(groups)) if len(groups) > 1 else [G_total]
+        dg = np.zeros((len(groups), k)); dca = np.zeros((len(groups), k)); dcg = np.zeros((len(groups), k))
+        dmemo: dict = {}
+        for gi, (b, g) in enumerate(zip(groups, g_gpu)):
+            c = b - g
+            for t in range(k):
+                q = (cfg.acc + 1.0) if t == 0 else 1.0
+                key = (g, c, q)
+                if key not in dmemo:     # steps 1..k-1 are alike: one token per sequence
+                    dmemo[key] = (self.draft_part(g, q, cfg.s, cfg.srcs, on_gpu=True),
+                                  self.draft_part(c, q, cfg.s, cfg.srcs, on_gpu=False) if c > 0 else 0.0,
+                                  self.draft_cpu_attn(c, q, cfg.s, cfg.srcs) if c > 0 else 0.0)
+                dg[gi, t], dcg[gi, t], dca[gi, t] = dmemo[key]
+        return dg, dca, dcg, np.asarray(groups)
 
-        return IterationCosts(
-            batch=B, micro_batches=M, draft_len=k, context_len=s, mb_sizes=np.asarray(mb), tokens=N,
-            tokens_per_iteration=B * (acc + 1.0), batched_moe=batched_moe, batched_layer=batched_layer,
-            pre_s=pre, attn_cpu_s=attn_cpu, attn_gpu_s=attn_gpu, kv_h2d_s=kv_h2d, post_s=post,
-            moe_gpu_s=moe_gpu, moe_cpu_s=moe_cpu, h2d_s=h2d, lm_head_s=lm_mb, verify_s=ver_mb,
-            draft_group_sizes=dsz, draft_gpu_s=dg, draft_cpu_attn_s=dca, draft_cpu_gpu_s=dcg,
-            touched=touched_experts(E, na, N), h2d_s_per_uncached_expert=h2d_unit,
-            cpu_expert_s_per_uncached_expert=float(cpu_unit), moe_gpu_full_s=float(moe_full),
-            cpu_attn_s_per_seq=cpu_per_seq, gpu_attn_s_per_seq=gpu_per_seq, moe_flops_gpu=moe_flops,
-            gpu_peak_flops=self.gpu_peak, sources=frozenset(srcs), serial=self.hw.gpu.shares_host_cpu,
-            other_s=(self.ov.get("iteration.other") + self.ov.get("iteration.other.sequence") * B) if self.has_ov else 0.0,
-        )
-
-    # ---- fixed per-invocation costs (module doc, planner/overhead.py) ----
-    def _add_fixed(self, B: int, M: int, k1: int, mb: list[int], tg: list[int], attn_on_gpu: bool, batched_moe: bool,
-                   pre, post, attn_cpu, attn_gpu, moe_gpu, lm_mb, ver_mb, cpu_per_seq, gpu_per_seq,
-                   batched_layer: bool = False) -> float:
-        """Add the fixed costs to the stage arrays in place (shapes as in IterationCosts); returns the
-        fixed MoE seconds of one MoE layer (for moe_gpu_full_s)."""
-        o = self.ov.get
-        N = B * k1
-        if batched_layer:                                                    # each layer, once over all micro-batches
-            pre[:, 0] += o("target.pre_attn")
-            post[:, 0] += o("target.post_attn") + o("target.post_attn.token") * k1 * B
-        else:                                                                # [L, M] each layer x micro-batch
-            pre += o("target.pre_attn")
-            post += o("target.post_attn") + o("target.post_attn.token") * k1 * np.asarray(mb, dtype=float)[None, :]
-        for j in range(M):
-            pre[0, j] += o("target.pre_attn") / M + o("target.pre_attn.sequence") * mb[j]   # once per pass
-            n_dev, n_host = tg[j], mb[j] - tg[j]
-            if attn_on_gpu:
-                n_dev, n_host = n_dev + n_host, 0
-            if n_host > 0:
-                attn_cpu[:, j] += o("target.attention")
-                attn_cpu[0, j] += o("target.attention.sequence") * n_host
-            if n_dev > 0:
-                attn_gpu[:, j] += o("target.attention.gpu")
-                attn_gpu[0, j] += o("target.attention.sequence") * n_dev
-            lm_mb[j] += o("target.lm_head") / M + o("target.lm_head.token") * k1 * mb[j]
-            ver_mb[j] += o("verify.accept") / M + (o("verify.accept.sequence") + o("verify.accept.token") * k1) * mb[j]
-        cpu_per_seq[0] += o("target.attention.sequence")
-        gpu_per_seq[0] += o("target.attention.sequence")
-        per_moe_layer = (o("target.moe") + o("target.moe.expert") * touched_experts(self.E, self.na, N)
-                         + o("target.moe.token") * N)
-        fixed = np.where(self.is_moe, per_moe_layer, o("target.moe"))       # [L] dense layers: one invocation
-        if batched_moe:
-            moe_gpu[:, 0] += fixed
-        else:
-            moe_gpu += fixed[:, None] / M
-        return float(per_moe_layer) if self.E else 0.0
-
+    # ---- fixed per-invocation costs (planner/fixed_costs.py) ----
     def prefill_fixed_s(self, batch: int, prompt_len: int, chunks: int) -> float:
-        """Fixed seconds of the prefill: the same stage invocations as a decode pass with one
-        micro-batch, once per chunk of prompt tokens, with per-token terms over all B*P tokens and
-        per-sequence terms once per sequence; then the LM head and the draft's own prefill pass."""
-        if not self.has_ov:
-            return 0.0
-        o = self.ov.get
-        T = batch * prompt_len
-        per_chunk = self.L * (o("target.pre_attn") + o("target.attention") + o("target.post_attn")) \
-            + float(np.where(self.is_moe, o("target.moe") + o("target.moe.expert") * touched_experts(
-                self.E, self.na, T / max(chunks, 1)), o("target.moe")).sum())
-        t = chunks * per_chunk + o("target.pre_attn") + o("target.lm_head") + o("target.lm_head.token") * batch
-        t += batch * (o("target.pre_attn.sequence") + o("target.attention.sequence"))
-        t += T * self.L * o("target.post_attn.token") + T * float(self.is_moe.sum()) * o("target.moe.token")
-        if self.draft is not None:
-            t += o("draft.step") + self.draft.num_layers * o("draft.layer") + o("draft.sequence") * batch
-        return t
-
-    def _draft_fixed(self, seqs: int, q: float) -> float:
-        """Fixed seconds of one draft step of one non-empty draft-KV part of `seqs` sequences, q tokens
-        each; the first step (q = acc(k) + 1 > 1) also pays, with the probability that some sequence
-        catches up two tokens, the attention group of its own those get."""
-        if not self.has_ov or seqs <= 0:
-            return 0.0
-        o = self.ov.get
-        t = o("draft.step") + self.draft.num_layers * o("draft.layer") + o("draft.sequence") * seqs
-        if q > 1.0:
-            t += self.draft.num_layers * o("draft.catchup") * (1.0 - (1.0 - self._full_accept_p(q)) ** seqs)
-        return t
-
-    def _full_accept_p(self, q: float) -> float:
-        """P(A >= k) = acc(k) - acc(k-1) for the k whose first draft step reads q = acc(k) + 1 tokens (the
-        smallest such k: a draft length inside a flat stretch of acc is never worth more than its first)."""
-        memo = self.__dict__.setdefault("_full_accept", {})
-        if q not in memo:
-            acc = self.workload.acceptance.acc
-            p = 0.0
-            for k in range(1, 257):
-                if acc(k) + 1.0 == q:
-                    p = max(0.0, acc(k) - acc(k - 1))
-                    break
-            memo[q] = p
-        return memo[q]
+        """Fixed seconds of the prefill (FixedCosts.prefill_s)."""
+        return self.fixed.prefill_s(batch, prompt_len, chunks)
 
     # ---- draft pieces ----
     def draft_part(self, seqs: int, q: float, s: float, srcs: set, on_gpu: bool) -> float:
@@ -575,7 +442,7 @@ class CostModel:
             op = self.attn_op(seqs, q, s, True, spec=d, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,
                                layers=d.num_layers)
             t += self._t("gpu", op, srcs, dtype=self.workload.kv_dtype, kind="attention")
-        return t + self._draft_fixed(seqs, q)
+        return t + self.fixed.draft_step_s(seqs, q)
 
     def draft_cpu_attn(self, seqs: int, q: float, s: float, srcs: set) -> float:
         op = self.attn_op(seqs, q, s, False, spec=self.draft, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,

@@ -146,72 +146,96 @@ def _attention(dag: Dag, c: IterationCosts, i: int, j: int, pre: int, it: int) -
     return att
 
 
-def _build_iteration(dag: Dag, c: IterationCosts, it: int, prev_draft_end: list, buf_wait: list,
-                     h2d_chain: list, placement: Placement, overlap_draft: bool, prefetch: bool) -> tuple[list, int]:
-    """Add one iteration's events. prev_draft_end[j]: event(s) the micro-batch j's first layer waits
-    for. buf_wait: MoE events of the streaming layers so far (for the buffer dependency). h2d_chain:
-    the last H2D event (copies run in order on one copy stream). Returns the draft-end dependency
-    list for the next iteration and the index of the last event."""
-    L, M = c.pre_s.shape
-    nbuf = max(1, placement.streaming_buffers)
-    last = [list(prev_draft_end[j]) for j in range(M)]      # deps of pre(i, j)
-    gate = [] if prefetch else sorted({e for j in range(M) for e in prev_draft_end[j]})
-    lm_ends = []
-    TP, TPO, TM, TH = (_ST[Stage.TARGET_PRE_ATTN], _ST[Stage.TARGET_POST_ATTN], _ST[Stage.TARGET_MOE],
-                       _ST[Stage.TARGET_H2D])
-    for i in range(L):
-        h = None
-        if c.h2d_s[i] > 0:
-            dep = list(buf_wait[-nbuf]) if len(buf_wait) >= nbuf else []
-            dep += h2d_chain + gate
-            h = dag.add("pcie", c.h2d_s[i], dep, TH, i, -1, it)
-            h2d_chain[:] = [h]
-            gate = []
-        posts = []
-        moes: list[int] = []
-        if c.batched_layer:
-            # the engine's streaming-ahead schedule: pre_attn over every micro-batch, attention per
-            # micro-batch, post_attn over all of them, then the MoE (batched) below
-            p = dag.add("gpu", float(c.pre_s[i].sum()), sorted({e for j in range(M) for e in last[j]}), TP, i, -1, it)
-            att = [a for j in range(M) for a in _attention(dag, c, i, j, p, it)]
-            posts.append(dag.add("gpu", float(c.post_s[i].sum()), att or (p,), TPO, i, -1, it))
-        for j in range(M if not c.batched_layer else 0):
-            p = dag.add("gpu", c.pre_s[i, j], last[j], TP, i, j, it)
-            att = _attention(dag, c, i, j, p, it)
-            po = dag.add("gpu", c.post_s[i, j], att or (p,), TPO, i, j, it)
-            posts.append(po)
-            if not c.batched_moe:
-                ends = []
-                if c.moe_gpu_s[i, j] > 0 or c.moe_cpu_s[i, j] == 0:
-                    ends.append(dag.add("gpu", c.moe_gpu_s[i, j], (po, h), TM, i, j, it))
-                if c.moe_cpu_s[i, j] > 0:
-                    ends.append(dag.add("cpu", c.moe_cpu_s[i, j], (po,), TM, i, j, it))
-                moes.extend(ends)
-                last[j] = ends
-        if c.batched_moe:
+def _expert_copy(dag: Dag, c: IterationCosts, i: int, it: int, buf_wait: list, h2d_chain: list, gate: list,
+                 nbuf: int) -> int | None:
+    """Layer i's expert streaming (None when it streams nothing): it waits for a free buffer (the MoE
+    of the layer nbuf streaming layers back), the previous copy, and `gate` (the previous iteration's
+    draft, unless the schedule prefetches)."""
+    if c.h2d_s[i] <= 0:
+        return None
+    dep = list(buf_wait[-nbuf]) if len(buf_wait) >= nbuf else []
+    dep += h2d_chain + gate
+    h = dag.add("pcie", c.h2d_s[i], dep, _ST[Stage.TARGET_H2D], i, -1, it)
+    h2d_chain[:] = [h]
+    return h
+
+
+def _layer_whole_batch(dag: Dag, c: IterationCosts, i: int, it: int, last: list) -> list[int]:
+    """The engine's streaming-ahead schedule: pre_attn over every micro-batch, attention per
+    micro-batch, post_attn over all of them. Returns the post_attn event (the MoE follows)."""
+    M = len(last)
+    p = dag.add("gpu", float(c.pre_s[i].sum()), sorted({e for j in range(M) for e in last[j]}),
+                _ST[Stage.TARGET_PRE_ATTN], i, -1, it)
+    att = [a for j in range(M) for a in _attention(dag, c, i, j, p, it)]
+    return [dag.add("gpu", float(c.post_s[i].sum()), att or (p,), _ST[Stage.TARGET_POST_ATTN], i, -1, it)]
+
+
+def _layer_per_micro_batch(dag: Dag, c: IterationCosts, i: int, it: int, last: list,
+                           h: int | None) -> tuple[list[int], list[int]]:
+    """pre_attn, attention and post_attn of each micro-batch in turn, each followed by its own MoE
+    (GPU and CPU parts) unless the MoE runs batched. Updates last[j] to micro-batch j's MoE events;
+    returns the post_attn events and the MoE events."""
+    TM = _ST[Stage.TARGET_MOE]
+    posts, moes = [], []
+    for j in range(len(last)):
+        p = dag.add("gpu", c.pre_s[i, j], last[j], _ST[Stage.TARGET_PRE_ATTN], i, j, it)
+        att = _attention(dag, c, i, j, p, it)
+        po = dag.add("gpu", c.post_s[i, j], att or (p,), _ST[Stage.TARGET_POST_ATTN], i, j, it)
+        posts.append(po)
+        if not c.batched_moe:
             ends = []
-            if c.moe_gpu_s[i, 0] > 0 or c.moe_cpu_s[i, 0] == 0:
-                ends.append(dag.add("gpu", c.moe_gpu_s[i, 0], posts + [h], TM, i, -1, it))
-            if c.moe_cpu_s[i, 0] > 0:
-                ends.append(dag.add("cpu", c.moe_cpu_s[i, 0], posts, TM, i, -1, it))
-            moes = ends
-            last = [list(ends) for _ in range(M)]
-        if h is not None:
-            buf_wait.append(moes)
+            if c.moe_gpu_s[i, j] > 0 or c.moe_cpu_s[i, j] == 0:
+                ends.append(dag.add("gpu", c.moe_gpu_s[i, j], (po, h), TM, i, j, it))
+            if c.moe_cpu_s[i, j] > 0:
+                ends.append(dag.add("cpu", c.moe_cpu_s[i, j], (po,), TM, i, j, it))
+            moes.extend(ends)
+            last[j] = ends
+    return posts, moes
+
+
+def _moe_whole_batch(dag: Dag, c: IterationCosts, i: int, it: int, posts: list[int], h: int | None) -> list[int]:
+    """Layer i's routed experts over all micro-batches at once, after every post_attn and the layer's
+    expert copy: the GPU part (always, unless only the CPU computes) and the CPU part."""
+    TM = _ST[Stage.TARGET_MOE]
+    ends = []
+    if c.moe_gpu_s[i, 0] > 0 or c.moe_cpu_s[i, 0] == 0:
+        ends.append(dag.add("gpu", c.moe_gpu_s[i, 0], posts + [h], TM, i, -1, it))
+    if c.moe_cpu_s[i, 0] > 0:
+        ends.append(dag.add("cpu", c.moe_cpu_s[i, 0], posts, TM, i, -1, it))
+    return ends
+
+
+def _target_layer(dag: Dag, c: IterationCosts, i: int, it: int, last: list, h: int | None) -> tuple[list, list]:
+    """Layer i of the target under the schedule the costs were made for (batched_layer, batched_moe).
+    Returns the layer's MoE events and each micro-batch's last events (deps of the next layer)."""
+    if c.batched_layer:
+        posts, moes = _layer_whole_batch(dag, c, i, it, last), []
+    else:
+        posts, moes = _layer_per_micro_batch(dag, c, i, it, last, h)
+    if c.batched_moe:
+        moes = _moe_whole_batch(dag, c, i, it, posts, h)
+        last = [list(moes) for _ in range(len(last))]
+    return moes, last
+
+
+def _lm_head_and_verify(dag: Dag, c: IterationCosts, it: int, last: list, overlap_draft: bool) -> list[int]:
+    """Draft after target (the paper): the LM head and acceptance run once the whole batch has passed
+    the last layer; with overlap_draft each micro-batch goes on as soon as it is through. Returns the
+    acceptance event of each micro-batch."""
+    everything = [e for ends in last for e in ends]
     verifies = []
-    everything = [e for j in range(M) for e in last[j]]
-    for j in range(M):
-        # draft after target (the paper): the LM head and acceptance run once the whole batch has
-        # passed the last layer; with overlap_draft each micro-batch goes on as soon as it is through
+    for j in range(len(last)):
         lm = dag.add("gpu", c.lm_head_s[j], last[j] if overlap_draft else everything,
                      _ST[Stage.TARGET_LM_HEAD], -1, j, it)
-        lm_ends.append(lm)
         verifies.append(dag.add("gpu", c.verify_s[j], (lm,), _ST[Stage.VERIFY_ACCEPT], -1, j, it))
-    K = c.draft_gpu_s.shape[1]
-    G = c.draft_gpu_s.shape[0]
-    if K == 0:
-        nxt = [[verifies[j]] if overlap_draft else list(verifies) for j in range(M)]
-        return nxt, verifies[-1]
+    return verifies
+
+
+def _draft_phase(dag: Dag, c: IterationCosts, it: int, verifies: list[int], overlap_draft: bool) -> tuple[list, int]:
+    """Each draft group's k steps: the GPU part's chain, and the CPU part's chain of CPU attention then
+    GPU rest. Returns the next iteration's per-micro-batch deps and the last event."""
+    G, K = c.draft_gpu_s.shape
+    M = len(verifies)
     DG, DC = _ST[Stage.DRAFT_GPU], _ST[Stage.DRAFT_CPU]
     group_end = []
     for g in range(G):
@@ -230,6 +254,29 @@ def _build_iteration(dag: Dag, c: IterationCosts, it: int, prev_draft_end: list,
         allend = [e for ge in group_end for e in ge]
         nxt = [allend for _ in range(M)]
     return nxt, max(e for ge in group_end for e in ge)
+
+
+def _build_iteration(dag: Dag, c: IterationCosts, it: int, prev_draft_end: list, buf_wait: list,
+                     h2d_chain: list, placement: Placement, overlap_draft: bool, prefetch: bool) -> tuple[list, int]:
+    """Add one iteration's events. prev_draft_end[j]: event(s) the micro-batch j's first layer waits
+    for. buf_wait: MoE events of the streaming layers so far (for the buffer dependency). h2d_chain:
+    the last H2D event (copies run in order on one copy stream). Returns the draft-end dependency
+    list for the next iteration and the index of the last event."""
+    L, M = c.pre_s.shape
+    nbuf = max(1, placement.streaming_buffers)
+    last = [list(prev_draft_end[j]) for j in range(M)]      # deps of pre(i, j)
+    gate = [] if prefetch else sorted({e for j in range(M) for e in prev_draft_end[j]})
+    for i in range(L):
+        h = _expert_copy(dag, c, i, it, buf_wait, h2d_chain, gate, nbuf)
+        moes, last = _target_layer(dag, c, i, it, last, h)
+        if h is not None:
+            gate = []
+            buf_wait.append(moes)
+    verifies = _lm_head_and_verify(dag, c, it, last, overlap_draft)
+    if c.draft_gpu_s.shape[1] == 0:
+        nxt = [[verifies[j]] if overlap_draft else list(verifies) for j in range(M)]
+        return nxt, verifies[-1]
+    return _draft_phase(dag, c, it, verifies, overlap_draft)
 
 
 def simulate_iteration(costs: IterationCosts, placement: Placement, overlap_draft: bool = False,

@@ -10,6 +10,7 @@ from pathlib import Path
 from specmoe.planner.batch_drain import at_live_batch, drain, live_curve, live_placement
 from specmoe.planner.errors import SpecError
 from specmoe.planner.plan import Plan
+from specmoe.planner.report.inputs import load_plan
 from specmoe.planner.stages import Stage
 
 
@@ -71,8 +72,6 @@ def throughput_by_k(plan: Plan, ks: range | None = None) -> list[dict]:
 def predicted_timeline(plan: Plan | dict | str | Path) -> list[dict]:
     """The plan's predicted Gantt events of one iteration; re-simulated from its inputs when the plan
     carries none."""
-    from specmoe.planner.report.compare import load_plan
-
     plan = load_plan(plan)
     if plan.predicted.timeline:
         return list(plan.predicted.timeline)
@@ -134,17 +133,28 @@ def job_prediction(plan: Plan, run: dict) -> dict | None:
             "live_curve": curve}
 
 
-def _prediction(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict, list[dict]]:
+def prediction_for_run(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict, list[dict]]:
     """(stages, totals, timeline) predicted for the run's configuration: the plan's own prediction
     when the run used the plan's k and batch (its timeline re-simulated from the plan's inputs when
     the plan carries none); re-estimated from the plan's inputs when the run used another k, when
     its mean live batch was smaller than the plan's (sequences finishing at different iterations
     of a static batch; the prediction is then at that batch, so both sides describe the same
     iterations), or when the plan carries no prediction."""
-    p = plan.predicted
     k_run = int(run["draft_len"])
     live = live_batch(run)
-    b_run = plan.batch
+    sched = _schedule_to_resimulate(plan, run, warnings)
+    if sched is not None or (live is not None and live < (1 - LIVE_BATCH_TOLERANCE) * plan.batch):
+        got = _at_live_batch(plan, run, k_run, live, sched, warnings)
+        if got is not None:
+            return got
+    if k_run == plan.draft_len and plan.predicted.iteration_time_s > 0:
+        return _plan_prediction(plan, k_run, warnings)
+    return _fresh_estimate(plan, k_run, warnings)
+
+
+def _schedule_to_resimulate(plan: Plan, run: dict, warnings: list[str]) -> dict[str, bool] | None:
+    """The engine's schedule (engine_schedule) when the plan predicted another one that changes the
+    events, with a warning; None when the plan's prediction stands for it."""
     opts = plan.solver.get("options", {}) if isinstance(plan.solver, dict) else {}
     sched = engine_schedule(run)
     if sched is not None and all(bool(opts.get(k, False)) == v for k, v in sched.items()):
@@ -155,55 +165,76 @@ def _prediction(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict,
         warnings.append("the engine ran " + ", ".join(f"{k}={v}" for k, v in sched.items())
                         + f" (expert streaming {run.get('expert_streaming')!r}): predictions re-simulated "
                           "with that schedule")
-    if sched is not None or (live is not None and live < (1 - LIVE_BATCH_TOLERANCE) * plan.batch):
-        if live is None or live >= (1 - LIVE_BATCH_TOLERANCE) * plan.batch:
-            live = float(plan.batch)
-        b_run = max(1, int(round(live)))
-        try:
-            e = _estimate_for(plan, k_run, timeline=True, placement=_live_placement(plan, b_run), batch=b_run,
-                              schedule=sched)
-        except SpecError as err:
-            warnings.append(f"could not re-estimate at the run's batch {live:.1f} ({err}); "
-                            f"predictions are for the plan's batch {plan.batch} and schedule")
-        else:
-            if b_run != plan.batch:
-                warnings.append(f"the run averaged {live:.1f} live sequences per iteration of the plan's "
-                                f"{plan.batch} (sequences finish at different iterations): predictions "
-                                f"re-estimated at batch {b_run}" + (f" and k={k_run}" if k_run != plan.draft_len else ""))
-            elif k_run != plan.draft_len:
-                warnings.append(f"the run used k={k_run}, the plan k={plan.draft_len}: predictions re-estimated "
-                                f"from the plan's inputs at k={k_run}")
-            stages = dict(e.stages)
-            stages[Stage.ITERATION.value] = e.iteration_time_s
-            # prefill runs once over the whole batch: the plan's batch, not the live one
-            try:
-                prefill = (p.prefill_time_s if k_run == plan.draft_len and p.prefill_time_s > 0
-                           else _estimate_for(plan, k_run, timeline=False, schedule=sched).prefill_time_s)
-            except SpecError:
-                prefill = e.prefill_time_s
-            stages[Stage.PREFILL.value] = prefill
-            dec = run.get("decode_tokens")
-            e2e = e.end_to_end_tokens_per_s
-            if dec and e.decode_tokens_per_s > 0:
-                gen = float(run.get("generated_tokens") or dec)
-                e2e = gen / (prefill + float(dec) / e.decode_tokens_per_s)
-            return stages, _pred_totals(e.iteration_time_s, e.decode_tokens_per_s, e2e,
-                                        e.tokens_per_iteration, prefill, e.source), list(e.timeline)
-    if k_run == plan.draft_len and p.iteration_time_s > 0:
-        stages = dict(p.stages)
-        tot = _pred_totals(p.iteration_time_s, p.decode_tokens_per_s, p.end_to_end_tokens_per_s,
-                           p.tokens_per_iteration, p.prefill_time_s, p.source)
-        if p.timeline:
-            return stages, tot, list(p.timeline)
-        try:
-            e = _estimate_for(plan, k_run, timeline=True, run=False)
-        except SpecError as err:
-            warnings.append(f"no predicted timeline: re-simulating the plan failed ({err})")
-            return stages, tot, []
-        if abs(e.iteration_time_s - p.iteration_time_s) > 0.01 * p.iteration_time_s:
-            warnings.append(f"the re-simulated timeline ({e.iteration_time_s:.4g} s) differs from the plan's predicted "
-                            f"iteration ({p.iteration_time_s:.4g} s): the plan was made with other simulator options")
-        return stages, tot, list(e.timeline)
+    return sched
+
+
+def _at_live_batch(plan: Plan, run: dict, k_run: int, live: float | None, sched: dict | None,
+                   warnings: list[str]) -> tuple[dict, dict, list[dict]] | None:
+    """Re-estimated at the run's live batch (the plan's when the run kept it), k and schedule; None
+    with a warning when that fails."""
+    if live is None or live >= (1 - LIVE_BATCH_TOLERANCE) * plan.batch:
+        live = float(plan.batch)
+    b_run = max(1, int(round(live)))
+    try:
+        e = _estimate_for(plan, k_run, timeline=True, placement=_live_placement(plan, b_run), batch=b_run,
+                          schedule=sched)
+    except SpecError as err:
+        warnings.append(f"could not re-estimate at the run's batch {live:.1f} ({err}); "
+                        f"predictions are for the plan's batch {plan.batch} and schedule")
+        return None
+    if b_run != plan.batch:
+        warnings.append(f"the run averaged {live:.1f} live sequences per iteration of the plan's "
+                        f"{plan.batch} (sequences finish at different iterations): predictions "
+                        f"re-estimated at batch {b_run}" + (f" and k={k_run}" if k_run != plan.draft_len else ""))
+    elif k_run != plan.draft_len:
+        warnings.append(f"the run used k={k_run}, the plan k={plan.draft_len}: predictions re-estimated "
+                        f"from the plan's inputs at k={k_run}")
+    stages = dict(e.stages)
+    stages[Stage.ITERATION.value] = e.iteration_time_s
+    prefill = _prefill_for(plan, k_run, sched, e)
+    stages[Stage.PREFILL.value] = prefill
+    dec = run.get("decode_tokens")
+    e2e = e.end_to_end_tokens_per_s
+    if dec and e.decode_tokens_per_s > 0:
+        gen = float(run.get("generated_tokens") or dec)
+        e2e = gen / (prefill + float(dec) / e.decode_tokens_per_s)
+    return stages, _pred_totals(e.iteration_time_s, e.decode_tokens_per_s, e2e,
+                                e.tokens_per_iteration, prefill, e.source), list(e.timeline)
+
+
+def _prefill_for(plan: Plan, k_run: int, sched: dict | None, e) -> float:
+    """Prefill runs once over the whole batch: the plan's batch, not the live one (the plan's own
+    prediction at its k; `e`'s when re-estimating at the plan's batch fails)."""
+    p = plan.predicted
+    try:
+        return (p.prefill_time_s if k_run == plan.draft_len and p.prefill_time_s > 0
+                else _estimate_for(plan, k_run, timeline=False, schedule=sched).prefill_time_s)
+    except SpecError:
+        return e.prefill_time_s
+
+
+def _plan_prediction(plan: Plan, k_run: int, warnings: list[str]) -> tuple[dict, dict, list[dict]]:
+    """The plan's own prediction; its timeline re-simulated from its inputs when it carries none."""
+    p = plan.predicted
+    stages = dict(p.stages)
+    tot = _pred_totals(p.iteration_time_s, p.decode_tokens_per_s, p.end_to_end_tokens_per_s,
+                       p.tokens_per_iteration, p.prefill_time_s, p.source)
+    if p.timeline:
+        return stages, tot, list(p.timeline)
+    try:
+        e = _estimate_for(plan, k_run, timeline=True, run=False)
+    except SpecError as err:
+        warnings.append(f"no predicted timeline: re-simulating the plan failed ({err})")
+        return stages, tot, []
+    if abs(e.iteration_time_s - p.iteration_time_s) > 0.01 * p.iteration_time_s:
+        warnings.append(f"the re-simulated timeline ({e.iteration_time_s:.4g} s) differs from the plan's predicted "
+                        f"iteration ({p.iteration_time_s:.4g} s): the plan was made with other simulator options")
+    return stages, tot, list(e.timeline)
+
+
+def _fresh_estimate(plan: Plan, k_run: int, warnings: list[str]) -> tuple[dict, dict, list[dict]]:
+    """Re-estimated from the plan's inputs at the run's k (the plan has no prediction for it)."""
+    p = plan.predicted
     try:
         e = _estimate_for(plan, k_run, timeline=True)
     except SpecError as err:
@@ -225,7 +256,8 @@ def _pred_totals(it, tps, e2e, tpi, prefill, source) -> dict:
             "tokens_per_iteration": float(tpi), "prefill_time_s": float(prefill), "source": str(source)}
 
 
-def _acc(plan: Plan, k: int) -> float:
+def acceptance_at(plan: Plan, k: int) -> float:
+    """acc(k): the plan's expected accepted drafts per sequence and iteration at draft length k."""
     if k <= 0:
         return 0.0
     return plan.workload_spec().acceptance.acc(k)

@@ -1,0 +1,162 @@
+"""The fixed per-invocation costs of one decode iteration, added on top of the cost model's roofline
+(planner/overhead.py holds the terms, planner/cost_model.py the roofline).
+
+Where the hardware spec has `measured.op_overhead_us` or `measured.stage_overhead_us`, every stage
+costs fixed + roofline, the fixed part counted per invocation as the engine makes them
+(runtime/speculative.py, runtime/model/target.py):
+  target.pre_attn    one per layer and micro-batch (one per layer with batched_layer), plus one per pass
+                     (embedding), + per sequence per pass
+  target.attention   one per layer and micro-batch on each KV part it has (host / device), + per sequence
+                     per pass. The GPU-KV sequences spread over the micro-batches as everywhere in the cost
+                     model (split_even, which planner.milp models too); the engine puts the first rows on
+                     the device, so with m > 1 and 0 < GPU-KV sequences < B its part count can differ
+  target.post_attn   one per layer and micro-batch (one per layer with batched_layer), + per token per layer
+  target.moe         one per layer (all micro-batches together) + one per touched expert, E(1-(1-n_a/E)^N),
+                     + per token per MoE layer; spread evenly over the micro-batch columns when batched_moe is off
+  target.h2d         one per streamed expert (folded into the per-uncached-expert slope, so it stays linear)
+  target.lm_head     one per iteration (spread over the micro-batch columns)
+  iteration.other    one per iteration + per sequence: engine work outside every stage, added to the
+                     iteration (IterationCosts.other_s), not to a stage
+  verify.accept      one per iteration + per sequence + per verified token
+  draft.gpu/.cpu     per draft step of each non-empty part: step + L_d x layer + sequences x per-sequence;
+                     its first step also L_d x catchup x P(some sequence accepted all k drafts),
+                     1 - (1 - P(A >= k))^seqs with P(A >= k) = acc(k) - acc(k-1) (all inside
+                     CostModel.draft_part, which planner.milp's draft time uses too)
+Without either field (and with use_measured=False) the fixed parts are zero: the bare roofline.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from specmoe.planner.cost_terms import touched_experts
+from specmoe.planner.iteration_costs import IterationCosts
+from specmoe.planner.model_spec import ModelSpec
+from specmoe.planner.overhead import Overheads
+from specmoe.planner.workload import AcceptanceProfile
+
+
+class FixedCosts:
+    """The fixed seconds of the engine's stage invocations for one model (and draft) on one machine."""
+
+    def __init__(self, overheads: Overheads, is_moe: np.ndarray, num_experts: int, top_k: int,
+                 draft: ModelSpec | None, acceptance: AcceptanceProfile):
+        self.ov = overheads
+        self.any = overheads.any
+        self.is_moe = is_moe                  # [L]
+        self.E, self.na = num_experts, top_k
+        self.draft = draft
+        self.acceptance = acceptance
+        self._full_accept: dict[float, float] = {}
+
+    # ---- decode iteration ----
+    def add_to(self, costs: IterationCosts, gpu_kv_per_mb: list[int], attn_on_gpu: bool) -> None:
+        """Add the fixed costs to the roofline stage arrays of `costs` in place: every layer's
+        invocations, then each pass's, then the routed experts'; and the engine's time outside
+        every stage to other_s. gpu_kv_per_mb: GPU-KV sequences per micro-batch."""
+        mb = costs.mb_sizes.tolist()
+        k1 = costs.draft_len + 1
+        self._add_per_layer(costs, mb, k1)
+        self._add_per_pass(costs, mb, gpu_kv_per_mb, attn_on_gpu, k1)
+        costs.moe_gpu_full_s = float(costs.moe_gpu_full_s + self._add_moe(costs, costs.batch * k1))
+        costs.sources = costs.sources | {"measured"}
+        costs.other_s = self.iteration_other_s(costs.batch)
+
+    def _add_per_layer(self, costs: IterationCosts, mb: list[int], k1: int) -> None:
+        """pre_attn and post_attn: once per layer and micro-batch, or once per layer with batched_layer."""
+        o = self.ov.get
+        pre, post = costs.pre_s, costs.post_s
+        if costs.batched_layer:                                              # each layer, once over all micro-batches
+            pre[:, 0] += o("target.pre_attn")
+            post[:, 0] += o("target.post_attn") + o("target.post_attn.token") * k1 * costs.batch
+        else:                                                                # [L, M] each layer x micro-batch
+            pre += o("target.pre_attn")
+            post += o("target.post_attn") + o("target.post_attn.token") * k1 * np.asarray(mb, dtype=float)[None, :]
+
+    def _add_per_pass(self, costs: IterationCosts, mb: list[int], tg: list[int], attn_on_gpu: bool,
+                      k1: int) -> None:
+        """The once-per-pass terms of each micro-batch (embedding, attention's index plan per KV part,
+        LM head, acceptance), and the attention's per-sequence term on the optimizer's slopes."""
+        o = self.ov.get
+        M = costs.micro_batches
+        pre, attn_cpu, attn_gpu = costs.pre_s, costs.attn_cpu_s, costs.attn_gpu_s
+        for j in range(M):
+            pre[0, j] += o("target.pre_attn") / M + o("target.pre_attn.sequence") * mb[j]   # once per pass
+            n_dev, n_host = tg[j], mb[j] - tg[j]
+            if attn_on_gpu:
+                n_dev, n_host = n_dev + n_host, 0
+            if n_host > 0:
+                attn_cpu[:, j] += o("target.attention")
+                attn_cpu[0, j] += o("target.attention.sequence") * n_host
+            if n_dev > 0:
+                attn_gpu[:, j] += o("target.attention.gpu")
+                attn_gpu[0, j] += o("target.attention.sequence") * n_dev
+            costs.lm_head_s[j] += o("target.lm_head") / M + o("target.lm_head.token") * k1 * mb[j]
+            costs.verify_s[j] += (o("verify.accept") / M
+                                  + (o("verify.accept.sequence") + o("verify.accept.token") * k1) * mb[j])
+        costs.cpu_attn_s_per_seq[0] += o("target.attention.sequence")
+        costs.gpu_attn_s_per_seq[0] += o("target.attention.sequence")
+
+    def _add_moe(self, costs: IterationCosts, N: int) -> float:
+        """target.moe on every layer (dense layers: one invocation); returns the fixed MoE seconds of
+        one MoE layer (for moe_gpu_full_s)."""
+        o = self.ov.get
+        per_moe_layer = (o("target.moe") + o("target.moe.expert") * touched_experts(self.E, self.na, N)
+                         + o("target.moe.token") * N)
+        fixed = np.where(self.is_moe, per_moe_layer, o("target.moe"))       # [L] dense layers: one invocation
+        if costs.batched_moe:
+            costs.moe_gpu_s[:, 0] += fixed
+        else:
+            costs.moe_gpu_s += fixed[:, None] / costs.micro_batches
+        return float(per_moe_layer) if self.E else 0.0
+
+    def iteration_other_s(self, batch: int) -> float:
+        """The engine's fixed time outside every stage in one iteration of `batch` sequences."""
+        if not self.any:
+            return 0.0
+        return self.ov.get("iteration.other") + self.ov.get("iteration.other.sequence") * batch
+
+    # ---- prefill ----
+    def prefill_s(self, batch: int, prompt_len: int, chunks: int) -> float:
+        """Fixed seconds of the prefill: the same stage invocations as a decode pass with one
+        micro-batch, once per chunk of prompt tokens, with per-token terms over all B*P tokens and
+        per-sequence terms once per sequence; then the LM head and the draft's own prefill pass."""
+        if not self.any:
+            return 0.0
+        o = self.ov.get
+        L = len(self.is_moe)
+        T = batch * prompt_len
+        per_chunk = L * (o("target.pre_attn") + o("target.attention") + o("target.post_attn")) \
+            + float(np.where(self.is_moe, o("target.moe") + o("target.moe.expert") * touched_experts(
+                self.E, self.na, T / max(chunks, 1)), o("target.moe")).sum())
+        t = chunks * per_chunk + o("target.pre_attn") + o("target.lm_head") + o("target.lm_head.token") * batch
+        t += batch * (o("target.pre_attn.sequence") + o("target.attention.sequence"))
+        t += T * L * o("target.post_attn.token") + T * float(self.is_moe.sum()) * o("target.moe.token")
+        if self.draft is not None:
+            t += o("draft.step") + self.draft.num_layers * o("draft.layer") + o("draft.sequence") * batch
+        return t
+
+    # ---- draft ----
+    def draft_step_s(self, seqs: int, q: float) -> float:
+        """Fixed seconds of one draft step of one non-empty draft-KV part of `seqs` sequences, q tokens
+        each; the first step (q = acc(k) + 1 > 1) also pays, with the probability that some sequence
+        catches up two tokens, the attention group of its own those get."""
+        if not self.any or seqs <= 0:
+            return 0.0
+        o = self.ov.get
+        t = o("draft.step") + self.draft.num_layers * o("draft.layer") + o("draft.sequence") * seqs
+        if q > 1.0:
+            t += self.draft.num_layers * o("draft.catchup") * (1.0 - (1.0 - self.full_accept_p(q)) ** seqs)
+        return t
+
+    def full_accept_p(self, q: float) -> float:
+        """P(A >= k) = acc(k) - acc(k-1) for the k whose first draft step reads q = acc(k) + 1 tokens (the
+        smallest such k: a draft length inside a flat stretch of acc is never worth more than its first)."""
+        if q not in self._full_accept:
+            acc = self.acceptance.acc
+            p = 0.0
+            for k in range(1, 257):
+                if acc(k) + 1.0 == q:
+                    p = max(0.0, acc(k) - acc(k - 1))
+                    break
+            self._full_accept[q] = p
+        return self._full_accept[q]
