@@ -31,7 +31,7 @@ import numpy as np
 from specmoe.planner.cost_terms import touched_experts
 from specmoe.planner.iteration_costs import IterationCosts
 from specmoe.planner.model_spec import ModelSpec
-from specmoe.planner.overhead import Overheads
+from specmoe.planner.overhead import OverheadKey as K, Overheads
 from specmoe.planner.workload import AcceptanceProfile
 
 
@@ -66,11 +66,11 @@ class FixedCosts:
         o = self.ov.get
         pre, post = costs.pre_s, costs.post_s
         if costs.batched_layer:                                              # each layer, once over all micro-batches
-            pre[:, 0] += o("target.pre_attn")
-            post[:, 0] += o("target.post_attn") + o("target.post_attn.token") * k1 * costs.batch
+            pre[:, 0] += o(K.PRE_ATTN)
+            post[:, 0] += o(K.POST_ATTN) + o(K.POST_ATTN_TOKEN) * k1 * costs.batch
         else:                                                                # [L, M] each layer x micro-batch
-            pre += o("target.pre_attn")
-            post += o("target.post_attn") + o("target.post_attn.token") * k1 * np.asarray(mb, dtype=float)[None, :]
+            pre += o(K.PRE_ATTN)
+            post += o(K.POST_ATTN) + o(K.POST_ATTN_TOKEN) * k1 * np.asarray(mb, dtype=float)[None, :]
 
     def _add_per_pass(self, costs: IterationCosts, mb: list[int], tg: list[int], attn_on_gpu: bool,
                       k1: int) -> None:
@@ -80,29 +80,29 @@ class FixedCosts:
         M = costs.micro_batches
         pre, attn_cpu, attn_gpu = costs.pre_s, costs.attn_cpu_s, costs.attn_gpu_s
         for j in range(M):
-            pre[0, j] += o("target.pre_attn") / M + o("target.pre_attn.sequence") * mb[j]   # once per pass
+            pre[0, j] += o(K.PRE_ATTN) / M + o(K.PRE_ATTN_SEQUENCE) * mb[j]   # once per pass
             n_dev, n_host = tg[j], mb[j] - tg[j]
             if attn_on_gpu:
                 n_dev, n_host = n_dev + n_host, 0
             if n_host > 0:
-                attn_cpu[:, j] += o("target.attention")
-                attn_cpu[0, j] += o("target.attention.sequence") * n_host
+                attn_cpu[:, j] += o(K.ATTENTION)
+                attn_cpu[0, j] += o(K.ATTENTION_SEQUENCE) * n_host
             if n_dev > 0:
-                attn_gpu[:, j] += o("target.attention.gpu")
-                attn_gpu[0, j] += o("target.attention.sequence") * n_dev
-            costs.lm_head_s[j] += o("target.lm_head") / M + o("target.lm_head.token") * k1 * mb[j]
-            costs.verify_s[j] += (o("verify.accept") / M
-                                  + (o("verify.accept.sequence") + o("verify.accept.token") * k1) * mb[j])
-        costs.cpu_attn_s_per_seq[0] += o("target.attention.sequence")
-        costs.gpu_attn_s_per_seq[0] += o("target.attention.sequence")
+                attn_gpu[:, j] += o(K.ATTENTION_GPU)
+                attn_gpu[0, j] += o(K.ATTENTION_SEQUENCE) * n_dev
+            costs.lm_head_s[j] += o(K.LM_HEAD) / M + o(K.LM_HEAD_TOKEN) * k1 * mb[j]
+            costs.verify_s[j] += (o(K.ACCEPT) / M
+                                  + (o(K.ACCEPT_SEQUENCE) + o(K.ACCEPT_TOKEN) * k1) * mb[j])
+        costs.cpu_attn_s_per_seq[0] += o(K.ATTENTION_SEQUENCE)
+        costs.gpu_attn_s_per_seq[0] += o(K.ATTENTION_SEQUENCE)
 
     def _add_moe(self, costs: IterationCosts, N: int) -> float:
         """target.moe on every layer (dense layers: one invocation); returns the fixed MoE seconds of
         one MoE layer (for moe_gpu_full_s)."""
         o = self.ov.get
-        per_moe_layer = (o("target.moe") + o("target.moe.expert") * touched_experts(self.E, self.na, N)
-                         + o("target.moe.token") * N)
-        fixed = np.where(self.is_moe, per_moe_layer, o("target.moe"))       # [L] dense layers: one invocation
+        per_moe_layer = (o(K.MOE) + o(K.MOE_EXPERT) * touched_experts(self.E, self.na, N)
+                         + o(K.MOE_TOKEN) * N)
+        fixed = np.where(self.is_moe, per_moe_layer, o(K.MOE))       # [L] dense layers: one invocation
         if costs.batched_moe:
             costs.moe_gpu_s[:, 0] += fixed
         else:
@@ -113,7 +113,7 @@ class FixedCosts:
         """The engine's fixed time outside every stage in one iteration of `batch` sequences."""
         if not self.any:
             return 0.0
-        return self.ov.get("iteration.other") + self.ov.get("iteration.other.sequence") * batch
+        return self.ov.get(K.OTHER) + self.ov.get(K.OTHER_SEQUENCE) * batch
 
     # ---- prefill ----
     def prefill_s(self, batch: int, prompt_len: int, chunks: int) -> float:
@@ -125,14 +125,14 @@ class FixedCosts:
         o = self.ov.get
         L = len(self.is_moe)
         T = batch * prompt_len
-        per_chunk = L * (o("target.pre_attn") + o("target.attention") + o("target.post_attn")) \
-            + float(np.where(self.is_moe, o("target.moe") + o("target.moe.expert") * touched_experts(
-                self.E, self.na, T / max(chunks, 1)), o("target.moe")).sum())
-        t = chunks * per_chunk + o("target.pre_attn") + o("target.lm_head") + o("target.lm_head.token") * batch
-        t += batch * (o("target.pre_attn.sequence") + o("target.attention.sequence"))
-        t += T * L * o("target.post_attn.token") + T * float(self.is_moe.sum()) * o("target.moe.token")
+        per_chunk = L * (o(K.PRE_ATTN) + o(K.ATTENTION) + o(K.POST_ATTN)) \
+            + float(np.where(self.is_moe, o(K.MOE) + o(K.MOE_EXPERT) * touched_experts(
+                self.E, self.na, T / max(chunks, 1)), o(K.MOE)).sum())
+        t = chunks * per_chunk + o(K.PRE_ATTN) + o(K.LM_HEAD) + o(K.LM_HEAD_TOKEN) * batch
+        t += batch * (o(K.PRE_ATTN_SEQUENCE) + o(K.ATTENTION_SEQUENCE))
+        t += T * L * o(K.POST_ATTN_TOKEN) + T * float(self.is_moe.sum()) * o(K.MOE_TOKEN)
         if self.draft is not None:
-            t += o("draft.step") + self.draft.num_layers * o("draft.layer") + o("draft.sequence") * batch
+            t += o(K.DRAFT_STEP) + self.draft.num_layers * o(K.DRAFT_LAYER) + o(K.DRAFT_SEQUENCE) * batch
         return t
 
     # ---- draft ----
@@ -143,9 +143,9 @@ class FixedCosts:
         if not self.any or seqs <= 0:
             return 0.0
         o = self.ov.get
-        t = o("draft.step") + self.draft.num_layers * o("draft.layer") + o("draft.sequence") * seqs
+        t = o(K.DRAFT_STEP) + self.draft.num_layers * o(K.DRAFT_LAYER) + o(K.DRAFT_SEQUENCE) * seqs
         if q > 1.0:
-            t += self.draft.num_layers * o("draft.catchup") * (1.0 - (1.0 - self.full_accept_p(q)) ** seqs)
+            t += self.draft.num_layers * o(K.DRAFT_CATCHUP) * (1.0 - (1.0 - self.full_accept_p(q)) ** seqs)
         return t
 
     def full_accept_p(self, q: float) -> float:

@@ -24,38 +24,73 @@ cost model adds the terms in CostModel.iteration.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.stages import Stage
 
 US = 1e-6
 
+
+class OverheadKey(str, Enum):
+    """The keys of the fixed costs: a stage of planner/stages.py, or one of its per-unit terms (the
+    stage name + ".sequence", ".token", ...). The draft's keys count draft steps and layers, which no
+    single stage holds (draft.gpu and draft.cpu both take them)."""
+
+    PRE_ATTN = Stage.TARGET_PRE_ATTN.value
+    PRE_ATTN_SEQUENCE = f"{Stage.TARGET_PRE_ATTN.value}.sequence"
+    ATTENTION = Stage.TARGET_ATTENTION.value
+    ATTENTION_GPU = f"{Stage.TARGET_ATTENTION.value}.gpu"
+    ATTENTION_SEQUENCE = f"{Stage.TARGET_ATTENTION.value}.sequence"
+    POST_ATTN = Stage.TARGET_POST_ATTN.value
+    POST_ATTN_TOKEN = f"{Stage.TARGET_POST_ATTN.value}.token"
+    MOE = Stage.TARGET_MOE.value
+    MOE_EXPERT = f"{Stage.TARGET_MOE.value}.expert"
+    MOE_TOKEN = f"{Stage.TARGET_MOE.value}.token"
+    H2D = Stage.TARGET_H2D.value
+    LM_HEAD = Stage.TARGET_LM_HEAD.value
+    LM_HEAD_TOKEN = f"{Stage.TARGET_LM_HEAD.value}.token"
+    ACCEPT = Stage.VERIFY_ACCEPT.value
+    ACCEPT_SEQUENCE = f"{Stage.VERIFY_ACCEPT.value}.sequence"
+    ACCEPT_TOKEN = f"{Stage.VERIFY_ACCEPT.value}.token"
+    DRAFT_STEP = "draft.step"
+    DRAFT_LAYER = "draft.layer"
+    DRAFT_SEQUENCE = "draft.sequence"
+    OTHER = f"{Stage.ITERATION.value}.other"
+    OTHER_SEQUENCE = f"{Stage.ITERATION.value}.other.sequence"
+    DRAFT_CATCHUP = "draft.catchup"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 # key -> what one unit is (the engine's invocations)
 OVERHEAD_KEYS: dict[str, str] = {
-    "target.pre_attn": "per invocation: each layer and micro-batch, plus one per pass (embedding, rotary tables)",
-    "target.pre_attn.sequence": "per sequence per target pass (positions of the pass)",
-    "target.attention": "per invocation over host-memory (CPU) KV: each layer and micro-batch that has such sequences",
-    "target.attention.gpu": "per invocation over device (GPU) KV: each layer and micro-batch that has such sequences",
-    "target.attention.sequence": "per sequence per target pass (the KV cache's index plan, built once per pass)",
-    "target.post_attn": "per layer and micro-batch (o-proj, router, shared expert)",
-    "target.post_attn.token": "per token per layer (elementwise work, routing softmax/top-k the roofline omits)",
-    "target.moe": "per layer (the engine runs the routed experts of all micro-batches of a layer together)",
-    "target.moe.expert": "per expert a layer's tokens touch (each expert is one small GEMM chain)",
-    "target.moe.token": "per token per MoE layer (permutation, gather and weighted combine the roofline omits)",
-    "target.h2d": "per streamed expert (one copy)",
-    "target.lm_head": "per iteration",
-    "target.lm_head.token": ("per token through the LM head (the vocabulary-wide GEMM runs off the expert-shaped "
+    OverheadKey.PRE_ATTN.value: "per invocation: each layer and micro-batch, plus one per pass (embedding, rotary tables)",
+    OverheadKey.PRE_ATTN_SEQUENCE.value: "per sequence per target pass (positions of the pass)",
+    OverheadKey.ATTENTION.value: "per invocation over host-memory (CPU) KV: each layer and micro-batch that has such sequences",
+    OverheadKey.ATTENTION_GPU.value: "per invocation over device (GPU) KV: each layer and micro-batch that has such sequences",
+    OverheadKey.ATTENTION_SEQUENCE.value: "per sequence per target pass (the KV cache's index plan, built once per pass)",
+    OverheadKey.POST_ATTN.value: "per layer and micro-batch (o-proj, router, shared expert)",
+    OverheadKey.POST_ATTN_TOKEN.value: "per token per layer (elementwise work, routing softmax/top-k the roofline omits)",
+    OverheadKey.MOE.value: "per layer (the engine runs the routed experts of all micro-batches of a layer together)",
+    OverheadKey.MOE_EXPERT.value: "per expert a layer's tokens touch (each expert is one small GEMM chain)",
+    OverheadKey.MOE_TOKEN.value: "per token per MoE layer (permutation, gather and weighted combine the roofline omits)",
+    OverheadKey.H2D.value: "per streamed expert (one copy)",
+    OverheadKey.LM_HEAD.value: "per iteration",
+    OverheadKey.LM_HEAD_TOKEN.value: ("per token through the LM head (the vocabulary-wide GEMM runs off the expert-shaped "
                              "GEMM curve the roofline uses, and the logits are cast to fp32)"),
-    "verify.accept": "per iteration",
-    "verify.accept.sequence": "per sequence per iteration (acceptance bookkeeping, KV roll-back)",
-    "verify.accept.token": "per verified token per iteration (argmax and top-2 over the vocabulary)",
-    "draft.step": "per draft step of each draft-KV part (draft.gpu and draft.cpu each)",
-    "draft.layer": "per draft step per draft layer",
-    "draft.sequence": "per draft step per sequence",
-    "iteration.other": ("per iteration: the engine's work outside every stage (building the pass's layout and "
+    OverheadKey.ACCEPT.value: "per iteration",
+    OverheadKey.ACCEPT_SEQUENCE.value: "per sequence per iteration (acceptance bookkeeping, KV roll-back)",
+    OverheadKey.ACCEPT_TOKEN.value: "per verified token per iteration (argmax and top-2 over the vocabulary)",
+    OverheadKey.DRAFT_STEP.value: "per draft step of each draft-KV part (draft.gpu and draft.cpu each)",
+    OverheadKey.DRAFT_LAYER.value: "per draft step per draft layer",
+    OverheadKey.DRAFT_SEQUENCE.value: "per draft step per sequence",
+    OverheadKey.OTHER.value: ("per iteration: the engine's work outside every stage (building the pass's layout and "
                         "inputs, Python between stages); no stage holds it, the iteration does"),
-    "iteration.other.sequence": "per sequence per iteration, outside every stage",
-    "draft.catchup": ("per draft layer, once per iteration and draft-KV part in which some sequence catches up two "
+    OverheadKey.OTHER_SEQUENCE.value: "per sequence per iteration, outside every stage",
+    OverheadKey.DRAFT_CATCHUP.value: ("per draft layer, once per iteration and draft-KV part in which some sequence catches up two "
                       "tokens (all k drafts were accepted): the first draft step attends those as a group of their own"),
 }
 
@@ -65,18 +100,18 @@ OVERHEAD_KEYS: dict[str, str] = {
 # (runtime/calibrate/overhead.py; spec details `ops_per_invocation`, 2026-11-28). Per-sequence keys
 # have none (their cost is Python per sequence).
 OPS_PER_INVOCATION: dict[str, float] = {
-    "target.pre_attn": 36.0,
-    "target.attention": 61.5,
-    "target.attention.gpu": 63.5,
-    "target.post_attn": 20.0,
-    "target.moe": 87.5,
-    "target.moe.expert": 24.0,
-    "target.h2d": 1.0,            # one copy per streamed expert (issued outside the stage brackets)
-    "target.lm_head": 11.0,
-    "verify.accept": 38.0,
-    "draft.step": 39.0,
-    "draft.layer": 180.0,
-    "draft.catchup": 30.0,
+    OverheadKey.PRE_ATTN.value: 36.0,
+    OverheadKey.ATTENTION.value: 61.5,
+    OverheadKey.ATTENTION_GPU.value: 63.5,
+    OverheadKey.POST_ATTN.value: 20.0,
+    OverheadKey.MOE.value: 87.5,
+    OverheadKey.MOE_EXPERT.value: 24.0,
+    OverheadKey.H2D.value: 1.0,            # one copy per streamed expert (issued outside the stage brackets)
+    OverheadKey.LM_HEAD.value: 11.0,
+    OverheadKey.ACCEPT.value: 38.0,
+    OverheadKey.DRAFT_STEP.value: 39.0,
+    OverheadKey.DRAFT_LAYER.value: 180.0,
+    OverheadKey.DRAFT_CATCHUP.value: 30.0,
 }
 
 

@@ -12,6 +12,7 @@ from specmoe.planner.errors import SpecError
 from specmoe.planner.plan import Plan
 from specmoe.planner.report.inputs import load_plan
 from specmoe.planner.stages import Stage
+from specmoe.planner.workload import MAX_DRAFT_LEN
 
 
 SCHEDULE_KEYS = ("overlap_draft", "prefetch", "batched_moe", "batched_layer")
@@ -54,7 +55,7 @@ def throughput_by_k(plan: Plan, ks: range | None = None) -> list[dict]:
     from specmoe.planner.memory import default_placement
 
     if ks is None:
-        ks = range(0, max(8, plan.draft_len + 2) + 1) if plan.draft is not None else range(0, 1)
+        ks = range(0, max(MAX_DRAFT_LEN, plan.draft_len + 2) + 1) if plan.draft is not None else range(0, 1)
     m, hw, wl, d = plan.model_spec(), plan.hardware_spec(), plan.workload_spec(), plan.draft_spec()
     out = []
     for k in ks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from specmoe.planner.atomic_file import atomic_write_text
 from specmoe.planner.errors import SpecError
 from specmoe.planner.plan import Plan
 from specmoe.planner.report.compare import compare
@@ -66,14 +67,7 @@ def write_html(plan: Plan | dict | str | Path, run: dict | str | Path, path: str
     plan_obj = load_plan(plan)
     cmp = comparison if comparison is not None else compare(plan_obj, run)
     page = _page(cmp, _figures(rp, cmp, plan_obj))
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write_text(out, page)
 
 
 def _figures(rp, cmp: Comparison, plan: Plan) -> list:

@@ -88,10 +88,10 @@ def format_table(e) -> str:
              f"  batch {e.batch}, micro-batches {e.micro_batches}, draft length {e.draft_len}, "
              f"acc(k) {e.accepted_per_iteration:.3f}, mean context {e.context_len:.0f}, rates: {e.source}",
              "", f"  {'stage':18s} {'resource':8s} {'seconds/iter':>13s} {'share':>7s}"]
-    from specmoe.planner.stages import STAGE_RESOURCE
+    from specmoe.planner.stages import STAGE_RESOURCE, Stage
     for st in ITERATION_PARTS:
         v = e.stages.get(st.value, 0.0)
-        res = "cpu+gpu" if st.value == "draft.cpu" else STAGE_RESOURCE[st]
+        res = "cpu+gpu" if st is Stage.DRAFT_CPU else STAGE_RESOURCE[st]
         lines.append(f"  {st.value:18s} {res:8s} {v:13.4f} {v / it if it else 0:7.1%}")
     lines += [f"  {'iteration':18s} {'all':8s} {it:13.4f}   (closed-form bare max {e.closed_form_iteration_s:.4f})",
               "", f"  busy per iteration: " + ", ".join(f"{r} {v:.4f} s" for r, v in e.resource_busy_s.items())

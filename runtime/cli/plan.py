@@ -192,7 +192,7 @@ def format_plan(plan) -> str:
 
 
 def format_explain(plan) -> str:
-    from specmoe.planner.stages import ITERATION_PARTS, STAGE_RESOURCE
+    from specmoe.planner.stages import ITERATION_PARTS, STAGE_RESOURCE, Stage
 
     pr = plan.predicted
     it = pr.iteration_time_s or float("nan")
@@ -202,7 +202,7 @@ def format_explain(plan) -> str:
         v = float(pr.stages.get(st.value, 0.0))
         res = STAGE_RESOURCE[st]
         busy[res] = busy.get(res, 0.0) + v
-        if st.value == "draft.cpu":
+        if st is Stage.DRAFT_CPU:
             res = "cpu+gpu"
         rows.append((st.value, res, v))
     if pr.timeline:               # the simulator's own split (draft.cpu is part CPU, part GPU)
