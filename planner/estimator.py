@@ -106,6 +106,35 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
     d = None
     if k > 0:
         d = load_model(draft if draft is not None else default_draft_name(m))
+    B = _batch_size(m, hw, workload, d, k, mb, batch)
+    placement_given = placement is not None
+    if placement is None:
+        placement = default_placement(m, hw, workload, B, k, d, mb)
+    elif not isinstance(placement, Placement):
+        raise SpecError("placement", f"must be a planner.Placement, got {type(placement).__name__}",
+                        "build one with Placement(expert_cache_slots=...)")
+    fp = _checked_footprint(m, hw, workload, B, k, placement, d, mb, placement_given)
+
+    cm = CostModel(m, hw, workload, d, use_measured=use_measured)
+    sim = _SimOptions(overlap_draft, prefetch, batched_moe, batched_layer)
+    est = _steady_state(cm, sim, B, mb, k, placement, fp, timeline)
+    if run:
+        _add_run(est, cm, sim)
+    dr = drain(workload, B, k)
+    if dr is not None:
+        def at(b: int) -> float:
+            if b >= B:
+                return est.iteration_time_s
+            pl = live_placement(placement, B, b)
+            return sim.simulate(sim.costs(cm, b, min(mb, b), k, pl), pl, record=False).iteration_time_s
+
+        est.job = job_summary(dr, at_live_batch(at, B, dr.mean_live_batch), est.prefill_time_s, workload.gen_len)
+    return est
+
+
+def _batch_size(m: ModelSpec, hw: HardwareSpec, workload: Workload, d: ModelSpec | None, k: int, mb: int,
+                batch: int | str | None) -> int:
+    """The batch: the given one, workload.batch, or (None / "max") the most that fits; at least mb."""
     if batch is None:
         batch = workload.batch if workload.batch is not None else "max"
     if batch == "max":
@@ -114,12 +143,12 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
         B = _int_arg(batch, "batch", 1)
     if mb > B:
         raise SpecError("micro_batches", f"{mb} exceeds the batch {B}", f"use at most {B} micro-batches")
-    placement_given = placement is not None
-    if placement is None:
-        placement = default_placement(m, hw, workload, B, k, d, mb)
-    elif not isinstance(placement, Placement):
-        raise SpecError("placement", f"must be a planner.Placement, got {type(placement).__name__}",
-                        "build one with Placement(expert_cache_slots=...)")
+    return B
+
+
+def _checked_footprint(m: ModelSpec, hw: HardwareSpec, workload: Workload, B: int, k: int, placement: Placement,
+                       d: ModelSpec | None, mb: int, placement_given: bool):
+    """The memory footprint; a clear error (with the largest batch that fits the CPU) when it does not fit."""
     fp = footprint(m, hw, workload, B, k, placement, d, mb)
     if not fp.fits:
         fit = None
@@ -129,43 +158,61 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
             except SpecError:
                 fit = None
         fp.check(batch=B, max_fit=fit, placement_given=placement_given)
+    return fp
 
-    cm = CostModel(m, hw, workload, d, use_measured=use_measured)
-    groups = "micro_batch" if overlap_draft else "batch"
-    costs = cm.iteration(B, mb, k, placement, batched_moe=batched_moe, draft_groups=groups, batched_layer=batched_layer)
-    sim = simulate_iteration(costs, placement, overlap_draft=overlap_draft, prefetch=prefetch, record=timeline)
-    it = sim.iteration_time_s
-    stages = dict(sim.stages)
-    est = Estimate(
-        model=m.name, hardware=hw.name, draft=d.name if d is not None else None, batch=B, micro_batches=mb,
-        draft_len=k, accepted_per_iteration=workload.acceptance.acc(k) if k else 0.0,
+
+@dataclass(frozen=True)
+class _SimOptions:
+    """The simulator options of one estimate, passed the same way to every evaluation."""
+
+    overlap_draft: bool
+    prefetch: bool
+    batched_moe: bool
+    batched_layer: bool
+
+    @property
+    def draft_groups(self) -> str:
+        return "micro_batch" if self.overlap_draft else "batch"
+
+    def costs(self, cm: CostModel, B: int, mb: int, k: int, placement: Placement):
+        return cm.iteration(B, mb, k, placement, batched_moe=self.batched_moe, draft_groups=self.draft_groups,
+                            batched_layer=self.batched_layer)
+
+    def simulate(self, costs, placement: Placement, record: bool):
+        return simulate_iteration(costs, placement, overlap_draft=self.overlap_draft, prefetch=self.prefetch,
+                                  record=record)
+
+    def to_dict(self) -> dict[str, bool]:
+        return {"overlap_draft": self.overlap_draft, "prefetch": self.prefetch, "batched_moe": self.batched_moe,
+                "batched_layer": self.batched_layer}
+
+
+def _steady_state(cm: CostModel, sim: _SimOptions, B: int, mb: int, k: int, placement: Placement, fp,
+                  timeline: bool) -> Estimate:
+    """The Estimate of the decode iteration at the mean context, through the event simulator."""
+    workload = cm.workload
+    costs = sim.costs(cm, B, mb, k, placement)
+    s = sim.simulate(costs, placement, record=timeline)
+    it = s.iteration_time_s
+    return Estimate(
+        model=cm.model.name, hardware=cm.hw.name, draft=cm.draft.name if cm.draft is not None else None, batch=B,
+        micro_batches=mb, draft_len=k, accepted_per_iteration=workload.acceptance.acc(k) if k else 0.0,
         context_len=costs.context_len, tokens_per_iteration=costs.tokens_per_iteration, iteration_time_s=it,
         decode_tokens_per_s=costs.tokens_per_iteration / it if it > 0 else 0.0,
-        closed_form_iteration_s=costs.closed_form_time_s, stages=stages, resource_busy_s=sim.resource_busy_s,
-        memory=fp.to_dict(), bound=sim.bound, moe_gpu_utilization=costs.moe_gpu_utilization(it),
-        source=costs.source, placement=placement, timeline=sim.timeline,
-        options={"overlap_draft": overlap_draft, "prefetch": prefetch, "batched_moe": batched_moe,
-                 "batched_layer": batched_layer,
-                 "use_measured": use_measured, "acceptance": workload.acceptance.source},
+        closed_form_iteration_s=costs.closed_form_time_s, stages=dict(s.stages), resource_busy_s=s.resource_busy_s,
+        memory=fp.to_dict(), bound=s.bound, moe_gpu_utilization=costs.moe_gpu_utilization(it),
+        source=costs.source, placement=placement, timeline=s.timeline,
+        options={**sim.to_dict(), "use_measured": cm.use_measured, "acceptance": workload.acceptance.source},
     )
-    if run:
-        rr = simulate_run(cm, B, mb, k, placement, overlap_draft=overlap_draft, batched_moe=batched_moe,
-                          prefetch=prefetch, batched_layer=batched_layer)
-        est.prefill_time_s = rr.prefill_time_s
-        est.decode_time_s = rr.decode_time_s
-        est.end_to_end_tokens_per_s = rr.end_to_end_tokens_per_s
-        est.run_decode_tokens_per_s = rr.decode_tokens_per_s
-        est.run_groups = rr.groups
-        est.stages[Stage.PREFILL.value] = rr.prefill_time_s
-    d = drain(workload, B, k)
-    if d is not None:
-        def at(b: int) -> float:
-            if b >= B:
-                return it
-            pl = live_placement(placement, B, b)
-            c = cm.iteration(b, min(mb, b), k, pl, batched_moe=batched_moe, draft_groups=groups,
-                             batched_layer=batched_layer)
-            return simulate_iteration(c, pl, overlap_draft=overlap_draft, prefetch=prefetch, record=False).iteration_time_s
 
-        est.job = job_summary(d, at_live_batch(at, B, d.mean_live_batch), est.prefill_time_s, workload.gen_len)
-    return est
+
+def _add_run(est: Estimate, cm: CostModel, sim: _SimOptions) -> None:
+    """Prefill and the whole run (decode as contexts grow): end-to-end throughput."""
+    rr = simulate_run(cm, est.batch, est.micro_batches, est.draft_len, est.placement, overlap_draft=sim.overlap_draft,
+                      batched_moe=sim.batched_moe, prefetch=sim.prefetch, batched_layer=sim.batched_layer)
+    est.prefill_time_s = rr.prefill_time_s
+    est.decode_time_s = rr.decode_time_s
+    est.end_to_end_tokens_per_s = rr.end_to_end_tokens_per_s
+    est.run_decode_tokens_per_s = rr.decode_tokens_per_s
+    est.run_groups = rr.groups
+    est.stages[Stage.PREFILL.value] = rr.prefill_time_s

@@ -3,8 +3,8 @@ memory, CPU memory and acceptance rate, where speculation stops paying, the roof
 iteration, and a Plan for a chosen or a searched configuration.
 
 Every number comes from specmoe.planner.estimator (the cost model and the event simulator); the search uses
-planner.optimizer.optimize when that module exists and `use_optimizer` allows it, else a grid of
-estimates over (k, micro-batches) at the largest batch that fits. Sweeps return pandas DataFrames;
+planner.optimizer.optimize when it imports and `use_optimizer` allows it, else a grid of estimates
+over (k, micro-batches) at the largest batch that fits. Sweeps return pandas DataFrames;
 configurations that do not fit in memory give rows with fits=False and NaN throughput.
 
 Array dimension letters: I = intensity samples.
@@ -282,7 +282,7 @@ def fixed_plan(model, hardware, workload: Workload, draft=None, draft_len: int =
 
 def _optimizer():
     try:
-        from specmoe.planner import optimizer  # written alongside; absent in older trees
+        from specmoe.planner import optimizer  # imported on use: the grid search works without it
     except ImportError:
         return None
     return getattr(optimizer, "optimize", None)
@@ -332,76 +332,106 @@ def iteration_ops(model, hardware, workload: Workload, draft=None, draft_len: in
     est = estimate(m, hw, workload, draft=d, draft_len=k, micro_batches=micro_batches, placement=placement,
                    batch=batch, timeline=False, run=False, use_measured=use_measured)
     cm = CostModel(m, hw, workload, d, use_measured=use_measured)
-    B, M, pl = est.batch, est.micro_batches, est.placement
-    b = split_even(B, M)[0]
-    b_gpu_kv = split_even(min(pl.target_kv_gpu_sequences, B), M)[0]
-    k1, s, wb, dt, kvd = k + 1, workload.mean_context, cm.wb, cm.dtype, workload.kv_dtype
-    n = b * k1
-    moe_layers = [i for i in m.moe_layers if i not in pl.cpu_expert_layers]
-    rows: list[dict] = []
+    ops = _OpRows(hw, cm.dtype, use_measured)
+    _target_layer_ops(ops, cm, est)
+    _target_once_ops(ops, cm, est)
+    if k > 0 and d is not None:
+        _draft_ops(ops, cm, est)
+    df = pd.DataFrame(ops.rows)
+    df.attrs.update(batch=est.batch, micro_batches=est.micro_batches, draft_len=k, model=m.name, hardware=hw.name)
+    return df
 
-    def add(op: str, stage: Stage, res: str, cost: OpCost, count: float, **kw):
+
+class _OpRows:
+    """The rows of iteration_ops: one per kind of operation, with its roofline time on its resource."""
+
+    def __init__(self, hw, dtype: str, use_measured: bool):
+        self.hw, self.dtype, self.use_measured = hw, dtype, use_measured
+        self.rows: list[dict] = []
+
+    def add(self, op: str, stage: Stage, res: str, cost: OpCost, count: float, **kw) -> None:
+        """One row, unless the operation does not run (count 0) or has no time, bytes or flops."""
         if count <= 0:
             return
-        t = time_on(res, hw, cost, use_measured=use_measured, **{"dtype": dt, **kw})
+        t = time_on(res, self.hw, cost, use_measured=self.use_measured, **{"dtype": self.dtype, **kw})
         nbytes = {"gpu": cost.hbm_bytes, "cpu": cost.dram_bytes, "pcie": cost.pcie_bytes}[res]
         if t.time_s <= 0 or nbytes <= 0 or cost.flops <= 0:
             return
-        rows.append({"op": op, "stage": stage.value, "resource": res, "flops": cost.flops, "bytes": nbytes,
-                     "intensity_flop_per_byte": cost.flops / nbytes, "time_s": t.time_s, "count": count,
-                     "achieved_flops": cost.flops / t.time_s, "bound": t.bound, "source": t.source})
+        self.rows.append({"op": op, "stage": stage.value, "resource": res, "flops": cost.flops, "bytes": nbytes,
+                          "intensity_flop_per_byte": cost.flops / nbytes, "time_s": t.time_s, "count": count,
+                          "achieved_flops": cost.flops / t.time_s, "bound": t.bound, "source": t.source})
 
+
+def _target_layer_ops(ops: _OpRows, cm: CostModel, est: Estimate) -> None:
+    """The target's per-layer operations on the largest micro-batch b (n = b (k+1) tokens): pre and
+    post attention, verify attention on the CPU and the GPU, the routed experts, and their H2D."""
+    m, wl, wb = cm.model, cm.workload, cm.wb
+    B, M, pl = est.batch, est.micro_batches, est.placement
+    b = split_even(B, M)[0]
+    b_gpu_kv = split_even(min(pl.target_kv_gpu_sequences, B), M)[0]
+    k1, s, kvd = est.draft_len + 1, wl.mean_context, wl.kv_dtype
+    n = b * k1
+    moe_layers = [i for i in m.moe_layers if i not in pl.cpu_expert_layers]
     L = m.num_layers
-    add("pre_attn", Stage.TARGET_PRE_ATTN, "gpu",
-        OpCost(2.0 * n * cm.pre_elems, cm.pre_elems * wb + n * (m.hidden + cm.pre_out) * ACT_BYTES), L * M, tokens=n)
+    ops.add("pre_attn", Stage.TARGET_PRE_ATTN, "gpu",
+            OpCost(2.0 * n * cm.pre_elems, cm.pre_elems * wb + n * (m.hidden + cm.pre_out) * ACT_BYTES), L * M, tokens=n)
     if b - b_gpu_kv > 0 and pl.attention_device == "cpu":
-        add("attention (cpu)", Stage.TARGET_ATTENTION, "cpu", cm.attn_op(b - b_gpu_kv, k1, s, False), L * M,
-            dtype=kvd, kind="attention", n_query=k1, context=s)
+        ops.add("attention (cpu)", Stage.TARGET_ATTENTION, "cpu", cm.attn_op(b - b_gpu_kv, k1, s, False), L * M,
+                dtype=kvd, kind="attention", n_query=k1, context=s)
     if b_gpu_kv > 0:
-        add("attention (gpu)", Stage.TARGET_ATTENTION, "gpu", cm.attn_op(b_gpu_kv, k1, s, True), L * M,
-            dtype=kvd, kind="attention")
+        ops.add("attention (gpu)", Stage.TARGET_ATTENTION, "gpu", cm.attn_op(b_gpu_kv, k1, s, True), L * M,
+                dtype=kvd, kind="attention")
     post_act = n * (m.num_q_heads * m.head_dim + 2 * m.hidden) * ACT_BYTES
     n_moe = len(m.moe_layers)
-    add("post_attn", Stage.TARGET_POST_ATTN, "gpu", OpCost(2.0 * n * cm.post_moe_elems,
-                                                           cm.post_moe_elems * wb + post_act), n_moe * M, tokens=n)
-    add("post_attn (dense)", Stage.TARGET_POST_ATTN, "gpu",
-        OpCost(2.0 * n * cm.post_dense_elems, cm.post_dense_elems * wb + post_act), (L - n_moe) * M, tokens=n)
-    if cm.E:
-        tj = touched_experts(cm.E, cm.na, n)
-        moe_flops = 2.0 * n * cm.na * m.expert_elems
-        add("moe", Stage.TARGET_MOE, "gpu", OpCost(moe_flops, tj * cm.expert_bytes + n * cm.na * 2 * m.hidden * ACT_BYTES),
+    ops.add("post_attn", Stage.TARGET_POST_ATTN, "gpu", OpCost(2.0 * n * cm.post_moe_elems,
+                                                               cm.post_moe_elems * wb + post_act), n_moe * M, tokens=n)
+    ops.add("post_attn (dense)", Stage.TARGET_POST_ATTN, "gpu",
+            OpCost(2.0 * n * cm.post_dense_elems, cm.post_dense_elems * wb + post_act), (L - n_moe) * M, tokens=n)
+    if not cm.E:
+        return
+    tj = touched_experts(cm.E, cm.na, n)
+    moe_flops = 2.0 * n * cm.na * m.expert_elems
+    ops.add("moe", Stage.TARGET_MOE, "gpu", OpCost(moe_flops, tj * cm.expert_bytes + n * cm.na * 2 * m.hidden * ACT_BYTES),
             len(moe_layers) * M, tokens=n * cm.na / tj)
-        N = B * k1
-        p_all = 1.0 - (1.0 - cm.na / cm.E) ** N
-        unc = [cm.E - pl.expert_cache_slots[i] for i in moe_layers]
-        mean_unc = float(np.mean(unc)) if unc else 0.0
-        add("h2d (experts)", Stage.TARGET_H2D, "pcie",
+    N = B * k1
+    p_all = 1.0 - (1.0 - cm.na / cm.E) ** N
+    unc = [cm.E - pl.expert_cache_slots[i] for i in moe_layers]
+    mean_unc = float(np.mean(unc)) if unc else 0.0
+    ops.add("h2d (experts)", Stage.TARGET_H2D, "pcie",
             OpCost(flops=2.0 * N * cm.na * m.expert_elems, pcie_bytes=mean_unc * p_all * cm.expert_bytes),
             len(moe_layers), chunk_bytes=cm.expert_bytes)
-    nb = B * k1                  # the LM head and the acceptance run once over the whole batch
-    add("lm_head", Stage.TARGET_LM_HEAD, "gpu", OpCost(2.0 * nb * m.vocab_size * m.hidden,
-                                                       m.vocab_size * m.hidden * wb + nb * m.vocab_size * LOGIT_BYTES),
-        1, tokens=nb)
-    add("verify.accept", Stage.VERIFY_ACCEPT, "gpu", OpCost(float(nb * m.vocab_size), nb * m.vocab_size * LOGIT_BYTES),
-        1, kind="memory")
-    if k > 0 and d is not None:
-        g = min(B, pl.draft_kv_gpu_sequences)
-        c = B - g
-        for seqs, label in ((g, "gpu-KV"), (c, "cpu-KV")):
-            if seqs > 0:
-                add(f"draft matmuls ({label})", Stage.DRAFT_GPU if label == "gpu-KV" else Stage.DRAFT_CPU, "gpu",
-                    OpCost(2.0 * seqs * cm.d_mm, cm.d_mm * wb + 2 * seqs * d.hidden * ACT_BYTES), k, tokens=seqs)
-        if g > 0:
-            add("draft attention (gpu)", Stage.DRAFT_GPU, "gpu",
+
+
+def _target_once_ops(ops: _OpRows, cm: CostModel, est: Estimate) -> None:
+    """The LM head and the acceptance, which run once over the whole batch's B (k+1) tokens."""
+    m = cm.model
+    nb = est.batch * (est.draft_len + 1)
+    ops.add("lm_head", Stage.TARGET_LM_HEAD, "gpu", OpCost(2.0 * nb * m.vocab_size * m.hidden,
+                                                           m.vocab_size * m.hidden * cm.wb + nb * m.vocab_size * LOGIT_BYTES),
+            1, tokens=nb)
+    ops.add("verify.accept", Stage.VERIFY_ACCEPT, "gpu", OpCost(float(nb * m.vocab_size), nb * m.vocab_size * LOGIT_BYTES),
+            1, kind="memory")
+
+
+def _draft_ops(ops: _OpRows, cm: CostModel, est: Estimate) -> None:
+    """The draft's k steps: matmuls of the GPU-KV and CPU-KV sequences, and their attention."""
+    d, wl, k = cm.draft, cm.workload, est.draft_len
+    s, kvd = wl.mean_context, wl.kv_dtype
+    B = est.batch
+    g = min(B, est.placement.draft_kv_gpu_sequences)
+    c = B - g
+    for seqs, label in ((g, "gpu-KV"), (c, "cpu-KV")):
+        if seqs > 0:
+            ops.add(f"draft matmuls ({label})", Stage.DRAFT_GPU if label == "gpu-KV" else Stage.DRAFT_CPU, "gpu",
+                    OpCost(2.0 * seqs * cm.d_mm, cm.d_mm * cm.wb + 2 * seqs * d.hidden * ACT_BYTES), k, tokens=seqs)
+    if g > 0:
+        ops.add("draft attention (gpu)", Stage.DRAFT_GPU, "gpu",
                 cm.attn_op(g, 1, s, True, spec=d, e_h=cm.d_e_h, kv_tok_bytes=cm.d_kv_tok_bytes, layers=d.num_layers),
                 k, dtype=kvd, kind="attention")
-        if c > 0:
-            add("draft attention (cpu)", Stage.DRAFT_CPU, "cpu",
+    if c > 0:
+        ops.add("draft attention (cpu)", Stage.DRAFT_CPU, "cpu",
                 cm.attn_op(c, 1, s, False, spec=d, e_h=cm.d_e_h, kv_tok_bytes=cm.d_kv_tok_bytes, layers=d.num_layers),
                 k, dtype=kvd, kind="attention", n_query=1, context=s)
-    df = pd.DataFrame(rows)
-    df.attrs.update(batch=B, micro_batches=M, draft_len=k, model=m.name, hardware=hw.name)
-    return df
 
 
 def roofs(hardware, dtype: str = "bf16", chunk_bytes: float | None = None, use_measured: bool = True,

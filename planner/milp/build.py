@@ -1,4 +1,4 @@
-"""The pulp model of one point and variant: `build` (after planner.milp_costs' add_draft, and
+"""The pulp model of one point and variant: `build` (after planner.milp.costs' add_draft, and
 add_kv_streaming for GPU attention). Each constraint has its formula in the comment above it.
 
 T is the cost model's closed form (CostModel.iteration(...).closed_form_time_s):
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -74,6 +74,24 @@ def _layer_time(prob, T_l, res: list[list[tuple[str, list, float]]], serial: boo
             T_l, [t for _, terms, _ in combo for t in terms], sum(c for _, _, c in combo))
 
 
+@dataclass
+class _Vars:
+    """The program's variables; a number where the variant fixes one (t = 0 without target KV on the
+    GPU, g = 0 without a draft, U = 0 when every layer's cold experts run on the CPU)."""
+
+    c: dict                           # MoE layer -> c_l
+    x: dict                           # MoE layer -> x_l (variant "per_layer" only)
+    z: dict                           # MoE layer -> z_l = x_l (E - c_l)
+    T: list                           # T_l, every layer
+    t: object
+    g: object
+    U: object
+    y: float                          # 1: verify attention of CPU-KV sequences on the GPU
+    mode: str                         # the variant's x mode ("stream" for a model without MoE layers)
+    u_parts: list = field(default_factory=list)     # micro-batches with a CPU-KV part (fixed costs)
+    v_parts: list = field(default_factory=list)     # micro-batches with a GPU-KV part (fixed costs)
+
+
 def build(pc: PointCosts, variant: Variant, max_time_s: float | None = None) -> Milp:
     """The pulp model of one point and variant (needs add_draft, and add_kv_streaming for GPU
     attention). max_time_s: an upper bound on T (the latency objective's throughput floor)."""
@@ -82,8 +100,34 @@ def build(pc: PointCosts, variant: Variant, max_time_s: float | None = None) -> 
     if pc.draft_g is None or (variant.gpu_attention and pc.kv_h2d_s_per_seq is None):
         raise ValueError("build: call add_draft (and add_kv_streaming for GPU attention) first")
     t0 = time.perf_counter()
-    B, E, L, S = pc.batch, pc.num_experts, pc.num_layers, pc.time_scale_s
+    S, E = pc.time_scale_s, pc.num_experts
     prob = pulp.LpProblem("specmoe_point", pulp.LpMinimize)
+    V = _variables(pc, variant)
+    Dv = _draft_pwl(prob, pc, V.g) if pc.uses_draft else 0.0
+    for l in V.x:
+        # z_l = x_l (E - c_l) exactly:  z <= E x ;  z <= E - c ;  z >= (E - c) - E (1 - x)
+        _ge(prob, f"z_le_Ex_{l}", 0.0, [(1.0, V.z[l]), (-E, V.x[l])], 0.0)
+        _ge(prob, f"z_le_uncached_{l}", 0.0, [(1.0, V.z[l]), (1.0, V.c[l])], -E)
+        _ge(prob, f"z_ge_{l}", V.z[l], [(-1.0, V.c[l]), (E, V.x[l])], 0.0)
+    kvh = pc.kv_h2d_s_per_seq if variant.gpu_attention else np.zeros(pc.num_layers)   # [L]
+    V.u_parts, V.v_parts = _attention_parts(prob, pc, variant, V.t)
+    for l in range(pc.num_layers):
+        _layer_rows(prob, pc, V, kvh, l)
+    _symmetry(prob, pc, V.c, V.x, E)
+    _memory_rows(prob, pc, variant, V)
+    total = pulp.lpSum(V.T) + pc.fixed_s / S + Dv
+    if max_time_s is not None:
+        # throughput floor: sum_l T_l + LM head + acceptance + D <= B (acc+1) / floor
+        prob += total <= max_time_s / S, "throughput_floor"
+    prob += total
+    return Milp(prob, pc, variant, dict(c=V.c, x=V.x, t=V.t, g=V.g), time.perf_counter() - t0)
+
+
+def _variables(pc: PointCosts, variant: Variant) -> _Vars:
+    """The variables of the table in the module's docstring, bounded as it says."""
+    import pulp
+
+    B, E, L = pc.batch, pc.num_experts, pc.num_layers
     moe = [int(l) for l in np.flatnonzero(pc.is_moe)]
     mode = variant.x_mode if moe else "stream"
     c = {l: pulp.LpVariable(f"c_{l}", 0, E, cat="Integer") for l in moe}
@@ -94,79 +138,92 @@ def build(pc: PointCosts, variant: Variant, max_time_s: float | None = None) -> 
     y = 1.0 if variant.gpu_attention else 0.0
     g = pulp.LpVariable("g", int(pc.draft_g[0]), int(pc.draft_g[-1]), cat="Integer") if pc.uses_draft else 0
     U = pulp.LpVariable("U", 0, E) if (moe and mode != "cpu") else 0
-    Dv = _draft_pwl(prob, pc, g) if pc.uses_draft else 0.0
-    for l in x:
-        # z_l = x_l (E - c_l) exactly:  z <= E x ;  z <= E - c ;  z >= (E - c) - E (1 - x)
-        _ge(prob, f"z_le_Ex_{l}", 0.0, [(1.0, z[l]), (-E, x[l])], 0.0)
-        _ge(prob, f"z_le_uncached_{l}", 0.0, [(1.0, z[l]), (1.0, c[l])], -E)
-        _ge(prob, f"z_ge_{l}", z[l], [(-1.0, c[l]), (E, x[l])], 0.0)
-    kvh = pc.kv_h2d_s_per_seq if variant.gpu_attention else np.zeros(L)
-    u_parts, v_parts = _attention_parts(prob, pc, variant, t)
-    for l in range(L):
-        # the layer's resource times, each a list of linear alternatives (the max of its lines);
-        # T_l >= every one (the resources overlap), or >= their sum on a serial host
-        res: list[list[tuple[str, list, float]]] = []
-        a_c, a_g, kv = pc.attn_cpu_s_per_seq[l] / S, pc.attn_gpu_s_per_seq[l] / S, kvh[l] / S
-        # CPU-KV sequences B - t: attention on the CPU (y = 0), or streamed and on the GPU (y = 1):
-        #   cpu attention a_c (1 - y)(B - t); gpu attention a_g (t + y (B - t)); KV streaming kv y (B - t)
-        cpu_att = ([(-a_c * (1 - y), t)] + [(pc.attn_cpu_fixed_s[l] / S, u) for u in u_parts], a_c * (1 - y) * B)
-        gpu_att = ([(a_g * (1 - y), t)] + [(pc.attn_gpu_fixed_s[l] / S, vv) for vv in v_parts], a_g * y * B)
-        kv_str = ([(-kv * y, t)], kv * y * B)
-        G = pc.gpu_fixed_s[l] / S
-        if l not in c:
-            # dense layer: pcie_l = KV streaming, cpu_l = CPU attention, gpu_l = pre + post + dense FFN + GPU attention
-            if y:
-                res.append([(f"pcie_{l}", *kv_str)])
-            res.append([(f"cpu_{l}", *cpu_att)])
-            res.append([(f"gpu_{l}", gpu_att[0], gpu_att[1] + G)])
-            _layer_time(prob, T[l], res, pc.serial, l)
-            continue
-        mfix = pc.moe_fixed_s[l] / S
-        moe_s, cu = pc.moe_gpu_s[l] / S - mfix, pc.cpu_expert_s / S
-        if mode == "cpu":
-            # pcie_l = KV streaming; cpu_l = CPU attention + cold experts cu (E - c_l);
-            # gpu_l = G + attention + MoE c_l / E (+ the MoE's fixed cost, which stays)
-            if y:
-                res.append([(f"pcie_{l}", *kv_str)])
-            res.append([(f"cpu_{l}", cpu_att[0] + [(-cu, c[l])], cpu_att[1] + cu * E)])
-            res.append([(f"gpu_{l}", gpu_att[0] + [(moe_s / E, c[l])], gpu_att[1] + G + mfix)])
-            _layer_time(prob, T[l], res, pc.serial, l)
-            continue
-        zl, xl = z.get(l, 0), x.get(l, 0)
-        lines = pc.h2d_lines(l)
-        if len(lines) == 1:
-            b, s = lines[0]
-            # pcie_l: T_l >= (1 - x_l) H2D_l(c_l) + KV streaming; H2D_l = b + s c is linear with H2D_l(E) = 0,
-            # so (1 - x)(b + s c) = b + s c + s z
-            res.append([(f"pcie_{l}", kv_str[0] + [(s / S, c[l]), (s / S, zl)], kv_str[1] + b / S)])
-        else:
-            big = pc.h2d_table_s[l][0] / S
-            # pcie_l: T_l >= H2D_l(c_l) - H2D_l(0) x_l + KV streaming (H2D_l convex: the max of its lines)
-            res.append([(f"pcie_{l}_{j}", kv_str[0] + [(s / S, c[l]), (-big, xl)], kv_str[1] + b / S)
-                        for j, (b, s) in enumerate(lines)])
-        # cpu_l: T_l >= CPU attention + cold experts on the CPU: cu z_l
-        res.append([(f"cpu_{l}", cpu_att[0] + [(cu, zl)], cpu_att[1])])
-        # gpu_l: T_l >= pre + post + GPU attention + MoE (1 - z_l / E)  (cold experts on the CPU leave the GPU)
-        res.append([(f"gpu_{l}", gpu_att[0] + [(-moe_s / E, zl)], gpu_att[1] + G + moe_s + mfix)])
-        _layer_time(prob, T[l], res, pc.serial, l)
+    return _Vars(c=c, x=x, z=z, T=T, t=t, g=g, U=U, y=y, mode=mode)
+
+
+def _layer_rows(prob, pc: PointCosts, V: _Vars, kvh: np.ndarray, l: int) -> None:
+    """Layer l's resource times, each a list of linear alternatives (the max of its lines); T_l >= every
+    one (the resources overlap), or >= their sum on a serial host. Streaming layers also bound U."""
+    S, B, y, t = pc.time_scale_s, pc.batch, V.y, V.t
+    a_c, a_g, kv = pc.attn_cpu_s_per_seq[l] / S, pc.attn_gpu_s_per_seq[l] / S, kvh[l] / S
+    # CPU-KV sequences B - t: attention on the CPU (y = 0), or streamed and on the GPU (y = 1):
+    #   cpu attention a_c (1 - y)(B - t); gpu attention a_g (t + y (B - t)); KV streaming kv y (B - t)
+    cpu_att = ([(-a_c * (1 - y), t)] + [(pc.attn_cpu_fixed_s[l] / S, u) for u in V.u_parts], a_c * (1 - y) * B)
+    gpu_att = ([(a_g * (1 - y), t)] + [(pc.attn_gpu_fixed_s[l] / S, vv) for vv in V.v_parts], a_g * y * B)
+    kv_str = ([(-kv * y, t)], kv * y * B)
+    if l not in V.c:
+        res = _dense_layer(pc, V, l, cpu_att, gpu_att, kv_str)
+    elif V.mode == "cpu":
+        res = _cpu_expert_layer(pc, V, l, cpu_att, gpu_att, kv_str)
+    else:
+        res = _streaming_layer(pc, V, l, cpu_att, gpu_att, kv_str)
+    _layer_time(prob, V.T[l], res, pc.serial, l)
+    if l in V.c and V.mode != "cpu":
         # streaming buffers: U >= E - c_l on streaming layers:  U >= E - c_l - E x_l
-        _ge(prob, f"buf_{l}", U, [(-1.0, c[l]), (-float(E), xl)], float(E))
-    _symmetry(prob, pc, c, x, E)
+        E = pc.num_experts
+        _ge(prob, f"buf_{l}", V.U, [(-1.0, V.c[l]), (-float(E), V.x.get(l, 0))], float(E))
+
+
+def _dense_layer(pc: PointCosts, V: _Vars, l: int, cpu_att, gpu_att, kv_str) -> list:
+    """A dense layer's resource times."""
+    # dense layer: pcie_l = KV streaming, cpu_l = CPU attention, gpu_l = pre + post + dense FFN + GPU attention
+    G = pc.gpu_fixed_s[l] / pc.time_scale_s
+    res = [[(f"pcie_{l}", *kv_str)]] if V.y else []
+    res.append([(f"cpu_{l}", *cpu_att)])
+    res.append([(f"gpu_{l}", gpu_att[0], gpu_att[1] + G)])
+    return res
+
+
+def _cpu_expert_layer(pc: PointCosts, V: _Vars, l: int, cpu_att, gpu_att, kv_str) -> list:
+    """A MoE layer that computes its non-resident experts on the CPU (variant "cpu")."""
+    # pcie_l = KV streaming; cpu_l = CPU attention + cold experts cu (E - c_l);
+    # gpu_l = G + attention + MoE c_l / E (+ the MoE's fixed cost, which stays)
+    S, E, c = pc.time_scale_s, pc.num_experts, V.c
+    G, mfix = pc.gpu_fixed_s[l] / S, pc.moe_fixed_s[l] / S
+    moe_s, cu = pc.moe_gpu_s[l] / S - mfix, pc.cpu_expert_s / S
+    res = [[(f"pcie_{l}", *kv_str)]] if V.y else []
+    res.append([(f"cpu_{l}", cpu_att[0] + [(-cu, c[l])], cpu_att[1] + cu * E)])
+    res.append([(f"gpu_{l}", gpu_att[0] + [(moe_s / E, c[l])], gpu_att[1] + G + mfix)])
+    return res
+
+
+def _streaming_layer(pc: PointCosts, V: _Vars, l: int, cpu_att, gpu_att, kv_str) -> list:
+    """A MoE layer that streams its non-resident experts, or (x_l = 1) computes them on the CPU."""
+    S, E, c = pc.time_scale_s, pc.num_experts, V.c
+    G, mfix = pc.gpu_fixed_s[l] / S, pc.moe_fixed_s[l] / S
+    moe_s, cu = pc.moe_gpu_s[l] / S - mfix, pc.cpu_expert_s / S
+    zl, xl = V.z.get(l, 0), V.x.get(l, 0)
+    lines = pc.h2d_lines(l)
+    res = []
+    if len(lines) == 1:
+        b, s = lines[0]
+        # pcie_l: T_l >= (1 - x_l) H2D_l(c_l) + KV streaming; H2D_l = b + s c is linear with H2D_l(E) = 0,
+        # so (1 - x)(b + s c) = b + s c + s z
+        res.append([(f"pcie_{l}", kv_str[0] + [(s / S, c[l]), (s / S, zl)], kv_str[1] + b / S)])
+    else:
+        big = pc.h2d_table_s[l][0] / S
+        # pcie_l: T_l >= H2D_l(c_l) - H2D_l(0) x_l + KV streaming (H2D_l convex: the max of its lines)
+        res.append([(f"pcie_{l}_{j}", kv_str[0] + [(s / S, c[l]), (-big, xl)], kv_str[1] + b / S)
+                    for j, (b, s) in enumerate(lines)])
+    # cpu_l: T_l >= CPU attention + cold experts on the CPU: cu z_l
+    res.append([(f"cpu_{l}", cpu_att[0] + [(cu, zl)], cpu_att[1])])
+    # gpu_l: T_l >= pre + post + GPU attention + MoE (1 - z_l / E)  (cold experts on the CPU leave the GPU)
+    res.append([(f"gpu_{l}", gpu_att[0] + [(-moe_s / E, zl)], gpu_att[1] + G + moe_s + mfix)])
+    return res
+
+
+def _memory_rows(prob, pc: PointCosts, variant: Variant, V: _Vars) -> None:
+    """The GPU and CPU memory constraints."""
+    B = pc.batch
     # GPU memory: fixed + w_e sum_l c_l + nbuf w_e U + kv_d g + kv_t t <= usable (1 - slack)
     Gb = pc.gpu_usable_bytes
     eb, nb = pc.expert_bytes / Gb, max(1, variant.streaming_buffers)
-    _ge(prob, "gpu_memory", 1.0 - MEM_SLACK, [(eb, cv) for cv in c.values()]
-        + [(nb * eb, U), (pc.kv_draft_bytes / Gb, g), (pc.kv_target_bytes / Gb, t)], pc.gpu_fixed_bytes / Gb)
+    _ge(prob, "gpu_memory", 1.0 - MEM_SLACK, [(eb, cv) for cv in V.c.values()]
+        + [(nb * eb, V.U), (pc.kv_draft_bytes / Gb, V.g), (pc.kv_target_bytes / Gb, V.t)], pc.gpu_fixed_bytes / Gb)
     # CPU memory: pinned experts + kv_t (B - t) + kv_d (B - g) <= usable (1 - slack)
     C = pc.cpu_usable_bytes
-    _ge(prob, "cpu_memory", 1.0 - MEM_SLACK, [(-pc.kv_target_bytes / C, t), (-pc.kv_draft_bytes / C, g)],
+    _ge(prob, "cpu_memory", 1.0 - MEM_SLACK, [(-pc.kv_target_bytes / C, V.t), (-pc.kv_draft_bytes / C, V.g)],
         (pc.cpu_fixed_bytes + B * (pc.kv_target_bytes + pc.kv_draft_bytes)) / C)
-    total = pulp.lpSum(T) + pc.fixed_s / S + Dv
-    if max_time_s is not None:
-        # throughput floor: sum_l T_l + LM head + acceptance + D <= B (acc+1) / floor
-        prob += total <= max_time_s / S, "throughput_floor"
-    prob += total
-    return Milp(prob, pc, variant, dict(c=c, x=x, t=t, g=g), time.perf_counter() - t0)
 
 
 def _attention_parts(prob, pc: PointCosts, variant: Variant, t) -> tuple[list, list]:
