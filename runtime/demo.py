@@ -108,6 +108,23 @@ def _check_inputs(n_prompts: int, max_new_tokens: int, batch: int | None) -> lis
     return prompts
 
 
+@dataclass
+class _Job:
+    """What the demo's steps share: the output directory, the prompts, the settings and the step timings."""
+    out: Path
+    prompts: list[str]          # the run's prompts
+    all_prompts: list[str]      # every bundled prompt
+    max_new_tokens: int
+    quick: bool
+    log: Callable[[str], None]
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_k(self) -> int:
+        """The largest draft length profiled and planned."""
+        return 4 if self.quick else 8
+
+
 def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_tokens: int = 48, batch: int | None = None,
              quick: bool = False, log: Callable[[str], None] = print, progress: bool = True,
              threads: int | None = 1) -> DemoResult:
@@ -119,6 +136,23 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     all_prompts = _check_inputs(n_prompts, max_new_tokens, batch)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise SpecError("--threads", f"must be a positive integer, got {threads!r}", "e.g. --threads 1")
+    job = _Job(_make_out_dir(out_dir), all_prompts[:n_prompts], all_prompts, max_new_tokens, quick, log)
+    import torch
+
+    from specmoe.runtime.device import pick_device
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    spec, info, spec_path = calibrate_machine(job, progress)
+    dev = pick_device(None)
+    dtype = "float32" if dev.type == "cpu" else "bfloat16"      # the CPU computes the bf16 pair in fp32
+    profile, acc_path = profile_pair(job, dev, dtype)
+    plan, plan_path, k0_pred = plan_demo(job, spec, profile, batch, dev, dtype)
+    runs, differing = run_both_modes(job, plan, spec, dev, dtype)
+    return report_demo(job, plan, plan_path, runs, k0_pred, differing, info, spec_path, acc_path)
+
+
+def _make_out_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -126,44 +160,44 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
         raise SpecError("--out", f"cannot create {out}: {e.strerror}", "choose a writable directory") from None
     if not out.is_dir():
         raise SpecError("--out", f"{out} is not a directory", "choose a directory")
-    prompts = all_prompts[:n_prompts]
-    times: dict[str, float] = {}
+    return out
+
+
+def calibrate_machine(job: _Job, progress: bool):
+    """Step 1: this machine's hardware spec (runtime.calibrate, cached by machine fingerprint) ->
+    (spec, calibration info, hardware.yaml's path)."""
     import torch
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-    # ---- 1. calibrate ----
     from specmoe.runtime.calibrate.run import calibrate_with_info
 
     t0 = time.perf_counter()
-    log(f"demo [1/{STEPS}] calibrating this machine with {torch.get_num_threads()} torch thread(s) (cached by machine "
-        f"fingerprint) ...")
-    spec_path = out / "hardware.yaml"
-    spec, info = calibrate_with_info(spec_path, quick=quick, progress=progress)
-    times["calibrate"] = time.perf_counter() - t0
+    job.log(f"demo [1/{STEPS}] calibrating this machine with {torch.get_num_threads()} torch thread(s) (cached by "
+            f"machine fingerprint) ...")
+    spec_path = job.out / "hardware.yaml"
+    spec, info = calibrate_with_info(spec_path, quick=job.quick, progress=progress)
+    job.times["calibrate"] = time.perf_counter() - t0
     if info["cache_hit"]:
         how = f"the cached {info['mode']} calibration ({info['cache_path']})"
     else:
         how = (f"a {info['mode']} calibration measured now in {info['elapsed_s']:.0f} s (cached for next time; "
                f"`specmoe calibrate -o SPEC.yaml --threads {torch.get_num_threads()}` measures the full one, which "
                f"the demo then uses)")
-    log(f"demo [1/{STEPS}] using {how} -> {spec_path}")
+    job.log(f"demo [1/{STEPS}] using {how} -> {spec_path}")
+    return spec, info, spec_path
 
-    # ---- 2. acceptance ----
-    from specmoe.runtime.calibrate.acceptance import profile_acceptance
-    from specmoe.runtime.device import pick_device
 
-    dev = pick_device(None)
-    dtype = "float32" if dev.type == "cpu" else "bfloat16"      # the CPU computes the bf16 pair in fp32
-    max_k = 4 if quick else 8
-    prof_prompts = prompts if quick else all_prompts
-    key = content_hash(TARGET_DIR, DRAFT_DIR, extra={"prompts": prof_prompts, "max_k": max_k, "format": 2,
-                                                     "new": max_new_tokens, "dtype": dtype, "device": dev.type})
-    acc_path = out / f"acceptance-{key[:16]}.csv"
-    t0 = time.perf_counter()
+def profile_pair(job: _Job, dev, dtype: str):
+    """Step 2: acc(k) of the bundled pair, cached in the out directory under a key of the models' content,
+    the prompts and the settings -> (AcceptanceProfile, the CSV's path)."""
     from specmoe.planner.workload import AcceptanceProfile
+    from specmoe.runtime.calibrate.acceptance import profile_acceptance
 
+    log, max_k = job.log, job.max_k
+    prof_prompts = job.prompts if job.quick else job.all_prompts
+    key = content_hash(TARGET_DIR, DRAFT_DIR, extra={"prompts": prof_prompts, "max_k": max_k, "format": 2,
+                                                     "new": job.max_new_tokens, "dtype": dtype, "device": dev.type})
+    acc_path = job.out / f"acceptance-{key[:16]}.csv"
+    t0 = time.perf_counter()
     profile = None
     if acc_path.is_file():
         try:
@@ -173,41 +207,25 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
             profile = None
     if profile is None:
         log(f"demo [2/{STEPS}] profiling acceptance of the pair: k = 1..{max_k}, {len(prof_prompts)} prompts, "
-            f"{max_new_tokens} new tokens, greedy ...")
-        res = profile_acceptance(TARGET_DIR, DRAFT_DIR, prof_prompts, max_k=max_k, max_new_tokens=max_new_tokens,
+            f"{job.max_new_tokens} new tokens, greedy ...")
+        res = profile_acceptance(TARGET_DIR, DRAFT_DIR, prof_prompts, max_k=max_k, max_new_tokens=job.max_new_tokens,
                                  dtype=dtype,
                                  progress=lambda k, row: log(f"demo [2/{STEPS}]   k={k}: acc {row['raw']:.3f}"))
         res.write_csv(acc_path)
         profile = AcceptanceProfile.from_csv(acc_path)
         log(f"demo [2/{STEPS}] acc(k) = " + ", ".join(f"{a:.2f}" for a in profile.table[1:])
             + f" ({res.elapsed_s:.0f} s) -> {acc_path.name}")
-    times["acceptance"] = time.perf_counter() - t0
+    job.times["acceptance"] = time.perf_counter() - t0
+    return profile, acc_path
 
-    # ---- 3. plan ----
-    from specmoe.planner import optimize
-    from specmoe.planner.model_spec import ModelSpec
-    from specmoe.planner.workload import Workload
 
-    from specmoe.runtime.weights.checkpoint import load_tokenizer
-
+def plan_demo(job: _Job, spec, profile, batch: int | None, dev, dtype: str):
+    """Step 3: planner.optimize on the calibrated spec, the batch capped by the number of prompts; when its
+    best has k = 0, its best speculative plan -> (plan, plan.json's path, predicted k = 0 tokens/s or None)."""
+    log, prompts = job.log, job.prompts
     t0 = time.perf_counter()
-    tok = load_tokenizer(TARGET_DIR)
-    lens = [len(tok.encode(p)) for p in prompts]
-    prompt_len = max(1, math.ceil(sum(lens) / len(lens)))
-    wdt = "fp32" if dtype == "float32" else "bf16"
-    tspec, dspec = ModelSpec.from_hf_config(TARGET_DIR, name="tiny-moe"), ModelSpec.from_hf_config(DRAFT_DIR, name="tiny-draft")
-    log(f"demo [3/{STEPS}] planning (planner.optimize): prompt {prompt_len} tokens (mean of {len(prompts)}), "
-        f"{max_new_tokens} new, k in 0..{max_k}, on {spec.name} ...")
-
-    cpu_experts = "auto" if dev.type == "cuda" else "off"
-
-    def plan_for(b, ks):
-        wl = Workload(prompt_len=prompt_len, gen_len=max_new_tokens, batch=b, acceptance=profile,
-                      kv_dtype=wdt, weight_dtype=wdt, name="demo", num_prompts=len(prompts))
-        return optimize(tspec, spec, wl, draft=dspec, k_values=ks, micro_batch_values=(1, 2, 4, 8),
-                        gpu_attention=False, cpu_expert_mode=cpu_experts, alternatives=2)
-
-    ks = range(0, max_k + 1)
+    plan_for = _planner(job, spec, profile, dev, dtype)
+    ks = range(0, job.max_k + 1)
     plan = plan_for(batch, ks)
     if batch is None and plan.batch > len(prompts):
         log(f"demo [3/{STEPS}] the planner's batch {plan.batch} exceeds the {len(prompts)} prompts: planning again "
@@ -217,103 +235,180 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     k0_pred = next((e["decode_tokens_per_s"] for e in plan.frontier.get("by_k", [])
                     if e.get("draft_len") == 0 and e.get("feasible", True)), None)
     if plan.draft_len == 0:
-        best0 = plan
-        k0_pred = best0.predicted.decode_tokens_per_s
-        plan = plan_for(batch if batch is not None else best0.batch, range(1, max_k + 1))
-        if plan.batch == best0.batch:      # the k = 0 point of the throughput-against-k chart: the planner's best
-            k0_pts = [e for e in best0.frontier.get("by_k", []) if e.get("draft_len") == 0]
-            plan = replace(plan, frontier={**plan.frontier, "by_k": k0_pts + list(plan.frontier.get("by_k", []))})
-        log(f"demo [3/{STEPS}] the planner's best is k = 0 ({best0.predicted.decode_tokens_per_s:.0f} tok/s predicted; "
-            f"speculation does not pay by the model): running its best speculative plan, k = {plan.draft_len} "
-            f"({plan.predicted.decode_tokens_per_s:.0f} tok/s predicted), to measure speculation")
-    plan_path = out / "plan.json"
+        plan, k0_pred = _best_speculative(job, plan, plan_for, batch)
+    plan_path = job.out / "plan.json"
     plan.to_json(plan_path)
-    times["plan"] = time.perf_counter() - t0
+    job.times["plan"] = time.perf_counter() - t0
     log(f"demo [3/{STEPS}] plan: batch {plan.batch}, micro-batches {plan.micro_batches}, k {plan.draft_len}; predicted "
         f"iteration {plan.predicted.iteration_time_s * 1e3:.1f} ms, {plan.predicted.decode_tokens_per_s:.0f} tok/s "
         f"({plan.predicted.source} rates) -> {plan_path}")
+    return plan, plan_path, k0_pred
 
-    # ---- 4. run with speculation and with k = 0 ----
+
+def _planner(job: _Job, spec, profile, dev, dtype: str) -> Callable:
+    """plan_for(batch, draft lengths) -> Plan: the demo's workload (prompt length = the prompts' mean tokens,
+    gen = the new tokens, the job's size) planned on spec. Without a GPU, CPU-computed experts are not
+    offered: the "GPU" is the same cores."""
+    from specmoe.planner import optimize
+    from specmoe.planner.model_spec import ModelSpec
+    from specmoe.planner.workload import Workload
+    from specmoe.runtime.weights.checkpoint import load_tokenizer
+
+    prompts = job.prompts
+    tok = load_tokenizer(TARGET_DIR)
+    lens = [len(tok.encode(p)) for p in prompts]
+    prompt_len = max(1, math.ceil(sum(lens) / len(lens)))
+    wdt = "fp32" if dtype == "float32" else "bf16"
+    tspec, dspec = ModelSpec.from_hf_config(TARGET_DIR, name="tiny-moe"), ModelSpec.from_hf_config(DRAFT_DIR, name="tiny-draft")
+    job.log(f"demo [3/{STEPS}] planning (planner.optimize): prompt {prompt_len} tokens (mean of {len(prompts)}), "
+            f"{job.max_new_tokens} new, k in 0..{job.max_k}, on {spec.name} ...")
+    cpu_experts = "auto" if dev.type == "cuda" else "off"
+
+    def plan_for(b, ks):
+        wl = Workload(prompt_len=prompt_len, gen_len=job.max_new_tokens, batch=b, acceptance=profile,
+                      kv_dtype=wdt, weight_dtype=wdt, name="demo", num_prompts=len(prompts))
+        return optimize(tspec, spec, wl, draft=dspec, k_values=ks, micro_batch_values=(1, 2, 4, 8),
+                        gpu_attention=False, cpu_expert_mode=cpu_experts, alternatives=2)
+
+    return plan_for
+
+
+def _best_speculative(job: _Job, best0, plan_for: Callable, batch: int | None):
+    """The planner's best plan with k >= 1, run in place of its best (k = 0) so that speculation is measured;
+    the k = 0 point joins its throughput-against-k frontier -> (plan, predicted k = 0 tokens/s)."""
+    k0_pred = best0.predicted.decode_tokens_per_s
+    plan = plan_for(batch if batch is not None else best0.batch, range(1, job.max_k + 1))
+    if plan.batch == best0.batch:      # the k = 0 point of the throughput-against-k chart: the planner's best
+        k0_pts = [e for e in best0.frontier.get("by_k", []) if e.get("draft_len") == 0]
+        plan = replace(plan, frontier={**plan.frontier, "by_k": k0_pts + list(plan.frontier.get("by_k", []))})
+    job.log(f"demo [3/{STEPS}] the planner's best is k = 0 ({best0.predicted.decode_tokens_per_s:.0f} tok/s "
+            f"predicted; speculation does not pay by the model): running its best speculative plan, k = "
+            f"{plan.draft_len} ({plan.predicted.decode_tokens_per_s:.0f} tok/s predicted), to measure speculation")
+    return plan, k0_pred
+
+
+def run_both_modes(job: _Job, plan, spec, dev, dtype: str):
+    """Step 4: the prompts with speculation (the plan's k) and with k = 0, interleaved; each mode's median run
+    written as run.json / run_k0.json with its outputs -> ({"spec": results, "k0": results}, the number of
+    sequences whose greedy outputs differ between the two median runs)."""
     from specmoe.runtime.engine import Engine
 
     t0 = time.perf_counter()
-    log(f"demo [4/{STEPS}] loading the engine ({dev.type}, {dtype}) and warming up ...")
+    job.log(f"demo [4/{STEPS}] loading the engine ({dev.type}, {dtype}) and warming up ...")
     eng = Engine(plan, TARGET_DIR, DRAFT_DIR, dtype=dtype)
-    eng.generate(prompts[:2], max_new_tokens=4, draft_len=plan.draft_len)     # one-time costs out of the timing
+    eng.generate(job.prompts[:2], max_new_tokens=4, draft_len=plan.draft_len)     # one-time costs out of the timing
+    runs, outs_by_run = _interleaved_runs(job, eng, plan, spec)
+    _keep_median_runs(job, runs, outs_by_run)
+    spec_res, k0_res = median_run(runs["spec"]), median_run(runs["k0"])
+    differing = sum(1 for a, b in zip(spec_res.outputs, k0_res.outputs) if a.token_ids != b.token_ids)
+    job.times["run"] = time.perf_counter() - t0
+    return runs, differing
+
+
+def _interleaved_runs(job: _Job, eng, plan, spec) -> tuple[dict[str, list], dict[int, list]]:
+    """REPEATS runs of each mode in the order spec, k0, k0, spec, spec, k0, ... (slow spells of the machine
+    hit both modes), the machine's speed probed around each -> (results by mode, outputs by id(result))."""
+    from specmoe.runtime.calibrate.speed_probe import RunProbe
+
+    prompts, max_new_tokens = job.prompts, job.max_new_tokens
     runs: dict[str, list] = {"spec": [], "k0": []}
     outs_by_run: dict[int, list] = {}
     order = [(("spec", plan.draft_len), ("k0", 0))[(i + i // 2) % 2] for i in range(2 * REPEATS)]
-    # spec, k0, k0, spec, spec, k0, ...: interleaved, so slow spells of the machine hit both modes
-    from specmoe.runtime.calibrate.speed_probe import RunProbe
-
     probe = RunProbe(spec.raw, eng.device)          # the machine's speed around each run
     probe.before()
     for i, (mode, k) in enumerate(order):
-        log(f"demo [4/{STEPS}] run {i + 1}/{len(order)}: {len(prompts)} prompts, {max_new_tokens} new tokens, k = {k} ...")
+        job.log(f"demo [4/{STEPS}] run {i + 1}/{len(order)}: {len(prompts)} prompts, {max_new_tokens} new tokens, "
+                f"k = {k} ...")
         outs = []
         res = eng.generate(prompts, max_new_tokens=max_new_tokens, draft_len=k, on_finish=outs.append)
         outs_by_run[id(res)] = outs
         runs[mode].append(res)
         probe.after(res.record)
         r = res.record
-        log(f"demo [4/{STEPS}]   k = {k}: decode {r.decode_tokens_per_s:.1f} tok/s, {r.iterations} iterations of "
-            f"{r.stages['iteration'] * 1e3:.1f} ms, mean accepted {r.mean_accepted:.2f}"
-            + (f"; machine speed probe {r.speed_probe['ratio']:.2f}x the calibration's time" if r.speed_probe else ""))
-    # the run records compared and kept: each mode's median run by mean iteration time
+        job.log(f"demo [4/{STEPS}]   k = {k}: decode {r.decode_tokens_per_s:.1f} tok/s, {r.iterations} iterations of "
+                f"{r.stages['iteration'] * 1e3:.1f} ms, mean accepted {r.mean_accepted:.2f}"
+                + (f"; machine speed probe {r.speed_probe['ratio']:.2f}x the calibration's time" if r.speed_probe
+                   else ""))
+    return runs, outs_by_run
+
+
+def _keep_median_runs(job: _Job, runs: dict[str, list], outs_by_run: dict[int, list]) -> None:
+    """Each mode's median run by mean iteration time (one slow spell does not decide the comparison):
+    run.json / run_k0.json and outputs.jsonl / outputs_k0.jsonl."""
     for mode, tag in (("spec", ""), ("k0", "_k0")):
         med = median_run(runs[mode])
-        med.record.to_json(out / f"run{tag}.json")
-        _write_jsonl(out / f"outputs{tag}.jsonl",
+        med.record.to_json(job.out / f"run{tag}.json")
+        _write_jsonl(job.out / f"outputs{tag}.jsonl",
                      [o.to_dict() for o in sorted(outs_by_run[id(med)], key=lambda o: o.index)])
-        log(f"demo [4/{STEPS}] {'speculative' if mode == 'spec' else 'k = 0'} median run: "
-            f"{med.record.stages['iteration'] * 1e3:.1f} ms per iteration -> run{tag}.json")
-    spec_res, k0_res = median_run(runs["spec"]), median_run(runs["k0"])
-    differing = sum(1 for a, b in zip(spec_res.outputs, k0_res.outputs) if a.token_ids != b.token_ids)
-    times["run"] = time.perf_counter() - t0
+        job.log(f"demo [4/{STEPS}] {'speculative' if mode == 'spec' else 'k = 0'} median run: "
+                f"{med.record.stages['iteration'] * 1e3:.1f} ms per iteration -> run{tag}.json")
 
-    # ---- 5. report ----
+
+def report_demo(job: _Job, plan, plan_path: Path, runs: dict[str, list], k0_pred: float | None, differing: int,
+                info: dict, spec_path: Path, acc_path: Path) -> DemoResult:
+    """Step 5: predicted against measured (planner.report) -> the table on stdout, report.html; the
+    speedups and the runs' spread on stdout, demo.json."""
     from specmoe.planner.report import compare, render_table, write_html
 
     t0 = time.perf_counter()
-    run_path = out / "run.json"
+    run_path = job.out / "run.json"
     cmp = compare(plan_path, run_path)
     table = render_table(cmp)
-    report_path = write_html(plan_path, run_path, out / "report.html", comparison=cmp)
-    times["report"] = time.perf_counter() - t0
-    def pooled(rs) -> float:       # decode tokens/s over the runs of one mode
-        secs = sum(r.record.decode_time_s for r in rs)
-        return sum(r.record.decode_tokens for r in rs) / secs if secs > 0 else 0.0
-
-    spec_tps, k0_tps = pooled(runs["spec"]), pooled(runs["k0"])
+    report_path = write_html(plan_path, run_path, job.out / "report.html", comparison=cmp)
+    job.times["report"] = time.perf_counter() - t0
+    spec_tps, k0_tps = _pooled_tokens_per_s(runs["spec"]), _pooled_tokens_per_s(runs["k0"])
     speedup = spec_tps / k0_tps if k0_tps > 0 else 0.0
     pred_speedup = plan.predicted.decode_tokens_per_s / k0_pred if k0_pred else None
     its = [r.record.stages["iteration"] for r in runs["spec"]]
+    _log_outcome(job, plan, table, spec_tps, k0_tps, differing, speedup, pred_speedup, its)
+    _write_summary(job, plan, runs, cmp, speedup, pred_speedup, differing, info)
+    return DemoResult(out_dir=job.out, spec_path=spec_path, acceptance_path=acc_path, plan_path=plan_path,
+                      run_path=run_path, run_k0_path=job.out / "run_k0.json", report_path=report_path, speedup=speedup,
+                      iteration_error_pct=cmp.iteration_error_pct, table=table, draft_len=plan.draft_len,
+                      batch=plan.batch, micro_batches=plan.micro_batches, differing_sequences=differing,
+                      timings_s=job.times)
+
+
+def _pooled_tokens_per_s(rs: list) -> float:
+    """Decode tokens/s over the runs of one mode."""
+    secs = sum(r.record.decode_time_s for r in rs)
+    return sum(r.record.decode_tokens for r in rs) / secs if secs > 0 else 0.0
+
+
+def _log_outcome(job: _Job, plan, table: str, spec_tps: float, k0_tps: float, differing: int, speedup: float,
+                 pred_speedup: float | None, its: list[float]) -> None:
+    """The comparison table, the measured (and predicted) speedup and the speculative runs' spread."""
+    log, n = job.log, len(job.prompts)
     log(f"demo [5/{STEPS}] predicted against measured (the median speculative run, k = {plan.draft_len}):")
     log(table)
     log(f"demo [5/{STEPS}] speculation k = {plan.draft_len}: {spec_tps:.1f} tok/s; k = 0: {k0_tps:.1f} tok/s (decode, "
-        f"all runs of each); greedy outputs identical in {len(prompts) - differing}/{len(prompts)} sequences"
+        f"all runs of each); greedy outputs identical in {n - differing}/{n} sequences"
         + ("" if not differing else " (the rest: near-tie logits flipped, see token_flips in the run records)"))
     if pred_speedup is not None:
-        job = plan.predicted.job
+        job_pred = plan.predicted.job
         log(f"demo [5/{STEPS}] speculation predicted {pred_speedup:.2f}x, measured {speedup:.2f}x"
-            + (f" (the {len(prompts)}-prompt job's batch drains to {job['mean_live_batch']:.1f} live sequences on "
-               f"average over {job['iterations']:.1f} iterations, predicted)" if job else ""))
+            + (f" (the {n}-prompt job's batch drains to {job_pred['mean_live_batch']:.1f} live sequences on "
+               f"average over {job_pred['iterations']:.1f} iterations, predicted)" if job_pred else ""))
     spread = (max(its) - min(its)) / min(its) * 100 if min(its) > 0 else 0.0
     log(f"demo [5/{STEPS}] the speculative runs' mean iterations: "
         + ", ".join(f"{x * 1e3:.2f} ms" for x in its) + f" ({spread:.0f}% apart: the measurement noise of this machine)")
-    summary = {"speedup": speedup, "predicted_speedup": pred_speedup, "spec_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["spec"]],
+
+
+def _write_summary(job: _Job, plan, runs: dict[str, list], cmp, speedup: float, pred_speedup: float | None,
+                   differing: int, info: dict) -> None:
+    """demo.json: the speedups, every run's decode rate and mean iteration, the plan's choices and timings."""
+    import torch
+
+    summary = {"speedup": speedup, "predicted_speedup": pred_speedup,
+               "spec_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["spec"]],
                "k0_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["k0"]],
-               "spec_iteration_s": its, "k0_iteration_s": [r.record.stages["iteration"] for r in runs["k0"]],
+               "spec_iteration_s": [r.record.stages["iteration"] for r in runs["spec"]],
+               "k0_iteration_s": [r.record.stages["iteration"] for r in runs["k0"]],
                "predicted_iteration_s": plan.predicted.iteration_time_s,
                "iteration_error_pct": cmp.iteration_error_pct, "draft_len": plan.draft_len, "batch": plan.batch,
                "micro_batches": plan.micro_batches, "differing_sequences": differing, "threads": torch.get_num_threads(),
-               "calibration": {"mode": info["mode"], "cache_hit": info["cache_hit"]}, "timings_s": times}
-    (out / "demo.json").write_text(json.dumps(summary, indent=1))
-    return DemoResult(out_dir=out, spec_path=spec_path, acceptance_path=acc_path, plan_path=plan_path,
-                      run_path=run_path, run_k0_path=out / "run_k0.json", report_path=report_path, speedup=speedup,
-                      iteration_error_pct=cmp.iteration_error_pct, table=table, draft_len=plan.draft_len,
-                      batch=plan.batch, micro_batches=plan.micro_batches, differing_sequences=differing,
-                      timings_s=times)
+               "calibration": {"mode": info["mode"], "cache_hit": info["cache_hit"]}, "timings_s": job.times}
+    (job.out / "demo.json").write_text(json.dumps(summary, indent=1))
 
 
 def median_run(results: list):

@@ -234,7 +234,7 @@ class SpeculativeDecoder:
         return IterationStats(k, acc_l, emitted, flips)
 
     def _accept(self, drafts: torch.Tensor, logits: torch.Tensor, qprobs: torch.Tensor | None):
-        from specmoe.runtime.kernels.moe_ops import greedy_accept, rejection_sample_accept
+        from specmoe.runtime.kernels.speculative_ops import greedy_accept, rejection_sample_accept
 
         B, k = drafts.shape
         if self.oracle_alpha is not None:   # seeded Bernoulli oracle in place of real acceptance

@@ -232,8 +232,9 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
     import json
 
     from specmoe.planner.model_spec import PRESET_DIR, ModelSpec
-    from specmoe.runtime.calibrate.overhead import (CONFIGS, ORACLE_ALPHA, STAGES, _features, _roofline_stages, draft_config,
-                                            fit_overheads, shrink_config)
+    from specmoe.runtime.calibrate.overhead import CONFIGS, ORACLE_ALPHA, STAGES, draft_config, shrink_config
+    from specmoe.runtime.calibrate.overhead_fit import (fit_overheads, roofline_stages as _roofline_stages,
+                                                        stage_features as _features)
 
     target = shrink_config(json.loads((PRESET_DIR / "mixtral-8x7b.json").read_text()))
     drafts = {n: draft_config(target, None, n) for n in (1, 2)}

@@ -8,7 +8,8 @@ Each measurement is a plain function returning numbers (tested one by one):
     measure_pinned_copy_GBps_by_chunk_MB, measure_gpu_gemm_TFLOPs_by_M, measure_hbm_copy_GBps,
     gpu_facts                      the CUDA side (CUDA events, warm-up, medians)
     measure_stage_overheads        the engine's own stage code on tiny random models (in
-                                   runtime/calibrate/overhead.py); fit_overheads turns the samples
+                                   runtime/calibrate/overhead.py); fit_overheads
+                                   (runtime/calibrate/overhead_fit.py) turns the samples
                                    into `op_overhead_us` and `stage_overhead_us` (planner/overhead.py)
                                    when the spec is built, against the cost model's own roofline
 
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from specmoe.runtime.device import cpu_model_name
 
 MiB = 2**20
 GiB = 2**30
@@ -105,19 +105,10 @@ def l3_bytes() -> int:
     return best or 32 * MiB
 
 
-def _pool_bytes(st: Settings) -> int:
+def pool_bytes(st: Settings) -> int:
     """A buffer well beyond the last-level cache, within a quarter of the free memory."""
     want = min(max(st.pool_min_bytes, 4 * l3_bytes()), st.pool_max_bytes)
     return max(64 * MiB, min(want, mem_available_bytes() // 4)) // MiB * MiB
-
-
-def _machine_facts() -> dict[str, Any]:
-    import torch
-
-    has_gpu = bool(torch.cuda.is_available())
-    return {"cpu_name": cpu_model_name(), "cores": os.cpu_count() or 1, "mem_total_bytes": mem_total_bytes(),
-            "gpu_name": torch.cuda.get_device_name() if has_gpu else None, "torch": str(torch.__version__),
-            "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +156,7 @@ def measure_dram_read_GBps(pool=None, *, n_bytes: int | None = None, reps: int =
     import torch
 
     if pool is None:
-        pool = make_pool(n_bytes or _pool_bytes(FULL))
+        pool = make_pool(n_bytes or pool_bytes(FULL))
     nbytes = pool.numel() * pool.element_size()
     pool.sum()  # warm-up (threads, page tables)
     best = math.inf
@@ -184,7 +175,7 @@ def measure_host_copy_GBps_by_chunk_MB(pool=None, chunks_MB=FULL.chunks_MB, *, r
     import torch
 
     if pool is None:
-        pool = make_pool(_pool_bytes(FULL))
+        pool = make_pool(pool_bytes(FULL))
     n = pool.numel()
     chunks = [c for c in chunks_MB if c * MiB <= n * 4]
     if not chunks:
@@ -241,7 +232,7 @@ def measure_cpu_attention_kv_GBps(n_q_heads: int, n_kv_heads: int, head_dim: int
         raise ValueError(f"measure_cpu_attention_kv_GBps: {n_q_heads} query heads are not a multiple "
                          f"of {n_kv_heads} KV heads")
     if pool is None:
-        pool = make_pool(_pool_bytes(FULL))
+        pool = make_pool(pool_bytes(FULL))
     if kv_dtype == "bf16":
         flat = torch.empty(pool.numel() * 2, dtype=torch.bfloat16)  # [n] same bytes as the pool
         flat[: pool.numel()].copy_(pool)

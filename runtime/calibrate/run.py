@@ -8,11 +8,12 @@ base spec, with this machine's facts and raised to a measurement that exceeds th
 stands in for the GPU (the engine runs there): `gpu` is this CPU with a third of the RAM budgeted
 as device memory, the GPU GEMM curve is the CPU's fp32 one and "H2D" is a host memory copy.
 
-The work is in three modules; this one runs the steps (`run_measurements`), ties them together
+The work is in four modules; this one runs the steps (`run_measurements`), ties them together
 (`calibrate`) and re-exports the others' names:
 
     runtime/calibrate/measure.py   the measurements (listed there) and the machine facts
     runtime/calibrate/overhead.py  the engine's own stage code timed on tiny random models
+    runtime/calibrate/overhead_fit.py  the fixed costs per stage invocation fitted to those times
     runtime/calibrate/spec.py      inputs, fingerprint, cache and output files, the spec from the results
 
 Set OMP_WAIT_POLICY=PASSIVE before torch is imported (the CLI does): spinning OpenMP threads of an
@@ -38,16 +39,19 @@ from specmoe.planner.errors import SpecError
 from specmoe.planner.hardware_spec import HardwareSpec, parse_hardware
 
 from specmoe.runtime.calibrate.measure import (ATTN_CONTEXTS, ATTN_NS, FULL, GB, GEMM_MS, QUICK, GiB, MiB, Settings,
-                                _machine_facts, _pool_bytes, attention_backend, cpu_model_name, gpu_facts,
-                                l3_bytes, make_pool, measure_cpu_attention_kv_GBps, measure_cpu_gemm_GFLOPs_by_M,
-                                measure_dram_read_GBps, measure_gpu_gemm_TFLOPs_by_M, measure_hbm_copy_GBps,
-                                measure_host_copy_GBps_by_chunk_MB, measure_pinned_copy_GBps_by_chunk_MB,
-                                mem_available_bytes, mem_total_bytes)
-from specmoe.runtime.calibrate.spec import (DEFAULT_CPU_BASE, DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR, ENGINE_SOURCES, FALLBACK_MODEL,
-                             FORMAT_VERSION, REPO_ROOT, _load_cache, _plain, _SpecDumper, atomic_write_text,
-                             build_spec_raw, cache_dir, check_output_path, dump_spec_yaml, engine_configs, fingerprint,
-                             kernel_source_sha, measured_shapes, resolve_base, resolve_model, resolve_model_config,
-                             specmoe_version)
+                                               attention_backend, gpu_facts, l3_bytes, make_pool,
+                                               measure_cpu_attention_kv_GBps, measure_cpu_gemm_GFLOPs_by_M,
+                                               measure_dram_read_GBps, measure_gpu_gemm_TFLOPs_by_M,
+                                               measure_hbm_copy_GBps, measure_host_copy_GBps_by_chunk_MB,
+                                               measure_pinned_copy_GBps_by_chunk_MB, mem_available_bytes,
+                                               mem_total_bytes, pool_bytes)
+from specmoe.runtime.calibrate.spec import (DEFAULT_CPU_BASE, DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR, ENGINE_SOURCES,
+                                            FALLBACK_MODEL, FORMAT_VERSION, REPO_ROOT, SpecDumper, atomic_write_text,
+                                            build_spec_raw, cache_dir, check_output_path, dump_spec_yaml,
+                                            engine_configs, fingerprint, kernel_source_sha, load_cache,
+                                            measured_shapes, plain, resolve_base, resolve_model,
+                                            resolve_model_config, specmoe_version)
+from specmoe.runtime.device import cpu_model_name
 
 __all__ = [
     "ATTN_CONTEXTS", "ATTN_NS", "DEFAULT_CPU_BASE", "DEFAULT_DRAFT_DIR", "DEFAULT_MODEL_DIR", "ENGINE_SOURCES",
@@ -69,85 +73,13 @@ def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool =
     engine_cfgs: {"target": HF config, "drafts": {layers: HF config}} of the engine-stage step."""
     from tqdm import tqdm
 
-    engine_dtype = "bf16" if has_gpu else "fp32"
-    res: dict[str, Any] = {}
-    state: dict[str, Any] = {}
-    h, F, F_cpu = shapes["h"], shapes["F"], shapes["F_cpu"]
-
-    def pool():
-        state["pool"] = make_pool(_pool_bytes(st))
-        res["pool_MiB"] = state["pool"].numel() * 4 // MiB
-
-    def gemm(dtype):
-        def step():
-            try:
-                res.setdefault("cpu_gemm_GFLOPs_by_M", {})[dtype] = measure_cpu_gemm_GFLOPs_by_M(
-                    h, F_cpu, GEMM_MS, dtype, reps=st.reps, min_time_s=st.min_time_s)
-            except RuntimeError as e:  # a dtype this CPU/torch cannot multiply: recorded, not fatal
-                if dtype == engine_dtype:
-                    raise
-                res.setdefault("skipped", {})[f"cpu_gemm_{dtype}"] = str(e).splitlines()[0]
-        return step
-
-    def overheads():
-        from specmoe.runtime.calibrate.overhead import measure_stage_overheads
-
-        cfgs = engine_cfgs
-        if not cfgs:
-            res.setdefault("skipped", {})["stage_overheads"] = "no engine configuration for this model"
-            return
-        try:
-            res["stage_overheads"] = measure_stage_overheads(
-                cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=st.overhead_rounds,
-                per_round=st.overhead_per_round, progress=lambda msg: bar.set_postfix_str(msg))
-        except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:   # a family the engine lacks
-            res.setdefault("skipped", {})["stage_overheads"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-
-    def probe():
-        from specmoe.runtime.calibrate.speed_probe import probe_iteration_s
-
-        if engine_cfgs and "stage_overheads" not in res.get("skipped", {}):
-            try:
-                for _ in range(2):       # twice before and twice after the engine-stage step: the median of four
-                    res.setdefault("speed_probe_s", []).append(probe_iteration_s(engine_cfgs))
-            except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:
-                res.setdefault("skipped", {})["speed_probe"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-
-    steps: list[tuple[str, Callable[[], None]]] = [
-        ("fill a cold buffer", pool),
-        ("DRAM read", lambda: res.__setitem__("dram_read_GBps", measure_dram_read_GBps(
-            state["pool"], reps=st.reps))),
-        ("host memory copy", lambda: res.__setitem__("host_copy_GBps_by_chunk_MB", measure_host_copy_GBps_by_chunk_MB(
-            state["pool"], st.chunks_MB, reps=st.reps, min_time_s=st.min_time_s))),
-        ("CPU GEMM fp32", gemm("fp32")),
-        ("CPU GEMM bf16", gemm("bf16")),
-        ("CPU verify attention", lambda: res.__setitem__("cpu_attention_kv_GBps", measure_cpu_attention_kv_GBps(
-            shapes["n_q"], shapes["n_kv"], shapes["d"], pool=state["pool"], kv_dtype=engine_dtype,
-            call_bytes=st.attn_call_bytes, reps=st.reps, min_time_s=st.min_time_s))),
-        ("speed probe", probe),
-        ("engine stage overheads", overheads),
-        ("speed probe again", probe),
-        # read again at the end and keep the better: a burst of other work spoils one pass, not both
-        ("DRAM read again", lambda: res.__setitem__("dram_read_GBps", max(res["dram_read_GBps"], measure_dram_read_GBps(
-            state["pool"], reps=st.reps)))),
-    ]
-    if has_gpu:
-        steps += [
-            ("GPU facts", lambda: res.__setitem__("gpu_facts", gpu_facts())),
-            ("pinned H2D", lambda: res.__setitem__("h2d_GBps_by_chunk_MB", measure_pinned_copy_GBps_by_chunk_MB(
-                st.chunks_MB, "h2d"))),
-            ("pinned D2H", lambda: res.__setitem__("d2h_GBps_by_chunk_MB", measure_pinned_copy_GBps_by_chunk_MB(
-                st.chunks_MB, "d2h"))),
-            ("GPU GEMM bf16", lambda: res.__setitem__("gpu_gemm_TFLOPs_by_M", measure_gpu_gemm_TFLOPs_by_M(
-                h, F, st.gpu_Ms, "bf16"))),
-            ("GPU GEMM fp32", lambda: res.__setitem__("gpu_fp32_gemm_TFLOPs", max(measure_gpu_gemm_TFLOPs_by_M(
-                h, F, (max(st.gpu_Ms),), "fp32").values()))),
-            ("HBM copy", lambda: res.__setitem__("hbm_copy_GBps", measure_hbm_copy_GBps())),
-        ]
+    m = _Measurements(st, shapes, has_gpu, engine_cfgs)
+    steps = m.steps()
     t0 = time.perf_counter()
-    res["load_avg_before"] = _load_avg()
+    m.res["load_avg_before"] = _load_avg()
     bar = tqdm(total=len(steps), desc="specmoe calibrate", unit="step", disable=not progress, file=sys.stderr,
                leave=True, bar_format="{desc}: {n}/{total} |{bar}| {elapsed} {postfix}")
+    m.note = bar.set_postfix_str
     try:
         for name, fn in steps:
             bar.set_postfix_str(name)
@@ -155,10 +87,134 @@ def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool =
             bar.update(1)
     finally:
         bar.close()
-        state.clear()
-    res["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    res["load_avg_after"] = _load_avg()
-    return res
+        m.pool = None
+    m.res["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    m.res["load_avg_after"] = _load_avg()
+    return m.res
+
+
+class _Measurements:
+    """The calibration's steps, in order, writing into one results mapping `res` (what the cache holds);
+    the cold buffer `pool` is shared by the CPU steps. `note` shows a step's progress (the bar's postfix)."""
+
+    def __init__(self, st: Settings, shapes: dict, has_gpu: bool, engine_cfgs: dict | None):
+        self.st, self.shapes, self.has_gpu, self.engine_cfgs = st, shapes, has_gpu, engine_cfgs
+        self.engine_dtype = "bf16" if has_gpu else "fp32"
+        self.res: dict[str, Any] = {}
+        self.pool = None
+        self.note: Callable[[str], Any] = lambda msg: None
+
+    def steps(self) -> list[tuple[str, Callable[[], None]]]:
+        """(name, step) in the order they run: the CPU and engine steps, then the GPU ones."""
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("fill a cold buffer", self.fill_pool),
+            ("DRAM read", self.dram_read),
+            ("host memory copy", self.host_copy),
+            ("CPU GEMM fp32", self.cpu_gemm("fp32")),
+            ("CPU GEMM bf16", self.cpu_gemm("bf16")),
+            ("CPU verify attention", self.cpu_attention),
+            ("speed probe", self.speed_probe),
+            ("engine stage overheads", self.stage_overheads),
+            ("speed probe again", self.speed_probe),
+            ("DRAM read again", self.dram_read_again),
+        ]
+        if self.has_gpu:
+            steps += [
+                ("GPU facts", self.read_gpu_facts),
+                ("pinned H2D", self.pinned_copy("h2d")),
+                ("pinned D2H", self.pinned_copy("d2h")),
+                ("GPU GEMM bf16", self.gpu_gemm_bf16),
+                ("GPU GEMM fp32", self.gpu_gemm_fp32),
+                ("HBM copy", self.hbm_copy),
+            ]
+        return steps
+
+    def fill_pool(self) -> None:
+        self.pool = make_pool(pool_bytes(self.st))
+        self.res["pool_MiB"] = self.pool.numel() * 4 // MiB
+
+    def dram_read(self) -> None:
+        self.res["dram_read_GBps"] = measure_dram_read_GBps(self.pool, reps=self.st.reps)
+
+    def dram_read_again(self) -> None:
+        """Read again at the end and keep the better: a burst of other work spoils one pass, not both."""
+        self.res["dram_read_GBps"] = max(self.res["dram_read_GBps"], measure_dram_read_GBps(self.pool, reps=self.st.reps))
+
+    def host_copy(self) -> None:
+        self.res["host_copy_GBps_by_chunk_MB"] = measure_host_copy_GBps_by_chunk_MB(
+            self.pool, self.st.chunks_MB, reps=self.st.reps, min_time_s=self.st.min_time_s)
+
+    def cpu_gemm(self, dtype: str) -> Callable[[], None]:
+        def step():
+            try:
+                self.res.setdefault("cpu_gemm_GFLOPs_by_M", {})[dtype] = measure_cpu_gemm_GFLOPs_by_M(
+                    self.shapes["h"], self.shapes["F_cpu"], GEMM_MS, dtype, reps=self.st.reps,
+                    min_time_s=self.st.min_time_s)
+            except RuntimeError as e:  # a dtype this CPU/torch cannot multiply: recorded, not fatal
+                if dtype == self.engine_dtype:
+                    raise
+                self.res.setdefault("skipped", {})[f"cpu_gemm_{dtype}"] = str(e).splitlines()[0]
+        return step
+
+    def cpu_attention(self) -> None:
+        sh, st = self.shapes, self.st
+        self.res["cpu_attention_kv_GBps"] = measure_cpu_attention_kv_GBps(
+            sh["n_q"], sh["n_kv"], sh["d"], pool=self.pool, kv_dtype=self.engine_dtype,
+            call_bytes=st.attn_call_bytes, reps=st.reps, min_time_s=st.min_time_s)
+
+    def stage_overheads(self) -> None:
+        from specmoe.runtime.calibrate.overhead import measure_stage_overheads
+
+        cfgs, res = self.engine_cfgs, self.res
+        if not cfgs:
+            res.setdefault("skipped", {})["stage_overheads"] = "no engine configuration for this model"
+            return
+        try:
+            res["stage_overheads"] = measure_stage_overheads(
+                cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=self.st.overhead_rounds,
+                per_round=self.st.overhead_per_round, progress=lambda msg: self.note(msg))
+        except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:   # a family the engine lacks
+            res.setdefault("skipped", {})["stage_overheads"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+
+    def speed_probe(self) -> None:
+        from specmoe.runtime.calibrate.speed_probe import probe_iteration_s
+
+        res = self.res
+        if self.engine_cfgs and "stage_overheads" not in res.get("skipped", {}):
+            try:
+                for _ in range(2):       # twice before and twice after the engine-stage step: the median of four
+                    res.setdefault("speed_probe_s", []).append(probe_iteration_s(self.engine_cfgs))
+            except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:
+                res.setdefault("skipped", {})["speed_probe"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+
+    def read_gpu_facts(self) -> None:
+        self.res["gpu_facts"] = gpu_facts()
+
+    def pinned_copy(self, direction: str) -> Callable[[], None]:
+        def step():
+            self.res[f"{direction}_GBps_by_chunk_MB"] = measure_pinned_copy_GBps_by_chunk_MB(self.st.chunks_MB, direction)
+        return step
+
+    def gpu_gemm_bf16(self) -> None:
+        self.res["gpu_gemm_TFLOPs_by_M"] = measure_gpu_gemm_TFLOPs_by_M(
+            self.shapes["h"], self.shapes["F"], self.st.gpu_Ms, "bf16")
+
+    def gpu_gemm_fp32(self) -> None:
+        self.res["gpu_fp32_gemm_TFLOPs"] = max(measure_gpu_gemm_TFLOPs_by_M(
+            self.shapes["h"], self.shapes["F"], (max(self.st.gpu_Ms),), "fp32").values())
+
+    def hbm_copy(self) -> None:
+        self.res["hbm_copy_GBps"] = measure_hbm_copy_GBps()
+
+
+def _machine_facts() -> dict[str, Any]:
+    """The facts of this machine that key the calibration cache (with torch's version and threads)."""
+    import torch
+
+    has_gpu = bool(torch.cuda.is_available())
+    return {"cpu_name": cpu_model_name(), "cores": os.cpu_count() or 1, "mem_total_bytes": mem_total_bytes(),
+            "gpu_name": torch.cuda.get_device_name() if has_gpu else None, "torch": str(torch.__version__),
+            "threads": torch.get_num_threads()}
 
 
 def _load_avg() -> float | None:
@@ -187,7 +243,7 @@ def calibrate_with_info(out_path, model=None, base=None, quick: bool = False, fo
     # a full measurement also answers a quick request
     for s in ((FULL, QUICK) if quick else (FULL,)):
         fid, fp = fingerprint(facts, measured_shapes(mspec, s), s.mode)
-        if not force and (c := _load_cache(cdir / f"{fid}.yaml", fp)) is not None:
+        if not force and (c := load_cache(cdir / f"{fid}.yaml", fp)) is not None:
             cached, cache_path, hit = c, cdir / f"{fid}.yaml", True
             break
     if cached is None:
@@ -197,11 +253,11 @@ def calibrate_with_info(out_path, model=None, base=None, quick: bool = False, fo
                                    engine_cfgs=engine_configs(resolve_model_config(model)))
         cached = {"fingerprint": fp, "fingerprint_id": fid, "measured_at": datetime.date.today().isoformat(),
                   "mode": st.mode, "model": model_label, "facts": facts, "shapes": shapes,
-                  "results": _plain(results)}
+                  "results": plain(results)}
         cache_path = cdir / f"{fid}.yaml"
         try:
             cdir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache_path, yaml.dump(cached, Dumper=_SpecDumper, sort_keys=False, width=120))
+            atomic_write_text(cache_path, yaml.dump(cached, Dumper=SpecDumper, sort_keys=False, width=120))
         except OSError:
             cache_path = None  # an unwritable cache only costs a re-measure next time
     raw = build_spec_raw(cached, base_raw, base_label, out.stem)

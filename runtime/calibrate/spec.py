@@ -112,6 +112,7 @@ def specmoe_version() -> str:
 
 
 ENGINE_SOURCES = ("kernels/verify_attention.py", "kernels/csrc/verify_attention.cpp", "kernels/moe_ops.py",
+                  "kernels/speculative_ops.py", "kernels/checks.py",
                   "target_model.py", "draft_model.py", "speculative.py", "kv_cache.py", "layers.py",
                   "expert_store.py", "run_record.py", "calibrate_overhead.py")
 
@@ -176,12 +177,12 @@ def _curve(d: dict, scale: float = 1.0) -> dict:
     return {int(k): _r(v * scale) for k, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
 
 
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
     """Plain YAML-safe Python (int keys kept) from measurement results."""
     if isinstance(x, dict):
-        return {(k if isinstance(k, (int, str)) else str(k)): _plain(v) for k, v in x.items()}
+        return {(k if isinstance(k, (int, str)) else str(k)): plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     if isinstance(x, bool) or x is None:
         return x
     if isinstance(x, int):
@@ -191,7 +192,7 @@ def _plain(x: Any) -> Any:
     return str(x)
 
 
-class _SpecDumper(yaml.SafeDumper):
+class SpecDumper(yaml.SafeDumper):
     """Block style for sections, flow style for curves and other all-scalar mappings of numbers."""
 
 
@@ -200,7 +201,7 @@ def _represent_dict(dumper: yaml.SafeDumper, d: dict):
     return dumper.represent_mapping("tag:yaml.org,2002:map", d.items(), flow_style=flow)
 
 
-_SpecDumper.add_representer(dict, _represent_dict)
+SpecDumper.add_representer(dict, _represent_dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,72 +218,108 @@ def _base_note(base_raw: dict | None, section: str) -> str:
 
 def build_spec_raw(cached: dict, base_raw: dict | None, base_label: str | None, name: str) -> dict:
     """The hardware spec (schema of planner/hardware_spec.py) from cached results and a base."""
-    r, facts, shapes = cached["results"], cached["facts"], cached["shapes"]
-    date, machine = cached["measured_at"], _describe(facts)
+    r, facts = cached["results"], cached["facts"]
+    machine = _describe(facts)
     has_gpu = facts["gpu_name"] is not None
-    edt = "bf16" if has_gpu else "fp32"
-    gemm = r["cpu_gemm_GFLOPs_by_M"]
-    cpu_peak = {dt: max(c.values()) / 1e3 for dt, c in gemm.items()}  # TFLOP/s
-    mem_GiB = facts["mem_total_bytes"] / GiB
-    host_copy = r["host_copy_GBps_by_chunk_MB"]
-    big = max(host_copy)
-    tag = f"specmoe calibrate {date}"
-
-    def raised(sec: dict, key: str, measured: float) -> None:
-        old = sec.get(key)
-        if not isinstance(old, (int, float)) or measured > old:
-            sec[key] = _r(measured)
-
-    if base_raw is not None:
-        gpu = dict(base_raw["gpu"])
-        cpu = dict(base_raw["cpu"])
-        link = dict(base_raw["link"])
-        gpu["peak_TFLOPs"] = dict(gpu.get("peak_TFLOPs") or {})
-        cpu["peak_TFLOPs"] = dict(cpu.get("peak_TFLOPs") or {})
-        peaks_from = f"peaks from base {base_label}, raised to a measured value where it was higher"
+    tag = f"specmoe calibrate {cached['measured_at']}"
+    gpu, cpu, link, peaks_from = _base_sections(base_raw, base_label)
+    _fill_cpu(cpu, r, facts, tag, peaks_from, base_raw)
+    if has_gpu:
+        curves = _fill_gpu_and_link(gpu, cpu, link, r, facts, tag, peaks_from, base_raw)
     else:
-        gpu, cpu, link = {"peak_TFLOPs": {}}, {"peak_TFLOPs": {}}, {}
-        peaks_from = "no base given: the best measured values are used as the peaks"
+        gpu, curves = _cpu_as_gpu(cpu, link, r, facts, tag, peaks_from)
+    measured = _measured_section(cached, machine, tag, *curves)
+    gpu, cpu, link = (_ordered(sec) for sec in (gpu, cpu, link))
+    desc = (f"Calibrated by `specmoe calibrate` on {cached['measured_at']}: {machine}."
+            + ("" if has_gpu else " No GPU: 'gpu' is this CPU standing in for it and 'link' is a host memory copy."))
+    raw = {"name": name, "description": desc, "gpu": gpu, "cpu": cpu, "link": link, "measured": measured}
+    if r.get("stage_overheads"):
+        _add_fixed_costs(raw, r["stage_overheads"])
+    return raw
+
+
+def _raise_to(sec: dict, key: str, measured: float) -> None:
+    """sec[key] becomes the measurement where that is higher than the value there (or there is none)."""
+    old = sec.get(key)
+    if not isinstance(old, (int, float)) or measured > old:
+        sec[key] = _r(measured)
+
+
+def _cpu_peaks(r: dict) -> dict[str, float]:
+    """dtype -> the best measured CPU GEMM rate, TFLOP/s."""
+    return {dt: max(c.values()) / 1e3 for dt, c in r["cpu_gemm_GFLOPs_by_M"].items()}
+
+
+def _base_sections(base_raw: dict | None, base_label: str | None) -> tuple[dict, dict, dict, str]:
+    """Copies of the base's gpu, cpu and link sections (empty ones without a base) and where the peaks come from."""
+    if base_raw is None:
+        return {"peak_TFLOPs": {}}, {"peak_TFLOPs": {}}, {}, "no base given: the best measured values are used as the peaks"
+    gpu = dict(base_raw["gpu"])
+    cpu = dict(base_raw["cpu"])
+    link = dict(base_raw["link"])
+    gpu["peak_TFLOPs"] = dict(gpu.get("peak_TFLOPs") or {})
+    cpu["peak_TFLOPs"] = dict(cpu.get("peak_TFLOPs") or {})
+    return gpu, cpu, link, f"peaks from base {base_label}, raised to a measured value where it was higher"
+
+
+def _fill_cpu(cpu: dict, r: dict, facts: dict, tag: str, peaks_from: str, base_raw: dict | None) -> None:
+    """This machine's CPU facts and its measured GEMM and DRAM read rates in the cpu section."""
     cpu.update(name=f"{facts['cpu_name']} ({facts['cores']} cores)", cores=int(facts["cores"]))
     cpu.pop("mem_GB", None)
-    for dt, v in cpu_peak.items():
-        raised(cpu["peak_TFLOPs"], dt, v)
-    raised(cpu, "dram_GBps", r["dram_read_GBps"])
+    for dt, v in _cpu_peaks(r).items():
+        _raise_to(cpu["peak_TFLOPs"], dt, v)
+    _raise_to(cpu, "dram_GBps", r["dram_read_GBps"])
     cpu["source"] = (f"{tag}: name, cores, memory (/proc/meminfo) of this machine; DRAM read and GEMM "
                      f"measured; {peaks_from}" + _base_note(base_raw, "cpu"))
-    if has_gpu:
-        gf = r["gpu_facts"]
-        cpu["mem_GiB"] = round(mem_GiB, 1)
-        gpu.pop("mem_GB", None)
-        gpu.update(name=gf["name"], mem_GiB=gf["mem_GiB"])
-        raised(gpu, "hbm_GBps", r["hbm_copy_GBps"])
-        raised(gpu["peak_TFLOPs"], "bf16", max(r["gpu_gemm_TFLOPs_by_M"].values()))
-        raised(gpu["peak_TFLOPs"], "fp32", r["gpu_fp32_gemm_TFLOPs"])
-        gpu["source"] = (f"{tag}: name and memory from torch.cuda (mem_get_info); HBM copy and bf16/fp32 GEMM "
-                         f"measured; {peaks_from}" + _base_note(base_raw, "gpu"))
-        raised(link, "h2d_GBps", max(r["h2d_GBps_by_chunk_MB"].values()))
-        raised(link, "d2h_GBps", max(r["d2h_GBps_by_chunk_MB"].values()))
-        link["source"] = f"{tag}: pinned H2D/D2H copies by chunk size; {peaks_from}"
-        h2d_curve = r["h2d_GBps_by_chunk_MB"]
-        gpu_gemm = _curve(r["gpu_gemm_TFLOPs_by_M"])
-        hbm_copy = r["hbm_copy_GBps"]
-    else:
-        cpu["mem_GiB"] = round(mem_GiB / 2, 1)
-        gpu = {"name": "CPU standing in for the GPU", "mem_GiB": round(mem_GiB / 3, 1),
-               "shares_host_cpu": True,          # the same cores: the cost model overlaps nothing
-               "hbm_GBps": _r(r["dram_read_GBps"]),
-               "peak_TFLOPs": {dt: _r(v) for dt, v in sorted(cpu_peak.items())},
-               "source": (f"{tag}: no GPU, so the engine runs on this CPU: DRAM read and best expert GEMM "
-                          f"measured here; a third of the {mem_GiB:.1f} GiB RAM budgeted as device memory "
-                          f"(and half as CPU memory)")}
-        raised(link, "h2d_GBps", max(host_copy.values()))
-        raised(link, "d2h_GBps", max(host_copy.values()))
-        link["source"] = (f"{tag}: no GPU, so 'H2D' is a host memory copy (cold source, warm destination), "
-                          f"best over chunk sizes; {peaks_from}")
-        h2d_curve = host_copy
-        gpu_gemm = _curve(gemm["fp32"], 1e-3)
-        hbm_copy = 2 * host_copy[big]
-    measured = {
+
+
+def _fill_gpu_and_link(gpu: dict, cpu: dict, link: dict, r: dict, facts: dict, tag: str, peaks_from: str,
+                       base_raw: dict | None) -> tuple[dict, dict, float]:
+    """The measured GPU and PCIe link in their sections (and the host memory in cpu); returns the curves
+    of the measured section: (H2D GB/s by chunk MB, GPU GEMM TFLOP/s by M, HBM copy GB/s)."""
+    gf = r["gpu_facts"]
+    cpu["mem_GiB"] = round(facts["mem_total_bytes"] / GiB, 1)
+    gpu.pop("mem_GB", None)
+    gpu.update(name=gf["name"], mem_GiB=gf["mem_GiB"])
+    _raise_to(gpu, "hbm_GBps", r["hbm_copy_GBps"])
+    _raise_to(gpu["peak_TFLOPs"], "bf16", max(r["gpu_gemm_TFLOPs_by_M"].values()))
+    _raise_to(gpu["peak_TFLOPs"], "fp32", r["gpu_fp32_gemm_TFLOPs"])
+    gpu["source"] = (f"{tag}: name and memory from torch.cuda (mem_get_info); HBM copy and bf16/fp32 GEMM "
+                     f"measured; {peaks_from}" + _base_note(base_raw, "gpu"))
+    _raise_to(link, "h2d_GBps", max(r["h2d_GBps_by_chunk_MB"].values()))
+    _raise_to(link, "d2h_GBps", max(r["d2h_GBps_by_chunk_MB"].values()))
+    link["source"] = f"{tag}: pinned H2D/D2H copies by chunk size; {peaks_from}"
+    return r["h2d_GBps_by_chunk_MB"], _curve(r["gpu_gemm_TFLOPs_by_M"]), r["hbm_copy_GBps"]
+
+
+def _cpu_as_gpu(cpu: dict, link: dict, r: dict, facts: dict, tag: str,
+                peaks_from: str) -> tuple[dict, tuple[dict, dict, float]]:
+    """Without a GPU the engine runs on this CPU: the gpu section is this CPU (a third of the RAM as
+    device memory, half as CPU memory) and the link a host memory copy. Returns (gpu section, the
+    curves of the measured section as _fill_gpu_and_link returns them)."""
+    mem_GiB = facts["mem_total_bytes"] / GiB
+    host_copy = r["host_copy_GBps_by_chunk_MB"]
+    cpu["mem_GiB"] = round(mem_GiB / 2, 1)
+    gpu = {"name": "CPU standing in for the GPU", "mem_GiB": round(mem_GiB / 3, 1),
+           "shares_host_cpu": True,          # the same cores: the cost model overlaps nothing
+           "hbm_GBps": _r(r["dram_read_GBps"]),
+           "peak_TFLOPs": {dt: _r(v) for dt, v in sorted(_cpu_peaks(r).items())},
+           "source": (f"{tag}: no GPU, so the engine runs on this CPU: DRAM read and best expert GEMM "
+                      f"measured here; a third of the {mem_GiB:.1f} GiB RAM budgeted as device memory "
+                      f"(and half as CPU memory)")}
+    _raise_to(link, "h2d_GBps", max(host_copy.values()))
+    _raise_to(link, "d2h_GBps", max(host_copy.values()))
+    link["source"] = (f"{tag}: no GPU, so 'H2D' is a host memory copy (cold source, warm destination), "
+                      f"best over chunk sizes; {peaks_from}")
+    return gpu, (host_copy, _curve(r["cpu_gemm_GFLOPs_by_M"]["fp32"], 1e-3), 2 * host_copy[max(host_copy)])
+
+
+def _measured_section(cached: dict, machine: str, tag: str, h2d_curve: dict, gpu_gemm: dict, hbm_copy: float) -> dict:
+    """The spec's `measured:` section: the curves the cost model reads, then informational details."""
+    r, facts, shapes = cached["results"], cached["facts"], cached["shapes"]
+    edt = "bf16" if facts["gpu_name"] is not None else "fp32"
+    gemm = r["cpu_gemm_GFLOPs_by_M"]
+    return {
         "source": (f"{tag} on {machine}; {cached['mode']} mode; CPU: best of many timed calls, GPU: medians of "
                    f"CUDA-event timings; expert GEMM x[M,{shapes['h']}] @ W[{shapes['h']},F] with F="
                    f"{shapes['F']} on the GPU and F={shapes['F_cpu']} on the CPU ({cached['model']}); verify "
@@ -296,41 +333,48 @@ def build_spec_raw(cached: dict, base_raw: dict | None, base_label: str | None, 
         "dram_read_GBps": _r(r["dram_read_GBps"]),
         "hbm_copy_GBps": _r(hbm_copy),
         # informational, not read by the planner
-        "details": {
-            "cpu_gemm_GFLOPs_by_M_by_dtype": {dt: _curve(c) for dt, c in gemm.items()},
-            "host_copy_GBps_by_chunk_MB": _curve(host_copy),
-            **({"d2h_GBps_by_chunk_MB": _curve(r["d2h_GBps_by_chunk_MB"])} if has_gpu else {}),
-            "cold_buffer_MiB": r.get("pool_MiB"),
-            "skipped": r.get("skipped", {}),
-            "elapsed_s": r.get("elapsed_s"),
-            "load_avg_1min": [r.get("load_avg_before"), r.get("load_avg_after")],
-            "fingerprint": cached["fingerprint_id"],
-            **({"speed_probe": {"iteration_s": _r(statistics.median(r["speed_probe_s"])),
-                                "samples_s": [_r(x) for x in r["speed_probe_s"]],
-                                "method": "runtime/calibrate/speed_probe.py, twice before and twice after the engine-stage "
-                                          "step; iteration_s is their median",
-                                "engine_configs": _probe_configs(r)}}
-               if r.get("speed_probe_s") else {}),
-        },
+        "details": _measured_details(cached),
     }
-    gpu, cpu, link = (_ordered(sec) for sec in (gpu, cpu, link))
-    desc = (f"Calibrated by `specmoe calibrate` on {date}: {machine}."
-            + ("" if has_gpu else " No GPU: 'gpu' is this CPU standing in for it and 'link' is a host memory copy."))
-    raw = {"name": name, "description": desc, "gpu": gpu, "cpu": cpu, "link": link, "measured": measured}
-    if r.get("stage_overheads"):
-        from specmoe.runtime.calibrate.overhead import fit_overheads
 
-        # fitted against the cost model's roofline on the curves above (the fixed costs are the rest)
-        op_us, stage_us, det = fit_overheads(r["stage_overheads"], raw)
-        details = measured.pop("details")
-        if op_us:
-            measured["op_overhead_us"] = op_us
-        measured["stage_overhead_us"] = stage_us
-        measured["source"] += ("; fixed costs per stage invocation (op_overhead_us, stage_overhead_us) fitted to the "
-                               "engine's own stages timed on tiny random models, against the cost model's roofline "
-                               "(runtime/calibrate/overhead.py)")
-        measured["details"] = {**details, "stage_overheads": det}
-    return raw
+
+def _measured_details(cached: dict) -> dict:
+    """What the calibration measured beyond the cost model's curves: every dtype's CPU GEMM, the copies,
+    what was skipped, the load around it, the fingerprint and the speed probe."""
+    r = cached["results"]
+    has_gpu = cached["facts"]["gpu_name"] is not None
+    return {
+        "cpu_gemm_GFLOPs_by_M_by_dtype": {dt: _curve(c) for dt, c in r["cpu_gemm_GFLOPs_by_M"].items()},
+        "host_copy_GBps_by_chunk_MB": _curve(r["host_copy_GBps_by_chunk_MB"]),
+        **({"d2h_GBps_by_chunk_MB": _curve(r["d2h_GBps_by_chunk_MB"])} if has_gpu else {}),
+        "cold_buffer_MiB": r.get("pool_MiB"),
+        "skipped": r.get("skipped", {}),
+        "elapsed_s": r.get("elapsed_s"),
+        "load_avg_1min": [r.get("load_avg_before"), r.get("load_avg_after")],
+        "fingerprint": cached["fingerprint_id"],
+        **({"speed_probe": {"iteration_s": _r(statistics.median(r["speed_probe_s"])),
+                            "samples_s": [_r(x) for x in r["speed_probe_s"]],
+                            "method": "runtime/calibrate/speed_probe.py, twice before and twice after the engine-stage "
+                                      "step; iteration_s is their median",
+                            "engine_configs": _probe_configs(r)}}
+           if r.get("speed_probe_s") else {}),
+    }
+
+
+def _add_fixed_costs(raw: dict, stage_overheads: dict) -> None:
+    """The fixed costs per stage invocation, fitted against the cost model's roofline on raw's curves
+    (the fixed costs are the rest), into raw's measured section (its details last)."""
+    from specmoe.runtime.calibrate.overhead_fit import fit_overheads
+
+    measured = raw["measured"]
+    op_us, stage_us, det = fit_overheads(stage_overheads, raw)
+    details = measured.pop("details")
+    if op_us:
+        measured["op_overhead_us"] = op_us
+    measured["stage_overhead_us"] = stage_us
+    measured["source"] += ("; fixed costs per stage invocation (op_overhead_us, stage_overhead_us) fitted to the "
+                           "engine's own stages timed on tiny random models, against the cost model's roofline "
+                           "(runtime/calibrate/overhead.py)")
+    measured["details"] = {**details, "stage_overheads": det}
 
 
 _KEY_ORDER = {k: i for i, k in enumerate(("name", "cores", "mem_GiB", "hbm_GBps", "dram_GBps", "h2d_GBps",
@@ -345,7 +389,7 @@ def _ordered(sec: dict) -> dict:
 def dump_spec_yaml(raw: dict) -> str:
     head = ("# Written by `specmoe calibrate` (runtime/calibrate/run.py). Peaks in gpu/cpu/link; the measured:\n"
             "# curves override them in the cost model (schema: planner/hardware_spec.py).\n")
-    return head + yaml.dump(_plain(raw), Dumper=_SpecDumper, sort_keys=False, width=120, allow_unicode=True)
+    return head + yaml.dump(plain(raw), Dumper=SpecDumper, sort_keys=False, width=120, allow_unicode=True)
 
 
 def _probe_configs(r: dict) -> dict | None:
@@ -357,7 +401,7 @@ def _probe_configs(r: dict) -> dict | None:
     return {"target": so["target_config"], "drafts": {1: drafts.get(1, next(iter(drafts.values())))}}
 
 
-def _load_cache(path: Path, fp: dict) -> dict | None:
+def load_cache(path: Path, fp: dict) -> dict | None:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):

@@ -29,7 +29,7 @@ PROBE_ITERATIONS = 40
 def probe_iteration_s(engine_cfgs: dict, iterations: int = PROBE_ITERATIONS, device=None) -> float:
     """Median seconds per iteration of the probe workload (about 0.5 s on 2 cores with the tiny model;
     the median, so that one hiccup of the machine does not decide the probe).
-    engine_cfgs: {"target": HF config, "drafts": {layers: HF config}} (runtime.calibrate_spec.engine_configs)."""
+    engine_cfgs: {"target": HF config, "drafts": {layers: HF config}} (runtime.calibrate.spec.engine_configs)."""
     from specmoe.runtime.calibrate.overhead import measure_stage_overheads
 
     r = measure_stage_overheads(engine_cfgs["target"], {int(k): v for k, v in engine_cfgs["drafts"].items()},

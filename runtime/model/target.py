@@ -51,6 +51,21 @@ class _Routed:
     extra: torch.Tensor | None  # [t, H] shared-expert output (gated) or dense FFN output
 
 
+@dataclass
+class _Pass:
+    """What every layer of one forward pass shares."""
+    mode: str                       # one of STREAM_MODES
+    mbs: list                       # layout.split(micro_batches): (sub-layout, start, end) per micro-batch
+    cos: torch.Tensor               # [T, D]
+    sin: torch.Tensor               # [T, D]
+    cs: list                        # (cos, sin) of each micro-batch's tokens
+    kv: SplitKVCache
+    timer: StageTimer
+    host_io: str                    # one of HOST_IO
+    next_streaming: dict[int, int]  # streaming layer -> the streaming layer after it
+    record_routing: bool
+
+
 class TargetModel:
     def __init__(self, src: WeightSource, store: ExpertStore | None, device: torch.device, dtype: torch.dtype):
         c = src.config
@@ -181,79 +196,98 @@ class TargetModel:
         over all tokens (attention stays per micro-batch); "predict": layer i+1's experts predicted by its
         router on layer i's input.
         """
-        c, store = self.config, self.store
         mode = stream_mode(prefetch)
-        streaming = store.streaming_layers if store is not None else []
-        nxt_streaming = {l: n for l, n in zip(streaming, streaming[1:])}
-        if store is not None:
-            store.ledger.tag = timer.phase    # copies issued by this pass count in its phase
-        if streaming:
-            store.drop_streams(keep=streaming[:1] if mode == "next" else ())   # leftovers of an interrupted pass
-            if mode == "next":
-                store.prefetch_layer(streaming[0])
+        streaming = self._begin_pass(mode, timer)
         mbs = layout.split(micro_batches)
         host_io = self.host_io if (mode == "next" and all(r >= kv.device_rows for r in layout.rows)) else "direct"
         with timer.stage(Stage.TARGET_PRE_ATTN):
             h = self.embed.index_select(0, tokens)  # [T, H]
             cos, sin = self.rotary.cos_sin(layout.positions(self.device), self.dtype)  # [T, D]
             cs = [(cos[s:e], sin[s:e]) for _, s, e in mbs]
-        for i in range(c.num_layers):
-            moe_layer = c.layer_is_moe(i)
-            if moe_layer:
-                store.begin_layer(i)
-                if mode == "next" and i in nxt_streaming:
-                    store.prefetch_layer(nxt_streaming[i])   # its buffer's last reader (layer i-1) is issued
-            need_fetch = moe_layer and not store.fully_streamed(i)
-            if mode == "next" and not need_fetch:
-                # nothing waits for this layer's routing: the GPU stages run once over all tokens (2 calls
-                # per layer instead of 2m), the CPU attention per micro-batch
-                h, r = self._layer_batched(i, h, cos, sin, mbs, kv, timer, host_io)
-                if moe_layer and record_routing:
-                    store.record_routing(i, r.ids)
-                with timer.stage(Stage.TARGET_MOE):
-                    h = self.moe(i, h, r)
-                if moe_layer:
-                    store.end_layer(i)
-                continue
-            parts: list[_Routed] = []
-            new_h: list[torch.Tensor] = []
-            with timer.stage(Stage.TARGET_PRE_ATTN):
-                s0, e0 = mbs[0][1], mbs[0][2]
-                nxt = self.pre_attn(i, h[s0:e0], *cs[0])
-            for j, (sub, s, e) in enumerate(mbs):
-                cur = nxt
-                if j + 1 < len(mbs):   # issue the next micro-batch's GPU work before this one's CPU attention
-                    with timer.stage(Stage.TARGET_PRE_ATTN):
-                        s1, e1 = mbs[j + 1][1], mbs[j + 1][2]
-                        nxt = self.pre_attn(i, h[s1:e1], *cs[j + 1])
-                with timer.stage(Stage.TARGET_ATTENTION):
-                    o = kv.attend(i, *cur, sub)
-                with timer.stage(Stage.TARGET_POST_ATTN):
-                    hj, r = self.post_attn(i, h[s:e], o)
-                new_h.append(hj)
-                parts.append(r)
-                if need_fetch:   # the experts this micro-batch routes to start streaming now
-                    store.fetch(i, torch.unique(r.ids).tolist())
-                if moe_layer and record_routing:
-                    store.record_routing(i, r.ids)
-            h = torch.cat(new_h) if len(new_h) > 1 else new_h[0]
-            r = _cat_routed(parts)
-            if mode == "predict" and store is not None:
-                with timer.stage(Stage.TARGET_POST_ATTN):
-                    self._prefetch_next(i, r.x)
-            with timer.stage(Stage.TARGET_MOE):
-                h = self.moe(i, h, r)
-            if moe_layer:
-                store.end_layer(i)
-        if mode == "next" and streaming:
-            store.prefetch_layer(streaming[0])    # the next pass's first layer, over lm_head and the draft phase
-        if store is not None:   # finished copy batches: bytes with their copy-stream busy time (never waits)
-            timer.add_h2d(store.take_h2d(block=False))
+        ps = _Pass(mode, mbs, cos, sin, cs, kv, timer, host_io, dict(zip(streaming, streaming[1:])), record_routing)
+        for i in range(self.config.num_layers):
+            h = self._layer(i, h, ps)
+        self._end_pass(mode, streaming, timer)
         with timer.stage(Stage.TARGET_LM_HEAD):
             if logits == "last":
                 h = h.index_select(0, layout.last_token_index(self.device))
             out = self.lm_head(h)
         return out
+
+    def _begin_pass(self, mode: str, timer: StageTimer) -> list[int]:
+        """Tag the pass's copies with its phase and set up the expert streams; returns the streaming layers."""
+        store = self.store
+        streaming = store.streaming_layers if store is not None else []
+        if store is not None:
+            store.ledger.tag = timer.phase    # copies issued by this pass count in its phase
+        if streaming:
+            store.drop_streams(keep=streaming[:1] if mode == "next" else ())   # leftovers of an interrupted pass
+            if mode == "next":
+                store.prefetch_layer(streaming[0])
+        return streaming
+
+    def _layer(self, i: int, h: torch.Tensor, ps: _Pass) -> torch.Tensor:
+        """One layer of the pass: attention (batched or pipelined per micro-batch), then the MoE -> h [T, H]."""
+        store = self.store
+        moe_layer = self.config.layer_is_moe(i)
+        if moe_layer:
+            store.begin_layer(i)
+            if ps.mode == "next" and i in ps.next_streaming:
+                store.prefetch_layer(ps.next_streaming[i])   # its buffer's last reader (layer i-1) is issued
+        need_fetch = moe_layer and not store.fully_streamed(i)
+        if ps.mode == "next" and not need_fetch:
+            # nothing waits for this layer's routing: the GPU stages run once over all tokens (2 calls
+            # per layer instead of 2m), the CPU attention per micro-batch
+            h, r = self._layer_batched(i, h, ps.cos, ps.sin, ps.mbs, ps.kv, ps.timer, ps.host_io)
+            if moe_layer and ps.record_routing:
+                store.record_routing(i, r.ids)
+        else:
+            h, r = self._layer_pipelined(i, h, ps, need_fetch, moe_layer and ps.record_routing)
+            if ps.mode == "predict" and store is not None:
+                with ps.timer.stage(Stage.TARGET_POST_ATTN):
+                    self._prefetch_next(i, r.x)
+        with ps.timer.stage(Stage.TARGET_MOE):
+            h = self.moe(i, h, r)
+        if moe_layer:
+            store.end_layer(i)
+        return h
+
+    def _layer_pipelined(self, i: int, h: torch.Tensor, ps: _Pass, need_fetch: bool,
+                         record_routing: bool) -> tuple[torch.Tensor, _Routed]:
+        """pre_attn/attention/post_attn per micro-batch, the next micro-batch's pre_attn issued before this
+        one's CPU attention -> (h [T, H], routing of all tokens). need_fetch: the experts each micro-batch
+        routes to start streaming as soon as its routing is known."""
+        timer, mbs = ps.timer, ps.mbs
+        parts: list[_Routed] = []
+        new_h: list[torch.Tensor] = []
+        with timer.stage(Stage.TARGET_PRE_ATTN):
+            s0, e0 = mbs[0][1], mbs[0][2]
+            nxt = self.pre_attn(i, h[s0:e0], *ps.cs[0])
+        for j, (sub, s, e) in enumerate(mbs):
+            cur = nxt
+            if j + 1 < len(mbs):   # issue the next micro-batch's GPU work before this one's CPU attention
+                with timer.stage(Stage.TARGET_PRE_ATTN):
+                    s1, e1 = mbs[j + 1][1], mbs[j + 1][2]
+                    nxt = self.pre_attn(i, h[s1:e1], *ps.cs[j + 1])
+            with timer.stage(Stage.TARGET_ATTENTION):
+                o = ps.kv.attend(i, *cur, sub)
+            with timer.stage(Stage.TARGET_POST_ATTN):
+                hj, r = self.post_attn(i, h[s:e], o)
+            new_h.append(hj)
+            parts.append(r)
+            if need_fetch:   # the experts this micro-batch routes to start streaming now
+                self.store.fetch(i, torch.unique(r.ids).tolist())
+            if record_routing:
+                self.store.record_routing(i, r.ids)
+        return (torch.cat(new_h) if len(new_h) > 1 else new_h[0]), _cat_routed(parts)
+
+    def _end_pass(self, mode: str, streaming: list[int], timer: StageTimer) -> None:
+        """Start streaming the next pass's first layer and record the copies that have finished."""
+        store = self.store
+        if mode == "next" and streaming:
+            store.prefetch_layer(streaming[0])    # the next pass's first layer, over lm_head and the draft phase
+        if store is not None:   # finished copy batches: bytes with their copy-stream busy time (never waits)
+            timer.add_h2d(store.take_h2d(block=False))
 
 
 STREAM_MODES = ("off", "next", "predict")
