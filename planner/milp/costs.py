@@ -111,12 +111,14 @@ def draft_time_fn(cm: CostModel, batch: int, draft_len: int):
     """D(g): the cost model's closed-form draft phase when g of the B sequences keep their draft KV on
     the GPU (IterationCosts.draft_time_closed_s with one draft group: the busier of the GPU and the
     CPU part's chain of steps). Built from the cost model's own draft pieces because it is called
-    some tens of times per point; tests check it against CostModel.iteration."""
+    some tens of times per point; tests check it against CostModel.iteration. On a serial host the
+    three parts add up."""
     B, k = int(batch), int(draft_len)
     if k == 0 or cm.draft is None:
         return lambda g: 0.0
     s = float(cm.workload.mean_context)
     steps = _draft_steps(cm, k)
+    serial = bool(cm.hw.gpu.shares_host_cpu)
     memo: dict[int, float] = {}
 
     def D(g: int) -> float:
@@ -130,7 +132,8 @@ def draft_time_fn(cm: CostModel, batch: int, draft_len: int):
                 if c > 0:
                     cgpu += n * cm.draft_part(c, q, s, srcs, on_gpu=False)
                     cpu += n * cm.draft_cpu_attn(c, q, s, srcs)
-            memo[g] = max(gpu + cgpu, cpu + cgpu)
+            # on a serial host (the CPU standing in for the GPU) the parts add up, as in the closed form
+            memo[g] = gpu + cgpu + cpu if serial else max(gpu + cgpu, cpu + cgpu)
         return memo[g]
 
     return D
