@@ -109,6 +109,17 @@ def test_fingerprint_depends_on_shapes_and_mode():
     assert a == cal.fingerprint(facts, cal.measured_shapes(mspec, cal.FULL), "full")[0]
 
 
+def test_fingerprint_covers_the_engine_sources_that_exist():
+    """Every engine source the calibration cache is keyed on exists (a moved file would otherwise hash
+    as "missing" and its edits would never invalidate a cached calibration), and so do the bundled
+    models the engine-stage measurement runs."""
+    from specmoe.runtime.calibrate.spec import DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR, ENGINE_SOURCES, REPO_ROOT
+
+    missing = [f for f in ENGINE_SOURCES if not (REPO_ROOT / "runtime" / f).is_file()]
+    assert not missing, missing
+    assert (DEFAULT_MODEL_DIR / "config.json").is_file() and (DEFAULT_DRAFT_DIR / "config.json").is_file()
+
+
 def test_cpu_gemm_shape_is_scaled_to_fit():
     _, mspec = cal.resolve_model("mixtral-8x7b")
     for st in (cal.FULL, cal.QUICK):

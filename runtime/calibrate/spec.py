@@ -23,7 +23,7 @@ from specmoe.planner.atomic_file import atomic_write_text  # noqa: F401  (re-exp
 from specmoe.runtime.calibrate.measure import GiB, Settings
 
 FORMAT_VERSION = 2
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]   # runtime/calibrate/spec.py -> the checkout
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "tiny-moe"
 DEFAULT_DRAFT_DIR = REPO_ROOT / "models" / "tiny-draft"
 FALLBACK_MODEL = "mixtral-8x7b"
@@ -112,9 +112,9 @@ def specmoe_version() -> str:
 
 
 ENGINE_SOURCES = ("kernels/verify_attention.py", "kernels/csrc/verify_attention.cpp", "kernels/moe_ops.py",
-                  "kernels/speculative_ops.py", "kernels/checks.py",
-                  "target_model.py", "draft_model.py", "speculative.py", "kv_cache.py", "layers.py",
-                  "expert_store.py", "run_record.py", "calibrate_overhead.py")
+                  "kernels/speculative_ops.py", "kernels/checks.py", "model/target.py", "model/draft.py",
+                  "speculative.py", "model/kv_cache.py", "model/layers.py", "model/expert_store.py", "run_record.py",
+                  "calibrate/overhead.py")
 
 
 def kernel_source_sha() -> str:
