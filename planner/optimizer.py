@@ -54,7 +54,7 @@ from specmoe.planner.search_points import best_first, enumerate_points, refine_g
 from specmoe.planner.search_results import (FRONTIER_GAP, add_job, alternative_rows, evaluate, frontier,
                                             set_chosen_frontier_tps, solved_by_score, solver_summary)
 from specmoe.planner.search_state import Search, Solved
-from specmoe.planner.workload import Workload
+from specmoe.planner.workload import MAX_DRAFT_LEN, Workload
 
 __all__ = ["FRONTIER_GAP", "OBJECTIVES", "PER_LAYER_X_MAX_LAYERS", "Solved", "batch_grid", "batch_limit",
            "closed_form_s", "optimize"]
@@ -62,7 +62,7 @@ __all__ = ["FRONTIER_GAP", "OBJECTIVES", "PER_LAYER_X_MAX_LAYERS", "Solved", "ba
 
 def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Workload, draft=None,
              objective: str = "throughput", min_throughput: float | None = None, routing_stats=None,
-             solver: str = "cbc", k_values: Iterable[int] = range(0, 9),
+             solver: str = "cbc", k_values: Iterable[int] = range(0, MAX_DRAFT_LEN + 1),
              micro_batch_values: Iterable[int] = (1, 2, 4, 8), *, cpu_expert_mode: str = "auto",
              gpu_attention: bool = True, target_kv_gpu: bool = True, alternatives: int = 3,
              use_measured: bool = True, time_limit_s: float | None = None, timeline: bool = True) -> Plan:

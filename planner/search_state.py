@@ -84,9 +84,6 @@ class Search:
     def max_time(self, B: int, k: int) -> float | None:
         return B * self.acc1(k) / self.floor if self.floor else None
 
-    def kv_ready(self, B: int, m: int, k: int) -> bool:
-        return self.point(B, m, k).kv_h2d_s_per_seq is not None
-
     def add_kv(self, B: int, m: int, k: int) -> None:
         """The KV-streaming slopes (GPU-attention variants); they do not depend on m."""
         pc = self.point(B, m, k)

@@ -26,9 +26,9 @@ from specmoe.planner.model_spec import ModelSpec, default_draft_name, load_model
 from specmoe.planner.plan import Placement, Plan
 from specmoe.planner.roofline import OpCost, h2d_rate, memory_bandwidth, peak_flops, time_on
 from specmoe.planner.stages import Stage
-from specmoe.planner.workload import AcceptanceProfile, Workload
+from specmoe.planner.workload import MAX_DRAFT_LEN, AcceptanceProfile, Workload
 
-KS = range(0, 9)
+KS = range(0, MAX_DRAFT_LEN + 1)
 HW_PARAMS = ("h2d_GBps", "gpu_mem_GiB", "cpu_mem_GiB")
 
 

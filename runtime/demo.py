@@ -42,7 +42,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from specmoe.planner.atomic_file import atomic_write_text
 from specmoe.planner.errors import SpecError
+from specmoe.planner.workload import MAX_DRAFT_LEN
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_DIR = REPO / "models" / "tiny-moe"
@@ -122,7 +124,7 @@ class _Job:
     @property
     def max_k(self) -> int:
         """The largest draft length profiled and planned."""
-        return 4 if self.quick else 8
+        return 4 if self.quick else MAX_DRAFT_LEN
 
 
 def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_tokens: int = 48, batch: int | None = None,
@@ -408,7 +410,7 @@ def _write_summary(job: _Job, plan, runs: dict[str, list], cmp, speedup: float, 
                "iteration_error_pct": cmp.iteration_error_pct, "draft_len": plan.draft_len, "batch": plan.batch,
                "micro_batches": plan.micro_batches, "differing_sequences": differing, "threads": torch.get_num_threads(),
                "calibration": {"mode": info["mode"], "cache_hit": info["cache_hit"]}, "timings_s": job.times}
-    (job.out / "demo.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(job.out / "demo.json", json.dumps(summary, indent=1))
 
 
 def median_run(results: list):
@@ -418,6 +420,4 @@ def median_run(results: list):
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -31,6 +31,7 @@ from typing import Callable
 from specmoe.planner.errors import SpecError
 
 from specmoe.planner.atomic_file import atomic_write_text
+from specmoe.planner.workload import MAX_DRAFT_LEN
 
 
 @dataclass
@@ -89,7 +90,7 @@ def isotonic(values: list[float], weights: list[float]) -> list[float]:
     return out
 
 
-def profile_acceptance(target_dir, draft_dir, prompts: list, max_k: int = 8, max_new_tokens: int = 48,
+def profile_acceptance(target_dir, draft_dir, prompts: list, max_k: int = MAX_DRAFT_LEN, max_new_tokens: int = 48,
                        batch: int | None = None, device=None, dtype=None,
                        progress: Callable[[int, dict], None] | None = None) -> AcceptanceResult:
     """Measure acc(k) for k = 1..max_k (see the module doc). progress(k, row) after each k."""

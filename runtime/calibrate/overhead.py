@@ -25,6 +25,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable
 
+from specmoe.planner.stages import Stage
+
 # (B, k, m, draft layers, target-KV sequences on the device, expert cache): every fitted term varies
 # independently across these (see overhead_fit.stage_features). Where target KV is split between device
 # and host, m = 1, so the engine's micro-batches and the cost model's split_even hold the same parts.
@@ -42,8 +44,9 @@ CONFIGS: tuple[tuple[int, int, int, int, int, str], ...] = (
 )
 PROMPT_LEN = 16
 ORACLE_ALPHA = 0.6     # per-draft acceptance rate of the measurement's oracle
-STAGES = ("target.pre_attn", "target.attention", "target.post_attn", "target.moe", "target.h2d",
-          "target.lm_head", "verify.accept", "draft.gpu")
+# the stages the measurement times (draft.cpu: every draft KV is on the device here)
+STAGES = tuple(s.value for s in (Stage.TARGET_PRE_ATTN, Stage.TARGET_ATTENTION, Stage.TARGET_POST_ATTN, Stage.TARGET_MOE,
+                                 Stage.TARGET_H2D, Stage.TARGET_LM_HEAD, Stage.VERIFY_ACCEPT, Stage.DRAFT_GPU))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import math
 import statistics
 from typing import Any
 
+from specmoe.planner.overhead import OverheadKey as K
+from specmoe.planner.stages import Stage as S
 from specmoe.runtime.calibrate.overhead import ORACLE_ALPHA, PROMPT_LEN, STAGES
 
 STAT = "normalized_s"  # fitted: mean seconds per iteration (as RunRecords report them), each round divided by
@@ -52,21 +54,22 @@ def stage_features(c: dict, spec, n_moe: int, touched: float) -> dict[str, dict[
     dev_mbs = sum(1 for d, _ in parts if d > 0)
     host_mbs = sum(1 for _, h in parts if h > 0)
     f = {
-        "target.pre_attn": {"target.pre_attn": 1 + L * M, "target.pre_attn.sequence": B},
-        "target.attention": {"target.attention": L * host_mbs, "target.attention.gpu": L * dev_mbs,
-                             "target.attention.sequence": B},
-        "target.post_attn": {"target.post_attn": L * M, "target.post_attn.token": L * B * (k + 1)},
+        S.TARGET_PRE_ATTN: {K.PRE_ATTN: 1 + L * M, K.PRE_ATTN_SEQUENCE: B},
+        S.TARGET_ATTENTION: {K.ATTENTION: L * host_mbs, K.ATTENTION_GPU: L * dev_mbs, K.ATTENTION_SEQUENCE: B},
+        S.TARGET_POST_ATTN: {K.POST_ATTN: L * M, K.POST_ATTN_TOKEN: L * B * (k + 1)},
         # the expert chains the engine ran (counted), else uniform routing's expected count
-        "target.moe": {"target.moe": L, "target.moe.expert": c.get("experts_per_iteration") or n_moe * touched,
-                       "target.moe.token": n_moe * B * (k + 1)},
-        "target.lm_head": {"target.lm_head": 1, "target.lm_head.token": B * (k + 1)},
-        "verify.accept": {"verify.accept": 1, "verify.accept.sequence": B, "verify.accept.token": B * (k + 1)},
+        S.TARGET_MOE: {K.MOE: L, K.MOE_EXPERT: c.get("experts_per_iteration") or n_moe * touched,
+                       K.MOE_TOKEN: n_moe * B * (k + 1)},
+        S.TARGET_LM_HEAD: {K.LM_HEAD: 1, K.LM_HEAD_TOKEN: B * (k + 1)},
+        S.VERIFY_ACCEPT: {K.ACCEPT: 1, K.ACCEPT_SEQUENCE: B, K.ACCEPT_TOKEN: B * (k + 1)},
     }
     if c["copies_per_iteration"] > 0:
-        f["target.h2d"] = {"target.h2d": c["copies_per_iteration"]}
+        f[S.TARGET_H2D] = {K.H2D: c["copies_per_iteration"]}
     if k > 0:
-        f["draft.gpu"] = {"draft.step": k, "draft.layer": k * Ld, "draft.sequence": k * B,
-                          "draft.catchup": Ld * c.get("catchup_per_iteration", 0.0)}
+        f[S.DRAFT_GPU] = {K.DRAFT_STEP: k, K.DRAFT_LAYER: k * Ld, K.DRAFT_SEQUENCE: k * B,
+                          K.DRAFT_CATCHUP: Ld * c.get("catchup_per_iteration", 0.0)}
+    # plain strings: the keys go into the spec's YAML
+    return {str(st.value): {str(key.value): n for key, n in terms.items()} for st, terms in f.items()}
     return f
 
 
@@ -191,8 +194,8 @@ def _fit_untimed(raw: dict, theta: dict[str, float], fit_err: dict[str, float]) 
     it_s = np.array([_stat(c)["iteration"] for c in raw["configs"]], dtype=float)          # [configs]
     yo = it_s - np.array([sum(_stat(c)[st] for st in STAGES) for c in raw["configs"]], dtype=float)
     so, _ = nnls(Xo / it_s[:, None], yo / it_s)
-    theta["iteration.other"], theta["iteration.other.sequence"] = float(so[0]), float(so[1])
-    fit_err["iteration.other"] = float(np.max(np.abs(Xo @ so - yo) / it_s))
+    theta[K.OTHER.value], theta[K.OTHER_SEQUENCE.value] = float(so[0]), float(so[1])
+    fit_err[K.OTHER.value] = float(np.max(np.abs(Xo @ so - yo) / it_s))
 
 
 def _fit_ops_per_invocation(raw: dict, spec, n_moe: int) -> dict[str, float]:
