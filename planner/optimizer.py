@@ -29,12 +29,12 @@ Method (DESIGN.md, "The optimizer"):
 
 The steps live in
 
-    planner/search_inputs.py   the arguments checked, the draft and the variants; the infeasibility error
-    planner/search_batches.py  `batch_limit` and `batch_grid` (enumerating B)
-    planner/search_costs.py    `closed_form_s` (the cost model at a point, with routing statistics)
-    planner/search_state.py    `Search` (caches, bounds, solving) and `Solved` (one solved point)
-    planner/search_points.py   enumerating the points, refining B, solving in best-bound order
-    planner/search_results.py  the chosen plan simulated, the frontier, the alternatives, the solver summary
+    planner/search/inputs.py   the arguments checked, the draft and the variants; the infeasibility error
+    planner/search/batches.py  `batch_limit` and `batch_grid` (enumerating B)
+    planner/search/costs.py    `closed_form_s` (the cost model at a point, with routing statistics)
+    planner/search/state.py    `Search` (caches, bounds, solving) and `Solved` (one solved point)
+    planner/search/points.py   enumerating the points, refining B, solving in best-bound order
+    planner/search/results.py  the chosen plan simulated, the frontier, the alternatives, the solver summary
 """
 from __future__ import annotations
 
@@ -46,14 +46,14 @@ from specmoe.planner.cost_model import CostModel
 from specmoe.planner.hardware_spec import HardwareSpec, load_hardware
 from specmoe.planner.model_spec import ModelSpec, load_model
 from specmoe.planner.plan import Plan
-from specmoe.planner.search_batches import batch_grid, batch_limit
-from specmoe.planner.search_costs import closed_form_s
-from specmoe.planner.search_inputs import (OBJECTIVES, PER_LAYER_X_MAX_LAYERS, check_objective, check_stats, int_list,
+from specmoe.planner.search.batches import batch_grid, batch_limit
+from specmoe.planner.search.costs import closed_form_s
+from specmoe.planner.search.inputs import (OBJECTIVES, PER_LAYER_X_MAX_LAYERS, check_objective, check_stats, int_list,
                                            pick_draft, raise_infeasible, search_variants)
-from specmoe.planner.search_points import best_first, enumerate_points, refine_grid
-from specmoe.planner.search_results import (FRONTIER_GAP, add_job, alternative_rows, evaluate, frontier,
+from specmoe.planner.search.points import best_first, enumerate_points, refine_grid
+from specmoe.planner.search.results import (FRONTIER_GAP, add_job, alternative_rows, evaluate, frontier,
                                             set_chosen_frontier_tps, solved_by_score, solver_summary)
-from specmoe.planner.search_state import Search, Solved
+from specmoe.planner.search.state import Search, Solved
 from specmoe.planner.workload import MAX_DRAFT_LEN, Workload
 
 __all__ = ["FRONTIER_GAP", "OBJECTIVES", "PER_LAYER_X_MAX_LAYERS", "Solved", "batch_grid", "batch_limit",

@@ -147,7 +147,7 @@ def test_run_probes_the_machine_when_the_spec_has_a_probe(setup, tmp_path):
     p = Plan.from_json(plan)
     cfgs = engine_configs(resolve_model_config(None))
     cfgs = {"target": cfgs["target"], "drafts": {1: cfgs["drafts"][1]}}
-    hw = {**p.hardware, "measured": {**p.hardware.get("measured", {}),
+    hw = {**p.hardware, "measured": {**p.hardware.get("measured", {}), "source": "test",
                                      "details": {"speed_probe": {"iteration_s": 0.01, "engine_configs": cfgs}}}}
     probed = tmp_path / "probed.json"
     replace(p, hardware=hw, input_hashes={}).to_json(probed)      # hashes recomputed for the new spec

@@ -18,8 +18,8 @@ from specmoe.planner.cost_model import CostModel
 from specmoe.planner.estimator import estimate
 from specmoe.planner.memory import footprint
 from specmoe.planner.plan import Placement, Prediction
-from specmoe.planner.search_costs import iteration_costs
-from specmoe.planner.search_state import Search, Solved
+from specmoe.planner.search.costs import iteration_costs
+from specmoe.planner.search.state import Search, Solved
 from specmoe.planner.simulator import prefill_time, simulate_iteration
 from specmoe.planner.stages import Stage
 

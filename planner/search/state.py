@@ -20,7 +20,7 @@ from specmoe.planner.cost_model import CostModel
 from specmoe.planner.errors import SpecError
 from specmoe.planner.memory import footprint
 from specmoe.planner.plan import Placement
-from specmoe.planner.search_costs import closed_form_s
+from specmoe.planner.search.costs import closed_form_s
 
 
 @dataclass

@@ -14,8 +14,8 @@ from specmoe.planner.errors import InfeasibleError, SpecError
 from specmoe.planner.memory import Footprint, footprint
 from specmoe.planner.model_spec import ModelSpec, default_draft_name, load_model
 from specmoe.planner.plan import Placement
-from specmoe.planner.search_batches import batch_limit
-from specmoe.planner.search_state import Search
+from specmoe.planner.search.batches import batch_limit
+from specmoe.planner.search.state import Search
 from specmoe.planner.workload import Workload
 
 OBJECTIVES = ("throughput", "latency")

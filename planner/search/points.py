@@ -2,7 +2,7 @@
 
 * `enumerate_points`: every (B, m, k, variant) with a cheap valid lower bound of its T, on a heap in
   score order. B runs over a grid per (k, m, variant) from the largest batch the memory admits
-  (planner/search_batches.py), or is the workload's own batch when it gives one.
+  (planner/search/batches.py), or is the workload's own batch when it gives one.
 * `refine_grid`: one refined batch joins the grid, found by a golden-section search on the
   linear-relaxation bound between the grid neighbours of the point whose bound is best (the
   throughput against B has a knee where the KV stops fitting the GPU, often between grid points).
@@ -18,8 +18,8 @@ import heapq
 import math
 
 from specmoe.planner import milp
-from specmoe.planner.search_batches import batch_grid, batch_limit
-from specmoe.planner.search_state import Search
+from specmoe.planner.search.batches import batch_grid, batch_limit
+from specmoe.planner.search.state import Search
 
 
 def enumerate_points(S: Search, ks: list[int], mbs: list[int], target_kv_gpu: bool) -> tuple[list, dict]:
