@@ -59,6 +59,7 @@ from specmoe.planner.iteration_costs import IterationCosts
 from specmoe.planner.model_spec import ModelSpec
 from specmoe.planner.overhead import Overheads
 from specmoe.planner.plan import Placement
+from specmoe.planner.schedule import Schedule
 from specmoe.planner.roofline import OpCost, OpTime, h2d_rate, peak_flops, time_on
 from specmoe.planner.workload import KV_DTYPES, Workload
 
@@ -154,9 +155,12 @@ class CostModel:
     evaluates one configuration in well under a millisecond (no timeline)."""
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, workload: Workload, draft: ModelSpec | None = None,
-                 use_measured: bool = True):
+                 use_measured: bool = True, schedule: Schedule | None = None):
+        """schedule: how the engine groups an iteration's work (planner/schedule.py); iteration() prices
+        its MoE and pre/post grouping unless told otherwise (none: everything per micro-batch)."""
         self.model, self.hw, self.workload, self.draft = model, hw, workload, draft
         self.use_measured = use_measured
+        self.schedule = schedule
         m = model
         self.wb = float(workload.weight_bytes_per_elem)
         self.kvb = float(KV_DTYPES[workload.kv_dtype])
@@ -207,9 +211,9 @@ class CostModel:
         return OpCost(flops=flops, hbm_bytes=nbytes) if on_gpu else OpCost(flops=flops, dram_bytes=nbytes)
 
     def iteration(self, batch: int, micro_batches: int, draft_len: int, placement: Placement,
-                  context_len: float | None = None, batched_moe: bool = False,
-                  draft_groups: str = "batch", draft_kv_gpu_sequences: int | None = None,
-                  batched_layer: bool = False) -> IterationCosts:
+                  context_len: float | None = None, batched_moe: bool | None = None,
+                  draft_groups: str | None = None, draft_kv_gpu_sequences: int | None = None,
+                  batched_layer: bool | None = None) -> IterationCosts:
         """Costs of one decode iteration.
 
         batched_moe: the routed experts of all micro-batches run together, once per layer (as the
@@ -222,6 +226,11 @@ class CostModel:
         draft with another's verification). draft_kv_gpu_sequences overrides the placement's (the
         whole-run simulation shrinks it as contexts grow).
         """
+        opts = self.schedule.sim_options() if self.schedule is not None else {}
+        batched_moe = opts.get("batched_moe", False) if batched_moe is None else batched_moe
+        batched_layer = opts.get("batched_layer", False) if batched_layer is None else batched_layer
+        if draft_groups is None:
+            draft_groups = "micro_batch" if opts.get("overlap_draft") else "batch"
         cfg = self._configure(batch, micro_batches, draft_len, placement, context_len)
         att = self._attention_slopes(cfg)
         cols = self._micro_batch_columns(cfg, att)

@@ -18,6 +18,7 @@ from specmoe.planner.hardware_spec import HardwareSpec, load_hardware
 from specmoe.planner.memory import default_placement, footprint, max_batch
 from specmoe.planner.model_spec import ModelSpec, default_draft_name, load_model
 from specmoe.planner.plan import Placement, Prediction
+from specmoe.planner.schedule import Schedule
 from specmoe.planner.simulator import simulate_iteration, simulate_run
 from specmoe.planner.stages import Stage
 from specmoe.planner.workload import Workload
@@ -83,7 +84,7 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
              draft: str | Path | dict | ModelSpec | None = None, draft_len: int = 0, micro_batches: int = 2,
              placement: Placement | None = None, batch: int | str | None = None, *,
              overlap_draft: bool = False, prefetch: bool = False, batched_moe: bool = False,
-             batched_layer: bool = False,
+             batched_layer: bool = False, schedule: Schedule | None = None,
              timeline: bool = True, run: bool = True, use_measured: bool = True) -> Estimate:
     """Predict one configuration.
 
@@ -91,9 +92,9 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
     draft: needed when draft_len > 0; None then means the default draft of the target (DEFAULT_DRAFTS).
     placement: None gives the default (target KV on the CPU, draft KV on the GPU for as many
       sequences as fit, then as many expert cache slots as fit).
-    overlap_draft / prefetch / batched_moe / batched_layer: simulator options (see planner.simulator;
-      the engine always batches the MoE, and on a GPU also pre/post attention with prefetch, its
-      default streaming-ahead schedule).
+    overlap_draft / prefetch / batched_moe / batched_layer: simulator options (see planner.simulator).
+    schedule: how the engine runs the iteration (planner/schedule.py); when given, its options replace
+      the four above (a plan's prediction is always made with its schedule).
     run: also simulate prefill and the whole run (end-to-end throughput).
     """
     m = load_model(model)
@@ -115,7 +116,11 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
                         "build one with Placement(expert_cache_slots=...)")
     fp = _checked_footprint(m, hw, workload, B, k, placement, d, mb, placement_given)
 
-    cm = CostModel(m, hw, workload, d, use_measured=use_measured)
+    if schedule is not None:
+        o = schedule.sim_options()
+        overlap_draft, prefetch, batched_moe, batched_layer = (o["overlap_draft"], o["prefetch"], o["batched_moe"],
+                                                               o["batched_layer"])
+    cm = CostModel(m, hw, workload, d, use_measured=use_measured, schedule=schedule)
     sim = _SimOptions(overlap_draft, prefetch, batched_moe, batched_layer)
     est = _steady_state(cm, sim, B, mb, k, placement, fp, timeline)
     if run:

@@ -116,6 +116,7 @@ class MeasuredCurves:
     cpu_attention_TFLOPs: float | None = None                            # one sustained rate (profile)
     op_overhead_us: float | None = None                                  # one torch operation
     stage_overhead_us: dict[str, float] = field(default_factory=dict)    # planner/overhead.py keys
+    threads: int | None = None                                           # torch threads the curves were measured with
 
     @property
     def overheads(self) -> Overheads:
@@ -322,7 +323,16 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
                             if m.get("op_overhead_us") is not None else None),
             stage_overhead_us=(parse_stage_overhead_us(m["stage_overhead_us"], f"{mw}.stage_overhead_us")
                                if m.get("stage_overhead_us") is not None else {}),
+            threads=_threads(m.get("threads"), f"{mw}.threads"),
         )
     sha = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
     return HardwareSpec(name=name, description=str(raw.get("description", "")), gpu=gpu, cpu=cpu, link=link,
                         measured=measured, source_path=str(path), content_sha256=sha, raw=raw)
+
+
+def _threads(v: Any, field_name: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise SpecError(field_name, f"must be a positive integer (torch threads), got {v!r}", "e.g. `threads: 16`")
+    return int(v)

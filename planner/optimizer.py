@@ -46,6 +46,7 @@ from specmoe.planner.cost_model import CostModel
 from specmoe.planner.hardware_spec import HardwareSpec, load_hardware
 from specmoe.planner.model_spec import ModelSpec, load_model
 from specmoe.planner.plan import Plan
+from specmoe.planner.schedule import Schedule, default_schedule
 from specmoe.planner.search.batches import batch_grid, batch_limit
 from specmoe.planner.search.costs import closed_form_s
 from specmoe.planner.search.inputs import (OBJECTIVES, PER_LAYER_X_MAX_LAYERS, check_objective, check_stats, int_list,
@@ -65,7 +66,8 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
              solver: str = "cbc", k_values: Iterable[int] = range(0, MAX_DRAFT_LEN + 1),
              micro_batch_values: Iterable[int] = (1, 2, 4, 8), *, cpu_expert_mode: str = "auto",
              gpu_attention: bool = True, target_kv_gpu: bool = True, alternatives: int = 3,
-             use_measured: bool = True, time_limit_s: float | None = None, timeline: bool = True) -> Plan:
+             use_measured: bool = True, time_limit_s: float | None = None, timeline: bool = True,
+             schedule: Schedule | None = None) -> Plan:
     """The plan with the best objective over batch, micro-batches, draft length and placement.
 
     draft: a preset, config path, dict or ModelSpec; None = the target's default draft when it has
@@ -81,6 +83,8 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
     time_limit_s: per program; None = 5 s, or 1 s with routing statistics (programs of layers that all
       differ are hard to prove optimal for CBC; the incumbent is kept and the status says so; HiGHS,
       solver="highs", proves them in well under a second).
+    schedule: how the engine will run the plan (planner/schedule.py); None: the hardware's default.
+      Every point is costed with it, and the plan carries it.
     Raises InfeasibleError (which constraint fails and by how much) when no configuration fits.
     """
     t_start = time.perf_counter()
@@ -94,7 +98,8 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
     d, ks = pick_draft(m, draft, ks)
     if time_limit_s is None:
         time_limit_s = 1.0 if stats is not None else 5.0
-    cm = CostModel(m, hw, workload, d, use_measured=use_measured)
+    sched = schedule if schedule is not None else default_schedule(hw)
+    cm = CostModel(m, hw, workload, d, use_measured=use_measured, schedule=sched)
     variants = search_variants(m, cpu_expert_mode, gpu_attention, target_kv_gpu)
     S = Search(cm, objective, float(min_throughput) if min_throughput else None, stats, solver, variants, time_limit_s)
 
@@ -126,4 +131,4 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
                 batch=win.batch, micro_batches=win.micro_batches, draft_len=win.draft_len,
                 placement=win.placement, predicted=pred, memory=mem, bound=bound,
                 frontier={"by_k": by_k, "by_batch": by_b}, objective=objective, alternatives=tuple(alts),
-                solver=info)
+                solver=info, schedule=sched)

@@ -27,9 +27,11 @@ from typing import Any
 
 from specmoe.planner.atomic_file import atomic_write_text
 from specmoe.planner.errors import SpecError
+from specmoe.planner.schedule import Schedule, default_schedule
 from specmoe.planner.stages import STAGE_NAMES
 
-SCHEMA_VERSION = 1
+# 2: the plan carries the schedule the engine runs (planner/schedule.py)
+SCHEMA_VERSION = 2
 
 
 def content_hash(obj: Any) -> str:
@@ -129,6 +131,7 @@ class Plan:
     solver: dict = field(default_factory=dict)
     input_hashes: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    schedule: Schedule | None = None        # how the engine runs it; None: the hardware's default
 
     def __post_init__(self):
         # the inputs as they read back from plan.json (e.g. integer keys of measured curves become strings)
@@ -138,6 +141,8 @@ class Plan:
                 object.__setattr__(self, name, json.loads(json.dumps(v, default=str)))
         if not self.input_hashes:
             object.__setattr__(self, "input_hashes", self.compute_hashes())
+        if self.schedule is None:
+            object.__setattr__(self, "schedule", default_schedule(self.hardware_spec()))
         self.validate()
 
     def compute_hashes(self) -> dict:
@@ -205,7 +210,7 @@ class Plan:
             "placement": self.placement.to_dict(), "predicted": self.predicted.to_dict(),
             "memory": self.memory, "bound": self.bound, "frontier": self.frontier,
             "alternatives": list(self.alternatives), "solver": self.solver,
-            "input_hashes": self.input_hashes,
+            "input_hashes": self.input_hashes, "schedule": self.schedule.to_dict(),
             "model": self.model, "draft": self.draft, "hardware": self.hardware, "workload": self.workload,
         }
 
@@ -222,10 +227,12 @@ class Plan:
         if "schema_version" not in d:
             raise SpecError("schema_version", "missing", "this is not a plan.json written by `specmoe plan`")
         if d["schema_version"] != SCHEMA_VERSION:
-            raise SpecError("schema_version", f"plan has version {d['schema_version']}, this specmoe reads {SCHEMA_VERSION}",
-                            "re-run `specmoe plan` to regenerate it")
+            old = isinstance(d["schema_version"], int) and d["schema_version"] < SCHEMA_VERSION
+            raise SpecError("schema_version", f"plan has version {d['schema_version']}, this specmoe reads {SCHEMA_VERSION}"
+                            + (" (older plans do not say how the engine runs them: no `schedule`)" if old else ""),
+                            "re-run `specmoe plan` with the same inputs to regenerate it")
         d = _require(d, "plan", ("batch", "micro_batches", "draft_len", "placement", "predicted", "memory", "bound",
-                                 "frontier", "model", "hardware", "workload"))
+                                 "frontier", "model", "hardware", "workload", "schedule"))
         return cls(
             model=d["model"], hardware=d["hardware"], workload=d["workload"], draft=d.get("draft"),
             batch=d["batch"], micro_batches=d["micro_batches"], draft_len=d["draft_len"],
@@ -233,6 +240,7 @@ class Plan:
             memory=d["memory"], bound=d["bound"], frontier=d["frontier"], objective=d.get("objective", "throughput"),
             alternatives=tuple(d.get("alternatives", ())), solver=d.get("solver", {}),
             input_hashes=d.get("input_hashes", {}), schema_version=d["schema_version"],
+            schedule=Schedule.from_dict(d["schedule"]),
         )
 
     @classmethod

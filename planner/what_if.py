@@ -24,6 +24,7 @@ from specmoe.planner.estimator import Estimate, estimate
 from specmoe.planner.hardware_spec import load_hardware
 from specmoe.planner.model_spec import ModelSpec, default_draft_name, load_model
 from specmoe.planner.plan import Placement, Plan
+from specmoe.planner.schedule import Schedule, default_schedule
 from specmoe.planner.roofline import OpCost, h2d_rate, memory_bandwidth, peak_flops, time_on
 from specmoe.planner.stages import Stage
 from specmoe.planner.workload import MAX_DRAFT_LEN, AcceptanceProfile, Workload
@@ -47,6 +48,7 @@ def _try(model, hw, wl, draft, k, mb, batch, **kw) -> Estimate | None:
             from specmoe.planner.memory import max_batch
 
             batch = min(max_batch(model, hw, wl, draft if k else None, k, mb), wl.num_prompts)
+        kw.setdefault("schedule", default_schedule(load_hardware(hw)))   # as a plan would run it
         return estimate(model, hw, wl, draft=draft if k else None, draft_len=k, micro_batches=mb, batch=batch,
                         timeline=False, run=False, **kw)
     except SpecError:
@@ -247,8 +249,10 @@ def describe_breakeven(r: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 def plan_from_estimate(est: Estimate, model, hardware, workload: Workload, draft=None,
-                       frontier: dict | None = None, solver: dict | None = None) -> Plan:
-    """A Plan carrying one estimated configuration (its prediction, timeline and memory)."""
+                       frontier: dict | None = None, solver: dict | None = None,
+                       schedule: Schedule | None = None) -> Plan:
+    """A Plan carrying one estimated configuration (its prediction, timeline and memory), estimated with
+    `schedule` (None: the hardware's default, which the plan then carries)."""
     m, hw = load_model(model), load_hardware(hardware)
     d = load_model(draft) if (draft is not None and est.draft_len > 0) else None
     if est.draft_len > 0 and d is None:
@@ -257,7 +261,7 @@ def plan_from_estimate(est: Estimate, model, hardware, workload: Workload, draft
                 batch=est.batch, micro_batches=est.micro_batches, draft_len=est.draft_len, placement=est.placement,
                 predicted=est.to_prediction(), memory=est.memory, bound=est.bound,
                 frontier=frontier or {"by_k": [], "by_batch": []},
-                solver=solver or {"name": "estimate", "options": est.options})
+                solver=solver or {"name": "estimate", "options": est.options}, schedule=schedule)
 
 
 def _frontier(df: pd.DataFrame) -> list[dict]:
@@ -272,7 +276,7 @@ def fixed_plan(model, hardware, workload: Workload, draft=None, draft_len: int =
     m, hw = load_model(model), load_hardware(hardware)
     d = _draft_for(m, draft) if draft_len > 0 or draft is not None else None
     est = estimate(m, hw, workload, draft=d if draft_len else None, draft_len=draft_len, micro_batches=micro_batches,
-                   placement=placement, batch=batch, timeline=True, run=True)
+                   placement=placement, batch=batch, timeline=True, run=True, schedule=default_schedule(hw))
     fr = {"by_k": [], "by_batch": []}
     if frontier_ks is not None:
         ks = [k for k in frontier_ks if k == 0 or d is not None]
@@ -306,7 +310,7 @@ def choose_plan(model, hardware, workload: Workload, draft=None, ks: Iterable[in
     b = ok.loc[ok.decode_tokens_per_s.idxmax()]
     k, mb, B = int(b.draft_len), int(b.micro_batches), int(b.batch)
     est = estimate(m, hw, workload, draft=d if k else None, draft_len=k, micro_batches=mb, batch=B,
-                   timeline=True, run=True)
+                   timeline=True, run=True, schedule=default_schedule(hw))
     by_batch = []
     for bb in sorted({max(1, B // 8), max(1, B // 4), max(1, B // 2), B}):
         e = _try(m, hw, workload, d, k, min(mb, bb), bb)

@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from specmoe.planner.model_spec import ModelSpec
 from specmoe.planner.plan import Placement, Plan, Prediction
+from specmoe.planner.schedule import Schedule, default_schedule
 from specmoe.planner.stages import STAGE_NAMES
 
 
@@ -29,7 +32,8 @@ def _predict(plan_kwargs: dict) -> tuple[Prediction, str]:
         k = plan_kwargs["draft_len"]
         est = estimate(spec, parse_hardware(plan_kwargs["hardware"]), Workload.from_dict(plan_kwargs["workload"]),
                        draft=draft if k > 0 else None, draft_len=k, micro_batches=plan_kwargs["micro_batches"],
-                       placement=plan_kwargs["placement"], batch=plan_kwargs["batch"], timeline=False)
+                       placement=plan_kwargs["placement"], batch=plan_kwargs["batch"], timeline=False,
+                       schedule=plan_kwargs["schedule"])
         pred = est.to_prediction()
         stages = {s: float(pred.stages.get(s, 0.0)) for s in STAGE_NAMES}
         return Prediction(iteration_time_s=float(pred.iteration_time_s),
@@ -46,7 +50,8 @@ def plan_for_checkpoint(target_dir: str | Path, draft_dir: str | Path | None, ha
                         batch: int = 8, draft_len: int = 4, micro_batches: int = 1, *, prompt_len: int = 64,
                         gen_len: int = 64, acceptance: Any = None, expert_cache_slots: list[int] | None = None,
                         draft_kv_gpu_sequences: int | None = None, target_kv_gpu_sequences: int = 0,
-                        cpu_expert_layers: tuple[int, ...] = ()) -> Plan:
+                        cpu_expert_layers: tuple[int, ...] = (), schedule: Schedule | None = None) -> Plan:
+    """schedule: None gives the hardware's default with the threads torch runs with in this process."""
     from specmoe.planner.hardware_spec import load_hardware
     from specmoe.planner.memory import footprint
     from specmoe.planner.workload import Workload, load_acceptance
@@ -61,9 +66,11 @@ def plan_for_checkpoint(target_dir: str | Path, draft_dir: str | Path | None, ha
                           draft_kv_gpu_sequences=batch if draft_kv_gpu_sequences is None else draft_kv_gpu_sequences,
                           target_kv_gpu_sequences=target_kv_gpu_sequences,
                           cpu_expert_layers=tuple(cpu_expert_layers))
+    if schedule is None:
+        schedule = default_schedule(hw).with_changes(cpu_threads=torch.get_num_threads())
     kw = dict(model=spec.to_dict(), hardware=hw.raw, workload=wl.to_dict(),
               draft=dspec.to_dict() if dspec else None, batch=batch, micro_batches=micro_batches,
-              draft_len=draft_len, placement=placement)
+              draft_len=draft_len, placement=placement, schedule=schedule)
     pred, source = _predict(kw)
     memory = footprint(spec, hw, wl, batch, draft_len, placement, dspec if draft_len > 0 else None,
                        micro_batches).to_dict()

@@ -26,10 +26,17 @@ from specmoe.planner.stages import Stage
 FRONTIER_GAP = 0.05                 # frontier points: variants whose bound is within 5% are not solved
 
 
+def simulate(cm: CostModel, costs, placement, record: bool):
+    """simulate_iteration with the schedule the cost model prices (its streaming ahead and draft overlap)."""
+    opts = cm.schedule.sim_options() if cm.schedule is not None else {}
+    return simulate_iteration(costs, placement, overlap_draft=opts.get("overlap_draft", False),
+                              prefetch=opts.get("prefetch", False), record=record)
+
+
 def simulated_s(cm: CostModel, s: Solved, stats) -> float:
     """The event simulator's iteration time of a solved point (no timeline)."""
     c = iteration_costs(cm, s.batch, s.micro_batches, s.draft_len, s.placement, stats)
-    return simulate_iteration(c, s.placement, record=False).iteration_time_s
+    return simulate(cm, c, s.placement, record=False).iteration_time_s
 
 
 def _live_sim_s(S: Search, s: Solved, full_s: float, live: float) -> float:
@@ -38,8 +45,8 @@ def _live_sim_s(S: Search, s: Solved, full_s: float, live: float) -> float:
         if b >= s.batch:
             return full_s
         pl = live_placement(s.placement, s.batch, b)
-        return simulate_iteration(iteration_costs(S.cm, b, min(s.micro_batches, b), s.draft_len, pl, S.stats), pl,
-                                  record=False).iteration_time_s
+        return simulate(S.cm, iteration_costs(S.cm, b, min(s.micro_batches, b), s.draft_len, pl, S.stats), pl,
+                        record=False).iteration_time_s
     return at_live_batch(at, s.batch, live)
 
 
@@ -83,10 +90,10 @@ def evaluate(cm: CostModel, s: Solved, stats, timeline: bool) -> tuple[Predictio
     if stats is None:
         est = estimate(cm.model, cm.hw, cm.workload, draft=cm.draft if s.draft_len else None, draft_len=s.draft_len,
                        micro_batches=s.micro_batches, placement=s.placement, batch=s.batch, timeline=timeline,
-                       use_measured=cm.use_measured)
+                       use_measured=cm.use_measured, schedule=cm.schedule)
         return est.to_prediction(), est.bound, est.memory
     c = iteration_costs(cm, s.batch, s.micro_batches, s.draft_len, s.placement, stats)
-    sim = simulate_iteration(c, s.placement, record=timeline)
+    sim = simulate(cm, c, s.placement, record=timeline)
     it = sim.iteration_time_s
     stages = dict(sim.stages)
     pre = prefill_time(cm, s.batch, s.placement)

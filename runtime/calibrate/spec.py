@@ -332,6 +332,7 @@ def _measured_section(cached: dict, machine: str, tag: str, h2d_curve: dict, gpu
                                   sorted(r["cpu_attention_kv_GBps"].items(), key=lambda kv: int(kv[0]))},
         "dram_read_GBps": _r(r["dram_read_GBps"]),
         "hbm_copy_GBps": _r(hbm_copy),
+        "threads": int(facts["threads"]),            # a plan's schedule runs the engine with these
         # informational, not read by the planner
         "details": _measured_details(cached),
     }
