@@ -13,6 +13,7 @@ inside generate() keeps what finished: the partial GenerateResult (record.comple
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 
 from specmoe.planner.errors import SpecError
 from specmoe.planner.plan import Plan
+from specmoe.planner.replan import replan
+from specmoe.planner.schedule import Schedule
 from specmoe.planner.stages import Stage
 from specmoe.planner.workload import MAX_DRAFT_LEN
 
@@ -81,10 +84,15 @@ class Engine:
                  acceptance_oracle: float | None = None, check_memory: bool = True,
                  progress: Callable[[int], None] | None = None, flip_gap: float = 1e-4,
                  prefill_chunk_tokens: int = 16384, prefetch_next_layer: bool | str | None = None,
-                 expert_host: dict | None = None, host_io: str = "auto", rebalance_experts: bool | None = None):
-        """rebalance_experts: re-choose the cached experts from the routing of the first prefill (None:
+                 expert_host: dict | None = None, host_io: str = "auto", rebalance_experts: bool | None = None,
+                 threads: int | None = None):
+        """The plan's schedule (plan.schedule) is what runs. prefetch_next_layer (None: the plan's
+        expert streaming), host_io ("auto": the plan's) and threads (None: the plan's) override it: the
+        engine then runs a new plan, re-estimated with that schedule (`engine.plan`; `engine.replanned`).
+        A plan whose own schedule this machine cannot run is refused with the field named.
+        rebalance_experts: re-choose the cached experts from the routing of the first prefill (None:
         only when the plan names no cached experts)."""
-        self.plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
+        self.plan = self.given_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
         self.device = pick_device(device)
         # ---- everything below up to the weights reads configs only ----
         tcfg = _config_of(target_dir)
@@ -96,8 +104,11 @@ class Engine:
         self.profile_stages, self.dynamic_k, self.max_k = profile_stages, dynamic_k, int(max_k)
         self.k_policy, self.acceptance_oracle, self.flip_gap = k_policy, acceptance_oracle, float(flip_gap)
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
-        self.prefetch_next_layer = prefetch_next_layer   # None: "next" on CUDA when experts stream, else "off"
-        self.host_io = host_io
+        self.replanned = False
+        self.prefetch_next_layer, self.host_io, self.threads = prefetch_next_layer, host_io, threads
+        if prefetch_next_layer is None and host_io == "auto" and threads is None:
+            check_schedule_runs(self.plan.schedule, self.device)
+        self._follow_overrides()
         self.rebalance_experts = not self.plan.placement.cached_experts if rebalance_experts is None \
             else bool(rebalance_experts)
         self.check_memory = check_memory
@@ -130,14 +141,27 @@ class Engine:
     # "auto": pinned on CUDA, direct on the CPU.
 
     def expert_streaming(self) -> str:
-        """The streaming schedule generate() uses: prefetch_next_layer resolved (None: "next" where experts
-        stream on a CUDA device, "off" elsewhere; on the CPU the copies are synchronous, so streaming ahead
-        only moves them earlier)."""
-        p = self.prefetch_next_layer
-        if p is None:
-            return "next" if (self.device.type == "cuda" and self.store is not None and self.store.streaming_layers) \
-                else "off"
-        return stream_mode(p)
+        """The expert-streaming schedule generate() runs: the plan's (after any override)."""
+        self._follow_overrides()
+        return self.plan.schedule.expert_streaming
+
+    def _follow_overrides(self) -> None:
+        """Make self.plan the plan of what will run: the overrides (prefetch_next_layer, host_io, threads,
+        which may also be set on the engine after construction) applied to the plan's schedule, and
+        the plan re-estimated with it when that changes anything."""
+        s = self.given_plan.schedule
+        changes = {}
+        if self.prefetch_next_layer is not None:
+            mode = stream_mode(self.prefetch_next_layer)
+            changes.update(expert_streaming=mode, pre_post="per_layer" if mode == "next" else "per_micro_batch")
+        if self.host_io != "auto":
+            changes["host_io"] = self.host_io
+        if self.threads is not None:
+            changes["cpu_threads"] = self.threads
+        new = s.with_changes(**changes)
+        if new != self.plan.schedule:
+            self.plan = replan(self.given_plan, schedule=new)
+        self.replanned = self.plan is not self.given_plan
 
     # ---- checks ----
     def _check_plan(self, tcfg, dcfg) -> None:
@@ -249,8 +273,8 @@ class Engine:
         tkv, dkv = self._kv_caches(rows, self._capacity(seqs, max_new_tokens, policy.max_k), policy.max_k)
         timer = StageTimer(self.device, self.profile_stages)
         mode = self.expert_streaming()
-        self.target.host_io = ("pinned" if self.device.type == "cuda" else "direct") if self.host_io == "auto" \
-            else self.host_io
+        self.target.host_io = self.plan.schedule.host_io
+        torch.set_num_threads(self.plan.schedule.cpu_threads)
         dec = SpeculativeDecoder(self.target, self.draft, tkv, dkv, timer, self.plan.micro_batches, self.eos_ids,
                                  temperature, seed, flip_gap=self.flip_gap, oracle_alpha=self.acceptance_oracle,
                                  prefill_chunk_tokens=self.prefill_chunk_tokens, prefetch=mode)
@@ -334,6 +358,29 @@ class Engine:
                 finish(s)
             else:
                 run.active.append(s)
+
+
+def check_schedule_runs(s: Schedule, device: torch.device) -> None:
+    """Refuse a plan's schedule that this engine cannot run here, naming the field."""
+    if s.moe != "per_layer":
+        raise SpecError("plan.schedule.moe", f"is {s.moe!r}: the engine runs the routed experts of all micro-batches "
+                        "together", "re-plan with the default schedule (moe per_layer)")
+    if s.overlap_draft:
+        raise SpecError("plan.schedule.overlap_draft", "is true: the engine drafts after the whole target pass",
+                        "re-plan with the default schedule")
+    if (s.pre_post == "per_layer") != (s.expert_streaming == "next"):
+        raise SpecError("plan.schedule.pre_post", f"is {s.pre_post!r} with expert streaming {s.expert_streaming!r}: "
+                        "the engine runs pre/post attention once per layer exactly when it streams the next "
+                        "layer ahead", "re-plan with the default schedule for the hardware")
+    if device.type != "cuda" and (s.expert_streaming != "off" or s.host_io != "direct"):
+        field = "expert_streaming" if s.expert_streaming != "off" else "host_io"
+        raise SpecError(f"plan.schedule.{field}", f"is {getattr(s, field)!r}, which needs a CUDA GPU; this machine "
+                        "has none", "plan for this machine (a spec with shares_host_cpu, e.g. devbox-2core), or "
+                        "override with --prefetch off")
+    cores = os.cpu_count() or 1
+    if s.cpu_threads > cores:
+        raise SpecError("plan.schedule.cpu_threads", f"is {s.cpu_threads}, more than this machine's {cores} cores",
+                        f"re-plan with --threads {cores} or fewer, or run with --threads")
 
 
 def _check_options(host_io: str, prefetch_next_layer, acceptance_oracle: float | None) -> None:

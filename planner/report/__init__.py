@@ -12,10 +12,10 @@ predicts for the run that actually happened), `plots` (plotly figures; imported 
 from specmoe.planner.report.compare import Comparison, Row, compare
 from specmoe.planner.report.explain import explain
 from specmoe.planner.report.inputs import check_match, load_plan, load_run
-from specmoe.planner.report.predict import (engine_schedule, job_prediction, live_batch, predicted_timeline,
+from specmoe.planner.report.predict import (job_prediction, live_batch, predicted_timeline,
                                             throughput_by_k)
 from specmoe.planner.report.render import describe_plan, render_table, write_html
 
-__all__ = ["Comparison", "Row", "check_match", "compare", "describe_plan", "engine_schedule", "explain",
+__all__ = ["Comparison", "Row", "check_match", "compare", "describe_plan", "explain",
            "job_prediction", "live_batch", "load_plan", "load_run", "predicted_timeline", "render_table",
            "throughput_by_k", "write_html"]

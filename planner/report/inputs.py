@@ -113,3 +113,11 @@ def check_match(plan: Plan, run: dict) -> None:
                         f"{'differs' if len(diff) == 1 else 'differ'} from this plan's "
                         f"(plan: {plan.model.get('name', '?')} on {plan.hardware.get('name', '?')})",
                         "report the run against the plan.json it was run with")
+    sched = run.get("schedule")
+    if isinstance(sched, dict) and sched and sched != plan.schedule.to_dict():
+        diff = sorted(k for k in set(sched) | set(plan.schedule.to_dict())
+                      if sched.get(k) != plan.schedule.to_dict().get(k))
+        raise SpecError(f"run.schedule.{diff[0]}", f"the run ran another schedule than this plan's "
+                        f"({', '.join(f'{k} {sched.get(k)!r} vs {plan.schedule.to_dict().get(k)!r}' for k in diff)}): "
+                        "an override made a new plan", "report the run against the plan saved beside its run "
+                        "record (RUN.plan.json)")

@@ -1,8 +1,7 @@
 """What the cost model predicts for the run that actually happened (planner.report compares it):
-the plan's own prediction, or a re-estimate from the plan's inputs at the run's draft length, its
-mean live batch (a static batch thins out under speculation) and the schedule the engine ran
-(runtime/model/target.py: batched MoE; streaming ahead batches pre/post attention too); and the
-plan's throughput against k and its predicted timeline for the report's charts."""
+the plan's own prediction, or a re-estimate from the plan's inputs under the plan's schedule (which
+the engine runs exactly) at the run's mean live batch (a static batch thins out under speculation);
+and the plan's throughput against k and its predicted timeline for the report's charts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,34 +14,17 @@ from specmoe.planner.stages import Stage
 from specmoe.planner.workload import MAX_DRAFT_LEN
 
 
-SCHEDULE_KEYS = ("overlap_draft", "prefetch", "batched_moe", "batched_layer")
-
-
-def engine_schedule(run: dict) -> dict[str, bool] | None:
-    """The simulator options that describe how the engine ran (runtime/model/target.py): the MoE of
-    all micro-batches always together; streaming ahead ('next', the CUDA default) also runs pre/post
-    attention once per layer and streams the first layers' experts during the draft phase. None for
-    a run record that does not say."""
-    mode = run.get("expert_streaming")
-    if mode not in ("next", "predict", "off"):
-        return None
-    return {"batched_moe": True, "batched_layer": mode == "next", "prefetch": mode == "next"}
-
-
 def _estimate_for(plan: Plan, draft_len: int, timeline: bool, placement=None, batch: int | None = None,
-                  run: bool = True, schedule: dict | None = None):
-    """planner.estimate of the plan's inputs at `draft_len` (the plan's placement unless given), with
-    the plan's simulator options, or `schedule`'s where given."""
+                  run: bool = True):
+    """planner.estimate of the plan's inputs and schedule at `draft_len` (the plan's placement unless
+    given)."""
     from specmoe.planner.estimator import estimate
 
-    opts = plan.solver.get("options", {}) if isinstance(plan.solver, dict) else {}
-    kw = {k: bool(opts[k]) for k in SCHEDULE_KEYS if k in opts}
-    kw.update(schedule or {})
     return estimate(plan.model_spec(), plan.hardware_spec(), plan.workload_spec(),
                     draft=plan.draft_spec() if draft_len > 0 else None, draft_len=draft_len,
                     micro_batches=min(plan.micro_batches, batch or plan.batch),
                     placement=plan.placement if placement is None else placement,
-                    batch=batch or plan.batch, timeline=timeline, run=run, **kw)
+                    batch=batch or plan.batch, timeline=timeline, run=run, schedule=plan.schedule)
 
 
 def throughput_by_k(plan: Plan, ks: range | None = None) -> list[dict]:
@@ -122,11 +104,9 @@ def job_prediction(plan: Plan, run: dict) -> dict | None:
     d = drain(wl, plan.batch, k)
     if d is None or d.iterations <= 0:
         return None
-    sched = engine_schedule(run)
-
     def at(b: int) -> float:
-        return _estimate_for(plan, k, timeline=False, placement=_live_placement(plan, b), batch=b, run=False,
-                             schedule=sched).iteration_time_s
+        return _estimate_for(plan, k, timeline=False, placement=_live_placement(plan, b), batch=b,
+                             run=False).iteration_time_s
 
     t_live = at_live_batch(at, plan.batch, d.mean_live_batch)
     curve = live_curve(wl, plan.batch, k)
@@ -135,17 +115,18 @@ def job_prediction(plan: Plan, run: dict) -> dict | None:
 
 
 def prediction_for_run(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict, dict, list[dict]]:
-    """(stages, totals, timeline) predicted for the run's configuration: the plan's own prediction
-    when the run used the plan's k and batch (its timeline re-simulated from the plan's inputs when
-    the plan carries none); re-estimated from the plan's inputs when the run used another k, when
-    its mean live batch was smaller than the plan's (sequences finishing at different iterations
-    of a static batch; the prediction is then at that batch, so both sides describe the same
-    iterations), or when the plan carries no prediction."""
+    """(stages, totals, timeline) predicted for the run's configuration, always under the plan's
+    schedule (the engine runs exactly it): the plan's own prediction when the run used the plan's k
+    and batch (its timeline re-simulated from the plan's inputs when the plan carries none);
+    re-estimated from the plan's inputs when the run's mean live batch was smaller than the plan's
+    (sequences finishing at different iterations of a static batch, or fewer prompts than rows: the
+    prediction is then at that batch, so both sides describe the same iterations), when the run used
+    another k (an API caller's generate(draft_len=...); `specmoe run --draft-len` writes a new plan
+    instead), or when the plan carries no prediction."""
     k_run = int(run["draft_len"])
     live = live_batch(run)
-    sched = _schedule_to_resimulate(plan, run, warnings)
-    if sched is not None or (live is not None and live < (1 - LIVE_BATCH_TOLERANCE) * plan.batch):
-        got = _at_live_batch(plan, run, k_run, live, sched, warnings)
+    if live is not None and live < (1 - LIVE_BATCH_TOLERANCE) * plan.batch:
+        got = _at_live_batch(plan, run, k_run, live, warnings)
         if got is not None:
             return got
     if k_run == plan.draft_len and plan.predicted.iteration_time_s > 0:
@@ -153,35 +134,18 @@ def prediction_for_run(plan: Plan, run: dict, warnings: list[str]) -> tuple[dict
     return _fresh_estimate(plan, k_run, warnings)
 
 
-def _schedule_to_resimulate(plan: Plan, run: dict, warnings: list[str]) -> dict[str, bool] | None:
-    """The engine's schedule (engine_schedule) when the plan predicted another one that changes the
-    events, with a warning; None when the plan's prediction stands for it."""
-    opts = plan.solver.get("options", {}) if isinstance(plan.solver, dict) else {}
-    sched = engine_schedule(run)
-    if sched is not None and all(bool(opts.get(k, False)) == v for k, v in sched.items()):
-        sched = None                        # the plan already predicted the engine's schedule
-    if sched is not None and plan.micro_batches == 1 and not sched["prefetch"]:
-        sched = None                        # one micro-batch without streaming ahead: the same events
-    if sched is not None:
-        warnings.append("the engine ran " + ", ".join(f"{k}={v}" for k, v in sched.items())
-                        + f" (expert streaming {run.get('expert_streaming')!r}): predictions re-simulated "
-                          "with that schedule")
-    return sched
-
-
-def _at_live_batch(plan: Plan, run: dict, k_run: int, live: float | None, sched: dict | None,
+def _at_live_batch(plan: Plan, run: dict, k_run: int, live: float | None,
                    warnings: list[str]) -> tuple[dict, dict, list[dict]] | None:
-    """Re-estimated at the run's live batch (the plan's when the run kept it), k and schedule; None
-    with a warning when that fails."""
+    """Re-estimated at the run's live batch (the plan's when the run kept it) and k; None with a
+    warning when that fails."""
     if live is None or live >= (1 - LIVE_BATCH_TOLERANCE) * plan.batch:
         live = float(plan.batch)
     b_run = max(1, int(round(live)))
     try:
-        e = _estimate_for(plan, k_run, timeline=True, placement=_live_placement(plan, b_run), batch=b_run,
-                          schedule=sched)
+        e = _estimate_for(plan, k_run, timeline=True, placement=_live_placement(plan, b_run), batch=b_run)
     except SpecError as err:
         warnings.append(f"could not re-estimate at the run's batch {live:.1f} ({err}); "
-                        f"predictions are for the plan's batch {plan.batch} and schedule")
+                        f"predictions are for the plan's batch {plan.batch}")
         return None
     if b_run != plan.batch:
         warnings.append(f"the run averaged {live:.1f} live sequences per iteration of the plan's "
@@ -192,7 +156,7 @@ def _at_live_batch(plan: Plan, run: dict, k_run: int, live: float | None, sched:
                         f"from the plan's inputs at k={k_run}")
     stages = dict(e.stages)
     stages[Stage.ITERATION.value] = e.iteration_time_s
-    prefill = _prefill_for(plan, k_run, sched, e)
+    prefill = _prefill_for(plan, k_run, e)
     stages[Stage.PREFILL.value] = prefill
     dec = run.get("decode_tokens")
     e2e = e.end_to_end_tokens_per_s
@@ -203,13 +167,13 @@ def _at_live_batch(plan: Plan, run: dict, k_run: int, live: float | None, sched:
                                 e.tokens_per_iteration, prefill, e.source), list(e.timeline)
 
 
-def _prefill_for(plan: Plan, k_run: int, sched: dict | None, e) -> float:
+def _prefill_for(plan: Plan, k_run: int, e) -> float:
     """Prefill runs once over the whole batch: the plan's batch, not the live one (the plan's own
     prediction at its k; `e`'s when re-estimating at the plan's batch fails)."""
     p = plan.predicted
     try:
         return (p.prefill_time_s if k_run == plan.draft_len and p.prefill_time_s > 0
-                else _estimate_for(plan, k_run, timeline=False, schedule=sched).prefill_time_s)
+                else _estimate_for(plan, k_run, timeline=False).prefill_time_s)
     except SpecError:
         return e.prefill_time_s
 

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speed-probe", action="store_true",
                    help="skip the machine-speed probe before and after the run (it runs when the plan's hardware "
                         "spec was calibrated with one: about 0.3 s each on 2 cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the plan's schedule, i.e. its calibration's); another count makes "
+                        "a new plan, saved beside the run record")
     p.add_argument("--rebalance-experts", action="store_true",
                    help="re-choose the cached experts from the first prefill's routing even when the plan names them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,16 +90,21 @@ def run(args: argparse.Namespace) -> int:
     out_path = Path(args.output)
     if not out_path.parent.is_dir():
         raise SpecError("-o", f"directory {out_path.parent} does not exist", "create it first")
+    if args.threads is not None and args.threads < 1:
+        raise SpecError("--threads", f"must be >= 1, got {args.threads}", "e.g. --threads 2")
+    given, plan = _plan_at_draft_len(args)
+    engine = Engine(plan, args.target, args.draft, device=args.device, dtype=args.dtype,
+                    profile_stages=args.profile_stages, dynamic_k=args.dynamic_k,
+                    acceptance_oracle=args.acceptance_oracle,
+                    prefetch_next_layer=None if args.prefetch == "auto" else args.prefetch,
+                    rebalance_experts=True if args.rebalance_experts else None, threads=args.threads)
+    if engine.plan is not given:
+        _save_run_plan(engine.plan, out_path)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(prompts), unit="seq", desc="specmoe run", file=sys.stderr)
-    engine = Engine(args.plan, args.target, args.draft, device=args.device, dtype=args.dtype,
-                    profile_stages=args.profile_stages, dynamic_k=args.dynamic_k,
-                    acceptance_oracle=args.acceptance_oracle,
-                    prefetch_next_layer=None if args.prefetch == "auto" else args.prefetch,
-                    rebalance_experts=True if args.rebalance_experts else None)
     outf = None   # opened at the first finished sequence: input errors leave no output files behind
 
     def on_finish(o):
@@ -116,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         res = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              seed=args.seed, draft_len=args.draft_len, on_finish=on_finish)
+                              seed=args.seed, on_finish=on_finish)
         probe.after(res.record)
         res.record.to_json(out_path)
     except BaseException as e:  # noqa: BLE001
@@ -145,3 +153,31 @@ def run(args: argparse.Namespace) -> int:
               f"{r.decode_tokens_per_s:.1f} tok/s, end-to-end {r.end_to_end_tokens_per_s:.1f} tok/s, mean accepted "
               f"{r.mean_accepted:.2f} (k={r.draft_len}); record in {out_path}")
     return code
+
+
+def _plan_at_draft_len(args):
+    """(plan.json, the plan to run): with --draft-len a new plan at that draft length (re-estimated)."""
+    from specmoe.planner.model_spec import ModelSpec
+    from specmoe.planner.plan import Plan
+    from specmoe.planner.replan import replan
+
+    plan = Plan.from_json(args.plan)
+    if args.draft_len is None or args.draft_len == plan.draft_len:
+        return plan, plan
+    draft = ModelSpec.from_hf_config(args.draft) if (args.draft is not None and plan.draft is None) else None
+    return plan, replan(plan, draft_len=args.draft_len, draft=draft)
+
+
+def run_plan_path(out_path: Path) -> Path:
+    """Where `specmoe run -o RUN.json` writes the plan it ran when an override changed it: RUN.plan.json."""
+    return out_path.with_name(out_path.stem + ".plan.json")
+
+
+def _save_run_plan(plan, out_path: Path) -> None:
+    """Overrides (--draft-len, --prefetch, --threads) make a new plan: save it beside the run record, so
+    `specmoe report RUN.plan.json RUN.json` compares the run with what the planner predicts for it."""
+    p = run_plan_path(out_path)
+    plan.to_json(p)
+    changed = plan.solver.get("changed", {}) if isinstance(plan.solver, dict) else {}
+    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "overrides"
+    print(f"specmoe run: {what}: a new plan, re-estimated, in {p} (report the run against it)", file=sys.stderr)

@@ -1,0 +1,139 @@
+"""The plan is the contract: it carries the schedule the planner costed, the engine runs exactly that
+schedule, and a run-time override makes a new plan (re-estimated) that the run is reported against."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
+from engine_fixtures import add_tokenizer, make_pair
+from specmoe.planner.errors import SpecError
+from specmoe.planner.estimator import estimate
+from specmoe.planner.hardware_spec import load_hardware
+from specmoe.planner.optimizer import optimize
+from specmoe.planner.plan import Plan
+from specmoe.planner.schedule import Schedule, default_schedule
+from specmoe.planner.workload import Workload, load_acceptance
+from specmoe.runtime.cli.main import main
+from specmoe.runtime.engine import Engine, plan_for_checkpoint
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    t, d = make_pair(tmp_path_factory.mktemp("sched"), "mixtral", "llama", seed=5, scale=0.9)
+    add_tokenizer(t)
+    return t, d
+
+
+def test_default_schedule_follows_the_hardware():
+    gpu, cpu = load_hardware("h200-host-calibrated"), load_hardware("devbox-2core-calibrated")
+    assert default_schedule(gpu) == Schedule("next", "per_layer", "per_layer", False, "pinned", 16)
+    assert default_schedule(cpu) == Schedule("off", "per_micro_batch", "per_layer", False, "direct", 2)
+    assert default_schedule(load_hardware("a30-xeon6426y")).cpu_threads == 16      # no calibration: its cores
+    with pytest.raises(SpecError, match=r"schedule\.pre_post"):
+        Schedule(pre_post="sometimes")
+
+
+def test_optimizer_costs_the_schedule_it_writes():
+    """The plan's prediction is the estimate of its configuration under its own schedule, and a plan
+    fixed to another schedule predicts differently (the schedule changes the time)."""
+    wl = Workload(566, 1024, acceptance=load_acceptance(0.8))
+    kw = dict(k_values=(0, 4), micro_batch_values=(2, 4), alternatives=0, timeline=False)
+    plan = optimize("mixtral-8x7b", "h200-host", wl, **kw)
+    assert plan.schedule == default_schedule(load_hardware("h200-host"))
+    assert plan.to_dict()["schedule"]["expert_streaming"] == "next"
+    e = estimate(plan.model_spec(), plan.hardware_spec(), wl, draft=plan.draft_spec(), draft_len=plan.draft_len,
+                 micro_batches=plan.micro_batches, placement=plan.placement, batch=plan.batch, timeline=False,
+                 schedule=plan.schedule)
+    assert plan.predicted.iteration_time_s == pytest.approx(e.iteration_time_s, rel=1e-9)
+    off = optimize("mixtral-8x7b", "h200-host", wl, schedule=replace(plan.schedule, expert_streaming="off",
+                                                                      pre_post="per_micro_batch"), **kw)
+    assert off.schedule.expert_streaming == "off"
+    assert off.predicted.iteration_time_s != pytest.approx(plan.predicted.iteration_time_s, rel=1e-3)
+
+
+def test_plan_json_carries_the_schedule_and_refuses_old_schemas(tmp_path):
+    wl = Workload(64, 32, acceptance=load_acceptance(0.5))
+    plan = optimize("qwen3-30b-a3b", "h200-host", wl, k_values=(0, 1), micro_batch_values=(1,), alternatives=0,
+                    timeline=False)
+    p = tmp_path / "plan.json"
+    plan.to_json(p)
+    back = Plan.from_json(p)
+    assert back.schedule == plan.schedule
+    d = json.loads(p.read_text())
+    d["schema_version"] = 1
+    d.pop("schedule")
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    with pytest.raises(SpecError, match=r"schema_version.*older plans do not say how the engine runs them"):
+        Plan.from_json(tmp_path / "old.json")
+
+
+def test_engine_runs_the_plans_schedule_and_records_it(pair):
+    t, d = pair
+    plan = plan_for_checkpoint(t, d, "devbox-2core", batch=3, draft_len=2, micro_batches=2)
+    assert plan.schedule.cpu_threads == torch.get_num_threads() == 1
+    eng = Engine(plan, t, d)
+    r = eng.generate([[5, 6, 7], [40], [9, 10]], max_new_tokens=4)
+    assert r.record.schedule == plan.schedule.to_dict() and not r.record.replanned and eng.plan is plan
+    assert r.record.expert_streaming == "off" and torch.get_num_threads() == 1
+
+
+def test_a_schedule_this_machine_cannot_run_is_refused(pair):
+    t, d = pair
+    plan = plan_for_checkpoint(t, d, "devbox-2core", batch=3, draft_len=2, micro_batches=2)
+    gpu_sched = default_schedule(load_hardware("h200-host")).with_changes(cpu_threads=1)
+    with pytest.raises(SpecError, match=r"plan\.schedule\.expert_streaming.*needs a CUDA GPU"):
+        Engine(replace(plan, schedule=gpu_sched), t, d, device="cpu")
+    many = plan.schedule.with_changes(cpu_threads=(os.cpu_count() or 1) + 1)
+    with pytest.raises(SpecError, match=r"plan\.schedule\.cpu_threads.*more than this machine"):
+        Engine(replace(plan, schedule=many), t, d)
+    with pytest.raises(SpecError, match=r"plan\.schedule\.moe"):
+        Engine(replace(plan, schedule=replace(plan.schedule, moe="per_micro_batch")), t, d)
+
+
+def test_an_override_runs_a_new_plan_re_estimated(pair):
+    """Streaming ahead asked for at run time: the engine runs a new plan with that schedule, predicted
+    by the planner under it; the record says so and carries the new schedule."""
+    t, d = pair
+    plan = plan_for_checkpoint(t, d, "devbox-2core", batch=3, draft_len=2, micro_batches=2,
+                               expert_cache_slots=[1, 1])
+    eng = Engine(plan, t, d, prefetch_next_layer="next")
+    assert eng.replanned and eng.plan.schedule.expert_streaming == "next" and eng.plan.schedule.pre_post == "per_layer"
+    e = estimate(plan.model_spec(), plan.hardware_spec(), plan.workload_spec(), draft=plan.draft_spec(), draft_len=2,
+                 micro_batches=2, placement=plan.placement, batch=3, timeline=False, schedule=eng.plan.schedule)
+    assert eng.plan.predicted.iteration_time_s == pytest.approx(e.iteration_time_s, rel=1e-9)
+    assert eng.plan.solver["changed"]["expert_streaming"] == ["off", "next"]
+    r = eng.generate([[5, 6, 7], [40]], max_new_tokens=4)
+    assert r.record.replanned and r.record.schedule["expert_streaming"] == "next"
+    eng.prefetch_next_layer = None                    # back to the plan's own
+    r0 = eng.generate([[5, 6, 7], [40]], max_new_tokens=4)
+    assert not r0.record.replanned and eng.plan is plan and r0.record.expert_streaming == "off"
+
+
+def test_cli_overrides_write_the_run_plan_that_the_report_accepts(pair, tmp_path, capsys):
+    t, d = pair
+    plan = plan_for_checkpoint(t, d, "devbox-2core", batch=3, draft_len=2, micro_batches=2)
+    pj = tmp_path / "plan.json"
+    plan.to_json(pj)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w5 w6 w7\nw40\n")
+    rec = tmp_path / "run.json"
+    assert main(["run", str(pj), "--target", str(t), "--draft", str(d), "--prompts", str(prompts),
+                 "--max-new-tokens", "4", "--draft-len", "0", "-o", str(rec), "--no-progress"]) == 0
+    assert "draft_len 2 -> 0" in capsys.readouterr().err
+    run_plan = tmp_path / "run.plan.json"
+    new = Plan.from_json(run_plan)
+    assert new.draft_len == 0 and json.loads(rec.read_text())["draft_len"] == 0
+    assert main(["report", str(run_plan), str(rec)]) == 0
+    capsys.readouterr()
+    # --threads differs from the plan's: the run's schedule is not the plan's, and the report says which plan
+    assert main(["run", str(pj), "--target", str(t), "--draft", str(d), "--prompts", str(prompts),
+                 "--max-new-tokens", "4", "--threads", "2", "-o", str(rec), "--no-progress"]) == 0
+    assert Plan.from_json(run_plan).schedule.cpu_threads == 2
+    assert main(["report", str(pj), str(rec)]) == 2
+    assert "run.schedule.cpu_threads" in capsys.readouterr().err
+    assert main(["report", str(run_plan), str(rec)]) == 0
