@@ -46,7 +46,7 @@ def test_plan_writes_and_explains(files, capsys):
     assert "chosen: batch" in text and "alt 1" in text and "frontier against draft_len" in text
     assert f"written {out}" in text
     d = json.loads(out.read_text())
-    assert d["schema_version"] == 1 and d["draft_len"] in (0, 1, 2)
+    assert d["schema_version"] == 2 and d["draft_len"] in (0, 1, 2) and "schedule" in d
     assert not list(files.glob("*.tmp"))                     # written atomically, nothing left over
     assert main(["plan", "--explain", str(out)]) == 0
     text = capsys.readouterr().out

@@ -137,3 +137,15 @@ def test_cli_overrides_write_the_run_plan_that_the_report_accepts(pair, tmp_path
     assert main(["report", str(pj), str(rec)]) == 2
     assert "run.schedule.cpu_threads" in capsys.readouterr().err
     assert main(["report", str(run_plan), str(rec)]) == 0
+
+
+def test_plan_cli_fixes_the_schedule(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    args = ["plan", "--model", "mixtral-8x7b", "--hardware", "h200-host", "--prompt-len", "256", "--gen-len", "64",
+            "--acceptance", "0.7", "--max-draft-len", "2", "--micro-batches", "2", "-o", str(out)]
+    assert main(args + ["--streaming", "off", "--threads", "3"]) == 0
+    s = Plan.from_json(out).schedule
+    assert (s.expert_streaming, s.pre_post, s.cpu_threads, s.host_io) == ("off", "per_micro_batch", 3, "pinned")
+    assert "schedule: experts stream off" in capsys.readouterr().out
+    assert main(args + ["--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err

@@ -46,6 +46,13 @@ def add_arguments(p) -> None:
                    help="expert-hit counts per layer (rows) and expert (columns): caches each layer's hottest")
     p.add_argument("--time-limit", default=None, metavar="S", help="seconds per MILP (default 5; 1 with --routing-stats)")
     p.add_argument("--peak-only", action="store_true", help="ignore measured curves; use datasheet peaks")
+    p.add_argument("--streaming", default=None, choices=("next", "predict", "off"),
+                   help="fix the expert-streaming schedule (default: the hardware's: next on a GPU, off where the "
+                        "CPU stands in for it); the plan is costed with it and the engine runs it")
+    p.add_argument("--host-io", default=None, choices=("direct", "pinned", "zero-copy"),
+                   help="fix how attention's transfers for host KV rows move (default: pinned on a GPU)")
+    p.add_argument("--threads", default=None, metavar="N",
+                   help="CPU threads the engine will run with (default: the spec's calibration threads, else its cores)")
     p.add_argument("--gpu-attention", action="store_true",
                    help="also consider streaming CPU KV to the GPU for attention (the cost model prices it; "
                         "`specmoe run` refuses such plans: the engine attends CPU KV on the CPU)")
@@ -134,8 +141,18 @@ def build(args):
              if args.routing_stats is not None else None)
     kw = dict(objective=args.objective, min_throughput=floor, routing_stats=stats, solver=args.solver,
               k_values=range(0, kmax + 1), micro_batch_values=tuple(mbs), use_measured=not args.peak_only,
-              time_limit_s=time_limit, gpu_attention=args.gpu_attention)
+              time_limit_s=time_limit, gpu_attention=args.gpu_attention, schedule=_schedule(args, hw))
     return model, hw, wl, draft, kw
+
+
+def _schedule(args, hw):
+    """The hardware's default schedule with what the flags fix."""
+    from specmoe.planner.schedule import default_schedule
+
+    threads = _int(args.threads, "--threads", 1) if args.threads is not None else None
+    pre_post = None if args.streaming is None else ("per_layer" if args.streaming == "next" else "per_micro_batch")
+    return default_schedule(hw).with_changes(expert_streaming=args.streaming, pre_post=pre_post,
+                                             host_io=args.host_io, cpu_threads=threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +162,11 @@ def _slots(pl) -> str:
         return "0"
     n = len(pl.expert_cache_slots)
     return str(s[0]) if len(s) == 1 else f"{s[0]}-{s[-1]} (mean {sum(pl.expert_cache_slots) / n:.2f})"
+
+
+def _schedule_line(s) -> str:
+    return (f"experts stream {s.expert_streaming}, pre/post attention {s.pre_post.replace('_', ' ')}, MoE "
+            f"{s.moe.replace('_', ' ')}, attention I/O {s.host_io}, {s.cpu_threads} CPU threads")
 
 
 def format_plan(plan) -> str:
@@ -160,6 +182,7 @@ def format_plan(plan) -> str:
         f"  placement: expert cache slots per layer {_slots(pl)}; target KV on GPU for {pl.target_kv_gpu_sequences}"
         f"/{plan.batch}; draft KV on GPU for {pl.draft_kv_gpu_sequences}/{plan.batch}; attention of CPU-KV "
         f"sequences on the {pl.attention_device}; CPU-computed cold experts on {len(pl.cpu_expert_layers)} layers",
+        f"  schedule: {_schedule_line(plan.schedule)}",
         f"  predicted (event simulator): {pr.decode_tokens_per_s:.1f} decode tokens/s, iteration {pr.iteration_time_s:.4f} s, "
         f"bound {plan.bound}; closed form {sv.get('closed_form_tokens_per_s', 0.0):.1f} tokens/s"
         + (f"; end-to-end {pr.end_to_end_tokens_per_s:.1f} tokens/s" if pr.end_to_end_tokens_per_s else ""),
