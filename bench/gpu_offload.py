@@ -13,7 +13,7 @@ oracle at rate alpha (Engine(acceptance_oracle=alpha)): every speculative number
 Memory regime: the full 32-layer model in a 24 GiB GPU + 128 GB host, planned per mode. The CPU
 budget is scaled by L/32 (everything in host memory scales with layers). The GPU budget cannot simply
 be 24 GiB * L/32: the two streaming buffers of one layer's experts (5.25 GiB), the embeddings, the
-draft, its KV and the activations do not shrink with fewer layers, and alone exceed 90% of 6 GiB. So
+draft, its KV and the activations do not shrink with fewer layers, and alone exceed 6 GiB less its reserve. So
 each mode's slice gets the non-layer part of the full model's plan for that same mode (k=0 has no
 draft and no draft KV) plus L/32 of the rest; the expert-cache share then matches the full model's in
 that mode (about 12.5% speculative, 16% at k=0), at 8 layers and after a fallback to 4 alike.
@@ -175,29 +175,38 @@ def model_configs(layers: int, smoke: bool) -> tuple[dict, dict]:
     return t, d
 
 
-def smoke_full_budgets(tcfg: dict, context: int, batch: int = 16) -> tuple[float, float]:
+def smoke_full_budgets(tcfg: dict, prompt_len: int, gen_len: int, hw, batch: int = 16) -> tuple[float, float]:
     """The tiny model's 'full machine', sized against its 32-layer experts so that its plans land in the
-    real run's regime (about 10% of experts cached, a speculative plan with several micro-batches)."""
+    real run's regime (about 10% of experts cached, a speculative plan with several micro-batches), on
+    top of the reserves `hw` keeps back."""
+    from specmoe.planner.memory import host_staging_bytes
     from specmoe.planner.model_spec import ModelSpec
+    from specmoe.planner.workload import Workload
 
     full = ModelSpec.from_hf_config(dict(tcfg, num_hidden_layers=FULL_LAYERS), name="tiny-full")
-    from specmoe.planner.memory import CPU_MEM_FRACTION
-
     experts = full.routed_expert_elems_total * 2
-    kv = full.kv_bytes_per_token(2) * context * (batch + 0.5)      # the CPU holds `batch` sequences' KV
-    return (experts * 0.25 + 12e6) / GiB, (experts + kv) / CPU_MEM_FRACTION / 1e9
+    kv = full.kv_bytes_per_token(2) * (prompt_len + gen_len) * (batch + 0.5)   # the CPU holds `batch` sequences' KV
+    staging = host_staging_bytes(full, Workload(prompt_len, gen_len), batch, 8)
+    return ((experts * 0.25 + 12e6 + hw.gpu.reserve_bytes) / GiB,
+            (experts + kv + staging + hw.cpu.reserve_bytes) / 1e9)
 
 
-def plan_for(spec, hw, wl, dspec, log, k_min: int = 0):
+def plan_for(spec, hw, wl, dspec, log, k_min: int = 0, like=None):
     """planner.optimize (streamed cold experts, target KV and attention on the CPU) over k in k_min..8;
     where it cannot run (e.g. pulp missing on the GPU host), the same choice by enumeration:
     planner.estimate over those k and m in {1, 2, 4, 8}, each at planner.memory.max_batch with
     planner.memory.default_placement."""
     ks = range(k_min, 9) if dspec is not None else [0]
+    kw = dict(OPT)
+    if like is not None:     # the full model's configuration: only the placement is the slice's own
+        from dataclasses import replace
+
+        ks, wl = [like.draft_len], replace(wl, batch=like.batch)
+        kw["micro_batch_values"] = (like.micro_batches,)
     try:
         from specmoe.planner.optimizer import optimize
 
-        return optimize(spec, hw, wl, draft=dspec if dspec is not None else False, k_values=ks, **OPT)
+        return optimize(spec, hw, wl, draft=dspec if dspec is not None else False, k_values=ks, **kw)
     except Exception as e:  # noqa: BLE001
         log(f"planner.optimize unavailable ({type(e).__name__}: {str(e)[:160]}); choosing by enumeration "
             f"with planner.estimate")
@@ -241,10 +250,12 @@ def full_model_plans(tcfg, dspec, hw_base, args, log) -> dict:
     from specmoe.planner.model_spec import ModelSpec
     from specmoe.planner.workload import AcceptanceProfile, Workload
 
-    full_gpu, full_cpu = smoke_full_budgets(tcfg, args.prompt_len + args.gen_len) if args.cpu_smoke else (FULL_GPU_GiB, FULL_CPU_GB)
+    full_gpu, full_cpu = (smoke_full_budgets(tcfg, args.prompt_len, args.gen_len, hw_base) if args.cpu_smoke
+                          else (FULL_GPU_GiB, FULL_CPU_GB))
     full = ModelSpec.from_hf_config(dict(tcfg, num_hidden_layers=FULL_LAYERS), name="full-model")
     hw_full = hw_base.with_overrides(gpu_mem_GiB=full_gpu, cpu_mem_GiB=full_cpu * 1e9 / GiB)
-    out = {"spec": full, "gpu_GiB": full_gpu, "cpu_GB": full_cpu, "plans": {}}
+    out = {"spec": full, "gpu_GiB": full_gpu, "cpu_GB": full_cpu, "plans": {},
+           "gpu_reserve_bytes": hw_full.gpu.reserve_bytes, "cpu_reserve_bytes": hw_full.cpu.reserve_bytes}
     for name, alpha in MODES:
         wl = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len,
                       acceptance=AcceptanceProfile.from_alpha(alpha or 0.0))
@@ -260,22 +271,23 @@ def budgets(full: dict, args, log) -> dict:
     """GPU and CPU budgets of the L-layer slice per mode (see the module docstring): the CPU scales by
     L/32; the GPU gets the full model's non-layer part of that mode's plan (streaming buffers,
     embeddings, draft + its KV, activations) plus L/32 of the rest, so each mode's slice keeps the
-    expert-cache share of the full model in that mode."""
-    from specmoe.planner.memory import GPU_MEM_FRACTION
-
+    expert-cache share of the full model in that mode. Neither the reserves each memory keeps back nor
+    the CPU attention's staging (sized by the largest pass) scale with layers."""
     spec = full["spec"]
     full_gpu, full_cpu = full["gpu_GiB"], full["cpu_GB"]
+    rg, rc = full["gpu_reserve_bytes"], full["cpu_reserve_bytes"]
     wb = 2
     layer_weights = (spec.non_expert_elems - spec.embed_elems - spec.lm_head_elems) * wb
-    usable_full = full_gpu * GiB * GPU_MEM_FRACTION
+    usable_full = full_gpu * GiB - rg
     L = args.layers
-    cpu_GiB = full_cpu * 1e9 * L / FULL_LAYERS / GiB
+    staging = max(p.memory["cpu_breakdown"].get("attention_staging", 0.0) for p in full["plans"].values())
+    cpu_GiB = ((full_cpu * 1e9 - rc - staging) * L / FULL_LAYERS + rc + staging) / GiB
     out = {"cpu_GiB": cpu_GiB, "naive_gpu_GiB": full_gpu * L / FULL_LAYERS, "modes": {}, "full_model": {}}
     for name, p in full["plans"].items():
         gb = p.memory["gpu_breakdown"]
         layer_part = gb.get("expert_cache", 0.0) + layer_weights
         fixed = sum(gb.values()) - layer_part
-        gpu_GiB = (fixed + (usable_full - fixed) * L / FULL_LAYERS) / GPU_MEM_FRACTION / GiB
+        gpu_GiB = (fixed + (usable_full - fixed) * L / FULL_LAYERS + rg) / GiB
         cached = sum(p.placement.expert_cache_slots) / max(1, len(spec.moe_layers) * spec.num_experts)
         out["modes"][name] = {"gpu_GiB": gpu_GiB, "gpu_fixed_GiB": fixed / GiB}
         out["full_model"][name] = {"gpu_GiB": full_gpu, "cpu_GB": full_cpu, "batch": p.batch, "draft_len": p.draft_len,
@@ -285,17 +297,21 @@ def budgets(full: dict, args, log) -> dict:
             f"CPU {cpu_GiB:.2f} GiB")
     first = out["modes"]["spec_alpha0.8"]
     out.update(gpu_GiB=first["gpu_GiB"], gpu_fixed_GiB=first["gpu_fixed_GiB"])   # the headline mode's
-    out["rule"] = (f"CPU: {full_cpu:g} GB * L/32. GPU, per mode: the full model's non-layer part in that mode's "
-                   f"plan (streaming buffers, embeddings, draft + its KV, activations) + L/32 of the rest of "
-                   f"{GPU_MEM_FRACTION:.0%} of {full_gpu:g} GiB, over {GPU_MEM_FRACTION:.0%} ({full_gpu:g} GiB * L/32 = "
-                   f"{full_gpu * L / FULL_LAYERS:.1f} GiB cannot hold the two streaming buffers)")
+    out["rule"] = (f"CPU: ({full_cpu:g} GB less its {rc / GiB:g} GiB reserve and the attention staging) * L/32, "
+                   f"plus those. GPU, per "
+                   f"mode: the full model's non-layer part in that mode's plan (streaming buffers, embeddings, "
+                   f"draft + its KV, activations) + L/32 of the rest of {full_gpu:g} GiB less its {rg / GiB:g} GiB "
+                   f"reserve, plus the reserve ({full_gpu:g} GiB * L/32 = {full_gpu * L / FULL_LAYERS:.1f} GiB cannot "
+                   f"hold the two streaming buffers)")
     log(f"budget rule: {out['rule']}")
     return out
 
 
-def make_plans(spec, dspec, hw_for, args, log) -> dict:
+def make_plans(spec, dspec, hw_for, args, log, full_plans: dict | None = None) -> dict:
     """The slice's plan per mode. A speculative mode for which the planner prefers k=0 gets the best k>=1
-    plan instead (a speculative row must speculate), and says so (`forced_k`)."""
+    plan instead (a speculative row must speculate), and says so (`forced_k`). full_plans: the full
+    model's plan per mode, whose batch, draft length and micro-batches the slice keeps (the memory that
+    does not scale with layers then matches, so the slice caches the full model's share of experts)."""
     from specmoe.planner.workload import AcceptanceProfile, Workload
 
     plans, notes = {}, {}
@@ -304,7 +320,8 @@ def make_plans(spec, dspec, hw_for, args, log) -> dict:
                       acceptance=AcceptanceProfile.from_alpha(alpha or 0.0))
         hw = hw_for(name)
         t0 = time.perf_counter()
-        p = plan_for(spec, hw, wl, dspec if alpha is not None else None, log)
+        like = (full_plans or {}).get(name)
+        p = plan_for(spec, hw, wl, dspec if alpha is not None else None, log, like=like)
         note = ""
         if alpha is not None and p.draft_len == 0:
             best0 = p.predicted.decode_tokens_per_s
@@ -797,7 +814,7 @@ def main(argv=None) -> int:
                 return hw_base.with_overrides(gpu_mem_GiB=bud["modes"][mode]["gpu_GiB"], cpu_mem_GiB=bud["cpu_GiB"])
             return tc, sp, hw_for
         tcfg, spec, hw_for = setup(args.layers)
-        plans = make_plans(spec, dspec, hw_for, args, log)
+        plans = make_plans(spec, dspec, hw_for, args, log, full["plans"])
         plan_notes = plans.pop("_notes")
         res["phases_s"]["planning"] = time.perf_counter() - t0
         res["config"].update(vocab_size=tcfg["vocab_size"], hardware=hw_base.name, budgets=bud, target=tcfg,
@@ -874,7 +891,7 @@ def main(argv=None) -> int:
             bud = budgets(full, args, log)
             res["config"]["budgets"] = bud
             tcfg, spec, hw_for = setup(L2)
-            plans = make_plans(spec, dspec, hw_for, args, log)
+            plans = make_plans(spec, dspec, hw_for, args, log, full["plans"])
             plan_notes = plans.pop("_notes")
             res["config"]["plan_notes"] = plan_notes
             args.host_io_used = runner.host_io

@@ -6,12 +6,12 @@ YAML schema (every number carries its unit in the key; every section a `source`)
     name: a30-xeon6426y
     description: ...
     gpu:  {name, mem_GiB | mem_GB, hbm_GBps, peak_TFLOPs: {bf16, fp16, fp32}, source,
-           usable_mem_fraction,      # optional, default 0.90 (planner/memory.py says why)
+           reserve_GiB,              # optional, default 2: kept back from plans (planner/memory.py says why)
            shares_host_cpu}          # optional, default false: true where no GPU exists and the CPU
                                      #   stands in for it (GPU, CPU and link work then run one
                                      #   after another on the same cores)
     cpu:  {name, cores, mem_GiB | mem_GB, dram_GBps, peak_TFLOPs: {bf16, fp32}, source,
-           usable_mem_fraction}      # optional, default 0.85
+           reserve_GiB}              # optional, default 6: the OS and the engine's runtime
     link: {h2d_GBps, d2h_GBps, source}
     measured:                      # optional; each curve is {x: y} with units in the key
       source: ...
@@ -27,6 +27,11 @@ YAML schema (every number carries its unit in the key; every section a `source`)
       stage_overhead_us:           # optional: fixed cost per invocation of the engine's stages,
         target.pre_attn: 180       #   keys and units in planner/overhead.py (OVERHEAD_KEYS)
         target.moe.expert: 95
+      dram_contention:             # optional: host DRAM shared by the expert stream and CPU reads,
+        cpu_read_GBps_alone: 67.6  #   each side's rate alone and while the other runs (absent:
+        cpu_read_GBps_during_h2d: 52.9   # no contention is modelled)
+        h2d_GBps_alone: 52.4
+        h2d_GBps_during_cpu_read: 49.9
 """
 from __future__ import annotations
 
@@ -43,9 +48,10 @@ from specmoe.planner.overhead import Overheads, parse_op_overhead_us, parse_stag
 
 GiB = 1024**3
 GB = 1e9
-# The share of each memory a plan may use unless a spec says otherwise (planner/memory.py says why).
-DEFAULT_GPU_USABLE_FRACTION = 0.90
-DEFAULT_CPU_USABLE_FRACTION = 0.85
+# What every host keeps back from plans, in GiB, unless its spec says otherwise (`reserve_GiB`;
+# planner/memory.py says what they hold): a plan may use the memory minus the reserve.
+DEFAULT_GPU_RESERVE_GiB = 2.0
+DEFAULT_CPU_RESERVE_GiB = 6.0
 HW_SPEC_DIR = Path(__file__).resolve().parent.parent / "hw_specs"
 
 
@@ -81,8 +87,12 @@ class GPUSpec:
     hbm_Bps: float
     peak_flops: dict[str, float]      # dtype -> FLOP/s
     source: str
-    usable_fraction: float = DEFAULT_GPU_USABLE_FRACTION
+    reserve_bytes: float = DEFAULT_GPU_RESERVE_GiB * GiB   # kept back from plans
     shares_host_cpu: bool = False     # a CPU standing in for the GPU: no overlap between resources
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.mem_bytes - self.reserve_bytes
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,11 @@ class CPUSpec:
     dram_Bps: float
     peak_flops: dict[str, float]      # dtype -> FLOP/s
     source: str
-    usable_fraction: float = DEFAULT_CPU_USABLE_FRACTION
+    reserve_bytes: float = DEFAULT_CPU_RESERVE_GiB * GiB   # kept back from plans
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.mem_bytes - self.reserve_bytes
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,29 @@ class LinkSpec:
     h2d_Bps: float
     d2h_Bps: float
     source: str
+
+
+@dataclass(frozen=True)
+class DramContention:
+    """Host DRAM shared by the expert stream (pinned H2D DMA) and the CPU's reads (verify attention):
+    each side's rate measured alone and while the other side runs. The cost model scales the CPU's DRAM
+    rate by `cpu_share` while a copy streams, and a copy's rate by `h2d_share` while the CPU reads at
+    its full rate (planner/cost_model.py, SharedDram)."""
+
+    cpu_read_GBps_alone: float
+    cpu_read_GBps_during_h2d: float
+    h2d_GBps_alone: float
+    h2d_GBps_during_cpu_read: float
+
+    @property
+    def cpu_share(self) -> float:
+        """f_cpu: the share of its DRAM read rate the CPU keeps while the expert stream runs (<= 1)."""
+        return min(1.0, self.cpu_read_GBps_during_h2d / self.cpu_read_GBps_alone)
+
+    @property
+    def h2d_share(self) -> float:
+        """f_h2d: the share of its rate the expert stream keeps while the CPU reads (<= 1)."""
+        return min(1.0, self.h2d_GBps_during_cpu_read / self.h2d_GBps_alone)
 
 
 @dataclass(frozen=True)
@@ -117,6 +154,7 @@ class MeasuredCurves:
     op_overhead_us: float | None = None                                  # one torch operation
     stage_overhead_us: dict[str, float] = field(default_factory=dict)    # planner/overhead.py keys
     threads: int | None = None                                           # torch threads the curves were measured with
+    dram_contention: DramContention | None = None                        # expert stream vs CPU reads
 
     @property
     def overheads(self) -> Overheads:
@@ -135,7 +173,8 @@ class MeasuredCurves:
     def empty(self) -> bool:
         return not any([self.h2d_GBps_by_chunk_MB, self.gpu_gemm_TFLOPs_by_M, self.cpu_gemm_GFLOPs_by_M,
                         self.cpu_attention_kv_GBps, self.dram_read_GBps, self.hbm_copy_GBps,
-                        self.cpu_attention_TFLOPs, self.op_overhead_us, self.stage_overhead_us])
+                        self.cpu_attention_TFLOPs, self.op_overhead_us, self.stage_overhead_us,
+                        self.dram_contention])
 
 
 @dataclass(frozen=True)
@@ -250,15 +289,20 @@ def _flag(sec: dict, key: str, where: str) -> bool:
     return v
 
 
-def _usable(sec: dict, where: str, default: float) -> float:
-    v = sec.get("usable_mem_fraction")
-    if v is None:
-        return default
-    f = _positive(v, f"{where}.usable_mem_fraction")
-    if f > 1.0:
-        raise SpecError(f"{where}.usable_mem_fraction", f"must be at most 1, got {v}",
-                        "give the share of the memory a plan may use, e.g. 0.85")
-    return f
+def _reserve(sec: dict, where: str, default_GiB: float, mem_bytes: float) -> float:
+    """The bytes of this memory kept back from plans: `reserve_GiB`, or the default."""
+    if "usable_mem_fraction" in sec:
+        raise SpecError(f"{where}.usable_mem_fraction", "is no longer read: every host keeps back a fixed reserve",
+                        f"replace it by `reserve_GiB: X` (default {default_GiB:g}; hw_specs/README.md), or re-run "
+                        "`specmoe plan` for a plan made with it")
+    v = sec.get("reserve_GiB", default_GiB)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+        raise SpecError(f"{where}.reserve_GiB", f"must be a number >= 0, got {v!r}",
+                        f"give the GiB the OS and runtime keep back (default {default_GiB:g})")
+    if v * GiB >= mem_bytes:
+        raise SpecError(f"{where}.reserve_GiB", f"{v:g} GiB leaves nothing of {mem_bytes / GiB:.1f} GiB for plans",
+                        "give a reserve below the memory size")
+    return float(v) * GiB
 
 
 def _source(sec: dict, where: str) -> str:
@@ -276,18 +320,20 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
     if not isinstance(name, str) or not name:
         raise SpecError(f"{where}.name", "missing", "add `name: <short-id>`")
     g, c, lk = _section(raw, "gpu", where), _section(raw, "cpu", where), _section(raw, "link", where)
-    gpu = GPUSpec(name=str(g.get("name", "gpu")), mem_bytes=_mem(g, f"{where}.gpu"),
+    gmem = _mem(g, f"{where}.gpu")
+    gpu = GPUSpec(name=str(g.get("name", "gpu")), mem_bytes=gmem,
                   hbm_Bps=_positive(g.get("hbm_GBps"), f"{where}.gpu.hbm_GBps") * GB,
                   peak_flops=_flops(g, f"{where}.gpu"), source=_source(g, f"{where}.gpu"),
-                  usable_fraction=_usable(g, f"{where}.gpu", DEFAULT_GPU_USABLE_FRACTION),
+                  reserve_bytes=_reserve(g, f"{where}.gpu", DEFAULT_GPU_RESERVE_GiB, gmem),
                   shares_host_cpu=_flag(g, "shares_host_cpu", f"{where}.gpu"))
     cores = c.get("cores")
     if isinstance(cores, bool) or not isinstance(cores, int) or cores <= 0:
         raise SpecError(f"{where}.cpu.cores", f"must be a positive integer, got {cores!r}", "fix the YAML")
-    cpu = CPUSpec(name=str(c.get("name", "cpu")), cores=cores, mem_bytes=_mem(c, f"{where}.cpu"),
+    cmem = _mem(c, f"{where}.cpu")
+    cpu = CPUSpec(name=str(c.get("name", "cpu")), cores=cores, mem_bytes=cmem,
                   dram_Bps=_positive(c.get("dram_GBps"), f"{where}.cpu.dram_GBps") * GB,
                   peak_flops=_flops(c, f"{where}.cpu"), source=_source(c, f"{where}.cpu"),
-                  usable_fraction=_usable(c, f"{where}.cpu", DEFAULT_CPU_USABLE_FRACTION))
+                  reserve_bytes=_reserve(c, f"{where}.cpu", DEFAULT_CPU_RESERVE_GiB, cmem))
     h2d = _positive(lk.get("h2d_GBps"), f"{where}.link.h2d_GBps")
     link = LinkSpec(h2d_Bps=h2d * GB, d2h_Bps=_positive(lk.get("d2h_GBps", h2d), f"{where}.link.d2h_GBps") * GB,
                     source=_source(lk, f"{where}.link"))
@@ -324,6 +370,7 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
             stage_overhead_us=(parse_stage_overhead_us(m["stage_overhead_us"], f"{mw}.stage_overhead_us")
                                if m.get("stage_overhead_us") is not None else {}),
             threads=_threads(m.get("threads"), f"{mw}.threads"),
+            dram_contention=_contention(m.get("dram_contention"), f"{mw}.dram_contention"),
         )
     sha = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
     return HardwareSpec(name=name, description=str(raw.get("description", "")), gpu=gpu, cpu=cpu, link=link,
@@ -336,3 +383,24 @@ def _threads(v: Any, field_name: str) -> int | None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise SpecError(field_name, f"must be a positive integer (torch threads), got {v!r}", "e.g. `threads: 16`")
     return int(v)
+
+
+def _contention(v: Any, field_name: str) -> DramContention | None:
+    """The `dram_contention` mapping: four positive rates. Running both sides together must not be
+    slower than running them in turns (cpu_share + h2d_share >= 1): the cost model's overlap of the
+    two assumes it."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise SpecError(field_name, "not a mapping", "give the four rates of hw_specs/README.md, or remove it")
+    names = [f.name for f in DramContention.__dataclass_fields__.values()]
+    missing = [n for n in names if n not in v]
+    extra = sorted(set(v) - set(names))
+    if missing or extra:
+        raise SpecError(f"{field_name}.{(missing or extra)[0]}", "missing" if missing else "unknown key",
+                        f"give exactly {', '.join(names)}")
+    c = DramContention(**{n: _positive(v[n], f"{field_name}.{n}") for n in names})
+    if c.cpu_share + c.h2d_share < 1.0:
+        raise SpecError(field_name, f"keeps {c.cpu_share:.2f} of the CPU's rate and {c.h2d_share:.2f} of the "
+                        "stream's while both run: less than taking turns", "re-measure (specmoe calibrate)")
+    return c

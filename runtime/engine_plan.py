@@ -50,8 +50,10 @@ def plan_for_checkpoint(target_dir: str | Path, draft_dir: str | Path | None, ha
                         batch: int = 8, draft_len: int = 4, micro_batches: int = 1, *, prompt_len: int = 64,
                         gen_len: int = 64, acceptance: Any = None, expert_cache_slots: list[int] | None = None,
                         draft_kv_gpu_sequences: int | None = None, target_kv_gpu_sequences: int = 0,
-                        cpu_expert_layers: tuple[int, ...] = (), schedule: Schedule | None = None) -> Plan:
-    """schedule: None gives the hardware's default with the threads torch runs with in this process."""
+                        cpu_expert_layers: tuple[int, ...] = (), schedule: Schedule | None = None,
+                        weight_dtype: str | None = None) -> Plan:
+    """schedule: None gives the hardware's default with the threads torch runs with in this process.
+    weight_dtype: the dtype the plan is costed for (weights and KV); None: the checkpoint's."""
     from specmoe.planner.hardware_spec import load_hardware
     from specmoe.planner.memory import footprint
     from specmoe.planner.workload import Workload, load_acceptance
@@ -59,7 +61,9 @@ def plan_for_checkpoint(target_dir: str | Path, draft_dir: str | Path | None, ha
     spec = ModelSpec.from_hf_config(target_dir)
     dspec = ModelSpec.from_hf_config(draft_dir) if draft_dir is not None else None
     hw = load_hardware(hardware)
-    wl = Workload(prompt_len=prompt_len, gen_len=gen_len, batch=batch, acceptance=load_acceptance(acceptance))
+    dt = weight_dtype or spec.weight_dtype
+    wl = Workload(prompt_len=prompt_len, gen_len=gen_len, batch=batch, acceptance=load_acceptance(acceptance),
+                  weight_dtype=dt, kv_dtype="float32" if dt in ("float32", "fp32") else "bf16")
     slots = expert_cache_slots if expert_cache_slots is not None else [
         spec.num_experts if i in spec.moe_layers else 0 for i in range(spec.num_layers)]
     placement = Placement(expert_cache_slots=tuple(int(s) for s in slots),

@@ -22,9 +22,10 @@ from specmoe.planner.workload import Workload
 from specmoe.runtime.device import device_mem_free_bytes, host_mem_available_bytes
 
 GiB = 1024 ** 3
-# the share of the memory free now that a run may take: the allocator's rounding and the Python
-# objects of a run are not in the footprint
-FREE_MARGIN = 0.95
+# memory free now that a run leaves untouched: the allocator's rounding and the Python objects of a
+# run, which the footprint does not count (the planner's reserve_GiB keeps back what the OS and the
+# runtime hold before the run, which MemAvailable and mem_get_info already leave out)
+FREE_MARGIN_BYTES = 256 * 2 ** 20
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -63,17 +64,17 @@ def check_fits(fp: Footprint, device: torch.device, what: str = "plan") -> dict:
     dfree = device_mem_free_bytes(device)
     need_d, need_h = fp.gpu_bytes, fp.cpu_bytes
     if dfree is None:   # CPU-only: both parts live in host memory
-        if host_free and need_d + need_h > FREE_MARGIN * host_free:
+        if host_free and need_d + need_h > host_free - FREE_MARGIN_BYTES:
             raise SpecError(what, f"needs {_fmt(need_d + need_h)} of host memory ({_top(fp.gpu_breakdown)}; "
                             f"{_top(fp.cpu_breakdown)}) but only {_fmt(host_free)} is available (MemAvailable)",
                             "run fewer prompts at once, plan with a smaller batch or context, or free memory")
         return {"host_free_bytes": host_free, "device_free_bytes": None}
     free, total = dfree
-    if need_d > FREE_MARGIN * free:
+    if need_d > free - FREE_MARGIN_BYTES:
         raise SpecError(what, f"needs {_fmt(need_d)} of GPU memory ({_top(fp.gpu_breakdown)}) but only "
                         f"{_fmt(free)} of {_fmt(total)} is free", "plan for this GPU's free memory (fewer cached "
                         "experts, smaller batch or fewer GPU KV sequences)")
-    if host_free and need_h > FREE_MARGIN * host_free:
+    if host_free and need_h > host_free - FREE_MARGIN_BYTES:
         raise SpecError(what, f"needs {_fmt(need_h)} of host memory ({_top(fp.cpu_breakdown)}) but only "
                         f"{_fmt(host_free)} is available (MemAvailable)", "plan with a smaller batch or context")
     return {"host_free_bytes": host_free, "device_free_bytes": free}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specmoe.planner.memory import PREFILL_CHUNK_TOKENS
 from specmoe.planner.stages import Stage
 
 from specmoe.runtime.model.draft import DraftModel
@@ -71,7 +72,7 @@ class SpeculativeDecoder:
     def __init__(self, target: TargetModel, draft: DraftModel | None, target_kv: SplitKVCache,
                  draft_kv: SplitKVCache | None, timer: StageTimer, micro_batches: int, eos_ids: tuple[int, ...],
                  temperature: float = 0.0, seed: int = 0, flip_gap: float = 1e-4, oracle_alpha: float | None = None,
-                 prefill_chunk_tokens: int = 16384, prefetch: bool | str = False):
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, prefetch: bool | str = False):
         self.target, self.draft, self.tkv, self.dkv = target, draft, target_kv, draft_kv
         self.timer, self.m = timer, micro_batches
         self.eos = set(int(e) for e in eos_ids)

@@ -19,8 +19,9 @@ TINY = {"model_type": "mixtral", "vocab_size": 512, "hidden_size": 128, "interme
 TINY_DRAFT = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4, "torch_dtype": "bfloat16"}
 TINY_HW = {"name": "tiny-hw",
-           "gpu": {"mem_GB": 0.003, "hbm_GBps": 900, "peak_TFLOPs": {"bf16": 100}, "source": "test"},
-           "cpu": {"cores": 8, "mem_GB": 0.04, "dram_GBps": 100, "peak_TFLOPs": {"bf16": 1.0}, "source": "test"},
+           "gpu": {"mem_GB": 0.003, "reserve_GiB": 0, "hbm_GBps": 900, "peak_TFLOPs": {"bf16": 100}, "source": "test"},
+           "cpu": {"cores": 8, "mem_GB": 0.04, "reserve_GiB": 0, "dram_GBps": 100, "peak_TFLOPs": {"bf16": 1.0},
+                   "source": "test"},
            "link": {"h2d_GBps": 8, "source": "test"}}
 
 

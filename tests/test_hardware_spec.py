@@ -31,10 +31,13 @@ def test_a30_is_the_papers_table_1():
     assert hw.link.h2d_Bps == pytest.approx(25e9)
     assert hw.cpu.peak_flops["bf16"] == pytest.approx(2.43e12)
     assert hw.cpu.dram_Bps == pytest.approx(357e9)
-    assert hw.cpu.mem_bytes == pytest.approx(250e9)
-    # measured there by the paper itself (Table 3), derived by scripts/derive_paper_profile.py
-    assert hw.measured.cpu_attention_TFLOPs == pytest.approx(0.743)
-    assert hw.cpu.usable_fraction == 0.98 and hw.gpu.usable_fraction == 0.90
+    assert hw.cpu.mem_bytes == 250 * 2**30          # the paper's "250 GB" in its binary units (87 GB of weights)
+    # measured there by the paper itself (Table 3), fitted by scripts/derive_paper_profile.py (whose --check
+    # test below pins the value): its verify kernel runs well under the CPU's fp32 FMA peak
+    assert 0.1 * 2.43 < hw.measured.cpu_attention_TFLOPs < 0.5 * 2.43
+    # the reserve every host keeps back unless its spec says otherwise
+    assert hw.cpu.reserve_bytes == 6 * 2**30 and hw.gpu.reserve_bytes == 2 * 2**30
+    assert hw.cpu.usable_bytes == 244 * 2**30 and hw.gpu.usable_bytes == 22 * 2**30
 
 
 def test_paper_profile_matches_table_3():
@@ -50,21 +53,27 @@ def test_paper_profile_matches_table_3():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_usable_mem_fraction_is_validated(tmp_path):
-    import copy
-
-    from specmoe.planner.errors import SpecError
-    from specmoe.planner.hardware_spec import parse_hardware
-
-    raw = copy.deepcopy(HardwareSpec.preset("t4-host").raw)
-    raw["cpu"]["usable_mem_fraction"] = 1.5
-    with pytest.raises(SpecError, match="usable_mem_fraction"):
-        parse_hardware(raw)
-    raw["cpu"]["usable_mem_fraction"] = 0
-    with pytest.raises(SpecError, match="usable_mem_fraction"):
-        parse_hardware(raw)
-    raw["cpu"]["usable_mem_fraction"] = 0.5
-    assert parse_hardware(raw).cpu.usable_fraction == 0.5
+def test_reserve_is_one_rule_and_validated():
+    """Every host keeps back a fixed reserve in GiB (gpu 2, cpu 6 unless the spec says otherwise); the
+    old share-of-memory key is refused with the fix named; a bad reserve names its field."""
+    raw = copy.deepcopy(HardwareSpec.preset("t4-host").raw)          # 16 GiB GPU, 208 GB host, no reserve keys
+    hw = parse_hardware(raw)
+    assert hw.gpu.usable_bytes == 14 * 2**30 and hw.cpu.usable_bytes == 208e9 - 6 * 2**30
+    for name in ("h200-host", "l4-host", "rtx4090d-xeon5418y", "a30-xeon6426y"):
+        h = HardwareSpec.preset(name)
+        assert (h.cpu.reserve_bytes, h.gpu.reserve_bytes) == (6 * 2**30, 2 * 2**30), name
+    raw["cpu"]["reserve_GiB"] = 10
+    raw["gpu"]["reserve_GiB"] = 0
+    hw = parse_hardware(raw)
+    assert hw.cpu.usable_bytes == 208e9 - 10 * 2**30 and hw.gpu.usable_bytes == 16 * 2**30
+    for bad in (-1, "lots", True, 500):                               # 500 GiB: more than the host has
+        raw["cpu"]["reserve_GiB"] = bad
+        with pytest.raises(SpecError, match="cpu.reserve_GiB"):
+            parse_hardware(raw, "t4.yaml")
+    raw["cpu"]["reserve_GiB"] = 6
+    raw["cpu"]["usable_mem_fraction"] = 0.85
+    with pytest.raises(SpecError, match=r"cpu.usable_mem_fraction.*reserve_GiB"):
+        parse_hardware(raw, "t4.yaml")
 
 
 def test_h200_measured_curves():
@@ -101,7 +110,7 @@ def _raw(name="a30-xeon6426y"):
     (lambda r: r["gpu"].update(hbm_GBps=-1), "hbm_GBps"),
     (lambda r: r["gpu"].update(hbm_GBps="fast"), "hbm_GBps"),
     (lambda r: r["cpu"].update(cores=0), "cores"),
-    (lambda r: r["cpu"].pop("mem_GB"), "mem_GiB"),
+    (lambda r: r["cpu"].pop("mem_GiB"), "mem_GiB"),
     (lambda r: r["link"].pop("source"), "source"),
     (lambda r: r["gpu"].update(peak_TFLOPs={}), "peak_TFLOPs"),
     (lambda r: r.update(measured={"source": "x", "gpu_gemm_TFLOPs_by_M": {1: -2}}), "gpu_gemm_TFLOPs_by_M"),

@@ -19,8 +19,9 @@ TINY_DRAFT = {"model_type": "llama", "hidden_size": 8, "intermediate_size": 8, "
 
 TINY_HW = {
     "name": "tiny-1g",
-    "gpu": {"name": "g", "mem_GiB": 1, "hbm_GBps": 1, "peak_TFLOPs": {"bf16": 0.001}, "source": "test"},
-    "cpu": {"name": "c", "cores": 1, "mem_GiB": 1, "dram_GBps": 1, "peak_TFLOPs": {"bf16": 0.001}, "source": "test"},
+    "gpu": {"name": "g", "mem_GiB": 1, "reserve_GiB": 0, "hbm_GBps": 1, "peak_TFLOPs": {"bf16": 0.001}, "source": "test"},
+    "cpu": {"name": "c", "cores": 1, "mem_GiB": 1, "reserve_GiB": 0, "dram_GBps": 1, "peak_TFLOPs": {"bf16": 0.001},
+            "source": "test"},
     "link": {"h2d_GBps": 1, "source": "test"},
 }
 
@@ -41,14 +42,12 @@ def tiny_hw(**measured):
 
 
 def datasheet(preset: str):
-    """A preset at its datasheet peaks and default memory margins: the `measured:` block (profiled
-    rates, fixed costs) and any `usable_mem_fraction` dropped, for tests of the bare roofline."""
+    """A preset at its datasheet peaks: the `measured:` block (profiled rates, fixed costs) dropped,
+    for tests of the bare roofline."""
     import copy
 
     from specmoe.planner.hardware_spec import HardwareSpec
 
     raw = copy.deepcopy(HardwareSpec.preset(preset).raw)
     raw.pop("measured", None)
-    for sec in ("gpu", "cpu"):
-        raw[sec].pop("usable_mem_fraction", None)
     return parse_hardware(raw, f"{preset}-datasheet.yaml")

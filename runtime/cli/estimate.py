@@ -97,7 +97,8 @@ def format_table(e) -> str:
               "", f"  busy per iteration: " + ", ".join(f"{r} {v:.4f} s" for r, v in e.resource_busy_s.items())
               + f"; bound: {e.bound}",
               f"  tokens per iteration {e.tokens_per_iteration:.1f}; decode {e.decode_tokens_per_s:.1f} tokens/s; "
-              f"MoE GPU utilisation {e.moe_gpu_utilization:.2%}"]
+              f"MoE GPU utilisation {e.moe_gpu_utilization:.2%} of peak per streamed layer (achieved over the "
+              f"iteration: {e.moe_gpu_utilization_achieved:.2%})"]
     if e.prefill_time_s:
         lines.append(f"  whole run: prefill {e.prefill_time_s:.2f} s, decode {e.decode_time_s:.2f} s, "
                      f"end-to-end {e.end_to_end_tokens_per_s:.1f} tokens/s (decode-only {e.run_decode_tokens_per_s:.1f})")
@@ -109,10 +110,10 @@ def format_table(e) -> str:
                      f"{j['end_to_end_tokens_per_s']:.1f}")
     mem = e.memory
     lines += ["", f"  GPU memory {_gib(mem['gpu_bytes'])} of {_gib(mem['gpu_usable_bytes'])} usable "
-                  f"({mem['gpu_fraction']:.0%} of {mem['gpu_capacity_bytes'] / 2**30:.1f} GiB)"]
+                  f"({mem['gpu_capacity_bytes'] / 2**30:.1f} GiB less a {mem['gpu_reserve_bytes'] / 2**30:g} GiB reserve)"]
     lines += [f"    {k:28s}{_gib(v)}" for k, v in mem["gpu_breakdown"].items() if v]
     lines += [f"  CPU memory {_gib(mem['cpu_bytes'])} of {_gib(mem['cpu_usable_bytes'])} usable "
-              f"({mem['cpu_fraction']:.0%} of {mem['cpu_capacity_bytes'] / 2**30:.1f} GiB)"]
+              f"({mem['cpu_capacity_bytes'] / 2**30:.1f} GiB less a {mem['cpu_reserve_bytes'] / 2**30:g} GiB reserve)"]
     lines += [f"    {k:28s}{_gib(v)}" for k, v in mem["cpu_breakdown"].items() if v]
     pl = e.placement
     slots = sorted(set(pl.expert_cache_slots))

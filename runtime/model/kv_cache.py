@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from specmoe.planner.memory import ATTN_CHUNK_ELEMS, row_positions
+
 from specmoe.runtime.device import host_empty
 
 
@@ -36,7 +38,8 @@ def block_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     L = int(ctx.max()) + N
     qi = torch.arange(N, device=q.device)
     keys = torch.arange(L, device=q.device)
-    step = max(1, (1 << 24) // max(1, Hkv * L * D))  # sequences per chunk: <= 64 MB of fp32 K
+    # sequences per chunk: <= ATTN_CHUNK_ELEMS fp32 elements of K and of the scores (planner/memory.py counts it)
+    step = max(1, ATTN_CHUNK_ELEMS // max(1, Hkv * L * max(D, g * N)))
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         kk = k_cache[:, :, :L].index_select(0, rows[b0:b1]).float()  # [b, Hkv, L, D]
@@ -52,9 +55,8 @@ def block_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 def kv_capacity(longest_prompt: int, max_new_tokens: int, max_k: int) -> int:
-    """KV positions a row needs: the prompt, every new token, the k drafts the last verify pass writes
-    past the accepted ones, and 2 more for the pending token and the bonus token of that pass."""
-    return int(longest_prompt) + int(max_new_tokens) + int(max_k) + 2
+    """KV positions a row needs for these prompts: the planner's row_positions (one rule for both)."""
+    return row_positions(int(longest_prompt) + int(max_new_tokens), max_k)
 
 
 @dataclass
