@@ -61,6 +61,7 @@ from specmoe.planner.overhead import Overheads
 from specmoe.planner.plan import Placement
 from specmoe.planner.schedule import Schedule
 from specmoe.planner.roofline import OpCost, OpTime, h2d_rate, peak_flops, time_on
+from specmoe.planner.shared_dram import SharedDram, shared_dram
 from specmoe.planner.workload import KV_DTYPES, Workload
 
 __all__ = ["ACT_BYTES", "LOGIT_BYTES", "CostModel", "IterationCosts", "head_read_elems", "matmul_elems_per_token",
@@ -250,7 +251,7 @@ class CostModel:
             cpu_expert_s_per_uncached_expert=float(moe.cpu_unit), moe_gpu_full_s=float(moe.full_s),
             cpu_attn_s_per_seq=np.full(self.L, att.cpu), gpu_attn_s_per_seq=np.full(self.L, att.gpu),
             moe_flops_gpu=moe.flops_gpu, gpu_peak_flops=self.gpu_peak, sources=frozenset(cfg.srcs),
-            serial=self.hw.gpu.shares_host_cpu,
+            serial=self.hw.gpu.shares_host_cpu, shared_dram=self._shared_dram(cfg, batched_moe),
         )
         if self.has_ov:
             self.fixed.add_to(costs, cfg.tg, cfg.attn_on_gpu)
@@ -300,10 +301,8 @@ class CostModel:
             moe = self._t("gpu", OpCost(2.0 * n * na * m.expert_elems,
                                         tj * self.expert_bytes + n * na * 2 * m.hidden * ACT_BYTES),
                           srcs, tokens=n * na / tj)
-            p = 1.0 - (1.0 - na / E) ** n
-            tok_e = n * na / E
-            cpu_e = self._t("cpu", OpCost(2.0 * tok_e * m.expert_elems, dram_bytes=p * self.expert_bytes),
-                            srcs, tokens=tok_e)
+            op, tok_e = self._cpu_expert_op(n)
+            cpu_e = self._t("cpu", op, srcs, tokens=tok_e)
         else:
             moe = cpu_e = 0.0
         lm = self._t("gpu", OpCost(2.0 * n * m.vocab_size * m.hidden, m.vocab_size * m.hidden * wb
@@ -454,9 +453,32 @@ class CostModel:
         return t + self.fixed.draft_step_s(seqs, q)
 
     def draft_cpu_attn(self, seqs: int, q: float, s: float, srcs: set) -> float:
-        op = self.attn_op(seqs, q, s, False, spec=self.draft, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,
-                           layers=self.draft.num_layers)
-        return self._t("cpu", op, srcs, dtype=self.workload.kv_dtype, kind="attention", n_query=q, context=s)
+        return self._t("cpu", self._draft_attn_op(seqs, q, s), srcs, dtype=self.workload.kv_dtype, kind="attention",
+                       n_query=q, context=s)
+
+    def _draft_attn_op(self, seqs: float, q: float, s: float) -> OpCost:
+        return self.attn_op(seqs, q, s, False, spec=self.draft, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,
+                            layers=self.draft.num_layers)
+
+    def _cpu_expert_op(self, n: float) -> tuple[OpCost, float]:
+        """One non-cached expert computed on the CPU for n tokens: (its op, the tokens it gets, n n_a / E).
+        It reads the expert's weights from DRAM when one of the n tokens touches it (probability p)."""
+        p = 1.0 - (1.0 - self.na / self.E) ** n
+        tok_e = n * self.na / self.E
+        return OpCost(2.0 * tok_e * self.model.expert_elems, dram_bytes=p * self.expert_bytes), tok_e
+
+    def _shared_dram(self, cfg: _Config, batched_moe: bool) -> SharedDram | None:
+        """How the expert stream and the CPU's DRAM reads slow each other here (planner/shared_dram.py)
+        from the CPU's operations: one sequence's attention, one CPU expert, one draft step's attention."""
+        kvd, s = self.workload.kv_dtype, cfg.s
+        att = (self.attn_op(1, cfg.k1, s, False), dict(dtype=kvd, kind="attention", n_query=cfg.k1, context=s))
+        expert = None
+        if self.E:
+            op, tok_e = self._cpu_expert_op((cfg.B if batched_moe else cfg.mb[0]) * cfg.k1)
+            expert = (op, dict(dtype=self.dtype, tokens=tok_e))
+        qs = [cfg.acc + 1.0] + [1.0] * (cfg.k - 1) if cfg.k and self.draft is not None else []
+        steps = [(self._draft_attn_op(1, q, s), dict(dtype=kvd, kind="attention", n_query=q, context=s)) for q in qs]
+        return shared_dram(self.hw, self.use_measured, att, expert, steps)
 
     # ---- the optimizer's linear forms ----
     def h2d_s(self, costs: IterationCosts, slots) -> np.ndarray:

@@ -3,6 +3,10 @@ closed forms over them: per-resource busy time per layer, the bare max of the th
 (layer_time = max(t_h2d, t_cpu, t_gpu), the design's check of the simulator), the draft phase's lower
 bound, and the totals per stage.
 
+Where host DRAM is shared (planner/shared_dram.py: the expert stream slows CPU attention and the other
+way round), a layer's CPU work t_c and copies t_h take max(t_c + a t_h, t_h + b t_c) together, so
+layer_time = max(that, t_gpu): still a max of lines, as the MILP needs.
+
 Array dimension letters: L = target layers, M = micro-batches, G = draft groups (1, or M when
 one micro-batch's draft overlaps another's verification), K = draft steps.
 """
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from specmoe.planner.shared_dram import SharedDram
 from specmoe.planner.stages import Stage
 
 
@@ -54,6 +59,7 @@ class IterationCosts:
     serial: bool = False            # the hardware's GPU is its CPU standing in: nothing overlaps
     batched_layer: bool = False     # pre_attn and post_attn once per layer too (column 0); attention per micro-batch
     other_s: float = 0.0            # fixed engine time outside every stage (iteration.other keys): adds to the period
+    shared_dram: SharedDram | None = None   # the expert stream and CPU reads contend for host DRAM (None: they do not)
 
     # ---- closed forms ----
     @property
@@ -72,7 +78,22 @@ class IterationCosts:
     def layer_time_s(self) -> np.ndarray:   # [L] bare max per layer (the sum where nothing overlaps)
         if self.serial:
             return self.pcie_s + self.cpu_s + self.gpu_s
-        return np.maximum(np.maximum(self.pcie_s, self.cpu_s), self.gpu_s)
+        t_c, t_h = self.cpu_s, self.pcie_s
+        if self.shared_dram is None:
+            return np.maximum(np.maximum(t_h, t_c), self.gpu_s)
+        a, b = self._shared_dram_lines()
+        return np.maximum(np.maximum(t_c + a * t_h, t_h + b * t_c), self.gpu_s)
+
+    def _shared_dram_lines(self) -> tuple[np.ndarray, np.ndarray]:
+        """[L] each layer's (a, b) of the CPU-copy pair (SharedDram.pair_coefficients), its CPU work's
+        stretch and pressure the time-weighted mean of its attention's and its CPU experts'."""
+        sd = self.shared_dram
+        att, moe = self.attn_cpu_s.sum(axis=1), self.moe_cpu_s.sum(axis=1)             # [L]
+        busy = att + moe > 0
+        tot = np.where(busy, att + moe, 1.0)
+        stretch = np.where(busy, (att * sd.attn_cpu[0] + moe * sd.moe_cpu[0]) / tot, 1.0)
+        pressure = (att * sd.attn_cpu[1] + moe * sd.moe_cpu[1]) / tot
+        return sd.pair_coefficients((stretch, pressure))
 
     @property
     def draft_time_closed_s(self) -> float:

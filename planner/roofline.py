@@ -15,6 +15,10 @@ exists (the curves override the peaks; every result says which it used):
     cpu  attention     measured.cpu_attention_kv_GBps      KV GB/s against (queries, context)
     cpu  memory        measured.dram_read_GBps
 
+Host DRAM is shared: while the expert stream's DMA reads it, a CPU operation gets `cpu_share` of its
+DRAM rate (measured.dram_contention); `dram_sharing` says how much longer that makes the operation and
+how hard the operation itself reads DRAM (what slows the stream in turn).
+
 Units: flops in FLOP, bytes in bytes, times in seconds, rates in FLOP/s and B/s (SI).
 """
 from __future__ import annotations
@@ -183,3 +187,32 @@ def time_on(resource: str, hw: HardwareSpec, op: OpCost, *, dtype: str = "bf16",
         t = nbytes / (gbps * 1e9)
         src = "measured"
     return OpTime(t, resource, bound, src, compute_s, memory_s)
+
+
+def cpu_dram_sharing(hw: HardwareSpec, op: OpCost, *, dtype: str, kind: str = "gemm", tokens: float | None = None,
+                     n_query: float | None = None, context: float | None = None,
+                     use_measured: bool = True) -> tuple[float, float]:
+    """dram_sharing of `op` timed on the CPU by time_on with these arguments."""
+    ot = time_on("cpu", hw, op, dtype=dtype, kind=kind, tokens=tokens, n_query=n_query, context=context,
+                 use_measured=use_measured)
+    return dram_sharing(hw, op, ot, kind=kind, context=context, use_measured=use_measured)
+
+
+def dram_sharing(hw: HardwareSpec, op: OpCost, ot: OpTime, *, kind: str = "gemm", context: float | None = None,
+                 use_measured: bool = True) -> tuple[float, float]:
+    """(stretch, pressure) of a CPU operation `op` (its time alone `ot`) beside the expert stream.
+
+    Its DRAM reads take m = bytes / ceiling alone, where the ceiling is the CPU's DRAM rate, or for
+    verify attention timed by a measured KV-GB/s curve the kernel's own rate at its fewest queries (its
+    most DRAM-bound point, at the same context). Beside the stream the ceiling falls to f_cpu x ceiling:
+        stretch  = max(t, m / f_cpu) / t          (>= 1; 1 while the operation stays compute-bound)
+        pressure = min(1, m / t)                  (1: it reads DRAM at the full rate the whole time)
+    (1, 0) without a measured contention (or with use_measured=False: it is a measurement)."""
+    c = hw.measured.dram_contention
+    t = ot.time_s
+    if c is None or not use_measured or t <= 0 or op.dram_bytes <= 0:
+        return 1.0, 0.0
+    mem_s = ot.memory_s
+    if kind == "attention" and hw.measured.cpu_attention_kv_GBps:
+        mem_s = op.dram_bytes / (hw.measured.cpu_attention_GBps(1, context or 1.0) * 1e9)
+    return max(t, mem_s / c.cpu_share) / t, min(1.0, mem_s / t)

@@ -27,7 +27,10 @@ Events (per target layer i, micro-batch j; durations from `cost_model.IterationC
 Resources gpu, cpu and pcie each run one event at a time; on a host whose "GPU" is its CPU standing
 in (`shares_host_cpu`, IterationCosts.serial) they are one resource, so nothing overlaps. Scheduling is list scheduling in a fixed
 priority order (the order the engine issues the work: layer by layer, micro-batch by micro-batch):
-whenever a resource is free it starts the highest-priority event whose inputs are ready. Two
+whenever a resource is free it starts the highest-priority event whose inputs are ready
+(planner/event_dag.py). Where host DRAM is shared (IterationCosts.shared_dram) the CPU's attention and
+expert events and the copies slow each other while they run together, so a stage's time is its
+event's wall time, not its duration alone. Two
 iterations are chained and the second one is measured, so the steady state includes the experts
 of the first layers prefetched during the previous iteration's draft phase; timeline times are
 relative to the end of the first iteration (a negative start is such a prefetch).
@@ -36,87 +39,17 @@ Array dimension letters: E = events.
 """
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from specmoe.planner.cost_model import CostModel, IterationCosts, split_even
+from specmoe.planner.event_dag import NO_SHARE, RES, Dag
 from specmoe.planner.plan import Placement
 from specmoe.planner.stages import Stage
 
-RES = ("gpu", "cpu", "pcie")
-_R = {r: i for i, r in enumerate(RES)}
 _ST = {s: s.value for s in Stage}
-
-
-class Dag:
-    """Events with a resource, a duration, dependencies; priority = creation order."""
-
-    __slots__ = ("res", "lane", "dur", "succ", "npred", "meta", "serial")
-
-    def __init__(self, serial: bool = False):
-        self.serial = serial        # every resource is the same one (a CPU standing in for the GPU)
-        self.res: list[int] = []
-        self.lane: list[int] = []   # the queue an event waits in: its resource, or 0 when serial
-        self.dur: list[float] = []
-        self.succ: list[list[int]] = []
-        self.npred: list[int] = []
-        self.meta: list[tuple] = []
-
-    def add(self, res: str, dur: float, deps, stage: str, layer: int = -1, mb: int = -1, it: int = 0) -> int:
-        i = len(self.dur)
-        self.res.append(_R[res])
-        self.lane.append(0 if self.serial else _R[res])
-        self.dur.append(float(dur))
-        self.succ.append([])
-        n = 0
-        for d in deps:
-            if d is not None:
-                self.succ[d].append(i)
-                n += 1
-        self.npred.append(n)
-        self.meta.append((stage, layer, mb, it))
-        return i
-
-    def schedule(self) -> tuple[list[float], list[float]]:
-        """List scheduling: (start_s, end_s) per event."""
-        n = len(self.dur)
-        start = [0.0] * n
-        end = [0.0] * n
-        npred = list(self.npred)
-        res, dur, succ = self.lane, self.dur, self.succ
-        ready: list[list[int]] = [[] for _ in RES]
-        for i in range(n):
-            if npred[i] == 0:
-                heapq.heappush(ready[res[i]], i)
-        busy = [False] * len(RES)
-        done: list[tuple[float, int]] = []
-        t = 0.0
-        finished = 0
-        while finished < n:
-            for r in range(len(RES)):
-                if not busy[r] and ready[r]:
-                    i = heapq.heappop(ready[r])
-                    start[i] = t
-                    end[i] = t + dur[i]
-                    busy[r] = True
-                    heapq.heappush(done, (end[i], i))
-            if not done:
-                raise RuntimeError("simulator deadlock: a dependency cycle in the event graph")
-            t, i = heapq.heappop(done)
-            batch = [i]
-            while done and done[0][0] <= t:
-                batch.append(heapq.heappop(done)[1])
-            for i in batch:
-                finished += 1
-                busy[res[i]] = False
-                for s_ in succ[i]:
-                    npred[s_] -= 1
-                    if npred[s_] == 0:
-                        heapq.heappush(ready[res[s_]], s_)
-        return start, end
 
 
 @dataclass
@@ -131,17 +64,31 @@ class SimResult:
         return max(self.resource_busy_s, key=self.resource_busy_s.get)
 
 
+def _share(c: IterationCosts, kind: str, step: int = 0) -> tuple[float, float]:
+    """(stretch, pressure) of an event on shared host DRAM (planner/shared_dram.py): a copy ("pcie") reads
+    at the full rate; CPU attention ("attn_cpu"), CPU experts ("moe_cpu") and the draft's CPU attention
+    at a draft step ("draft_cpu") as the cost model found."""
+    sd = c.shared_dram
+    if sd is None:
+        return NO_SHARE
+    if kind == "pcie":
+        return sd.pcie_stretch, 1.0
+    if kind == "draft_cpu":
+        return sd.draft_cpu[step]
+    return getattr(sd, kind)
+
+
 def _attention(dag: Dag, c: IterationCosts, i: int, j: int, pre: int, it: int) -> list[int]:
     """Layer i's verify attention of micro-batch j after its pre-attention event: the CPU-KV part on the
     CPU, the GPU-KV part on the GPU (after streaming CPU KV over PCIe when attention runs there)."""
     att = []
     TA, TH = _ST[Stage.TARGET_ATTENTION], _ST[Stage.TARGET_H2D]
     if c.attn_cpu_s[i, j] > 0:
-        att.append(dag.add("cpu", c.attn_cpu_s[i, j], (pre,), TA, i, j, it))
+        att.append(dag.add("cpu", c.attn_cpu_s[i, j], (pre,), TA, i, j, it, _share(c, "attn_cpu")))
     if c.attn_gpu_s[i, j] > 0:
         dk = pre
         if c.kv_h2d_s[i, j] > 0:
-            dk = dag.add("pcie", c.kv_h2d_s[i, j], (pre,), TH, i, j, it)
+            dk = dag.add("pcie", c.kv_h2d_s[i, j], (pre,), TH, i, j, it, _share(c, "pcie"))
         att.append(dag.add("gpu", c.attn_gpu_s[i, j], (dk,), TA, i, j, it))
     return att
 
@@ -155,7 +102,7 @@ def _expert_copy(dag: Dag, c: IterationCosts, i: int, it: int, buf_wait: list, h
         return None
     dep = list(buf_wait[-nbuf]) if len(buf_wait) >= nbuf else []
     dep += h2d_chain + gate
-    h = dag.add("pcie", c.h2d_s[i], dep, _ST[Stage.TARGET_H2D], i, -1, it)
+    h = dag.add("pcie", c.h2d_s[i], dep, _ST[Stage.TARGET_H2D], i, -1, it, _share(c, "pcie"))
     h2d_chain[:] = [h]
     return h
 
@@ -187,7 +134,7 @@ def _layer_per_micro_batch(dag: Dag, c: IterationCosts, i: int, it: int, last: l
             if c.moe_gpu_s[i, j] > 0 or c.moe_cpu_s[i, j] == 0:
                 ends.append(dag.add("gpu", c.moe_gpu_s[i, j], (po, h), TM, i, j, it))
             if c.moe_cpu_s[i, j] > 0:
-                ends.append(dag.add("cpu", c.moe_cpu_s[i, j], (po,), TM, i, j, it))
+                ends.append(dag.add("cpu", c.moe_cpu_s[i, j], (po,), TM, i, j, it, _share(c, "moe_cpu")))
             moes.extend(ends)
             last[j] = ends
     return posts, moes
@@ -201,7 +148,7 @@ def _moe_whole_batch(dag: Dag, c: IterationCosts, i: int, it: int, posts: list[i
     if c.moe_gpu_s[i, 0] > 0 or c.moe_cpu_s[i, 0] == 0:
         ends.append(dag.add("gpu", c.moe_gpu_s[i, 0], posts + [h], TM, i, -1, it))
     if c.moe_cpu_s[i, 0] > 0:
-        ends.append(dag.add("cpu", c.moe_cpu_s[i, 0], posts, TM, i, -1, it))
+        ends.append(dag.add("cpu", c.moe_cpu_s[i, 0], posts, TM, i, -1, it, _share(c, "moe_cpu")))
     return ends
 
 
@@ -245,7 +192,8 @@ def _draft_phase(dag: Dag, c: IterationCosts, it: int, verifies: list[int], over
             if c.draft_gpu_s[g, t] > 0:
                 ge = dag.add("gpu", c.draft_gpu_s[g, t], deps if ge is None else (ge,), DG, -1, g, it)
             if c.draft_cpu_attn_s[g, t] > 0 or c.draft_cpu_gpu_s[g, t] > 0:
-                a = dag.add("cpu", c.draft_cpu_attn_s[g, t], deps if gc is None else (gc,), DC, -1, g, it)
+                a = dag.add("cpu", c.draft_cpu_attn_s[g, t], deps if gc is None else (gc,), DC, -1, g, it,
+                            _share(c, "draft_cpu", t))
                 gc = dag.add("gpu", c.draft_cpu_gpu_s[g, t], (a,), DC, -1, g, it)
         group_end.append([e for e in (ge, gc) if e is not None] or deps)
     if G == M and overlap_draft:
@@ -306,7 +254,7 @@ def simulate_iteration(costs: IterationCosts, placement: Placement, overlap_draf
     tl = []
     for e in range(first2, len(dag.dur)):
         st, layer, mb, _ = dag.meta[e]
-        d = dag.dur[e]
+        d = end[e] - start[e] if dag.shared else dag.dur[e]
         stages[st] += d
         busy[RES[dag.res[e]]] += d
         if record and d > 0:

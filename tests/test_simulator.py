@@ -179,10 +179,15 @@ def test_bounds_on_random_configurations(seed):
     if seed % 2 == 0 and cm.model.num_dense_layers == 0:          # uniform layers: the bare max bounds it
         assert t >= c.closed_form_time_s * (1 - 1e-9)
     for key, v in c.stage_totals().items():
-        assert r.stages[key] == pytest.approx(v, rel=1e-9, abs=1e-15)
+        if c.shared_dram is None:
+            assert r.stages[key] == pytest.approx(v, rel=1e-9, abs=1e-15)
+        else:       # on shared host DRAM (h200-host) the CPU's events and the copies only ever stretch
+            assert r.stages[key] >= v * (1 - 1e-9)
     _check_timeline(r.timeline)
-    # prefetching the next iteration's experts during the draft can only help
-    assert simulate_iteration(c, pl, prefetch=True).iteration_time_s <= t * (1 + 1e-9)
+    if c.shared_dram is None:
+        # prefetching the next iteration's experts during the draft can only help (on shared DRAM the
+        # copies may slow a DRAM-bound draft CPU part on the critical path)
+        assert simulate_iteration(c, pl, prefetch=True).iteration_time_s <= t * (1 + 1e-9)
     # overlapping a micro-batch's draft with another's verification stays within the bounds
     co = cm.iteration(B, M, k, pl, draft_groups="micro_batch")
     to = simulate_iteration(co, pl, overlap_draft=True, record=False).iteration_time_s

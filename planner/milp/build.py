@@ -6,7 +6,8 @@ T is the cost model's closed form (CostModel.iteration(...).closed_form_time_s):
     T = sum_l max(pcie_l, cpu_l, gpu_l) + LM head + acceptance + D(g)
 
 linearised with one epigraph variable T_l >= each of the three per layer (>= their sum on a serial
-host). Variables:
+host). Where the copies and the CPU share host DRAM, T_l is also >= cpu_l + a pcie_l and >= pcie_l +
+b cpu_l (planner/shared_dram.py), which covers the first two. Variables:
 
     c_l   integer 0..E   expert cache slots of MoE layer l
     x_l   binary         layer l computes its non-resident experts on the CPU instead of streaming
@@ -157,6 +158,8 @@ def _layer_rows(prob, pc: PointCosts, V: _Vars, kvh: np.ndarray, l: int) -> None
         res = _cpu_expert_layer(pc, V, l, cpu_att, gpu_att, kv_str)
     else:
         res = _streaming_layer(pc, V, l, cpu_att, gpu_att, kv_str)
+    if pc.shared_dram_lines is not None and not pc.serial:
+        res += _shared_dram_rows(pc, V, res)
     _layer_time(prob, V.T[l], res, pc.serial, l)
     if l in V.c and V.mode != "cpu":
         # streaming buffers: U >= E - c_l on streaming layers:  U >= E - c_l - E x_l
@@ -210,6 +213,25 @@ def _streaming_layer(pc: PointCosts, V: _Vars, l: int, cpu_att, gpu_att, kv_str)
     # gpu_l: T_l >= pre + post + GPU attention + MoE (1 - z_l / E)  (cold experts on the CPU leave the GPU)
     res.append([(f"gpu_{l}", gpu_att[0] + [(-moe_s / E, zl)], gpu_att[1] + G + moe_s + mfix)])
     return res
+
+
+def _shared_dram_rows(pc: PointCosts, V: _Vars, res: list) -> list:
+    """The copies and the CPU share host DRAM (planner/shared_dram.py): one pair of rows per line of the
+    layer's PCIe time t_h, with its CPU time t_c. The CPU's work is its attention where attention runs
+    there (y = 0; the CPU experts of an x_l = 1 layer then have no copies beside them), else its experts."""
+    a, b = pc.shared_dram_lines[1 if V.y else 0]
+    cpu = [alt for alts in res for alt in alts if alt[0].startswith("cpu_")]
+    pcie = [alt for alts in res for alt in alts if alt[0].startswith("pcie_")]
+    if not cpu or not pcie or (a <= 0.0 and b <= 0.0):
+        return []
+    (_, c_terms, c_const), = cpu
+    rows = []
+    for name, p_terms, p_const in pcie:
+        tag = name[len("pcie_"):]
+        # T_l >= t_c + a t_h  (the copies finish first) ;  T_l >= t_h + b t_c  (the CPU finishes first)
+        rows.append([(f"dram_a_{tag}", c_terms + [(a * co, v) for co, v in p_terms], c_const + a * p_const)])
+        rows.append([(f"dram_b_{tag}", p_terms + [(b * co, v) for co, v in c_terms], p_const + b * c_const)])
+    return rows
 
 
 def _memory_rows(prob, pc: PointCosts, variant: Variant, V: _Vars) -> None:

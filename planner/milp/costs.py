@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from specmoe.planner.cost_model import CostModel
-from specmoe.planner.memory import activation_bytes, draft_kv_bytes_per_sequence, footprint, kv_bytes_per_sequence
+from specmoe.planner.memory import (activation_bytes, draft_kv_bytes_per_sequence, footprint, host_staging_bytes,
+                                    kv_bytes_per_sequence)
 from specmoe.planner.plan import Placement
 
 MEM_SLACK = 1e-6          # memory rows are tightened by this share of the usable bytes: more than the
@@ -57,7 +58,7 @@ class PointCosts:
     draft_attn_cpu_s: float            # ... on the CPU (bound only)
     gpu_fixed_bytes: float             # weights, draft weights, activations
     gpu_usable_bytes: float
-    cpu_fixed_bytes: float             # pinned experts
+    cpu_fixed_bytes: float             # pinned experts, the CPU attention's staging
     cpu_usable_bytes: float
     expert_bytes: float
     kv_target_bytes: float             # per sequence, at the longest context
@@ -74,6 +75,9 @@ class PointCosts:
     draft_exact: bool = True                      # False: D interpolated between breakpoints somewhere
     layer_class: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))   # [L] identical layers share one
     serial: bool = False                          # GPU, CPU and PCIe are the same cores: T_l is their sum
+    # host DRAM shared by the copies and the CPU (planner/shared_dram.py): (a, b) of T_l >= t_c + a t_h and
+    # T_l >= t_h + b t_c, for CPU attention's work and for CPU experts' work; None: no contention
+    shared_dram_lines: tuple[tuple[float, float], tuple[float, float]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -224,7 +228,7 @@ def point_costs(cm: CostModel, batch: int, micro_batches: int, draft_len: int,
     empty = Placement(expert_cache_slots=(0,) * L, streaming_buffers=streaming_buffers)
     c0 = cm.iteration(B, M, k, empty)
     base = _memory_base(cm, k, streaming_buffers)
-    gpu_fixed = base["weights"] + activation_bytes(m, B, k, M, cm.draft if use_draft else None)
+    gpu_fixed = base["weights"] + activation_bytes(m, wl, B, k, cm.draft if use_draft else None)
     c = np.arange(E + 1, dtype=float)                                                       # [E+1]
     tab = np.where(cm.is_moe[:, None], (E - c)[None, :] * c0.h2d_s_per_uncached_expert, 0.0)  # [L, E+1]
     if routing_stats is not None and E:
@@ -250,13 +254,16 @@ def point_costs(cm: CostModel, batch: int, micro_batches: int, draft_len: int,
         fixed_s=float(c0.lm_head_s.sum() + c0.verify_s.sum() + c0.other_s),
         draft_mm_s=mm, draft_attn_gpu_s=agpu, draft_attn_cpu_s=acpu,
         gpu_fixed_bytes=float(gpu_fixed), gpu_usable_bytes=base["gpu_usable"],
-        cpu_fixed_bytes=base["cpu_fixed"], cpu_usable_bytes=base["cpu_usable"],
+        cpu_fixed_bytes=base["cpu_fixed"] + host_staging_bytes(m, wl, B, k), cpu_usable_bytes=base["cpu_usable"],
         expert_bytes=float(m.expert_elems * wl.weight_bytes_per_elem),
-        kv_target_bytes=float(kv_bytes_per_sequence(m, wl)),
-        kv_draft_bytes=float(draft_kv_bytes_per_sequence(cm.draft, wl)) if use_draft else 0.0,
+        kv_target_bytes=float(kv_bytes_per_sequence(m, wl, k)),
+        kv_draft_bytes=float(draft_kv_bytes_per_sequence(cm.draft, wl, k)) if use_draft else 0.0,
         time_scale_s=float(c0.closed_form_time_s) or 1.0, serial=bool(c0.serial),
     )
     pc.gemm_rate_drop = _gemm_rate_drop(cm, B * (cm.workload.acceptance.acc(k) + 1.0)) if use_draft else 1.0
+    sd = c0.shared_dram
+    if sd is not None and not c0.serial:
+        pc.shared_dram_lines = (sd.pair_coefficients(sd.attn_cpu), sd.pair_coefficients(sd.moe_cpu))
     zeros = np.zeros(L)
     pc.attn_cpu_fixed_s, pc.attn_gpu_fixed_s, pc.moe_fixed_s = zeros, zeros.copy(), zeros.copy()
     if getattr(cm, "has_ov", False):
@@ -283,7 +290,8 @@ def _memory_base(cm: CostModel, k: int, streaming_buffers: int) -> dict:
         fp = footprint(cm.model, cm.hw, cm.workload, 1, k, empty, cm.draft if key[0] else None, 1)
         skip = ("expert_cache", "streaming_buffers", "draft_kv", "target_kv", "activations")
         cache[key] = {"weights": float(sum(v for n, v in fp.gpu_breakdown.items() if n not in skip)),
-                      "cpu_fixed": float(sum(v for n, v in fp.cpu_breakdown.items() if n not in ("draft_kv", "target_kv"))),
+                      "cpu_fixed": float(sum(v for n, v in fp.cpu_breakdown.items()
+                                             if n not in ("draft_kv", "target_kv", "attention_staging"))),
                       "gpu_usable": float(fp.gpu_usable_bytes), "cpu_usable": float(fp.cpu_usable_bytes)}
     return cache[key]
 

@@ -7,6 +7,8 @@ Each measurement is a plain function returning numbers (tested one by one):
     measure_cpu_attention_kv_GBps  runtime.kernels.verify_attention over a cold pool of KV layers
     measure_pinned_copy_GBps_by_chunk_MB, measure_gpu_gemm_TFLOPs_by_M, measure_hbm_copy_GBps,
     gpu_facts                      the CUDA side (CUDA events, warm-up, medians)
+    measure_dram_contention        verify attention and pinned H2D, alone and together (in
+                                   runtime/calibrate/contention.py, on the helpers kv_flat, kv_layers)
     measure_stage_overheads        the engine's own stage code on tiny random models (in
                                    runtime/calibrate/overhead.py); fit_overheads
                                    (runtime/calibrate/overhead_fit.py) turns the samples
@@ -233,30 +235,15 @@ def measure_cpu_attention_kv_GBps(n_q_heads: int, n_kv_heads: int, head_dim: int
                          f"of {n_kv_heads} KV heads")
     if pool is None:
         pool = make_pool(pool_bytes(FULL))
-    if kv_dtype == "bf16":
-        flat = torch.empty(pool.numel() * 2, dtype=torch.bfloat16)  # [n] same bytes as the pool
-        flat[: pool.numel()].copy_(pool)
-        flat[pool.numel():].copy_(pool)
-    elif kv_dtype == "fp32":
-        flat = pool
-    else:
-        raise ValueError(f"kv_dtype must be fp32 or bf16, got {kv_dtype!r}")
+    flat = kv_flat(pool, kv_dtype)
     eb = flat.element_size()
     Hq, Hkv, D = n_q_heads, n_kv_heads, head_dim
     g = torch.Generator().manual_seed(2)
     res: dict[int, dict[int, float]] = {N: {} for N in ns}
     for ctx in contexts:
         S = ctx + max(ns)
-        seq_elems = Hkv * S * D  # one of K or V of one sequence
-        B = max(1, min(64, math.ceil(call_bytes / (2 * seq_elems * eb))))
-        B = max(1, min(B, flat.numel() // (2 * seq_elems)))
-        layer_elems = B * seq_elems
-        P = flat.numel() // (2 * layer_elems)
-        if P < 1:
-            raise ValueError(f"measure_cpu_attention_kv_GBps: the pool is too small for context {ctx}")
-        layers = [(flat[2 * i * layer_elems:(2 * i + 1) * layer_elems].view(B, Hkv, S, D),  # [B, Hkv, S, D]
-                   flat[(2 * i + 1) * layer_elems:(2 * i + 2) * layer_elems].view(B, Hkv, S, D))
-                  for i in range(P)]
+        B, layers = kv_layers(flat, Hkv, S, D, call_bytes)
+        P = len(layers)
         slots = torch.arange(B, dtype=torch.int64)  # [B]
         ctx_lens = torch.full((B,), ctx, dtype=torch.int64)  # [B]
         cursor = [0]
@@ -275,6 +262,36 @@ def measure_cpu_attention_kv_GBps(n_q_heads: int, n_kv_heads: int, head_dim: int
         for N in ns:
             res[N][ctx] = B * 2 * Hkv * (ctx + N) * D * eb / t[N] / GB
     return res
+
+
+def kv_flat(pool, kv_dtype: str):
+    """The cold pool as KV elements of kv_dtype ("fp32": the pool itself; "bf16": a copy of the same bytes)."""
+    import torch
+
+    if kv_dtype == "bf16":
+        flat = torch.empty(pool.numel() * 2, dtype=torch.bfloat16)  # [n] same bytes as the pool
+        flat[: pool.numel()].copy_(pool)
+        flat[pool.numel():].copy_(pool)
+        return flat
+    if kv_dtype == "fp32":
+        return pool
+    raise ValueError(f"kv_dtype must be fp32 or bf16, got {kv_dtype!r}")
+
+
+def kv_layers(flat, Hkv: int, S: int, D: int, call_bytes: int) -> tuple[int, list]:
+    """(B, layers): as many (K, V) layers [B, Hkv, S, D] as the flat KV buffer holds, B sequences each
+    (about call_bytes of K and V per layer, at most 64 sequences)."""
+    eb = flat.element_size()
+    seq_elems = Hkv * S * D  # one of K or V of one sequence
+    B = max(1, min(64, math.ceil(call_bytes / (2 * seq_elems * eb))))
+    B = max(1, min(B, flat.numel() // (2 * seq_elems)))
+    layer_elems = B * seq_elems
+    P = flat.numel() // (2 * layer_elems)
+    if P < 1:
+        raise ValueError(f"the {flat.numel() * eb // MiB} MiB pool is too small for {S} cache positions")
+    return B, [(flat[2 * i * layer_elems:(2 * i + 1) * layer_elems].view(B, Hkv, S, D),  # [B, Hkv, S, D]
+                flat[(2 * i + 1) * layer_elems:(2 * i + 2) * layer_elems].view(B, Hkv, S, D))
+               for i in range(P)]
 
 
 def attention_backend() -> str:

@@ -12,6 +12,7 @@ The work is in four modules; this one runs the steps (`run_measurements`), ties 
 (`calibrate`) and re-exports the others' names:
 
     runtime/calibrate/measure.py   the measurements (listed there) and the machine facts
+    runtime/calibrate/contention.py  host DRAM shared by the expert stream and verify attention (GPU hosts)
     runtime/calibrate/overhead.py  the engine's own stage code timed on tiny random models
     runtime/calibrate/overhead_fit.py  the fixed costs per stage invocation fitted to those times
     runtime/calibrate/spec.py      inputs, fingerprint, cache and output files, the spec from the results
@@ -123,6 +124,7 @@ class _Measurements:
                 ("GPU facts", self.read_gpu_facts),
                 ("pinned H2D", self.pinned_copy("h2d")),
                 ("pinned D2H", self.pinned_copy("d2h")),
+                ("DRAM shared by H2D and attention", self.dram_contention),
                 ("GPU GEMM bf16", self.gpu_gemm_bf16),
                 ("GPU GEMM fp32", self.gpu_gemm_fp32),
                 ("HBM copy", self.hbm_copy),
@@ -194,6 +196,16 @@ class _Measurements:
         def step():
             self.res[f"{direction}_GBps_by_chunk_MB"] = measure_pinned_copy_GBps_by_chunk_MB(self.st.chunks_MB, direction)
         return step
+
+    def dram_contention(self) -> None:
+        """Verify attention's KV GB/s and pinned H2D GB/s, each alone and beside the other
+        (runtime/calibrate/contention.py)."""
+        from specmoe.runtime.calibrate.contention import measure_dram_contention
+
+        sh, st = self.shapes, self.st
+        self.res["dram_contention"] = measure_dram_contention(sh["n_q"], sh["n_kv"], sh["d"], pool=self.pool,
+                                                              kv_dtype=self.engine_dtype,
+                                                              call_bytes=st.attn_call_bytes, reps=st.reps)
 
     def gpu_gemm_bf16(self) -> None:
         self.res["gpu_gemm_TFLOPs_by_M"] = measure_gpu_gemm_TFLOPs_by_M(

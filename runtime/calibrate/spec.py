@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from specmoe.planner.errors import SpecError
-from specmoe.planner.hardware_spec import load_hardware
+from specmoe.planner.hardware_spec import DramContention, load_hardware
 from specmoe.planner.model_spec import ModelSpec, load_model
 
 from specmoe.planner.atomic_file import atomic_write_text  # noqa: F401  (re-exported by runtime.calibrate)
@@ -300,7 +300,8 @@ def _cpu_as_gpu(cpu: dict, link: dict, r: dict, facts: dict, tag: str,
     mem_GiB = facts["mem_total_bytes"] / GiB
     host_copy = r["host_copy_GBps_by_chunk_MB"]
     cpu["mem_GiB"] = round(mem_GiB / 2, 1)
-    gpu = {"name": "CPU standing in for the GPU", "mem_GiB": round(mem_GiB / 3, 1),
+    cpu["reserve_GiB"] = 0                   # the sixth of the RAM outside the two budgets is the reserve
+    gpu = {"name": "CPU standing in for the GPU", "mem_GiB": round(mem_GiB / 3, 1), "reserve_GiB": 0,
            "shares_host_cpu": True,          # the same cores: the cost model overlaps nothing
            "hbm_GBps": _r(r["dram_read_GBps"]),
            "peak_TFLOPs": {dt: _r(v) for dt, v in sorted(_cpu_peaks(r).items())},
@@ -319,6 +320,7 @@ def _measured_section(cached: dict, machine: str, tag: str, h2d_curve: dict, gpu
     r, facts, shapes = cached["results"], cached["facts"], cached["shapes"]
     edt = "bf16" if facts["gpu_name"] is not None else "fp32"
     gemm = r["cpu_gemm_GFLOPs_by_M"]
+    contention, contention_note = _dram_contention(r)
     return {
         "source": (f"{tag} on {machine}; {cached['mode']} mode; CPU: best of many timed calls, GPU: medians of "
                    f"CUDA-event timings; expert GEMM x[M,{shapes['h']}] @ W[{shapes['h']},F] with F="
@@ -333,9 +335,24 @@ def _measured_section(cached: dict, machine: str, tag: str, h2d_curve: dict, gpu
         "dram_read_GBps": _r(r["dram_read_GBps"]),
         "hbm_copy_GBps": _r(hbm_copy),
         "threads": int(facts["threads"]),            # a plan's schedule runs the engine with these
+        **contention,
         # informational, not read by the planner
-        "details": _measured_details(cached),
+        "details": {**_measured_details(cached), **contention_note},
     }
+
+
+def _dram_contention(r: dict) -> tuple[dict, dict]:
+    """({"dram_contention": the four rates}, {}) where a GPU host measured them (runtime/calibrate/
+    contention.py); ({}, {"dram_contention_unused": ...}) when running both sides together came out slower
+    than taking turns, which the planner's model does not take (planner/hardware_spec.py refuses it)."""
+    c = r.get("dram_contention")
+    if not c:
+        return {}, {}
+    rates = {k: _r(float(c[k])) for k in DramContention.__dataclass_fields__}
+    dc = DramContention(**rates)
+    if dc.cpu_share + dc.h2d_share < 1.0:
+        return {}, {"dram_contention_unused": {**rates, "why": "both together slower than in turns: re-measure"}}
+    return {"dram_contention": rates}, {}
 
 
 def _measured_details(cached: dict) -> dict:
@@ -351,6 +368,10 @@ def _measured_details(cached: dict) -> dict:
         "skipped": r.get("skipped", {}),
         "elapsed_s": r.get("elapsed_s"),
         "load_avg_1min": [r.get("load_avg_before"), r.get("load_avg_after")],
+        # what a run is checked against before it starts (runtime/calibration_match.py)
+        "environment": {"torch": cached["facts"]["torch"], "threads": cached["facts"]["threads"],
+                        "device": "cuda" if has_gpu else "cpu", "cpu": cached["facts"]["cpu_name"],
+                        "cores": cached["facts"]["cores"]},
         "fingerprint": cached["fingerprint_id"],
         **({"speed_probe": {"iteration_s": _r(statistics.median(r["speed_probe_s"])),
                             "samples_s": [_r(x) for x in r["speed_probe_s"]],
