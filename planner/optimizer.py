@@ -21,11 +21,18 @@ Method (DESIGN.md, "The optimizer"):
 * Pruning: every point gets a cheap valid lower bound of T (milp.lower_bound_s); popped in bound
   order, it is first tightened to the linear relaxation's bound (milp.lp_bound_s), then solved; the
   search stops when no remaining bound can beat the best plan found, which is therefore the exact
-  optimum over the enumerated points (to the solver's 1e-9 gap). MILPs run two at a time.
+  optimum of the closed form over the enumerated points (to the solver's 1e-9 gap; the plan's
+  solver.closed_form_optimum). MILPs run two at a time.
+* The choice by the event simulator (rank="simulator", the default): the closed form's per-layer
+  max cannot see the micro-batch pipeline (fill and drain, GPU work waiting for CPU attention inside a
+  layer), so its optimum can simulate far slower than another point. The points whose bounds leave
+  room are screened by the simulator's own bound over their placements, solved, simulated, and the
+  best ones' placements improved by the simulator (planner/search/ranking.py); the plan is the
+  simulator's best. rank="closed_form" keeps the closed form's optimum.
 * The chosen configuration is then re-evaluated with the event simulator (planner.estimate) for the
   plan's predicted stage times; the frontier (the best plan at each k for the chosen B, m, and at
   each grid batch for the chosen k, m) and the alternatives (next-best distinct (B, m, k) among the
-  points solved) are simulated too.
+  candidates, in the order of the ranking) are simulated too.
 
 The steps live in
 
@@ -34,6 +41,8 @@ The steps live in
     planner/search/costs.py    `closed_form_s` (the cost model at a point, with routing statistics)
     planner/search/state.py    `Search` (caches, bounds, solving) and `Solved` (one solved point)
     planner/search/points.py   enumerating the points, refining B, solving in best-bound order
+    planner/search/ranking.py  the candidates ranked by the event simulator (sim_bound.py: its bound over
+                               a point's placements; refine.py: a placement improved by it)
     planner/search/results.py  the chosen plan simulated, the frontier, the alternatives, the solver summary
 """
 from __future__ import annotations
@@ -52,13 +61,15 @@ from specmoe.planner.search.costs import closed_form_s
 from specmoe.planner.search.inputs import (OBJECTIVES, PER_LAYER_X_MAX_LAYERS, check_objective, check_stats, int_list,
                                            pick_draft, raise_infeasible, search_variants)
 from specmoe.planner.search.points import best_first, enumerate_points, refine_grid
+from specmoe.planner.search.ranking import (RANKS, SIM_CF_FLOOR, check_rank, next_points, rank_by_simulator,
+                                            ranking_summary)
 from specmoe.planner.search.results import (FRONTIER_GAP, add_job, alternative_rows, evaluate, frontier,
                                             set_chosen_frontier_tps, solved_by_score, solver_summary)
 from specmoe.planner.search.state import Search, Solved
 from specmoe.planner.workload import MAX_DRAFT_LEN, Workload
 
-__all__ = ["FRONTIER_GAP", "OBJECTIVES", "PER_LAYER_X_MAX_LAYERS", "Solved", "batch_grid", "batch_limit",
-           "closed_form_s", "optimize"]
+__all__ = ["FRONTIER_GAP", "OBJECTIVES", "PER_LAYER_X_MAX_LAYERS", "RANKS", "SIM_CF_FLOOR", "Solved", "batch_grid",
+           "batch_limit", "closed_form_s", "optimize"]
 
 
 def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Workload, draft=None,
@@ -67,7 +78,7 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
              micro_batch_values: Iterable[int] = (1, 2, 4, 8), *, cpu_expert_mode: str = "auto",
              gpu_attention: bool = True, target_kv_gpu: bool = True, alternatives: int = 3,
              use_measured: bool = True, time_limit_s: float | None = None, timeline: bool = True,
-             schedule: Schedule | None = None) -> Plan:
+             schedule: Schedule | None = None, rank: str = "simulator") -> Plan:
     """The plan with the best objective over batch, micro-batches, draft length and placement.
 
     draft: a preset, config path, dict or ModelSpec; None = the target's default draft when it has
@@ -85,12 +96,15 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
       solver="highs", proves them in well under a second).
     schedule: how the engine will run the plan (planner/schedule.py); None: the hardware's default.
       Every point is costed with it, and the plan carries it.
+    rank: "simulator" (the candidates' placements from the programs, the choice by the event simulator:
+      planner/search/ranking.py) or "closed_form" (the programs' exact optimum of the closed form).
     Raises InfeasibleError (which constraint fails and by how much) when no configuration fits.
     """
     t_start = time.perf_counter()
     m = load_model(model)
     hw = load_hardware(hardware)
     check_objective(workload, objective, min_throughput)
+    check_rank(rank)
     milp.solver_for(solver)                          # unknown or unavailable solver: fail before any work
     stats = check_stats(routing_stats, m)
     ks = int_list(k_values, "k_values", 0)
@@ -109,23 +123,29 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
     n_points = len(heap)
     refined, added = refine_grid(S, heap, grids, ks, mbs)
     n_points += added
+    points = list(heap)
     best: dict[tuple, Solved] = {}
     best_first(S, heap, best)
     if not best:
         raise_infeasible(cm, workload, ks, mbs, variants, S)
-    win = min(best.values(), key=S.score_of)
+    cf_win = min(best.values(), key=S.score_of)
     pruned = len(heap)
+
+    # rank the candidates by the event simulator (the closed form cannot see the pipeline), best first
+    ranked = rank_by_simulator(S, points, [cf_win, *best.values()]) if rank == "simulator" else []
+    win = ranked[0].solved if ranked else cf_win
     t_search = time.perf_counter() - t_start
 
     # report: the frontier it beat, the chosen point simulated, the next-best alternatives
     by_k, by_b, b_axis = frontier(S, win, ks, grids)
-    order = solved_by_score(S, best)
+    order = [r.solved for r in ranked] if ranked else solved_by_score(S, best)
     pred, bound, mem = evaluate(cm, win, stats, timeline)
     pred = add_job(S, win, pred)
     if pred.job:
         set_chosen_frontier_tps(win, by_k, by_b, pred.decode_tokens_per_s)
-    alts = alternative_rows(S, win, order[1:1 + max(0, int(alternatives))], pred.decode_tokens_per_s)
+    alts = alternative_rows(S, win, next_points(order, win, alternatives), pred.decode_tokens_per_s)
     info = solver_summary(S, win, t_start, t_search, n_points, pruned, refined, b_axis, min_throughput, use_measured)
+    info.update(ranking_summary(S, rank, ranked, cf_win))
     return Plan(model=m.to_dict(), hardware=hw.raw, workload=workload.to_dict(),
                 draft=d.to_dict() if (d is not None and win.draft_len > 0) else None,
                 batch=win.batch, micro_batches=win.micro_batches, draft_len=win.draft_len,

@@ -181,11 +181,15 @@ def test_h200_estimate_reproduces_the_bench_residuals():
 
 
 def test_optimizer_prefers_fewer_micro_batches_when_fixed_costs_dominate():
+    """Under a schedule that runs pre/post attention per micro-batch (streaming ahead runs them once per
+    layer, so their fixed costs would not grow with m), invocation costs that dominate favour m = 1."""
     from specmoe.planner import optimize
+    from specmoe.planner.schedule import Schedule
 
     wl = _wl(0.7)
     kw = dict(draft="mixtral-8x7b-eagle", k_values=range(0, 4), micro_batch_values=(1, 2, 4, 8), alternatives=0,
-              timeline=False)
+              timeline=False, target_kv_gpu=False,
+              schedule=Schedule(expert_streaming="off", pre_post="per_micro_batch", host_io="direct", cpu_threads=16))
     bare = optimize("mixtral-8x7b", _spec(), wl, **kw)
     heavy = optimize("mixtral-8x7b", _spec(table={"target.pre_attn": 2e5, "target.attention": 2e5,
                                                    "target.post_attn": 2e5}), wl, **kw)

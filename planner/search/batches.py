@@ -10,7 +10,8 @@ import numpy as np
 
 from specmoe.planner import milp
 from specmoe.planner.cost_model import CostModel
-from specmoe.planner.memory import activation_bytes, draft_kv_bytes_per_sequence, footprint, kv_bytes_per_sequence
+from specmoe.planner.memory import (activation_bytes, draft_kv_bytes_per_sequence, footprint, host_staging_bytes,
+                                    kv_bytes_per_sequence)
 from specmoe.planner.plan import Placement
 
 
@@ -27,8 +28,8 @@ def batch_limit(cm: CostModel, draft_len: int, micro_batches: int, x_mode: str =
     n_moe, E = len(m.moe_layers), m.num_experts
     eb = m.expert_elems * wl.weight_bytes_per_elem
     buf_min = 0.0 if (x_mode != "stream" or not n_moe or not E) else min(max(1, streaming_buffers), n_moe) * E * eb
-    kv_t = kv_bytes_per_sequence(m, wl)
-    kv_d = draft_kv_bytes_per_sequence(cm.draft, wl) if use_draft else 0.0
+    kv_t = kv_bytes_per_sequence(m, wl, k)
+    kv_d = draft_kv_bytes_per_sequence(cm.draft, wl, k) if use_draft else 0.0
     slack = 1.0 - milp.MEM_SLACK
     fp1 = footprint(m, cm.hw, wl, 1, k, Placement(expert_cache_slots=(0,) * m.num_layers), d, 1)
     weights = sum(v for key, v in fp1.gpu_breakdown.items()
@@ -36,10 +37,11 @@ def batch_limit(cm: CostModel, draft_len: int, micro_batches: int, x_mode: str =
     gu, cfree = fp1.gpu_usable_bytes * slack, fp1.cpu_usable_bytes * slack - fp1.cpu_breakdown["experts_pinned"]
 
     def fits(B: int) -> bool:
-        gfree = gu - weights - activation_bytes(m, B, k, min(M, B), d) - buf_min
-        if gfree < 0 or cfree < 0:
+        gfree = gu - weights - activation_bytes(m, wl, B, k, d) - buf_min
+        cfree_b = cfree - host_staging_bytes(m, wl, B, k)
+        if gfree < 0 or cfree_b < 0:
             return False
-        need = B * (kv_t + kv_d) - cfree
+        need = B * (kv_t + kv_d) - cfree_b
         if need <= 0:
             return True
         t = np.arange(B + 1 if target_kv_gpu else 1, dtype=float)               # [T]

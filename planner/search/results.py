@@ -8,6 +8,7 @@ its decode tokens over its iterations at the mean live batch as the batch drains
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 
@@ -39,7 +40,7 @@ def simulated_s(cm: CostModel, s: Solved, stats) -> float:
     return simulate(cm, c, s.placement, record=False).iteration_time_s
 
 
-def _live_sim_s(S: Search, s: Solved, full_s: float, live: float) -> float:
+def live_sim_s(S: Search, s: Solved, full_s: float, live: float) -> float:
     """The simulated iteration of s's placement at `live` (fractional) live sequences; full_s at s.batch."""
     def at(b: int) -> float:
         if b >= s.batch:
@@ -50,13 +51,16 @@ def _live_sim_s(S: Search, s: Solved, full_s: float, live: float) -> float:
     return at_live_batch(at, s.batch, live)
 
 
-def job_tokens_per_s(S: Search, s: Solved, sim_t: float) -> float:
+def job_tokens_per_s(S: Search, s: Solved, sim_t: float, exact: bool = True) -> float:
     """Decode tokens/s of s: steady state (B (acc(k)+1) / T), or for a finite job its tokens over
-    iterations x T(mean live batch), that T the simulated full-batch iteration scaled by the closed
-    form's live/full ratio (the chosen plan's own entries are then set to its simulated job figure)."""
+    iterations x T(mean live batch), that T simulated at the live batch as the plan's prediction is
+    (exact), or the simulated full-batch iteration scaled by the closed form's live/full ratio (the
+    ranking's screening)."""
     d = S.drain_of(s.batch, s.draft_len) if S.objective == "throughput" else None
     if d is None or d.iterations <= 0:
         return s.tokens_per_iteration / sim_t
+    if exact:
+        return d.decode_tokens_per_s(live_sim_s(S, s, sim_t, d.mean_live_batch))
     return d.decode_tokens_per_s(sim_t * S.live_closed_form_s(s, d.mean_live_batch) / s.closed_form_s)
 
 
@@ -66,7 +70,7 @@ def add_job(S: Search, s: Solved, pred: Prediction) -> Prediction:
     d = S.drain_of(s.batch, s.draft_len)
     if d is None or pred.job:        # none, or estimate() priced it in already
         return pred
-    job = job_summary(d, _live_sim_s(S, s, pred.iteration_time_s, d.mean_live_batch), pred.prefill_time_s,
+    job = job_summary(d, live_sim_s(S, s, pred.iteration_time_s, d.mean_live_batch), pred.prefill_time_s,
                       S.cm.workload.gen_len)
     tps, e2e = job.pop("decode_tokens_per_s"), job.pop("end_to_end_tokens_per_s")
     return replace(pred, decode_tokens_per_s=tps, end_to_end_tokens_per_s=e2e,
@@ -185,7 +189,7 @@ def solver_summary(S: Search, win: Solved, t_start: float, t_search: float, poin
         "variants": [v.label() for v in S.variants],
         "chosen_variant": win.variant.label(), "batch_candidates": batch_candidates,
         "closed_form_iteration_s": win.closed_form_s, "closed_form_tokens_per_s": win.closed_form_tokens_per_s,
-        "milp_iteration_s": win.milp_s, "closed_form_check_rel_err": S.max_check_err,
+        "milp_iteration_s": win.milp_s if math.isfinite(win.milp_s) else None, "closed_form_check_rel_err": S.max_check_err,
         "min_throughput": min_throughput, "routing_stats": S.stats is not None,
         "use_measured": use_measured, "draft_breakpoints_exact": all(
             pc.draft_exact for pc in S.costs.values() if pc.draft_g is not None),

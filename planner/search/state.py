@@ -148,24 +148,32 @@ class Search:
         self.solved[(B, m, k, v)] = out
         return out
 
-    def solve(self, B: int, m: int, k: int, v: milp.Variant) -> Solved | None:
+    def solve(self, B: int, m: int, k: int, v: milp.Variant, time_limit_s: float | None = None) -> Solved | None:
         if (B, m, k, v) not in self.solved:
             model = self._prepare(B, m, k, v)
-            self._finish(B, m, k, v, model, milp.solve(model, self.solver, self.time_limit_s))
+            self._finish(B, m, k, v, model, milp.solve(model, self.solver, self._limit(time_limit_s)))
         return self.solved[(B, m, k, v)]
 
-    def solve_many(self, items: list[tuple]) -> None:
-        """Solve several programs, two solver processes at a time (the solver runs outside the GIL)."""
+    def _limit(self, time_limit_s: float | None) -> float | None:
+        """The search's time limit per program, or the smaller one given."""
+        if time_limit_s is None or self.time_limit_s is None:
+            return self.time_limit_s if time_limit_s is None else time_limit_s
+        return min(self.time_limit_s, time_limit_s)
+
+    def solve_many(self, items: list[tuple], time_limit_s: float | None = None) -> None:
+        """Solve several programs, two solver processes at a time (the solver runs outside the GIL).
+        time_limit_s: a smaller limit per program than the search's."""
         from concurrent.futures import ThreadPoolExecutor
 
         todo = [it for it in dict.fromkeys(items) if it not in self.solved]
         if len(todo) <= 1:
             for it in todo:
-                self.solve(*it)
+                self.solve(*it, time_limit_s=time_limit_s)
             return
         models = [self._prepare(*it) for it in todo]
+        limit = self._limit(time_limit_s)
         with ThreadPoolExecutor(max_workers=2) as ex:
-            results = list(ex.map(lambda mdl: milp.solve(mdl, self.solver, self.time_limit_s), models))
+            results = list(ex.map(lambda mdl: milp.solve(mdl, self.solver, limit), models))
         for it, mdl, res in zip(todo, models, results):
             self._finish(*it, mdl, res)
 
@@ -222,7 +230,7 @@ class Search:
         def at(b: int) -> float:
             if b >= s.batch:
                 return s.closed_form_s
-            key = (s.batch, s.micro_batches, s.draft_len, s.variant, b)
+            key = (s.batch, s.micro_batches, s.draft_len, s.placement, b)
             if key not in self.live_times:
                 self.live_times[key] = closed_form_s(self.cm, b, min(s.micro_batches, b), s.draft_len,
                                                      live_placement(s.placement, s.batch, b), self.stats)
