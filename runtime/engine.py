@@ -26,8 +26,10 @@ from specmoe.planner.plan import Plan
 from specmoe.planner.replan import replan
 from specmoe.planner.schedule import Schedule
 from specmoe.planner.stages import Stage
+from specmoe.planner.memory import PREFILL_CHUNK_TOKENS
 from specmoe.planner.workload import MAX_DRAFT_LEN
 
+from specmoe.runtime.calibration_match import calibration_mismatches
 from specmoe.runtime.weights.checkpoint import DTYPES, load_tokenizer
 from specmoe.runtime.device import pick_device
 from specmoe.runtime.model.draft import DraftModel
@@ -83,7 +85,7 @@ class Engine:
                  k_policy: Callable[[IterationInfo], int] | None = None, max_k: int = MAX_DRAFT_LEN,
                  acceptance_oracle: float | None = None, check_memory: bool = True,
                  progress: Callable[[int], None] | None = None, flip_gap: float = 1e-4,
-                 prefill_chunk_tokens: int = 16384, prefetch_next_layer: bool | str | None = None,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, prefetch_next_layer: bool | str | None = None,
                  expert_host: dict | None = None, host_io: str = "auto", rebalance_experts: bool | None = None,
                  threads: int | None = None):
         """The plan's schedule (plan.schedule) is what runs. prefetch_next_layer (None: the plan's
@@ -118,6 +120,7 @@ class Engine:
         if check_memory:
             self.memory["free_at_start"] = check_fits(self.weights_footprint, self.device)
         self._load(target_dir, draft_dir, progress, expert_host)
+        self.calibration_warnings = calibration_mismatches(self.plan, self.device, self.dtype)
         self.last_result: GenerateResult | None = None
         self.experts_rebalanced = False
 
@@ -275,6 +278,7 @@ class Engine:
         mode = self.expert_streaming()
         self.target.host_io = self.plan.schedule.host_io
         torch.set_num_threads(self.plan.schedule.cpu_threads)
+        self.calibration_warnings = calibration_mismatches(self.plan, self.device, self.dtype)
         dec = SpeculativeDecoder(self.target, self.draft, tkv, dkv, timer, self.plan.micro_batches, self.eos_ids,
                                  temperature, seed, flip_gap=self.flip_gap, oracle_alpha=self.acceptance_oracle,
                                  prefill_chunk_tokens=self.prefill_chunk_tokens, prefetch=mode)

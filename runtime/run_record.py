@@ -136,6 +136,7 @@ class RunRecord:
     rows: int = 0                             # KV rows allocated: min(plan batch, prompts)
     schedule: dict = field(default_factory=dict)   # the plan's schedule the engine ran (planner/schedule.py)
     replanned: bool = False                   # an override changed the given plan's schedule: a new plan ran
+    calibration_warnings: list[str] = field(default_factory=list)   # how the run differed from its calibration
     cached_experts_planned: bool = False      # the cache started with the plan's placement.cached_experts
     experts_rebalanced: bool = False          # re-chosen from the first prefill's routing
     cached_experts: dict[str, list[int]] = field(default_factory=dict)   # MoE layer -> experts held at the end

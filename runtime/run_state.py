@@ -93,6 +93,7 @@ def build_record(eng, run: RunState, timer: StageTimer, dec, policy, outputs: di
         prefetch_next_layer=mode != "off", expert_streaming=mode,
         host_io=eng.target.host_io if mode == "next" else "direct",
         schedule=eng.plan.schedule.to_dict(), replanned=eng.replanned,
+        calibration_warnings=list(eng.calibration_warnings),
         **_h2d_fields(run, timer, totals, store),
         draft_kv_gpu_sequences=pl.draft_kv_gpu_sequences, target_kv_gpu_sequences=pl.target_kv_gpu_sequences,
         expert_cache_slots=list(pl.expert_cache_slots), profile_stages=eng.profile_stages,

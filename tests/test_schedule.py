@@ -13,7 +13,7 @@ from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one to
 from engine_fixtures import add_tokenizer, make_pair
 from specmoe.planner.errors import SpecError
 from specmoe.planner.estimator import estimate
-from specmoe.planner.hardware_spec import load_hardware
+from specmoe.planner.hardware_spec import load_hardware, parse_hardware
 from specmoe.planner.optimizer import optimize
 from specmoe.planner.plan import Plan
 from specmoe.planner.schedule import Schedule, default_schedule
@@ -149,3 +149,31 @@ def test_plan_cli_fixes_the_schedule(tmp_path, capsys):
     assert "schedule: experts stream off" in capsys.readouterr().out
     assert main(args + ["--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_a_run_unlike_its_calibration_is_warned_before_it_runs(pair, tmp_path, capsys):
+    """A calibrated spec measured with 1 thread; `specmoe run --threads 2` names both counts before the
+    run starts, the run record keeps the warning and the report prints it beside the error."""
+    t, d = pair
+    hw = dict(load_hardware("devbox-2core-calibrated").raw)
+    hw["measured"] = {**hw["measured"], "threads": 1,
+                      "details": {**hw["measured"].get("details", {}), "load_avg_1min": [1000.0],   # never "busier"
+                                  "environment": {"threads": 1, "device": "cpu", "torch": str(torch.__version__)}}}
+    spec = parse_hardware(hw, "calibrated-1-thread")
+    plan = plan_for_checkpoint(t, d, spec, batch=2, draft_len=1, micro_batches=1, schedule=default_schedule(spec))
+    assert plan.schedule.cpu_threads == 1
+    pj, rec = tmp_path / "plan.json", tmp_path / "run.json"
+    plan.to_json(pj)
+    (tmp_path / "p.txt").write_text("w5 w6 w7\nw40\n")
+    base = ["run", str(pj), "--target", str(t), "--draft", str(d), "--prompts", str(tmp_path / "p.txt"),
+            "--max-new-tokens", "3", "-o", str(rec), "--no-progress", "--no-speed-probe"]
+    assert main(base) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(base + ["--threads", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "threads: the run uses 2, the calibration measured with 1" in err
+    assert err.index("threads: the run uses 2") < err.index("a new plan") or "a new plan" in err
+    r = json.loads(rec.read_text())
+    assert any("the run uses 2" in w for w in r["calibration_warnings"])
+    assert main(["report", str(tmp_path / "run.plan.json"), str(rec)]) == 0
+    assert "the run differed from its calibration: threads: the run uses 2" in capsys.readouterr().out

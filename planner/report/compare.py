@@ -29,7 +29,9 @@ def compare(plan: Plan | dict | str | Path, run: dict | str | Path, goal_pct: fl
     plan = load_plan(plan)
     run = load_run(run)
     check_match(plan, run)
-    warnings: list[str] = []
+    # how the run differed from the calibration its plan was costed with (the engine said so before it ran)
+    warnings: list[str] = [f"the run differed from its calibration: {w}" for w in run.get("calibration_warnings") or []
+                           if isinstance(w, str)]
     pst, tot, ptl = prediction_for_run(plan, run, warnings)
     rows = _stage_rows(plan, run, pst, tot)
     errs = [abs(r.error_pct) for r in rows[:len(ITERATION_PARTS)] if r.error_pct is not None]

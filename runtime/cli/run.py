@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
                     rebalance_experts=True if args.rebalance_experts else None, threads=args.threads)
     if engine.plan is not given:
         _save_run_plan(engine.plan, out_path)
+    for w in engine.calibration_warnings:
+        print(f"specmoe run: warning: this run differs from the calibration of {engine.plan.hardware.get('name', '?')}"
+              f" -- {w}", file=sys.stderr)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
