@@ -17,9 +17,10 @@
    the "GPU" is the same cores, so they would only be the same work under another name.
 4. run the prompts with speculation (the plan's k) and with k = 0 (same plan, draft_len = 0), five
    times each, interleaved spec, k=0, k=0, spec, ... (drift over the runs cancels out of the
-   speedup) -> run.json and run_k0.json (each mode's median run by mean iteration time: one slow
-   spell of this machine does not decide the comparison), outputs.jsonl, outputs_k0.jsonl,
-   demo.json (summary)
+   speedup) -> run.json and run_k0.json (each mode's fastest run by mean iteration time: the
+   calibration keeps the fast end of its repetitions, runtime/calibrate/quiet.py, so the run compared
+   with it is the one least touched by a slow spell; the median and the spread are printed beside it),
+   outputs.jsonl, outputs_k0.jsonl, demo.json (summary)
 5. predicted against measured (planner.report) -> the table on stdout, report.html
 
 The iteration time error is signed: (predicted - measured) / measured of run.json's mean iteration,
@@ -111,7 +112,7 @@ def _check_inputs(n_prompts: int, max_new_tokens: int, batch: int | None) -> lis
 
 
 @dataclass
-class _Job:
+class DemoJob:
     """What the demo's steps share: the output directory, the prompts, the settings and the step timings."""
     out: Path
     prompts: list[str]          # the run's prompts
@@ -138,7 +139,7 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     all_prompts = _check_inputs(n_prompts, max_new_tokens, batch)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise SpecError("--threads", f"must be a positive integer, got {threads!r}", "e.g. --threads 1")
-    job = _Job(_make_out_dir(out_dir), all_prompts[:n_prompts], all_prompts, max_new_tokens, quick, log)
+    job = DemoJob(_make_out_dir(out_dir), all_prompts[:n_prompts], all_prompts, max_new_tokens, quick, log)
     import torch
 
     from specmoe.runtime.device import pick_device
@@ -165,30 +166,41 @@ def _make_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def calibrate_machine(job: _Job, progress: bool):
+def calibrate_machine(job: DemoJob, progress: bool):
     """Step 1: this machine's hardware spec (runtime.calibrate, cached by machine fingerprint) ->
     (spec, calibration info, hardware.yaml's path)."""
     import torch
 
     from specmoe.runtime.calibrate.run import calibrate_with_info
+    from specmoe.runtime.calibrate.speed_probe import STALE_MARGIN, calibration_slowness
+    from specmoe.runtime.calibrate.quiet import quality_lines, strict
 
     t0 = time.perf_counter()
     job.log(f"demo [1/{STEPS}] calibrating this machine with {torch.get_num_threads()} torch thread(s) (cached by "
             f"machine fingerprint) ...")
     spec_path = job.out / "hardware.yaml"
     spec, info = calibrate_with_info(spec_path, quick=job.quick, progress=progress)
+    if info["cache_hit"] and strict():
+        slow = calibration_slowness(spec.raw)
+        if slow is not None and slow > STALE_MARGIN:
+            job.log(f"demo [1/{STEPS}] the cached calibration ran the speed probe {slow:.2f}x slower than this machine "
+                    "runs it now (it was taken in a busy or slow spell): measuring again ...")
+            spec, info = calibrate_with_info(spec_path, quick=job.quick, force=True, progress=progress)
     job.times["calibrate"] = time.perf_counter() - t0
+    for line in quality_lines(info.get("quality"), info["cache_hit"]):
+        job.log(f"demo [1/{STEPS}] {line.strip()}")
     if info["cache_hit"]:
         how = f"the cached {info['mode']} calibration ({info['cache_path']})"
     else:
-        how = (f"a {info['mode']} calibration measured now in {info['elapsed_s']:.0f} s (cached for next time; "
+        cached = "cached for next time" if info["cache_path"] else "not cached: not every step was clean"
+        how = (f"a {info['mode']} calibration measured now in {info['elapsed_s']:.0f} s ({cached}; "
                f"`specmoe calibrate -o SPEC.yaml --threads {torch.get_num_threads()}` measures the full one, which "
                f"the demo then uses)")
     job.log(f"demo [1/{STEPS}] using {how} -> {spec_path}")
     return spec, info, spec_path
 
 
-def profile_pair(job: _Job, dev, dtype: str):
+def profile_pair(job: DemoJob, dev, dtype: str):
     """Step 2: acc(k) of the bundled pair, cached in the out directory under a key of the models' content,
     the prompts and the settings -> (AcceptanceProfile, the CSV's path)."""
     from specmoe.planner.workload import AcceptanceProfile
@@ -221,7 +233,7 @@ def profile_pair(job: _Job, dev, dtype: str):
     return profile, acc_path
 
 
-def plan_demo(job: _Job, spec, profile, batch: int | None, dev, dtype: str):
+def plan_demo(job: DemoJob, spec, profile, batch: int | None, dev, dtype: str):
     """Step 3: planner.optimize on the calibrated spec, the batch capped by the number of prompts; when its
     best has k = 0, its best speculative plan -> (plan, plan.json's path, predicted k = 0 tokens/s or None)."""
     log, prompts = job.log, job.prompts
@@ -247,7 +259,7 @@ def plan_demo(job: _Job, spec, profile, batch: int | None, dev, dtype: str):
     return plan, plan_path, k0_pred
 
 
-def _planner(job: _Job, spec, profile, dev, dtype: str) -> Callable:
+def _planner(job: DemoJob, spec, profile, dev, dtype: str) -> Callable:
     """plan_for(batch, draft lengths) -> Plan: the demo's workload (prompt length = the prompts' mean tokens,
     gen = the new tokens, the job's size) planned on spec. Without a GPU, CPU-computed experts are not
     offered: the "GPU" is the same cores."""
@@ -275,7 +287,7 @@ def _planner(job: _Job, spec, profile, dev, dtype: str) -> Callable:
     return plan_for
 
 
-def _best_speculative(job: _Job, best0, plan_for: Callable, batch: int | None):
+def _best_speculative(job: DemoJob, best0, plan_for: Callable, batch: int | None):
     """The planner's best plan with k >= 1, run in place of its best (k = 0) so that speculation is measured;
     the k = 0 point joins its throughput-against-k frontier -> (plan, predicted k = 0 tokens/s)."""
     k0_pred = best0.predicted.decode_tokens_per_s
@@ -289,10 +301,10 @@ def _best_speculative(job: _Job, best0, plan_for: Callable, batch: int | None):
     return plan, k0_pred
 
 
-def run_both_modes(job: _Job, plan, spec, dev, dtype: str):
-    """Step 4: the prompts with speculation (the plan's k) and with k = 0, interleaved; each mode's median run
+def run_both_modes(job: DemoJob, plan, spec, dev, dtype: str):
+    """Step 4: the prompts with speculation (the plan's k) and with k = 0, interleaved; each mode's fastest run
     written as run.json / run_k0.json with its outputs -> ({"spec": results, "k0": results}, the number of
-    sequences whose greedy outputs differ between the two median runs)."""
+    sequences whose greedy outputs differ between the two kept runs)."""
     from specmoe.runtime.engine import Engine
 
     t0 = time.perf_counter()
@@ -300,14 +312,14 @@ def run_both_modes(job: _Job, plan, spec, dev, dtype: str):
     eng = Engine(plan, TARGET_DIR, DRAFT_DIR, dtype=dtype)
     eng.generate(job.prompts[:2], max_new_tokens=4, draft_len=plan.draft_len)     # one-time costs out of the timing
     runs, outs_by_run = _interleaved_runs(job, eng, plan, spec)
-    _keep_median_runs(job, runs, outs_by_run)
-    spec_res, k0_res = median_run(runs["spec"]), median_run(runs["k0"])
+    _keep_fastest_runs(job, runs, outs_by_run)
+    spec_res, k0_res = fastest_run(runs["spec"]), fastest_run(runs["k0"])
     differing = sum(1 for a, b in zip(spec_res.outputs, k0_res.outputs) if a.token_ids != b.token_ids)
     job.times["run"] = time.perf_counter() - t0
     return runs, differing
 
 
-def _interleaved_runs(job: _Job, eng, plan, spec) -> tuple[dict[str, list], dict[int, list]]:
+def _interleaved_runs(job: DemoJob, eng, plan, spec) -> tuple[dict[str, list], dict[int, list]]:
     """REPEATS runs of each mode in the order spec, k0, k0, spec, spec, k0, ... (slow spells of the machine
     hit both modes), the machine's speed probed around each -> (results by mode, outputs by id(result))."""
     from specmoe.runtime.calibrate.speed_probe import RunProbe
@@ -334,19 +346,21 @@ def _interleaved_runs(job: _Job, eng, plan, spec) -> tuple[dict[str, list], dict
     return runs, outs_by_run
 
 
-def _keep_median_runs(job: _Job, runs: dict[str, list], outs_by_run: dict[int, list]) -> None:
-    """Each mode's median run by mean iteration time (one slow spell does not decide the comparison):
-    run.json / run_k0.json and outputs.jsonl / outputs_k0.jsonl."""
+def _keep_fastest_runs(job: DemoJob, runs: dict[str, list], outs_by_run: dict[int, list]) -> None:
+    """Each mode's fastest run by mean iteration time (the calibration it is compared with keeps the fast end
+    of its repetitions): run.json / run_k0.json and outputs.jsonl / outputs_k0.jsonl."""
     for mode, tag in (("spec", ""), ("k0", "_k0")):
-        med = median_run(runs[mode])
-        med.record.to_json(job.out / f"run{tag}.json")
+        best = fastest_run(runs[mode])
+        best.record.to_json(job.out / f"run{tag}.json")
         _write_jsonl(job.out / f"outputs{tag}.jsonl",
-                     [o.to_dict() for o in sorted(outs_by_run[id(med)], key=lambda o: o.index)])
-        job.log(f"demo [4/{STEPS}] {'speculative' if mode == 'spec' else 'k = 0'} median run: "
-                f"{med.record.stages['iteration'] * 1e3:.1f} ms per iteration -> run{tag}.json")
+                     [o.to_dict() for o in sorted(outs_by_run[id(best)], key=lambda o: o.index)])
+        its = sorted(r.record.stages["iteration"] for r in runs[mode])
+        job.log(f"demo [4/{STEPS}] {'speculative' if mode == 'spec' else 'k = 0'} fastest run: "
+                f"{best.record.stages['iteration'] * 1e3:.1f} ms per iteration (median "
+                f"{its[(len(its) - 1) // 2] * 1e3:.1f} ms of {len(its)}) -> run{tag}.json")
 
 
-def report_demo(job: _Job, plan, plan_path: Path, runs: dict[str, list], k0_pred: float | None, differing: int,
+def report_demo(job: DemoJob, plan, plan_path: Path, runs: dict[str, list], k0_pred: float | None, differing: int,
                 info: dict, spec_path: Path, acc_path: Path) -> DemoResult:
     """Step 5: predicted against measured (planner.report) -> the table on stdout, report.html; the
     speedups and the runs' spread on stdout, demo.json."""
@@ -377,11 +391,11 @@ def _pooled_tokens_per_s(rs: list) -> float:
     return sum(r.record.decode_tokens for r in rs) / secs if secs > 0 else 0.0
 
 
-def _log_outcome(job: _Job, plan, table: str, spec_tps: float, k0_tps: float, differing: int, speedup: float,
+def _log_outcome(job: DemoJob, plan, table: str, spec_tps: float, k0_tps: float, differing: int, speedup: float,
                  pred_speedup: float | None, its: list[float]) -> None:
     """The comparison table, the measured (and predicted) speedup and the speculative runs' spread."""
     log, n = job.log, len(job.prompts)
-    log(f"demo [5/{STEPS}] predicted against measured (the median speculative run, k = {plan.draft_len}):")
+    log(f"demo [5/{STEPS}] predicted against measured (the fastest speculative run, k = {plan.draft_len}):")
     log(table)
     log(f"demo [5/{STEPS}] speculation k = {plan.draft_len}: {spec_tps:.1f} tok/s; k = 0: {k0_tps:.1f} tok/s (decode, "
         f"all runs of each); greedy outputs identical in {n - differing}/{n} sequences"
@@ -396,7 +410,7 @@ def _log_outcome(job: _Job, plan, table: str, spec_tps: float, k0_tps: float, di
         + ", ".join(f"{x * 1e3:.2f} ms" for x in its) + f" ({spread:.0f}% apart: the measurement noise of this machine)")
 
 
-def _write_summary(job: _Job, plan, runs: dict[str, list], cmp, speedup: float, pred_speedup: float | None,
+def _write_summary(job: DemoJob, plan, runs: dict[str, list], cmp, speedup: float, pred_speedup: float | None,
                    differing: int, info: dict) -> None:
     """demo.json: the speedups, every run's decode rate and mean iteration, the plan's choices and timings."""
     import torch
@@ -413,10 +427,9 @@ def _write_summary(job: _Job, plan, runs: dict[str, list], cmp, speedup: float, 
     atomic_write_text(job.out / "demo.json", json.dumps(summary, indent=1))
 
 
-def median_run(results: list):
-    """The run with the median mean iteration time (the lower middle one of an even count)."""
-    ranked = sorted(results, key=lambda r: r.record.stages["iteration"])
-    return ranked[(len(ranked) - 1) // 2]
+def fastest_run(results: list):
+    """The run with the lowest mean iteration time."""
+    return min(results, key=lambda r: r.record.stages["iteration"])
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

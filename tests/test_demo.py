@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.slow,
 
 
 def _demo(out: Path, cache: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = dict(os.environ, SPECMOE_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
+    # the cache is what these tests check: keep it whether or not this (shared) machine was quiet
+    env = dict(os.environ, SPECMOE_CACHE_DIR=str(cache), PYTHONPATH=str(REPO), SPECMOE_CALIBRATE_STRICT="0")
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "specmoe.runtime.cli.main", "demo", "--quick", "--n-prompts", "8",
                         "--max-new-tokens", "16", "--out", str(out), "--no-progress", *extra],
@@ -57,12 +58,12 @@ def test_demo_last_line_and_files(demo_run):
     assert plan["batch"] <= 8                      # capped by the prompts
     assert 0 <= plan["draft_len"] <= 4             # --quick: k in 0..4
     # speedup and error as the last line says: decode tok/s over all five runs of each mode; signed
-    # iteration error of run.json, each mode's median run by mean iteration time
+    # iteration error of run.json, each mode's fastest run by mean iteration time
     assert speedup == pytest.approx(summary["speedup"], abs=0.006)
     assert len(summary["spec_iteration_s"]) == len(summary["k0_iteration_s"]) == 5
-    assert run["stages"]["iteration"] == pytest.approx(sorted(summary["spec_iteration_s"])[2])
-    assert run0["stages"]["iteration"] == pytest.approx(sorted(summary["k0_iteration_s"])[2])
-    i = summary["spec_iteration_s"].index(sorted(summary["spec_iteration_s"])[2])
+    assert run["stages"]["iteration"] == pytest.approx(min(summary["spec_iteration_s"]))
+    assert run0["stages"]["iteration"] == pytest.approx(min(summary["k0_iteration_s"]))
+    i = summary["spec_iteration_s"].index(min(summary["spec_iteration_s"]))
     assert summary["spec_decode_tokens_per_s"][i] == pytest.approx(run["decode_tokens_per_s"])
     assert min(summary["spec_decode_tokens_per_s"]) / max(summary["k0_decode_tokens_per_s"]) <= speedup <= \
         max(summary["spec_decode_tokens_per_s"]) / min(summary["k0_decode_tokens_per_s"])
@@ -83,7 +84,7 @@ def test_demo_last_line_and_files(demo_run):
     text = p.stdout
     for step in range(1, 6):
         assert f"demo [{step}/5]" in text
-    assert "run 10/10" in text and "median run" in text
+    assert "run 10/10" in text and "fastest run" in text
     assert "quick calibration measured now" in text and "iteration" in text and "error" in text
     # greedy speculation is exact: the two runs emit the same tokens
     o1 = [json.loads(x)["token_ids"] for x in (out / "outputs.jsonl").read_text().splitlines()]

@@ -15,9 +15,9 @@ Each measurement is a plain function returning numbers (tested one by one):
                                    into `op_overhead_us` and `stage_overhead_us` (planner/overhead.py)
                                    when the spec is built, against the cost model's own roofline
 
-CPU timings keep the best of many individually timed calls (the machine may be shared: the best
-call is the closest to what the hardware does alone); GPU timings keep the median of CUDA-event
-timings (steady there).
+CPU timings keep a low percentile (LOW_QUANTILE) of many individually timed calls, with their spread
+(the machine may be shared: the fast calls are the closest to what the hardware does alone); GPU
+timings keep the median of CUDA-event timings (steady there).
 Chunk sizes are in MiB (2^20 bytes, written "MB" in keys as in shared/measurements), rates in
 GB/s (1e9 bytes).
 
@@ -59,6 +59,8 @@ class Settings:
     gpu_Ms: tuple[int, ...]
     overhead_rounds: int = 32      # engine-stage measurement: interleaved rounds over the configurations
     overhead_per_round: int = 4    # iterations per configuration per round
+    max_tries: int = 3             # a step measured in a busy or slow spell is repeated up to this often
+    retry_budget_s: float = 90.0   # the most seconds the repeats of all steps together may add
 
 
 FULL = Settings("full", reps=5, min_time_s=0.05, pool_min_bytes=1 * GiB, pool_max_bytes=2 * GiB,
@@ -67,7 +69,7 @@ FULL = Settings("full", reps=5, min_time_s=0.05, pool_min_bytes=1 * GiB, pool_ma
 QUICK = Settings("quick", reps=3, min_time_s=0.02, pool_min_bytes=512 * MiB, pool_max_bytes=512 * MiB,
                  cpu_gemm_weight_max_bytes=16 * MiB, attn_call_bytes=8 * MiB,
                  chunks_MB=(1, 4, 16, 64, 256), gpu_Ms=tuple(2**i for i in range(11)),
-                 overhead_rounds=3, overhead_per_round=4)
+                 overhead_rounds=3, overhead_per_round=4, max_tries=2, retry_budget_s=20.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,16 +117,32 @@ def pool_bytes(st: Settings) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # CPU measurements
-def _cpu_best_s(fns: dict, reps: int, min_time_s: float) -> dict:
-    """Best seconds per call of each fn (key -> fn()): two warm-up calls each, then `reps` rounds
-    over all of them, each a batch of individually timed calls lasting at least min_time_s. Rounds
-    interleave the points, so a burst of other work on a shared machine spoils one batch of each
-    rather than every batch of one; the best call is kept, as timeit does (a call that waited on a
-    descheduled OpenMP thread is slower, never faster)."""
+LOW_QUANTILE = 0.1     # the estimator of CPU timings: the 10th percentile of individually timed calls
+
+
+def low_quantile(xs, q: float = LOW_QUANTILE) -> float:
+    """The q-quantile of xs by the lower nearest rank (the minimum for fewer than 1/q samples)."""
+    v = sorted(xs)
+    return v[int(q * (len(v) - 1))]
+
+
+def spread(xs) -> float:
+    """(90th - 10th percentile) / 10th percentile of xs: how much the repetitions moved."""
+    lo, hi = low_quantile(xs, 0.1), low_quantile(xs, 0.9)
+    return (hi - lo) / lo if lo > 0 else 0.0
+
+
+def _cpu_best_s(fns: dict, reps: int, min_time_s: float, spread_out: dict | None = None) -> dict:
+    """Seconds per call of each fn (key -> fn()), the LOW_QUANTILE of its individually timed calls: two
+    warm-up calls each, then `reps` rounds over all of them, each a batch of calls lasting at least
+    min_time_s. Rounds interleave the points, so a burst of other work on a shared machine spoils one
+    batch of each rather than every batch of one; a low percentile of many short calls is what the
+    hardware does alone (a call that waited on a descheduled thread is slower, never faster) without
+    resting on the single luckiest call. spread_out[key] gets the spread of the calls."""
     for fn in fns.values():
         fn()
         fn()
-    best = {k: math.inf for k in fns}
+    times: dict = {k: [] for k in fns}
     for _ in range(max(1, reps)):
         for k, fn in fns.items():
             end, calls = time.perf_counter() + min_time_s, 0
@@ -132,10 +150,13 @@ def _cpu_best_s(fns: dict, reps: int, min_time_s: float) -> dict:
                 t0 = time.perf_counter()
                 fn()
                 t1 = time.perf_counter()
-                best[k], calls = min(best[k], t1 - t0), calls + 1
+                times[k].append(t1 - t0)
+                calls += 1
                 if t1 >= end or calls >= 100_000:
                     break
-    return {k: max(v, 1e-9) for k, v in best.items()}
+    if spread_out is not None:
+        spread_out.update({k: round(spread(v), 3) for k, v in times.items()})
+    return {k: max(low_quantile(v), 1e-9) for k, v in times.items()}
 
 
 def make_pool(n_bytes: int):
@@ -170,7 +191,8 @@ def measure_dram_read_GBps(pool=None, *, n_bytes: int | None = None, reps: int =
 
 
 def measure_host_copy_GBps_by_chunk_MB(pool=None, chunks_MB=FULL.chunks_MB, *, reps: int = 3,
-                                       min_time_s: float = FULL.min_time_s) -> dict[int, float]:
+                                       min_time_s: float = FULL.min_time_s,
+                                       spread_out: dict | None = None) -> dict[int, float]:
     """Host-to-host copy GB/s (bytes copied) per chunk size: each timed copy reads the next chunk of
     the cold pool (walked cyclically, as experts are read from the expert store, so every chunk
     comes from memory) into one reused destination buffer."""
@@ -195,12 +217,12 @@ def measure_host_copy_GBps_by_chunk_MB(pool=None, chunks_MB=FULL.chunks_MB, *, r
             d.copy_(pool[off:off + ce])
         return one_copy
 
-    t = _cpu_best_s({c: copier(c * MiB // 4) for c in chunks}, reps, min_time_s)
+    t = _cpu_best_s({c: copier(c * MiB // 4) for c in chunks}, reps, min_time_s, spread_out)
     return {c: c * MiB / t[c] / GB for c in chunks}
 
 
 def measure_cpu_gemm_GFLOPs_by_M(h: int, F: int, Ms=GEMM_MS, dtype: str = "fp32", *, reps: int = 5,
-                                 min_time_s: float = 0.05) -> dict[int, float]:
+                                 min_time_s: float = 0.05, spread_out: dict | None = None) -> dict[int, float]:
     """GFLOP/s of x[M,h] @ W[h,F] (2*M*h*F flops) on the CPU for each M; W stays cache-warm, as a
     freshly streamed expert does in the engine."""
     import torch
@@ -214,14 +236,15 @@ def measure_cpu_gemm_GFLOPs_by_M(h: int, F: int, Ms=GEMM_MS, dtype: str = "fp32"
         y = torch.empty(M, F, dtype=dt)  # [M, F]
         return lambda: torch.matmul(x, W, out=y)
 
-    t = _cpu_best_s({M: gemm(M) for M in Ms}, reps, min_time_s)
+    t = _cpu_best_s({M: gemm(M) for M in Ms}, reps, min_time_s, spread_out)
     return {M: 2.0 * M * h * F / t[M] / 1e9 for M in Ms}
 
 
 def measure_cpu_attention_kv_GBps(n_q_heads: int, n_kv_heads: int, head_dim: int, *, pool=None,
                                   ns=ATTN_NS, contexts=ATTN_CONTEXTS, kv_dtype: str = "fp32",
                                   call_bytes: int = FULL.attn_call_bytes, reps: int = 3,
-                                  min_time_s: float = FULL.min_time_s) -> dict[int, dict[int, float]]:
+                                  min_time_s: float = FULL.min_time_s,
+                                  spread_out: dict | None = None) -> dict[int, dict[int, float]]:
     """Verify-attention KV GB/s (K and V bytes read per second) per query tokens N and context:
     runtime.kernels.verify_attention on layers of KV carved from the cold pool (B sequences of
     about call_bytes each); each timed call takes the next layer, walking them cyclically, so its
@@ -258,7 +281,10 @@ def measure_cpu_attention_kv_GBps(n_q_heads: int, n_kv_heads: int, head_dim: int
                 verify_attention(q, k, v, slots, ctx_lens, out=o)
             return one_call
 
-        t = _cpu_best_s({N: attention(N) for N in ns}, reps, min_time_s)
+        sp: dict = {}
+        t = _cpu_best_s({N: attention(N) for N in ns}, reps, min_time_s, sp)
+        if spread_out is not None:
+            spread_out.update({(N, ctx): v for N, v in sp.items()})
         for N in ns:
             res[N][ctx] = B * 2 * Hkv * (ctx + N) * D * eb / t[N] / GB
     return res

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 from specmoe.planner.stages import Stage
+from specmoe.runtime.calibrate.measure import low_quantile
 
 # (B, k, m, draft layers, target-KV sequences on the device, expert cache): every fitted term varies
 # independently across these (see overhead_fit.stage_features). Where target KV is split between device
@@ -178,7 +179,7 @@ def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, ro
     runs = _build_runs(target_cfg, draft_cfgs, configs, dev, dtype, steps=warmup + rounds * per_round + 1)
     _time_rounds(runs, rounds, per_round, warmup, progress)
     speed = round_speeds([run["samples"]["iteration"] for run in runs], rounds, per_round)
-    ref = statistics.median(speed)
+    ref = low_quantile(speed)      # the fast rounds: the state every CPU rate of the calibration is taken in
     out = [_summary(run, _count_ops(run, dev), speed, ref, rounds, per_round) for run in runs]
     return {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "samples": rounds * per_round,
             "round_speed": [round(f / ref, 4) for f in speed],

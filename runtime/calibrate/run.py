@@ -28,6 +28,7 @@ Every file is written to a temporary file and renamed, so an interrupted run lea
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import sys
@@ -50,8 +51,10 @@ from specmoe.runtime.calibrate.spec import (DEFAULT_CPU_BASE, DEFAULT_DRAFT_DIR,
                                             FALLBACK_MODEL, FORMAT_VERSION, REPO_ROOT, SpecDumper, atomic_write_text,
                                             build_spec_raw, cache_dir, check_output_path, dump_spec_yaml,
                                             engine_configs, fingerprint, kernel_source_sha, load_cache,
-                                            measured_shapes, plain, resolve_base, resolve_model,
+                                            load_best_sentinel, measured_shapes, plain, resolve_base,
+                                            resolve_model, save_best_sentinel,
                                             resolve_model_config, specmoe_version)
+from specmoe.runtime.calibrate.quiet import strict
 from specmoe.runtime.device import cpu_model_name
 
 __all__ = [
@@ -69,29 +72,46 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 def run_measurements(st: Settings, shapes: dict, has_gpu: bool, progress: bool = True,
-                     engine_cfgs: dict | None = None) -> dict[str, Any]:
+                     engine_cfgs: dict | None = None, best_sentinel_s: float | None = None) -> dict[str, Any]:
     """All measurement steps under one tqdm bar; returns the raw results (what the cache holds).
-    engine_cfgs: {"target": HF config, "drafts": {layers: HF config}} of the engine-stage step."""
+    engine_cfgs: {"target": HF config, "drafts": {layers: HF config}} of the engine-stage step.
+    Each CPU step runs under a QuietGuard (runtime/calibrate/quiet.py): repeated while the machine was
+    busy or in a slow spell; best_sentinel_s is the fastest sentinel earlier calibrations saw here."""
     from tqdm import tqdm
+
+    from specmoe.runtime.calibrate.quiet import QuietGuard, machine_state
 
     m = _Measurements(st, shapes, has_gpu, engine_cfgs)
     steps = m.steps()
+    guard = QuietGuard(best_sentinel_s, max_tries=st.max_tries, retry_budget_s=st.retry_budget_s)
     t0 = time.perf_counter()
     m.res["load_avg_before"] = _load_avg()
+    m.res["state_before"] = machine_state()
     bar = tqdm(total=len(steps), desc="specmoe calibrate", unit="step", disable=not progress, file=sys.stderr,
                leave=True, bar_format="{desc}: {n}/{total} |{bar}| {elapsed} {postfix}")
     m.note = bar.set_postfix_str
     try:
+        guard.warm_up()
         for name, fn in steps:
             bar.set_postfix_str(name)
-            fn()
+            if name in UNGUARDED_STEPS:
+                fn()
+            else:
+                m.res.setdefault("quality", {})[name] = guard.run(fn, m.snapshot, m.restore)
             bar.update(1)
     finally:
         bar.close()
         m.pool = None
     m.res["elapsed_s"] = round(time.perf_counter() - t0, 1)
     m.res["load_avg_after"] = _load_avg()
+    m.res["state_after"] = machine_state()
+    m.res["sentinel"] = {"best_s": guard.best_s, "samples_s": guard.samples, "retry_s": round(guard.retry_s, 1)}
     return m.res
+
+
+# steps that are not timings of the CPU (the GPU ones time themselves with CUDA events, steady there)
+UNGUARDED_STEPS = frozenset({"fill a cold buffer", "GPU facts", "pinned H2D", "pinned D2H", "GPU GEMM bf16",
+                             "GPU GEMM fp32", "HBM copy"})
 
 
 class _Measurements:
@@ -104,6 +124,16 @@ class _Measurements:
         self.res: dict[str, Any] = {}
         self.pool = None
         self.note: Callable[[str], Any] = lambda msg: None
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the results so far (a repeated step starts again from it)."""
+        return copy.deepcopy(self.res)
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        quality = self.res.get("quality")
+        self.res = copy.deepcopy(snap)
+        if quality is not None:
+            self.res["quality"] = quality
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
         """(name, step) in the order they run: the CPU and engine steps, then the GPU ones."""
@@ -142,16 +172,25 @@ class _Measurements:
         """Read again at the end and keep the better: a burst of other work spoils one pass, not both."""
         self.res["dram_read_GBps"] = max(self.res["dram_read_GBps"], measure_dram_read_GBps(self.pool, reps=self.st.reps))
 
+    def _spread(self, name: str, by_point: dict) -> None:
+        """Record the largest spread of a step's repetitions (quiet.py's estimators)."""
+        if by_point:
+            self.res.setdefault("spread", {})[name] = max(by_point.values())
+
     def host_copy(self) -> None:
+        sp: dict = {}
         self.res["host_copy_GBps_by_chunk_MB"] = measure_host_copy_GBps_by_chunk_MB(
-            self.pool, self.st.chunks_MB, reps=self.st.reps, min_time_s=self.st.min_time_s)
+            self.pool, self.st.chunks_MB, reps=self.st.reps, min_time_s=self.st.min_time_s, spread_out=sp)
+        self._spread("host memory copy", sp)
 
     def cpu_gemm(self, dtype: str) -> Callable[[], None]:
         def step():
+            sp: dict = {}
             try:
                 self.res.setdefault("cpu_gemm_GFLOPs_by_M", {})[dtype] = measure_cpu_gemm_GFLOPs_by_M(
                     self.shapes["h"], self.shapes["F_cpu"], GEMM_MS, dtype, reps=self.st.reps,
-                    min_time_s=self.st.min_time_s)
+                    min_time_s=self.st.min_time_s, spread_out=sp)
+                self._spread(f"CPU GEMM {dtype}", sp)
             except RuntimeError as e:  # a dtype this CPU/torch cannot multiply: recorded, not fatal
                 if dtype == self.engine_dtype:
                     raise
@@ -159,10 +198,11 @@ class _Measurements:
         return step
 
     def cpu_attention(self) -> None:
-        sh, st = self.shapes, self.st
+        sh, st, sp = self.shapes, self.st, {}
         self.res["cpu_attention_kv_GBps"] = measure_cpu_attention_kv_GBps(
             sh["n_q"], sh["n_kv"], sh["d"], pool=self.pool, kv_dtype=self.engine_dtype,
-            call_bytes=st.attn_call_bytes, reps=st.reps, min_time_s=st.min_time_s)
+            call_bytes=st.attn_call_bytes, reps=st.reps, min_time_s=st.min_time_s, spread_out=sp)
+        self._spread("CPU verify attention", sp)
 
     def stage_overheads(self) -> None:
         from specmoe.runtime.calibrate.overhead import measure_stage_overheads
@@ -239,7 +279,8 @@ def _load_avg() -> float | None:
 
 def calibrate_with_info(out_path, model=None, base=None, quick: bool = False, force: bool = False,
                         progress: bool = True, cache_dir_override=None) -> tuple[HardwareSpec, dict]:
-    """calibrate(), also returning {"cache_path", "cache_hit", "elapsed_s", "mode"}."""
+    """calibrate(), also returning {"cache_path", "cache_hit", "elapsed_s", "mode", "quality"} (quality:
+    the measured spec's calibration_quality, None for a spec measured before quality was recorded)."""
     t0 = time.perf_counter()
     out = check_output_path(out_path)
     model_label, mspec = resolve_model(model)
@@ -259,26 +300,41 @@ def calibrate_with_info(out_path, model=None, base=None, quick: bool = False, fo
             cached, cache_path, hit = c, cdir / f"{fid}.yaml", True
             break
     if cached is None:
-        fid, fp = fingerprint(facts, shapes, st.mode)
-        facts = {**facts, "attention_backend": attention_backend()}
-        results = run_measurements(st, shapes, has_gpu, progress=progress,
-                                   engine_cfgs=engine_configs(resolve_model_config(model)))
-        cached = {"fingerprint": fp, "fingerprint_id": fid, "measured_at": datetime.date.today().isoformat(),
-                  "mode": st.mode, "model": model_label, "facts": facts, "shapes": shapes,
-                  "results": plain(results)}
-        cache_path = cdir / f"{fid}.yaml"
-        try:
-            cdir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache_path, yaml.dump(cached, Dumper=SpecDumper, sort_keys=False, width=120))
-        except OSError:
-            cache_path = None  # an unwritable cache only costs a re-measure next time
+        cached, cache_path = _measure(st, facts, shapes, mspec, model, model_label, has_gpu, cdir, progress)
     raw = build_spec_raw(cached, base_raw, base_label, out.stem)
     text = dump_spec_yaml(raw)
     parse_hardware(yaml.safe_load(text), str(out))  # validate exactly what is written, before writing it
     atomic_write_text(out, text)
     spec = HardwareSpec.from_yaml(out)
     return spec, {"cache_path": str(cache_path) if cache_path else None, "cache_hit": hit,
-                  "elapsed_s": round(time.perf_counter() - t0, 1), "mode": cached["mode"]}
+                  "elapsed_s": round(time.perf_counter() - t0, 1), "mode": cached["mode"],
+                  "quality": (spec.raw["measured"].get("details") or {}).get("calibration_quality")}
+
+
+def _measure(st: Settings, facts: dict, shapes: dict, mspec, model, model_label: str, has_gpu: bool, cdir,
+             progress: bool) -> tuple[dict, Any]:
+    """Run the measurements; cache them when every step was clean (a calibration taken in a busy spell is
+    not reused: the next one measures again). Returns (cached mapping, cache path or None)."""
+    fid, fp = fingerprint(facts, shapes, st.mode)
+    facts = {**facts, "attention_backend": attention_backend()}
+    sentinel_key = f"{facts['cpu_name']}|{facts['cores']}|{facts['threads']}|{facts['torch']}"
+    best = load_best_sentinel(cdir, sentinel_key)
+    results = run_measurements(st, shapes, has_gpu, progress=progress,
+                               engine_cfgs=engine_configs(resolve_model_config(model)), best_sentinel_s=best)
+    cached = {"fingerprint": fp, "fingerprint_id": fid, "measured_at": datetime.date.today().isoformat(),
+              "mode": st.mode, "model": model_label, "facts": facts, "shapes": shapes, "results": plain(results)}
+    new_best = (results.get("sentinel") or {}).get("best_s")
+    if new_best and (best is None or new_best < best):
+        save_best_sentinel(cdir, sentinel_key, new_best)
+    if strict() and not all(q.get("clean", True) for q in results.get("quality", {}).values()):
+        return cached, None
+    cache_path = cdir / f"{fid}.yaml"
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_path, yaml.dump(cached, Dumper=SpecDumper, sort_keys=False, width=120))
+    except OSError:
+        cache_path = None  # an unwritable cache only costs a re-measure next time
+    return cached, cache_path
 
 
 def calibrate(out_path, model=None, base=None, quick: bool = False, force: bool = False,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from specmoe.planner.model_spec import ModelSpec, load_model
 from specmoe.planner.atomic_file import atomic_write_text  # noqa: F401  (re-exported by runtime.calibrate)
 from specmoe.runtime.calibrate.measure import GiB, Settings
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3   # 3: low-percentile estimators and the quiet-machine checks
 REPO_ROOT = Path(__file__).resolve().parents[2]   # runtime/calibrate/spec.py -> the checkout
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "tiny-moe"
 DEFAULT_DRAFT_DIR = REPO_ROOT / "models" / "tiny-draft"
@@ -371,12 +370,17 @@ def _measured_details(cached: dict) -> dict:
         # what a run is checked against before it starts (runtime/calibration_match.py)
         "environment": {"torch": cached["facts"]["torch"], "threads": cached["facts"]["threads"],
                         "device": "cuda" if has_gpu else "cpu", "cpu": cached["facts"]["cpu_name"],
-                        "cores": cached["facts"]["cores"]},
+                        "cores": cached["facts"]["cores"],
+                        **{k: v for k, v in (r.get("state_before") or {}).items()
+                           if k in ("omp_wait_policy", "cpu_MHz", "governor", "kernel", "python")}},
+        # was the machine quiet while measuring (runtime/calibrate/quiet.py)
+        **({"calibration_quality": _quality(r)} if r.get("quality") else {}),
         "fingerprint": cached["fingerprint_id"],
-        **({"speed_probe": {"iteration_s": _r(statistics.median(r["speed_probe_s"])),
+        **({"speed_probe": {"iteration_s": _r(min(r["speed_probe_s"])),
                             "samples_s": [_r(x) for x in r["speed_probe_s"]],
                             "method": "runtime/calibrate/speed_probe.py, twice before and twice after the engine-stage "
-                                      "step; iteration_s is their median",
+                                      "step; iteration_s is the fastest, the state the calibration's rates are "
+                                      "taken in (low percentiles)",
                             "engine_configs": _probe_configs(r)}}
            if r.get("speed_probe_s") else {}),
     }
@@ -421,6 +425,47 @@ def _probe_configs(r: dict) -> dict | None:
         return None
     drafts = {int(k): v for k, v in so["draft_configs"].items()}
     return {"target": so["target_config"], "drafts": {1: drafts.get(1, next(iter(drafts.values())))}}
+
+
+def _quality(r: dict) -> dict:
+    """Whether every step was measured in a quiet spell, the steps that were not and why, the repeats,
+    the spread of each step's repetitions and the sentinel that judged the spells."""
+    from specmoe.runtime.calibrate.quiet import quality_summary
+
+    sent = r.get("sentinel") or {}
+    return {**quality_summary(r["quality"]), "steps": r["quality"], "spread_by_step": r.get("spread", {}),
+            "sentinel_best_s": _r(sent["best_s"]) if sent.get("best_s") else None,
+            "repeats_s": sent.get("retry_s", 0.0),
+            "method": "each step bracketed by a sentinel (fixed fp32 matrix products) and /proc/stat; repeated when "
+                      "the machine ran > 15% slower than its best or other processes used > 15% of the CPUs"}
+
+
+SENTINEL_FILE = "sentinel.yaml"   # in the cache dir: {machine key: the fastest sentinel seconds seen}
+
+
+def load_best_sentinel(cdir: Path, key: str) -> float | None:
+    """The fastest sentinel earlier calibrations of this machine saw (None: none, or an unreadable file)."""
+    try:
+        data = yaml.safe_load((cdir / SENTINEL_FILE).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    v = data.get(key) if isinstance(data, dict) else None
+    return float(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
+def save_best_sentinel(cdir: Path, key: str, best_s: float) -> None:
+    """Record a faster sentinel for this machine (an unwritable cache only loses the reference)."""
+    try:
+        data = yaml.safe_load((cdir / SENTINEL_FILE).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        data = None
+    data = data if isinstance(data, dict) else {}
+    data[key] = float(best_s)
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cdir / SENTINEL_FILE, yaml.safe_dump(data, sort_keys=True))
+    except OSError:
+        pass
 
 
 def load_cache(path: Path, fp: dict) -> dict | None:

@@ -98,6 +98,20 @@ def speed_drift(before_s: float, after_s: float, spec_raw: dict) -> dict | None:
     return out
 
 
+STALE_MARGIN = 1.15   # a calibration whose probe ran this much slower than the machine runs it now is re-measured
+
+
+def calibration_slowness(spec_raw: dict, samples: int = 2, device=None) -> float | None:
+    """How much slower the calibration's probe ran than the machine runs it now (fastest of `samples`
+    probes): above STALE_MARGIN the calibration was taken in a busy or slow spell and its rates are low.
+    None when the spec has no probe."""
+    cfgs, cal = probe_configs(spec_raw), calibration_probe_s(spec_raw)
+    if cfgs is None or cal is None:
+        return None
+    now = min(probe_iteration_s(cfgs, device=device) for _ in range(max(1, samples)))
+    return cal / now
+
+
 def calibration_probe_spread(spec_raw: dict) -> float | None:
     """(max - min) / median of the calibration's probe samples: how much the probe itself moved while
     the machine was being calibrated (a drift smaller than that is within the probe's noise)."""

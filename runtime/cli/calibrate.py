@@ -52,6 +52,7 @@ def run(args) -> int:
     # shared cores; the fixed costs measured are those of the engine run the same way
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from specmoe.planner.errors import SpecError
+    from specmoe.runtime.calibrate.quiet import quality_lines
     from specmoe.runtime.calibrate.run import calibrate_with_info
 
     if args.threads is not None:
@@ -68,8 +69,6 @@ def run(args) -> int:
     print(f"  {spec.description}")
     for line in summary_lines(spec.raw):
         print(line)
-    load = (spec.raw["measured"].get("details") or {}).get("load_avg_1min") or [None]
-    if load[0] is not None and load[0] > 0.5 * spec.cpu.cores:
-        print(f"note: the 1-minute load average was {load[0]} on {spec.cpu.cores} cores when measuring: other "
-              f"processes were using the CPU, so these numbers may be low (re-measure with --force when idle)")
+    for line in quality_lines(info.get("quality"), info["cache_hit"]):
+        print(line)
     return 0
