@@ -4,6 +4,7 @@ is saved beside its run record).
 
     new = replan(plan, schedule=plan.schedule.with_changes(cpu_threads=4))
     new = replan(plan, draft_len=0)
+    new = replan(plan, hardware=HardwareSpec.from_yaml("fresh.yaml"))   # re-costed on a fresh calibration
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import replace
 
 from specmoe.planner.errors import SpecError
 from specmoe.planner.estimator import estimate
+from specmoe.planner.hardware_spec import HardwareSpec
 from specmoe.planner.memory import default_placement
 from specmoe.planner.model_spec import ModelSpec
 from specmoe.planner.plan import Plan
@@ -18,19 +20,20 @@ from specmoe.planner.schedule import Schedule
 
 
 def replan(plan: Plan, schedule: Schedule | None = None, draft_len: int | None = None,
-           draft: ModelSpec | None = None) -> Plan:
+           draft: ModelSpec | None = None, hardware: HardwareSpec | None = None) -> Plan:
     """`plan` with `schedule` and/or `draft_len` changed, its prediction re-estimated (the placement is
     kept; at another draft length the draft KV placement is re-chosen when the plan's no longer
-    applies). draft: the draft's spec when the plan has none and draft_len > 0. Returns `plan` itself
-    when nothing changes."""
+    applies). draft: the draft's spec when the plan has none and draft_len > 0. hardware: another spec of
+    the same machine (a fresh calibration) to cost the same plan on. Returns `plan` itself when nothing
+    changes."""
     sched = schedule if schedule is not None else plan.schedule
     k = plan.draft_len if draft_len is None else int(draft_len)
-    if sched == plan.schedule and k == plan.draft_len:
+    if sched == plan.schedule and k == plan.draft_len and hardware is None:
         return plan
     d = plan.draft_spec() or draft
     if k > 0 and d is None:
         raise SpecError("draft_len", f"is {k} but the plan has no draft model", "plan with a draft, or use 0")
-    m, hw, wl = plan.model_spec(), plan.hardware_spec(), plan.workload_spec()
+    m, hw, wl = plan.model_spec(), hardware or plan.hardware_spec(), plan.workload_spec()
     placement = plan.placement
     if k != plan.draft_len and (plan.draft_len == 0 or k == 0):
         chosen = default_placement(m, hw, wl, plan.batch, k, d if k else None, plan.micro_batches)
@@ -42,8 +45,11 @@ def replan(plan: Plan, schedule: Schedule | None = None, draft_len: int | None =
                if getattr(plan.schedule, f) != getattr(sched, f)}
     if k != plan.draft_len:
         changed["draft_len"] = [plan.draft_len, k]
+    if hardware is not None:
+        changed["hardware"] = [plan.hardware.get("name"), hardware.name]
     solver = {"name": "replan", "from": dict(plan.solver) if isinstance(plan.solver, dict) else {},
               "changed": changed}
     return replace(plan, draft=d.to_dict() if (k > 0 and d is not None) else None, draft_len=k,
                    placement=placement, predicted=est.to_prediction(), memory=est.memory, bound=est.bound,
-                   solver=solver, schedule=sched, input_hashes={}, alternatives=())
+                   solver=solver, schedule=sched, input_hashes={}, alternatives=(),
+                   **({"hardware": hardware.raw} if hardware is not None else {}))

@@ -177,3 +177,27 @@ def test_a_run_unlike_its_calibration_is_warned_before_it_runs(pair, tmp_path, c
     assert any("the run uses 2" in w for w in r["calibration_warnings"])
     assert main(["report", str(tmp_path / "run.plan.json"), str(rec)]) == 0
     assert "the run differed from its calibration: threads: the run uses 2" in capsys.readouterr().out
+
+
+def test_a_plan_re_costed_on_a_fresh_calibration():
+    """bench/fidelity.py's step: the same plan (policy, placement, schedule) costed on another spec of the
+    same machine predicts that spec's times, and says what changed."""
+    from specmoe.planner.replan import replan
+
+    wl = Workload(64, 32, acceptance=load_acceptance(0.5))
+    plan = optimize("mixtral-8x7b", "h200-host-calibrated", wl, k_values=(2,), micro_batch_values=(2,),
+                    alternatives=0, timeline=False)
+    raw = json.loads(json.dumps(plan.hardware))
+    raw["name"] = "h200-host-slow"
+    raw["measured"]["h2d_GBps_by_chunk_MB"] = {k: v / 2 for k, v in raw["measured"]["h2d_GBps_by_chunk_MB"].items()}
+    slow = parse_hardware(raw, "h200-host-slow")
+    new = replan(plan, hardware=slow)
+    assert (new.batch, new.micro_batches, new.draft_len, new.placement, new.schedule) == \
+        (plan.batch, plan.micro_batches, plan.draft_len, plan.placement, plan.schedule)
+    assert new.hardware["name"] == "h200-host-slow" and new.solver["changed"]["hardware"] == ["h200-host-calibrated",
+                                                                                               "h200-host-slow"]
+    e = estimate(plan.model_spec(), slow, wl, draft=plan.draft_spec(), draft_len=plan.draft_len,
+                 micro_batches=plan.micro_batches, placement=plan.placement, batch=plan.batch, timeline=False,
+                 schedule=plan.schedule)
+    assert new.predicted.iteration_time_s == pytest.approx(e.iteration_time_s, rel=1e-9)
+    assert new.predicted.iteration_time_s > plan.predicted.iteration_time_s    # half the PCIe: slower

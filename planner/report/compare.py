@@ -32,6 +32,7 @@ def compare(plan: Plan | dict | str | Path, run: dict | str | Path, goal_pct: fl
     # how the run differed from the calibration its plan was costed with (the engine said so before it ran)
     warnings: list[str] = [f"the run differed from its calibration: {w}" for w in run.get("calibration_warnings") or []
                            if isinstance(w, str)]
+    warnings += calibration_quality_warnings(plan.hardware)
     pst, tot, ptl = prediction_for_run(plan, run, warnings)
     rows = _stage_rows(plan, run, pst, tot)
     errs = [abs(r.error_pct) for r in rows[:len(ITERATION_PARTS)] if r.error_pct is not None]
@@ -54,6 +55,20 @@ def compare(plan: Plan | dict | str | Path, run: dict | str | Path, goal_pct: fl
     cmp.live = {"measured": live_m, "predicted": live_pred} if live_m else {}
     cmp.notes = explain(cmp, plan, run)
     return cmp
+
+
+def calibration_quality_warnings(hw_raw: dict) -> list[str]:
+    """One warning when the plan's hardware spec was calibrated in a busy or slow spell (`specmoe calibrate`
+    records which steps were not clean: runtime/calibrate/quiet.py), naming the steps."""
+    try:
+        q = hw_raw["measured"]["details"]["calibration_quality"]
+    except (KeyError, TypeError):
+        return []
+    if not isinstance(q, dict) or q.get("clean", True) or not isinstance(q.get("unclean_steps"), dict):
+        return []
+    steps = "; ".join(f"{n}: {why}" for n, why in q["unclean_steps"].items())
+    return [f"the calibration of {hw_raw.get('name', 'this spec')} was not measured on a quiet machine ({steps}): its "
+            "rates may be low and the prediction pessimistic; calibrate again with --force when the machine is quiet"]
 
 
 def _resource(plan: Plan, stage: Stage) -> str:
