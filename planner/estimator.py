@@ -15,7 +15,7 @@ from specmoe.planner.batch_drain import at_live_batch, drain, job_summary, live_
 from specmoe.planner.cost_model import CostModel
 from specmoe.planner.errors import SpecError
 from specmoe.planner.hardware_spec import HardwareSpec, load_hardware
-from specmoe.planner.memory import default_placement, footprint, max_batch
+from specmoe.planner.memory import check_context, default_placement, footprint, max_batch
 from specmoe.planner.model_spec import ModelSpec, default_draft_name, load_model
 from specmoe.planner.plan import Placement, Prediction
 from specmoe.planner.schedule import Schedule
@@ -110,6 +110,7 @@ def estimate(model: str | Path | dict | ModelSpec, hardware: str | Path | Hardwa
     d = None
     if k > 0:
         d = load_model(draft if draft is not None else default_draft_name(m))
+    check_context(m, workload, d)
     B = _batch_size(m, hw, workload, d, k, mb, batch)
     placement_given = placement is not None
     if placement is None:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.paths import is_file
 from specmoe.planner.overhead import Overheads, parse_op_overhead_us, parse_stage_overhead_us
 
 GiB = 1024**3
@@ -53,6 +54,10 @@ GB = 1e9
 DEFAULT_GPU_RESERVE_GiB = 2.0
 DEFAULT_CPU_RESERVE_GiB = 6.0
 HW_SPEC_DIR = Path(__file__).resolve().parent.parent / "hw_specs"
+# the largest value each unit can mean (several times any datasheet's): beyond it a number has the wrong
+# unit (MB/s typed for GB/s, bytes for GiB) or a typo, and every prediction made with it would be off
+LIMITS = {"link_GBps": 1000.0, "hbm_GBps": 50000.0, "dram_GBps": 5000.0, "mem_GiB": 65536.0,
+          "TFLOPs": 1e5, "GFLOPs": 1e8, "us": 1e7, "x": 1e12}
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,17 @@ class Curve:
         if not isinstance(m, dict) or not m:
             raise SpecError(field_name, "must be a non-empty mapping of x to y", "fix the YAML")
         try:
-            pts = sorted((float(str(k).lstrip("qLM").rstrip("MB")), float(v)) for k, v in m.items())
+            pts = sorted((float(str(k).lstrip("qLM").rstrip("MB")), float(v)) for k, v in m.items()
+                         if not isinstance(v, bool))
         except (TypeError, ValueError):
             raise SpecError(field_name, f"has a non-numeric point in {m!r}", "use numbers for x and y") from None
+        if len(pts) != len(m):
+            raise SpecError(field_name, f"has a non-numeric point in {m!r}", "use numbers for x and y")
+        top = _limit_of(field_name)
         for x, y in pts:
-            if x <= 0 or y <= 0:
-                raise SpecError(field_name, f"point ({x}, {y}) is not positive", "measured values must be > 0")
+            if not (0 < x <= LIMITS["x"] and 0 < y <= top):
+                raise SpecError(field_name, f"point ({x:g}, {y:g}) is not in (0, {top:g}]",
+                                "measured values are positive, in the key's unit")
         return cls(tuple(p[0] for p in pts), tuple(p[1] for p in pts))
 
 
@@ -217,7 +227,7 @@ class HardwareSpec:
         import yaml
 
         p = Path(path)
-        if not p.is_file():
+        if not is_file(p):
             raise SpecError("hardware", f"no spec file at {p}",
                             f"give a preset ({', '.join(list_hardware())}) or a path to a spec YAML")
         try:
@@ -229,7 +239,7 @@ class HardwareSpec:
     @classmethod
     def preset(cls, name: str) -> "HardwareSpec":
         p = HW_SPEC_DIR / f"{name}.yaml"
-        if not p.is_file():
+        if not is_file(p):
             raise SpecError("hardware", f"unknown preset {name!r}",
                             f"choose one of: {', '.join(list_hardware())}, or give a path to a spec YAML")
         return cls.from_yaml(p)
@@ -243,20 +253,41 @@ def load_hardware(spec: str | Path | HardwareSpec) -> HardwareSpec:
     if isinstance(spec, HardwareSpec):
         return spec
     s = str(spec)
-    if (HW_SPEC_DIR / f"{s}.yaml").is_file():
+    if is_file(HW_SPEC_DIR / f"{s}.yaml"):
         return HardwareSpec.preset(s)
-    if Path(s).is_file():
+    if is_file(s):
         return HardwareSpec.from_yaml(s)
-    raise SpecError("hardware", f"{s!r} is neither a preset nor an existing file",
+    raise SpecError("hardware", f"{s if len(s) <= 80 else s[:77] + '...'!r} is neither a preset nor an existing file",
                     f"choose a preset ({', '.join(list_hardware())}) or give a path to a spec YAML")
 
 
 # ---------------------------------------------------------------------------------------------
+def _limit_of(field_name: str) -> float:
+    """The largest value a field can mean, from the unit in its key (LIMITS)."""
+    key = field_name.rsplit(".", 1)[-1]
+    if "h2d" in key or "d2h" in key:
+        return LIMITS["link_GBps"]
+    if "hbm" in key:
+        return LIMITS["hbm_GBps"]
+    for unit in ("GBps", "mem_GiB", "mem-GiB", "TFLOPs", "GFLOPs", "_us"):
+        if unit in field_name:
+            return LIMITS[{"GBps": "dram_GBps", "_us": "us", "mem-GiB": "mem_GiB"}.get(unit, unit)]
+    if key == "mem_GB":
+        return LIMITS["mem_GiB"] * GiB / GB
+    return LIMITS["x"]
+
+
 def _positive(v: Any, field_name: str) -> float:
+    """A positive finite number no larger than its unit can mean (LIMITS)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise SpecError(field_name, f"must be a number, got {v!r}", "fix the value")
-    if not v > 0:
+    if not v > 0 or v != v:
         raise SpecError(field_name, f"must be positive, got {v}", "give a positive number")
+    top = _limit_of(field_name)
+    if v > top:
+        unit = next((u for u in ("GBps", "GiB", "GB", "TFLOPs", "GFLOPs", "us") if u in field_name), "")
+        raise SpecError(field_name, f"is {v:g}, beyond any hardware's ({top:g} {unit} at most)",
+                        f"the key's unit is {unit}: was the number written in another unit (MB/s, bytes)?")
     return float(v)
 
 
@@ -327,7 +358,7 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
                   reserve_bytes=_reserve(g, f"{where}.gpu", DEFAULT_GPU_RESERVE_GiB, gmem),
                   shares_host_cpu=_flag(g, "shares_host_cpu", f"{where}.gpu"))
     cores = c.get("cores")
-    if isinstance(cores, bool) or not isinstance(cores, int) or cores <= 0:
+    if isinstance(cores, bool) or not isinstance(cores, int) or not 0 < cores <= 4096:
         raise SpecError(f"{where}.cpu.cores", f"must be a positive integer, got {cores!r}", "fix the YAML")
     cmem = _mem(c, f"{where}.cpu")
     cpu = CPUSpec(name=str(c.get("name", "cpu")), cores=cores, mem_bytes=cmem,
@@ -343,8 +374,13 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
         if not isinstance(m, dict):
             raise SpecError(f"{where}.measured", "not a mapping", "fix the YAML or remove the section")
         mw = f"{where}.measured"
+        _check_numbers(m, mw)
         att = {}
-        for qk, curve in (m.get("cpu_attention_kv_GBps") or {}).items():
+        kv_curves = m.get("cpu_attention_kv_GBps") or {}
+        if not isinstance(kv_curves, dict):
+            raise SpecError(f"{mw}.cpu_attention_kv_GBps", "must be a mapping of q<N> to curves",
+                            "e.g. `cpu_attention_kv_GBps: {q1: {512: 60.0}}`")
+        for qk, curve in kv_curves.items():
             try:
                 n = int(str(qk).lstrip("q"))
             except ValueError:
@@ -404,3 +440,15 @@ def _contention(v: Any, field_name: str) -> DramContention | None:
         raise SpecError(field_name, f"keeps {c.cpu_share:.2f} of the CPU's rate and {c.h2d_share:.2f} of the "
                         "stream's while both run: less than taking turns", "re-measure (specmoe calibrate)")
     return c
+
+
+def _check_numbers(m: dict, where: str) -> None:
+    """The fixed costs of `measured:` must be finite numbers (overhead.py reads the rest of them)."""
+    vals = [("op_overhead_us", m.get("op_overhead_us"))]
+    so = m.get("stage_overhead_us")
+    if isinstance(so, dict):
+        vals += [(f"stage_overhead_us.{k}", v) for k, v in so.items()]
+    for key, v in vals:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (abs(v) <= LIMITS["us"]):
+            raise SpecError(f"{where}.{key}", f"is {v}, not a fixed cost in microseconds",
+                            f"give a finite number up to {LIMITS['us']:g}")

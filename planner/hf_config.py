@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.paths import is_dir, is_file
 
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
                 "phimoe", "gpt_oss", "dbrx")
@@ -37,9 +39,9 @@ _DEFAULTS = {"rope_theta": 1e4, "rms_norm_eps": 1e-6}
 def read_config_file(path: str | Path) -> tuple[dict, Path]:
     """The JSON object of a config.json (the file, or the directory holding it) and the file's path."""
     p = Path(path)
-    if p.is_dir():
+    if is_dir(p):
         p = p / "config.json"
-    if not p.is_file():
+    if not is_file(p):
         raise SpecError("model", f"no config.json at {p}",
                         "give a preset name (see `specmoe presets`) or a path to a HF config.json")
     try:
@@ -51,20 +53,60 @@ def read_config_file(path: str | Path) -> tuple[dict, Path]:
     return cfg, p
 
 
-def get_int(cfg: dict, key: str, where: str, *alts: str, default: Any = ...) -> Any:
-    """A positive integer under `key` (or the first of `alts` present); `default` when none is."""
+# the largest value each size can mean (several times the largest published model's): beyond it a
+# config is a typo, and loops over layers or experts would run for hours
+SIZE_LIMITS: dict[str, int] = {
+    "num_hidden_layers": 512, "n_layers": 512, "num_local_experts": 65536, "num_experts": 65536,
+    "n_routed_experts": 65536, "moe_num_experts": 65536, "num_experts_per_tok": 1024, "experts_per_token": 1024,
+    "moe_top_k": 1024, "num_attention_heads": 4096, "num_key_value_heads": 4096, "n_heads": 4096,
+    "kv_n_heads": 4096, "hidden_size": 1 << 17, "d_model": 1 << 17, "head_dim": 1 << 14,
+    "vocab_size": 1 << 23, "max_position_embeddings": 1 << 30, "sliding_window": 1 << 30,
+}
+DEFAULT_SIZE_LIMIT = 1 << 22        # intermediate sizes, ranks, counts of shared experts
+
+
+def get_int(cfg: dict, key: str, where: str, *alts: str, default: Any = ..., minimum: int = 1) -> Any:
+    """An integer in [minimum, SIZE_LIMITS] under `key` (or the first of `alts` present); `default` when none is."""
     for k in (key, *alts):
         if k in cfg and cfg[k] is not None:
             v = cfg[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or int(v) != v:
                 raise SpecError(f"{where}.{k}", f"must be an integer, got {v!r}", "fix config.json")
-            if int(v) <= 0:
-                raise SpecError(f"{where}.{k}", f"must be positive, got {int(v)}", "fix config.json")
+            if int(v) < minimum:
+                raise SpecError(f"{where}.{k}", f"must be >= {minimum}, got {int(v)}", "fix config.json")
+            top = SIZE_LIMITS.get(k, DEFAULT_SIZE_LIMIT)
+            if int(v) > top:
+                raise SpecError(f"{where}.{k}", f"is {int(v)}, beyond any model's ({top} at most)",
+                                "fix config.json (a typo?)")
             return int(v)
     if default is ...:
         raise SpecError(f"{where}.{key}", "missing from config.json",
                         "add it, or check that this is a supported model family")
     return default
+
+
+def get_float(cfg: dict, key: str, where: str, default: float, lo: float, hi: float) -> float:
+    """A finite number in (lo, hi] under `key`; `default` when absent or null."""
+    v = cfg.get(key)
+    if v is None:
+        return float(default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
+        raise SpecError(f"{where}.{key}", f"must be a number in ({lo:g}, {hi:g}], got {v!r}", "fix config.json")
+    return float(v)
+
+
+def _int_list(cfg: dict, key: str, where: str) -> list[int]:
+    v = cfg.get(key) or []
+    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+        raise SpecError(f"{where}.{key}", f"must be a list of layer indices, got {v!r}", "fix config.json")
+    return v
+
+
+def _mapping(cfg: dict, key: str, where: str) -> dict:
+    v = cfg.get(key) or {}
+    if not isinstance(v, dict):
+        raise SpecError(f"{where}.{key}", f"must be a JSON object, got {v!r}", "fix config.json")
+    return v
 
 
 def parse_hf_config(cfg: dict, name: str) -> dict[str, Any]:
@@ -81,7 +123,7 @@ def parse_hf_config(cfg: dict, name: str) -> dict[str, Any]:
         raise SpecError(f"{name}.model_type", f"unsupported family {mt!r}", f"supported: {supported}")
     out = _heads(cfg, mt, name)
     out.update(_ffn(cfg, mt, name, out["num_layers"]))
-    out.update(_details(cfg, mt))
+    out.update(_details(cfg, mt, name))
     out.update(family=mt, vocab_size=get_int(cfg, "vocab_size", name),
                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                weight_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or DEFAULT_WEIGHT_DTYPE),
@@ -110,6 +152,9 @@ def _heads(cfg: dict, mt: str, where: str) -> dict[str, Any]:
     if nq % nkv:
         raise SpecError(f"{where}.num_key_value_heads", f"{nkv} does not divide num_attention_heads={nq}",
                         "fix config.json")
+    if "head_dim" not in cfg and h // nq == 0:
+        raise SpecError(f"{where}.num_attention_heads", f"{nq} heads exceed hidden_size={h}: the head dimension "
+                        "would be 0", "fix config.json (or give head_dim)")
     d = get_int(cfg, "head_dim", where, default=h // nq)
     out = dict(hidden=h, num_layers=get_int(cfg, "num_hidden_layers", where), num_q_heads=nq)
     if mt in ("deepseek_v2", "deepseek_v3") and cfg.get("kv_lora_rank"):
@@ -117,7 +162,7 @@ def _heads(cfg: dict, mt: str, where: str) -> dict[str, Any]:
         d_nope = get_int(cfg, "qk_nope_head_dim", where)
         d_rope = get_int(cfg, "qk_rope_head_dim", where)
         d_v = get_int(cfg, "v_head_dim", where)
-        r_q = cfg.get("q_lora_rank")
+        r_q = get_int(cfg, "q_lora_rank", where, default=0)
         dq = d_nope + d_rope
         q = h * nq * dq if not r_q else h * r_q + r_q + r_q * nq * dq
         kv_a = h * (r_kv + d_rope) + r_kv            # down-projection + its norm
@@ -151,54 +196,61 @@ def _ffn(cfg: dict, mt: str, where: str, L: int) -> dict[str, Any]:
         h_e = get_int(cfg, "intermediate_size", where)
     shared = 0
     if mt == "qwen2_moe":
-        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+        shared = get_int(cfg, "shared_expert_intermediate_size", where, default=0, minimum=0)
     if mt in ("deepseek_v2", "deepseek_v3"):
-        shared = int(cfg.get("n_shared_experts") or 0) * h_e
-    first_dense = int(cfg.get("first_k_dense_replace") or 0)
-    freq = int(cfg.get("moe_layer_freq") or cfg.get("decoder_sparse_step") or 1)
-    mlp_only = set(cfg.get("mlp_only_layers") or [])
+        shared = get_int(cfg, "n_shared_experts", where, default=0, minimum=0) * h_e
+    first_dense = get_int(cfg, "first_k_dense_replace", where, default=0, minimum=0)
+    freq = get_int(cfg, "moe_layer_freq", where, "decoder_sparse_step", default=1)
+    mlp_only = set(_int_list(cfg, "mlp_only_layers", where))
     moe_layers = tuple(i for i in range(L) if i >= first_dense and (i + 1) % freq == 0 and i not in mlp_only)
-    dense = 0 if mt in ("mixtral", "phimoe", "olmoe", "gpt_oss") else int(cfg.get("intermediate_size") or 0)
+    dense = 0 if mt in ("mixtral", "phimoe", "olmoe", "gpt_oss") else \
+        get_int(cfg, "intermediate_size", where, default=0, minimum=0)
     if len(moe_layers) < L and not dense:
         dense = get_int(cfg, "intermediate_size", where)   # the dense layers need it
     return dict(moe_layers=moe_layers, num_experts=E, top_k=topk, expert_intermediate=h_e, expert_matrices=3,
                 shared_expert_intermediate=shared, dense_intermediate=dense)
 
 
-def _rope(cfg: dict, mt: str) -> dict:
+def _rope(cfg: dict, mt: str, where: str = "config") -> dict:
     """transformers' rope_parameters: {"rope_type", "rope_theta", ...scaling keys}."""
-    theta = cfg.get("rope_theta", FAMILY_DEFAULTS.get(mt, _DEFAULTS)["rope_theta"])
-    rope = dict(cfg.get("rope_parameters") or {})
+    theta = get_float(cfg, "rope_theta", where, FAMILY_DEFAULTS.get(mt, _DEFAULTS)["rope_theta"], 0.0, 1e12)
+    rope = dict(_mapping(cfg, "rope_parameters", where))
     if not rope:
-        rope = dict(cfg.get("rope_scaling") or {})
+        rope = dict(_mapping(cfg, "rope_scaling", where))
         rope.setdefault("rope_type", rope.pop("type", "default"))
         rope["rope_theta"] = theta
     rope.setdefault("rope_type", "default")
     rope.setdefault("rope_theta", theta)
+    rope["rope_theta"] = get_float(rope, "rope_theta", f"{where}.rope_parameters", theta, 0.0, 1e12)
     return rope
 
 
-def _details(cfg: dict, mt: str) -> dict[str, Any]:
+def _details(cfg: dict, mt: str, where: str = "config") -> dict[str, Any]:
     """What the engine's forward needs beyond the cost model's facts."""
     qkv_bias, o_bias = _bias_rule(cfg, mt)
-    window = cfg.get("sliding_window")
+    window = get_int(cfg, "sliding_window", where, default=None, minimum=0) or None
     if mt in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
         lt = cfg.get("layer_types")
-        uses = bool(cfg.get("use_sliding_window", False)) and (lt is None or "sliding_attention" in lt)
+        uses = bool(cfg.get("use_sliding_window", False)) and (not isinstance(lt, list) or "sliding_attention" in lt)
         window = window if uses else None
     if mt == "olmoe":
         window = None
-    clip = cfg.get("clip_qkv") if mt == "olmoe" else None
+    clip = get_float(cfg, "clip_qkv", where, 0.0, 0.0, 1e6) if mt == "olmoe" and cfg.get("clip_qkv") is not None \
+        else None
     bos = cfg.get("bos_token_id")
+    act = cfg.get("hidden_act", "silu")
+    if not isinstance(act, str):
+        raise SpecError(f"{where}.hidden_act", f"must be a string, got {act!r}", "e.g. \"silu\"")
     return dict(
-        hidden_act=str(cfg.get("hidden_act", "silu")),
-        rms_eps=float(cfg.get("rms_norm_eps", FAMILY_DEFAULTS.get(mt, _DEFAULTS)["rms_norm_eps"])),
-        rope=_rope(cfg, mt), max_position_embeddings=int(cfg.get("max_position_embeddings") or 1 << 30),
+        hidden_act=act,
+        rms_eps=get_float(cfg, "rms_norm_eps", where, FAMILY_DEFAULTS.get(mt, _DEFAULTS)["rms_norm_eps"], 0.0, 1.0),
+        rope=_rope(cfg, mt, where),
+        max_position_embeddings=get_int(cfg, "max_position_embeddings", where, default=1 << 30),
         qkv_bias=qkv_bias, o_bias=o_bias,
         qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(mt, "none"),
-        clip_qkv=float(clip) if clip is not None else None,
+        clip_qkv=clip,
         mlp_bias=bool(cfg.get("mlp_bias", False)) if mt == "llama" else False,
-        sliding_window=int(window) if window else None,
+        sliding_window=window,
         norm_topk_prob=True if mt == "mixtral" else bool(cfg.get("norm_topk_prob", mt in ("phimoe", "gpt_oss"))),
         eos_token_ids=token_ids(cfg.get("eos_token_id")),
         bos_token_id=bos if isinstance(bos, int) and not isinstance(bos, bool) else None,
@@ -206,12 +258,15 @@ def _details(cfg: dict, mt: str) -> dict[str, Any]:
 
 
 def _parse_dbrx(cfg: dict, name: str) -> dict[str, Any]:
-    a = cfg.get("attn_config") or {}
-    f = cfg.get("ffn_config") or {}
+    a = _mapping(cfg, "attn_config", name)
+    f = _mapping(cfg, "ffn_config", name)
     h = get_int(cfg, "d_model", name)
     L = get_int(cfg, "n_layers", name)
     nq = get_int(cfg, "n_heads", name)
     nkv = get_int(a, "kv_n_heads", f"{name}.attn_config", default=nq)
+    if h // nq == 0:
+        raise SpecError(f"{name}.n_heads", f"{nq} heads exceed d_model={h}: the head dimension would be 0",
+                        "fix config.json")
     d = h // nq
     return dict(
         family="dbrx", vocab_size=get_int(cfg, "vocab_size", name), hidden=h, num_layers=L, num_q_heads=nq,

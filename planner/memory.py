@@ -331,18 +331,47 @@ def default_placement(model: ModelSpec, hw: HardwareSpec, workload: Workload, ba
         eb = model.expert_elems * workload.weight_bytes_per_elem
         nb = max(1, streaming_buffers)
         avail = free + nb * E * eb            # give back the c = 0 buffers, then charge them at c
-        c = 0
-        for cand in range(E, 0, -1):
-            need = cand * n_moe * eb + (nb * (E - cand) * eb if cand < E else 0)
-            if need <= avail:
-                c = cand
-                break
+        c = _uniform_slots(E, n_moe, nb, eb, avail)
         left = avail - c * n_moe * eb - (nb * (E - c) * eb if c < E else 0)
         extra = 0 if c >= E else max(0, min(n_moe, int(left // eb)))
         for idx, layer in enumerate(model.moe_layers):
             slots[layer] = c + (1 if idx < extra else 0)
     return Placement(expert_cache_slots=tuple(slots), target_kv_gpu_sequences=0, draft_kv_gpu_sequences=g,
                      streaming_buffers=streaming_buffers)
+
+
+def check_context(model: ModelSpec, workload: Workload, draft: ModelSpec | None = None) -> None:
+    """Refuse a workload whose sequences outgrow a model's positions (prompt + output beyond
+    max_position_embeddings): its outputs past that point would be silently wrong."""
+    n = workload.prompt_len + workload.gen_len
+    for m in (model, draft):
+        if m is not None and n > m.max_position_embeddings:
+            raise SpecError("gen_len", f"prompt_len ({workload.prompt_len}) + gen_len ({workload.gen_len}) = {n} "
+                            f"exceeds {m.name}'s max_position_embeddings {m.max_position_embeddings}",
+                            "shorten the prompts or the outputs")
+
+
+def _uniform_slots(E: int, n_moe: int, nb: int, eb: float, avail: float) -> int:
+    """The most expert cache slots c in 0..E per MoE layer whose bytes fit `avail`:
+        need(c) = c n_moe eb + nb (E - c) eb   (c < E: nb layers' buffers stream the E - c others)
+        need(E) = E n_moe eb                    (nothing streams)
+    need is linear over 1..E-1 (slope (n_moe - nb) eb), so c is solved for, not searched."""
+    def need(c: int) -> float:
+        return c * n_moe * eb + (nb * (E - c) * eb if c < E else 0.0)
+
+    if need(E) <= avail:
+        return E
+    if E == 1:
+        return 0
+    if n_moe <= nb:                         # need does not grow with c: E - 1 fits if anything does
+        return E - 1 if need(E - 1) <= avail else 0
+    c = max(0, min(E - 1, int((avail - nb * E * eb) // ((n_moe - nb) * eb))))
+    for _ in range(3):                      # float rounding: a step either way at most
+        if c > 0 and need(c) > avail:
+            c -= 1
+        elif c + 1 < E and need(c + 1) <= avail:
+            c += 1
+    return c if c > 0 and need(c) <= avail else 0
 
 
 def max_batch(model: ModelSpec, hw: HardwareSpec, workload: Workload, draft: ModelSpec | None = None,

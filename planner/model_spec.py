@@ -15,6 +15,7 @@ from typing import Any
 
 from specmoe.planner.errors import SpecError
 from specmoe.planner.hf_config import DENSE_FAMILIES, MOE_FAMILIES, parse_hf_config, read_config_file
+from specmoe.planner.paths import exists, is_file
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -121,7 +122,10 @@ class ModelSpec:
     @property
     def non_expert_elems(self) -> int:
         """All weights except routed experts: they stay on the GPU."""
-        return (sum(self.non_expert_layer_elems(i) for i in range(self.num_layers))
+        n_moe = len(set(self.moe_layers))       # per layer as non_expert_layer_elems, counted in O(L)
+        per_layer = self.attn_elems + 2 * self.hidden
+        return (self.num_layers * per_layer + n_moe * (self.router_elems + self.shared_expert_elems)
+                + (self.num_layers - n_moe) * self.dense_ffn_elems
                 + self.embed_elems + self.lm_head_elems + self.hidden)
 
     @property
@@ -180,7 +184,7 @@ class ModelSpec:
     @classmethod
     def preset(cls, name: str) -> "ModelSpec":
         p = PRESET_DIR / f"{name}.json"
-        if not p.is_file():
+        if not is_file(p):
             raise SpecError("model", f"unknown preset {name!r}",
                             f"choose one of: {', '.join(list_presets())}, or give a path to a config.json")
         return cls.from_hf_config(p, name=name)
@@ -228,9 +232,9 @@ def load_model(spec: str | Path | dict | ModelSpec) -> ModelSpec:
     if isinstance(spec, dict):
         return ModelSpec.from_hf_config(spec)
     s = str(spec)
-    if (PRESET_DIR / f"{s}.json").is_file():
+    if is_file(PRESET_DIR / f"{s}.json"):
         return ModelSpec.preset(s)
-    if Path(s).exists():
+    if exists(s):
         return ModelSpec.from_hf_config(s)
-    raise SpecError("model", f"{s!r} is neither a preset nor an existing path",
+    raise SpecError("model", f"{s if len(s) <= 80 else s[:77] + '...'!r} is neither a preset nor an existing path",
                     f"choose a preset ({', '.join(list_presets())}) or give a path to a config.json")

@@ -54,6 +54,7 @@ from specmoe.planner import milp
 from specmoe.planner.cost_model import CostModel
 from specmoe.planner.hardware_spec import HardwareSpec, load_hardware
 from specmoe.planner.model_spec import ModelSpec, load_model
+from specmoe.planner.memory import check_context
 from specmoe.planner.plan import Plan
 from specmoe.planner.schedule import Schedule, default_schedule
 from specmoe.planner.search.batches import batch_grid, batch_limit
@@ -110,8 +111,8 @@ def optimize(model: str | ModelSpec, hardware: str | HardwareSpec, workload: Wor
     ks = int_list(k_values, "k_values", 0)
     mbs = int_list(micro_batch_values, "micro_batch_values", 1)
     d, ks = pick_draft(m, draft, ks)
-    if time_limit_s is None:
-        time_limit_s = 1.0 if stats is not None else 5.0
+    check_context(m, workload, d if any(k > 0 for k in ks) else None)
+    time_limit_s = (1.0 if stats is not None else 5.0) if time_limit_s is None else time_limit_s
     sched = schedule if schedule is not None else default_schedule(hw)
     cm = CostModel(m, hw, workload, d, use_measured=use_measured, schedule=sched)
     variants = search_variants(m, cpu_expert_mode, gpu_attention, target_kv_gpu)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,13 @@ class Prediction:
     @classmethod
     def from_dict(cls, d: dict) -> "Prediction":
         d = _require(d, "predicted", ("iteration_time_s", "decode_tokens_per_s", "stages"))
+        if not isinstance(d["stages"], dict):
+            raise SpecError("predicted.stages", "must be a JSON object of stage seconds", "re-run `specmoe plan`")
+        for key in ("iteration_time_s", "decode_tokens_per_s", "prefill_time_s", "end_to_end_tokens_per_s",
+                    "tokens_per_iteration", *(f"stages.{n}" for n in d["stages"])):
+            v = d["stages"].get(key[7:]) if key.startswith("stages.") else d.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise SpecError(f"predicted.{key}", f"must be a number >= 0, got {v!r}", "re-run `specmoe plan`")
         for name in d["stages"]:
             if name not in STAGE_NAMES:
                 raise SpecError(f"predicted.stages.{name}", "unknown stage name", f"valid: {', '.join(STAGE_NAMES)}")
@@ -173,9 +182,11 @@ class Plan:
         for i, s in enumerate(pl.expert_cache_slots):
             if s < 0 or s > ne:
                 raise SpecError(f"placement.expert_cache_slots[{i}]", f"{s} is outside [0, {ne}]", "re-run `specmoe plan`")
-        for f_ in ("target_kv_gpu_sequences", "draft_kv_gpu_sequences"):
+        for f_ in ("target_kv_gpu_sequences", "draft_kv_gpu_sequences", "streaming_buffers"):
             v = getattr(pl, f_)
-            if v < 0 or v > self.batch:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SpecError(f"placement.{f_}", f"must be an integer, got {v!r}", "re-run `specmoe plan`")
+            if v < 0 or (f_ != "streaming_buffers" and v > self.batch):
                 raise SpecError(f"placement.{f_}", f"{v} is outside [0, batch={self.batch}]", "re-run `specmoe plan`")
         if pl.attention_device not in ("cpu", "gpu"):
             raise SpecError("placement.attention_device", f"{pl.attention_device!r} is not cpu or gpu", "fix the plan")
@@ -233,15 +244,26 @@ class Plan:
                             "re-run `specmoe plan` with the same inputs to regenerate it")
         d = _require(d, "plan", ("batch", "micro_batches", "draft_len", "placement", "predicted", "memory", "bound",
                                  "frontier", "model", "hardware", "workload", "schedule"))
-        return cls(
-            model=d["model"], hardware=d["hardware"], workload=d["workload"], draft=d.get("draft"),
-            batch=d["batch"], micro_batches=d["micro_batches"], draft_len=d["draft_len"],
-            placement=Placement.from_dict(d["placement"]), predicted=Prediction.from_dict(d["predicted"]),
-            memory=d["memory"], bound=d["bound"], frontier=d["frontier"], objective=d.get("objective", "throughput"),
-            alternatives=tuple(d.get("alternatives", ())), solver=d.get("solver", {}),
-            input_hashes=d.get("input_hashes", {}), schema_version=d["schema_version"],
-            schedule=Schedule.from_dict(d["schedule"]),
-        )
+        _check_types(d)
+        with _field("placement"):
+            placement = Placement.from_dict(d["placement"])
+        with _field("predicted"):
+            predicted = Prediction.from_dict(d["predicted"])
+        with _field("schedule"):
+            schedule = Schedule.from_dict(d["schedule"])
+        with _field("plan"):
+            plan = cls(
+                model=d["model"], hardware=d["hardware"], workload=d["workload"], draft=d.get("draft"),
+                batch=d["batch"], micro_batches=d["micro_batches"], draft_len=d["draft_len"],
+                placement=placement, predicted=predicted, memory=d["memory"], bound=d["bound"],
+                frontier=d["frontier"], objective=d.get("objective", "throughput"),
+                alternatives=tuple(d.get("alternatives", ())), solver=d.get("solver", {}),
+                input_hashes=d.get("input_hashes", {}), schema_version=d["schema_version"], schedule=schedule)
+        for name, view in (("model", plan.model_spec), ("draft", plan.draft_spec), ("hardware", plan.hardware_spec),
+                           ("workload", plan.workload_spec)):
+            with _field(name):     # the embedded inputs must read back as the engine will read them
+                view()
+        return plan
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Plan":
@@ -273,6 +295,33 @@ class Plan:
     def workload_spec(self):
         from specmoe.planner.workload import Workload
         return Workload.from_dict(self.workload)
+
+
+# plan.json's top-level fields and the JSON types they must have
+_TYPES = {"model": dict, "hardware": dict, "workload": dict, "draft": (dict, type(None)), "memory": dict,
+          "frontier": dict, "solver": dict, "input_hashes": dict, "alternatives": list, "placement": dict,
+          "predicted": dict, "schedule": dict, "bound": str, "objective": str}
+_NAMES = {dict: "a JSON object", list: "a list", str: "a string", type(None): "null"}
+
+
+def _check_types(d: dict) -> None:
+    for key, want in _TYPES.items():
+        if key in d and not isinstance(d[key], want):
+            names = " or ".join(_NAMES[t] for t in (want if isinstance(want, tuple) else (want,)))
+            raise SpecError(key, f"must be {names}, got {json.dumps(d[key], default=str)[:60]}",
+                            "re-run `specmoe plan` to regenerate it")
+
+
+@contextmanager
+def _field(name: str):
+    """Any error but a SpecError while reading plan field `name` becomes one naming it."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as e:
+        raise SpecError(name, f"has a value of the wrong type or form ({type(e).__name__}: {str(e)[:120]})",
+                        "re-run `specmoe plan` to regenerate it") from None
 
 
 def _require(d: Any, where: str, keys: tuple[str, ...]) -> dict:

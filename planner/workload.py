@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.paths import is_file
 
 # The longest draft the planner searches and the engine's dynamic k may reach by default (the paper's
 # best k on its hosts is 4-6; acceptance falls geometrically past that).
 MAX_DRAFT_LEN = 8
+MAX_PROFILE_K = 64     # the longest draft an acceptance table may describe
 KV_DTYPES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
 
 
@@ -96,6 +98,7 @@ class AcceptanceProfile:
 
     @classmethod
     def from_csv_text(cls, text: str, source: str = "csv") -> "AcceptanceProfile":
+        text = text.removeprefix("\ufeff")     # a byte-order mark (spreadsheets write one) is not data
         rows = list(csv.DictReader(io.StringIO(text)))
         if not rows or "k" not in rows[0]:
             raise SpecError("acceptance", f"{source} has no header with columns k,accepted",
@@ -106,6 +109,7 @@ class AcceptanceProfile:
         has_sd = "accepted_sd" in rows[0]
         pts: dict[int, float] = {0: 0.0}
         sds: dict[int, float] = {0: 0.0}
+        seen: dict[int, int] = {}
         for i, r in enumerate(rows, start=2):
             try:
                 k, a = int(r["k"]), float(r[col])
@@ -117,6 +121,15 @@ class AcceptanceProfile:
                                 + " is not numeric", "fix the row") from None
             if k < 0:
                 raise SpecError("acceptance", f"{source} line {i}: k={k} is negative", "k must be >= 0")
+            if k > MAX_PROFILE_K:
+                raise SpecError("acceptance", f"{source} line {i}: k={k} exceeds {MAX_PROFILE_K}",
+                                "k is a draft length: 1, 2, ...")
+            if k in seen:
+                raise SpecError("acceptance", f"{source} line {i}: k={k} repeats line {seen[k]}",
+                                "give one row per k")
+            if not (math.isfinite(a) and math.isfinite(sds.get(k, 0.0))):
+                raise SpecError("acceptance", f"{source} line {i}: a value is not finite", "fix the row")
+            seen[k] = i
             pts[k] = a
         ks = sorted(pts)
         if ks != list(range(ks[-1] + 1)):
@@ -157,7 +170,7 @@ def load_acceptance(spec: str | float | AcceptanceProfile | None, max_k: int = 1
     except ValueError as e:
         if isinstance(e, SpecError):
             raise
-    if Path(s).is_file():
+    if is_file(s):
         return AcceptanceProfile.from_csv(s)
     raise SpecError("acceptance", f"{s!r} is neither a rate in [0, 1) nor an existing CSV file",
                     "give e.g. 0.8, or a CSV with columns k,accepted")

@@ -84,7 +84,7 @@ class Engine:
                  dtype: torch.dtype | str | None = None, profile_stages: bool = False, dynamic_k: bool = False,
                  k_policy: Callable[[IterationInfo], int] | None = None, max_k: int = MAX_DRAFT_LEN,
                  acceptance_oracle: float | None = None, check_memory: bool = True,
-                 progress: Callable[[int], None] | None = None, flip_gap: float = 1e-4,
+                 progress: Callable[[int], None] | None = None, flip_gap: float | None = None,
                  prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, prefetch_next_layer: bool | str | None = None,
                  expert_host: dict | None = None, host_io: str = "auto", rebalance_experts: bool | None = None,
                  threads: int | None = None):
@@ -101,10 +101,11 @@ class Engine:
         dcfg = _config_of(draft_dir) if draft_dir is not None else None
         self._check_plan(tcfg, dcfg)
         _check_options(host_io, prefetch_next_layer, acceptance_oracle)
-        self.dtype = _resolve_dtype(dtype, tcfg, self.device)
+        self.dtype = _resolve_dtype(dtype, self.plan, self.device)
         self.kv_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
         self.profile_stages, self.dynamic_k, self.max_k = profile_stages, dynamic_k, int(max_k)
-        self.k_policy, self.acceptance_oracle, self.flip_gap = k_policy, acceptance_oracle, float(flip_gap)
+        self.k_policy, self.acceptance_oracle = k_policy, acceptance_oracle
+        self.flip_gap = FLIP_GAP[self.dtype] if flip_gap is None else float(flip_gap)
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
         self.replanned = False
         self.prefetch_next_layer, self.host_io, self.threads = prefetch_next_layer, host_io, threads
@@ -202,6 +203,11 @@ class Engine:
     def _token_ids(self, i: int, p) -> tuple[list[int], str | None]:
         """(token ids, text) of prompt i: a string through the tokenizer, or a list of ids as given."""
         if isinstance(p, str):
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise SpecError(f"prompts[{i}]", f"holds a lone surrogate (U+{ord(p[e.start]):04X}) at character "
+                                f"{e.start}: not text", "give valid Unicode text") from None
             if self.tokenizer is None:
                 raise SpecError("prompts", "text prompts need a tokenizer.json in the target checkpoint",
                                 "give token ids, or a checkpoint with a tokenizer")
@@ -219,8 +225,8 @@ class Engine:
         return ids, text
 
     def _draft_len(self, draft_len: int | None, temperature: float) -> int:
-        if not isinstance(temperature, (int, float)) or temperature < 0 or temperature != temperature:
-            raise SpecError("temperature", f"must be >= 0, got {temperature!r}", "0 for greedy decoding")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < 1e6:
+            raise SpecError("temperature", f"must be a finite number >= 0, got {temperature!r}", "0 for greedy decoding")
         k0 = self.plan.draft_len if draft_len is None else draft_len
         if isinstance(k0, bool) or not isinstance(k0, int) or k0 < 0:
             raise SpecError("draft_len", f"must be an integer >= 0, got {k0!r}", "0 disables speculation")
@@ -399,14 +405,26 @@ def _check_options(host_io: str, prefetch_next_layer, acceptance_oracle: float |
         raise SpecError("acceptance_oracle", f"{acceptance_oracle} is outside [0, 1]", "give a rate such as 0.8")
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, tcfg, device: torch.device) -> torch.dtype:
-    """The compute dtype: the one asked for, else the checkpoint's; fp16 computes in fp32 on a CPU."""
+# the top-2 logit gap under which a greedy token counts as a near-tie (RunRecord.token_flips): a gap the
+# dtype's rounding of logits of magnitude ~30 can close (bf16 keeps 8 bits: 30 * 2^-8 ~ 0.12)
+FLIP_GAP = {torch.float32: 1e-4, torch.float16: 0.016, torch.bfloat16: 0.125}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, plan: Plan, device: torch.device) -> torch.dtype:
+    """The compute dtype: the one asked for, else exact where that is affordable: float32 on the CPU
+    (where bf16 is no faster and greedy speculation would differ from k = 0 at near-ties), and on a
+    GPU the dtype the plan was costed for (bf16 unless it says float16 or float32). fp16 computes in
+    fp32 on a CPU."""
     if dtype is None:
-        dtype = tcfg.dtype
+        want = str(plan.workload.get("weight_dtype", "bf16"))
+        dtype = "float32" if device.type == "cpu" else {"fp32": "float32", "float32": "float32", "fp16": "float16",
+                                                         "float16": "float16"}.get(want, "bfloat16")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise SpecError("dtype", f"unknown dtype {dtype!r}", f"one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    if dtype not in FLIP_GAP:
+        raise SpecError("dtype", f"{dtype} is not a compute dtype", "float32, bfloat16 or float16")
     if dtype == torch.float16 and device.type == "cpu":
         dtype = torch.float32
     return dtype

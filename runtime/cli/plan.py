@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from specmoe.planner.atomic_file import check_distinct, check_writable
 from specmoe.planner.errors import SpecError
 from specmoe.planner.workload import MAX_DRAFT_LEN
 
@@ -69,8 +70,10 @@ def load_routing_stats(path: str, num_layers: int, num_experts: int):
     """[layers, experts] hit counts from a CSV (one row per layer, optional header) or a .npy file."""
     import numpy as np
 
+    from specmoe.planner.paths import is_file
+
     p = Path(path)
-    if not p.is_file():
+    if not is_file(p):
         raise SpecError("--routing-stats", f"no file at {p}", "give a CSV (rows: layers, columns: experts) or a .npy")
     try:
         if p.suffix == ".npy":
@@ -89,6 +92,13 @@ def load_routing_stats(path: str, num_layers: int, num_experts: int):
         raise SpecError("--routing-stats", f"{p} has shape {tuple(a.shape)}, the model needs ({num_layers}, {num_experts})",
                         "one row per layer (zeros on dense layers), one column per expert")
     return a
+
+
+def _as_path(v):
+    """A flag's value when it names an existing file or directory (not a preset name or a number)."""
+    from specmoe.planner.paths import exists
+
+    return v if v is not None and exists(v) else None
 
 
 def build(args):
@@ -122,9 +132,10 @@ def build(args):
     time_limit = _pos_float(args.time_limit, "--time-limit")
     gpu_mem = _pos_float(args.gpu_mem_GiB, "--gpu-mem-GiB")
     cpu_mem = _pos_float(args.cpu_mem_GiB, "--cpu-mem-GiB")
-    out = Path(args.output)
-    if not out.parent.is_dir():
-        raise SpecError("-o", f"directory {out.parent} does not exist", "create it or write the plan elsewhere")
+    check_writable(args.output, "-o")
+    check_distinct({"-o": args.output}, {"--model": _as_path(args.model), "--hardware": _as_path(args.hardware),
+                                         "--draft": _as_path(args.draft), "--acceptance": _as_path(args.acceptance),
+                                         "--routing-stats": args.routing_stats})
     model = load_model(args.model)
     hw = load_hardware(args.hardware)
     if gpu_mem is not None or cpu_mem is not None:

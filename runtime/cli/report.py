@@ -25,11 +25,12 @@ def run(args: argparse.Namespace) -> int:
 
     from specmoe.planner.report import compare, load_plan, render_table, write_html
 
-    from specmoe.planner.errors import SpecError
+    from specmoe.planner.atomic_file import check_distinct, check_writable
 
     out = Path(args.output) if args.output else Path(args.run).with_name("report.html")
-    if not args.no_html and not out.parent.is_dir():   # checked before anything is printed
-        raise SpecError("-o", f"directory {out.parent} does not exist", "create it first or choose another path")
+    if not args.no_html:                                # checked before anything is printed
+        check_writable(out, "-o")
+        check_distinct({"-o": out}, {"plan": args.plan, "run": args.run})
     plan = load_plan(args.plan)
     cmp = compare(plan, args.run)
     if args.json:

@@ -13,6 +13,10 @@ import sys
 from pathlib import Path
 
 from specmoe.planner.errors import SpecError
+from specmoe.planner.workload import MAX_PROFILE_K
+
+from specmoe.runtime.cli.run_outputs import (Outputs, Terminated, check_run_paths, run_plan_path, save_record,
+                                             stop_signals)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +77,11 @@ def read_prompts(path: str | Path) -> list[str]:
             raise SpecError("--prompts", f"{p} line {i} is not valid JSON ({e.msg})", "fix the line") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise SpecError("--prompts", f"{p} line {i} has no string 'prompt' field", 'write {"prompt": "..."}')
+        try:
+            obj["prompt"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError("--prompts", f"{p} line {i}: the prompt holds a lone surrogate (a \\ud800-\\udfff escape "
+                            "without its pair): not text", "give valid Unicode text") from None
         out.append(obj["prompt"])
     return out
 
@@ -80,19 +89,13 @@ def read_prompts(path: str | Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from specmoe.runtime.engine import Engine
 
-    for name in ("max_new_tokens",):
-        v = getattr(args, name)
-        if v < 1:
-            raise SpecError(f"--{name.replace('_', '-')}", f"must be >= 1, got {v}", "e.g. 64")
-    if args.draft_len is not None and args.draft_len < 0:
-        raise SpecError("--draft-len", f"must be >= 0, got {args.draft_len}", "0 disables speculation")
+    _check_args(args)
     prompts = read_prompts(args.prompts)
     out_path = Path(args.output)
-    if not out_path.parent.is_dir():
-        raise SpecError("-o", f"directory {out_path.parent} does not exist", "create it first")
     if args.threads is not None and args.threads < 1:
         raise SpecError("--threads", f"must be >= 1, got {args.threads}", "e.g. --threads 2")
     given, plan = _plan_at_draft_len(args)
+    check_run_paths(args, plan is not given or args.prefetch != "auto" or args.threads is not None)
     engine = Engine(plan, args.target, args.draft, device=args.device, dtype=args.dtype,
                     profile_stages=args.profile_stages, dynamic_k=args.dynamic_k,
                     acceptance_oracle=args.acceptance_oracle,
@@ -108,15 +111,10 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=len(prompts), unit="seq", desc="specmoe run", file=sys.stderr)
-    outf = None   # opened at the first finished sequence: input errors leave no output files behind
+    outputs = Outputs(args.outputs)
 
     def on_finish(o):
-        nonlocal outf
-        if args.outputs:
-            if outf is None:
-                outf = open(args.outputs, "w")
-            outf.write(json.dumps(o.to_dict()) + "\n")
-            outf.flush()
+        outputs.add(o)
         if bar is not None:
             bar.update(1)
 
@@ -124,38 +122,79 @@ def run(args: argparse.Namespace) -> int:
 
     probe = RunProbe({} if args.no_speed_probe else engine.plan.hardware, engine.device)
     probe.before()
-    code = 0
+    try:
+        with stop_signals() as stopping:
+            code, record, error = _generate(engine, prompts, args, on_finish, probe, stopping)
+            lost = save_record(record, out_path)
+    finally:
+        outputs.close()
+        if bar is not None:
+            bar.close()
+    return _report(code, record, error, lost, outputs, out_path)
+
+
+def _check_args(args) -> None:
+    """The numbers of the command line, each refused with its flag named."""
+    import math
+
+    if args.max_new_tokens < 1:
+        raise SpecError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}", "e.g. 64")
+    if args.max_new_tokens > 1 << 24:
+        raise SpecError("--max-new-tokens", f"{args.max_new_tokens} is more than any model's positions", "e.g. 64")
+    if args.draft_len is not None and not 0 <= args.draft_len <= MAX_PROFILE_K:
+        raise SpecError("--draft-len", f"must be in [0, {MAX_PROFILE_K}], got {args.draft_len}",
+                        "0 disables speculation")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise SpecError("--temperature", f"must be a finite number >= 0, got {args.temperature}", "0 for greedy")
+    if not 0 <= args.seed < 2 ** 63:
+        raise SpecError("--seed", f"must be in [0, 2^63), got {args.seed}", "e.g. --seed 0")
+    if args.acceptance_oracle is not None and not 0 <= args.acceptance_oracle <= 1:
+        raise SpecError("--acceptance-oracle", f"{args.acceptance_oracle} is outside [0, 1]", "e.g. 0.8")
+
+
+def _generate(engine, prompts, args, on_finish, probe, stopping):
+    """(exit code, run record, the error that stopped the run or None)."""
     try:
         res = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               seed=args.seed, on_finish=on_finish)
+        stopping["stopped"] = True
         probe.after(res.record)
-        res.record.to_json(out_path)
+        return 0, res.record, None
     except BaseException as e:  # noqa: BLE001
+        stopping["stopped"] = True
         partial = getattr(e, "partial_result", None)
         if partial is None:
             raise
-        partial.record.to_json(out_path)
-        if isinstance(e, KeyboardInterrupt):
-            print(f"specmoe run: interrupted; {partial.record.finished_sequences} finished sequences kept, "
-                  f"run record (complete: false) in {out_path}", file=sys.stderr)
-            code = 130
-        elif isinstance(e, SpecError):
-            raise
-        else:
-            print(f"specmoe run: error: {type(e).__name__}: {e}; {partial.record.finished_sequences} finished "
-                  f"sequences kept, run record (complete: false) in {out_path}", file=sys.stderr)
-            code = 1
-    finally:
-        if outf is not None:
-            outf.close()
-        if bar is not None:
-            bar.close()
-    if code == 0:
-        r = engine.last_result.record
+        code = 143 if isinstance(e, Terminated) else 130 if isinstance(e, KeyboardInterrupt) else \
+            2 if isinstance(e, SpecError) else 1
+        return code, partial.record, e
+
+
+def _report(code: int, r, error, lost: str | None, outputs, out_path: Path) -> int:
+    """One line on how the run ended: what was kept, where."""
+    kept = r.finished_sequences if outputs.lines is None else outputs.lines
+    where = f"run record (complete: false) in {out_path}" if lost is None else lost
+    on_disk = "" if outputs.lines is None else f" in {outputs.path}"
+    if code == 0 and lost is None:
         print(f"specmoe run: {r.finished_sequences} sequences, {r.generated_tokens} tokens; decode "
               f"{r.decode_tokens_per_s:.1f} tok/s, end-to-end {r.end_to_end_tokens_per_s:.1f} tok/s, mean accepted "
               f"{r.mean_accepted:.2f} (k={r.draft_len}); record in {out_path}")
+        return 0
+    if code == 0:
+        print(f"specmoe run: error: {lost}; {kept} finished sequences kept{on_disk}", file=sys.stderr)
+        return 1
+    if isinstance(error, SpecError):
+        raise error
+    why = ("terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted" if code == 130
+           else f"error: {_one_line(error)}")
+    print(f"specmoe run: {why}; {kept} finished sequences kept{on_disk}, {where}", file=sys.stderr)
     return code
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _plan_at_draft_len(args):
@@ -169,11 +208,6 @@ def _plan_at_draft_len(args):
         return plan, plan
     draft = ModelSpec.from_hf_config(args.draft) if (args.draft is not None and plan.draft is None) else None
     return plan, replan(plan, draft_len=args.draft_len, draft=draft)
-
-
-def run_plan_path(out_path: Path) -> Path:
-    """Where `specmoe run -o RUN.json` writes the plan it ran when an override changed it: RUN.plan.json."""
-    return out_path.with_name(out_path.stem + ".plan.json")
 
 
 def _save_run_plan(plan, out_path: Path) -> None:

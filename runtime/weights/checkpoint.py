@@ -57,7 +57,7 @@ class Checkpoint:
             wm = _read_json(idx, where).get("weight_map")
             if not isinstance(wm, dict):
                 raise SpecError(f"{idx}", "has no weight_map", "re-save the checkpoint")
-            files = sorted({self.path / f for f in wm.values()})
+            files = sorted({self._shard(f, idx) for f in wm.values()})
             for f in files:
                 if not f.is_file():
                     raise SpecError("checkpoint", f"shard {f.name} listed in {idx.name} is missing from {where}",
@@ -74,6 +74,15 @@ class Checkpoint:
             for k in self._open(f).keys():
                 out[k] = f
         return out
+
+    def _shard(self, name: Any, idx: Path) -> Path:
+        """A weight_map file name: a file inside the checkpoint directory, never a path out of it."""
+        root = self.path.resolve()
+        f = (self.path / name) if isinstance(name, str) and name else None
+        if f is None or Path(name).is_absolute() or (f.resolve() != root and root not in f.resolve().parents):
+            raise SpecError(f"{idx.name}.weight_map", f"{name!r} is not a file inside {self.path}",
+                            "list shard file names relative to the checkpoint directory")
+        return f
 
     def _open(self, f: Path):
         from safetensors import safe_open
@@ -105,7 +114,7 @@ class Checkpoint:
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise SpecError("checkpoint", f"tensor {name} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}",
                             "the weights do not match config.json")
-        return t
+        return checked_values(name, t, f)
 
     def _get_row(self, name: str, e: int, shape: tuple[int, ...]) -> torch.Tensor:
         f = self._key_file[name]
@@ -115,7 +124,7 @@ class Checkpoint:
             if full != (self.config.num_experts, *shape):
                 raise SpecError("checkpoint", f"tensor {name} has shape {full}, config.json implies "
                                 f"{(self.config.num_experts, *shape)}", "the weights do not match config.json")
-            return sl[e]
+            return checked_values(name, sl[e], f)
         except SpecError:
             raise
         except Exception as e_:
@@ -201,6 +210,23 @@ def read_config(path: str | Path) -> ArchConfig:
         raise SpecError("checkpoint", f"no config.json in {p}", "give a HF checkpoint directory")
     gen = p / "generation_config.json"
     return parse_config(read_config_file(p)[0], str(p), _read_json(gen, str(p)) if gen.is_file() else None)
+
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def checked_values(name: str, t: torch.Tensor, f: Path) -> torch.Tensor:
+    """Refuse, at load, a weight of a dtype the engine does not compute with (an int8 or fp8 tensor
+    would be upcast to garbage) or with NaN or infinite values (the run would complete with garbage
+    tokens)."""
+    if t.dtype not in WEIGHT_DTYPES:
+        raise SpecError("checkpoint", f"tensor {name} in {f.name} is {str(t.dtype).replace('torch.', '')}, not a "
+                        "float32, bfloat16 or float16 weight", "give an unquantised checkpoint")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise SpecError("checkpoint", f"tensor {name} in {f.name} has {bad} NaN or infinite values",
+                        "the file is corrupt or the training diverged: re-download or re-save it")
+    return t
 
 
 def _read_json(p: Path, where: str) -> dict:
