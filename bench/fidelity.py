@@ -68,7 +68,7 @@ def setup(args, log):
     dev = pick_device(None)
     dtype = "float32" if dev.type == "cpu" else "bfloat16"
     profile, _ = profile_pair(job, dev, dtype)
-    plan, _, _ = plan_demo(job, spec, profile, None, dev, dtype)
+    plan, _, _, _ = plan_demo(job, spec, profile, None, dev, dtype)
     return job, plan, dtype
 
 

@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from specmoe.planner.atomic_file import atomic_write_text
 from specmoe.planner.errors import SpecError
@@ -72,12 +72,11 @@ class DemoResult:
     micro_batches: int
     differing_sequences: int
     timings_s: dict = field(default_factory=dict)
+    headline: Any = None          # planner.report.headline.Headline
 
     @property
     def summary_line(self) -> str:
-        err = "n/a" if self.iteration_error_pct is None else f"{self.iteration_error_pct:+.1f}%"
-        return (f"demo: speculation {self.speedup:.2f}x over k=0; iteration time error {err} (predicted vs measured); "
-                f"report: {self.report_path}")
+        return self.headline.line(self.iteration_error_pct, str(self.report_path))
 
 
 def content_hash(*paths: Path, extra: object = None) -> str:
@@ -150,9 +149,9 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     dev = pick_device(None)
     dtype = "float32" if dev.type == "cpu" else "bfloat16"      # the CPU computes the bf16 pair in fp32
     profile, acc_path = profile_pair(job, dev, dtype)
-    plan, plan_path, k0_pred = plan_demo(job, spec, profile, batch, dev, dtype)
+    plan, plan_path, k0_pred, planner_k = plan_demo(job, spec, profile, batch, dev, dtype)
     runs, differing = run_both_modes(job, plan, spec, dev, dtype)
-    return report_demo(job, plan, plan_path, runs, k0_pred, differing, info, spec_path, acc_path)
+    return report_demo(job, plan, plan_path, runs, k0_pred, differing, info, spec_path, acc_path, planner_k)
 
 
 def _make_out_dir(out_dir: str | Path) -> Path:
@@ -235,7 +234,8 @@ def profile_pair(job: DemoJob, dev, dtype: str):
 
 def plan_demo(job: DemoJob, spec, profile, batch: int | None, dev, dtype: str):
     """Step 3: planner.optimize on the calibrated spec, the batch capped by the number of prompts; when its
-    best has k = 0, its best speculative plan -> (plan, plan.json's path, predicted k = 0 tokens/s or None)."""
+    best has k = 0, its best speculative plan -> (plan, plan.json's path, predicted k = 0 tokens/s or None,
+    the planner's own best k)."""
     log, prompts = job.log, job.prompts
     t0 = time.perf_counter()
     plan_for = _planner(job, spec, profile, dev, dtype)
@@ -248,6 +248,7 @@ def plan_demo(job: DemoJob, spec, profile, batch: int | None, dev, dtype: str):
         plan = plan_for(batch, ks)
     k0_pred = next((e["decode_tokens_per_s"] for e in plan.frontier.get("by_k", [])
                     if e.get("draft_len") == 0 and e.get("feasible", True)), None)
+    planner_k = plan.draft_len
     if plan.draft_len == 0:
         plan, k0_pred = _best_speculative(job, plan, plan_for, batch)
     plan_path = job.out / "plan.json"
@@ -256,7 +257,7 @@ def plan_demo(job: DemoJob, spec, profile, batch: int | None, dev, dtype: str):
     log(f"demo [3/{STEPS}] plan: batch {plan.batch}, micro-batches {plan.micro_batches}, k {plan.draft_len}; predicted "
         f"iteration {plan.predicted.iteration_time_s * 1e3:.1f} ms, {plan.predicted.decode_tokens_per_s:.0f} tok/s "
         f"({plan.predicted.source} rates) -> {plan_path}")
-    return plan, plan_path, k0_pred
+    return plan, plan_path, k0_pred, planner_k
 
 
 def _planner(job: DemoJob, spec, profile, dev, dtype: str) -> Callable:
@@ -361,28 +362,32 @@ def _keep_fastest_runs(job: DemoJob, runs: dict[str, list], outs_by_run: dict[in
 
 
 def report_demo(job: DemoJob, plan, plan_path: Path, runs: dict[str, list], k0_pred: float | None, differing: int,
-                info: dict, spec_path: Path, acc_path: Path) -> DemoResult:
-    """Step 5: predicted against measured (planner.report) -> the table on stdout, report.html; the
-    speedups and the runs' spread on stdout, demo.json."""
+                info: dict, spec_path: Path, acc_path: Path, planner_k: int) -> DemoResult:
+    """Step 5: predicted against measured (planner.report) -> the table on stdout, report.html (with the
+    headline: both modes' runs); the speedups, the spread and whether the planner's choice was right on
+    stdout, demo.json."""
     from specmoe.planner.report import compare, render_table, write_html
+    from specmoe.planner.report.headline import Headline
 
     t0 = time.perf_counter()
     run_path = job.out / "run.json"
     cmp = compare(plan_path, run_path)
     table = render_table(cmp)
-    report_path = write_html(plan_path, run_path, job.out / "report.html", comparison=cmp)
+    pair = {m: [(r.record.decode_tokens_per_s, r.record.stages["iteration"]) for r in runs[m]] for m in runs}
+    head = Headline(draft_len=plan.draft_len, planner_k=planner_k,
+                    predicted_speedup=plan.predicted.decode_tokens_per_s / k0_pred if k0_pred else None,
+                    spec_runs=pair["spec"], k0_runs=pair["k0"],
+                    spec_pooled_tokens_per_s=_pooled_tokens_per_s(runs["spec"]),
+                    k0_pooled_tokens_per_s=_pooled_tokens_per_s(runs["k0"]))
+    report_path = write_html(plan_path, run_path, job.out / "report.html", comparison=cmp, headline=head)
     job.times["report"] = time.perf_counter() - t0
-    spec_tps, k0_tps = _pooled_tokens_per_s(runs["spec"]), _pooled_tokens_per_s(runs["k0"])
-    speedup = spec_tps / k0_tps if k0_tps > 0 else 0.0
-    pred_speedup = plan.predicted.decode_tokens_per_s / k0_pred if k0_pred else None
-    its = [r.record.stages["iteration"] for r in runs["spec"]]
-    _log_outcome(job, plan, table, spec_tps, k0_tps, differing, speedup, pred_speedup, its)
-    _write_summary(job, plan, runs, cmp, speedup, pred_speedup, differing, info)
+    _log_outcome(job, plan, table, head, differing)
+    _write_summary(job, plan, runs, cmp, head, differing, info)
     return DemoResult(out_dir=job.out, spec_path=spec_path, acceptance_path=acc_path, plan_path=plan_path,
-                      run_path=run_path, run_k0_path=job.out / "run_k0.json", report_path=report_path, speedup=speedup,
-                      iteration_error_pct=cmp.iteration_error_pct, table=table, draft_len=plan.draft_len,
-                      batch=plan.batch, micro_batches=plan.micro_batches, differing_sequences=differing,
-                      timings_s=job.times)
+                      run_path=run_path, run_k0_path=job.out / "run_k0.json", report_path=report_path,
+                      speedup=head.measured_speedup, iteration_error_pct=cmp.iteration_error_pct, table=table,
+                      draft_len=plan.draft_len, batch=plan.batch, micro_batches=plan.micro_batches,
+                      differing_sequences=differing, timings_s=job.times, headline=head)
 
 
 def _pooled_tokens_per_s(rs: list) -> float:
@@ -391,31 +396,29 @@ def _pooled_tokens_per_s(rs: list) -> float:
     return sum(r.record.decode_tokens for r in rs) / secs if secs > 0 else 0.0
 
 
-def _log_outcome(job: DemoJob, plan, table: str, spec_tps: float, k0_tps: float, differing: int, speedup: float,
-                 pred_speedup: float | None, its: list[float]) -> None:
-    """The comparison table, the measured (and predicted) speedup and the speculative runs' spread."""
+def _log_outcome(job: DemoJob, plan, table: str, head, differing: int) -> None:
+    """The comparison table, the measured (and predicted) speedup, the runs' spread and the planner's choice."""
     log, n = job.log, len(job.prompts)
     log(f"demo [5/{STEPS}] predicted against measured (the fastest speculative run, k = {plan.draft_len}):")
     log(table)
-    log(f"demo [5/{STEPS}] speculation k = {plan.draft_len}: {spec_tps:.1f} tok/s; k = 0: {k0_tps:.1f} tok/s (decode, "
-        f"all runs of each); greedy outputs identical in {n - differing}/{n} sequences"
+    log(f"demo [5/{STEPS}] speculation k = {plan.draft_len}: {head.spec_pooled_tokens_per_s:.1f} tok/s; k = 0: "
+        f"{head.k0_pooled_tokens_per_s:.1f} tok/s (decode, all runs of each); greedy outputs identical in "
+        f"{n - differing}/{n} sequences"
         + ("" if not differing else " (the rest: near-tie logits flipped, see token_flips in the run records)"))
-    if pred_speedup is not None:
-        job_pred = plan.predicted.job
-        log(f"demo [5/{STEPS}] speculation predicted {pred_speedup:.2f}x, measured {speedup:.2f}x"
-            + (f" (the {n}-prompt job's batch drains to {job_pred['mean_live_batch']:.1f} live sequences on "
-               f"average over {job_pred['iterations']:.1f} iterations, predicted)" if job_pred else ""))
-    spread = (max(its) - min(its)) / min(its) * 100 if min(its) > 0 else 0.0
-    log(f"demo [5/{STEPS}] the speculative runs' mean iterations: "
-        + ", ".join(f"{x * 1e3:.2f} ms" for x in its) + f" ({spread:.0f}% apart: the measurement noise of this machine)")
+    job_pred = plan.predicted.job
+    if head.predicted_speedup is not None and job_pred:
+        log(f"demo [5/{STEPS}] the {n}-prompt job's batch drains to {job_pred['mean_live_batch']:.1f} live sequences "
+            f"on average over {job_pred['iterations']:.1f} iterations, predicted")
+    for mode, runs in ((f"k = {plan.draft_len}", head.spec_runs), ("k = 0", head.k0_runs)):
+        log(f"demo [5/{STEPS}] {mode} runs: " + ", ".join(f"{tps:.0f} tok/s ({it * 1e3:.2f} ms)" for tps, it in runs))
 
 
-def _write_summary(job: DemoJob, plan, runs: dict[str, list], cmp, speedup: float, pred_speedup: float | None,
-                   differing: int, info: dict) -> None:
-    """demo.json: the speedups, every run's decode rate and mean iteration, the plan's choices and timings."""
+def _write_summary(job: DemoJob, plan, runs: dict[str, list], cmp, head, differing: int, info: dict) -> None:
+    """demo.json: the headline, every run's decode rate and mean iteration, the plan's choices and timings."""
     import torch
 
-    summary = {"speedup": speedup, "predicted_speedup": pred_speedup,
+    summary = {"speedup": head.measured_speedup, "predicted_speedup": head.predicted_speedup,
+               "spread_pct": head.spread_pct, "choice": head.choice(), "planner_k": head.planner_k,
                "spec_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["spec"]],
                "k0_decode_tokens_per_s": [r.record.decode_tokens_per_s for r in runs["k0"]],
                "spec_iteration_s": [r.record.stages["iteration"] for r in runs["spec"]],

@@ -333,9 +333,13 @@ class Engine:
                 info = IterationInfo(run.iterations, len(active), sum(s.target_len for s in active) / len(active),
                                      run.accepted, run.trials)
                 k = policy(info)
+                if run.iterations == TIMELINE_ITERATION:
+                    timer.start_events()
                 t0 = time.perf_counter()
                 st = dec.step(active, k)
                 dt = time.perf_counter() - t0
+                if run.iterations == TIMELINE_ITERATION:
+                    run.timeline = timer.take_events()
                 timer.add(Stage.ITERATION, dt)
                 run.record_iteration(st, dt)
                 still = []
@@ -405,6 +409,7 @@ def _check_options(host_io: str, prefetch_next_layer, acceptance_oracle: float |
         raise SpecError("acceptance_oracle", f"{acceptance_oracle} is outside [0, 1]", "give a rate such as 0.8")
 
 
+TIMELINE_ITERATION = 1    # the decode iteration whose stages the run record keeps as a timeline (warm, batch full)
 # the top-2 logit gap under which a greedy token counts as a near-tie (RunRecord.token_flips): a gap the
 # dtype's rounding of logits of magnitude ~30 can close (bf16 keeps 8 bits: 30 * 2^-8 ~ 0.12)
 FLIP_GAP = {torch.float32: 1e-4, torch.float16: 0.016, torch.bfloat16: 0.125}

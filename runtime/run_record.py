@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from specmoe.planner.atomic_file import atomic_write_text
-from specmoe.planner.stages import ITERATION_PARTS, STAGE_NAMES, Stage
+from specmoe.planner.stages import ITERATION_PARTS, STAGE_NAMES, STAGE_RESOURCE, Stage
+
+_RESOURCE = {s.value: r for s, r in STAGE_RESOURCE.items()}
 
 RUN_RECORD_VERSION = 1
 
@@ -38,6 +40,8 @@ class StageTimer:
         self.totals: dict[str, dict[str, float]] = {"decode": {}, "prefill": {}}
         self.counters: dict[str, dict[str, int]] = {"decode": {}, "prefill": {}}
         self.phase = "decode"
+        self.events: list[dict] | None = None     # while recording: one {stage, resource, start_s, end_s} per stage
+        self._origin = 0.0
 
     def _sync(self) -> None:
         torch.cuda.current_stream(self.device).synchronize()
@@ -52,7 +56,21 @@ class StageTimer:
         finally:
             if self.sync:
                 self._sync()
-            self.add(stage, time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            self.add(stage, t1 - t0)
+            if self.events is not None:
+                name = str(stage)
+                self.events.append({"stage": name, "resource": _RESOURCE.get(name, "cpu"), "layer": -1,
+                                    "micro_batch": -1, "start_s": t0 - self._origin, "end_s": t1 - self._origin})
+
+    def start_events(self) -> None:
+        """Record every stage from now on as a timeline event, times relative to now."""
+        self.events, self._origin = [], time.perf_counter()
+
+    def take_events(self) -> list[dict]:
+        """The events recorded since start_events(); recording stops."""
+        out, self.events = self.events or [], None
+        return out
 
     def count(self, name: str, value: int, phase: str | None = None) -> None:
         d = self.counters[phase or self.phase]
@@ -145,6 +163,9 @@ class RunRecord:
     # after_s, ratio (> 1: the machine ran slower than when calibrated)}; None when not probed
     speed_probe: dict | None = None
     live_by_iteration: list[int] = field(default_factory=list)   # sequences in each decode iteration
+    # one decode iteration (the second: warm, the batch still full), stage by stage as the engine ran it:
+    # {stage, resource, layer, micro_batch, start_s, end_s}; GPU stages are launch times unless profiled
+    timeline: list[dict] = field(default_factory=list)
     schema_version: int = RUN_RECORD_VERSION
 
     def to_dict(self) -> dict:

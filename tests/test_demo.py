@@ -14,8 +14,8 @@ import pytest
 
 from engine_fixtures import REPO, TINY_MOE
 
-LAST = re.compile(r"^demo: speculation (\d+\.\d\d)x over k=0; iteration time error ([+-]\d+\.\d)% "
-                  r"\(predicted vs measured\); report: (.+)$")
+LAST = re.compile(r"^demo: speculation measured (\d+\.\d\d)x \(predicted (\d+\.\d\dx|n/a)\) over k=0, spread "
+                  r"(\d+)%; iteration time error ([+-]\d+\.\d)% \(predicted vs measured\); report: (.+)$")
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (TINY_MOE / "config.json").is_file(), reason="needs models/tiny-moe")]
@@ -40,13 +40,12 @@ def demo_run(tmp_path_factory):
 
 
 def test_demo_last_line_and_files(demo_run):
-    p, secs, out, _ = demo_run
+    p, _, out, _ = demo_run
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     m = LAST.match(lines[-1])
     assert m, lines[-1]
-    speedup, err, report = float(m.group(1)), float(m.group(2)), Path(m.group(3))
-    assert speedup > 0 and abs(err) < 1000
+    speedup, err, report = float(m.group(1)), float(m.group(4)), Path(m.group(5))
     assert report == out / "report.html" and report.is_file() and "plotly" in report.read_text()[:400000].lower()
     for name in ("hardware.yaml", "plan.json", "run.json", "run_k0.json", "outputs.jsonl", "outputs_k0.jsonl", "demo.json"):
         assert (out / name).is_file(), name
@@ -65,8 +64,12 @@ def test_demo_last_line_and_files(demo_run):
     assert run0["stages"]["iteration"] == pytest.approx(min(summary["k0_iteration_s"]))
     i = summary["spec_iteration_s"].index(min(summary["spec_iteration_s"]))
     assert summary["spec_decode_tokens_per_s"][i] == pytest.approx(run["decode_tokens_per_s"])
-    assert min(summary["spec_decode_tokens_per_s"]) / max(summary["k0_decode_tokens_per_s"]) <= speedup <= \
-        max(summary["spec_decode_tokens_per_s"]) / min(summary["k0_decode_tokens_per_s"])
+    # pooled over the runs (decode tokens over decode seconds of all five): every run of either mode emits
+    # the same greedy tokens, so the pooled rate of a mode is the harmonic mean of its runs' rates and the
+    # speedup is sum(1 / k0 rate) / sum(1 / spec rate)
+    assert run["decode_tokens"] == run0["decode_tokens"] > 0
+    pooled = sum(1 / r for r in summary["k0_decode_tokens_per_s"]) / sum(1 / r for r in summary["spec_decode_tokens_per_s"])
+    assert speedup == pytest.approx(pooled, abs=0.006)
     assert summary["threads"] == 1
     from specmoe.planner.report import compare, live_batch
 
@@ -78,7 +81,10 @@ def test_demo_last_line_and_files(demo_run):
     # the plan priced in the 8-prompt job's drain, and the demo printed predicted against measured speedup
     assert plan["workload"]["num_prompts"] == 8 and plan["predicted"]["job"]["num_prompts"] == 8
     assert summary["predicted_speedup"] > 0
-    assert re.search(r"speculation predicted \d+\.\d\dx, measured \d+\.\d\dx", p.stdout)
+    assert m.group(2) == f"{summary['predicted_speedup']:.2f}x"
+    assert int(m.group(3)) == round(summary["spread_pct"])
+    assert re.match(r"^demo: the planner chose k = \d .* its choice was (right|wrong)", lines[-2]), lines[-2]
+    assert summary["choice"] in lines[-2]
     assert cmp.row("decode iterations").measured == run["iterations"]
     # every step said what it did; the first run measured the calibration (quick), the table was printed
     text = p.stdout
@@ -90,7 +96,6 @@ def test_demo_last_line_and_files(demo_run):
     o1 = [json.loads(x)["token_ids"] for x in (out / "outputs.jsonl").read_text().splitlines()]
     o0 = [json.loads(x)["token_ids"] for x in (out / "outputs_k0.jsonl").read_text().splitlines()]
     assert o1 == o0
-    assert secs < 120, f"the quick demo took {secs:.0f} s"
 
 
 def test_report_on_the_demo_files(demo_run):

@@ -10,6 +10,7 @@ from specmoe.planner.errors import SpecError
 from specmoe.planner.plan import Plan
 from specmoe.planner.report.compare import compare
 from specmoe.planner.report.comparison import Comparison, Row
+from specmoe.planner.report.headline import Headline
 from specmoe.planner.report.inputs import load_plan
 
 
@@ -19,6 +20,28 @@ def _fmt(v: float | None, unit: str) -> str:
     if unit == "s":
         return f"{v:.6f}" if v < 10 else f"{v:.2f}"
     return f"{v:.2f}"
+
+
+def _cell(v) -> str:
+    """A header value in words: mappings as `key value, ...` and lists comma-separated, not Python reprs."""
+    if isinstance(v, dict):
+        return ", ".join(f"{str(k).replace('_', ' ')} {_cell(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_cell(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _unit(unit: str) -> str:
+    return "ms" if unit == "s" else unit
+
+
+def _fmt_html(v: float | None, unit: str) -> str:
+    """Times in milliseconds on the page (three significant decimals), other units as the table."""
+    if v is None:
+        return "-"
+    return f"{v * 1e3:.3f}" if unit == "s" else _fmt(v, unit)
 
 
 def _err(r: Row) -> str:
@@ -56,9 +79,10 @@ def render_table(cmp: Comparison) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 def write_html(plan: Plan | dict | str | Path, run: dict | str | Path, path: str | Path,
-               comparison: Comparison | None = None) -> Path:
+               comparison: Comparison | None = None, headline: Headline | None = None) -> Path:
     """One self-contained HTML report (plotly's JS inlined, no network). Written atomically: on any
-    error no file (and no partial file) is left at `path`."""
+    error no file (and no partial file) is left at `path`. headline: both modes' runs of a run with and
+    without speculation (planner/report/headline.py), shown first and on the throughput chart."""
     import specmoe.planner.report.plots as rp      # plotly, imported on first use
 
     out = Path(path)
@@ -66,11 +90,11 @@ def write_html(plan: Plan | dict | str | Path, run: dict | str | Path, path: str
         raise SpecError("-o", f"directory {out.parent} does not exist", "create it first or choose another path")
     plan_obj = load_plan(plan)
     cmp = comparison if comparison is not None else compare(plan_obj, run)
-    page = _page(cmp, _figures(rp, cmp, plan_obj))
+    page = _page(cmp, _figures(rp, cmp, plan_obj, headline), headline)
     return atomic_write_text(out, page)
 
 
-def _figures(rp, cmp: Comparison, plan: Plan) -> list:
+def _figures(rp, cmp: Comparison, plan: Plan, headline: Headline | None = None) -> list:
     """(title, plotly figure) for each chart the comparison has data for; rp: planner/report/plots.py."""
     figs = [("Stage times per iteration", rp.stage_bars(cmp))]
     if cmp.predicted_timeline:
@@ -81,7 +105,8 @@ def _figures(rp, cmp: Comparison, plan: Plan) -> list:
         it_m = cmp.row("decode tokens/s").measured
         figs.append(("Decode throughput against draft length k",
                      rp.throughput_vs_k(cmp.by_k, plan.draft_len, plan.predicted.decode_tokens_per_s,
-                                        cmp.header["run_draft_len"], it_m)))
+                                        cmp.header["run_draft_len"], it_m,
+                                        measured=headline.measured_points() if headline else None)))
     if cmp.acceptance:
         figs.append(("Accepted drafts per verified sequence", rp.acceptance_bars(cmp.acceptance)))
     lives = cmp.live.get("measured") if cmp.live else None
@@ -97,16 +122,30 @@ td:first-child,th:first-child,td.l{text-align:left}.pass{color:#fff;background:#
 .miss{color:#fff;background:#c33;padding:4px 10px}.warn{color:#a60}h2{margin-top:1.6em}"""
 
 
-def _page(cmp: Comparison, figs: list) -> str:
+def _headline_html(h: Headline, cmp: Comparison) -> str:
+    """The headline numbers, the planner's choice in words and every run of both modes."""
+    e = html.escape
+    err = "n/a" if cmp.iteration_error_pct is None else f"{cmp.iteration_error_pct:+.1f}%"
+    pred = "n/a" if h.predicted_speedup is None else f"{h.predicted_speedup:.2f}x"
+    rows = "".join(f"<tr><td class=l>{mode}</td><td>{i + 1}</td><td>{tps:.1f}</td><td>{it * 1e3:.2f}</td></tr>"
+                   for mode, runs in ((f"k = {h.draft_len}", h.spec_runs), ("k = 0", h.k0_runs))
+                   for i, (tps, it) in enumerate(runs))
+    return (f"<h2>Headline</h2><p>Speculation (k = {h.draft_len}) measured <b>{h.measured_speedup:.2f}x</b> "
+            f"(predicted {pred}) over k = 0, spread {h.spread_pct:.0f}% over the runs; iteration time error "
+            f"<b>{err}</b> (predicted vs measured).</p><p>{e(h.choice()[0].upper() + h.choice()[1:])}.</p>"
+            f"<table><tr><th>mode</th><th>run</th><th>decode tokens/s</th><th>mean iteration ms</th></tr>{rows}</table>")
+
+
+def _page(cmp: Comparison, figs: list, headline: Headline | None = None) -> str:
     e = html.escape
     h = cmp.header
-    head_rows = "".join(f"<tr><td class=l>{e(str(k))}</td><td class=l>{e(str(v))}</td></tr>" for k, v in h.items()
-                        if v not in (None, "", {}))
+    head_rows = "".join(f"<tr><td class=l>{e(str(k).replace('_', ' '))}</td><td class=l>{e(_cell(v))}</td></tr>"
+                        for k, v in h.items() if v not in (None, "", {}))
 
     def table(rows, first="stage"):
-        body = "".join(f"<tr><td>{e(r.name)}</td><td class=l>{e(r.resource)}</td><td class=l>{e(r.unit)}</td>"
-                       f"<td>{_fmt(r.predicted, r.unit)}</td><td>{_fmt(r.measured, r.unit)}</td><td>{_err(r)}</td></tr>"
-                       for r in rows)
+        body = "".join(f"<tr><td>{e(r.name)}</td><td class=l>{e(r.resource)}</td><td class=l>{e(_unit(r.unit))}</td>"
+                       f"<td>{_fmt_html(r.predicted, r.unit)}</td><td>{_fmt_html(r.measured, r.unit)}</td>"
+                       f"<td>{_err(r)}</td></tr>" for r in rows)
         return (f"<table><tr><th>{first}</th><th>resource</th><th>unit</th><th>predicted</th><th>measured</th>"
                 f"<th>error</th></tr>{body}</table>")
 
@@ -117,6 +156,7 @@ def _page(cmp: Comparison, figs: list) -> str:
              f"<p><span class='{'pass' if cmp.passed else 'miss'}'>{e(cmp.verdict)}</span></p>",
              f"<p>Mean absolute error over the measured iteration stages: <b>{mae}</b>. Error = (predicted - measured)"
              f" / measured; negative means the model is optimistic.</p>",
+             _headline_html(headline, cmp) if headline else "",
              "<h2>Where the model is off and why</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in cmp.notes) + "</ul>"]
     if cmp.warnings:
         parts.append("<ul>" + "".join(f"<li class=warn>{e(w)}</li>" for w in cmp.warnings) + "</ul>")

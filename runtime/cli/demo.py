@@ -2,7 +2,7 @@
 machine (cached), profile the bundled pair's acceptance, plan, run with speculation and with k = 0,
 and report predicted against measured (runtime/demo.py). The last line is
 
-    demo: speculation X.XXx over k=0; iteration time error E.E% (predicted vs measured); report: PATH
+    demo: speculation measured X.XXx (predicted Y.YYx) over k=0, spread S%; iteration time error E.E% (predicted vs measured); report: PATH
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = ("The last line reads `demo: speculation X.XXx over k=0; iteration time error E.E% (predicted vs "
-                "measured); report: PATH`: the speedup is decode tokens/s with the plan's k over k = 0; the error is "
-                "signed, (predicted - measured) / measured of the speculative run's mean iteration time (negative: "
-                "the cost model is optimistic).")
+    p.epilog = ("The last line reads `demo: speculation measured X.XXx (predicted Y.YYx) over k=0, spread S%; "
+                "iteration time error E.E% (predicted vs measured); report: PATH`: the speedup is decode tokens/s "
+                "with the plan's k over k = 0 (all five runs of each); the spread is the larger of the two modes' "
+                "ranges over their runs; the error is signed, (predicted - measured) / measured of the fastest "
+                "speculative run's mean iteration time (negative: the cost model is optimistic). The line before "
+                "it says whether the planner's choice of k was right.")
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
     p.add_argument("--n-prompts", type=int, default=32, help="prompts of models/prompts.jsonl to run (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo: done in {time.perf_counter() - t0:.0f} s (calibrate {t.get('calibrate', 0):.0f} s, acceptance "
           f"{t.get('acceptance', 0):.0f} s, plan {t.get('plan', 0):.0f} s, runs {t.get('run', 0):.0f} s); outputs, "
           f"plan.json, run.json, run_k0.json in {res.out_dir}", flush=True)
+    print(f"demo: {res.headline.choice()}")
     sys.stdout.flush()
     print(res.summary_line)
     return 0
