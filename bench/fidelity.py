@@ -2,8 +2,8 @@
 """How far the cost model is from this machine, over fresh calibrations: the demo's plan, re-costed on
 each of N calibrations measured afresh and run right after each.
 
-    python bench/fidelity.py [--rounds 5] [--repeats 3] [--n-prompts 32] [--max-new-tokens 48]
-                             [--threads 1] [--quick] [--out out/fidelity] [--json]
+    python bench/fidelity.py [--rounds 5] [--repeats 3] [--num-prompts 32] [--max-new-tokens 48]
+                             [--threads 1] [--quick] [-o out/fidelity] [--json]
 
 1. as `specmoe demo`: calibrate (or the cached calibration), profile the bundled pair's acceptance,
    plan the 32-prompt job (its best speculative plan when the planner's best has k = 0);
@@ -36,16 +36,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="fresh calibrations, each followed by runs (default 5)")
     p.add_argument("--repeats", type=int, default=3, help="runs of the plan after each calibration (default 3)")
-    p.add_argument("--n-prompts", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--num-prompts", "--n-prompts", dest="n_prompts", type=int, default=32,
+                   help="prompts of models/prompts.jsonl (default 32, as the demo)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt (default 48, as the demo)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, as the demo (default 1)")
     p.add_argument("--quick", action="store_true", help="quick calibrations and acceptance (k <= 4)")
-    p.add_argument("--out", default="out/fidelity", help="output directory (default out/fidelity)")
+    p.add_argument("-o", "--output", "--out", dest="out", default="out/fidelity",
+                   help="output directory (default out/fidelity)")
     p.add_argument("--json", action="store_true", help="print fidelity.json instead of the table")
     args = p.parse_args(argv)
     for flag in ("rounds", "repeats", "n_prompts", "max_new_tokens", "threads"):
         if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            name = "num-prompts" if flag == "n_prompts" else flag.replace("_", "-")
+            p.error(f"--{name} must be >= 1, got {getattr(args, flag)}")
     return args
 
 
@@ -62,7 +65,10 @@ def setup(args, log):
     out.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(PROMPTS)
     if args.n_prompts > len(prompts):
-        raise SystemExit(f"fidelity: --n-prompts {args.n_prompts} exceeds the {len(prompts)} bundled prompts")
+        from specmoe.planner.errors import SpecError
+
+        raise SpecError("--num-prompts", f"{args.n_prompts} exceeds the {len(prompts)} bundled prompts",
+                        f"use at most {len(prompts)}")
     job = DemoJob(out, prompts[:args.n_prompts], prompts, args.max_new_tokens, args.quick, log)
     spec, _, _ = calibrate_machine(job, progress=False)
     dev = pick_device(None)

@@ -204,11 +204,11 @@ class HardwareSpec:
         """A copy with memory sizes or PCIe bandwidth replaced (what-if studies, CLI flags)."""
         raw = json.loads(json.dumps(self.raw))
         if gpu_mem_GiB is not None:
-            _positive(gpu_mem_GiB, "--gpu-mem-GiB")
+            _positive(gpu_mem_GiB, "--gpu-mem-gib")
             raw["gpu"].pop("mem_GB", None)
             raw["gpu"]["mem_GiB"] = gpu_mem_GiB
         if cpu_mem_GiB is not None:
-            _positive(cpu_mem_GiB, "--cpu-mem-GiB")
+            _positive(cpu_mem_GiB, "--cpu-mem-gib")
             raw["cpu"].pop("mem_GB", None)
             raw["cpu"]["mem_GiB"] = cpu_mem_GiB
         if h2d_GBps is not None:

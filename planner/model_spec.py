@@ -9,6 +9,8 @@ Qwen2/Qwen3, OLMo).
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,5 +238,34 @@ def load_model(spec: str | Path | dict | ModelSpec) -> ModelSpec:
         return ModelSpec.preset(s)
     if exists(s):
         return ModelSpec.from_hf_config(s)
-    raise SpecError("model", f"{s if len(s) <= 80 else s[:77] + '...'!r} is neither a preset nor an existing path",
-                    f"choose a preset ({', '.join(list_presets())}) or give a path to a config.json")
+    cached = hf_cache_config(s)
+    if cached is not None:
+        return ModelSpec.from_hf_config(cached, name=s.split("/")[-1])
+    raise SpecError("model", f"{s if len(s) <= 80 else s[:77] + '...'!r} is neither a preset, an existing path nor a "
+                    "model id in the local Hugging Face cache",
+                    f"choose a preset ({', '.join(list_presets())}), give a path to a config.json, or a model id "
+                    "whose config.json is in the cache (huggingface-cli download ID config.json)")
+
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+
+def hf_cache_config(model_id: str) -> Path | None:
+    """The config.json of a Hugging Face model id ("org/name") in the local cache, offline: the newest
+    snapshot under $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub (None when absent)."""
+    if not _HF_ID.match(model_id) or ".." in model_id:
+        return None
+    roots = [os.environ.get("HF_HUB_CACHE"), os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME")
+             else None, os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")]
+    for root in (Path(r) for r in roots if r):
+        repo = root / ("models--" + model_id.replace("/", "--"))
+        ref = repo / "refs" / "main"
+        snaps = [repo / "snapshots" / ref.read_text().strip()] if is_file(ref) else []
+        try:
+            snaps += sorted((repo / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:
+            pass
+        for snap in snaps:
+            if is_file(snap / "config.json"):
+                return snap / "config.json"
+    return None

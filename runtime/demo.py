@@ -99,11 +99,11 @@ def _check_inputs(n_prompts: int, max_new_tokens: int, batch: int | None) -> lis
         if not (d / "config.json").is_file():
             raise SpecError("models", f"the bundled model {d} is missing", "restore models/ (scripts/train_tiny.py makes it)")
     prompts = read_prompts(PROMPTS)
-    for flag, v in (("--n-prompts", n_prompts), ("--max-new-tokens", max_new_tokens)):
+    for flag, v in (("--num-prompts", n_prompts), ("--max-new-tokens", max_new_tokens)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise SpecError(flag, f"must be a positive integer, got {v!r}", f"e.g. {flag} 32")
     if n_prompts > len(prompts):
-        raise SpecError("--n-prompts", f"{n_prompts} exceeds the {len(prompts)} prompts of {PROMPTS.name}",
+        raise SpecError("--num-prompts", f"{n_prompts} exceeds the {len(prompts)} prompts of {PROMPTS.name}",
                         f"use at most {len(prompts)}")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise SpecError("--batch", f"must be a positive integer, got {batch!r}", "e.g. --batch 16")
@@ -159,9 +159,9 @@ def _make_out_dir(out_dir: str | Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SpecError("--out", f"cannot create {out}: {e.strerror}", "choose a writable directory") from None
+        raise SpecError("-o/--output", f"cannot create {out}: {e.strerror}", "choose a writable directory") from None
     if not out.is_dir():
-        raise SpecError("--out", f"{out} is not a directory", "choose a directory")
+        raise SpecError("-o/--output", f"{out} is not a directory", "choose a directory")
     return out
 
 

@@ -296,6 +296,7 @@ class Engine:
                                  self._decode(s.generated), s.finish_reason or "length", s.decode_iterations,
                                  s.accepted_drafts)
             outputs[s.index] = out
+            run.latency.finished(s)
             run.free_rows.append(s.row)
             if on_finish is not None:
                 on_finish(out)
@@ -340,6 +341,7 @@ class Engine:
                 dt = time.perf_counter() - t0
                 if run.iterations == TIMELINE_ITERATION:
                     run.timeline = timer.take_events()
+                run.latency.emitted(active)
                 timer.add(Stage.ITERATION, dt)
                 run.record_iteration(st, dt)
                 still = []
@@ -361,6 +363,7 @@ class Engine:
         t0 = time.perf_counter()
         dec.prefill(newcomers)
         run.prefill_s += time.perf_counter() - t0
+        run.latency.prefilled(newcomers)
         run.prompt_tokens += sum(len(s.prompt) for s in newcomers)
         run.generated += len(newcomers)
         if self.store is not None and self.rebalance_experts and not self.experts_rebalanced \

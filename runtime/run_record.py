@@ -166,6 +166,9 @@ class RunRecord:
     # one decode iteration (the second: warm, the batch still full), stage by stage as the engine ran it:
     # {stage, resource, layer, micro_batch, start_s, end_s}; GPU stages are launch times unless profiled
     timeline: list[dict] = field(default_factory=list)
+    # what `vllm bench` users compare (runtime/latency.py): {"ttft_ms"|"tpot_ms"|"itl_ms": {mean, median, p99, n}}
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    acceptance_by_position: list[float] = field(default_factory=list)   # share accepted at draft position 1..k
     schema_version: int = RUN_RECORD_VERSION
 
     def to_dict(self) -> dict:

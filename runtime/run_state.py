@@ -11,6 +11,7 @@ from collections import deque
 
 from specmoe.runtime.device import git_commit, kernel_backends, machine_description
 from specmoe.runtime.k_policy import DynamicK
+from specmoe.runtime.latency import LatencyTracker, acceptance_by_position
 from specmoe.runtime.run_record import RunRecord, StageTimer, stage_summary
 
 
@@ -35,6 +36,7 @@ class RunState:
         self.store0 = {k: getattr(store, k, 0) for k in ("h2d_bytes", "h2d_experts", "h2d_unused_experts",
                                                          "cache_fill_bytes")} if store is not None else None
         self.t_start = time.perf_counter()
+        self.latency = LatencyTracker(self.t_start)    # TTFT, TPOT, ITL (runtime/latency.py)
 
     def record_iteration(self, st, dt: float) -> None:
         self.iterations += 1
@@ -101,4 +103,5 @@ def build_record(eng, run: RunState, timer: StageTimer, dec, policy, outputs: di
         cached_experts_planned=bool(pl.cached_experts), experts_rebalanced=eng.experts_rebalanced,
         cached_experts={str(l): list(e) for l, e in store.cached.items()} if store is not None else {},
         live_by_iteration=list(run.live), timeline=list(run.timeline),
+        latency=run.latency.summary(), acceptance_by_position=acceptance_by_position(run.hist),
     )

@@ -70,7 +70,7 @@ def test_plan_latency_objective(files, capsys):
     (["--objective", "speed"], "--objective"),
     (["--min-throughput", "50"], "--min-throughput"),
     (["--solver", "gurobi"], "--solver"),
-    (["--gpu-mem-GiB", "0"], "--gpu-mem-GiB"),
+    (["--gpu-mem-GiB", "0"], "--gpu-mem-gib"),
 ])
 def test_bad_arguments_exit_2(files, capsys, extra, field):
     assert main(_args(files, "-o", str(files / "p.json"), *extra)) == 2

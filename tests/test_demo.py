@@ -25,7 +25,7 @@ def _demo(out: Path, cache: Path, *extra: str) -> tuple[subprocess.CompletedProc
     # the cache is what these tests check: keep it whether or not this (shared) machine was quiet
     env = dict(os.environ, SPECMOE_CACHE_DIR=str(cache), PYTHONPATH=str(REPO), SPECMOE_CALIBRATE_STRICT="0")
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "specmoe.runtime.cli.main", "demo", "--quick", "--n-prompts", "8",
+    p = subprocess.run([sys.executable, "-m", "specmoe.runtime.cli.main", "demo", "--quick", "--num-prompts", "8",
                         "--max-new-tokens", "16", "--out", str(out), "--no-progress", *extra],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return p, time.perf_counter() - t0
@@ -119,9 +119,9 @@ def test_second_run_uses_the_caches(demo_run):
 
 def test_bad_arguments_exit_2(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), SPECMOE_CACHE_DIR=str(tmp_path / "cache"))
-    for extra, field in ((["--n-prompts", "0"], "--n-prompts"), (["--n-prompts", "1000"], "--n-prompts"),
+    for extra, field in ((["--num-prompts", "0"], "--num-prompts"), (["--n-prompts", "1000"], "--num-prompts"),
                          (["--batch", "0"], "--batch")):
-        p = subprocess.run([sys.executable, "-m", "specmoe.runtime.cli.main", "demo", "--out", str(tmp_path / "o"), *extra],
+        p = subprocess.run([sys.executable, "-m", "specmoe.runtime.cli.main", "demo", "-o", str(tmp_path / "o"), *extra],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and field in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "cache").exists()       # checked before anything is measured

@@ -144,7 +144,7 @@ def test_overrides():
     assert o.gpu.mem_bytes == 24 * 2**30 and o.cpu.mem_bytes == 512 * 2**30
     assert o.link.h2d_Bps == 25e9 and o.measured.h2d_GBps_by_chunk_MB is None
     assert o.measured.gpu_gemm_TFLOPs_by_M is not None
-    with pytest.raises(SpecError, match="--gpu-mem-GiB"):
+    with pytest.raises(SpecError, match="--gpu-mem-gib"):
         hw.with_overrides(gpu_mem_GiB=0)
-    with pytest.raises(SpecError, match="--cpu-mem-GiB"):
+    with pytest.raises(SpecError, match="--cpu-mem-gib"):
         hw.with_overrides(cpu_mem_GiB=-3)

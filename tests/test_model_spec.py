@@ -159,7 +159,7 @@ def test_bad_files(tmp_path):
         load_model(str(p))
     with pytest.raises(SpecError, match="unknown preset"):
         ModelSpec.preset("mixtral-9x9b")
-    with pytest.raises(SpecError, match="neither a preset nor an existing path"):
+    with pytest.raises(SpecError, match="neither a preset, an existing path nor a model id in the local Hugging Face cache"):
         load_model("no-such-model")
 
 

@@ -1,4 +1,4 @@
-"""`specmoe demo [--out DIR] [--n-prompts 32] [--max-new-tokens 48] [--batch B] [--quick]`: calibrate this
+"""`specmoe demo [-o DIR] [--num-prompts 32] [--max-new-tokens 48] [--batch B] [--quick]`: calibrate this
 machine (cached), profile the bundled pair's acceptance, plan, run with speculation and with k = 0,
 and report predicted against measured (runtime/demo.py). The last line is
 
@@ -19,8 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "ranges over their runs; the error is signed, (predicted - measured) / measured of the fastest "
                 "speculative run's mean iteration time (negative: the cost model is optimistic). The line before "
                 "it says whether the planner's choice of k was right.")
-    p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
-    p.add_argument("--n-prompts", type=int, default=32, help="prompts of models/prompts.jsonl to run (default 32)")
+    p.add_argument("-o", "--output", "--out", dest="out", default="out/demo",
+                   help="output directory (default out/demo)")
+    p.add_argument("--num-prompts", "--n-prompts", dest="n_prompts", type=int, default=32,
+                   help="prompts of models/prompts.jsonl to run (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
     p.add_argument("--batch", type=int, default=None,
                    help="batch to plan for (default: the planner's choice, capped by the number of prompts)")

@@ -18,18 +18,22 @@ def add_arguments(p) -> None:
     p.add_argument("--hardware", required=True, help="hardware preset name or path to a spec YAML")
     p.add_argument("--prompt-len", required=True, metavar="N", help="prompt tokens per sequence")
     p.add_argument("--gen-len", required=True, metavar="N", help="generated tokens per sequence")
-    p.add_argument("--batch", default="max", metavar="B|max", help="sequences decoded together (default: max that fits)")
+    p.add_argument("--batch", default="max", metavar="B|max",
+                   help="sequences decoded together (default: max that fits); a comma list sweeps, e.g. 64,128")
     p.add_argument("--num-prompts", default=None, metavar="N",
                    help="prompts in the job: also predict how its batch drains and the job's throughput "
                         "(default: an open stream)")
-    p.add_argument("--draft-len", default="0", metavar="K", help="draft tokens per iteration (0: no speculation)")
+    p.add_argument("--draft-len", default="0", metavar="K",
+                   help="draft tokens per iteration (0: no speculation); a comma list sweeps, e.g. 0,2,4")
     p.add_argument("--acceptance", default=None, metavar="ALPHA|table.csv",
                    help="per-token acceptance rate in [0, 1), or a CSV with columns k,accepted")
     p.add_argument("--draft", default=None, metavar="PRESET|config.json",
                    help="draft model (default with --draft-len > 0: the target's default draft)")
     p.add_argument("--micro-batches", default="2", metavar="M", help="micro-batches of the pipeline (default 2)")
-    p.add_argument("--gpu-mem-GiB", default=None, metavar="X", help="override the GPU memory of the spec")
-    p.add_argument("--cpu-mem-GiB", default=None, metavar="Y", help="override the CPU memory of the spec")
+    p.add_argument("--gpu-mem-gib", "--gpu-mem-GiB", dest="gpu_mem_GiB", default=None, metavar="X",
+                   help="override the GPU memory of the spec, in GiB")
+    p.add_argument("--cpu-mem-gib", "--cpu-mem-GiB", dest="cpu_mem_GiB", default=None, metavar="Y",
+                   help="override the CPU memory of the spec, in GiB")
     p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16, fp32, fp8 (default bf16)")
     p.add_argument("--weight-dtype", default="bf16", help="weight dtype: bf16, fp16, fp32, fp8 (default bf16)")
     p.add_argument("--overlap-draft", action="store_true",
@@ -37,10 +41,10 @@ def add_arguments(p) -> None:
     p.add_argument("--peak-only", action="store_true", help="ignore measured curves; use datasheet peaks")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", action="store_true", help="with --json: include the simulated event timeline")
-
-
-
-
+    p.add_argument("--format", default=None, choices=("table", "md", "csv", "json"),
+                   help="one row per combination of the comma lists in --batch, --micro-batches, --draft-len, "
+                        "--prompt-len and --gen-len (a sweep, as llama-bench), printed in this format (default "
+                        "table when a list is given)")
 
 
 def build(args):
@@ -57,8 +61,8 @@ def build(args):
     for flag, v in (("--kv-dtype", args.kv_dtype), ("--weight-dtype", args.weight_dtype)):
         if v not in KV_DTYPES:
             raise SpecError(flag, f"unknown dtype {v!r}", f"one of {', '.join(KV_DTYPES)}")
-    gpu_mem = _pos_float(args.gpu_mem_GiB, "--gpu-mem-GiB")
-    cpu_mem = _pos_float(args.cpu_mem_GiB, "--cpu-mem-GiB")
+    gpu_mem = _pos_float(args.gpu_mem_GiB, "--gpu-mem-gib")
+    cpu_mem = _pos_float(args.cpu_mem_GiB, "--cpu-mem-gib")
     model = load_model(args.model)
     hw = load_hardware(args.hardware)
     if gpu_mem is not None or cpu_mem is not None:
@@ -125,7 +129,13 @@ def format_table(e) -> str:
 
 def run(args) -> int:
     from specmoe.planner.estimator import estimate
+    from specmoe.runtime.cli.estimate_sweep import is_sweep, run_sweep
 
+    if is_sweep(args):
+        if args.json and args.format is None:
+            args.format = "json"
+        print(run_sweep(args, build, estimate))
+        return 0
     model, hw, wl, draft, k, mb, batch = build(args)
     e = estimate(model, hw, wl, draft=draft, draft_len=k, micro_batches=mb, batch=batch if batch else "max",
                  overlap_draft=args.overlap_draft, timeline=bool(args.json and args.timeline),

@@ -37,8 +37,24 @@ def _available() -> dict[str, tuple[str, str]]:
     return out
 
 
+def version_text() -> str:
+    """`specmoe X.Y.Z` of the installed distribution (the source tree's pyproject.toml when not installed)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return f"specmoe {version('specmoe')}"
+    except PackageNotFoundError:
+        import re
+        from pathlib import Path
+
+        text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+        m = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+        return f"specmoe {m.group(1) if m else 'unknown'} (source tree)"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog="specmoe", description="Plan and run speculative decoding of offloaded MoE models.")
+    p.add_argument("--version", action="version", version=version_text())
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (mod, help_) in _available().items():
         sp = sub.add_parser(name, help=help_, description=help_)

@@ -6,6 +6,7 @@ bad value gets one message naming the flag and the fix (SpecError -> exit 2 in r
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from specmoe.planner.atomic_file import check_distinct, check_writable
@@ -31,8 +32,10 @@ def add_arguments(p) -> None:
                    help="draft model (default: the target's default draft, if it has one)")
     p.add_argument("--acceptance", default=None, metavar="ALPHA|table.csv",
                    help="per-token acceptance rate in [0, 1), or a CSV with columns k,accepted")
-    p.add_argument("--gpu-mem-GiB", default=None, metavar="X", help="override the GPU memory of the spec")
-    p.add_argument("--cpu-mem-GiB", default=None, metavar="Y", help="override the CPU memory of the spec")
+    p.add_argument("--gpu-mem-gib", "--gpu-mem-GiB", dest="gpu_mem_GiB", default=None, metavar="X",
+                   help="override the GPU memory of the spec, in GiB")
+    p.add_argument("--cpu-mem-gib", "--cpu-mem-GiB", dest="cpu_mem_GiB", default=None, metavar="Y",
+                   help="override the CPU memory of the spec, in GiB")
     p.add_argument("--objective", default="throughput", help="throughput (default) or latency")
     p.add_argument("--min-throughput", default=None, metavar="TPS",
                    help="with --objective latency: the decode tokens/s the plan must reach")
@@ -57,7 +60,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gpu-attention", action="store_true",
                    help="also consider streaming CPU KV to the GPU for attention (the cost model prices it; "
                         "`specmoe run` refuses such plans: the engine attends CPU KV on the CPU)")
-    p.add_argument("-o", "--output", default=None, metavar="plan.json", help="where to write the plan")
+    p.add_argument("-o", "--output", default=None, metavar="plan.json",
+                   help="where to write the plan (default: not written, only printed)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (plan.json's content) instead of the summary")
     p.add_argument("--explain", default=None, metavar="plan.json", help="explain an existing plan and exit")
 
 
@@ -108,7 +113,7 @@ def build(args):
     from specmoe.planner.workload import KV_DTYPES, Workload, load_acceptance
 
     for flag, v in (("--model", args.model), ("--hardware", args.hardware), ("--prompt-len", args.prompt_len),
-                    ("--gen-len", args.gen_len), ("-o", args.output)):
+                    ("--gen-len", args.gen_len)):
         if v is None:
             raise SpecError(flag, "is required to make a plan", "see `specmoe plan --help` (or use --explain plan.json)")
     prompt = _int(args.prompt_len, "--prompt-len", 1)
@@ -130,9 +135,10 @@ def build(args):
     if args.solver not in ("cbc", "highs"):
         raise SpecError("--solver", f"unknown solver {args.solver!r}", "cbc or highs")
     time_limit = _pos_float(args.time_limit, "--time-limit")
-    gpu_mem = _pos_float(args.gpu_mem_GiB, "--gpu-mem-GiB")
-    cpu_mem = _pos_float(args.cpu_mem_GiB, "--cpu-mem-GiB")
-    check_writable(args.output, "-o")
+    gpu_mem = _pos_float(args.gpu_mem_GiB, "--gpu-mem-gib")
+    cpu_mem = _pos_float(args.cpu_mem_GiB, "--cpu-mem-gib")
+    if args.output is not None:
+        check_writable(args.output, "-o")
     check_distinct({"-o": args.output}, {"--model": _as_path(args.model), "--hardware": _as_path(args.hardware),
                                          "--draft": _as_path(args.draft), "--acceptance": _as_path(args.acceptance),
                                          "--routing-stats": args.routing_stats})
@@ -198,6 +204,9 @@ def format_plan(plan) -> str:
         f"bound {plan.bound}; closed form {sv.get('closed_form_tokens_per_s', 0.0):.1f} tokens/s"
         + (f"; end-to-end {pr.end_to_end_tokens_per_s:.1f} tokens/s" if pr.end_to_end_tokens_per_s else ""),
     ]
+    if plan.objective == "latency" and acc1 > 0:
+        lines.append(f"  optimised: per-token latency {pr.iteration_time_s / acc1 * 1e3:.2f} ms (the iteration over "
+                     f"the {acc1:.2f} tokens each sequence gains per iteration)")
     job = getattr(pr, "job", None) or {}
     if job:
         lines.append(f"  job of {job['num_prompts']} prompts: the batch drains to {job['mean_live_batch']:.1f} live "
@@ -283,7 +292,11 @@ def run(args) -> int:
 
     model, hw, wl, draft, kw = build(args)
     plan = optimize(model, hw, wl, draft=draft, **kw)
-    plan.to_json(args.output)
+    if args.output is not None:
+        plan.to_json(args.output)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+        return 0
     print(format_plan(plan))
-    print(f"  written {args.output}")
+    print(f"  written {args.output}" if args.output is not None else "  not written (-o plan.json saves it)")
     return 0

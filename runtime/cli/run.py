@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     p.add_argument("--draft-len", type=int, default=None, help="override the plan's k (0 = no speculation)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampler (temperature > 0) and of the acceptance oracle (default 0)")
     p.add_argument("--outputs", default=None, help="JSONL file receiving each finished sequence")
     p.add_argument("-o", "--output", required=True, help="run record to write (run.json)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -179,6 +180,13 @@ def _report(code: int, r, error, lost: str | None, outputs, out_path: Path) -> i
         print(f"specmoe run: {r.finished_sequences} sequences, {r.generated_tokens} tokens; decode "
               f"{r.decode_tokens_per_s:.1f} tok/s, end-to-end {r.end_to_end_tokens_per_s:.1f} tok/s, mean accepted "
               f"{r.mean_accepted:.2f} (k={r.draft_len}); record in {out_path}")
+        lat = r.latency or {}
+        if lat:
+            print("specmoe run: latency ms (mean / median / p99): " + "; ".join(
+                f"{name} {lat[key]['mean']:.2f} / {lat[key]['median']:.2f} / {lat[key]['p99']:.2f}"
+                for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms")) if key in lat)
+                + ("; accepted by draft position " + ", ".join(f"{a:.2f}" for a in r.acceptance_by_position)
+                   if r.acceptance_by_position else ""))
         return 0
     if code == 0:
         print(f"specmoe run: error: {lost}; {kept} finished sequences kept{on_disk}", file=sys.stderr)
