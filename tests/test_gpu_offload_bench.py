@@ -65,7 +65,18 @@ def test_cpu_smoke_writes_json_and_summary_line(tmp_path):
         assert prof["stages_measured_s"]["target.moe"] == pvm["target.moe"]["measured"]
     assert set(d["goals"]) == {"spec0.8_over_k0", "spec0.8_over_accelerate", "h2d_busy_fraction",
                                "iteration_error_pct"}
-    assert all(g["result"] in ("PASS", "MISS") for g in d["goals"].values())
+    # each goal's value recomputed from the JSON's own measurements, and its verdict from its target
+    m08 = d["modes"]["spec_alpha0.8"]
+    assert m08["iteration_error_pct"] == pytest.approx(
+        (m08["predicted_iteration_s"] - m08["iteration_s"]) / m08["iteration_s"] * 100, rel=1e-9)
+    want = {"spec0.8_over_k0": tps["spec_alpha0.8"] / tps["k0"],
+            "spec0.8_over_accelerate": tps["spec_alpha0.8"] / tps["accelerate"],
+            "h2d_busy_fraction": m08["h2d_busy_fraction"], "iteration_error_pct": abs(m08["iteration_error_pct"])}
+    for name, g in d["goals"].items():
+        assert g["value"] == pytest.approx(want[name], rel=1e-9), name
+        op, target = g["target"].split()
+        ok = want[name] <= float(target) if op == "<=" else want[name] >= float(target)
+        assert g["result"] == ("PASS" if ok else "MISS"), (name, g)
     assert d["accelerate"]["label"].startswith("reference (measured earlier, not re-run)")
     text = (out / "gpu_offload.txt").read_text()
     assert "oracle-driven" in text and text.strip().splitlines()[-1] == lines[-1]

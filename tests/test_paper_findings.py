@@ -48,20 +48,32 @@ def _by_k(plan) -> list[float]:
 
 
 
-def test_throughput_rises_then_falls_with_k(base_plan):
+# README ("A worked planning example", "Measured results: paper findings"): the plan is batch 777, k = 3 at
+# 568.6 tokens/s; its frontier over k at that batch reads 0: 253, 1: 388, 2: 514, 3: 569, then 70, 64, 58,
+# 54, 50 (k >= 4 leaves no room for the streaming buffers); the best plan without speculation is batch 819
+# at 265 tokens/s, so the best k gains 2.1x.
+README_BY_K = [253, 388, 514, 569, 70, 64, 58, 54, 50]
+
+
+def test_throughput_rises_to_k3_then_falls(base_plan):
     tps = _by_k(base_plan)
+    assert (base_plan.batch, base_plan.draft_len) == (777, 3)
+    assert base_plan.predicted.decode_tokens_per_s == pytest.approx(568.6, rel=0.01)
     peak = max(range(len(tps)), key=tps.__getitem__)
-    assert 0 < peak < len(tps) - 1, f"no interior peak over k: {[round(x) for x in tps]}"
-    assert all(tps[i] <= tps[i + 1] * 1.001 for i in range(peak)), "does not rise up to the peak"
-    assert all(tps[i] >= tps[i + 1] * 0.999 for i in range(peak, len(tps) - 1)), "does not fall after the peak"
+    assert peak == 3, [round(x) for x in tps]
+    assert all(tps[i] < tps[i + 1] for i in range(3)) and all(tps[i] > tps[i + 1] for i in range(3, 8))
+    # the rise as printed within 1%; the collapse past k = 3 (CPU-computed cold experts only) within 10%
+    assert tps[:4] == pytest.approx(README_BY_K[:4], rel=0.01)
+    assert tps[4:] == pytest.approx(README_BY_K[4:], rel=0.10)
 
 
-def test_speculation_gain_is_paper_like(base_plan):
+def test_speculation_gain_is_the_readme_2_1x(base_plan):
     """The best plan against the best plan without speculation, each at the batch it fits best (as
     the paper's SpecMoEOff-w/o-sd runs at its own batch)."""
     k0 = optimize("mixtral-8x7b", HW, WL, draft=_draft(), k_values=[0], alternatives=0)
+    assert k0.batch == 819 and k0.predicted.decode_tokens_per_s == pytest.approx(265, rel=0.01)
     gain = base_plan.predicted.decode_tokens_per_s / k0.predicted.decode_tokens_per_s
-    assert 1.3 <= gain <= 3.0, f"best k gains {gain:.2f}x over k = 0"
+    assert 2.05 <= gain < 2.15, f"best k gains {gain:.3f}x over k = 0 (README: 2.1x)"
 
 
 def test_without_the_paper_profile_the_iteration_stays_pcie_bound():

@@ -3,7 +3,6 @@ can overlap, tending to the bare max when balanced, always between the closed-fo
 from __future__ import annotations
 
 import random
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -251,25 +250,12 @@ def mixtral_a30():
     return CostModel(m, hw, wl, d)
 
 
-def test_simulator_speed(mixtral_a30):
-    cm = mixtral_a30
-    pl = default_placement(cm.model, cm.hw, cm.workload, 512, 4, cm.draft)
-    c = cm.iteration(512, 2, 4, pl)
-    n_events = 2 * (32 * (1 + 2 * 4) + 2 * 2 + 4 * 3)
-    t = time.perf_counter()
-    for _ in range(5):
-        simulate_iteration(c, pl, record=False)
-    per_event = (time.perf_counter() - t) / 5 / n_events
-    assert per_event < 50e-6, f"{per_event * 1e6:.1f} us per event"
-
-
+# timing goals (per event, whole run) live in bench/model_speed.py: no wall clock in the tests
 def test_whole_run(mixtral_a30):
     cm = mixtral_a30
     B = 512
     pl = default_placement(cm.model, cm.hw, cm.workload, B, 4, cm.draft)
-    t = time.perf_counter()
     rr = simulate_run(cm, B, 2, 4, pl)
-    assert time.perf_counter() - t < 1.0
     assert rr.generated_tokens == B * 1024
     assert rr.prefill_time_s > 0 and rr.decode_time_s > 0
     assert rr.end_to_end_tokens_per_s < rr.decode_tokens_per_s
