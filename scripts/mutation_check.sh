@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Mutation testing of the modules that carry the predictions, with mutmut 2 (it mutates a file in place,
+# runs the tests, restores it). It works on a copy of the committed tree, never on the checkout, so it
+# can run beside other work; `import specmoe.*` is pointed at the copy through PYTHONPATH.
+#
+#   bash scripts/mutation_check.sh                 # every module below (long: about an hour on 2 cores)
+#   bash scripts/mutation_check.sh planner/memory.py   # one module of the list
+#
+# Each module is run against the tests that guard it (fast ones: the runner stops at the first failure).
+# A mutant counts as killed when a test fails or the run times out. Ends with one line:
+#   mutation: K killed of N (P.P%) over MODULES; S survivors listed in FILE
+# The survivors (each with its diff) go to bench/results/mutation_survivors.txt; reasons for the ones that
+# are equivalent are kept in bench/results/mutation_equivalent.txt (matched by file, line and diff).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY="$REPO/.venv/bin/python"
+WORK=${MUTATION_WORKDIR:-/tmp/specmoe-mutation}
+OUT="$REPO/bench/results/mutation_survivors.txt"
+
+declare -A TESTS=(
+  [planner/cost_terms.py]="tests/test_guard_cost_model.py tests/test_cost_model.py"
+  [planner/cost_model.py]="tests/test_guard_cost_model.py tests/test_cost_model.py tests/test_paper_analysis.py tests/test_cost_model_overhead.py"
+  [planner/memory.py]="tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py"
+  [planner/simulator.py]="tests/test_simulator.py tests/test_cost_model.py"
+  [runtime/speculative.py]="tests/test_guard_acceptance.py"
+  [runtime/calibrate/measure.py]="tests/test_guard_calibration.py"
+)
+MODULES=("$@")
+[ ${#MODULES[@]} -eq 0 ] && MODULES=(planner/cost_terms.py planner/cost_model.py planner/memory.py planner/simulator.py runtime/speculative.py runtime/calibrate/measure.py)
+for m in "${MODULES[@]}"; do
+  [ -n "${TESTS[$m]:-}" ] || { echo "mutation: error: no tests listed for $m (one of: ${!TESTS[*]})" >&2; exit 2; }
+done
+
+"$PY" -m pip install -q "mutmut==2.5.1" >/dev/null
+rm -rf "$WORK" && mkdir -p "$WORK/src" "$WORK/ns/specmoe"
+git -C "$REPO" archive HEAD | tar -x -C "$WORK/src"
+for d in planner runtime cuda_kernels; do ln -s "$WORK/src/$d" "$WORK/ns/specmoe/$d"; done
+export PYTHONPATH="$WORK/ns" OMP_NUM_THREADS=1 SPECMOE_CALIBRATE_STRICT=0
+cd "$WORK/src"
+for m in "${MODULES[@]}"; do
+  echo "mutation: $m against ${TESTS[$m]}" >&2
+  "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir tests --no-progress \
+      --runner "$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]}" >/dev/null 2>&1 || true
+done
+"$PY" "$REPO/scripts/mutation_summary.py" "$WORK/src/.mutmut-cache" "$OUT" "$REPO/bench/results/mutation_equivalent.txt" \
+    "${MODULES[@]}"

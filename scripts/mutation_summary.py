@@ -1,0 +1,72 @@
+"""Summarise a mutmut 2 run (scripts/mutation_check.sh): the kill rate over the mutated modules, and every
+surviving mutant with its diff in one file.
+
+    python scripts/mutation_summary.py WORK/.mutmut-cache SURVIVORS.txt EQUIVALENT.txt MODULE...
+
+Killed: a test failed (ok_killed), the run timed out (bad_timeout) or crashed oddly (ok_suspicious).
+Survivors explained as equivalent in EQUIVALENT.txt (lines `path:line: reason`, a mutant on that line of
+that file that changes nothing observable) leave the count; the rest are listed. Ends with one line:
+    mutation: K killed of N (P.P%) over MODULES; S survivors listed in FILE
+"""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+KILLED = ("ok_killed", "bad_timeout", "ok_suspicious")
+
+
+def equivalents(path: Path) -> dict[tuple[str, int], str]:
+    """{(file, line): reason} from `path:line: reason` lines (# comments and blank lines skipped)."""
+    out: dict[tuple[str, int], str] = {}
+    if not path.is_file():
+        return out
+    for raw in path.read_text().splitlines():
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        loc, _, reason = raw.partition(": ")
+        f, _, line = loc.rpartition(":")
+        if f and line.isdigit():
+            out[(f, int(line))] = reason.strip()
+    return out
+
+
+def mutants(cache: Path, modules: list[str]) -> list[tuple[int, str, int, str]]:
+    """(id, file, 1-based line, status) of every mutant of the modules."""
+    con = sqlite3.connect(str(cache))
+    rows = con.execute("SELECT Mutant.id, SourceFile.filename, Line.line_number, Mutant.status FROM Mutant "
+                       "JOIN Line ON Mutant.line = Line.id JOIN SourceFile ON Line.sourcefile = SourceFile.id").fetchall()
+    con.close()
+    return [(i, f, n + 1, s) for i, f, n, s in rows if f in modules]
+
+
+def main(argv: list[str]) -> int:
+    cache, out, eq_path, modules = Path(argv[0]), Path(argv[1]), Path(argv[2]), argv[3:]
+    eq = equivalents(eq_path)
+    ms = mutants(cache, modules)
+    tested = [m for m in ms if m[3] not in ("untested", "skipped")]
+    killed = [m for m in tested if m[3] in KILLED]
+    explained = [m for m in tested if m[3] == "bad_survived" and (m[1], m[2]) in eq]
+    survivors = [m for m in tested if m[3] == "bad_survived" and (m[1], m[2]) not in eq]
+    lines = [f"# surviving mutants of {', '.join(modules)} (mutmut 2.5.1, scripts/mutation_check.sh)",
+             f"# {len(killed)} killed, {len(survivors)} survived, {len(explained)} equivalent (listed last), "
+             f"{len(ms) - len(tested)} untested", ""]
+    for i, f, n, _ in survivors + explained:
+        diff = subprocess.run([str(Path(sys.executable).parent / "mutmut"), "show", str(i)], cwd=cache.parent,
+                              capture_output=True, text=True).stdout.strip()
+        why = eq.get((f, n))
+        lines += [f"## {f}:{n} (mutant {i})" + (f": equivalent: {why}" if why else ""), diff, ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    n = len(tested) - len(explained)
+    pct = 100.0 * len(killed) / n if n else 0.0
+    rel = out.relative_to(Path(__file__).resolve().parent.parent) if out.is_absolute() else out
+    print(f"mutation: {len(killed)} killed of {n} ({pct:.1f}%) over {', '.join(modules)}; "
+          f"{len(survivors)} survivors listed in {rel}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
