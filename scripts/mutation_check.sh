@@ -10,7 +10,7 @@
 # A mutant counts as killed when a test fails or the run times out. Ends with one line:
 #   mutation: K killed of N (P.P%) over MODULES; S survivors listed in FILE
 # The survivors (each with its diff) go to bench/results/mutation_survivors.txt; reasons for the ones that
-# are equivalent are kept in bench/results/mutation_equivalent.txt (matched by file, line and diff).
+# are equivalent are kept in bench/results/mutation_equivalent.txt (file, line and the mutated line).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY="$REPO/.venv/bin/python"

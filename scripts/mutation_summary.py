@@ -4,8 +4,8 @@ surviving mutant with its diff in one file.
     python scripts/mutation_summary.py WORK/.mutmut-cache SURVIVORS.txt EQUIVALENT.txt MODULE...
 
 Killed: a test failed (ok_killed), the run timed out (bad_timeout) or crashed oddly (ok_suspicious).
-Survivors explained as equivalent in EQUIVALENT.txt (lines `path:line: reason`, a mutant on that line of
-that file that changes nothing observable) leave the count; the rest are listed. Ends with one line:
+Survivors explained as equivalent in EQUIVALENT.txt (lines `path:line | mutated line | reason`: that
+mutation of that line changes nothing observable) leave the count; the rest are listed. Ends with one line:
     mutation: K killed of N (P.P%) over MODULES; S survivors listed in FILE
 """
 from __future__ import annotations
@@ -18,19 +18,25 @@ from pathlib import Path
 KILLED = ("ok_killed", "bad_timeout", "ok_suspicious")
 
 
-def equivalents(path: Path) -> dict[tuple[str, int], str]:
-    """{(file, line): reason} from `path:line: reason` lines (# comments and blank lines skipped)."""
-    out: dict[tuple[str, int], str] = {}
+def equivalents(path: Path) -> dict[tuple[str, int, str], str]:
+    """{(file, line, mutated line): reason} from `path:line | mutated line | reason` lines (# comments and
+    blank lines skipped): a mutant is explained only when its own new line is the one named."""
+    out: dict[tuple[str, int, str], str] = {}
     if not path.is_file():
         return out
     for raw in path.read_text().splitlines():
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
-        loc, _, reason = raw.partition(": ")
-        f, _, line = loc.rpartition(":")
-        if f and line.isdigit():
-            out[(f, int(line))] = reason.strip()
+        parts = [x.strip() for x in raw.split(" | ", 2)]
+        f, _, line = parts[0].rpartition(":")
+        if len(parts) == 3 and f and line.isdigit():
+            out[(f, int(line), parts[1])] = parts[2]
     return out
+
+
+def new_line(diff: str) -> str:
+    """The mutated line of a mutmut diff (its one added line), stripped."""
+    return next((x[1:].strip() for x in diff.splitlines() if x.startswith("+") and not x.startswith("+++")), "")
 
 
 def mutants(cache: Path, modules: list[str]) -> list[tuple[int, str, int, str]]:
@@ -48,15 +54,16 @@ def main(argv: list[str]) -> int:
     ms = mutants(cache, modules)
     tested = [m for m in ms if m[3] not in ("untested", "skipped")]
     killed = [m for m in tested if m[3] in KILLED]
-    explained = [m for m in tested if m[3] == "bad_survived" and (m[1], m[2]) in eq]
-    survivors = [m for m in tested if m[3] == "bad_survived" and (m[1], m[2]) not in eq]
+    mutmut = str(Path(sys.executable).parent / "mutmut")
+    survivors, explained = [], []
+    for i, f, n, _ in (m for m in tested if m[3] == "bad_survived"):
+        diff = subprocess.run([mutmut, "show", str(i)], cwd=cache.parent, capture_output=True, text=True).stdout.strip()
+        why = eq.get((f, n, new_line(diff)))
+        (explained if why else survivors).append((i, f, n, diff, why))
     lines = [f"# surviving mutants of {', '.join(modules)} (mutmut 2.5.1, scripts/mutation_check.sh)",
              f"# {len(killed)} killed, {len(survivors)} survived, {len(explained)} equivalent (listed last), "
              f"{len(ms) - len(tested)} untested", ""]
-    for i, f, n, _ in survivors + explained:
-        diff = subprocess.run([str(Path(sys.executable).parent / "mutmut"), "show", str(i)], cwd=cache.parent,
-                              capture_output=True, text=True).stdout.strip()
-        why = eq.get((f, n))
+    for i, f, n, diff, why in survivors + explained:
         lines += [f"## {f}:{n} (mutant {i})" + (f": equivalent: {why}" if why else ""), diff, ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
