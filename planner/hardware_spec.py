@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from specmoe.planner.errors import SpecError
+from specmoe.planner.errors import SpecError, check_known_keys
 from specmoe.planner.paths import is_file
 from specmoe.planner.overhead import Overheads, parse_op_overhead_us, parse_stage_overhead_us
 
@@ -343,6 +343,16 @@ def _source(sec: dict, where: str) -> str:
     return s
 
 
+# the keys each section may have (an unknown one is refused with the nearest valid key: a typo)
+TOP_KEYS = frozenset({"name", "description", "gpu", "cpu", "link", "measured"})
+GPU_KEYS = frozenset({"name", "mem_GiB", "mem_GB", "hbm_GBps", "peak_TFLOPs", "reserve_GiB", "shares_host_cpu", "source"})
+CPU_KEYS = frozenset({"name", "cores", "mem_GiB", "mem_GB", "dram_GBps", "peak_TFLOPs", "reserve_GiB", "source"})
+LINK_KEYS = frozenset({"h2d_GBps", "d2h_GBps", "source"})
+MEASURED_KEYS = frozenset({"source", "h2d_GBps_by_chunk_MB", "gpu_gemm_TFLOPs_by_M", "cpu_gemm_GFLOPs_by_M",
+                           "cpu_attention_kv_GBps", "dram_read_GBps", "hbm_copy_GBps", "cpu_attention_TFLOPs",
+                           "op_overhead_us", "stage_overhead_us", "threads", "dram_contention", "details"})
+
+
 def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
     where = Path(path).name if path else "hardware spec"
     if not isinstance(raw, dict):
@@ -351,6 +361,9 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
     if not isinstance(name, str) or not name:
         raise SpecError(f"{where}.name", "missing", "add `name: <short-id>`")
     g, c, lk = _section(raw, "gpu", where), _section(raw, "cpu", where), _section(raw, "link", where)
+    for sec, keys, at in ((raw, TOP_KEYS, where), (g, GPU_KEYS, f"{where}.gpu"), (c, CPU_KEYS, f"{where}.cpu"),
+                          (lk, LINK_KEYS, f"{where}.link")):
+        check_known_keys(sec, keys, at)
     gmem = _mem(g, f"{where}.gpu")
     gpu = GPUSpec(name=str(g.get("name", "gpu")), mem_bytes=gmem,
                   hbm_Bps=_positive(g.get("hbm_GBps"), f"{where}.gpu.hbm_GBps") * GB,
@@ -374,6 +387,7 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
         if not isinstance(m, dict):
             raise SpecError(f"{where}.measured", "not a mapping", "fix the YAML or remove the section")
         mw = f"{where}.measured"
+        check_known_keys(m, MEASURED_KEYS, mw)
         _check_numbers(m, mw)
         att = {}
         kv_curves = m.get("cpu_attention_kv_GBps") or {}

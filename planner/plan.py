@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from specmoe.planner.atomic_file import atomic_write_text
-from specmoe.planner.errors import SpecError
+from specmoe.planner.errors import SpecError, check_known_keys
 from specmoe.planner.schedule import Schedule, default_schedule
 from specmoe.planner.stages import STAGE_NAMES
 
@@ -242,6 +242,7 @@ class Plan:
             raise SpecError("schema_version", f"plan has version {d['schema_version']}, this specmoe reads {SCHEMA_VERSION}"
                             + (" (older plans do not say how the engine runs them: no `schedule`)" if old else ""),
                             "re-run `specmoe plan` with the same inputs to regenerate it")
+        check_known_keys(d, PLAN_KEYS, "plan")
         d = _require(d, "plan", ("batch", "micro_batches", "draft_len", "placement", "predicted", "memory", "bound",
                                  "frontier", "model", "hardware", "workload", "schedule"))
         _check_types(d)
@@ -298,6 +299,10 @@ class Plan:
 
 
 # plan.json's top-level fields and the JSON types they must have
+# the keys of plan.json (Plan.to_dict); an unknown one is refused with the nearest valid key
+PLAN_KEYS = frozenset({"schema_version", "objective", "batch", "micro_batches", "draft_len", "placement", "predicted",
+                       "memory", "bound", "frontier", "alternatives", "solver", "input_hashes", "schedule", "model",
+                       "draft", "hardware", "workload"})
 _TYPES = {"model": dict, "hardware": dict, "workload": dict, "draft": (dict, type(None)), "memory": dict,
           "frontier": dict, "solver": dict, "input_hashes": dict, "alternatives": list, "placement": dict,
           "predicted": dict, "schedule": dict, "bound": str, "objective": str}

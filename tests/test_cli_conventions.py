@@ -83,3 +83,31 @@ def test_model_id_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
     assert hf_cache_config("mistralai/not-there") is None and hf_cache_config("../../etc/passwd") is None
     assert main(["estimate", "--model", "mistralai/Mixtral-8x7B-v0.1", "--hardware", "a30-xeon6426y",
                  "--prompt-len", "64", "--gen-len", "64", "--json"]) == 0
+
+
+def test_a_typo_in_a_spec_or_plan_names_the_nearest_key(tmp_path):
+    import yaml
+
+    from specmoe.planner.errors import SpecError
+    from specmoe.planner.hardware_spec import HardwareSpec, parse_hardware
+    from specmoe.planner.optimizer import optimize
+    from specmoe.planner.plan import Plan
+    from specmoe.planner.workload import Workload, load_acceptance
+
+    raw = json.loads(json.dumps(HardwareSpec.preset("a30-xeon6426y").raw))
+    raw["link"]["h2d_GBs"] = raw["link"].pop("h2d_GBps")
+    with pytest.raises(SpecError, match=r"link\.h2d_GBs: unknown key \(did you mean `h2d_GBps`\?\)"):
+        parse_hardware(raw, "box.yaml")
+    raw = json.loads(json.dumps(HardwareSpec.preset("a30-xeon6426y").raw))
+    raw["gpu"]["colour"] = "green"
+    with pytest.raises(SpecError, match=r"gpu\.colour: unknown key \(valid keys: hbm_GBps"):
+        parse_hardware(raw, "box.yaml")
+    for f in sorted((PRESET_DIR.parent.parent / "hw_specs").glob("*.yaml")):     # every bundled spec still parses
+        parse_hardware(yaml.safe_load(f.read_text()), str(f))
+    plan = optimize("mixtral-8x7b", "a30-xeon6426y", Workload(64, 32, acceptance=load_acceptance(0.5)),
+                    k_values=(0,), micro_batch_values=(1,), alternatives=0, timeline=False)
+    d = plan.to_dict()
+    d["micro_batch"] = d.pop("micro_batches")
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    with pytest.raises(SpecError, match=r"plan\.micro_batch: unknown key \(did you mean `micro_batches`\?\)"):
+        Plan.from_json(tmp_path / "p.json")
