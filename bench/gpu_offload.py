@@ -68,8 +68,9 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-if "--cpu-smoke" in sys.argv[1:]:   # shared CPU cores: idle OpenMP workers sleep (set before torch loads libgomp)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the thread environment the calibration ran with (idle OpenMP workers sleep), set before anything loads
+# torch and its libgomp (runtime/thread_env.py; importing specmoe.runtime does the same)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 FULL_LAYERS = 32
 FULL_GPU_GiB, FULL_CPU_GB = 24.0, 128.0          # the full model's machine (issue 6)

@@ -12,6 +12,10 @@
 #     run(command="OUT=$OUT bash bench/run_gpu_session.sh", carry=[".whl"], timeout_s=560)
 set -o pipefail
 export PYTHONUNBUFFERED=1
+# the thread environment of the calibration (runtime/thread_env.py), set before any python loads torch;
+# CuPy's kernel cache in a writable place (a fresh host's $HOME may not be)
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/cupy-cache}"
 SRC_LINKS=/tmp/specmoe-src
 mkdir -p "$SRC_LINKS/specmoe"
 for pkg in planner runtime cuda_kernels; do ln -sfn "$PWD/$pkg" "$SRC_LINKS/specmoe/$pkg"; done
@@ -31,13 +35,20 @@ else
 fi
 python -c "import pulp; print('pulp', pulp.__version__, 'solvers', pulp.listSolvers(onlyAvailable=True))" 2>&1 \
   | tee "$OUT/gpu_engine_tests.log"
+# the device this session got (the calibrated spec the bench compares with is the H200 host's)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/device: /' \
+  | tee -a "$OUT/gpu_engine_tests.log"
+# imports and planning, before any GPU time is spent (a broken import fails here in seconds)
+timeout 60 python bench/gpu_offload.py --plan-only --out "$OUT/plan-only" 2>&1 | tail -5 | tee -a "$OUT/gpu_engine_tests.log" \
+  || { echo "plan-only check failed: stopping before the GPU steps"; exit 3; }
 
 # (at most 8 files come back from $OUT: the tests write one JSON, gpu_tests.json)
 SPECMOE_GPU_OUT="$OUT" timeout 150 python -m pytest -q -rA -p no:cacheprovider \
   tests/test_engine_gpu.py 2>&1 | tail -40 | tee -a "$OUT/gpu_engine_tests.log"
 echo "GPU engine tests exit status $?"
 
-python bench/gpu_offload.py --out "$OUT" --time-budget-s "${GPU_BENCH_BUDGET_S:-240}" --prompt-len 256 2>&1 | tee "$OUT/gpu_offload.log"
+timeout $(( ${GPU_BENCH_BUDGET_S:-240} + 60 )) python bench/gpu_offload.py --out "$OUT" \
+  --time-budget-s "${GPU_BENCH_BUDGET_S:-240}" --prompt-len 256 2>&1 | tee "$OUT/gpu_offload.log"
 rc=$?
 echo "gpu_offload.py exit status $rc"
 
