@@ -1,0 +1,51 @@
+"""Stages are costed from what the engine does: calibration counts the torch operations each stage issues
+(a profiler pass of the engine's own code), so an engine that does more work in a stage is measured doing
+it, and a changed engine source is a new calibration (the cache key holds the sources' hash)."""
+from __future__ import annotations
+
+from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one torch thread)
+from specmoe.runtime.calibrate import spec as cspec
+from specmoe.runtime.calibrate.overhead import measure_stage_overheads
+
+CONFIG = ((4, 1, 1, 1, 0, "full"),)          # B 4, k 1, m 1, a one-layer draft, target KV on the host
+
+
+def _ops(cfgs) -> dict:
+    r = measure_stage_overheads(cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=1,
+                                per_round=1, warmup=1, configs=CONFIG)
+    return r["configs"][0]["ops"]
+
+
+def test_work_added_to_a_stage_is_counted_in_that_stage(monkeypatch):
+    import torch
+
+    from specmoe.runtime.model.target import TargetModel
+
+    cfgs = cspec.engine_configs(cspec.resolve_model_config(None))
+    before = _ops(cfgs)
+    inner = TargetModel.post_attn
+
+    def heavier(self, layer, h, o):          # 7 more torch operations per post-attention call
+        for _ in range(7):
+            h = torch.add(h, 0.0)
+        return inner(self, layer, h, o)
+
+    monkeypatch.setattr(TargetModel, "post_attn", heavier)
+    after = _ops(cfgs)
+    layers = cfgs["target"]["num_hidden_layers"]
+    calls = (after["target.post_attn"] - before["target.post_attn"]) // 7
+    assert (after["target.post_attn"] - before["target.post_attn"]) % 7 == 0 and calls >= layers
+    assert {k: v for k, v in after.items() if k != "target.post_attn"} == \
+        {k: v for k, v in before.items() if k != "target.post_attn"}          # no other stage moved
+
+
+def test_a_changed_engine_source_is_a_new_calibration(monkeypatch, tmp_path):
+    src = tmp_path / "runtime"
+    for f in cspec.ENGINE_SOURCES:
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_bytes((cspec.REPO_ROOT / "runtime" / f).read_bytes())
+    monkeypatch.setattr(cspec, "REPO_ROOT", tmp_path)
+    sha = cspec.kernel_source_sha()
+    (src / "model" / "target.py").write_text((src / "model" / "target.py").read_text() + "\n# one more line\n")
+    assert cspec.kernel_source_sha() != sha
+    assert "model/target.py" in cspec.ENGINE_SOURCES and "speculative.py" in cspec.ENGINE_SOURCES
