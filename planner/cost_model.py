@@ -23,6 +23,8 @@ Per layer i and micro-batch j (b_j sequences, n_j = b_j(k+1) tokens):
                           p = 1 - (1 - n_a/E)^N, so t_h2d(c) = (E - c) p w_e / B_h2d: linear in the cache
                           slots c, equal to (touched - c) when every cached expert is touched (p -> 1,
                           the large-batch case); unlike (touched - c)+ it stays right at small N.
+                          A CPU standing in for the GPU (shares_host_cpu) streams by reference (the
+                          engine's buffers are views of the host store's rows): t_h2d = 0, no copy.
                     CPU   (layers in placement.cpu_expert_layers) the non-cached experts compute on the
                           CPU instead: (E - c) experts x max(flops / CPU GEMM rate, p w_e / DRAM bw);
                           the GPU then computes only the cached share c/E of the routed tokens.
@@ -358,7 +360,7 @@ class CostModel:
         cpu_layer &= self.is_moe
         stream = self.is_moe & ~cpu_layer                                   # [L]
         uncached = np.where(self.is_moe, E - slots, 0.0)                    # [L]
-        if E:
+        if E and not self.hw.gpu.shares_host_cpu:     # on a CPU standing in for the GPU nothing is copied
             p_all = 1.0 - (1.0 - na / E) ** cfg.N
             h2d_unit = p_all * self.expert_bytes / self.h2d_Bps
             if self.has_ov:      # one copy per streamed expert

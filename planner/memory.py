@@ -11,6 +11,13 @@ CPU: every routed expert (pinned, the source of the H2D stream); target KV of th
   draft KV of the CPU-draft sequences; the staging of the CPU attention's inputs and outputs
   (`host_staging_bytes`).
 
+A CPU standing in for the GPU (`shares_host_cpu`): "GPU" and CPU are the same memory, and every byte is
+counted once. The expert cache and the streaming buffers are views of (references to) the host store's
+rows, not copies, so they take 0 bytes; the rest of the "GPU" part (non-expert weights, the draft, KV
+rows on the device side, activations) is host memory too, and the host's footprint is the sum of the
+two parts (`Footprint.host_bytes`). `host_components` / `device_components` group a footprint the way
+the engine measures its memory (runtime/run_state.py), for the report's predicted-against-measured rows.
+
 KV is budgeted at the positions a row holds (`kv_positions`): the longest context (prompt + output)
 plus the k drafts and the 2 tokens the last verify pass writes past it (the engine's kv_capacity).
 Memory must hold the last iteration, not the mean one.
@@ -59,6 +66,17 @@ class Footprint:
     cpu_usable_bytes: float
     gpu_breakdown: dict
     cpu_breakdown: dict
+    shares_host: bool = False       # a CPU standing in for the GPU: both parts are host memory
+
+    @property
+    def host_bytes(self) -> float:
+        """Host memory of the plan: the CPU part, plus the "GPU" part where the CPU stands in for the GPU."""
+        return self.cpu_bytes + (self.gpu_bytes if self.shares_host else 0.0)
+
+    @property
+    def device_bytes(self) -> float:
+        """Device memory of the plan (0 where the CPU stands in for the GPU: it is all host memory)."""
+        return 0.0 if self.shares_host else self.gpu_bytes
 
     @property
     def gpu_fraction(self) -> float:
@@ -94,7 +112,8 @@ class Footprint:
                 "gpu_usable_bytes": self.gpu_usable_bytes, "cpu_usable_bytes": self.cpu_usable_bytes,
                 "gpu_reserve_bytes": self.gpu_reserve_bytes, "cpu_reserve_bytes": self.cpu_reserve_bytes,
                 "gpu_fraction": self.gpu_fraction, "cpu_fraction": self.cpu_fraction,
-                "gpu_breakdown": dict(self.gpu_breakdown), "cpu_breakdown": dict(self.cpu_breakdown)}
+                "gpu_breakdown": dict(self.gpu_breakdown), "cpu_breakdown": dict(self.cpu_breakdown),
+                "shares_host": self.shares_host, "host_bytes": self.host_bytes, "device_bytes": self.device_bytes}
 
     def check(self, batch: int | None = None, max_fit: int | None = None, placement_given: bool = False) -> None:
         """Raise InfeasibleError naming the memory that overflows, by how much, and what would fix it.
@@ -286,6 +305,9 @@ def footprint(model: ModelSpec, hw: HardwareSpec, workload: Workload, batch: int
     stream = _streaming_layers(model, placement)
     buf = max(1, placement.streaming_buffers) * max(
         (model.num_experts - placement.expert_cache_slots[i] for i in stream), default=0) * eb
+    shared = bool(hw.gpu.shares_host_cpu)
+    if shared:                      # cache and buffers are views of the host store's rows: no bytes of their own
+        cached, buf = 0, 0.0
     gpu = {
         "target_non_expert_weights": model.non_expert_elems * wb,
         "draft_weights": draft_weight_elems(model, draft) * wb if use_draft else 0.0,
@@ -305,7 +327,42 @@ def footprint(model: ModelSpec, hw: HardwareSpec, workload: Workload, batch: int
                      gpu_capacity_bytes=hw.gpu.mem_bytes, cpu_capacity_bytes=hw.cpu.mem_bytes,
                      gpu_usable_bytes=hw.gpu.usable_bytes, cpu_usable_bytes=hw.cpu.usable_bytes,
                      gpu_breakdown={k: float(v) for k, v in gpu.items()},
-                     cpu_breakdown={k: float(v) for k, v in cpu.items()})
+                     cpu_breakdown={k: float(v) for k, v in cpu.items()}, shares_host=shared)
+
+
+# the engine's measured components (runtime/run_state.py) -> the footprint's entries, "GPU" part and CPU part
+HOST_COMPONENTS = {"experts": ((), ("experts_pinned",)),
+                   "non_expert_weights": (("target_non_expert_weights",), ()),
+                   "target_kv": (("target_kv",), ("target_kv",)),
+                   "draft": (("draft_weights", "draft_kv"), ("draft_kv",)),
+                   "activations": (("activations",), ("attention_staging",))}
+DEVICE_COMPONENTS = {"non_expert_weights": ("target_non_expert_weights",),
+                     "experts": ("expert_cache", "streaming_buffers"),
+                     "target_kv": ("target_kv",), "draft": ("draft_weights", "draft_kv"),
+                     "activations": ("activations",)}
+
+
+def host_components(fp: dict) -> dict[str, float]:
+    """Host bytes of a footprint (its to_dict()) by the engine's components: experts, non-expert weights,
+    target KV, the draft (weights and KV) and activations (with the CPU attention's staging). The "GPU"
+    part counts only where it is host memory (shares_host); a component that is 0 is left out."""
+    g, c, shared = fp.get("gpu_breakdown") or {}, fp.get("cpu_breakdown") or {}, bool(fp.get("shares_host"))
+    out = {}
+    for name, (gk, ck) in HOST_COMPONENTS.items():
+        v = sum(float(c.get(k, 0.0)) for k in ck) + (sum(float(g.get(k, 0.0)) for k in gk) if shared else 0.0)
+        if v > 0:
+            out[name] = v
+    return out
+
+
+def device_components(fp: dict) -> dict[str, float]:
+    """Device bytes of a footprint (its to_dict()) by the engine's components; {} where the CPU stands in
+    for the GPU (its "GPU" part is host memory: host_components)."""
+    if fp.get("shares_host"):
+        return {}
+    g = fp.get("gpu_breakdown") or {}
+    out = {name: sum(float(g.get(k, 0.0)) for k in keys) for name, keys in DEVICE_COMPONENTS.items()}
+    return {k: v for k, v in out.items() if v > 0}
 
 
 def default_placement(model: ModelSpec, hw: HardwareSpec, workload: Workload, batch: int, draft_len: int = 0,
@@ -313,11 +370,17 @@ def default_placement(model: ModelSpec, hw: HardwareSpec, workload: Workload, ba
                       streaming_buffers: int = 2) -> Placement:
     """Target KV on the CPU; draft KV on the GPU for as many sequences as fit (draft data first: the
     draft runs k times per iteration); then as many expert cache slots per MoE layer as fit in what
-    is left (uniform, the remainder one extra slot on the first layers). Never raises: a placement
+    is left (uniform, the remainder one extra slot on the first layers); where the CPU stands in for the
+    GPU the cache is free (views of the host store), so every expert is cached. Never raises: a placement
     that cannot fit is caught by `footprint(...).check()`."""
     L, E = model.num_layers, model.num_experts
     empty = Placement(expert_cache_slots=(0,) * L, streaming_buffers=streaming_buffers)
     use_draft = draft is not None and draft_len > 0
+    if hw.gpu.shares_host_cpu:      # the cache is views of the host store: every expert cached, nothing streams
+        g = batch if use_draft else 0
+        slots = tuple(E if i in set(model.moe_layers) else 0 for i in range(L))
+        return Placement(expert_cache_slots=slots, target_kv_gpu_sequences=0, draft_kv_gpu_sequences=g,
+                         streaming_buffers=streaming_buffers)
     base = footprint(model, hw, workload, batch, draft_len, empty, draft if use_draft else None, micro_batches)
     free = base.gpu_usable_bytes - base.gpu_bytes          # streaming buffers at c = 0 included
     g = 0

@@ -38,6 +38,7 @@ from specmoe.runtime.model.expert_store import ExpertStore
 from specmoe.runtime.k_policy import CallableK, ConstantK, DynamicK, IterationInfo
 from specmoe.runtime.model.kv_cache import SplitKVCache, kv_capacity
 from specmoe.runtime.memory_fit import check_fits, minus, plan_footprint
+from specmoe.runtime.memory_usage import MemoryMeter, measured_memory
 from specmoe.runtime.run_record import StageTimer
 from specmoe.runtime.run_state import RunState, build_record
 from specmoe.runtime.speculative import Sequence, SpeculativeDecoder
@@ -120,7 +121,10 @@ class Engine:
         self.memory = {"weights": self.weights_footprint.to_dict()}
         if check_memory:
             self.memory["free_at_start"] = check_fits(self.weights_footprint, self.device)
+        self.meter = MemoryMeter(self.device)         # RSS before any weight; the load's peak apart
         self._load(target_dir, draft_dir, progress, expert_host)
+        self.meter.loaded()
+        self._run_footprint: dict = {}
         self.calibration_warnings = calibration_mismatches(self.plan, self.device, self.dtype)
         self.last_result: GenerateResult | None = None
         self.experts_rebalanced = False
@@ -260,6 +264,7 @@ class Engine:
         """The target and draft KV caches for `rows` sequences, once the planner's footprint of them (beyond
         the loaded weights) fits the memory free now."""
         fp = plan_footprint(self.plan, rows, capacity, max_k, self.dtype, self.kv_dtype)
+        self._run_footprint = fp.to_dict()
         if self.check_memory:
             check_fits(minus(fp, self.weights_footprint), self.device, what=f"plan at {rows} sequences")
         pl, t, d = self.plan.placement, self.tcfg, self.dcfg
@@ -280,6 +285,7 @@ class Engine:
         policy = self._policy(k0)
         rows = min(self.plan.batch, len(seqs))      # an open-stream plan run on a few prompts: KV for those
         tkv, dkv = self._kv_caches(rows, self._capacity(seqs, max_new_tokens, policy.max_k), policy.max_k)
+        self.meter.run_started()
         timer = StageTimer(self.device, self.profile_stages)
         mode = self.expert_streaming()
         self.target.host_io = self.plan.schedule.host_io
@@ -308,6 +314,8 @@ class Engine:
                 timer.add_h2d(self.store.take_h2d(block=True))
             except BaseException as e:  # noqa: BLE001
                 error = error or e
+        run.memory = measured_memory(self, self.meter, tkv, dkv, self._run_footprint)
+        run.memory["footprint_weights"] = self.weights_footprint.to_dict()
         rec = build_record(self, run, timer, dec, policy, outputs, error, total_s,
                            k0=k0, mode=mode, temperature=temperature, seed=seed, max_new_tokens=max_new_tokens)
         result = GenerateResult([outputs[i] for i in sorted(outputs)], rec,

@@ -32,6 +32,7 @@ class RunState:
         self.k_hist: dict[int, int] = {}
         self.live: list[int] = []          # sequences in each decode iteration
         self.timeline: list[dict] = []     # the stages of decode iteration TIMELINE_ITERATION (engine.py)
+        self.memory: dict = {}             # runtime/memory_usage.py measured_memory, set when the run ends
         # the expert store's counters at the start: the run's own are the differences
         self.store0 = {k: getattr(store, k, 0) for k in ("h2d_bytes", "h2d_experts", "h2d_unused_experts",
                                                          "cache_fill_bytes")} if store is not None else None
@@ -102,6 +103,6 @@ def build_record(eng, run: RunState, timer: StageTimer, dec, policy, outputs: di
         expert_cache_slots=list(pl.expert_cache_slots), profile_stages=eng.profile_stages,
         cached_experts_planned=bool(pl.cached_experts), experts_rebalanced=eng.experts_rebalanced,
         cached_experts={str(l): list(e) for l, e in store.cached.items()} if store is not None else {},
-        live_by_iteration=list(run.live), timeline=list(run.timeline),
+        live_by_iteration=list(run.live), timeline=list(run.timeline), memory=dict(run.memory),
         latency=run.latency.summary(), acceptance_by_position=acceptance_by_position(run.hist),
     )

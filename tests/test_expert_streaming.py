@@ -126,7 +126,8 @@ def test_prefetch_unused_accounting_and_buffer_guard(pair):
     by_phase = store.take_h2d()
     assert set(by_phase) == {"decode"}
     nbytes, secs = by_phase["decode"]
-    assert nbytes == store.h2d_bytes == (2 * E - 3) * store.expert_bytes and secs > 0
+    assert nbytes == store.h2d_bytes == (2 * E - 3) * store.expert_bytes
+    assert secs == 0.0 and store.copied_bytes == 0      # a CPU device streams references: nothing is copied
     assert store.take_h2d() == {}
 
 
@@ -180,10 +181,10 @@ def test_record_h2d_rate_is_decode_bytes_over_decode_busy_time(pair):
     r = eng.generate(ragged_prompts(6, 3), max_new_tokens=6).record
     assert r.h2d_prefill_bytes > 0 and r.h2d_decode_bytes > 0
     assert r.h2d_decode_bytes + r.h2d_prefill_bytes == r.h2d_bytes      # every issued copy finished and counted
-    assert r.h2d_busy_s == pytest.approx(r.stage_totals_s["target.h2d"]) and r.h2d_busy_s > 0
-    assert r.h2d_GBps == pytest.approx(r.h2d_decode_bytes / r.h2d_busy_s / 1e9)
-    assert r.h2d_busy_fraction == pytest.approx(r.h2d_busy_s / r.decode_time_s)
-    assert 0 < r.h2d_busy_fraction < 1
+    # on a CPU device streaming is a reference to the host row: no copy, so no busy time and no rate
+    # (with CUDA the rate is decode bytes over decode busy time: tests/test_engine_gpu.py)
+    assert r.h2d_busy_s == pytest.approx(r.stage_totals_s["target.h2d"]) == 0.0
+    assert r.h2d_GBps is None and r.h2d_busy_fraction == 0.0
     # decode bytes alone: every decode pass streams all 6 experts of both MoE layers here (no cache, and
     # 3 sequences x (k+1) tokens x top-2 touch them all with this checkpoint) -- counted independently
     E = read_config(t).num_experts

@@ -130,7 +130,9 @@ def brute_force_tps(m: ModelSpec, hw, wl: Workload, ks, mbs, rng) -> float:
             fp0 = footprint(m, hw, wl, B, k, Placement(expert_cache_slots=(0,) * L), d, mb)
             gfix = sum(v for key, v in fp0.gpu_breakdown.items()
                        if key not in ("expert_cache", "streaming_buffers", "draft_kv", "target_kv"))
-            eb = m.expert_elems * wl.weight_bytes_per_elem
+            # a cached or streamed expert takes device memory, except where the "GPU" is the host's CPU
+            # and its cache is the host store itself (counted once, on the host: planner/memory.py)
+            eb = 0.0 if hw.gpu.shares_host_cpu else m.expert_elems * wl.weight_bytes_per_elem
             kt = kv_bytes_per_sequence(m, wl, k)
             kd = draft_kv_bytes_per_sequence(d, wl, k) if d is not None else 0.0
             gu, cu = fp0.gpu_usable_bytes * (1 - MEM_SLACK), fp0.cpu_usable_bytes * (1 - MEM_SLACK)

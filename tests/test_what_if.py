@@ -73,7 +73,7 @@ def test_sweeps_move_the_right_way():
     gpu = wi.sweep_gpu_memory(M, H, WL, [24, 80])
     assert gpu.k0_tokens_per_s.iloc[1] > gpu.k0_tokens_per_s.iloc[0]         # more experts cached
     fig = report_plots.sweep(acc, "acceptance", "t", breakeven=0.2)
-    assert len(fig.data) == 2
+    assert len(fig.data) == 3 and list(fig.data[2].x) == [0.2, 0.2]     # best k, k = 0, the breakeven line
     with pytest.raises(ValueError, match="unknown sweep parameter"):
         wi.sweep(M, H, WL, "nvlink", [1])
 

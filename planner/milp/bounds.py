@@ -93,19 +93,19 @@ def _moe_layers_bound(pc: PointCosts, v: Variant, moe, a, p, g, slot_mem: float)
     if one_class and v.x_mode in ("stream", "cpu"):
         l = int(moe[0])
         if v.x_mode == "cpu":
-            return n * f_cpu(l, min(float(E), slot_mem / (n * eb)))
+            return n * f_cpu(l, min(float(E), slot_mem / (n * eb)) if eb > 0 else float(E))
         # mean slots c: n c w_e + nb w_e (E - c) <= slot memory (the buffers hold at least E - mean c)
-        if n > nb:
+        if n > nb and eb > 0:
             c_bar = min(float(E), max(0.0, (slot_mem - nb * E * eb) / (eb * (n - nb))))
         else:
             c_bar = float(E)
         return n * max(_interp(pc.h2d_table_s[l], c_bar) + p[l], a[l], G[0])
-    c_cap = min(float(E), slot_mem / eb)
+    c_cap = min(float(E), slot_mem / eb) if eb > 0 else float(E)      # eb 0: slots take no device memory
     if v.x_mode == "stream":
         # sum of maxes >= max of sums; the fewest total H2D for the slot budget takes the largest
         # decrements of the convex per-layer tables
         dec = np.sort(np.concatenate([-np.diff(pc.h2d_table_s[l]) for l in moe]))[::-1]
-        budget = min(slot_mem / eb, float(len(dec)))
+        budget = min(slot_mem / eb, float(len(dec))) if eb > 0 else float(len(dec))
         k = int(np.floor(budget))
         saved = dec[:k].sum() + (dec[k] * (budget - k) if k < len(dec) else 0.0)
         h_tot = float(pc.h2d_table_s[moe, 0].sum() - saved)

@@ -255,7 +255,9 @@ def point_costs(cm: CostModel, batch: int, micro_batches: int, draft_len: int,
         draft_mm_s=mm, draft_attn_gpu_s=agpu, draft_attn_cpu_s=acpu,
         gpu_fixed_bytes=float(gpu_fixed), gpu_usable_bytes=base["gpu_usable"],
         cpu_fixed_bytes=base["cpu_fixed"] + host_staging_bytes(m, wl, B, k), cpu_usable_bytes=base["cpu_usable"],
-        expert_bytes=float(m.expert_elems * wl.weight_bytes_per_elem),
+        # device bytes of one cached expert slot or buffer slot: none where the "GPU" is the host's CPU and
+        # its cache is the host store itself (planner/memory.py counts it once, there)
+        expert_bytes=0.0 if c0.serial else float(m.expert_elems * wl.weight_bytes_per_elem),
         kv_target_bytes=float(kv_bytes_per_sequence(m, wl, k)),
         kv_draft_bytes=float(draft_kv_bytes_per_sequence(cm.draft, wl, k)) if use_draft else 0.0,
         time_scale_s=float(c0.closed_form_time_s) or 1.0, serial=bool(c0.serial),

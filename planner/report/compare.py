@@ -17,6 +17,7 @@ from specmoe.planner.errors import SpecError
 from specmoe.planner.plan import Plan
 from specmoe.planner.report.comparison import GOAL_PCT, Comparison, Row
 from specmoe.planner.report.explain import explain
+from specmoe.planner.report.memory_rows import MEMORY_GOAL_PCT, memory_rows, misses
 from specmoe.planner.report.inputs import check_match, load_plan, load_run
 from specmoe.planner.report.predict import (acceptance_at, job_prediction, live_batch, prediction_for_run,
                                             throughput_by_k)
@@ -53,6 +54,10 @@ def compare(plan: Plan | dict | str | Path, run: dict | str | Path, goal_pct: fl
         warnings.append(f"no throughput-against-k curve: {e}")
     cmp.drift = _drift(run, cmp.row(Stage.ITERATION.value))
     cmp.live = {"measured": live_m, "predicted": live_pred} if live_m else {}
+    cmp.memory = memory_rows(plan, run)
+    off = misses(cmp.memory)
+    if off:
+        warnings.append(f"memory predicted more than {MEMORY_GOAL_PCT:g}% off the measurement: {', '.join(off)}")
     cmp.notes = explain(cmp, plan, run)
     return cmp
 

@@ -56,9 +56,12 @@ class Comparison:
     # live sequences per decode iteration: {"measured": the run's counts, "predicted": the expected drain of a
     # static batch (planner/batch_drain.live_curve) or None}
     live: dict[str, Any] = field(default_factory=dict)
+    # memory, predicted (the planner's footprint) against measured (the run record's `memory`), in MiB
+    # (planner/report/memory_rows.py); [] for a run record without memory measurements
+    memory: list[Row] = field(default_factory=list)
 
     def row(self, name: str) -> Row:
-        for r in self.stages + self.metrics:
+        for r in self.stages + self.metrics + self.memory:
             if r.name == name:
                 return r
         raise KeyError(name)
@@ -84,12 +87,12 @@ class Comparison:
         import pandas as pd
 
         rows = [{"name": r.name, "resource": r.resource, "unit": r.unit, "predicted": r.predicted,
-                 "measured": r.measured, "error_pct": r.error_pct} for r in self.stages + self.metrics]
+                 "measured": r.measured, "error_pct": r.error_pct} for r in self.stages + self.metrics + self.memory]
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("stages", "metrics"):
+        for key in ("stages", "metrics", "memory"):
             for r, src in zip(d[key], getattr(self, key)):
                 r["error_pct"] = src.error_pct
         d.update(iteration_error_pct=self.iteration_error_pct, passed=self.passed, verdict=self.verdict)

@@ -12,6 +12,7 @@ from specmoe.planner.report.compare import compare
 from specmoe.planner.report.comparison import Comparison, Row
 from specmoe.planner.report.headline import Headline
 from specmoe.planner.report.inputs import load_plan
+from specmoe.planner.report.memory_rows import misses
 
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -49,6 +50,11 @@ def _err(r: Row) -> str:
     return "n/a" if e is None else f"{e:+.1f}%"
 
 
+def _miss(r: Row) -> str:
+    """' MISS' after a memory row whose prediction is off by more than MEMORY_GOAL_PCT."""
+    return "  MISS" if r.name in misses([r]) else ""
+
+
 def render_table(cmp: Comparison) -> str:
     """The per-stage table with an error column, the throughput rows, the mean |error| and the verdict."""
     h = cmp.header
@@ -65,6 +71,11 @@ def render_table(cmp: Comparison) -> str:
     for r in cmp.metrics:
         lines.append(f"  {r.name:30s} {r.unit:8s} {_fmt(r.predicted, r.unit):>12s} {_fmt(r.measured, r.unit):>12s} "
                      f"{_err(r):>9s}")
+    if cmp.memory:
+        lines += ["", f"  {'memory':30s} {'resource':8s} {'predicted':>12s} {'measured':>12s} {'error':>9s}"]
+        for r in cmp.memory:
+            lines.append(f"  {r.name:30s} {r.unit:8s} {_fmt(r.predicted, r.unit):>12s} {_fmt(r.measured, r.unit):>12s} "
+                         f"{_err(r):>9s}{_miss(r)}")
     mae = "n/a" if cmp.mean_abs_error_pct is None else f"{cmp.mean_abs_error_pct:.1f}%"
     lines += ["", f"  mean |error| over the measured iteration stages: {mae}", f"  {cmp.verdict}"]
     if cmp.drift:
@@ -161,6 +172,8 @@ def _page(cmp: Comparison, figs: list, headline: Headline | None = None) -> str:
     if cmp.warnings:
         parts.append("<ul>" + "".join(f"<li class=warn>{e(w)}</li>" for w in cmp.warnings) + "</ul>")
     parts += ["<h2>Stages</h2>", table(cmp.stages), "<h2>Throughput and acceptance</h2>", table(cmp.metrics, "metric")]
+    if cmp.memory:
+        parts += ["<h2>Memory</h2>", table(cmp.memory, "memory")]
     first = True
     for title, fig in figs:
         parts.append(f"<h2>{e(title)}</h2>")

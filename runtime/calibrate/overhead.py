@@ -249,7 +249,7 @@ def _step(run: dict, record: bool) -> None:
     calls, mean context and whether any sequence was catching up are appended to the run's samples."""
     dec, seqs, store, timer = run["dec"], run["seqs"], run["store"], run["timer"]
     before = dict(timer.totals["decode"])
-    c0 = store.h2d_experts if store is not None else 0
+    c0 = store.copied_experts if store is not None else 0     # copies made (none on a CPU device: references)
     e0 = store.expert_calls if store is not None else 0
     ctx = sum(s.target_len for s in seqs) / len(seqs)
     catchup = float(any(len(s.draft_pending) > 1 for s in seqs))
@@ -261,7 +261,7 @@ def _step(run: dict, record: bool) -> None:
         for st in STAGES:
             run["samples"][st].append(after.get(st, 0.0) - before.get(st, 0.0))
         run["samples"]["iteration"].append(dt)
-        run["copies"].append((store.h2d_experts if store is not None else 0) - c0)
+        run["copies"].append((store.copied_experts if store is not None else 0) - c0)
         run["experts"].append((store.expert_calls if store is not None else 0) - e0)
         run["ctx"].append(ctx)
         run["catchup"].append(catchup)

@@ -16,7 +16,16 @@ what routing touched and was not streamed yet. Experts streamed but not used by 
 counted (`h2d_unused_experts`), never a correctness matter. Layers in `cpu_expert_layers` never
 stream: their non-resident experts compute on the host weights.
 
-Accounting (`take_h2d`): each batch of copies is one ledger entry (bytes, busy seconds); with CUDA
+Nothing is held twice. On a CPU device (the CPU standing in for the GPU) the "device" is host memory:
+the cache slots and the streaming buffers are references to the host store's rows (views, no bytes of
+their own), and "streaming" an expert puts a reference in the buffer: the schedule (which experts are
+streamed when, the trace, the streamed-expert counts) is the GPU's, but no byte is copied
+(`copied_bytes` stays 0 and the ledger's entries take 0 s), as the planner costs it (shares_host_cpu:
+t_h2d = 0). With CUDA the pinned host store is the only host copy of the experts. The host store is
+filled from the weight source one layer at a time, and `src.release()` after each layer drops what
+the source holds of it (mapped checkpoint pages).
+
+Accounting (`take_h2d`): each batch of streamed experts is one ledger entry (bytes, busy seconds); with CUDA
 the seconds are CUDA events recorded on the copy stream around the batch, so they are the time the
 copy stream was busy with it (batches on one stream never overlap). Entries are taken when they
 have finished, so bytes and seconds always go together: achieved GB/s = bytes / busy seconds.
@@ -29,7 +38,6 @@ Dimensions: E experts, F expert intermediate, H hidden, P = 3*F*H elements per e
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Iterable
 
 import torch
@@ -99,46 +107,33 @@ class ExpertStore:
         self.E, self.F, self.H = c.num_experts, c.moe_intermediate, c.hidden
         self.P = 3 * self.F * self.H
         self.cuda = device.type == "cuda"
+        self.shares_host = not self.cuda      # the device is host memory: cache and buffers reference host rows
         self.cpu_layers = set(int(i) for i in cpu_expert_layers)
         if len(cache_slots) != c.num_layers:
             raise ValueError(f"cache_slots has {len(cache_slots)} entries for {c.num_layers} layers")
         self.slots = {l: max(0, min(int(cache_slots[l]), self.E)) for l in c.moe_layers}
-        FH = self.F * self.H
         # ---- host store: every expert, pinned when CUDA ----
-        self.host: dict[int, torch.Tensor] = {}
-        for l in c.moe_layers:
-            old = (host or {}).get(l)
-            if old is not None and tuple(old.shape) == (self.E, self.P) and old.dtype == dtype and \
-                    (old.is_pinned() or not self.cuda):
-                self.host[l] = old
-                if progress:
-                    progress(self.E)
-                continue
-            h = host_empty((self.E, self.P), dtype, pin=self.cuda)  # [E, P]
-            for e in range(self.E):
-                gate, up, down = src.expert(l, e)
-                h[e, :FH].copy_(gate.reshape(-1))
-                h[e, FH:2 * FH].copy_(up.reshape(-1))
-                h[e, 2 * FH:].copy_(down.reshape(-1))
-                if progress:
-                    progress(1)
-            self.host[l] = h
-        # ---- device cache ----
-        self.cache: dict[int, torch.Tensor] = {}
+        self.host: dict[int, torch.Tensor] = {l: self._host_layer(src, l, host, progress) for l in c.moe_layers}
+        # ---- device cache: [slots, P] on CUDA; on the CPU a list of views of the host rows ----
+        self.cache: dict[int, torch.Tensor | list[torch.Tensor]] = {}
         self.cached: dict[int, list[int]] = {}
         self.slot_of: dict[int, dict[int, int]] = {}
         for l in c.moe_layers:
             n = self.slots[l]
-            self.cache[l] = torch.empty((n, self.P), dtype=dtype, device=device)  # [slots, P]
             self.cached[l] = initial_experts(cached_experts[l] if cached_experts else (), n, self.E)
             self.slot_of[l] = {e: i for i, e in enumerate(self.cached[l])}
+            if self.shares_host:
+                self.cache[l] = [self.host[l][e] for e in self.cached[l]]
+                continue
+            self.cache[l] = torch.empty((n, self.P), dtype=dtype, device=device)  # [slots, P]
             if n:
                 self.cache[l].copy_(self.host[l][torch.tensor(self.cached[l], dtype=torch.int64)])
-        self.cache_fill_bytes = sum(self.slots.values()) * self.P * self.host_elem_bytes
-        # ---- streaming buffers (each holds one layer's non-resident experts) ----
+        self.cache_fill_bytes = 0 if self.shares_host else sum(self.slots.values()) * self.P * self.host_elem_bytes
+        # ---- streaming buffers (each holds one layer's non-resident experts; on the CPU references) ----
         need = max([self.E - self.slots[l] for l in c.moe_layers if l not in self.cpu_layers] or [0])
         self.num_buffers = max(1, int(streaming_buffers)) if need else 0
-        self.buffers = [torch.empty((need, self.P), dtype=dtype, device=device) for _ in range(self.num_buffers)]
+        self.buffers = [[None] * need if self.shares_host else torch.empty((need, self.P), dtype=dtype, device=device)
+                        for _ in range(self.num_buffers)]
         self.buffer_capacity = need
         self.streaming_layers = [l for l in c.moe_layers if l not in self.cpu_layers and self.slots[l] < self.E
                                  and self.num_buffers]
@@ -152,11 +147,42 @@ class ExpertStore:
         self.ledger = CopyLedger()
         self.trace: list[tuple] | None = None
         # ---- accounting ----
-        self.h2d_bytes = 0              # issued (all phases); take_h2d() gives finished bytes with their busy time
+        self.h2d_bytes = 0              # streamed (all phases); take_h2d() gives finished bytes with their busy time
         self.h2d_experts = 0
+        self.copied_bytes = 0           # of those, really copied (0 on a CPU device: references to host rows)
+        self.copied_experts = 0
         self.h2d_unused_experts = 0     # streamed ahead of routing but not used by the layer's pass
         self.routing_counts = {l: torch.zeros(self.E, dtype=torch.int64) for l in c.moe_layers}
         self.has_statistics = False
+
+    def _host_layer(self, src: WeightSource, l: int, host: dict | None, progress) -> torch.Tensor:
+        """Layer l's host rows [E, P]: reused from `host` when it fits, else read expert by expert from the
+        source into their final place, then the source releases what it holds of the layer."""
+        old = (host or {}).get(l)
+        if old is not None and tuple(old.shape) == (self.E, self.P) and old.dtype == self.dtype and \
+                (old.is_pinned() or not self.cuda):
+            if progress:
+                progress(self.E)
+            return old
+        FH = self.F * self.H
+        h = host_empty((self.E, self.P), self.dtype, pin=self.cuda)  # [E, P]
+        for e in range(self.E):
+            gate, up, down = src.expert(l, e)
+            h[e, :FH].copy_(gate.reshape(-1))
+            h[e, FH:2 * FH].copy_(up.reshape(-1))
+            h[e, 2 * FH:].copy_(down.reshape(-1))
+            del gate, up, down
+            if progress:
+                progress(1)
+        src.release()
+        return h
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes the store allocated: host rows, device cache, streaming buffers (views count 0)."""
+        dev = lambda ts: sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))  # noqa: E731
+        return {"host": dev(self.host.values()),
+                "cache": 0 if self.shares_host else dev(self.cache.values()),
+                "buffers": 0 if self.shares_host else dev(self.buffers)}
 
     @property
     def host_elem_bytes(self) -> int:
@@ -257,14 +283,15 @@ class ExpertStore:
                 end.record(self.copy_stream)
             self._copy_done[layer] = end
             self.ledger.add_events(nbytes, start, end)
-        else:
-            t0 = time.perf_counter()
+            self.copied_bytes += nbytes
+            self.copied_experts += len(todo)
+        else:                                 # the device is host memory: a reference, no copy, no time
             for e in todo:
                 i = len(streamed)
                 streamed[e] = i
                 self._log("copy", layer, e, b, i)
-                buf[i].copy_(host[e])
-            self.ledger.add_sync(nbytes, time.perf_counter() - t0)
+                buf[i] = host[e]
+            self.ledger.add_sync(nbytes, 0.0)
             self._copy_done[layer] = None     # done already; the marker keeps the schedule traceable
         self.h2d_bytes += nbytes
         self.h2d_experts += len(todo)
@@ -322,7 +349,8 @@ class ExpertStore:
         self.has_statistics = True
 
     def rebalance(self) -> int:
-        """Cache the most-used experts per layer (ties: lower id); returns bytes copied. Layers streamed
+        """Cache the most-used experts per layer (ties: lower id); returns bytes copied (0 on a CPU device,
+        where the cache references host rows). Layers streamed
         ahead are dropped first (what is resident changes)."""
         self.drop_streams()
         moved = 0
@@ -336,9 +364,12 @@ class ExpertStore:
             incoming = [e for e in want if e not in keep]
             free_slots = [s for s, e in enumerate(self.cached[l]) if e not in keep]
             for s, e in zip(free_slots, incoming):
-                self.cache[l][s].copy_(self.host[l][e], non_blocking=self.cuda)
+                if self.shares_host:
+                    self.cache[l][s] = self.host[l][e]      # a reference: nothing moves
+                else:
+                    self.cache[l][s].copy_(self.host[l][e], non_blocking=self.cuda)
+                    moved += self.P * self.host_elem_bytes
                 self.cached[l][s] = e
-                moved += self.P * self.host_elem_bytes
             self.slot_of[l] = {e: s for s, e in enumerate(self.cached[l])}
         self.cache_fill_bytes += moved
         return moved

@@ -92,6 +92,7 @@ class TargetModel:
             else:
                 L.dense = load_mlp(get, p + "mlp.")
             self.layers.append(L)
+            src.release()          # layer by layer: the source keeps nothing of what is in place
 
     # ---- stages ----
     def pre_attn(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -9,6 +9,10 @@ Routed experts come in two layouts, both read here:
               `save_pretrained(save_original_format=False)`).
 safetensors only (safe_open): never unpickle, never trust_remote_code.
 
+Tensors are read with pread(2) (safetensors' "pread" backend, 0.7 and later) into fresh memory that the
+caller moves to its final place, so no page of the file stays mapped into the process; with an older
+safetensors (mmap only) `release()` drops the open files, and with them their mappings, after each layer.
+
 Dimensions: V vocab, H hidden, Hq/Hkv heads, D head dim, E experts, F expert intermediate,
 I dense/shared intermediate.
 """
@@ -73,6 +77,7 @@ class Checkpoint:
         for f in files:
             for k in self._open(f).keys():
                 out[k] = f
+        self.release()
         return out
 
     def _shard(self, name: Any, idx: Path) -> Path:
@@ -90,11 +95,18 @@ class Checkpoint:
         h = self._handles.get(f)
         if h is None:
             try:
-                h = safe_open(str(f), framework="pt")
+                try:
+                    h = safe_open(str(f), framework="pt", backend="pread")   # no mapped pages
+                except TypeError:      # safetensors before 0.7 has no backends: mmap, dropped by release()
+                    h = safe_open(str(f), framework="pt")
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise SpecError("checkpoint", f"cannot read {f}: {e}", "re-download or re-save the file") from None
             self._handles[f] = h
         return h
+
+    def release(self) -> None:
+        """Close the open files (they reopen on the next read): whatever they map is unmapped."""
+        self._handles.clear()
 
     def has(self, name: str) -> bool:
         return name in self._key_file
@@ -213,6 +225,7 @@ def read_config(path: str | Path) -> ArchConfig:
 
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CHECK_CHUNK_ELEMS = 1 << 22     # elements checked for NaN/inf at a time (16 MiB of fp32 temporaries)
 
 
 def checked_values(name: str, t: torch.Tensor, f: Path) -> torch.Tensor:
@@ -222,7 +235,8 @@ def checked_values(name: str, t: torch.Tensor, f: Path) -> torch.Tensor:
     if t.dtype not in WEIGHT_DTYPES:
         raise SpecError("checkpoint", f"tensor {name} in {f.name} is {str(t.dtype).replace('torch.', '')}, not a "
                         "float32, bfloat16 or float16 weight", "give an unquantised checkpoint")
-    if not bool(torch.isfinite(t).all()):
+    # in chunks: isfinite over a whole bf16 tensor would hold an fp32 copy and a mask of it at once
+    if not all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(CHECK_CHUNK_ELEMS)):
         bad = int((~torch.isfinite(t)).sum())
         raise SpecError("checkpoint", f"tensor {name} in {f.name} has {bad} NaN or infinite values",
                         "the file is corrupt or the training diverged: re-download or re-save it")

@@ -42,6 +42,9 @@ class WeightSource:
         """(gate [F, H], up [F, H], down [H, F])."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Drop what the source holds of the tensors read so far (open files, mapped pages); reads go on."""
+
     @staticmethod
     def from_checkpoint(path: str | Path, validate: bool = True) -> "CheckpointWeights":
         return CheckpointWeights(path, validate=validate)
@@ -70,6 +73,9 @@ class CheckpointWeights(WeightSource):
 
     def expert(self, layer: int, e: int):
         return self.ckpt.expert(layer, e)
+
+    def release(self) -> None:
+        self.ckpt.release()
 
 
 def config_from_model_spec(spec: Any) -> ArchConfig:
