@@ -23,3 +23,76 @@ def test_a_tied_embedding_is_multiplied_once_as_the_lm_head():
     assert matmul_elems_per_token(tied) == 596_042_752.0 == float(tied.active_params)
     # untied: the input embedding (vocab 32000 x 4096) is a lookup only; the separate LM head is in active
     assert matmul_elems_per_token(untied) == float(untied.active_params - 32000 * 4096)
+
+
+# ---- planner/cost_model.py ----
+def _cm(hw="h200-host", dtype="bf16", schedule=None, model="mixtral-8x7b"):
+    from specmoe.planner.cost_model import CostModel
+    from specmoe.planner.hardware_spec import load_hardware
+    from specmoe.planner.workload import Workload, load_acceptance
+
+    wl = Workload(64, 32, acceptance=load_acceptance(0.5), weight_dtype=dtype, kv_dtype="bf16")
+    return CostModel(load_model(model), load_hardware(hw), wl, schedule=schedule)
+
+
+def test_a_gemm_is_costed_at_the_workloads_dtype():
+    from specmoe.planner.roofline import OpCost
+
+    # h200-host datasheet: fp32 67 TFLOP/s, bf16 989: a compute-bound op of 1e15 FLOP takes 1e15 / peak
+    assert _cm(dtype="fp32")._t("gpu", OpCost(flops=1e15), set()) == pytest.approx(1e15 / 67e12)
+    assert _cm(dtype="bf16")._t("gpu", OpCost(flops=1e15), set()) == pytest.approx(1e15 / 989e12)
+    assert _cm(dtype="bf16")._t("gpu", OpCost(flops=1e15), set(), dtype="fp32") == pytest.approx(1e15 / 67e12)
+
+
+def test_an_op_names_its_rate_source_only_when_it_takes_time():
+    from specmoe.planner.roofline import OpCost
+
+    cm, srcs = _cm(hw="h200-host-calibrated"), set()
+    cm._t("gpu", OpCost(flops=0.0), srcs)
+    assert srcs == set()                                          # a zero-time op says nothing about the rates
+    cm._t("gpu", OpCost(flops=1e6, hbm_bytes=1e3), srcs, tokens=1)   # microseconds, from the measured curve
+    assert srcs == {"measured"}
+
+
+def test_zero_sequences_of_attention_take_no_time_and_name_no_source():
+    from specmoe.planner.cost_model import _AttentionSlopes
+
+    slopes, srcs = _AttentionSlopes(2.0, 3.0, {"measured"}, {"peak"}), set()
+    assert slopes.time(0, True, srcs) == 0.0 and srcs == set()
+    assert slopes.time(4, False, srcs) == 12.0 and srcs == {"peak"}
+
+
+def test_attention_flops_by_hand():
+    cm = _cm()
+    m = load_model("mixtral-8x7b")           # 32 query heads, head dim 128: e_h = 2 x 128 = 256
+    op = cm.attn_op(seqs=5, k1=2, s=10, on_gpu=True, layers=3)
+    # 2 x layers x seqs x heads x e_h x (k1 s + k1 (k1 + 1) / 2) = 2 x 3 x 5 x 32 x 256 x (20 + 3)
+    assert m.num_q_heads == 32 and op.flops == pytest.approx(2 * 3 * 5 * 32 * 256 * 23)
+    assert op.hbm_bytes == pytest.approx(5 * 12 * cm.kv_tok_layer_bytes)
+
+
+def test_a_dense_target_is_costed():
+    from specmoe.planner.estimator import estimate
+    from specmoe.planner.workload import Workload, load_acceptance
+
+    cm = _cm(model="mistral-7b")
+    assert cm.E == 0 and cm.h2d_src == "peak" and cm.h2d_Bps > 0
+    e = estimate("mistral-7b", "h200-host", Workload(64, 32, acceptance=load_acceptance(0.0)), batch=8)
+    assert e.decode_tokens_per_s > 0 and e.stages["target.h2d"] == 0.0
+
+
+def test_the_schedule_changes_the_iteration():
+    from dataclasses import replace
+
+    from specmoe.planner.hardware_spec import load_hardware
+    from specmoe.planner.memory import Placement
+    from specmoe.planner.schedule import default_schedule
+
+    per_layer = default_schedule(load_hardware("h200-host"))
+    per_mb = replace(per_layer, pre_post="per_micro_batch", expert_streaming="off")
+    pl = Placement(expert_cache_slots=(0,) * 32)
+    a = _cm(schedule=per_layer).iteration(256, 4, 0, pl)
+    b = _cm(schedule=per_mb).iteration(256, 4, 0, pl)
+    # per layer: pre/post attention once over the batch (column 0), per micro-batch: four columns
+    assert a.batched_layer and not b.batched_layer
+    assert a.pre_s[:, 1:].sum() == 0.0 and (b.pre_s > 0).all()
