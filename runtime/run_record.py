@@ -169,6 +169,8 @@ class RunRecord:
     # what `vllm bench` users compare (runtime/latency.py): {"ttft_ms"|"tpot_ms"|"itl_ms": {mean, median, p99, n}}
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     acceptance_by_position: list[float] = field(default_factory=list)   # share accepted at draft position 1..k
+    # OpenMP variables, torch's thread counts and the OpenMP runtimes mapped (runtime/thread_env.py)
+    thread_env: dict[str, Any] = field(default_factory=dict)
     # memory as measured (runtime/memory_usage.py measured_memory): host RSS at start, load peak, after load,
     # run start and run peak (host_rss_*_bytes); host_by_component and, on a GPU, device_peak_allocated_bytes
     # and device_by_component (bytes); footprint (footprint_weights): the planner's footprint of the run's

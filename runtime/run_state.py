@@ -12,6 +12,7 @@ from collections import deque
 from specmoe.runtime.device import git_commit, kernel_backends, machine_description
 from specmoe.runtime.k_policy import DynamicK
 from specmoe.runtime.latency import LatencyTracker, acceptance_by_position
+from specmoe.runtime.thread_env import thread_env_record
 from specmoe.runtime.run_record import RunRecord, StageTimer, stage_summary
 
 
@@ -105,4 +106,5 @@ def build_record(eng, run: RunState, timer: StageTimer, dec, policy, outputs: di
         cached_experts={str(l): list(e) for l, e in store.cached.items()} if store is not None else {},
         live_by_iteration=list(run.live), timeline=list(run.timeline), memory=dict(run.memory),
         latency=run.latency.summary(), acceptance_by_position=acceptance_by_position(run.hist),
+        thread_env=thread_env_record(),
     )

@@ -49,3 +49,17 @@ def test_every_entry_point_sets_the_policy_before_torch():
     p = subprocess.run([sys.executable, "-c", "import specmoe.runtime, os; print(os.environ['OMP_WAIT_POLICY'])"],
                        env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "ACTIVE"
+
+
+def test_the_run_record_keeps_the_thread_environment(tmp_path):
+    import torch
+
+    from engine_fixtures import make_pair
+    from specmoe.runtime.engine import Engine, plan_for_checkpoint
+
+    t, d = make_pair(tmp_path, "mixtral", "llama", seed=2)
+    rec = Engine(plan_for_checkpoint(t, d, "devbox-2core", batch=2, draft_len=1), t, d).generate(
+        [[5, 6], [7]], max_new_tokens=3).record
+    te = rec.thread_env
+    assert te["env"]["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY") == "PASSIVE"
+    assert te["torch_threads"] == torch.get_num_threads() and te["openmp_runtimes"] == openmp_runtimes()
