@@ -1,13 +1,14 @@
 """bench/fidelity.py: the error distribution and its summary line, from hand-made rounds; bad arguments."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "fidelity.py"
 LAST = re.compile(r"^fidelity: (\d+) runs with fresh calibrations; iteration error median ([+-]\d+\.\d)%, "
@@ -16,10 +17,7 @@ LAST = re.compile(r"^fidelity: (\d+) runs with fresh calibrations; iteration err
 
 @pytest.fixture(scope="module")
 def fid():
-    spec = importlib.util.spec_from_file_location("fidelity_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "fidelity_bench")
 
 
 def _row(i, it, stages, clean=True):

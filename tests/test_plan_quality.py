@@ -3,7 +3,6 @@ against brute force through the simulator (bench/plan_quality.py), and the micro
 closed form cannot see."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -11,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from script_loader import load_script
 
 from specmoe.planner.cost_model import CostModel
 from specmoe.planner.errors import SpecError
@@ -30,15 +31,7 @@ LAST = re.compile(r"^plan-quality: chosen plan within (\d+\.\d)% of the simulato
                   r"worst case over (\d+) cases (\d+\.\d)%$")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("plan_quality", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["plan_quality"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pq = _bench()
+pq = load_script(SCRIPT, "plan_quality")
 
 
 def test_quick_bench_ends_with_its_line():

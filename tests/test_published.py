@@ -2,7 +2,6 @@
 promised format, the error column is (predicted - measured) / measured, a bad file exits 2 naming the field."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -10,21 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from script_loader import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "published.py"
 CASES = ROOT / "bench" / "published_cases.yaml"
 LAST = re.compile(r"^published: (\d+) cases, median \|error\| (\d+)%, worst (\d+)% \(([\w.-]+)\)$")
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("published_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["published_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pub = _module()
+pub = load_script(SCRIPT, "published_bench")
 
 ONE_CASE = """
 cases:
