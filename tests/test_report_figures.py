@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -86,7 +87,7 @@ def test_the_run_record_keeps_a_measured_timeline(tmp_path):
 def _screenshot(html: Path, png: Path) -> int:
     """Render html in headless Chromium to png; the PNG's size in bytes (a blank page compresses to little)."""
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=900,500", "--virtual-time-budget=4000", f"--screenshot={png}", html.as_uri()],
+                    "--window-size=900,650", "--virtual-time-budget=4000", f"--screenshot={png}", html.as_uri()],
                    capture_output=True, timeout=120)
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     return png.stat().st_size
@@ -102,7 +103,18 @@ def test_every_figure_renders_to_png(tmp_path):
             "sweep": plots.sweep(df, "h2d_GBps", "sweep", log_x=True, breakeven=8.0),
             "heatmap": plots.heatmap(grid, chosen=(8, 1)),
             "throughput": plots.throughput_vs_k([{"draft_len": 0, "decode_tokens_per_s": 10.0}], 0, 10.0,
-                                                measured=[(0, 9.0, 8.0, 10.0)])}
+                                                measured=[(0, 9.0, 8.0, 10.0)]),
+            "stage_bars": plots.stage_bars(SimpleNamespace(stages=[
+                SimpleNamespace(name="target.moe", predicted=0.004, measured=0.005, error_pct=-20.0),
+                SimpleNamespace(name="iteration", predicted=0.009, measured=0.010, error_pct=-10.0)])),
+            "live_batch": plots.live_batch([8.0, 7.5, 6.0], [8, 7, 5], 8),
+            "acceptance": plots.acceptance_bars({"k": 2, "measured": {"0": 3, "1": 5, "2": 2},
+                                                 "planned": {"0": 0.3, "1": 0.4, "2": 0.3}}),
+            "roofline": plots.roofline(
+                pd.DataFrame([{"op": "moe", "resource": "gpu", "intensity_flop_per_byte": 4.0, "achieved_flops": 1e12,
+                               "time_s": 1e-3, "bound": "memory"}]),
+                pd.DataFrame([{"resource": "gpu", "intensity_flop_per_byte": x, "flops": min(1e14, 3e12 * x)}
+                              for x in (0.1, 10.0, 1000.0)]))}
     (tmp_path / "blank.html").write_text("<html><body></body></html>")
     blank = _screenshot(tmp_path / "blank.html", tmp_path / "blank.png")
     for name, fig in figs.items():
