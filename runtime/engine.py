@@ -429,8 +429,8 @@ FLIP_GAP = {torch.float32: 1e-4, torch.float16: 0.016, torch.bfloat16: 0.125}
 def _resolve_dtype(dtype: torch.dtype | str | None, plan: Plan, device: torch.device) -> torch.dtype:
     """The compute dtype: the one asked for, else exact where that is affordable: float32 on the CPU
     (where bf16 is no faster and greedy speculation would differ from k = 0 at near-ties), and on a
-    GPU the dtype the plan was costed for (bf16 unless it says float16 or float32). fp16 computes in
-    fp32 on a CPU."""
+    GPU the dtype the plan was costed for (bf16 unless it says float32). fp16 computes in fp32 on a
+    CPU and in bf16 on a GPU (the CUDA kernels take bf16 or fp32: same width, same cost)."""
     if dtype is None:
         want = str(plan.workload.get("weight_dtype", "bf16"))
         dtype = "float32" if device.type == "cpu" else {"fp32": "float32", "float32": "float32", "fp16": "float16",
@@ -441,6 +441,6 @@ def _resolve_dtype(dtype: torch.dtype | str | None, plan: Plan, device: torch.de
         dtype = DTYPES[dtype]
     if dtype not in FLIP_GAP:
         raise SpecError("dtype", f"{dtype} is not a compute dtype", "float32, bfloat16 or float16")
-    if dtype == torch.float16 and device.type == "cpu":
-        dtype = torch.float32
+    if dtype == torch.float16:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     return dtype

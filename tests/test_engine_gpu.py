@@ -149,10 +149,15 @@ def test_mixtral_slice_random_weights(tmp_path):
             "mean_accepted": r.mean_accepted, "h2d_bytes": r.h2d_bytes, "h2d_decode_bytes": r.h2d_decode_bytes,
             "h2d_unused_experts": r.h2d_unused_experts, "h2d_GBps": r.h2d_GBps, "h2d_busy_s": r.h2d_busy_s,
             "h2d_busy_fraction": r.h2d_busy_fraction, "expert_streaming": r.expert_streaming,
-            "backends": r.backends, "machine": r.machine, "memory_check": refused or "fits"}
+            "backends": r.backends, "machine": r.machine, "memory_check": refused or "fits",
+            "token_flips": r.token_flips}
         assert r.complete and r.acceptance_oracle == alpha and r.h2d_bytes > 0
         assert r.expert_streaming == (pre or ("next" if DEVICE == "cuda" else "off"))
-        if DEVICE == "cuda":   # bytes over copy-stream busy time: cannot beat the PCIe link (55 GB/s there)
-            assert 5 < r.h2d_GBps < 70, r.h2d_GBps
+        if DEVICE == "cuda":   # bytes over copy-stream busy time: cannot beat PCIe Gen5 x16 (peak near 63 GB/s)
+            assert 5 < r.h2d_GBps < 64, r.h2d_GBps
     _dump("mixtral_slice", res)
-    assert outs["next"] == outs["next_profiled"] == outs["off"] == outs["predict"]
+    # the schedules' GEMMs have different row counts (cuBLAS may pick other kernels): in bf16 a sequence may
+    # differ only where some run met a near-tie (top-2 logits closer than bf16 resolves: token_flips)
+    for name in ("next_profiled", "off", "predict"):
+        differ = sum(a != b for a, b in zip(outs["next"], outs[name]))
+        assert differ <= res["next"]["token_flips"] + res[name]["token_flips"], (name, differ)
