@@ -1,4 +1,5 @@
-"""Verify-attention benchmark: our C++ kernel vs torch SDPA vs the torch reference, one run.
+"""Verify-attention benchmark: our C++ kernel vs torch SDPA vs the torch reference, one run;
+then bf16 KV: the kernel's bf16 path (AMX / AVX512-BF16) vs its fp32 path vs torch SDPA.
 
     python bench/verify_attention.py [--dtype fp32|bf16] [--quick] [--save] [--tag devbox-2core]
 
@@ -20,6 +21,13 @@ group: exact flops = 4*D*Hq*sum_b(N*ctx_b + N*(N+1)/2). The bound for a case is
 reported as KV bytes / that time; at ctx >= 512 it is within 1.5% of min(DRAM GB/s,
 GEMM FLOP/s / (2*g*N/elem_size)). The GEMM rate is fp32 for both dtypes: the kernel widens bf16
 to fp32 and computes in fp32.
+
+bf16 rows (second table, always bf16 KV, same shapes): the path verify_attention_path() picks
+(AMX tiles where the CPU has them), the same kernel forced onto its fp32 path (K and V widened),
+and torch SDPA two ways, on KV widened to fp32 inside the call and in bf16 throughout (q cast to
+bf16); the faster SDPA is the one compared. Its bound is min(DRAM read, bf16 matrix rate /
+intensity): time >= max(KV bytes / DRAM read rate, exact flops / bf16 GEMM rate), the bf16 rate
+measured here by a 4096^3 bf16 torch.matmul at the start and end of the run.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from specmoe.runtime.kernels.verify_attention import (  # noqa: E402
-    kernel_info, verify_attention, verify_attention_backend, verify_attention_reference)
+    kernel_info, verify_attention, verify_attention_backend, verify_attention_path, verify_attention_reference)
 
 B, HQ, HKV, D = 4, 32, 8, 128
 KP1S = (1, 2, 4, 8, 16)
@@ -96,89 +104,73 @@ def measure_dram_read_GBps(repeats: int) -> float:
     return x.numel() * 4 / t / 1e9
 
 
-def measure_gemm_GFLOPs(repeats: int) -> float:
+def measure_gemm_GFLOPs(repeats: int, dtype=torch.float32) -> float:
     n = 4096
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     t = timed(lambda: torch.matmul(a, b), repeats=repeats, min_time_s=0.0)
     return 2 * n**3 / t / 1e9
 
 
-def sdpa_fn(q, k_cache, v_cache, ctx: int):
-    """torch SDPA over cache views, causal inside the new block, GQA by enable_gqa."""
+def sdpa_fn(q, k_cache, v_cache, ctx: int, *, native: bool = False):
+    """torch SDPA over cache views, causal inside the new block, GQA by enable_gqa. native: in the
+    cache's dtype throughout (q cast to it, the output back to fp32)."""
     N = q.shape[1]
     L = ctx + N
     qs = q.transpose(1, 2).contiguous()  # [B, Hq, N, D]
+    if native:
+        qs = qs.to(k_cache.dtype)
     allowed = torch.arange(L)[None, :] <= (ctx + torch.arange(N))[:, None]  # [N, L] bool
-    widen = k_cache.dtype != torch.float32
+    widen = k_cache.dtype != torch.float32 and not native
 
     def run():
         ks, vs = k_cache[:, :, :L], v_cache[:, :, :L]  # [B, Hkv, L, D] views
         if widen:  # SDPA takes one dtype: bf16 KV is widened to fp32 inside the timed call
             ks, vs = ks.float(), vs.float()
-        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, enable_gqa=True)
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, enable_gqa=True).float()
 
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="KV cache dtype")
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
-    ap.add_argument("--save", action="store_true", help="also write bench/results/verify_attention_<tag>.txt")
-    ap.add_argument("--tag", default=f"devbox-{os.cpu_count()}core", help="machine tag for --save")
-    args = ap.parse_args(argv)
-    kv_dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    elem = 4 if args.dtype == "fp32" else 2
-    reps, min_t = (3, 0.05) if args.quick else (7, 0.3)
-    lines: list[str] = []
+def make_inputs(n: int, ctx: int, kv_dtype):
+    L = ctx + n
+    k_cache = torch.randn(B, HKV, L, D).to(kv_dtype)  # [R=B, Hkv, S=L, D]
+    v_cache = torch.randn(B, HKV, L, D).to(kv_dtype)
+    q = torch.randn(B, n, HQ, D)  # [B, N, Hq, D]
+    slots = torch.arange(B, dtype=torch.int64)
+    ctx_lens = torch.full((B,), ctx, dtype=torch.int64)
+    kv_bytes = B * 2 * L * HKV * D * k_cache.element_size()
+    flops = 4 * D * HQ * B * (n * ctx + n * (n + 1) // 2)
+    return q, k_cache, v_cache, slots, ctx_lens, kv_bytes, flops
 
-    def say(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
 
-    torch.manual_seed(0)
-    say(f"verify attention benchmark: B={B} Hq={HQ} Hkv={HKV} (g={HQ // HKV}) D={D}, KV {args.dtype}")
-    say(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"threads={torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    say(f"kernel: {verify_attention_backend()} ({kernel_info()}); load average at start "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (other processes make every figure noisy)")
-    dram0 = measure_dram_read_GBps(3 if args.quick else 5)
-    gemm0 = measure_gemm_GFLOPs(2 if args.quick else 3)
+def agree(out, want, tol: float, what: str) -> None:
+    err = ((out - want).abs().max() / want.abs().max()).item()
+    if not err < tol:  # the implementations must compute the same thing
+        raise SystemExit(f"verify_attention disagrees with torch SDPA at {what}: {err:.2e}")
+
+
+def measure_rows(kv_dtype, reps: int, min_t: float) -> list:
+    """(n, ctx, kv_bytes, flops, t_ours, t_sdpa, t_ref) per case: the kernel's default path."""
     measured = []
     for ctx in CONTEXTS:
         for n in KP1S:
-            L = ctx + n
-            k_cache = torch.randn(B, HKV, L, D).to(kv_dtype)  # [R=B, Hkv, S=L, D]
-            v_cache = torch.randn(B, HKV, L, D).to(kv_dtype)
-            q = torch.randn(B, n, HQ, D)  # [B, N, Hq, D]
-            slots = torch.arange(B, dtype=torch.int64)
-            ctx_lens = torch.full((B,), ctx, dtype=torch.int64)
+            q, k_cache, v_cache, slots, ctx_lens, kv_bytes, flops = make_inputs(n, ctx, kv_dtype)
             out = torch.empty(B, n, HQ, D)
-            kv_bytes = B * 2 * L * HKV * D * elem
-            flops = 4 * D * HQ * B * (n * ctx + n * (n + 1) // 2)
             sdpa = sdpa_fn(q, k_cache, v_cache, ctx)
-            verify_attention(q, k_cache, v_cache, slots, ctx_lens, out=out, backend="cpp")
-            want = sdpa().transpose(1, 2)  # [B, N, Hq, D]
-            err = ((out - want).abs().max() / want.abs().max()).item()
-            if not err < 1e-4:  # the three implementations must compute the same thing
-                raise SystemExit(f"verify_attention disagrees with torch SDPA at k+1={n} ctx={ctx}: {err:.2e}")
+            verify_attention(q, k_cache, v_cache, slots, ctx_lens, out=out, backend="cpp", path="fp32")
+            agree(out, sdpa().transpose(1, 2), 1e-4, f"k+1={n} ctx={ctx}")
             t = timed_interleaved(
-                {"ours": lambda: verify_attention(q, k_cache, v_cache, slots, ctx_lens, out=out, backend="cpp"),
+                {"ours": lambda: verify_attention(q, k_cache, v_cache, slots, ctx_lens, out=out, backend="cpp",
+                                                  path="fp32"),
                  "sdpa": sdpa}, repeats=reps, min_time_s=min_t)
-            t_ours, t_sdpa = t["ours"], t["sdpa"]
             t_ref = timed(lambda: verify_attention_reference(q, k_cache, v_cache, slots, ctx_lens, out=out),
                           repeats=max(2, reps // 2), min_time_s=0.0)
-            measured.append((n, ctx, kv_bytes, flops, t_ours, t_sdpa, t_ref))
+            measured.append((n, ctx, kv_bytes, flops, t["ours"], t["sdpa"], t_ref))
             print(f"  measured k+1={n} ctx={ctx}", file=sys.stderr, flush=True)
-            del k_cache, v_cache
-    dram1 = measure_dram_read_GBps(3 if args.quick else 5)
-    gemm1 = measure_gemm_GFLOPs(2 if args.quick else 3)
-    dram, gemm = max(dram0, dram1), max(gemm0, gemm1)  # the machine's capability: the better figure
-    say(f"measured here at start / end: DRAM read {dram0:.1f} / {dram1:.1f} GB/s (torch sum, 1 GiB fp32), "
-        f"fp32 GEMM {gemm0:.0f} / {gemm1:.0f} GFLOP/s (4096^3 torch.matmul); bound uses the higher of each")
-    say(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    say()
+    return measured
+
+
+def fp32_table(say, measured, dram: float, gemm: float) -> str:
     say(f"{'k+1':>3} {'ctx':>5} | {'ours':>6} {'SDPA':>6} {'ref':>6} {'bound':>6} {'by':>4} | "
         f"{'ours/SDPA':>9} {'ours/bound':>10} | {'ours GFLOP/s':>12}")
     say(f"{'':>3} {'':>5} | {'KV GB/s':^27} {'':>4} |")
@@ -193,14 +185,103 @@ def main(argv: list[str] | None = None) -> int:
     say()
     worst = min(r[1] for (n, ctx), r in results.items() if n <= 16 and ctx >= 512)
     x8, b8 = results[(8, 2048)]
-    summary = (f"verify-kernel: k+1=8 ctx=2048 {x8:.2f}x torch SDPA, {100 * b8:.0f}% of roofline; "
-               f"worst case over k+1<=16: {100 * worst:.0f}% of roofline")
+    return (f"verify-kernel: k+1=8 ctx=2048 {x8:.2f}x torch SDPA, {100 * b8:.0f}% of roofline; "
+            f"worst case over k+1<=16: {100 * worst:.0f}% of roofline")
+
+
+def measure_bf16_rows(path: str, reps: int, min_t: float) -> list:
+    """(n, ctx, kv_bytes, flops, {name: seconds}) per case on bf16 KV: the bf16 path, the fp32
+    path, SDPA on widened KV and SDPA in bf16."""
+    measured = []
+    for ctx in CONTEXTS:
+        for n in KP1S:
+            q, k_cache, v_cache, slots, ctx_lens, kv_bytes, flops = make_inputs(n, ctx, torch.bfloat16)
+            outs = {p: torch.empty(B, n, HQ, D) for p in (path, "fp32")}
+            fns = {p: (lambda p=p: verify_attention(q, k_cache, v_cache, slots, ctx_lens, out=outs[p],
+                                                    backend="cpp", path=p)) for p in outs}
+            fns["sdpa"] = sdpa_fn(q, k_cache, v_cache, ctx)
+            fns["sdpa-bf16"] = sdpa_fn(q, k_cache, v_cache, ctx, native=True)
+            want = fns["sdpa"]().transpose(1, 2)  # [B, N, Hq, D]
+            for p in outs:
+                fns[p]()
+                agree(outs[p], want, 1e-2 if p == "avx512bf16" else 1e-4, f"bf16 {p} k+1={n} ctx={ctx}")
+            t = timed_interleaved(fns, repeats=reps, min_time_s=min_t)
+            measured.append((n, ctx, kv_bytes, flops, t))
+            print(f"  measured bf16 k+1={n} ctx={ctx}", file=sys.stderr, flush=True)
+    return measured
+
+
+def bf16_table(say, measured, path: str, dram: float, gemm_bf16: float) -> str:
+    say(f"{'k+1':>3} {'ctx':>5} | {path:>10} {'fp32 kern':>9} {'SDPA':>6} {'SDPAbf16':>8} {'bound':>6} {'by':>4} | "
+        f"{'/fp32':>6} {'/SDPA':>6} {'/bound':>6} | {'GFLOP/s':>7}")
+    say(f"{'':>3} {'':>5} | {'KV GB/s (bf16 bytes)':^50} |")
+    results = {}
+    for n, ctx, kv_bytes, flops, t in measured:
+        t_mem, t_flop = kv_bytes / (dram * 1e9), flops / (gemm_bf16 * 1e9)
+        bound = kv_bytes / max(t_mem, t_flop) / 1e9
+        ours, f32, sd, sdb = (kv_bytes / t[k] / 1e9 for k in (path, "fp32", "sdpa", "sdpa-bf16"))
+        results[(n, ctx)] = (ours / f32, ours / max(sd, sdb), ours / bound)
+        say(f"{n:>3} {ctx:>5} | {ours:10.1f} {f32:9.1f} {sd:6.1f} {sdb:8.1f} {bound:6.1f} "
+            f"{'mem' if t_mem >= t_flop else 'flop':>4} | {ours / f32:5.2f}x {ours / max(sd, sdb):5.2f}x "
+            f"{100 * ours / bound:5.0f}% | {flops / t[path] / 1e9:7.1f}")
+    say()
+    worst = min(r[2] for (n, ctx), r in results.items() if n <= 16 and ctx >= 512)
+    xf, xs, b = results[(16, 2048)]
+    return (f"verify-kernel-bf16: {path} path; k+1=16 ctx=2048 {xf:.2f}x the fp32 kernel, {xs:.2f}x torch SDPA, "
+            f"{100 * b:.0f}% of the bf16 roofline; worst case over k+1<=16: {100 * worst:.0f}% of roofline")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="KV dtype of the first table")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    ap.add_argument("--save", action="store_true", help="also write bench/results/verify_attention_<tag>.txt "
+                    "(first table) and verify_attention_bf16_<tag>.txt (everything)")
+    ap.add_argument("--tag", default=f"devbox-{os.cpu_count()}core", help="machine tag for --save")
+    args = ap.parse_args(argv)
+    kv_dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    reps, min_t = (3, 0.05) if args.quick else (7, 0.3)
+    lines: list[str] = []
+
+    def say(s: str = "") -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    torch.manual_seed(0)
+    path = verify_attention_path(torch.bfloat16)
+    say(f"verify attention benchmark: B={B} Hq={HQ} Hkv={HKV} (g={HQ // HKV}) D={D}, KV {args.dtype}")
+    say(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"threads={torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    say(f"kernel: {verify_attention_backend()} ({kernel_info()}); bf16 KV path: {path}; load average at start "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (other processes make every figure noisy)")
+    n_rep = 2 if args.quick else 3
+    dram0, gemm0, bf0 = (measure_dram_read_GBps(n_rep + 2), measure_gemm_GFLOPs(n_rep),
+                         measure_gemm_GFLOPs(n_rep, torch.bfloat16))
+    measured = measure_rows(kv_dtype, reps, min_t)
+    measured_bf16 = measure_bf16_rows(path, reps, min_t)
+    dram1, gemm1, bf1 = (measure_dram_read_GBps(n_rep + 2), measure_gemm_GFLOPs(n_rep),
+                         measure_gemm_GFLOPs(n_rep, torch.bfloat16))
+    dram, gemm, gemm_bf16 = max(dram0, dram1), max(gemm0, gemm1), max(bf0, bf1)  # the better figure
+    say(f"measured here at start / end: DRAM read {dram0:.1f} / {dram1:.1f} GB/s (torch sum, 1 GiB fp32), "
+        f"fp32 GEMM {gemm0:.0f} / {gemm1:.0f} GFLOP/s, bf16 GEMM {bf0:.0f} / {bf1:.0f} GFLOP/s (4096^3 "
+        f"torch.matmul); bounds use the higher of each")
+    say(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    say()
+    summary = fp32_table(say, measured, dram, gemm)
+    n_first = len(lines)
+    say(f"bf16 KV: the {path} path against the same kernel's fp32 path and torch SDPA (bound: DRAM read, "
+        f"bf16 GEMM rate / intensity)")
+    summary_bf16 = bf16_table(say, measured_bf16, path, dram, gemm_bf16)
     if args.save:
-        path = Path(__file__).resolve().parent / "results" / f"verify_attention_{args.tag}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join([*lines, summary]) + "\n")
-        say(f"saved {path}")
+        out_dir = Path(__file__).resolve().parent / "results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"verify_attention_{args.tag}.txt").write_text("\n".join([*lines[:n_first], summary]) + "\n")
+        (out_dir / f"verify_attention_bf16_{args.tag}.txt").write_text(
+            "\n".join([*lines, summary, summary_bf16]) + "\n")
+        say(f"saved {out_dir}/verify_attention_{{,bf16_}}{args.tag}.txt")
     print(summary, flush=True)
+    print(summary_bf16, flush=True)
     return 0
 
 

@@ -320,11 +320,13 @@ def kv_layers(flat, Hkv: int, S: int, D: int, call_bytes: int) -> tuple[int, lis
                for i in range(P)]
 
 
-def attention_backend() -> str:
+def attention_backend(kv_dtype: str | None = None) -> str:
+    """The verify kernel's backend, with the path it takes for kv_dtype ("cpp-openmp/amx" for bf16 KV on an
+    AMX host; runtime/kernels/verify_attention.py)."""
     try:
         from specmoe.runtime.kernels.verify_attention import verify_attention_backend
 
-        return verify_attention_backend()
+        return verify_attention_backend(kv_dtype)
     except Exception as e:  # noqa: BLE001 - recorded, the measurement step will raise properly
         return f"unavailable ({type(e).__name__})"
 

@@ -316,7 +316,7 @@ def _measure(st: Settings, facts: dict, shapes: dict, mspec, model, model_label:
     """Run the measurements; cache them when every step was clean (a calibration taken in a busy spell is
     not reused: the next one measures again). Returns (cached mapping, cache path or None)."""
     fid, fp = fingerprint(facts, shapes, st.mode)
-    facts = {**facts, "attention_backend": attention_backend()}
+    facts = {**facts, "attention_backend": attention_backend("bf16" if has_gpu else "fp32")}
     sentinel_key = f"{facts['cpu_name']}|{facts['cores']}|{facts['threads']}|{facts['torch']}"
     best = load_best_sentinel(cdir, sentinel_key)
     results = run_measurements(st, shapes, has_gpu, progress=progress,

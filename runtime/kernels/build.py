@@ -4,7 +4,7 @@
 
     ${SPECMOE_CACHE_DIR:-~/.cache/specmoe}/kernels/<key>/<name>.so
 
-where <key> hashes the source, the flags, the compiler's version text and this CPU's feature
+where <key> hashes the source (with the csrc/ files it includes by `#include "..."`), the flags, the compiler's version text and this CPU's feature
 flags (the build uses -march=native). The library is written to a temporary file and renamed
 into place, so two processes building at once never see a partial file; later loads, in this
 process or another, reuse it without compiling. No compiler, or a failed build: a warning with
@@ -140,6 +140,23 @@ def _atomic_write_text(path: Path, text: str) -> None:
         pass  # a cache we cannot write only costs a re-probe next time
 
 
+def source_bytes(src: Path) -> bytes:
+    """The source of src followed by that of every csrc/ file it includes with `#include "..."`
+    (recursively, each once), so a change to a part of a kernel rebuilds it."""
+    seen: list[Path] = []
+    todo = [src]
+    while todo:
+        path = todo.pop(0)
+        if path in seen or not path.is_file():
+            continue
+        seen.append(path)
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.strip().split('"')
+            if line.strip().startswith("#include") and len(parts) >= 3:
+                todo.append(path.parent / parts[1])
+    return b"\0".join(p.read_bytes() for p in seen)
+
+
 def env_flags() -> tuple[str, ...]:
     """Extra compile flags from SPECMOE_CXXFLAGS."""
     return tuple(shlex.split(os.environ.get("SPECMOE_CXXFLAGS", "")))
@@ -172,7 +189,7 @@ def load_cpp_kernel(name: str, extra_flags: tuple[str, ...] | list[str] = ()) ->
                         "kernel %s unavailable, using the torch fallback", " ".join(cxx), name)
         else:
             flags = [*BASE_FLAGS, *_probe_flags(cxx, version), *extra]
-            source = src.read_bytes()
+            source = source_bytes(src)
             digest = hashlib.sha256(b"\0".join(
                 [source, " ".join(flags).encode(), version.encode(), cpu_flags().encode()])).hexdigest()[:20]
             so_path = cache_root() / digest / f"{name}.so"

@@ -4,7 +4,8 @@ Dimension letters: B batch rows in this call, N query tokens per sequence (= k+1
 call), Hq query heads, Hkv KV heads (g = Hq / Hkv query heads per KV head), D head dim, R cache
 rows (capacity in sequences), S cache capacity in positions, L = ctx + N keys of one sequence.
 
-    verify_attention(q, k_cache, v_cache, slots, ctx_lens, *, scale=None, out=None, backend="auto")
+    verify_attention(q, k_cache, v_cache, slots, ctx_lens, *, scale=None, out=None, backend="auto",
+                     path=None)
 
 q [B, N, Hq, D] fp32; k_cache, v_cache [R, Hkv, S, D] fp32 or bf16, the N new keys/values of
 batch row b already written at positions ctx_lens[b] .. ctx_lens[b]+N-1 of cache row slots[b];
@@ -13,6 +14,14 @@ query i of batch row b attends keys 0 .. ctx_lens[b]+i. Returns out [B, N, Hq, D
 Backends: "cpp" (csrc/verify_attention.cpp, C++/OpenMP, compiled on first use by
 runtime.kernels.build), "torch" (verify_attention_reference) and "auto" (cpp if it builds, else
 torch with one logged warning). verify_attention_backend() names what "auto" resolves to.
+
+Paths of the C++ kernel for bf16 KV (fp32 KV always takes "fp32"): "amx" (AMX tiles,
+Q and P carried as sums of bf16 parts: fp32-path accuracy), "avx512bf16" (VDPBF16PS dot
+products, Q and P rounded to bf16) and "fp32" (K and V widened to fp32). The argument path, else
+the environment variable SPECMOE_VERIFY_PATH, else "auto" picks one: "amx" where available_paths()
+offers it (this machine's cpuid flags and the kernel's tile permission), else "fp32". "auto" never
+takes "avx512bf16" (it rounds Q and P to bf16: about 3e-3 off the fp32 path), which runs when asked for.
+verify_attention_path(kv_dtype) names the one a call takes.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 
 import torch
 
@@ -29,6 +39,11 @@ log = logging.getLogger("specmoe.kernels")
 
 KERNEL_NAME = "verify_attention"
 BACKENDS = ("auto", "cpp", "torch")
+PATHS = ("auto", "amx", "avx512bf16", "fp32")
+PATH_ENV = "SPECMOE_VERIFY_PATH"
+_PATH_CODE = {"auto": 0, "fp32": 1, "avx512bf16": 2, "amx": 3}
+AUTO_PATH = "amx"        # the one bf16 path "auto" takes where offered: fp32-path accuracy at tile speed
+_KV_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class VerifyAttentionInputError(ValueError):
@@ -69,13 +84,51 @@ def kernel_info() -> str | None:
     return lib.specmoe_verify_attention_info().decode() if lib is not None else None
 
 
-def verify_attention_backend() -> str:
+def verify_attention_backend(kv_dtype=None) -> str:
     """What backend="auto" runs: "cpp-openmp" (or "cpp-serial" if built without OpenMP) or
-    "torch-reference"."""
+    "torch-reference"; given a KV dtype, the C++ kernel's path for it too, "cpp-openmp/amx"."""
     info = kernel_info()
     if info is None:
         return "torch-reference"
-    return "cpp-openmp" if "openmp=1" in info else "cpp-serial"
+    name = "cpp-openmp" if "openmp=1" in info else "cpp-serial"
+    return name if kv_dtype is None else f"{name}/{verify_attention_path(kv_dtype)}"
+
+
+def available_paths() -> tuple[str, ...]:
+    """The C++ kernel's paths for bf16 / fp16 KV on this machine, best first, e.g.
+    ("amx", "avx512bf16", "fp32"); () without the C++ kernel."""
+    info = kernel_info()
+    if info is None:
+        return ()
+    for word in info.split():
+        if word.startswith("paths="):
+            return tuple(word[len("paths="):].split(","))
+    return ("fp32",)
+
+
+def _requested_path(path: str | None) -> str:
+    name = path if path is not None else (os.environ.get(PATH_ENV, "").strip() or "auto")
+    if name not in PATHS:
+        where = "path" if path is not None else PATH_ENV
+        _fail(where, f"is {name!r}", f"use one of {PATHS}")
+    return name
+
+
+def verify_attention_path(kv_dtype=torch.bfloat16, path: str | None = None) -> str:
+    """The path the C++ kernel takes for KV of kv_dtype (torch dtype or "fp32"/"bf16"/"fp16")
+    with this path argument (None: SPECMOE_VERIFY_PATH, else "auto"); raises
+    KernelUnavailableError for a path this machine lacks."""
+    kv_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(kv_dtype, kv_dtype)
+    name = _requested_path(path)
+    if kv_dtype == torch.float32:
+        return "fp32"
+    offered = available_paths()
+    if name == "auto":
+        return AUTO_PATH if AUTO_PATH in offered else "fp32"
+    if name not in offered:
+        raise KernelUnavailableError(f"verify_attention: path {name!r} is not available on this machine "
+                                     f"(it offers {offered or 'no C++ kernel'}); use path='auto'")
+    return name
 
 
 def _fail(arg: str, problem: str, fix: str) -> None:
@@ -112,6 +165,8 @@ def _validate(q, k_cache, v_cache, slots, ctx_lens, scale, out, *, reference: bo
         if not t.is_cpu:
             _fail(name, f"is on {t.device}", "this kernel runs on the CPU: pass a CPU tensor")
     q_dtypes = (torch.float32, torch.float64) if reference else (torch.float32,)
+    # fp16 KV: the C kernel takes it (kv_dtype 2: widened on the fp32 path, rounded to bf16 on the
+    # others) but the API still refuses it, as tests/test_verify_attention.py pins.
     kv_dtypes = (torch.float32, torch.bfloat16, torch.float64) if reference else (torch.float32, torch.bfloat16)
     if q.dim() != 4:
         _fail("q", f"has shape {tuple(q.shape)}", "expected [B, N, Hq, D]")
@@ -183,16 +238,21 @@ def verify_attention_reference(q, k_cache, v_cache, slots, ctx_lens, *, scale=No
 
 
 def verify_attention(q, k_cache, v_cache, slots, ctx_lens, *, scale=None, out=None, backend="auto",
-                     num_threads: int = 0, _chunk_keys: int = 0, _split_keys: int = 0,
-                     _generic: bool = False) -> torch.Tensor:
+                     path: str | None = None, num_threads: int = 0, _chunk_keys: int = 0,
+                     _split_keys: int = 0, _generic: bool = False) -> torch.Tensor:
     """Verify attention of N = k+1 query tokens per sequence (see module docstring).
 
-    num_threads: 0 uses the OpenMP default (OMP_NUM_THREADS). _chunk_keys, _split_keys and
-    _generic tune or force kernel paths for tests and benchmarks.
+    path: the C++ kernel's path for bf16 / fp16 KV (module docstring; None: SPECMOE_VERIFY_PATH,
+    else "auto"). num_threads: 0 uses the OpenMP default (OMP_NUM_THREADS). _chunk_keys,
+    _split_keys and _generic tune or force kernel paths for tests and benchmarks.
     """
     if backend not in BACKENDS:
         _fail("backend", f"is {backend!r}", f"use one of {BACKENDS}")
     lib = _kernel() if backend != "torch" else None
+    requested = _requested_path(path)
+    # "auto" is resolved here, not by the kernel (which would take avx512bf16 where there is no AMX)
+    path_code = _PATH_CODE[verify_attention_path(k_cache.dtype, requested) if requested == "auto" and lib is not None
+                           and isinstance(k_cache, torch.Tensor) else requested]
     B, N, Hq, Hkv, D, R, S, scale = _validate(q, k_cache, v_cache, slots, ctx_lens, scale, out,
                                               values=lib is None)
     if backend != "torch":
@@ -209,10 +269,13 @@ def verify_attention(q, k_cache, v_cache, slots, ctx_lens, *, scale=None, out=No
         return verify_attention_reference(q, k_cache, v_cache, slots, ctx_lens, scale=scale, out=out)
     if B == 0:
         return out
+    flags = int(_generic) | path_code << 2
     rc = lib.specmoe_verify_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _KV_CODE[k_cache.dtype],
         slots.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
-        B, N, Hq, Hkv, D, R, S, scale, int(num_threads), int(_chunk_keys), int(_split_keys), int(_generic))
+        B, N, Hq, Hkv, D, R, S, scale, int(num_threads), int(_chunk_keys), int(_split_keys), flags)
+    if rc == -5:
+        verify_attention_path(k_cache.dtype, [p for p, c in _PATH_CODE.items() if c == path_code][0])
     if rc == -4:
         raise MemoryError("verify_attention: the C++ kernel could not allocate its work buffers")
     if rc != 0:  # -2 / -3: a slot or ctx_len out of range, found before any memory access

@@ -102,6 +102,22 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
+inline float half_to_float(uint16_t h) {  // IEEE binary16
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  float f;
+  if (e == 0x1F) {
+    const uint32_t u = sign | 0x7F800000u | (m << 13);
+    std::memcpy(&f, &u, 4);
+  } else if (e == 0) {
+    f = std::ldexp(float(m), -24);
+    if (sign) f = -f;
+  } else {
+    const uint32_t u = sign | ((e + 112) << 23) | (m << 13);
+    std::memcpy(&f, &u, 4);
+  }
+  return f;
+}
+
 // 2^x for x <= 0 (Cephes exp2f polynomial on [-0.5, 0.5], rel. error ~2e-7); exactly 0 for
 // x < -126 (and -inf).
 inline vf exp2_poly(vf f) {
@@ -288,13 +304,14 @@ struct Args {
   const float* q;
   const void* k;
   const void* v;
-  bool bf16;
+  int kv;    // KV element type: 0 fp32, 1 bf16, 2 fp16
+  int path;  // PATH_FP32, PATH_DPBF or PATH_AMX (verify_attention_bf16.cpp)
   const int64_t* slots;
   const int64_t* ctx;
   float* out;
   int64_t B, N, Hq, Hkv, D, R, S, g, M, Mp;
   float qscale;  // scale * log2(e)
-  int64_t C;     // keys per chunk (multiple of every KC)
+  int64_t C;     // keys per chunk (multiple of every KC on the fp32 path, of 16 on the others)
   int flags;     // bit 0: runtime-D path; bit 1: no row-split QK
 };
 
@@ -326,12 +343,8 @@ inline int64_t chunk_len(int64_t len, int64_t C, int64_t n, int64_t i) { return 
 
 struct Workspace {
   Buf qt, st, o, ml, kb, vb;
-  bool ensure(const Args& a) {
-    const size_t mb = std::min<int64_t>(a.Mp, 4 * W);
-    const size_t cpad = size_t(max_chunk(a.C) + NACC);
-    return qt.ensure(size_t(a.D) * a.Mp) && st.ensure(cpad * mb) && o.ensure(size_t(a.Mp) * a.D) &&
-           ml.ensure(size_t(4) * a.Mp) && kb.ensure(cpad * a.D) && vb.ensure(cpad * a.D);
-  }
+  Buf qp, kf, vv, pt, of;  // the bf16 paths' buffers (verify_attention_bf16.cpp)
+  bool ensure(const Args& a);
 };
 
 template <int DT, int MV>
@@ -468,12 +481,26 @@ inline int split_lanes(int64_t M, int64_t D, int flags) {
   return D % r == 0 ? r : 0;
 }
 
-inline void widen_rows(const uint16_t* src, int64_t rows, int64_t D, float* dst) {
+inline void widen_rows(const uint16_t* src, int64_t rows, int64_t D, float* dst, int kv) {
   const int64_t n = rows * D;
   int64_t i = 0;
+  if (kv == 2) {  // fp16
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#endif
+    for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+    return;
+  }
   for (; i + W <= n; i += W) vstore(dst + i, vload_bf16(src + i));
   for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
 }
+
+}  // namespace
+
+#include "verify_attention_bf16.cpp"  // the AMX and AVX512-BF16 paths for bf16 / fp16 KV
+
+namespace {
 
 // Work units (vector FMAs, rounded up to 8 keys) that pv_rows passes to Prefetch::step().
 template <int DT>
@@ -503,6 +530,17 @@ struct NextItem {
   }
 };
 
+bool Workspace::ensure(const Args& a) {
+  const size_t mb = std::min<int64_t>(a.Mp, 4 * W);
+  const size_t cpad = size_t(max_chunk(a.C) + NACC);
+  if (!(st.ensure(cpad * mb) && o.ensure(size_t(a.Mp) * a.D) && ml.ensure(size_t(4) * a.Mp)))
+    return false;
+  if (a.path == PATH_FP32)
+    return qt.ensure(size_t(a.D) * a.Mp) && kb.ensure(cpad * a.D) && vb.ensure(cpad * a.D);
+  const FastDims fd(a, max_chunk(a.C));
+  return qp.ensure(fd.qp) && kf.ensure(fd.kf) && vv.ensure(fd.vv) && pt.ensure(fd.pt) && of.ensure(fd.of);
+}
+
 template <int DT>
 void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float* part_ml, NextItem& next) {
   const int64_t D = DT > 0 ? DT : a.D;
@@ -510,14 +548,17 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
   const int64_t ctx = a.ctx[it.b];
   const int64_t slot = a.slots[it.b];
   float* qt = w.qt.p;  // [D][Mp]
-  float* o = w.o.p;    // [Mp][D]
+  const bool fast = a.path != PATH_FP32;  // the bf16 paths: QK and PV in verify_attention_bf16.cpp
+  const FastDims fd(a, max_chunk(C));
+  const int64_t ldo = fast ? fd.Dv : D;
+  float* o = fast ? w.of.p : w.o.p;  // [Mp][ldo]
   float* mrow = w.ml.p;
   float* lrow = mrow + Mp;
   float* alpha = lrow + Mp;
 
   // Q^T of the M rows, pre-scaled, padded rows zero: qt[d][m], or for the row-split QK
   // qt[t][m*R + j] = q[m][t*R + j].
-  const int R = split_lanes(M, D, a.flags);
+  const int R = split_lanes(M, D, a.flags | (fast ? 2 : 0));
   const int64_t Mq = R ? W / R : 0;  // row-split: rows per vector, scores packed st[c*Mq + m]
 #if defined(__AVX512F__)
   // One gather per vector of qt, contiguous stores (row by row the scalar stores would be
@@ -526,7 +567,9 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
 #else
   const bool gather = false;
 #endif
-  if (gather) {
+  if (fast) {
+    pack_q(a, it.b, it.h, q_parts(a.path), fd.Dp, reinterpret_cast<uint32_t*>(w.qp.p));
+  } else if (gather) {
 #if defined(__AVX512F__)
     const float* q0 = a.q + (it.b * a.N * a.Hq + it.h * g) * D;  // row m = i*g + j: q0 + (i*Hq + j)*D
     const __m512 sc = _mm512_set1_ps(a.qscale);
@@ -560,15 +603,15 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
           for (int64_t d = 0; d < D; ++d) qt[d * Mp + m] = src[d] * a.qscale;
       }
   }
-  std::memset(o, 0, sizeof(float) * Mp * D);
+  std::memset(o, 0, sizeof(float) * Mp * ldo);
   for (int64_t m = 0; m < Mp; ++m) { mrow[m] = NEG_INF; lrow[m] = 0.0f; }
 
   const int64_t head = (slot * a.Hkv + it.h) * a.S * D;  // element offset of K/V[slot, h, 0, 0]
-  const bool direct = !a.bf16;
-  const int64_t elem = a.bf16 ? 2 : 4;
+  const bool direct = a.kv == 0;
+  const int64_t elem = a.kv ? 2 : 4;
   const char* kbytes = static_cast<const char*>(a.k);
   const int64_t vdelta = static_cast<const char*>(a.v) - kbytes;
-  const int64_t ahead = a.bf16 ? 2 : 1;  // chunks ahead: about the same number of bytes
+  const int64_t ahead = a.kv ? 2 : 1;  // chunks ahead: about the same number of bytes
   const int64_t len = it.k1 - it.k0;
   const int64_t nchunks = chunk_count(len, C);
   for (int64_t ci = 0; ci < nchunks; ++ci) {
@@ -587,12 +630,16 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
         pf_k = kbytes + ((a.slots[nx->b] * a.Hkv + nx->h) * a.S * D + (nx->k0 + j * C) * D) * elem;
       }
     }
-    const float *kc, *vc;
-    if (a.bf16) {
+    const float *kc = nullptr, *vc = nullptr;
+    FastChunk fch{};
+    uint32_t* vv = reinterpret_cast<uint32_t*>(w.vv.p);
+    if (fast) {
+      fch = fast_chunk(a, fd, head, c0, nc, reinterpret_cast<uint16_t*>(w.kf.p), vv);
+    } else if (a.kv) {
       const int64_t npad = (nc + NACC - 1) / NACC * NACC;
-      widen_rows(static_cast<const uint16_t*>(a.k) + head + c0 * D, nc, D, w.kb.p);
+      widen_rows(static_cast<const uint16_t*>(a.k) + head + c0 * D, nc, D, w.kb.p, a.kv);
       std::memset(w.kb.p + nc * D, 0, sizeof(float) * (npad - nc) * D);
-      widen_rows(static_cast<const uint16_t*>(a.v) + head + c0 * D, nc, D, w.vb.p);
+      widen_rows(static_cast<const uint16_t*>(a.v) + head + c0 * D, nc, D, w.vb.p, a.kv);
       kc = w.kb.p;
       vc = w.vb.p;
     } else {
@@ -613,9 +660,11 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
         pf.k = pf_k;
         pf.end = pf.k + lines * 64;
         pf.vdelta = vdelta;
-        pf.rate = float(lines) / float(qk_units + pv_units<DT>(rows, nc));
+        pf.rate = float(lines) / float(fast ? fast_units(a, fd, Mb, rows, nc) : qk_units + pv_units<DT>(rows, nc));
       }
-      if (R)
+      if (fast)
+        fast_qk(a, fd, fch, nc, reinterpret_cast<const uint32_t*>(w.qp.p) + mb0, mv, st, pf);
+      else if (R)
         qk_split_dispatch<DT>(R, a, kc, nc, direct, qt, st, w.kb.p, pf);
       else
         qk_dispatch<DT>(mv, a, kc, nc, direct, qt + mb0, st, w.kb.p, pf);
@@ -674,8 +723,15 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
           vstore(alpha + mb0 + v * W, al);
         }
       }
-      pv_rows<DT>(rows, D, vc, nc, st, ld, alpha + mb0, o + mb0 * D, pf);
+      if (fast)
+        fast_pv(a, fd, st, Mb, rows, nc, vv, alpha + mb0, o + mb0 * ldo, reinterpret_cast<uint32_t*>(w.pt.p), pf);
+      else
+        pv_rows<DT>(rows, D, vc, nc, st, ld, alpha + mb0, o + mb0 * D, pf);
     }
+  }
+  if (ldo != D) {  // the fast paths' rows of Dv floats into rows of D
+    for (int64_t m = 0; m < M; ++m) std::memcpy(w.o.p + m * D, o + m * ldo, sizeof(float) * D);
+    o = w.o.p;
   }
 
   if (it.part < 0) {
@@ -765,6 +821,7 @@ int run_all(const Args& a, int nthreads, int64_t split_keys) {
   {
     static thread_local Workspace w;
     const bool ok = w.ensure(a);
+    if (a.path == PATH_AMX) amx_begin();  // per thread: the tile configuration
     if (!ok) {
 #pragma omp atomic write
       failed = 1;
@@ -775,6 +832,7 @@ int run_all(const Args& a, int nthreads, int64_t split_keys) {
       if (ok) run_item<DT>(a, *it, w, part_o.data(), part_ml.data(), next);
       cur = next;  // claimed during the item (for its prefetch) or claimed now
     }
+    if (a.path == PATH_AMX) amx_end();
     if (merging) {
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
@@ -789,15 +847,20 @@ int run_all(const Args& a, int nthreads, int64_t split_keys) {
 
 extern "C" {
 
-// Returns 0 on success; negative on bad arguments (-1 sizes, -2 slot, -3 ctx) or allocation
-// failure (-4). Nothing is written on a bad argument. num_threads <= 0: OpenMP default.
-// chunk_keys <= 0: default chunk; split_keys <= 0: automatic split-K; flags bit 0: force the
-// runtime-D path, bit 1: never use the row-split QK.
+// Returns 0 on success; negative on bad arguments (-1 sizes, -2 slot, -3 ctx), allocation
+// failure (-4) or a requested path this machine lacks (-5). Nothing is written on a bad
+// argument. kv_dtype: 0 fp32, 1 bf16, 2 fp16. num_threads <= 0: OpenMP default. chunk_keys <= 0:
+// default chunk; split_keys <= 0: automatic split-K; flags bit 0: force the runtime-D path,
+// bit 1: never use the row-split QK, bits 2-3: the path for bf16 / fp16 KV (0 the best this
+// machine offers, 1 fp32, 2 AVX512-BF16, 3 AMX; fp32 KV always takes the fp32 path).
 int specmoe_verify_attention(const float* q, const void* k_cache, const void* v_cache,
-                             int32_t kv_bf16, const int64_t* slots, const int64_t* ctx_lens,
+                             int32_t kv_dtype, const int64_t* slots, const int64_t* ctx_lens,
                              float* out, int64_t B, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
                              int64_t R, int64_t S, float scale, int32_t num_threads,
                              int64_t chunk_keys, int64_t split_keys, int32_t flags) {
+  if (kv_dtype < 0 || kv_dtype > 2) return -1;
+  int path = (flags >> 2) & 3;
+  if (kv_dtype != 0 && path != PATH_AUTO && !((available_paths() >> path) & 1)) return -5;
   if (B < 0 || N < 1 || Hq < 1 || Hkv < 1 || D < 1 || R < 1 || S < 1 || Hq % Hkv != 0) return -1;
   if (B == 0) return 0;
   if (!q || !k_cache || !v_cache || !slots || !ctx_lens || !out) return -1;
@@ -806,7 +869,8 @@ int specmoe_verify_attention(const float* q, const void* k_cache, const void* v_
     if (ctx_lens[b] < 0 || ctx_lens[b] > S - N) return -3;
   }
   Args a;
-  a.q = q; a.k = k_cache; a.v = v_cache; a.bf16 = kv_bf16 != 0;
+  a.q = q; a.k = k_cache; a.v = v_cache; a.kv = kv_dtype;
+  a.path = kv_dtype == 0 ? PATH_FP32 : path == PATH_AUTO ? best_path() : path;
   a.slots = slots; a.ctx = ctx_lens; a.out = out;
   a.B = B; a.N = N; a.Hq = Hq; a.Hkv = Hkv; a.D = D; a.R = R; a.S = S;
   a.g = Hq / Hkv; a.M = a.g * N; a.Mp = (a.M + W - 1) / W * W;
@@ -815,6 +879,8 @@ int specmoe_verify_attention(const float* q, const void* k_cache, const void* v_
   constexpr int64_t LCM = NACC;  // every KC = NACC/MV divides NACC (MV in 1..4)
   const int64_t want = chunk_keys > 0 ? chunk_keys : 64;
   a.C = std::max<int64_t>(LCM, (want + LCM - 1) / LCM * LCM);
+  if (a.path != PATH_FP32)  // tiles of 16 keys (AMX PV: 32), any tail handled
+    a.C = std::max<int64_t>(16, (chunk_keys > 0 ? chunk_keys : FAST_CHUNK) + 15) / 16 * 16;
   int nt = num_threads;
 #ifdef _OPENMP
   if (nt <= 0) nt = omp_get_max_threads();
@@ -835,15 +901,18 @@ int specmoe_verify_attention(const float* q, const void* k_cache, const void* v_
   }
 }
 
-// "isa=avx512 width=16 openmp=1 max_threads=2"
+// "isa=avx512 width=16 openmp=1 max_threads=2 paths=amx,avx512bf16,fp32": paths are those the
+// bf16 / fp16 KV can take here, best first.
 const char* specmoe_verify_attention_info() {
-  static char buf[128];
+  static char buf[192];
   int mt = 1, omp = 0;
 #ifdef _OPENMP
   mt = omp_get_max_threads();
   omp = 1;
 #endif
-  std::snprintf(buf, sizeof buf, "isa=%s width=%d openmp=%d max_threads=%d", VA_ISA, W, omp, mt);
+  const unsigned p = available_paths();
+  std::snprintf(buf, sizeof buf, "isa=%s width=%d openmp=%d max_threads=%d paths=%s%sfp32", VA_ISA, W, omp, mt,
+                (p >> PATH_AMX) & 1 ? "amx," : "", (p >> PATH_DPBF) & 1 ? "avx512bf16," : "");
   return buf;
 }
 

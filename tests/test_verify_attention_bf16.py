@@ -1,0 +1,164 @@
+"""The bf16-KV paths of the C++ verify attention (AMX, AVX512-BF16, fp32) against the reference.
+
+Every path this machine offers is forced in turn (argument and SPECMOE_VERIFY_PATH) on fresh
+random inputs (the seed is in each failure message), awkward sizes included: head dims that are
+not a multiple of the 32-element tile, k+1 = 1, contexts 0 and 1, g = 1 and g = 8, chunk and
+split boundaries. The reference is float64 on the very same bf16 cache values.
+
+Tolerances (max |out - ref| / max |ref|): "fp32" widens K and V and computes in fp32 (measures
+~1e-6); "amx" carries Q as three bf16 parts and P as two, so it stays within the fp32 tolerance
+(measures ~2e-6); "avx512bf16" rounds Q and P to bf16 (relative 2^-9 each, products exact and
+accumulated in fp32: measures 2-4e-3), so 1e-2, well under the O(1) error of a wrong key, row or
+mask.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from specmoe.runtime.kernels import build
+from specmoe.runtime.kernels import verify_attention as va
+
+TOL = {"fp32": 1e-5, "amx": 1e-5, "avx512bf16": 1e-2}
+PATHS = va.available_paths() if build.find_compiler() is not None else ()
+
+needs_kernel = pytest.mark.skipif(not PATHS, reason="no C++ kernel on this machine")
+
+
+def make_case(B, N, Hq, Hkv, D, ctxs, *, seed, q_scale=1.0):
+    """Random bf16 KV; every cache entry the call must not read is NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    R, S = B + 1, max(ctxs) + N + 2
+    slots = torch.randperm(R, generator=gen)[:B]
+    k = torch.full((R, Hkv, S, D), float("nan"), dtype=torch.bfloat16)  # [R, Hkv, S, D]
+    v = torch.full((R, Hkv, S, D), float("nan"), dtype=torch.bfloat16)
+    for b, ctx in enumerate(ctxs):
+        k[slots[b], :, :ctx + N] = torch.randn(Hkv, ctx + N, D, generator=gen).bfloat16()
+        v[slots[b], :, :ctx + N] = torch.randn(Hkv, ctx + N, D, generator=gen).bfloat16()
+    q = torch.randn(B, N, Hq, D, generator=gen) * q_scale  # [B, N, Hq, D]
+    return q, k, v, slots, torch.tensor(ctxs, dtype=torch.int64)
+
+
+def check(path, B, N, Hq, Hkv, D, ctxs, **kw):
+    seed = random.randrange(2**31)
+    q, k, v, slots, ctx_lens = make_case(B, N, Hq, Hkv, D, ctxs, seed=seed, q_scale=kw.pop("q_scale", 1.0))
+    out = torch.full((B, N, Hq, D), float("nan"))  # every element must be written
+    va.verify_attention(q, k, v, slots, ctx_lens, out=out, backend="cpp", path=path, **kw)
+    ref = va.verify_attention_reference(q.double(), k.double(), v.double(), slots, ctx_lens)
+    what = f"path={path} B={B} N={N} Hq={Hq} Hkv={Hkv} D={D} ctx={ctxs} {kw} seed={seed}"
+    assert not torch.isnan(out).any(), f"NaN in output: {what}"
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= TOL[path], f"relative error {err:.2e} > {TOL[path]:.0e}: {what}"
+
+
+CASES = [
+    # B, N, Hq, Hkv, D, ctxs: g = 1 and 8, k+1 = 1, contexts 0 and 1, D off the tile
+    (1, 1, 4, 4, 128, [0]),
+    (2, 1, 8, 1, 64, [1, 0]),
+    (3, 16, 32, 8, 128, [1000, 63, 2047]),
+    (3, 17, 8, 1, 128, [0, 1, 300]),
+    (2, 4, 6, 3, 40, [33, 1]),
+    (3, 5, 8, 1, 80, [300, 0, 1]),
+    (2, 3, 16, 2, 72, [129, 17]),
+    (2, 8, 4, 4, 96, [500, 0]),
+    (1, 2, 2, 2, 8, [70]),
+    (2, 16, 64, 8, 256, [200, 31]),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-N{c[1]}-g{c[2] // c[3]}-D{c[4]}")
+def test_each_path_matches_reference(path, case):
+    check(path, *case)
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
+def test_chunk_and_split_boundaries(path):
+    ctxs = [0, 1, 15, 16, 17, 31, 32, 33]
+    check(path, 8, 17, 8, 2, 128, ctxs, _chunk_keys=16, _split_keys=32)
+    check(path, 8, 3, 8, 1, 64, ctxs, _chunk_keys=32, _split_keys=48)
+    check(path, 3, 8, 8, 2, 96, [100, 700, 5], num_threads=1)
+    check(path, 4, 2, 8, 2, 128, [127, 128, 129, 383])  # the default chunk and its rest
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
+def test_peaked_scores_stay_finite(path):
+    """Scores of ~30 standard deviations: the fp32 path is ~1e-5 off from rounding alone (see
+    test_verify_attention); avx512bf16's bf16 Q moves each score by ~30 * 2^-9 = 0.06, so a
+    weight by ~6% (measures 2.5-4e-2)."""
+    tol = dict(TOL, fp32=1e-4, amx=1e-4, avx512bf16=0.1)
+    seed = random.randrange(2**31)
+    q, k, v, slots, ctx_lens = make_case(3, 8, 8, 2, 128, [0, 500, 3000], seed=seed, q_scale=30.0)
+    out = va.verify_attention(q, k, v, slots, ctx_lens, path=path)
+    ref = va.verify_attention_reference(q.double(), k.double(), v.double(), slots, ctx_lens)
+    assert torch.isfinite(out).all()
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= tol[path], f"relative error {err:.2e}: seed={seed}"
+
+
+@needs_kernel
+def test_environment_variable_forces_the_path(monkeypatch):
+    q, k, v, slots, ctx_lens = make_case(3, 4, 8, 2, 128, [100, 0, 700], seed=random.randrange(2**31))
+    for path in PATHS:
+        by_arg = va.verify_attention(q, k, v, slots, ctx_lens, path=path)
+        monkeypatch.setenv(va.PATH_ENV, path)
+        assert va.verify_attention_path(torch.bfloat16) == path
+        assert va.verify_attention_backend(torch.bfloat16).endswith("/" + path)
+        assert torch.equal(va.verify_attention(q, k, v, slots, ctx_lens), by_arg), path
+        assert va.verify_attention_path(torch.float32) == "fp32"  # fp32 KV always widens nothing
+    monkeypatch.delenv(va.PATH_ENV)
+    assert va.verify_attention_path("bf16") == PATHS[0]  # auto: the best this machine offers
+
+
+@needs_kernel
+def test_paths_differ_where_they_should():
+    """Each forced path really runs: avx512bf16 rounds Q and P, so its output differs from fp32's."""
+    if "avx512bf16" not in PATHS:
+        pytest.skip("no AVX512-BF16 on this machine")
+    q, k, v, slots, ctx_lens = make_case(2, 8, 8, 2, 128, [300, 40], seed=random.randrange(2**31))
+    outs = {p: va.verify_attention(q, k, v, slots, ctx_lens, path=p) for p in PATHS}
+    assert not torch.equal(outs["avx512bf16"], outs["fp32"])
+    if "amx" in PATHS:
+        assert not torch.equal(outs["amx"], outs["fp32"])
+
+
+def test_bad_path_is_a_clear_error(monkeypatch):
+    q, k, v, slots, ctx_lens = make_case(1, 1, 4, 4, 64, [3], seed=1)
+    with pytest.raises(va.VerifyAttentionInputError, match="verify_attention: path: is 'tiles'"):
+        va.verify_attention(q, k, v, slots, ctx_lens, path="tiles")
+    monkeypatch.setenv(va.PATH_ENV, "tiles")
+    with pytest.raises(va.VerifyAttentionInputError, match="SPECMOE_VERIFY_PATH"):
+        va.verify_attention(q, k, v, slots, ctx_lens)
+
+
+@needs_kernel
+def test_missing_path_is_refused_before_running():
+    missing = [p for p in ("amx", "avx512bf16") if p not in PATHS]
+    if not missing:
+        pytest.skip("this machine offers every path")
+    q, k, v, slots, ctx_lens = make_case(1, 1, 4, 4, 64, [3], seed=1)
+    with pytest.raises(va.KernelUnavailableError, match=missing[0]):
+        va.verify_attention(q, k, v, slots, ctx_lens, path=missing[0])
+
+
+def test_build_hashes_the_included_part():
+    src = build.CSRC_DIR / "verify_attention.cpp"
+    assert (build.CSRC_DIR / "verify_attention_bf16.cpp").read_bytes() in build.source_bytes(src)
+
+
+def test_auto_takes_amx_or_fp32_never_the_rounding_path(monkeypatch):
+    """On a host with AVX512-BF16 but no AMX, "auto" keeps fp32-path accuracy (avx512bf16 runs when asked)."""
+    import specmoe.runtime.kernels.verify_attention as va
+
+    monkeypatch.setattr(va, "available_paths", lambda: ("avx512bf16", "fp32"))
+    assert va.verify_attention_path(torch.bfloat16, "auto") == "fp32"
+    assert va.verify_attention_path(torch.bfloat16, "avx512bf16") == "avx512bf16"
+    monkeypatch.setattr(va, "available_paths", lambda: ("amx", "avx512bf16", "fp32"))
+    assert va.verify_attention_path(torch.bfloat16, "auto") == "amx"
+    assert va.verify_attention_path(torch.float32, "auto") == "fp32"
