@@ -110,7 +110,8 @@ def specmoe_version() -> str:
         return "source"
 
 
-ENGINE_SOURCES = ("kernels/verify_attention.py", "kernels/csrc/verify_attention.cpp", "kernels/moe_ops.py",
+ENGINE_SOURCES = ("kernels/verify_attention.py", "kernels/csrc/verify_attention.cpp",
+                  "kernels/csrc/verify_attention_bf16.cpp", "kernels/moe_ops.py",
                   "kernels/speculative_ops.py", "kernels/checks.py", "model/target.py", "model/draft.py",
                   "speculative.py", "model/kv_cache.py", "model/layers.py", "model/expert_store.py", "run_record.py",
                   "calibrate/overhead.py")
