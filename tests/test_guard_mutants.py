@@ -96,3 +96,98 @@ def test_the_schedule_changes_the_iteration():
     # per layer: pre/post attention once over the batch (column 0), per micro-batch: four columns
     assert a.batched_layer and not b.batched_layer
     assert a.pre_s[:, 1:].sum() == 0.0 and (b.pre_s > 0).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 1, 0), "batch: must be a positive integer, got 0 (give a batch of at least 1)"),
+    ((4, 0, 0), "micro_batches: 0 is not in [1, batch=4] (use between 1 and batch micro-batches)"),
+    ((4, 5, 0), "micro_batches: 5 is not in [1, batch=4] (use between 1 and batch micro-batches)"),
+    ((4, 1, -1), "draft_len: must be >= 0, got -1 (use 0 for no speculation)"),
+    ((4, 1, 2), "draft: draft_len is 2 but no draft model was given (give a draft model or use draft_len 0)"),
+])
+def test_iteration_refuses_bad_inputs_in_words(args, message):
+    from specmoe.planner.errors import SpecError
+    from specmoe.planner.memory import Placement
+
+    with pytest.raises(SpecError) as e:
+        _cm().iteration(*args, Placement(expert_cache_slots=(0,) * 32))
+    assert str(e.value) == message
+
+
+def test_iteration_refuses_a_placement_of_the_wrong_length():
+    from specmoe.planner.errors import SpecError
+    from specmoe.planner.memory import Placement
+
+    with pytest.raises(SpecError) as e:
+        _cm().iteration(4, 1, 0, Placement(expert_cache_slots=(0,) * 3))
+    assert str(e.value) == ("placement.expert_cache_slots: has 3 entries, the model has 32 layers "
+                            "(give one entry per layer)")
+
+
+def test_the_schedule_decides_moe_batching_and_draft_groups():
+    from dataclasses import replace
+
+    from specmoe.planner.hardware_spec import load_hardware
+    from specmoe.planner.memory import Placement
+    from specmoe.planner.schedule import default_schedule
+
+    pl = Placement(expert_cache_slots=(0,) * 32, draft_kv_gpu_sequences=8)
+    sched = default_schedule(load_hardware("h200-host"))
+    none = _cm().iteration(8, 4, 0, pl)
+    assert not none.batched_moe                                    # no schedule: everything per micro-batch
+    assert _cm(schedule=replace(sched, moe="per_layer")).iteration(8, 4, 0, pl).batched_moe
+
+    def groups(overlap):
+        from specmoe.planner.cost_model import CostModel
+        from specmoe.planner.hardware_spec import load_hardware as lh
+        from specmoe.planner.workload import Workload, load_acceptance
+
+        wl = Workload(64, 32, acceptance=load_acceptance(0.5))
+        cm = CostModel(load_model("mixtral-8x7b"), lh("h200-host"), wl, draft=load_model("mixtral-8x7b-eagle"),
+                       schedule=replace(sched, overlap_draft=overlap))
+        return list(cm.iteration(8, 4, 2, pl).draft_group_sizes)
+    assert groups(False) == [8] and groups(True) == [2, 2, 2, 2]
+
+
+def test_a_leading_dense_layer_post_attention_by_hand():
+    from specmoe.planner.memory import Placement
+
+    import json
+
+    from specmoe.planner.cost_model import CostModel
+    from specmoe.planner.hardware_spec import HardwareSpec, parse_hardware
+    from specmoe.planner.workload import Workload, load_acceptance
+
+    raw = json.loads(json.dumps(HardwareSpec.preset("h200-host").raw))
+    raw["measured"] = {"source": "test", "gpu_gemm_TFLOPs_by_M": {1: 9e4, 8192: 9e4}}   # GEMMs memory-bound
+    m = load_model("deepseek-v2-lite")                 # layer 0 is dense (first_k_dense_replace = 1)
+    cm = CostModel(m, parse_hardware(raw, "fast"), Workload(64, 32, acceptance=load_acceptance(0.5)))
+    assert 0 not in m.moe_layers and cm.num_dense == 1
+    c = cm.iteration(1, 1, 0, Placement(expert_cache_slots=(0,) * m.num_layers))
+    # one token: both layers' post-attention read their weights (bf16) and activations at the same HBM rate,
+    # so their times stand as their bytes: o-proj 16 x 128 x 2048 + the dense FFN 67,239,936 against o-proj +
+    # router + shared experts 21,626,880 elements; activations (16 x 128 + 2 x 2048) x 2 bytes each
+    act = (16 * 128 + 2 * 2048) * 2
+    dense_b = (16 * 128 * 2048 + 67_239_936) * 2 + act
+    moe_b = 21_626_880 * 2 + act
+    assert c.post_s[0, 0] / c.post_s[1, 0] == pytest.approx(dense_b / moe_b, rel=1e-6)
+
+
+def test_the_moe_gemm_rate_is_read_at_the_tokens_per_expert():
+    import json
+
+    from specmoe.planner.cost_model import CostModel
+    from specmoe.planner.hardware_spec import HardwareSpec, parse_hardware
+    from specmoe.planner.memory import Placement
+    from specmoe.planner.workload import Workload, load_acceptance
+
+    raw = json.loads(json.dumps(HardwareSpec.preset("h200-host").raw))
+    raw["measured"] = {"source": "test", "gpu_gemm_TFLOPs_by_M": {1: 0.005, 4096: 5.0}}     # compute-bound MoE
+    hw = parse_hardware(raw, "steep")
+    m = load_model("mixtral-8x7b")
+    cm = CostModel(m, hw, Workload(64, 32, acceptance=load_acceptance(0.5)))
+    c = cm.iteration(4, 1, 0, Placement(expert_cache_slots=(8,) * 32))
+    n, tj = 4, touched_experts(8, 2, 4)                  # 4 tokens, top-2: 8 x (1 - (6/8)^4) = 5.47 experts
+    M = n * 2 / tj                                       # 1.46 tokens per touched expert
+    want = 2.0 * n * 2 * m.expert_elems / (hw.measured.gpu_gemm_TFLOPs_by_M(M) * 1e12)
+    assert c.moe_gpu_s[0].sum() == pytest.approx(want, rel=1e-6)
