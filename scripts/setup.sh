@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install specmoe with the engine and test tools.
+# Create .venv and install specmoe with the engine, the test tools and Ray Data (`specmoe job`).
 # torch is pinned (CPU build on a CPU machine) so no multi-GB CUDA build is pulled by accident.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[runtime,dev]"
+.venv/bin/python -m pip install -q -e ".[runtime,dev,ray]"
 echo "setup: ok ($(.venv/bin/python -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__)'))"

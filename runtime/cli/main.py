@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("specmoe.runtime.cli.estimate", "predict stage times, throughput and memory of one configuration"),
     "plan": ("specmoe.runtime.cli.plan", "choose batch, micro-batches, draft length and placement (MILP) and write plan.json"),
     "run": ("specmoe.runtime.cli.run", "execute a plan on local checkpoints and write run.json"),
+    "job": ("specmoe.runtime.cli.job", "run a plan's prompts over a Ray cluster (Ray Data), or predict a fleet's job"),
     "presets": ("specmoe.runtime.cli.presets", "list the bundled model and hardware presets"),
     "calibrate": ("specmoe.runtime.cli.calibrate", "measure this machine and write a hardware spec with measured curves"),
     "profile-acceptance": ("specmoe.runtime.cli.profile", "measure acc(k) of a draft against a target on real prompts"),
