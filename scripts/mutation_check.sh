@@ -7,6 +7,8 @@
 #   bash scripts/mutation_check.sh planner/memory.py   # one module of the list
 #
 # Each module is run against the tests that guard it (fast ones: the runner stops at the first failure).
+# The tests' output goes to /dev/null inside `sh -c`: mutmut reads the runner through a pty until every
+# process holding it exits, and a helper process a test leaves behind would otherwise hang it.
 # A mutant counts as killed when a test fails or the run times out. Ends with one line:
 #   mutation: K killed of N (P.P%) over MODULES; S survivors listed in FILE
 # The survivors (each with its diff) go to bench/results/mutation_survivors.txt; reasons for the ones that
@@ -40,7 +42,8 @@ cd "$WORK/src"
 for m in "${MODULES[@]}"; do
   echo "mutation: $m against ${TESTS[$m]}" >&2
   "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir tests --no-progress \
-      --runner "$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]}" >/dev/null 2>&1 || true
+      --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
+      >/dev/null 2>&1 || true
 done
 "$PY" "$REPO/scripts/mutation_summary.py" "$WORK/src/.mutmut-cache" "$OUT" "$REPO/bench/results/mutation_equivalent.txt" \
     "${MODULES[@]}"
