@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from specmoe.planner.memory import PREFILL_CHUNK_TOKENS
@@ -158,11 +159,14 @@ class SpeculativeDecoder:
             s.draft_pending = [s.last]
 
     # ---- one decode iteration ----
-    def _draft_part(self, seqs: list[Sequence], k: int):
-        """k proposals for sequences of one draft KV part -> (tokens [b, k], probs [b, k, V] or None)."""
+    def _draft_part(self, seqs: list[Sequence], rows: np.ndarray, k: int):
+        """k proposals for sequences of one draft KV part (rows [b]) -> (tokens [b, k], probs [b, k, V] or None).
+        Each draft step issues the same operations whatever b: the layout of step j+1 is step j's advanced
+        by one position (whole-batch numpy), its tokens step j's proposals."""
         dkv, dev = self.dkv, self.device
-        layout = PassLayout([s.row for s in seqs], [dkv.lens[s.row] for s in seqs], [len(s.draft_pending) for s in seqs])
+        layout = PassLayout(rows, dkv.lens[rows], [len(s.draft_pending) for s in seqs])
         tokens = torch.tensor([t for s in seqs for t in s.draft_pending], dtype=torch.int64, device=dev)
+        ones = np.ones(rows.size, dtype=np.int64)
         toks, probs = [], []
         for j in range(k):
             logits = self.draft.forward(tokens, layout, dkv, logits="last")  # [b, V']
@@ -174,65 +178,100 @@ class SpeculativeDecoder:
             if p is not None:
                 probs.append(p)
             if j + 1 < k:
-                layout = PassLayout(layout.rows, [dkv.lens[r] for r in layout.rows], [1] * len(seqs))
+                layout = PassLayout(rows, layout.ctx + layout.n, ones)
                 tokens = tok
         return torch.stack(toks, 1), (torch.stack(probs, 1) if probs else None)
 
+    def _draft(self, active: list[Sequence], rows: np.ndarray, k: int):
+        """The draft phase: k proposals of every sequence, per draft KV part -> (drafts [B, k], qprobs or None)."""
+        timer, dev, B = self.timer, self.device, len(active)
+        on_dev = rows < self.dkv.device_rows
+        parts = [(idx, st) for idx, st in ((np.flatnonzero(on_dev), Stage.DRAFT_GPU),
+                                          (np.flatnonzero(~on_dev), Stage.DRAFT_CPU)) if idx.size]
+        if len(parts) == 1:            # one KV part: its proposals are the batch's, in order
+            with timer.stage(parts[0][1]):
+                return self._draft_part(active, rows, k)
+        drafts = torch.empty(B, k, dtype=torch.int64, device=dev)
+        qprobs = torch.empty(B, k, self.V, dtype=torch.float32, device=dev) if self.temperature > 0 else None
+        for idx, stage in parts:
+            with timer.stage(stage):
+                t, q = self._draft_part([active[i] for i in idx], rows[idx], k)
+                sel = torch.from_numpy(idx).to(dev)
+                drafts.index_copy_(0, sel, t)
+                if q is not None:
+                    qprobs.index_copy_(0, sel, q)
+        return drafts, qprobs
+
     def step(self, active: list[Sequence], k: int) -> IterationStats:
-        """One decode iteration over `active` with k drafts each (k = 0: plain decoding)."""
+        """One decode iteration over `active` with k drafts each (k = 0: plain decoding). Acceptance, emission
+        and the KV lengths are whole-batch numpy over one transfer from the device; only _write_back visits
+        each sequence, to store what the engine reads."""
         timer, dev, B = self.timer, self.device, len(active)
         use_draft = k > 0 and self.draft is not None
         k = k if use_draft else 0
-        drafts = torch.zeros(B, 0, dtype=torch.int64, device=dev)  # [B, k]
-        qprobs = None
+        rows = np.fromiter((s.row for s in active), np.int64, B)                    # [B]
+        drafts, qprobs = torch.zeros(B, 0, dtype=torch.int64, device=dev), None     # [B, k]
         if use_draft:
-            dpart = [i for i, s in enumerate(active) if s.row < self.dkv.device_rows]
-            hpart = [i for i, s in enumerate(active) if s.row >= self.dkv.device_rows]
-            drafts = torch.empty(B, k, dtype=torch.int64, device=dev)
-            if self.temperature > 0:
-                qprobs = torch.empty(B, k, self.V, dtype=torch.float32, device=dev)
-            old_draft_len = {s.row: self.dkv.lens[s.row] for s in active}
-            for idx, stage in ((dpart, Stage.DRAFT_GPU), (hpart, Stage.DRAFT_CPU)):
-                if not idx:
-                    continue
-                with timer.stage(stage):
-                    t, q = self._draft_part([active[i] for i in idx], k)
-                    sel = torch.tensor(idx, dtype=torch.int64, device=dev)
-                    drafts.index_copy_(0, sel, t)
-                    if q is not None:
-                        qprobs.index_copy_(0, sel, q)
+            pend = np.fromiter((len(s.draft_pending) for s in active), np.int64, B)  # [B]
+            old_draft_len = self.dkv.lens[rows].copy()                               # [B]
+            drafts, qprobs = self._draft(active, rows, k)
         # verify: [last, d1..dk] per sequence in one pass
-        layout = PassLayout([s.row for s in active], [s.target_len for s in active], [k + 1] * B)
+        target_len = np.fromiter((s.target_len for s in active), np.int64, B)       # [B]
+        layout = PassLayout(rows, target_len, np.full(B, k + 1, dtype=np.int64))
         last = torch.tensor([s.last for s in active], dtype=torch.int64, device=dev)
         tokens = torch.cat([last[:, None], drafts], 1).reshape(-1)  # [B*(k+1)]
         logits = self.target.forward(tokens, layout, self.tkv, timer, self.m, logits="all",
                                      prefetch=self.prefetch).view(B, k + 1, -1)
         with timer.stage(Stage.VERIFY_ACCEPT):
             acc, nxt = self._accept(drafts, logits, qprobs)
-            acc_l, nxt_l, drafts_l = acc.tolist(), nxt.tolist(), drafts.tolist()
-            flips = 0
-            if self.temperature <= 0:
-                top2 = logits.topk(2, dim=-1).values if logits.shape[-1] > 1 else None  # [B, k+1, 2]
-                if top2 is not None:
-                    small = ((top2[..., 0] - top2[..., 1]) < self.flip_gap).tolist()
-                    flips = sum(sum(row[:a + 1]) for row, a in zip(small, acc_l))
+            # one transfer: [acc, nxt, d1..dk, near-tie flags of the k+1 positions]  [B, 2k+3]
+            if self.temperature <= 0 and logits.shape[-1] > 1:
+                top2 = logits.topk(2, dim=-1).values                                 # [B, k+1, 2]
+                small = (top2[..., 0] - top2[..., 1]) < self.flip_gap                # [B, k+1] near ties
+            else:
+                small = torch.zeros(B, k + 1, dtype=torch.bool, device=logits.device)
+            host = torch.cat([acc[:, None], nxt[:, None], drafts, small.long()], 1).to("cpu").numpy()
+            a, nx, dr, sm = host[:, 0], host[:, 1], host[:, 2:k + 2], host[:, k + 2:]
+            upto = np.arange(k + 1)[None, :] <= a[:, None]                           # [B, k+1] accepted + next
+            flips = int(sm[upto].sum())
             self.flips += flips
-            emitted = 0
-            for i, s in enumerate(active):
-                a = acc_l[i]
-                s.decode_iterations += 1
-                s.accepted_drafts += a
-                new = drafts_l[i][:a] + [nxt_l[i]]
-                emitted += self._emit(s, new)
-                s.target_len += 1 + a
-                self.tkv.set_len(s.row, s.target_len)
-                if use_draft:
-                    valid = old_draft_len[s.row] + len(s.draft_pending) + min(a, k - 1)
-                    self.dkv.set_len(s.row, valid)
-                    s.draft_pending = ([drafts_l[i][k - 1]] if a == k else []) + [nxt_l[i]]
-                else:
-                    s.draft_pending.append(nxt_l[i])
-        return IterationStats(k, acc_l, emitted, flips)
+            cand = np.concatenate([dr, np.zeros((B, 1), np.int64)], 1)               # [B, k+1]: d1..da, next
+            cand[np.arange(B), a] = nx
+            n_emit, reason = self._emission(active, cand, a)
+            self.tkv.set_lens(rows, target_len + 1 + a)
+            if use_draft:
+                self.dkv.set_lens(rows, old_draft_len + pend + np.minimum(a, k - 1))
+            self._write_back(active, cand, a, n_emit, reason, use_draft, k)
+        return IterationStats(k, a.tolist(), int(n_emit.sum()), flips)
+
+    def _emission(self, active: list[Sequence], cand: np.ndarray, a: np.ndarray):
+        """How many of cand [B, k+1] (the a accepted drafts and the next token) each sequence appends, stopping
+        after EOS or at max_new (EOS first where both fall on one token) -> (n [B], reason [B]: 0 none, 1 eos,
+        2 length)."""
+        B, K1 = cand.shape
+        room = np.fromiter((s.max_new - len(s.generated) for s in active), np.int64, B) - 1   # [B] last index
+        eos = np.fromiter(self.eos, np.int64, len(self.eos))                                # [n_eos]
+        is_eos = (cand[:, :, None] == eos).any(-1) & (np.arange(K1)[None, :] <= a[:, None])   # [B, k+1]
+        first_eos = np.where(is_eos.any(1), is_eos.argmax(1), K1)                            # [B]
+        stop = np.minimum(np.minimum(a, first_eos), np.maximum(room, 0))                     # [B] last index emitted
+        reason = np.where(first_eos <= stop, 1, np.where(room <= a, 2, 0))
+        return stop + 1, reason
+
+    def _write_back(self, active, cand, a, n_emit, reason, use_draft: bool, k: int) -> None:
+        """The per-sequence fields the engine reads (its interface): appended tokens, lengths, counters."""
+        why = (None, "eos", "length")
+        cand_l, a_l, n_l, r_l = cand.tolist(), a.tolist(), n_emit.tolist(), reason.tolist()
+        for s, row, ai, n, r in zip(active, cand_l, a_l, n_l, r_l):
+            s.decode_iterations += 1
+            s.accepted_drafts += ai
+            s.generated.extend(row[:n])
+            if r:
+                s.finish_reason = why[r]
+            s.target_len += 1 + ai
+            if use_draft:
+                s.draft_pending = row[k - 1:k + 1] if ai == k else [row[ai]]
+            else:
+                s.draft_pending.append(row[ai])
 
     def _accept(self, drafts: torch.Tensor, logits: torch.Tensor, qprobs: torch.Tensor | None):
         from specmoe.runtime.kernels.speculative_ops import greedy_accept, rejection_sample_accept

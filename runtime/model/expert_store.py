@@ -135,6 +135,7 @@ class ExpertStore:
         self.buffers = [[None] * need if self.shares_host else torch.empty((need, self.P), dtype=dtype, device=device)
                         for _ in range(self.num_buffers)]
         self.buffer_capacity = need
+        self._split_views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # see _views
         self.streaming_layers = [l for l in c.moe_layers if l not in self.cpu_layers and self.slots[l] < self.E
                                  and self.num_buffers]
         self._buf_of_layer: dict[int, int] = {}
@@ -186,11 +187,19 @@ class ExpertStore:
 
     @property
     def host_elem_bytes(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def expert_bytes(self) -> int:
         return self.P * self.host_elem_bytes
+
+    def _views(self, key: tuple, row) -> tuple[torch.Tensor, torch.Tensor]:
+        """split(row()) made once per fixed storage row (a host row, a cache slot, a buffer slot): the views
+        stay valid while copies change what the row holds, so a decode iteration issues no view ops."""
+        v = self._split_views.get(key)
+        if v is None:
+            v = self._split_views[key] = self.split(row())
+        return v
 
     def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A flat expert row -> (gate_up [2F, H], down [H, F]) views."""
@@ -300,7 +309,9 @@ class ExpertStore:
         """(gate_up [2F, H], down [H, F], on_host) for expert e of `layer`, waiting for its copy if streamed."""
         s = self.slot_of[layer].get(e)
         if s is not None:
-            return (*self.split(self.cache[layer][s]), False)
+            if self.shares_host:     # the slot references expert e's host row
+                return (*self._views(("h", layer, e), lambda: self.host[layer][e]), False)
+            return (*self._views(("c", layer, s), lambda: self.cache[layer][s]), False)
         i = self._streamed.get(layer, {}).get(e)
         if i is not None:
             self._used[layer].add(e)
@@ -309,9 +320,12 @@ class ExpertStore:
                 self._log("wait", layer)
                 if self.cuda:
                     torch.cuda.current_stream(self.device).wait_event(ev)
-            return (*self.split(self.buffers[self._buf_of_layer[layer]][i]), False)
+            if self.shares_host:
+                return (*self._views(("h", layer, e), lambda: self.host[layer][e]), False)
+            b = self._buf_of_layer[layer]
+            return (*self._views(("b", b, i), lambda: self.buffers[b][i]), False)
         if layer in self.cpu_layers:
-            return (*self.split(self.host[layer][e]), True)
+            return (*self._views(("h", layer, e), lambda: self.host[layer][e]), True)
         raise RuntimeError(f"expert {e} of layer {layer} was neither cached nor fetched")
 
     def _release(self, layer: int, kind: str) -> None:

@@ -26,16 +26,17 @@ from specmoe.runtime.device import host_empty
 
 
 def block_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
-                          ctx: torch.Tensor, scale: float) -> torch.Tensor:
+                          ctx: torch.Tensor, scale: float, max_ctx: int | None = None) -> torch.Tensor:
     """q [B, N, Hq, D] against rows of k/v_cache [R, Hkv, S, D]; query i of b sees keys 0..ctx[b]+i.
-    -> [B, N, Hq, D] fp32. The N new keys must already be written."""
+    -> [B, N, Hq, D] fp32. The N new keys must already be written. max_ctx: max(ctx) when the caller
+    knows it as a host int (spares a device sync)."""
     B, N, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     g = Hq // Hkv
     out = torch.empty(B, N, Hq, D, dtype=torch.float32, device=q.device)  # [B, N, Hq, D]
     if B == 0:
         return out
-    L = int(ctx.max()) + N
+    L = (int(ctx.max()) if max_ctx is None else int(max_ctx)) + N
     qi = torch.arange(N, device=q.device)
     keys = torch.arange(L, device=q.device)
     # sequences per chunk: <= ATTN_CHUNK_ELEMS fp32 elements of K and of the scores (planner/memory.py counts it)
@@ -67,6 +68,7 @@ class _Group:
     ctx: torch.Tensor          # [Bg] int64 on the part's device
     tok_idx: torch.Tensor      # [Bg*N] int64 on the model device (token order b-major)
     max_ctx: int = 0           # max(ctx) as a host int (spares the decode kernel a sync)
+    whole: bool = False        # the group is every token of the pass, in order (tok_idx = 0..T-1: no gather)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class _PartPlan:
     rows: torch.Tensor         # [Tp] local row per token (part device)
     pos: torch.Tensor          # [Tp] position per token (part device)
     groups: list[_Group] = field(default_factory=list)
+    whole: bool = False        # the part is every token of the pass, in order (tok_idx = 0..T-1: no gather)
 
 
 class PassLayout:
@@ -85,30 +88,31 @@ class PassLayout:
     at positions ctx[b] .. ctx[b]+n[b]-1.
     """
 
-    def __init__(self, rows: list[int], ctx: list[int], n: list[int]):
-        assert len(rows) == len(ctx) == len(n)
-        self.rows, self.ctx, self.n = list(rows), list(ctx), list(n)
-        self.offsets = [0]
-        for x in self.n:
-            self.offsets.append(self.offsets[-1] + x)
+    def __init__(self, rows, ctx, n):
+        """rows, ctx, n: [B] sequences of ints (lists or numpy arrays), kept as int64 arrays."""
+        self.rows = np.asarray(rows, dtype=np.int64).reshape(-1)   # [B]
+        self.ctx = np.asarray(ctx, dtype=np.int64).reshape(-1)     # [B]
+        self.n = np.asarray(n, dtype=np.int64).reshape(-1)         # [B]
+        assert self.rows.size == self.ctx.size == self.n.size
+        self.offsets = np.zeros(self.n.size + 1, dtype=np.int64)   # [B+1]
+        np.cumsum(self.n, out=self.offsets[1:])
         self._plans: dict[int, list[_PartPlan]] = {}
 
     @property
     def num_seqs(self) -> int:
-        return len(self.rows)
+        return int(self.rows.size)
 
     @property
     def num_tokens(self) -> int:
-        return self.offsets[-1]
+        return int(self.offsets[-1])
 
     def positions(self, device: torch.device) -> torch.Tensor:
         """[T] int64."""
-        n = np.asarray(self.n, dtype=np.int64)
-        return torch.from_numpy(np.repeat(np.asarray(self.ctx, dtype=np.int64), n) + _within(n)).to(device)
+        return torch.from_numpy(np.repeat(self.ctx, self.n) + _within(self.n)).to(device)
 
     def last_token_index(self, device: torch.device) -> torch.Tensor:
         """[B] index of each sequence's last token."""
-        return torch.tensor([o - 1 for o in self.offsets[1:]], dtype=torch.int64, device=device)
+        return torch.from_numpy(self.offsets[1:] - 1).to(device)
 
     def split(self, m: int) -> list[tuple["PassLayout", int, int]]:
         """m micro-batches of consecutive sequences: (layout, first token, end token)."""
@@ -118,7 +122,7 @@ class PassLayout:
         for j in range(m):
             s0, s1 = (B * j) // m, (B * (j + 1)) // m
             sub = PassLayout(self.rows[s0:s1], self.ctx[s0:s1], self.n[s0:s1])
-            out.append((sub, self.offsets[s0], self.offsets[s1]))
+            out.append((sub, int(self.offsets[s0]), int(self.offsets[s1])))
         return out
 
 
@@ -143,7 +147,7 @@ class SplitKVCache:
         self.device = device
         self.decode_kernel = decode_kernel
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-        self.lens = [0] * rows
+        self.lens = np.zeros(rows, dtype=np.int64)   # [R] valid positions per row (host integers)
         host = torch.device("cpu")
         nd, nh = self.device_rows, rows - self.device_rows
         self.part_devices = (device, host)
@@ -171,13 +175,18 @@ class SplitKVCache:
 
     # ---- lengths: commit and roll back ----
     def commit(self, layout: PassLayout) -> None:
-        for r, c, n in zip(layout.rows, layout.ctx, layout.n):
-            self.lens[r] = c + n
+        self.lens[layout.rows] = layout.ctx + layout.n
 
     def set_len(self, row: int, length: int) -> None:
         """Roll back (or forward, after a commit) to `length` valid positions."""
         assert 0 <= length <= self.capacity
         self.lens[row] = length
+
+    def set_lens(self, rows: np.ndarray, lengths: np.ndarray) -> None:
+        """set_len for many rows at once: rows, lengths [B] int64."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        assert lengths.size == 0 or (lengths.min() >= 0 and lengths.max() <= self.capacity)
+        self.lens[np.asarray(rows, dtype=np.int64)] = lengths
 
     # ---- attention ----
     def _plan(self, layout: PassLayout, model_device: torch.device) -> list[_PartPlan]:
@@ -203,13 +212,14 @@ class SplitKVCache:
             lr = rows[seqs] - (0 if p == 0 else self.device_rows)    # [B_p] rows local to the part
             ns, w = n[seqs], _within(n[seqs])                        # [B_p], [T_p]
             pp = _PartPlan(p, _tensor(np.repeat(off[seqs], ns) + w, model_device), _tensor(np.repeat(lr, ns), dev),
-                           _tensor(np.repeat(ctx[seqs], ns) + w, dev))
-            for nv in np.unique(ns):                                 # ascending token counts
+                           _tensor(np.repeat(ctx[seqs], ns) + w, dev), whole=seqs.size == rows.size)
+            sizes = np.unique(ns)                                    # ascending token counts
+            for nv in sizes:
                 sel = ns == nv
                 bs = seqs[sel]                                       # [B_g]
                 idx = (off[bs][:, None] + np.arange(nv)[None, :]).reshape(-1)   # [B_g * nv]
                 pp.groups.append(_Group(int(nv), _tensor(lr[sel], dev), _tensor(ctx[bs], dev),
-                                        _tensor(idx, model_device), int(ctx[bs].max())))
+                                        _tensor(idx, model_device), int(ctx[bs].max()), pp.whole and sizes.size == 1))
             plans.append(pp)
         layout._plans[key] = plans
         return plans
@@ -220,15 +230,18 @@ class SplitKVCache:
         from specmoe.runtime.kernels.verify_attention import verify_attention
 
         T, Hq, D = q.shape
-        out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)  # [T, Hq, D]
-        for pp in self._plan(layout, q.device):
+        plans = self._plan(layout, q.device)
+        whole = len(plans) == 1 and len(plans[0].groups) == 1 and plans[0].groups[0].whole
+        # one part with one group of every token in order (the common decode pass): no gathers, no scatter
+        out = None if whole else torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)  # [T, Hq, D]
+        for pp in plans:
             kc, vc = self.k[pp.part][layer], self.v[pp.part][layer]
             dev = kc.device
-            kc[pp.rows, :, pp.pos] = k.index_select(0, pp.tok_idx).to(dev, kc.dtype)
-            vc[pp.rows, :, pp.pos] = v.index_select(0, pp.tok_idx).to(dev, vc.dtype)
+            kc[pp.rows, :, pp.pos] = (k if pp.whole else k.index_select(0, pp.tok_idx)).to(dev, kc.dtype)
+            vc[pp.rows, :, pp.pos] = (v if pp.whole else v.index_select(0, pp.tok_idx)).to(dev, vc.dtype)
             for g in pp.groups:
                 Bg = g.local_rows.shape[0]
-                qg = q.index_select(0, g.tok_idx)  # [Bg*N, Hq, D]
+                qg = q.contiguous() if g.whole else q.index_select(0, g.tok_idx)  # [Bg*N, Hq, D]
                 if pp.part == 1:   # host memory: the CPU verify kernel
                     o = verify_attention(qg.to("cpu", torch.float32).view(Bg, g.n, Hq, D).contiguous(), kc, vc,
                                          g.local_rows, g.ctx, scale=self.scale, num_threads=torch.get_num_threads())
@@ -236,6 +249,10 @@ class SplitKVCache:
                     o = draft_decode_attention(qg.view(Bg, Hq, D), kc, vc, g.local_rows, g.ctx + 1, scale=self.scale,
                                                max_len=g.max_ctx + 1 if dev.type == "cuda" else None)
                 else:
-                    o = block_attention_torch(qg.view(Bg, g.n, Hq, D), kc, vc, g.local_rows, g.ctx, self.scale)
-                out.index_copy_(0, g.tok_idx, o.reshape(Bg * g.n, Hq, D).to(q.device, q.dtype))
+                    o = block_attention_torch(qg.view(Bg, g.n, Hq, D), kc, vc, g.local_rows, g.ctx, self.scale,
+                                              max_ctx=g.max_ctx)
+                o = o.reshape(Bg * g.n, Hq, D).to(q.device, q.dtype)
+                if whole:
+                    return o
+                out.index_copy_(0, g.tok_idx, o)
         return out

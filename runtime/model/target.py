@@ -126,23 +126,19 @@ class TargetModel:
             return h + r.extra
         K = self.config.top_k
         perm = expert_permutation(r.ids, self.config.num_experts)
-        E = self.config.num_experts
-        co = torch.cat((perm.counts.to(torch.int64), perm.offsets.to(torch.int64))).tolist()   # one sync, not two
-        counts, starts = co[:E], co[E:]
+        counts = perm.counts.tolist()           # one sync; expert e's tokens follow those of experts < e
         xs = permute_tokens(r.x, perm.perm, K)  # [T*K, H] by expert
         ys = torch.empty_like(xs)               # [T*K, H]
+        segs, ysegs = torch.split(xs, counts), torch.split(ys, counts)   # E views each [counts[e], H], one op each
         touched = [e for e, n in enumerate(counts) if n]
         resident = self.store.slot_of[layer]
         # resident experts first: their compute overlaps the streamed experts' copies
         for e in sorted(touched, key=lambda e: e not in resident):
-            start, n = starts[e], counts[e]
             gate_up, down, on_host = self.store.weights(layer, e)
-            seg = xs[start:start + n]
             if on_host:
-                seg_h = seg.to("cpu")
-                ys[start:start + n] = Fn.linear(silu_mul(Fn.linear(seg_h, gate_up)), down).to(ys.device)
+                ysegs[e].copy_(Fn.linear(silu_mul(Fn.linear(segs[e].to("cpu"), gate_up)), down))
             else:
-                ys[start:start + n] = Fn.linear(silu_mul(Fn.linear(seg, gate_up)), down)
+                ysegs[e].copy_(Fn.linear(silu_mul(Fn.linear(segs[e], gate_up)), down))
         out = unpermute_combine(ys, perm.inv, r.w, out_dtype=h.dtype)  # [T, H]
         h = h + out
         return h if r.extra is None else h + r.extra
@@ -174,9 +170,12 @@ class TargetModel:
                 q, k, v = (self._io.to_host(x) for x in (q, k, v))
                 self._io.wait()
         outs = []
-        for sub, s, e in mbs:
+        sizes = [e - s for _, s, e in mbs]
+        with timer.stage(Stage.TARGET_ATTENTION):     # each micro-batch's q, k, v: one split op each, not m slices
+            qs, ks, vs = (torch.split(x, sizes) if len(mbs) > 1 else (x,) for x in (q, k, v))
+        for j, (sub, _, _) in enumerate(mbs):
             with timer.stage(Stage.TARGET_ATTENTION):
-                outs.append(kv.attend(i, q[s:e], k[s:e], v[s:e], sub))
+                outs.append(kv.attend(i, qs[j], ks[j], vs[j], sub))
         with timer.stage(Stage.TARGET_ATTENTION):
             o = torch.cat(outs) if len(outs) > 1 else outs[0]   # [T, Hq, D]
             if host_io != "direct":
@@ -200,7 +199,7 @@ class TargetModel:
         mode = stream_mode(prefetch)
         streaming = self._begin_pass(mode, timer)
         mbs = layout.split(micro_batches)
-        host_io = self.host_io if (mode == "next" and all(r >= kv.device_rows for r in layout.rows)) else "direct"
+        host_io = self.host_io if (mode == "next" and bool((layout.rows >= kv.device_rows).all())) else "direct"
         with timer.stage(Stage.TARGET_PRE_ATTN):
             h = self.embed.index_select(0, tokens)  # [T, H]
             cos, sin = self.rotary.cos_sin(layout.positions(self.device), self.dtype)  # [T, D]
