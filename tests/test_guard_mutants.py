@@ -135,7 +135,8 @@ def test_the_schedule_decides_moe_batching_and_draft_groups():
     sched = default_schedule(load_hardware("h200-host"))
     none = _cm().iteration(8, 4, 0, pl)
     assert not none.batched_moe                                    # no schedule: everything per micro-batch
-    assert _cm(schedule=replace(sched, moe="per_layer")).iteration(8, 4, 0, pl).batched_moe
+    moe_only = _cm(schedule=replace(sched, moe="per_layer", pre_post="per_micro_batch")).iteration(8, 4, 0, pl)
+    assert moe_only.batched_moe and not moe_only.batched_layer
 
     def groups(overlap):
         from specmoe.planner.cost_model import CostModel
@@ -191,3 +192,60 @@ def test_the_moe_gemm_rate_is_read_at_the_tokens_per_expert():
     M = n * 2 / tj                                       # 1.46 tokens per touched expert
     want = 2.0 * n * 2 * m.expert_elems / (hw.measured.gpu_gemm_TFLOPs_by_M(M) * 1e12)
     assert c.moe_gpu_s[0].sum() == pytest.approx(want, rel=1e-6)
+
+
+def _gpu_attention_cm(hw="h200-host", kv="bf16"):
+    from specmoe.planner.cost_model import CostModel
+    from specmoe.planner.hardware_spec import load_hardware
+    from specmoe.planner.workload import Workload, load_acceptance
+
+    wl = Workload(64, 32, acceptance=load_acceptance(0.5), kv_dtype=kv, weight_dtype="bf16")
+    return CostModel(load_model("mixtral-8x7b"), load_hardware(hw), wl, draft=load_model("mixtral-8x7b-eagle"))
+
+
+def test_gpu_attention_reads_its_kv_from_hbm_by_hand():
+    from specmoe.planner.memory import Placement
+
+    cm = _gpu_attention_cm()
+    c = cm.iteration(4, 1, 0, Placement(expert_cache_slots=(8,) * 32, target_kv_gpu_sequences=4), context_len=1000)
+    # one token over 1001 positions of 8 KV heads x 128 x (K, V) in bf16: memory-bound, within HBM's reach
+    # (4.8 TB/s) but no faster; its 16.4 MFLOP alone would take 0.02 us at the bf16 peak
+    kv_bytes = 1001 * 8 * 128 * 2 * 2
+    assert kv_bytes / 4.8e12 <= c.gpu_attn_s_per_seq[0] <= 1.3 * kv_bytes / 4.8e12
+    assert c.attn_gpu_s[0, 0] == pytest.approx(4 * c.gpu_attn_s_per_seq[0], rel=1e-9)
+
+
+def test_gpu_attention_is_costed_at_the_kv_dtype():
+    from specmoe.planner.memory import Placement
+
+    pl = Placement(expert_cache_slots=(8,) * 32, target_kv_gpu_sequences=4, draft_kv_gpu_sequences=4)
+    # k = 8: 9 queries x 32 heads read each fp32 key: 2 x 32 x 256 x (9 x 1000 + 45) FLOP, compute-bound at the
+    # H200's fp32 rate (67 TFLOP/s), where bf16 KV would be memory-bound
+    slope = _gpu_attention_cm(kv="fp32").iteration(4, 1, 8, pl, context_len=1000).gpu_attn_s_per_seq[0]
+    assert slope == pytest.approx(2 * 32 * 256 * (9 * 1000 + 45) / 67e12, rel=1e-9)
+
+
+def test_attention_moved_to_the_gpu_streams_each_host_sequence_by_hand():
+    from specmoe.planner.memory import Placement
+    from specmoe.planner.roofline import h2d_rate
+
+    cm = _gpu_attention_cm(hw="h200-host-calibrated")
+    pl = Placement(expert_cache_slots=(8,) * 32, target_kv_gpu_sequences=1, attention_device="gpu")
+    c = cm.iteration(2, 1, 0, pl, context_len=1000)       # 2 sequences, 1 of them with its KV on the host
+    kv_seq = 1001 * cm.kv_tok_layer_bytes                 # one sequence's K and V of one layer, one copy
+    rate, _ = h2d_rate(cm.hw, kv_seq)                     # the measured H2D curve at that chunk size
+    assert rate != cm.hw.link.h2d_Bps
+    assert c.kv_h2d_s[0, 0] == pytest.approx(kv_seq / rate, rel=1e-9)
+    assert c.attn_gpu_s[0, 0] == pytest.approx(2 * c.gpu_attn_s_per_seq[0], rel=1e-9) and c.attn_cpu_s[0, 0] == 0.0
+
+
+def test_a_dense_model_has_no_expert_slots():
+    from specmoe.planner.errors import SpecError
+    from specmoe.planner.memory import Placement
+
+    with pytest.raises(SpecError) as e:
+        _cm(model="mistral-7b").iteration(2, 1, 0, Placement(expert_cache_slots=(1,) * 32))
+    assert str(e.value) == "placement.expert_cache_slots: entries must lie in [0, 0] (fix the placement)"
+    with pytest.raises(SpecError) as e:
+        _cm().iteration(2, 1, 0, Placement(expert_cache_slots=(9,) * 32))
+    assert str(e.value) == "placement.expert_cache_slots: entries must lie in [0, 8] (fix the placement)"
