@@ -39,11 +39,35 @@ git -C "$REPO" archive HEAD | tar -x -C "$WORK/src"
 for d in planner runtime cuda_kernels; do ln -s "$WORK/src/$d" "$WORK/ns/specmoe/$d"; done
 export PYTHONPATH="$WORK/ns" OMP_NUM_THREADS=1 SPECMOE_CALIBRATE_STRICT=0
 cd "$WORK/src"
+# mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe); a watchdog
+# restarts it from its cache when no mutant has finished for STALL_S seconds, the module restored first
+STALL_S=${MUTATION_STALL_S:-120}
+untested() { "$PY" -c "import sqlite3,sys; c=sqlite3.connect('.mutmut-cache'); print(c.execute(
+  \"select count(*) from Mutant m join Line l on m.line=l.id join SourceFile f on l.sourcefile=f.id
+  where m.status='untested' and f.filename=?\", (sys.argv[1],)).fetchone()[0])" "$1" 2>/dev/null || echo -1; }
 for m in "${MODULES[@]}"; do
   echo "mutation: $m against ${TESTS[$m]}" >&2
-  "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir tests --no-progress \
-      --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
-      >/dev/null 2>&1 || true
+  for attempt in $(seq 1 30); do
+    git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
+    "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir tests --no-progress \
+        --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
+        >/dev/null 2>&1 &
+    pid=$!
+    last=$(untested "$m"); still=0
+    while kill -0 "$pid" 2>/dev/null; do
+      sleep 10
+      now=$(untested "$m")
+      if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
+      if [ "$still" -ge "$STALL_S" ]; then
+        echo "mutation: $m stalled with $now untested: restarting mutmut" >&2
+        pkill -P "$pid" 2>/dev/null; kill "$pid" 2>/dev/null; sleep 2; kill -9 "$pid" 2>/dev/null
+        break
+      fi
+    done
+    wait "$pid" 2>/dev/null || true
+    [ "$(untested "$m")" = "0" ] && break
+  done
+  git -C "$REPO" show "HEAD:$m" > "$m"
 done
 "$PY" "$REPO/scripts/mutation_summary.py" "$WORK/src/.mutmut-cache" "$OUT" "$REPO/bench/results/mutation_equivalent.txt" \
     "${MODULES[@]}"
