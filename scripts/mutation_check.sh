@@ -42,7 +42,7 @@ cd "$WORK/src"
 # mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe); a watchdog
 # restarts it from its cache when no mutant has finished for STALL_S seconds, the module restored first
 STALL_S=${MUTATION_STALL_S:-120}
-untested() { "$PY" -c "import sqlite3,sys; c=sqlite3.connect('.mutmut-cache'); print(c.execute(
+untested() { "$PY" -c "import sqlite3,sys; c=sqlite3.connect('.mutmut-cache', timeout=30); print(c.execute(
   \"select count(*) from Mutant m join Line l on m.line=l.id join SourceFile f on l.sourcefile=f.id
   where m.status='untested' and f.filename=?\", (sys.argv[1],)).fetchone()[0])" "$1" 2>/dev/null || echo -1; }
 for m in "${MODULES[@]}"; do
@@ -57,6 +57,7 @@ for m in "${MODULES[@]}"; do
     while kill -0 "$pid" 2>/dev/null; do
       sleep 10
       now=$(untested "$m")
+      [ "$now" = "-1" ] && continue               # the cache was busy (locked): no reading, no verdict
       if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
       if [ "$still" -ge "$STALL_S" ]; then
         echo "mutation: $m stalled with $now untested: restarting mutmut" >&2
