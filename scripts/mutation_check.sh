@@ -61,7 +61,7 @@ for m in "${MODULES[@]}"; do
       if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
       if [ "$still" -ge "$STALL_S" ]; then
         echo "mutation: $m stalled with $now untested: restarting mutmut" >&2
-        pkill -P "$pid" 2>/dev/null; kill "$pid" 2>/dev/null; sleep 2; kill -9 "$pid" 2>/dev/null
+        pkill -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; sleep 2; kill -9 "$pid" 2>/dev/null || true
         break
       fi
     done
