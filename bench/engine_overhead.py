@@ -105,23 +105,9 @@ class AtenCounter(TorchDispatchMode):
 
 
 def _tracking_timer():
-    from contextlib import contextmanager
+    from specmoe.runtime.calibrate.overhead import tracking_timer
 
-    from specmoe.runtime.run_record import StageTimer
-
-    class Tracking(StageTimer):
-        current = "other"
-
-        @contextmanager
-        def stage(self, stage):
-            prev, self.current = self.current, str(stage)
-            try:
-                with StageTimer.stage(self, stage):
-                    yield
-            finally:
-                self.current = prev
-
-    return Tracking(torch.device("cpu"), False)
+    return tracking_timer(torch.device("cpu"), False)
 
 
 def build(B: int, k: int, m: int, L: int, iterations: int):

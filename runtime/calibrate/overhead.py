@@ -129,7 +129,8 @@ def _count_mode(timer, counts: dict):
     return _Count()
 
 
-def _tracking_timer(device, profile: bool):
+def tracking_timer(device, profile: bool):
+    """A StageTimer that also knows the stage it is in (`current`), for counting operations per stage."""
     from specmoe.runtime.run_record import StageTimer
 
     class _Tracking(StageTimer):
@@ -285,7 +286,7 @@ def _time_rounds(runs: list[dict], rounds: int, per_round: int, warmup: int,
 def _count_ops(run: dict, dev) -> dict[str, int]:
     """The torch operations of each stage in one more iteration of the configuration."""
     dec = run["dec"]
-    ctimer = _tracking_timer(dev, False)
+    ctimer = tracking_timer(dev, False)
     dec.timer = ctimer
     counts: dict[str, int] = {}
     with _count_mode(ctimer, counts):
