@@ -70,6 +70,9 @@ def main(argv: list[str]) -> int:
     n = len(tested) - len(explained)
     pct = 100.0 * len(killed) / n if n else 0.0
     rel = out.relative_to(Path(__file__).resolve().parent.parent) if out.is_absolute() else out
+    if len(ms) > len(tested):
+        print(f"mutation: {len(ms) - len(tested)} of {len(ms)} mutants untested (the run stopped early): the rate "
+              "below is over the tested ones")
     print(f"mutation: {len(killed)} killed of {n} ({pct:.1f}%) over {', '.join(modules)}; "
           f"{len(survivors)} survivors listed in {rel}")
     return 0
