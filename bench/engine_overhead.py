@@ -116,7 +116,7 @@ def build(B: int, k: int, m: int, L: int, iterations: int):
     from specmoe.runtime.model.expert_store import ExpertStore
     from specmoe.runtime.model.kv_cache import SplitKVCache
     from specmoe.runtime.model.target import TargetModel
-    from specmoe.runtime.speculative import Sequence, SpeculativeDecoder
+    from specmoe.runtime.speculative import SpeculativeDecoder
     from specmoe.runtime.weights.sources import WeightSource
 
     dev, dt = torch.device("cpu"), torch.float32
@@ -134,12 +134,9 @@ def build(B: int, k: int, m: int, L: int, iterations: int):
     timer = _tracking_timer()
     dec = SpeculativeDecoder(target, draft, tkv, dkv, timer, m, eos_ids=(), temperature=0.0, seed=0,
                              oracle_alpha=ALPHA if k else None, prefetch=SCHEDULE["streaming"])
-    g = torch.Generator().manual_seed(0)
-    seqs = []
-    for i in range(B):
-        s = Sequence(i, torch.randint(3, c.vocab_size, (PROMPT_LEN,), generator=g).tolist(), 10 ** 9)
-        s.row = i
-        seqs.append(s)
+    from specmoe.runtime.calibrate.overhead import random_sequences
+
+    seqs = random_sequences(B, c.vocab_size, PROMPT_LEN, torch.Generator().manual_seed(0))
     dec.prefill(seqs)
     return dec, seqs
 

@@ -195,7 +195,6 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], configs, dev, dty
     import torch
 
     from specmoe.runtime.model.draft import DraftModel
-    from specmoe.runtime.speculative import Sequence
     from specmoe.runtime.weights.sources import WeightSource
 
     parts: dict[str, Any] = {}
@@ -211,11 +210,7 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], configs, dev, dty
             drafts[Ld] = DraftModel(WeightSource.random(draft_cfgs[Ld], seed=1, dtype=dtype), dev, dtype)
         draft = drafts.get(Ld) if k > 0 else None
         dec, timer = _decoder(target, draft, B, k, M, tgpu, PROMPT_LEN + steps * (k + 1) + k + 4, dev, dtype)
-        seqs = []
-        for i in range(B):
-            s = Sequence(i, torch.randint(3, tc.vocab_size, (PROMPT_LEN,), generator=g).tolist(), 10**9)
-            s.row = i
-            seqs.append(s)
+        seqs = random_sequences(B, tc.vocab_size, PROMPT_LEN, g)
         dec.prefill(seqs)
         if store is not None and not hasattr(store, "expert_calls"):
             _count_expert_calls(store)
@@ -223,6 +218,20 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], configs, dev, dty
                      "timer": timer, "samples": {s: [] for s in STAGES + ("iteration",)}, "copies": [], "ctx": [],
                      "catchup": [], "experts": []})
     return runs
+
+
+def random_sequences(B: int, vocab_size: int, prompt_len: int, g) -> list:
+    """B sequences of random prompt tokens (ids >= 3, past the special ones) in rows 0..B-1, no length limit."""
+    import torch
+
+    from specmoe.runtime.speculative import Sequence
+
+    seqs = []
+    for i in range(B):
+        s = Sequence(i, torch.randint(3, vocab_size, (prompt_len,), generator=g).tolist(), 10**9)
+        s.row = i
+        seqs.append(s)
+    return seqs
 
 
 def _decoder(target, draft, B: int, k: int, M: int, tgpu: int, cap: int, dev, dtype):
