@@ -11,7 +11,9 @@ YAML schema (every number carries its unit in the key; every section a `source`)
                                      #   stands in for it (GPU, CPU and link work then run one
                                      #   after another on the same cores)
     cpu:  {name, cores, mem_GiB | mem_GB, dram_GBps, peak_TFLOPs: {bf16, fp32}, source,
-           reserve_GiB}              # optional, default 6: the OS and the engine's runtime
+           reserve_GiB,              # optional, default 6: the OS and the engine's runtime
+           amx_bf16}                 # optional, default false: AMX-BF16 tiles, so CPU verify
+                                     #   attention on bf16/fp16 KV has peak_TFLOPs.bf16 as its roof
     link: {h2d_GBps, d2h_GBps, source}
     measured:                      # optional; each curve is {x: y} with units in the key
       source: ...
@@ -114,6 +116,7 @@ class CPUSpec:
     peak_flops: dict[str, float]      # dtype -> FLOP/s
     source: str
     reserve_bytes: float = DEFAULT_CPU_RESERVE_GiB * GiB   # kept back from plans
+    amx_bf16: bool = False            # AMX-BF16 tiles: the verify kernel's bf16 path (peak_flops["bf16"])
 
     @property
     def usable_bytes(self) -> float:
@@ -346,7 +349,8 @@ def _source(sec: dict, where: str) -> str:
 # the keys each section may have (an unknown one is refused with the nearest valid key: a typo)
 TOP_KEYS = frozenset({"name", "description", "gpu", "cpu", "link", "measured"})
 GPU_KEYS = frozenset({"name", "mem_GiB", "mem_GB", "hbm_GBps", "peak_TFLOPs", "reserve_GiB", "shares_host_cpu", "source"})
-CPU_KEYS = frozenset({"name", "cores", "mem_GiB", "mem_GB", "dram_GBps", "peak_TFLOPs", "reserve_GiB", "source"})
+CPU_KEYS = frozenset({"name", "cores", "mem_GiB", "mem_GB", "dram_GBps", "peak_TFLOPs", "reserve_GiB", "amx_bf16",
+                      "source"})
 LINK_KEYS = frozenset({"h2d_GBps", "d2h_GBps", "source"})
 MEASURED_KEYS = frozenset({"source", "h2d_GBps_by_chunk_MB", "gpu_gemm_TFLOPs_by_M", "cpu_gemm_GFLOPs_by_M",
                            "cpu_attention_kv_GBps", "dram_read_GBps", "hbm_copy_GBps", "cpu_attention_TFLOPs",
@@ -377,7 +381,8 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
     cpu = CPUSpec(name=str(c.get("name", "cpu")), cores=cores, mem_bytes=cmem,
                   dram_Bps=_positive(c.get("dram_GBps"), f"{where}.cpu.dram_GBps") * GB,
                   peak_flops=_flops(c, f"{where}.cpu"), source=_source(c, f"{where}.cpu"),
-                  reserve_bytes=_reserve(c, f"{where}.cpu", DEFAULT_CPU_RESERVE_GiB, cmem))
+                  reserve_bytes=_reserve(c, f"{where}.cpu", DEFAULT_CPU_RESERVE_GiB, cmem),
+                  amx_bf16=_flag(c, "amx_bf16", f"{where}.cpu"))
     h2d = _positive(lk.get("h2d_GBps"), f"{where}.link.h2d_GBps")
     link = LinkSpec(h2d_Bps=h2d * GB, d2h_Bps=_positive(lk.get("d2h_GBps", h2d), f"{where}.link.d2h_GBps") * GB,
                     source=_source(lk, f"{where}.link"))
