@@ -3,7 +3,9 @@
 Dimension letters: B batch rows, N query tokens (k+1), Hq / Hkv query / KV heads, D head dim,
 R cache rows, S cache capacity. Every run draws fresh random inputs (the seed is in each failure
 message). The kernel is compared with the float64 reference on the very same cache values
-(bf16 KV included), so one tolerance fits both dtypes.
+(bf16 KV included). The fp32 path meets TOL on either dtype; bf16 KV on this machine's default
+path (AMX, which rounds P to bf16 as flash attention does) meets BF16_PATH_TOL, still far under
+the O(1) error of a wrong key, row or mask (test_verify_attention_bf16 covers every path).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from specmoe.runtime.kernels import verify_attention as va
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # max |out - ref| / max |ref|; fp32 accumulation measures ~1e-6
+BF16_PATH_TOL = 1e-2  # the bf16 paths round P (and a non-bf16 q) to bf16: measures 1-4e-3
 RUN_SEED = random.SystemRandom().randrange(2**31)
 
 needs_compiler = pytest.mark.skipif(build.find_compiler() is None, reason="no C++ compiler on this machine")
@@ -44,7 +47,15 @@ def make_case(B, N, Hq, Hkv, D, ctxs, kv_dtype=torch.float32, *, seed, q_scale=1
     return q, k_cache, v_cache, slots, ctx_lens
 
 
-def check(B, N, Hq, Hkv, D, ctxs, kv_dtype=torch.float32, *, backend="cpp", q_scale=1.0, tol=TOL, **kernel_kw):
+def default_tol(kv_dtype, backend: str, kernel_kw: dict) -> float:
+    """TOL where the fp32 path (or the torch reference) runs, BF16_PATH_TOL on a bf16 path."""
+    if kv_dtype == torch.float32 or backend == "torch" or va._kernel() is None:
+        return TOL
+    return TOL if va.verify_attention_path(kv_dtype, kernel_kw.get("path")) == "fp32" else BF16_PATH_TOL
+
+
+def check(B, N, Hq, Hkv, D, ctxs, kv_dtype=torch.float32, *, backend="cpp", q_scale=1.0, tol=None, **kernel_kw):
+    tol = default_tol(kv_dtype, backend, kernel_kw) if tol is None else tol
     seed = random.randrange(2**31)
     q, k, v, slots, ctx_lens = make_case(B, N, Hq, Hkv, D, ctxs, kv_dtype, seed=seed, q_scale=q_scale)
     out = torch.full((B, N, Hq, D), float("nan"))  # every element must be written
@@ -132,7 +143,8 @@ def test_peaked_scores_stay_finite():
     """Scores in the hundreds: the online softmax must rescale, never overflow. fp32 rounding of a
     score s moves its weight by ~|s| * 6e-8, so torch's own fp32 path is also ~1e-5 off here."""
     check(3, 8, 8, 2, 128, [0, 500, 3000], F32, q_scale=30.0, tol=1e-4)
-    check(3, 8, 8, 2, 64, [10, 500, 70], BF16, q_scale=30.0, tol=1e-4)
+    check(3, 8, 8, 2, 64, [10, 500, 70], BF16, q_scale=30.0, tol=1e-4, path="fp32")
+    check(3, 8, 8, 2, 64, [10, 500, 70], BF16, q_scale=30.0)  # the default path: bf16 P
     check(3, 2, 8, 2, 128, [0, 500, 3000], F32, q_scale=30.0, tol=1e-4)  # row-split QK (M = 8)
 
 

@@ -6,9 +6,12 @@
 // L = ctx+N keys of one sequence, M = g*N query rows of one (sequence, KV head), Mp = M rounded
 // up to the vector width W, Mb <= 4W rows of one row block, C keys per chunk.
 //
-// Layouts (row-major, contiguous): q [B, N, Hq, D] fp32; k/v cache [R, Hkv, S, D] fp32 or bf16;
-// out [B, N, Hq, D] fp32. Query row m = i*g + j of (b, h) is q[b, i, h*g + j, :]; it sits at
-// position ctx+i and sees keys 0..ctx+i.
+// Layouts: q and out are token rows of Hq*D elements, fp32 or bf16, q_tok / out_tok elements apart
+// (any row stride: q may be a view of one buffer holding q, k and v per token); batch row b's N
+// tokens are rows tok[b] .. tok[b]+N-1 (tok null: rows b*N.., i.e. q and out [B, N, Hq, D]
+// contiguous). k/v cache [R, Hkv, S, D] fp32, bf16 or fp16, contiguous. Query row m = i*g + j of
+// (b, h) is head h*g + j of token tok[b] + i; it sits at position ctx+i and sees keys 0..ctx+i.
+// bf16 q rows are widened to fp32 per work item; bf16 output is rounded to nearest even.
 //
 // Work decomposition: items (sequence b, KV head h, key range) run in parallel (OpenMP threads
 // claiming items largest first from a shared counter); a long context is split into several key
@@ -301,18 +304,29 @@ inline void pv_rows(int64_t rows, int64_t D, const float* v, int64_t nc, const f
 // ---------------------------------------------------------------- work items and buffers
 
 struct Args {
-  const float* q;
+  const void* q;  // token rows, q_tok elements apart (the Layouts above)
   const void* k;
   const void* v;
   int kv;    // KV element type: 0 fp32, 1 bf16, 2 fp16
   int path;  // PATH_FP32, PATH_DPBF or PATH_AMX (verify_attention_bf16.cpp)
   const int64_t* slots;
   const int64_t* ctx;
-  float* out;
+  const int64_t* tok;  // first token row of each batch row (null: b*N)
+  void* out;
+  int qdt, odt;            // q / out element type: 0 fp32, 1 bf16
+  int64_t q_tok, out_tok;  // elements from one token row to the next
   int64_t B, N, Hq, Hkv, D, R, S, g, M, Mp;
   float qscale;  // scale * log2(e)
   int64_t C;     // keys per chunk (multiple of every KC on the fp32 path, of 16 on the others)
   int flags;     // bit 0: runtime-D path; bit 1: no row-split QK
+};
+
+inline int64_t first_token(const Args& a, int64_t b) { return a.tok ? a.tok[b] : b * a.N; }
+
+// The M query rows of (b, h) as fp32: row m = i*g + j at p + i*tok + j*D.
+struct QRows {
+  const float* p;
+  int64_t tok;
 };
 
 struct Item {
@@ -342,7 +356,7 @@ inline int64_t chunk_count(int64_t len, int64_t C) { return std::max<int64_t>(1,
 inline int64_t chunk_len(int64_t len, int64_t C, int64_t n, int64_t i) { return i + 1 < n ? C : len - i * C; }
 
 struct Workspace {
-  Buf qt, st, o, ml, kb, vb;
+  Buf qt, st, o, ml, kb, vb, qw;  // qw: bf16 q rows widened
   Buf qp, kf, vv, pt, of;  // the bf16 paths' buffers (verify_attention_bf16.cpp)
   bool ensure(const Args& a);
 };
@@ -533,12 +547,35 @@ struct NextItem {
 bool Workspace::ensure(const Args& a) {
   const size_t mb = std::min<int64_t>(a.Mp, 4 * W);
   const size_t cpad = size_t(max_chunk(a.C) + NACC);
-  if (!(st.ensure(cpad * mb) && o.ensure(size_t(a.Mp) * a.D) && ml.ensure(size_t(4) * a.Mp)))
+  if (!(st.ensure(cpad * mb) && o.ensure(size_t(a.Mp) * a.D) && ml.ensure(size_t(4) * a.Mp) &&
+        (a.qdt == 0 || qw.ensure(size_t(a.M) * a.D))))
     return false;
   if (a.path == PATH_FP32)
     return qt.ensure(size_t(a.D) * a.Mp) && kb.ensure(cpad * a.D) && vb.ensure(cpad * a.D);
   const FastDims fd(a, max_chunk(a.C));
   return qp.ensure(fd.qp) && kf.ensure(fd.kf) && vv.ensure(fd.vv) && pt.ensure(fd.pt) && of.ensure(fd.of);
+}
+
+// The query rows of (b, h) in place (fp32 q) or widened into `wide` (bf16 q).
+QRows q_rows(const Args& a, int64_t b, int64_t h, Buf& wide) {
+  const int64_t D = a.D, g = a.g, base = first_token(a, b) * a.q_tok + h * g * D;
+  if (a.qdt == 0) return {static_cast<const float*>(a.q) + base, a.q_tok};
+  const uint16_t* src = static_cast<const uint16_t*>(a.q) + base;
+  for (int64_t i = 0; i < a.N; ++i) widen_rows(src + i * a.q_tok, g, D, wide.p + i * g * D, 1);
+  return {wide.p, g * D};
+}
+
+// Output row m = i*g + j of (b, h): src * scale into head h*g + j of token tok[b] + i.
+inline void store_row(const Args& a, int64_t b, int64_t h, int64_t m, const float* src, float scale) {
+  const int64_t off = (first_token(a, b) + m / a.g) * a.out_tok + (h * a.g + m % a.g) * a.D;
+  if (a.odt == 0) {
+    float* dst = static_cast<float*>(a.out) + off;
+#pragma omp simd
+    for (int64_t d = 0; d < a.D; ++d) dst[d] = src[d] * scale;
+  } else {
+    uint16_t* dst = static_cast<uint16_t*>(a.out) + off;
+    for (int64_t d = 0; d < a.D; ++d) dst[d] = float_to_bf16(src[d] * scale);
+  }
 }
 
 template <int DT>
@@ -560,20 +597,22 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
   // qt[t][m*R + j] = q[m][t*R + j].
   const int R = split_lanes(M, D, a.flags | (fast ? 2 : 0));
   const int64_t Mq = R ? W / R : 0;  // row-split: rows per vector, scores packed st[c*Mq + m]
+  const QRows qr = q_rows(a, it.b, it.h, w.qw);  // row m = i*g + j at qr.p + i*qr.tok + j*D
 #if defined(__AVX512F__)
   // One gather per vector of qt, contiguous stores (row by row the scalar stores would be
   // scattered). Offsets are int32: fine for q up to 2^31 floats past this (b, h).
-  const bool gather = (a.N * a.Hq + g) * D < (int64_t(1) << 31);
+  const bool gather = a.N * qr.tok + g * D < (int64_t(1) << 31);
 #else
   const bool gather = false;
 #endif
+  int qparts = 1;  // bf16 parts of Q on the fast paths
   if (fast) {
-    pack_q(a, it.b, it.h, q_parts(a.path), fd.Dp, reinterpret_cast<uint32_t*>(w.qp.p));
+    qparts = pack_q(a, qr, max_q_parts(a.path), fd.Dp, reinterpret_cast<uint32_t*>(w.qp.p));
   } else if (gather) {
 #if defined(__AVX512F__)
-    const float* q0 = a.q + (it.b * a.N * a.Hq + it.h * g) * D;  // row m = i*g + j: q0 + (i*Hq + j)*D
+    const float* q0 = qr.p;
     const __m512 sc = _mm512_set1_ps(a.qscale);
-    auto row_off = [&](int64_t m) { return (m / g * a.Hq + m % g) * D; };
+    auto row_off = [&](int64_t m) { return m / g * qr.tok + m % g * D; };
     alignas(64) int32_t off[16];
     if (R) {  // lane l = m*R + j of qt[t] holds q[m][t*R + j]
       for (int64_t l = 0; l < 16; ++l) off[l] = int32_t(row_off(std::min<int64_t>(l / R, M - 1)) + l % R);
@@ -596,7 +635,7 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
     for (int64_t i = 0; i < a.N; ++i)
       for (int64_t j = 0; j < g; ++j) {
         const int64_t m = i * g + j;
-        const float* src = a.q + ((it.b * a.N + i) * a.Hq + it.h * g + j) * D;
+        const float* src = qr.p + i * qr.tok + j * D;
         if (R)
           for (int64_t d = 0; d < D; ++d) qt[d / R * W + m * R + d % R] = src[d] * a.qscale;
         else
@@ -660,10 +699,13 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
         pf.k = pf_k;
         pf.end = pf.k + lines * 64;
         pf.vdelta = vdelta;
-        pf.rate = float(lines) / float(fast ? fast_units(a, fd, Mb, rows, nc) : qk_units + pv_units<DT>(rows, nc));
+        pf.rate = float(lines) / float(fast ? fast_units(a, fd, Mb, rows, nc, qparts) : qk_units + pv_units<DT>(rows, nc));
       }
-      if (fast)
-        fast_qk(a, fd, fch, nc, reinterpret_cast<const uint32_t*>(w.qp.p) + mb0, mv, st, pf);
+      if (fast) {  // unscaled scores from bf16 Q parts, scaled here in fp32
+        fast_qk(a, fd, fch, nc, reinterpret_cast<const uint32_t*>(w.qp.p) + mb0, qparts, mv, st, pf);
+        const vf sc = vsplat(a.qscale);
+        for (int64_t i = 0; i < nc * Mb; i += W) vstore(st + i, vload(st + i) * sc);
+      }
       else if (R)
         qk_split_dispatch<DT>(R, a, kc, nc, direct, qt, st, w.kb.p, pf);
       else
@@ -735,15 +777,7 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
   }
 
   if (it.part < 0) {
-    for (int64_t i = 0; i < a.N; ++i)
-      for (int64_t j = 0; j < g; ++j) {
-        const int64_t m = i * g + j;
-        float* dst = a.out + ((it.b * a.N + i) * a.Hq + it.h * g + j) * D;
-        const float inv = 1.0f / lrow[m];
-        const float* orow = o + m * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dst[d] = orow[d] * inv;
-      }
+    for (int64_t m = 0; m < M; ++m) store_row(a, it.b, it.h, m, o + m * D, 1.0f / lrow[m]);
   } else {
     std::memcpy(part_o + it.part * M * D, o, sizeof(float) * M * D);
     float* ml = part_ml + it.part * 2 * M;
@@ -755,7 +789,7 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
 // Combine the partial results of one (b, h) split into `nsplit` key ranges.
 void merge(const Args& a, int64_t b, int64_t h, int64_t first, int64_t nsplit, const float* part_o,
            const float* part_ml, float* acc /* [D] scratch */) {
-  const int64_t D = a.D, M = a.M, g = a.g;
+  const int64_t D = a.D, M = a.M;
   for (int64_t m = 0; m < M; ++m) {
     float mstar = NEG_INF;
     for (int64_t s = 0; s < nsplit; ++s) mstar = std::max(mstar, part_ml[(first + s) * 2 * M + m]);
@@ -770,10 +804,7 @@ void merge(const Args& a, int64_t b, int64_t h, int64_t first, int64_t nsplit, c
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) acc[d] += wgt * os[d];
     }
-    const int64_t i = m / g, j = m % g;
-    float* dst = a.out + ((b * a.N + i) * a.Hq + h * g + j) * D;
-    const float inv = 1.0f / l;
-    for (int64_t d = 0; d < D; ++d) dst[d] = acc[d] * inv;
+    store_row(a, b, h, m, acc, 1.0f / l);
   }
 }
 
@@ -847,31 +878,40 @@ int run_all(const Args& a, int nthreads, int64_t split_keys) {
 
 extern "C" {
 
-// Returns 0 on success; negative on bad arguments (-1 sizes, -2 slot, -3 ctx), allocation
-// failure (-4) or a requested path this machine lacks (-5). Nothing is written on a bad
+// Returns 0 on success; negative on bad arguments (-1 sizes, -2 slot, -3 ctx, -6 token offset),
+// allocation failure (-4) or a requested path this machine lacks (-5). Nothing is written on a bad
 // argument. kv_dtype: 0 fp32, 1 bf16, 2 fp16. num_threads <= 0: OpenMP default. chunk_keys <= 0:
 // default chunk; split_keys <= 0: automatic split-K; flags bit 0: force the runtime-D path,
 // bit 1: never use the row-split QK, bits 2-3: the path for bf16 / fp16 KV (0 the best this
 // machine offers, 1 fp32, 2 AVX512-BF16, 3 AMX; fp32 KV always takes the fp32 path).
-int specmoe_verify_attention(const float* q, const void* k_cache, const void* v_cache,
-                             int32_t kv_dtype, const int64_t* slots, const int64_t* ctx_lens,
-                             float* out, int64_t B, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
-                             int64_t R, int64_t S, float scale, int32_t num_threads,
-                             int64_t chunk_keys, int64_t split_keys, int32_t flags) {
-  if (kv_dtype < 0 || kv_dtype > 2) return -1;
+// q_dtype / out_dtype: 0 fp32, 1 bf16; q_tok / out_tok: elements from one token row to the next
+// (>= Hq*D); tokens: the first row of each batch row's N tokens in q and out (null: b*N), all of
+// them inside the T rows that q and out both have.
+int specmoe_verify_attention_tokens(const void* q, int32_t q_dtype, int64_t q_tok, const void* k_cache,
+                                    const void* v_cache, int32_t kv_dtype, const int64_t* slots,
+                                    const int64_t* ctx_lens, const int64_t* tokens, int64_t T, void* out,
+                                    int32_t out_dtype,
+                                    int64_t out_tok, int64_t B, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
+                                    int64_t R, int64_t S, float scale, int32_t num_threads,
+                                    int64_t chunk_keys, int64_t split_keys, int32_t flags) {
+  if (kv_dtype < 0 || kv_dtype > 2 || q_dtype < 0 || q_dtype > 1 || out_dtype < 0 || out_dtype > 1) return -1;
   int path = (flags >> 2) & 3;
   if (kv_dtype != 0 && path != PATH_AUTO && !((available_paths() >> path) & 1)) return -5;
   if (B < 0 || N < 1 || Hq < 1 || Hkv < 1 || D < 1 || R < 1 || S < 1 || Hq % Hkv != 0) return -1;
+  if (q_tok < Hq * D || out_tok < Hq * D) return -1;
   if (B == 0) return 0;
   if (!q || !k_cache || !v_cache || !slots || !ctx_lens || !out) return -1;
   for (int64_t b = 0; b < B; ++b) {
     if (slots[b] < 0 || slots[b] >= R) return -2;
     if (ctx_lens[b] < 0 || ctx_lens[b] > S - N) return -3;
+    const int64_t t0 = tokens ? tokens[b] : b * N;
+    if (t0 < 0 || t0 + N > T) return -6;
   }
   Args a;
   a.q = q; a.k = k_cache; a.v = v_cache; a.kv = kv_dtype;
   a.path = kv_dtype == 0 ? PATH_FP32 : path == PATH_AUTO ? best_path() : path;
-  a.slots = slots; a.ctx = ctx_lens; a.out = out;
+  a.slots = slots; a.ctx = ctx_lens; a.tok = tokens; a.out = out;
+  a.qdt = q_dtype; a.odt = out_dtype; a.q_tok = q_tok; a.out_tok = out_tok;
   a.B = B; a.N = N; a.Hq = Hq; a.Hkv = Hkv; a.D = D; a.R = R; a.S = S;
   a.g = Hq / Hkv; a.M = a.g * N; a.Mp = (a.M + W - 1) / W * W;
   a.qscale = scale * LOG2E;
@@ -899,6 +939,17 @@ int specmoe_verify_attention(const float* q, const void* k_cache, const void* v_
   } catch (...) {
     return -4;
   }
+}
+
+// q and out [B, N, Hq, D] fp32, contiguous (the arguments above otherwise).
+int specmoe_verify_attention(const float* q, const void* k_cache, const void* v_cache,
+                             int32_t kv_dtype, const int64_t* slots, const int64_t* ctx_lens,
+                             float* out, int64_t B, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
+                             int64_t R, int64_t S, float scale, int32_t num_threads,
+                             int64_t chunk_keys, int64_t split_keys, int32_t flags) {
+  return specmoe_verify_attention_tokens(q, 0, Hq * D, k_cache, v_cache, kv_dtype, slots, ctx_lens, nullptr, B * N,
+                                         out, 0, Hq * D, B, N, Hq, Hkv, D, R, S, scale, num_threads, chunk_keys,
+                                         split_keys, flags);
 }
 
 // "isa=avx512 width=16 openmp=1 max_threads=2 paths=amx,avx512bf16,fp32": paths are those the

@@ -10,11 +10,11 @@
 //
 // Layouts (dwords hold two bf16, the lower index in the low half: the VNNI pairs both
 // instructions multiply):
-//   qp [parts][Dp/2][Mp]  Q^T pairs, qp[p][t][m] = (q[m][2t], q[m][2t+1]) * scale*log2(e), part p
+//   qp [parts][Dp/2][Mp]  Q^T pairs, qp[p][t][m] = part p of (q[m][2t], q[m][2t+1]), unscaled
 //   kf [keys][Dp]         K rows copied (fp16 converted, D padded to Dp = D rounded up to 32)
 //                         when K cannot be read in place (D % 32 != 0, fp16, short chunk)
 //   vv [pairs][Dv]        V pairs, vv[t][d] = (v[2t][d], v[2t+1][d]), Dv = D rounded up to 16
-//   pt [parts][Mb][pairs] P pairs transposed (AMX A operand): pt[p][m][t] = (P[m][2t], P[m][2t+1])
+//   pt [Mb][pairs]        P pairs transposed (AMX A operand): pt[m][t] = (P[m][2t], P[m][2t+1])
 //   of [Mp][Dv]           the output accumulator of the fast paths
 //
 // QK computes S^T[c][m] (keys as rows) straight into the softmax's st layout: AMX with K rows as
@@ -24,10 +24,11 @@
 // AVX512-BF16: a P pair broadcast against 16 d of V pairs).
 //
 // Precision. K and V are bf16 already (fp16 rounded to bf16); the products are exact in fp32
-// and accumulated in fp32. AVX512-BF16 rounds Q and P to bf16 (relative 2^-9 each: bf16
-// tolerance). AMX has compute to spare here, so it carries Q as the sum of three bf16 parts and
-// P as two (Q to 2^-24, P to 2^-17): its result is as close to the float64 reference as the
-// fp32 path's.
+// and accumulated in fp32. Q is packed unscaled and the scores scaled in fp32 afterwards, so a q
+// of bf16 values (what a bf16 model computes) is exact in one part. AVX512-BF16 rounds any other
+// q to bf16; AMX splits it into up to three bf16 parts (exact to 2^-24), only where needed. Both
+// round P (in [0, 1]) to bf16 for PV, as flash attention does: relative 2^-9 per probability,
+// about 1e-3 off the fp32 path at the output (bf16 tolerance).
 
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -47,7 +48,7 @@
 namespace {
 
 enum { PATH_AUTO = 0, PATH_FP32 = 1, PATH_DPBF = 2, PATH_AMX = 3 };
-constexpr int QPARTS_AMX = 3, PPARTS_AMX = 2;
+constexpr int QPARTS_AMX = 3;  // most bf16 parts Q is split into (fp32 q: exact to 2^-24)
 constexpr int64_t FAST_CHUNK = 128;  // default keys per chunk
 
 // Bit p set: path p runs here.
@@ -76,8 +77,7 @@ inline int best_path() {
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int q_parts(int path) { return path == PATH_AMX ? QPARTS_AMX : 1; }
-inline int p_parts(int path) { return path == PATH_AMX ? PPARTS_AMX : 1; }
+inline int max_q_parts(int path) { return path == PATH_AMX ? QPARTS_AMX : 1; }
 
 // Buffer sizes (floats) of the fast paths for chunks of up to cmax keys.
 struct FastDims {
@@ -88,7 +88,7 @@ struct FastDims {
     const int64_t keys = round_up(cmax, 48), pairs = round_up(cmax, 32) / 2;
     kf = keys * Dp / 2;
     vv = pairs * Dv;
-    pt = int64_t(PPARTS_AMX) * 4 * W * pairs;
+    pt = int64_t(4) * W * pairs;
     of = a.Mp * Dv;
     qp = int64_t(QPARTS_AMX) * (Dp / 2) * a.Mp;
   }
@@ -101,23 +101,73 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite f)
   return uint16_t(u >> 16);
 }
 
-// Q^T pairs of the M rows of (b, h), pre-scaled, as `parts` bf16 parts whose sum is q.
-void pack_q(const Args& a, int64_t b, int64_t h, int parts, int64_t Dp, uint32_t* qp) {
-  const int64_t Mp = a.Mp, T = Dp / 2;
-  std::memset(qp, 0, sizeof(uint32_t) * parts * T * Mp);
-  for (int64_t m = 0; m < a.M; ++m) {
-    const float* src = a.q + ((b * a.N + m / a.g) * a.Hq + h * a.g + m % a.g) * a.D;
-    for (int64_t t = 0; 2 * t < a.D; ++t) {
-      float x0 = src[2 * t] * a.qscale, x1 = 2 * t + 1 < a.D ? src[2 * t + 1] * a.qscale : 0.0f;
-      for (int p = 0; p < parts; ++p) {
-        const uint16_t h0 = float_to_bf16(x0), h1 = float_to_bf16(x1);
-        qp[(p * T + t) * Mp + m] = uint32_t(h0) | (uint32_t(h1) << 16);
-        x0 -= bf16_to_float(h0);
-        x1 -= bf16_to_float(h1);
-      }
-    }
+// Q^T pairs of the M rows of (b, h), unscaled (the scores are scaled in fp32 after QK), as the
+// fewest bf16 parts, at most max_parts, whose sum is q: one when q holds bf16 values (the engine's
+// bf16 models), so QK is exact. Every one of the max_parts parts is written (zero where the sum
+// is already exact). Returns the number of parts QK must multiply.
+#if VA_HAS_DPBF
+// 16x16 dword transpose of r.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit blocks: rows i, i+4, i+8, i+12
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
   }
 }
+
+
+int pack_q(const Args& a, const QRows& q, int max_parts, int64_t Dp, uint32_t* qp) {
+  const int64_t Mp = a.Mp, T = Dp / 2;
+  __m512i left[QPARTS_AMX] = {};  // bits of what part p left over, over every row and pair
+  for (int64_t m0 = 0; m0 < Mp; m0 += 16)
+    for (int64_t t0 = 0; t0 < T; t0 += 16) {
+      __m512 lo[16], hi[16];  // row m0+i, elements 2*t0 .. 2*t0+31
+      const int64_t n = a.D - 2 * t0;
+      const __mmask16 mlo = __mmask16(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+      const __mmask16 mhi = __mmask16(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
+      for (int i = 0; i < 16; ++i) {
+        const int64_t m = m0 + i;
+        const float* src = q.p + (m / a.g) * q.tok + (m % a.g) * a.D + 2 * t0;
+        lo[i] = m < a.M ? _mm512_maskz_loadu_ps(mlo, src) : _mm512_setzero_ps();
+        hi[i] = m < a.M ? _mm512_maskz_loadu_ps(mhi, src + 16) : _mm512_setzero_ps();
+      }
+      for (int p = 0; p < max_parts; ++p) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          r[i] = (__m512i)_mm512_cvtne2ps_pbh(hi[i], lo[i]);  // 32 bf16 in order: dword t = pair t
+          lo[i] = _mm512_sub_ps(lo[i], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r[i])), 16)));
+          hi[i] = _mm512_sub_ps(hi[i], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r[i], 1)), 16)));
+          left[p] = _mm512_or_si512(left[p], _mm512_or_si512(_mm512_castps_si512(lo[i]), _mm512_castps_si512(hi[i])));
+        }
+        transpose16(r);  // r[j] = pair t0+j of rows m0 .. m0+15
+        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(qp + (p * T + t0 + j) * Mp + m0, r[j]);
+      }
+    }
+  int used = 1;
+  while (used < max_parts && _mm512_test_epi32_mask(left[used - 1], left[used - 1])) ++used;
+  return used;
+}
+#else
+int pack_q(const Args&, const QRows&, int, int64_t, uint32_t*) { return 1; }  // no bf16 path compiled
+#endif
 
 #if VA_HAS_DPBF
 // 32 KV elements from p as bf16 (fp16 converted when kv == 2), zero past the first n.
@@ -296,17 +346,17 @@ void amx_end() { _tile_release(); }
 // st[c][t*16 ..] for 16 keys c (K rows k, ldk bytes apart) and NB tiles of 16 query rows.
 template <int NB>
 inline void amx_qk_keys(const uint16_t* k, int64_t ldk, const uint32_t* qp, int64_t Mp, int64_t Dp,
-                        int64_t qpart, float* st, int64_t lds, Prefetch& pf) {
+                        int64_t qpart, int qparts, float* st, int64_t lds, Prefetch& pf) {
   _tile_zero(0);
   if constexpr (NB > 1) _tile_zero(1);
   if constexpr (NB > 2) _tile_zero(2);
   if constexpr (NB > 3) _tile_zero(3);
   const int64_t ldq = Mp * 4;
   for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
-    pf.step(NB * QPARTS_AMX);
+    pf.step(NB * qparts);
     _tile_loadd(4, k + d0, ldk);
     const uint32_t* qb = qp + d0 / 2 * Mp;
-    for (int p = 0; p < QPARTS_AMX; ++p, qb += qpart) {
+    for (int p = 0; p < qparts; ++p, qb += qpart) {
       _tile_loadd(5, qb, ldq);
       _tile_dpbf16ps(0, 4, 5);
       if constexpr (NB > 1) { _tile_loadd(6, qb + 16, ldq); _tile_dpbf16ps(1, 4, 6); }
@@ -322,87 +372,55 @@ inline void amx_qk_keys(const uint16_t* k, int64_t ldk, const uint32_t* qp, int6
 
 template <int NB>
 void amx_qk_block(const uint16_t* k, int64_t ldk, bool padded, int64_t nc, const uint32_t* qp, int64_t Mp,
-                  int64_t Dp, int64_t qpart, float* st, Prefetch& pf) {
+                  int64_t Dp, int64_t qpart, int qparts, float* st, Prefetch& pf) {
   const int64_t lds = NB * 16;
   int64_t c = 0;
-  for (; c + 16 <= nc; c += 16) amx_qk_keys<NB>(k + c * ldk, ldk * 2, qp, Mp, Dp, qpart, st + c * lds, lds, pf);
+  for (; c + 16 <= nc; c += 16) amx_qk_keys<NB>(k + c * ldk, ldk * 2, qp, Mp, Dp, qpart, qparts, st + c * lds, lds, pf);
   if (c < nc) {  // padded rows are zero; else the last 16 keys again (nc >= 16 here)
     if (!padded) c = nc - 16;
-    amx_qk_keys<NB>(k + c * ldk, ldk * 2, qp, Mp, Dp, qpart, st + c * lds, lds, pf);
+    amx_qk_keys<NB>(k + c * ldk, ldk * 2, qp, Mp, Dp, qpart, qparts, st + c * lds, lds, pf);
   }
 }
 
-// 16x16 dword transpose of r.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {  // 128-bit blocks: rows i, i+4, i+8, i+12
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
-  }
-}
-
-// pt[p][m][t] for t < pairs (= round_up(nc, 32) / 2), m < Mb: the P pairs of st, rows as rows.
+// pt[m][t] for t < pairs (= round_up(nc, 32) / 2), m < Mb: the P pairs of st rounded to bf16
+// (as flash attention does; P is in [0, 1]), rows as rows.
 void amx_pack_p(const float* st, int64_t Mb, int64_t nc, int64_t pairs, uint32_t* pt) {
   for (int64_t m0 = 0; m0 < Mb; m0 += 16)
     for (int64_t t0 = 0; t0 < pairs; t0 += 16) {
-      __m512i r[PPARTS_AMX][16];
+      __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t c = 2 * (t0 + i);
         __m512 x = st_row(st, Mb, c, nc, m0), y = st_row(st, Mb, c + 1, nc, m0);
-        for (int p = 0; p < PPARTS_AMX; ++p) r[p][i] = pair_part(x, y);
+        r[i] = pair_part(x, y);
       }
-      for (int p = 0; p < PPARTS_AMX; ++p) {
-        transpose16(r[p]);
-        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(pt + (p * Mb + m0 + j) * pairs + t0, r[p][j]);
-      }
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(pt + (m0 + j) * pairs + t0, r[j]);
     }
 }
 
-// o[16 rows][NT*16 d] += P . V over `pairs` key pairs, both P parts.
+// o[16 rows][NT*16 d] += P . V over `pairs` key pairs.
 template <int NT>
-inline void amx_pv_tiles(const uint32_t* pt, int64_t pairs, int64_t ppart, const uint32_t* vv, int64_t Dv,
-                         float* o, Prefetch& pf) {
+inline void amx_pv_tiles(const uint32_t* pt, int64_t pairs, const uint32_t* vv, int64_t Dv, float* o, Prefetch& pf) {
   const int64_t ldo = Dv * 4, ldp = pairs * 4, ldv = Dv * 4;
   _tile_loadd(0, o, ldo);
   if constexpr (NT > 1) _tile_loadd(1, o + 16, ldo);
   if constexpr (NT > 2) _tile_loadd(2, o + 32, ldo);
   if constexpr (NT > 3) _tile_loadd(3, o + 48, ldo);
   for (int64_t t0 = 0; t0 < pairs; t0 += 16) {
-    pf.step(NT * PPARTS_AMX);
+    pf.step(NT);
     _tile_loadd(4, pt + t0, ldp);
-    _tile_loadd(5, pt + ppart + t0, ldp);
     const uint32_t* vb = vv + t0 * Dv;
     _tile_loadd(6, vb, ldv);
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(0, 5, 6);
-    if constexpr (NT > 1) { _tile_loadd(7, vb + 16, ldv); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(1, 5, 7); }
-    if constexpr (NT > 2) { _tile_loadd(6, vb + 32, ldv); _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(2, 5, 6); }
-    if constexpr (NT > 3) { _tile_loadd(7, vb + 48, ldv); _tile_dpbf16ps(3, 4, 7); _tile_dpbf16ps(3, 5, 7); }
+    if constexpr (NT > 1) { _tile_loadd(7, vb + 16, ldv); _tile_dpbf16ps(1, 4, 7); }
+    if constexpr (NT > 2) { _tile_loadd(5, vb + 32, ldv); _tile_dpbf16ps(2, 4, 5); }
+    if constexpr (NT > 3) { _tile_loadd(6, vb + 48, ldv); _tile_dpbf16ps(3, 4, 6); }
   }
   _tile_stored(0, o, ldo);
   if constexpr (NT > 1) _tile_stored(1, o + 16, ldo);
   if constexpr (NT > 2) _tile_stored(2, o + 32, ldo);
   if constexpr (NT > 3) _tile_stored(3, o + 48, ldo);
 }
-static_assert(PPARTS_AMX == 2, "amx_pv_tiles multiplies exactly two P parts");
 
 // PV of one row block (Mb rows, all of them: padding rows are finite and never read).
 void amx_pv(const float* st, int64_t Mb, int64_t nc, const uint32_t* vv, int64_t Dv, const float* alpha,
@@ -414,16 +432,15 @@ void amx_pv(const float* st, int64_t Mb, int64_t nc, const uint32_t* vv, int64_t
     const __m512 al = _mm512_set1_ps(alpha[m]);
     for (int64_t d = 0; d < Dv; d += 16) _mm512_storeu_ps(o + m * Dv + d, _mm512_mul_ps(_mm512_loadu_ps(o + m * Dv + d), al));
   }
-  const int64_t ppart = Mb * pairs;
   for (int64_t m0 = 0; m0 < Mb; m0 += 16)
     for (int64_t g0 = 0; g0 < Dv / 16; g0 += 4) {
       const uint32_t* p = pt + m0 * pairs;
       float* ob = o + m0 * Dv + g0 * 16;
       switch (std::min<int64_t>(4, Dv / 16 - g0)) {
-        case 4: amx_pv_tiles<4>(p, pairs, ppart, vv + g0 * 16, Dv, ob, pf); break;
-        case 3: amx_pv_tiles<3>(p, pairs, ppart, vv + g0 * 16, Dv, ob, pf); break;
-        case 2: amx_pv_tiles<2>(p, pairs, ppart, vv + g0 * 16, Dv, ob, pf); break;
-        default: amx_pv_tiles<1>(p, pairs, ppart, vv + g0 * 16, Dv, ob, pf); break;
+        case 4: amx_pv_tiles<4>(p, pairs, vv + g0 * 16, Dv, ob, pf); break;
+        case 3: amx_pv_tiles<3>(p, pairs, vv + g0 * 16, Dv, ob, pf); break;
+        case 2: amx_pv_tiles<2>(p, pairs, vv + g0 * 16, Dv, ob, pf); break;
+        default: amx_pv_tiles<1>(p, pairs, vv + g0 * 16, Dv, ob, pf); break;
       }
     }
 }
@@ -456,26 +473,26 @@ FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0
 }
 
 // Work units a row block's fast QK and PV pass to Prefetch::step (see there).
-int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, int64_t nc) {
+int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, int64_t nc, int qparts) {
   const int64_t nb = Mb / 16;
   if (a.path == PATH_AMX)
-    return (nc + 15) / 16 * (fd.Dp / 32) * nb * QPARTS_AMX + nb * (fd.Dv / 16) * (round_up(nc, 32) / 32) * PPARTS_AMX;
+    return (nc + 15) / 16 * (fd.Dp / 32) * nb * qparts + nb * (fd.Dv / 16) * (round_up(nc, 32) / 32);
   const int64_t kc = NACC / nb;
   return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 + (nc + 15) / 16 * 8 * rows * (fd.Dv / 16);
 }
 
-void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc, const uint32_t* qp, int mv,
-             float* st, Prefetch& pf) {
+void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc, const uint32_t* qp, int qparts,
+             int mv, float* st, Prefetch& pf) {
 #if VA_HAS_DPBF
   const int64_t Dp = ch.padded ? fd.Dp : a.D;
   if (a.path == PATH_AMX) {
 #if VA_HAS_AMX
     const int64_t qpart = (fd.Dp / 2) * a.Mp;
     switch (mv) {
-      case 1: return amx_qk_block<1>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp, qpart, st, pf);
-      case 2: return amx_qk_block<2>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp, qpart, st, pf);
-      case 3: return amx_qk_block<3>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp, qpart, st, pf);
-      default: return amx_qk_block<4>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp, qpart, st, pf);
+      case 1: return amx_qk_block<1>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp, qpart, qparts, st, pf);
+      case 2: return amx_qk_block<2>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp, qpart, qparts, st, pf);
+      case 3: return amx_qk_block<3>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp, qpart, qparts, st, pf);
+      default: return amx_qk_block<4>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp, qpart, qparts, st, pf);
     }
 #endif
   }
