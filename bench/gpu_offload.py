@@ -31,15 +31,23 @@ planner.estimate for exactly the mode's batch, m, k, placement and mean measured
 the first layers' experts prefetched during the draft phase when the engine streams ahead.
 
 Engine schedule (--streaming, --host-io): on CUDA layer i+1's non-resident experts stream while
-layer i computes and layer 0's over lm_head, acceptance and the draft phase ("next"). First a
+layer i computes and the first two streaming layers' over lm_head, acceptance and the draft phase
+("next"). First a
 copy-overlap probe (about 1 s) measures whether a small transfer waits behind an expert-sized
 copy on the copy stream (pageable, pinned, D2H, and a zero-copy kernel read); --host-io auto
 picks from it how the CPU attention's inputs and output cross PCIe (once per layer, pinned, or
 read by a GPU kernel straight from pinned memory). A mode that fails with pinned/zero-copy
 transfers is rerun once with the direct per-micro-batch transfers. H2D GB/s = decode-phase bytes
 copied / copy-stream busy time (CUDA events around each copy batch); busy = that time / decode
-wall time. The pinned host experts are built once and kept across engines (and across the layer
-fallback), so only the first engine pays for them.
+wall time. The host experts are one layer's rows, pinned once (one registered region) and given to
+every layer of the slice and to every engine (and kept across the layer fallback): the weights of
+different layers are then the same, which changes nothing that is measured (bytes streamed, their
+time, the oracle's acceptance) and spares pinning a copy per layer.
+
+Warm-up: each mode's iteration time and tokens/s are over its iterations after the first
+WARMUP_ITERATIONS (those pay cudaMalloc / cudaHostAlloc and first launches, implicit syncs); the
+all-iteration figures are kept beside them (`*_all_iterations`). GPU memory is not emptied between
+modes, so a mode reuses what the previous one cached.
 
 Time: phases are printed with elapsed seconds. A small warm-up (8 sequences, 1 iteration)
 compiles the kernels and measures prefill attention; if the alpha=0.8 and k=0 modes are projected
@@ -85,6 +93,7 @@ ORACLE = "oracle-driven"
 STREAMING = {"auto": None, "next": "next", "predict": "predict", "off": "off"}   # --streaming -> Engine
 OPT = dict(cpu_expert_mode="off", gpu_attention=False, target_kv_gpu=False, timeline=False, alternatives=0)
 GiB = 1024 ** 3
+WARMUP_ITERATIONS = 2            # each mode's first iterations, left out of its iteration time and tokens/s
 
 
 class Deadline(BaseException):
@@ -116,10 +125,11 @@ def parse_args(argv):
                          "zero-copy kernel does not, else pinned), direct on the CPU")
     ap.add_argument("--streaming", choices=sorted(STREAMING), default="auto",
                     help="expert streaming schedule (Engine prefetch_next_layer): auto = next on CUDA (layer i+1's "
-                         "experts stream while layer i computes, layer 0's during the draft phase), off on the CPU")
+                         "experts stream while layer i computes, the first two layers' during the draft phase), off "
+                         "on the CPU")
     ap.add_argument("--project-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests the fallback
     a = ap.parse_args(argv)
-    a.iterations = a.iterations or (6 if a.quick else (4 if a.cpu_smoke else 12))
+    a.iterations = a.iterations or (6 if a.quick else (4 if a.cpu_smoke else 12))   # WARMUP_ITERATIONS of them too
     a.prompt_len = a.prompt_len or (64 if a.cpu_smoke else 512)
     a.gen_len = a.gen_len or (64 if a.cpu_smoke else 128)
     if a.cpu_smoke and a.layers == 8:
@@ -192,6 +202,15 @@ def smoke_full_budgets(tcfg: dict, prompt_len: int, gen_len: int, hw, batch: int
             (experts + kv + staging + hw.cpu.reserve_bytes) / 1e9)
 
 
+def solver_missing(e: BaseException) -> bool:
+    """The one failure of planner.optimize the bench plans around: no MILP solver (pulp not installed or not
+    importable, as on a bare GPU host, or a solver pulp cannot find)."""
+    from specmoe.planner.errors import SpecError
+
+    return (isinstance(e, ImportError) and "pulp" in f"{e.name} {e}") or \
+        (isinstance(e, SpecError) and e.field == "solver")
+
+
 def plan_for(spec, hw, wl, dspec, log, k_min: int = 0, like=None):
     """planner.optimize (streamed cold experts, target KV and attention on the CPU) over k in k_min..8;
     where it cannot run (e.g. pulp missing on the GPU host), the same choice by enumeration:
@@ -204,12 +223,16 @@ def plan_for(spec, hw, wl, dspec, log, k_min: int = 0, like=None):
 
         ks, wl = [like.draft_len], replace(wl, batch=like.batch)
         kw["micro_batch_values"] = (like.micro_batches,)
+    from specmoe.planner.errors import InfeasibleError, SpecError
+
     try:
         from specmoe.planner.optimizer import optimize
 
         return optimize(spec, hw, wl, draft=dspec if dspec is not None else False, k_values=ks, **kw)
-    except Exception as e:  # noqa: BLE001
-        log(f"planner.optimize unavailable ({type(e).__name__}: {str(e)[:160]}); choosing by enumeration "
+    except (ImportError, SpecError) as e:
+        if not solver_missing(e):
+            raise
+        log(f"planner.optimize has no solver ({type(e).__name__}: {str(e)[:160]}); choosing by enumeration "
             f"with planner.estimate")
         why = f"{type(e).__name__}: {str(e)[:200]}"
     from specmoe.planner.estimator import estimate
@@ -225,7 +248,7 @@ def plan_for(spec, hw, wl, dspec, log, k_min: int = 0, like=None):
                     continue
                 est = estimate(spec, hw, wl, draft=dspec if k else None, draft_len=k, micro_batches=m, batch=B,
                                timeline=False, run=False)
-            except Exception:  # noqa: BLE001  an infeasible point
+            except InfeasibleError:     # this (k, m) fits no batch
                 continue
             tried.append({"draft_len": k, "micro_batches": m, "batch": B,
                           "decode_tokens_per_s": est.decode_tokens_per_s})
@@ -341,6 +364,18 @@ def make_plans(spec, dspec, hw_for, args, log, full_plans: dict | None = None) -
 
 
 # ---------------------------------------------------------------------------------------------
+def shared_expert_rows(tsrc, device, have: dict | None = None) -> dict:
+    """{MoE layer: host rows [E, P]}: one layer's experts, read once into a region of their own (page-locked
+    with CUDA), given to every MoE layer; `have` (a previous Runner's) is reused when it covers them."""
+    from specmoe.runtime.model.expert_store import layer_rows
+
+    layers = list(tsrc.config.moe_layers)
+    if have and all(l in have for l in layers):
+        return {l: have[l] for l in layers}
+    rows = layer_rows(tsrc, layers[0], tsrc.dtype, register=device.type == "cuda") if layers else None
+    return {l: rows for l in layers}
+
+
 class Runner:
     """Builds engines (one at a time, reused while the expert placement is the same) and runs modes."""
 
@@ -356,17 +391,16 @@ class Runner:
         self.engine = None
         self.key = None
         self.build_s: list[float] = []
-        # the pinned host experts, kept across engines (a k=0 plan caches other experts, and the layer
-        # fallback keeps the first layers: random weights are seeded per tensor name)
-        L = tcfg["num_hidden_layers"]
-        self.expert_host = {l: h for l, h in (expert_host or {}).items() if l < L}
+        # the host experts: one layer's rows, pinned once, stand for every layer's (bandwidth is what is
+        # measured), kept across engines and across the layer fallback
+        self.expert_host = shared_expert_rows(self.tsrc, device, expert_host)
         self.host_io = args.host_io_used
 
     def release(self) -> None:
+        """Drop the engine; its GPU memory stays in torch's cache for the next one (no empty_cache: the
+        next mode would pay cudaMalloc again inside its measured iterations)."""
         self.engine, self.key = None, None
         gc.collect()
-        if self.device.type == "cuda":
-            self.torch.cuda.empty_cache()
 
     def engine_for(self, plan):
         from specmoe.runtime.engine import Engine
@@ -383,8 +417,6 @@ class Runner:
                      dtype=self.torch.bfloat16, check_memory=False, prefill_chunk_tokens=32768,
                      expert_host=self.expert_host, prefetch_next_layer=STREAMING[self.args.streaming],
                      host_io=self.host_io)
-        if eng.store is not None:
-            self.expert_host = dict(eng.store.host)
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -427,8 +459,21 @@ class Runner:
         return rec, status, build_s, time.perf_counter() - t0
 
 
+def warm_figures(rec) -> dict:
+    """Iteration time and tokens/s over the iterations after the first WARMUP_ITERATIONS (all of them, said
+    so, when there are no more)."""
+    ts, em = list(rec.iteration_times_s), list(rec.emitted_by_iteration)
+    skip = WARMUP_ITERATIONS if len(ts) > WARMUP_ITERATIONS else 0
+    t, n = sum(ts[skip:]), len(ts) - skip
+    return {"warmup_iterations_excluded": skip, "measured_iterations": n,
+            "iteration_s": t / n if n else rec.stages.get("iteration", 0.0),
+            "tokens_per_s": sum(em[skip:]) / t if t > 0 else rec.decode_tokens_per_s}
+
+
 def summarize(rec, plan, alpha, spec, dspec, hw, args) -> dict:
-    """Measured figures of one mode and the planner's prediction for exactly its configuration."""
+    """Measured figures of one mode (iteration time and tokens/s without the warm-up iterations) and the
+    planner's prediction for exactly its configuration."""
+    from specmoe.planner.errors import SpecError
     from specmoe.planner.estimator import estimate
     from specmoe.planner.workload import AcceptanceProfile, Workload
 
@@ -442,8 +487,9 @@ def summarize(rec, plan, alpha, spec, dspec, hw, args) -> dict:
          "cached_expert_fraction": n_slots / max(1, len(spec.moe_layers) * spec.num_experts),
          "draft_kv_gpu_sequences": pl.draft_kv_gpu_sequences if k else 0,
          "target_kv_gpu_sequences": pl.target_kv_gpu_sequences, "iterations": rec.iterations,
-         "decode_tokens": rec.decode_tokens, "decode_time_s": dec_s, "tokens_per_s": rec.decode_tokens_per_s,
-         "iteration_s": rec.stages.get("iteration", 0.0), "prefill_s": rec.prefill_time_s,
+         "decode_tokens": rec.decode_tokens, "decode_time_s": dec_s,
+         "tokens_per_s_all_iterations": rec.decode_tokens_per_s,
+         "iteration_s_all_iterations": rec.stages.get("iteration", 0.0), "prefill_s": rec.prefill_time_s,
          "mean_accepted": rec.mean_accepted, "h2d_bytes": rec.h2d_decode_bytes, "h2d_s": h2d_s,
          "h2d_bytes_all_phases": rec.h2d_bytes, "h2d_prefill_bytes": rec.h2d_prefill_bytes,
          "h2d_GBps": rec.h2d_GBps, "h2d_busy_fraction": rec.h2d_busy_fraction,
@@ -454,6 +500,7 @@ def summarize(rec, plan, alpha, spec, dspec, hw, args) -> dict:
                      "iteration_s": plan.predicted.iteration_time_s, "gen_len": args.gen_len,
                      "planner": plan.solver.get("name", "")},
          "record_error": rec.error, "complete_record": rec.complete}
+    d.update(warm_figures(rec))
     gen_eq = max(1, round(2 + rec.decode_tokens / max(1, B)))
     d["measured_mean_context"] = args.prompt_len + gen_eq / 2
     try:
@@ -471,7 +518,7 @@ def summarize(rec, plan, alpha, spec, dspec, hw, args) -> dict:
         d["prediction_source"] = est.source
         it = d["iteration_s"]
         d["iteration_error_pct"] = (est.iteration_time_s - it) / it * 100 if it > 0 else None
-    except Exception as e:  # the prediction is reported, never fatal
+    except SpecError as e:  # the planner refuses this configuration: said so, the measurement stands
         d["prediction_error"] = f"{type(e).__name__}: {e}"
     return d
 
@@ -568,7 +615,7 @@ def copy_overlap_probe(device, big_MB: int = 1024, small_MB: int = 4, reps: int 
                                         "version": 3, "strides": None}
         zc = torch.as_tensor(_HostView(), device=device)
         variants["zero_copy_kernel"] = lambda: torch.bitwise_or(zc, 0, out=sd)
-    except Exception as e:  # noqa: BLE001
+    except (RuntimeError, TypeError) as e:   # no zero-copy view on this torch / driver: recorded
         out["zero_copy_kernel"] = {"error": f"{type(e).__name__}: {e}"}
 
     def big():
@@ -601,7 +648,7 @@ def copy_overlap_probe(device, big_MB: int = 1024, small_MB: int = 4, reps: int 
             a, d = min(alone) * 1e3, min(during) * 1e3
             out[name] = {"alone_ms": a, "during_big_copy_ms": d,
                          "waits_for_big_copy": bool(d > 0.5 * (big_s * 1e3 - 2.0) and d > 3 * a)}
-        except Exception as e:  # noqa: BLE001
+        except RuntimeError as e:   # a CUDA error of this variant: recorded, the others still measured
             out[name] = {"error": f"{type(e).__name__}: {e}"}
     del big_h, big_d
     return out
@@ -628,7 +675,7 @@ def machine_info(device) -> dict:
     try:
         import cupy
         m["cupy_version"] = cupy.__version__
-    except Exception as e:  # noqa: BLE001
+    except ImportError as e:
         m["cupy_version"] = f"none ({type(e).__name__})"
     if device.type == "cuda":
         import torch
@@ -647,8 +694,8 @@ def report(res: dict, log: Log) -> str:
     tps = res["tokens_per_s"]
     log("")
     log(f"decode, {res['config']['layers']}-layer Mixtral-8x7B slice, prompt {res['config']['prompt_len']}, "
-        f"{res['config']['iterations']} decode iterations per mode; speculative rows are {ORACLE} (seeded "
-        f"Bernoulli acceptance)")
+        f"{res['config']['iterations']} decode iterations per mode (tok/s and iter ms over those after the first "
+        f"{WARMUP_ITERATIONS}); speculative rows are {ORACLE} (seeded Bernoulli acceptance)")
     hdr = (f"{'mode':38s} {'B':>5s} {'k':>2s} {'m':>2s} {'cache':>6s} {'it':>3s} {'tok/s':>9s} {'iter ms':>8s} "
            f"{'pred ms':>8s} {'err%':>6s} {'H2D GB/s':>8s} {'busy':>5s} {'prefill s':>9s}  status")
     log(hdr)
@@ -793,13 +840,15 @@ def main(argv=None) -> int:
         args.host_io_used = choose_host_io(args.host_io, device, res.get("copy_overlap_probe"))
         res["config"]["host_io"] = args.host_io_used
         log(f"attention host transfers: host_io={args.host_io_used} (--host-io {args.host_io})")
+        from specmoe.planner.errors import SpecError
         from specmoe.planner.hardware_spec import load_hardware
         from specmoe.planner.model_spec import ModelSpec
 
         try:
             hw_base = load_hardware(args.hardware)
-        except Exception as e:  # noqa: BLE001
-            log(f"hardware spec {args.hardware} unavailable ({type(e).__name__}); using h200-host")
+        except SpecError as e:      # no calibrated spec on this checkout: the datasheet one, said so
+            log(f"hardware spec {args.hardware} unavailable ({e}); using h200-host")
+            res["config"]["hardware_fallback"] = str(e)
             hw_base = load_hardware("h200-host")
         t0 = time.perf_counter()
         tcfg, dcfg = model_configs(args.layers, args.cpu_smoke)
@@ -982,8 +1031,8 @@ def main(argv=None) -> int:
         try:
             if runner is not None:
                 runner.release()
-        except BaseException:  # noqa: BLE001
-            pass
+        except Exception as e:  # noqa: BLE001  recorded; the JSON is still written
+            err("release", e)
         # ---- headline figures ----
         a = res.get("accelerate_run") or {}
         cfgL = (res.get("config") or {}).get("layers", args.layers)

@@ -3,12 +3,14 @@
 #   1. pulp from the carried wheel folder .whl/ (made here by scripts/fetch_gpu_wheels.sh; git-ignored),
 #      installed into /tmp/site: without it bench/gpu_offload.py plans by enumeration.
 #   2. the GPU engine tests (token-identical greedy output through the copy stream in every expert-streaming
-#      schedule, the H2D accounting; about 60 s), log in $OUT/gpu_engine_tests.log.
+#      schedule, the H2D accounting; about 60 s) and the GPU checks of the pinned paths (the registered expert
+#      region, the attention's pinned buffers), log in $OUT/gpu_engine_tests.log.
 #   3. the offload benchmark within its time budget (default 240 s; GPU_BENCH_BUDGET_S to change).
 #   4. the verify-attention kernel benchmark (if present, at most 40 s).
 # torch, cupy and transformers are the host's; this repo is not installed: a folder of links in /tmp
 # gives the checkout's planner/, runtime/ and cuda_kernels/ their import names (specmoe.planner, ...). The C++ kernel is built into /tmp (a fresh machine has no cache; $HOME may not be
-# writable). Device tool call (from the repo root here):
+# writable). Every step runs under its own `timeout`, so one that hangs cannot eat the session. Device tool
+# call (from the repo root here):
 #     run(command="OUT=$OUT bash bench/run_gpu_session.sh", carry=[".whl"], timeout_s=560)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -25,7 +27,7 @@ export SPECMOE_CACHE_DIR="${SPECMOE_CACHE_DIR:-/tmp/specmoe-cache}"
 mkdir -p "$OUT"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  if python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+  if timeout 60 python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
   else
     echo "pip install of .whl/*.whl failed: the bench will plan by enumeration"
@@ -33,18 +35,18 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   echo "no .whl/ folder carried (run scripts/fetch_gpu_wheels.sh here and carry .whl): the bench will plan by enumeration"
 fi
-python -c "import pulp; print('pulp', pulp.__version__, 'solvers', pulp.listSolvers(onlyAvailable=True))" 2>&1 \
+timeout 20 python -c "import pulp; print('pulp', pulp.__version__, 'solvers', pulp.listSolvers(onlyAvailable=True))" 2>&1 \
   | tee "$OUT/gpu_engine_tests.log"
 # the device this session got (the calibrated spec the bench compares with is the H200 host's)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/device: /' \
+timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/device: /' \
   | tee -a "$OUT/gpu_engine_tests.log"
 # imports and planning, before any GPU time is spent (a broken import fails here in seconds)
 timeout 60 python bench/gpu_offload.py --plan-only --out "$OUT/plan-only" 2>&1 | tail -5 | tee -a "$OUT/gpu_engine_tests.log" \
   || { echo "plan-only check failed: stopping before the GPU steps"; exit 3; }
 
 # (at most 8 files come back from $OUT: the tests write one JSON, gpu_tests.json)
-SPECMOE_GPU_OUT="$OUT" timeout 150 python -m pytest -q -rA -p no:cacheprovider \
-  tests/test_engine_gpu.py 2>&1 | tail -40 | tee -a "$OUT/gpu_engine_tests.log"
+SPECMOE_GPU_OUT="$OUT" timeout 160 python -m pytest -q -rA -p no:cacheprovider \
+  tests/test_engine_gpu.py tests/test_host_region.py 2>&1 | tail -40 | tee -a "$OUT/gpu_engine_tests.log"
 echo "GPU engine tests exit status $?"
 
 timeout $(( ${GPU_BENCH_BUDGET_S:-240} + 60 )) python bench/gpu_offload.py --out "$OUT" \

@@ -163,6 +163,8 @@ class RunRecord:
     # after_s, ratio (> 1: the machine ran slower than when calibrated)}; None when not probed
     speed_probe: dict | None = None
     live_by_iteration: list[int] = field(default_factory=list)   # sequences in each decode iteration
+    iteration_times_s: list[float] = field(default_factory=list)  # wall seconds of each decode iteration
+    emitted_by_iteration: list[int] = field(default_factory=list)  # tokens emitted by each decode iteration
     # one decode iteration (the second: warm, the batch still full), stage by stage as the engine ran it:
     # {stage, resource, layer, micro_batch, start_s, end_s}; GPU stages are launch times unless profiled
     timeline: list[dict] = field(default_factory=list)

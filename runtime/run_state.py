@@ -32,6 +32,8 @@ class RunState:
         self.hist: dict[int, int] = {}
         self.k_hist: dict[int, int] = {}
         self.live: list[int] = []          # sequences in each decode iteration
+        self.iteration_s: list[float] = []  # wall seconds of each decode iteration
+        self.emitted: list[int] = []       # tokens each decode iteration emitted
         self.timeline: list[dict] = []     # the stages of decode iteration TIMELINE_ITERATION (engine.py)
         self.memory: dict = {}             # runtime/memory_usage.py measured_memory, set when the run ends
         # the expert store's counters at the start: the run's own are the differences
@@ -47,6 +49,8 @@ class RunState:
         self.generated += st.emitted
         self.k_hist[st.k] = self.k_hist.get(st.k, 0) + 1
         self.live.append(len(st.accepted))
+        self.iteration_s.append(float(dt))
+        self.emitted.append(int(st.emitted))
         if st.k > 0:
             for a in st.accepted:
                 self.hist[a] = self.hist.get(a, 0) + 1
@@ -104,7 +108,8 @@ def build_record(eng, run: RunState, timer: StageTimer, dec, policy, outputs: di
         expert_cache_slots=list(pl.expert_cache_slots), profile_stages=eng.profile_stages,
         cached_experts_planned=bool(pl.cached_experts), experts_rebalanced=eng.experts_rebalanced,
         cached_experts={str(l): list(e) for l, e in store.cached.items()} if store is not None else {},
-        live_by_iteration=list(run.live), timeline=list(run.timeline), memory=dict(run.memory),
+        live_by_iteration=list(run.live), iteration_times_s=list(run.iteration_s),
+        emitted_by_iteration=list(run.emitted), timeline=list(run.timeline), memory=dict(run.memory),
         latency=run.latency.summary(), acceptance_by_position=acceptance_by_position(run.hist),
         thread_env=thread_env_record(),
     )

@@ -83,9 +83,16 @@ def test_modes_same_tokens_and_safe_schedule(pair, mode):
                 last_end1 = max((i for i, e in enumerate(seen) if e[0] in ("end",) and e[1] == 1), default=-1)
                 # layer 1 is begun (ahead) before layer 0 waits, in every pass but those after a drop
                 assert last_begin1 is not None and last_begin1 > last_end1, (idx, seen[-6:])
-        # the next pass's layer 0 starts streaming at the end of the pass (before lm_head / the draft phase)
+        # the next pass's first two streaming layers (one per buffer) start streaming at the end of the pass,
+        # before lm_head and the draft phase: all their experts are issued before anything waits
         ends = [i for i, ev in enumerate(store.trace) if ev[0] == "end" and ev[1] == 2]
         assert ends and all(store.trace[i + 1][:2] == ("begin", 0) for i in ends)
+        for i in ends:
+            nxt = store.trace[i + 1:]
+            upto = next((j for j, ev in enumerate(nxt) if ev[0] in ("wait", "drop")), len(nxt))
+            early = nxt[:upto]
+            assert [ev[1] for ev in early if ev[0] == "begin"] == [0, 1], early[:4]
+            assert sum(ev[0] == "copy" for ev in early) == 2 * store.E - store.slots[0] - store.slots[1]
     if mode == "off":
         assert unused == 0   # only what routing touched is streamed
 

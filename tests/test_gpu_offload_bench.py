@@ -190,3 +190,60 @@ def test_choose_host_io():
     assert m.choose_host_io("auto", cuda, None) == "pinned"
     assert m.choose_host_io("auto", cpu, waits) == "direct"
     assert m.choose_host_io("direct", cuda, waits) == "direct"
+
+
+def _module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_offload_mod", SCRIPT)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+def test_warm_figures_leave_out_the_first_iterations():
+    """A mode's iteration time and tokens/s are over its iterations after the first two (which pay cudaMalloc,
+    cudaHostAlloc, first launches); with no more than two, over all of them, said so."""
+    from types import SimpleNamespace
+
+    m = _module()
+    rec = SimpleNamespace(iteration_times_s=[0.9, 0.5, 0.2, 0.3], emitted_by_iteration=[40, 40, 30, 50],
+                          stages={"iteration": 0.475}, decode_tokens_per_s=160 / 1.9)
+    w = m.warm_figures(rec)
+    assert w == {"warmup_iterations_excluded": 2, "measured_iterations": 2, "iteration_s": pytest.approx(0.25),
+                 "tokens_per_s": pytest.approx(80 / 0.5)}
+    short = SimpleNamespace(**dict(vars(rec), iteration_times_s=[0.9, 0.5], emitted_by_iteration=[40, 40]))
+    assert m.warm_figures(short)["warmup_iterations_excluded"] == 0
+    assert m.warm_figures(short)["iteration_s"] == pytest.approx(0.7)
+
+
+def test_only_a_missing_solver_falls_back_to_enumeration(monkeypatch):
+    """plan_for plans by enumeration only when planner.optimize has no solver; any other failure is raised
+    (never a silent fallback), and the enumeration skips only infeasible points."""
+    from specmoe.planner.errors import InfeasibleError, SpecError
+
+    m = _module()
+    missing = ModuleNotFoundError("No module named 'pulp'", name="pulp")
+    assert m.solver_missing(missing) and m.solver_missing(ImportError("pulp blocked by the test"))
+    assert m.solver_missing(SpecError("solver", "HiGHS is not available to pulp"))
+    assert not m.solver_missing(ModuleNotFoundError("No module named 'scipy'", name="scipy"))
+    assert not m.solver_missing(InfeasibleError("gpu memory", "needs 30 GiB"))
+    import specmoe.planner.optimizer as opt
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("a bug in the planner")
+    monkeypatch.setattr(opt, "optimize", broken)
+    with pytest.raises(ZeroDivisionError):
+        m.plan_for(None, None, None, None, print)
+
+
+def test_one_pinned_layer_stands_for_every_layer():
+    from specmoe.runtime.weights.sources import WeightSource
+
+    m = _module()
+    tcfg, _ = m.model_configs(3, smoke=True)
+    src = WeightSource.random(tcfg, seed=0, dtype=torch.bfloat16)
+    rows = m.shared_expert_rows(src, torch.device("cpu"))
+    assert sorted(rows) == [0, 1, 2] and rows[0] is rows[1] is rows[2]
+    assert tuple(rows[0].shape) == (8, 3 * 1792 * 512)
+    assert m.shared_expert_rows(src, torch.device("cpu"), rows) == rows           # kept across runners

@@ -16,6 +16,11 @@ what routing touched and was not streamed yet. Experts streamed but not used by 
 counted (`h2d_unused_experts`), never a correctness matter. Layers in `cpu_expert_layers` never
 stream: their non-resident experts compute on the host weights.
 
+Host memory: every layer's rows not reused from another store live in one allocation of exactly their
+bytes (runtime.host_region: one anonymous mapping, each layer page-aligned), with CUDA page-locked by one
+cudaHostRegister, not torch's pinned allocator, which rounds each layer up to a power of two (+42% for a
+Mixtral-8x7B layer); `host_allocation_bytes()` reads what the allocations hold.
+
 Nothing is held twice. On a CPU device (the CPU standing in for the GPU) the "device" is host memory:
 the cache slots and the streaming buffers are references to the host store's rows (views, no bytes of
 their own), and "streaming" an expert puts a reference in the buffer: the schedule (which experts are
@@ -42,7 +47,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from specmoe.runtime.device import host_empty
+from specmoe.runtime.host_region import host_region
 from specmoe.runtime.weights.sources import WeightSource
 
 
@@ -83,6 +88,31 @@ class CopyLedger:
         return out
 
 
+def fill_layer_rows(src: WeightSource, layer: int, rows: torch.Tensor, progress=None) -> torch.Tensor:
+    """Copy `layer`'s experts from the source into rows [E, P] (each [gate | up | down] flat), expert by
+    expert; the source then releases what it holds of the layer. Returns rows."""
+    F, H = src.config.moe_intermediate, src.config.hidden
+    FH = F * H
+    for e in range(rows.shape[0]):
+        gate, up, down = src.expert(layer, e)
+        rows[e, :FH].copy_(gate.reshape(-1))
+        rows[e, FH:2 * FH].copy_(up.reshape(-1))
+        rows[e, 2 * FH:].copy_(down.reshape(-1))
+        del gate, up, down
+        if progress:
+            progress(1)
+    src.release()
+    return rows
+
+
+def layer_rows(src: WeightSource, layer: int, dtype: torch.dtype, register: bool) -> torch.Tensor:
+    """One layer's host rows [E, P] in an allocation of their own (page-locked when `register`), e.g. one
+    layer's experts to stand for every layer's in a bandwidth benchmark (ExpertStore(host=...))."""
+    c = src.config
+    E, P = c.num_experts, 3 * c.moe_intermediate * c.hidden
+    return fill_layer_rows(src, layer, host_region({0: E * P}, dtype, register)[0].view(E, P))
+
+
 def initial_experts(planned: Iterable[int], slots: int, num_experts: int) -> list[int]:
     """The experts a layer's cache starts with: the planned ones (at most `slots`), then the lowest ids
     not planned, up to `slots`."""
@@ -112,8 +142,8 @@ class ExpertStore:
         if len(cache_slots) != c.num_layers:
             raise ValueError(f"cache_slots has {len(cache_slots)} entries for {c.num_layers} layers")
         self.slots = {l: max(0, min(int(cache_slots[l]), self.E)) for l in c.moe_layers}
-        # ---- host store: every expert, pinned when CUDA ----
-        self.host: dict[int, torch.Tensor] = {l: self._host_layer(src, l, host, progress) for l in c.moe_layers}
+        # ---- host store: every expert, in one allocation page-locked with CUDA ----
+        self.host: dict[int, torch.Tensor] = self._host_store(src, host or {}, progress)
         # ---- device cache: [slots, P] on CUDA; on the CPU a list of views of the host rows ----
         self.cache: dict[int, torch.Tensor | list[torch.Tensor]] = {}
         self.cached: dict[int, list[int]] = {}
@@ -156,27 +186,31 @@ class ExpertStore:
         self.routing_counts = {l: torch.zeros(self.E, dtype=torch.int64) for l in c.moe_layers}
         self.has_statistics = False
 
-    def _host_layer(self, src: WeightSource, l: int, host: dict | None, progress) -> torch.Tensor:
-        """Layer l's host rows [E, P]: reused from `host` when it fits, else read expert by expert from the
-        source into their final place, then the source releases what it holds of the layer."""
-        old = (host or {}).get(l)
-        if old is not None and tuple(old.shape) == (self.E, self.P) and old.dtype == self.dtype and \
-                (old.is_pinned() or not self.cuda):
-            if progress:
-                progress(self.E)
-            return old
-        FH = self.F * self.H
-        h = host_empty((self.E, self.P), self.dtype, pin=self.cuda)  # [E, P]
-        for e in range(self.E):
-            gate, up, down = src.expert(l, e)
-            h[e, :FH].copy_(gate.reshape(-1))
-            h[e, FH:2 * FH].copy_(up.reshape(-1))
-            h[e, 2 * FH:].copy_(down.reshape(-1))
-            del gate, up, down
-            if progress:
-                progress(1)
-        src.release()
-        return h
+    def _reusable(self, old) -> bool:
+        return old is not None and tuple(old.shape) == (self.E, self.P) and old.dtype == self.dtype and \
+            (old.is_pinned() or not self.cuda)
+
+    def _host_store(self, src: WeightSource, host: dict, progress) -> dict[int, torch.Tensor]:
+        """Every MoE layer's host rows [E, P]: reused from `host` where they fit, the others views of one
+        allocation (host_region, registered with the CUDA driver when CUDA) filled layer by layer."""
+        layers = self.config.moe_layers
+        fresh = host_region({l: self.E * self.P for l in layers if not self._reusable(host.get(l))}, self.dtype,
+                            register=self.cuda)
+        out = {}
+        for l in layers:
+            if l in fresh:
+                out[l] = fill_layer_rows(src, l, fresh[l].view(self.E, self.P), progress)
+            else:
+                out[l] = host[l]
+                if progress:
+                    progress(self.E)
+        return out
+
+    def host_allocation_bytes(self) -> int:
+        """Bytes of the allocations that hold the host rows, read from their storages, each counted once
+        (one region for the layers this store filled; rows reused from elsewhere count their own)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.host.values()}
+        return sum(storages.values())
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes the store allocated: host rows, device cache, streaming buffers (views count 0)."""

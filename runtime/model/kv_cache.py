@@ -5,9 +5,16 @@ lifetime. Rows [0, device_rows) live on the device, rows [device_rows, R) in hos
 are host integers; rolling back rejected positions only lowers a length (no copy).
 
 Attention dispatch per part (the code path differs even when the "device" is the CPU):
-  host part      runtime.kernels.verify_attention (any N new tokens per sequence)
+  host part      runtime.kernels.verify_attention_tokens, one call per token count N: it reads q at the
+                 sequences' token rows and writes the output at the same rows, in q's dtype (fp32 or
+                 bf16), in place when q is in host memory (the pinned path: no gather, cast or scatter);
+                 q on a device is staged to the host once per part and the output back once.
   device part    N = 1 and `decode_kernel`: runtime.kernels.moe_ops.draft_decode_attention;
                  otherwise `block_attention_torch` below (plain torch, masked, on the device).
+
+A pass's index tensors (PassLayout.positions / last_token_index, and per cache and model device the
+parts' rows, positions and token indices) reach each device in one copy: pinned and non-blocking on
+CUDA, no copy on the CPU (upload_int64).
 
 Dimensions: T tokens of a pass, B sequences, N new tokens per sequence, Hq/Hkv heads, D head dim,
 R rows, S capacity, L keys.
@@ -23,6 +30,8 @@ import torch
 from specmoe.planner.memory import ATTN_CHUNK_ELEMS, row_positions
 
 from specmoe.runtime.device import host_empty
+
+ROW_DTYPES = (torch.float32, torch.bfloat16)   # q / output dtypes the verify kernel reads and writes
 
 
 def block_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
@@ -66,17 +75,19 @@ class _Group:
     n: int
     local_rows: torch.Tensor   # [Bg] int64 on the part's device
     ctx: torch.Tensor          # [Bg] int64 on the part's device
-    tok_idx: torch.Tensor      # [Bg*N] int64 on the model device (token order b-major)
     max_ctx: int = 0           # max(ctx) as a host int (spares the decode kernel a sync)
-    whole: bool = False        # the group is every token of the pass, in order (tok_idx = 0..T-1: no gather)
+    whole: bool = False        # the group is every token of the pass, in order (no gather, no scatter)
+    tok_idx: torch.Tensor | None = None   # device part, not whole: [Bg*N] its tokens (model device, b-major)
+    first: torch.Tensor | None = None     # host part: [Bg] host, each sequence's first token in the q the kernel
+                                          # reads (the pass's tokens with a host model device, else the part's)
 
 
 @dataclass
 class _PartPlan:
     part: int                  # 0 device, 1 host
-    tok_idx: torch.Tensor      # [Tp] tokens of this part (model device)
     rows: torch.Tensor         # [Tp] local row per token (part device)
     pos: torch.Tensor          # [Tp] position per token (part device)
+    tok_idx: torch.Tensor | None = None   # [Tp] tokens of this part (model device); None when whole
     groups: list[_Group] = field(default_factory=list)
     whole: bool = False        # the part is every token of the pass, in order (tok_idx = 0..T-1: no gather)
 
@@ -96,7 +107,8 @@ class PassLayout:
         assert self.rows.size == self.ctx.size == self.n.size
         self.offsets = np.zeros(self.n.size + 1, dtype=np.int64)   # [B+1]
         np.cumsum(self.n, out=self.offsets[1:])
-        self._plans: dict[int, list[_PartPlan]] = {}
+        self._plans: dict[tuple, list[_PartPlan]] = {}             # (cache id, model device) -> its plan
+        self._indices: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # device -> (positions, last token)
 
     @property
     def num_seqs(self) -> int:
@@ -106,13 +118,21 @@ class PassLayout:
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions [T], last token index [B]) on `device`, both made by one copy, once per device."""
+        key = str(device)
+        if key not in self._indices:
+            pos = np.repeat(self.ctx, self.n) + _within(self.n)
+            self._indices[key] = tuple(upload_int64([pos, self.offsets[1:] - 1], torch.device(device)))
+        return self._indices[key]
+
     def positions(self, device: torch.device) -> torch.Tensor:
         """[T] int64."""
-        return torch.from_numpy(np.repeat(self.ctx, self.n) + _within(self.n)).to(device)
+        return self._on(device)[0]
 
     def last_token_index(self, device: torch.device) -> torch.Tensor:
         """[B] index of each sequence's last token."""
-        return torch.from_numpy(self.offsets[1:] - 1).to(device)
+        return self._on(device)[1]
 
     def split(self, m: int) -> list[tuple["PassLayout", int, int]]:
         """m micro-batches of consecutive sequences: (layout, first token, end token)."""
@@ -132,8 +152,40 @@ def _within(n: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
 
 
-def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """x on ref's device in ref's dtype (x itself when it is already: no copy, no call)."""
+    return x if x.device == ref.device and x.dtype == ref.dtype else x.to(ref.device, ref.dtype)
+
+
+def upload_int64(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """int64 host arrays -> tensors on `device`, views of one tensor made by one copy: from pinned memory
+    and non-blocking on CUDA (no sync); on the CPU the arrays' concatenation, nothing more."""
+    arrays = [np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in arrays]
+    flat = torch.from_numpy(np.concatenate(arrays))                     # [sum of sizes]
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        flat = flat.to(device)
+    return list(torch.split(flat, [a.size for a in arrays]))
+
+
+class _Uploads:
+    """Host int64 arrays bound for devices: add() returns a slot, run() copies each device's arrays in one
+    transfer (upload_int64) and puts each array's tensor in its slot ([0])."""
+
+    def __init__(self):
+        self._todo: dict[str, list[tuple[np.ndarray, list]]] = {}
+
+    def add(self, a: np.ndarray, device: torch.device | str) -> list:
+        slot = [None]
+        self._todo.setdefault(str(device), []).append((a, slot))
+        return slot
+
+    def run(self) -> None:
+        for dev, items in self._todo.items():
+            for (_, slot), t in zip(items, upload_int64([a for a, _ in items], torch.device(dev))):
+                slot[0] = t
+        self._todo.clear()
 
 
 class SplitKVCache:
@@ -190,69 +242,120 @@ class SplitKVCache:
 
     # ---- attention ----
     def _plan(self, layout: PassLayout, model_device: torch.device) -> list[_PartPlan]:
-        key = id(self)
-        if key in layout._plans:
-            return layout._plans[key]
-        plans = []
-        rows = np.asarray(layout.rows, dtype=np.int64)       # [B]
-        ctx = np.asarray(layout.ctx, dtype=np.int64)         # [B]
-        n = np.asarray(layout.n, dtype=np.int64)             # [B]
-        off = np.asarray(layout.offsets[:-1], dtype=np.int64)  # [B] first token of each sequence
+        """The pass's index tensors for this cache, built once per pass and model device (a plan made for
+        one device is never used with tensors of another)."""
+        key = (id(self), str(model_device))
+        if key not in layout._plans:
+            layout._plans[key] = self._build_plan(layout, model_device)
+        return layout._plans[key]
+
+    def _build_plan(self, layout: PassLayout, model_device: torch.device) -> list[_PartPlan]:
+        rows, ctx, n = layout.rows, layout.ctx, layout.n                 # [B] int64 each
+        off = layout.offsets[:-1]                                        # [B] first token of each sequence
         over = np.flatnonzero(ctx + n > self.capacity)
         if over.size:
             b = int(over[0])
-            raise RuntimeError(f"KV row {layout.rows[b]}: {layout.ctx[b]}+{layout.n[b]} positions exceed the "
-                               f"capacity {self.capacity}")
+            raise RuntimeError(f"KV row {rows[b]}: {ctx[b]}+{n[b]} positions exceed the capacity {self.capacity}")
+        up, specs = _Uploads(), []
         on_dev = rows < self.device_rows
         for p in (0, 1):
             dev = self.part_devices[p]
-            seqs = np.flatnonzero(on_dev if p == 0 else ~on_dev)    # [B_p] in pass order
+            seqs = np.flatnonzero(on_dev if p == 0 else ~on_dev)        # [B_p] in pass order
             if not seqs.size:
                 continue
-            lr = rows[seqs] - (0 if p == 0 else self.device_rows)    # [B_p] rows local to the part
-            ns, w = n[seqs], _within(n[seqs])                        # [B_p], [T_p]
-            pp = _PartPlan(p, _tensor(np.repeat(off[seqs], ns) + w, model_device), _tensor(np.repeat(lr, ns), dev),
-                           _tensor(np.repeat(ctx[seqs], ns) + w, dev), whole=seqs.size == rows.size)
-            sizes = np.unique(ns)                                    # ascending token counts
+            whole = seqs.size == rows.size
+            lr = rows[seqs] - (0 if p == 0 else self.device_rows)        # [B_p] rows local to the part
+            ns, w = n[seqs], _within(n[seqs])                            # [B_p], [T_p]
+            first = off[seqs] if model_device.type == "cpu" else np.cumsum(ns) - ns   # [B_p] q rows (host part)
+            sizes = np.unique(ns)                                        # ascending token counts
+            groups = []
             for nv in sizes:
                 sel = ns == nv
-                bs = seqs[sel]                                       # [B_g]
-                idx = (off[bs][:, None] + np.arange(nv)[None, :]).reshape(-1)   # [B_g * nv]
-                pp.groups.append(_Group(int(nv), _tensor(lr[sel], dev), _tensor(ctx[bs], dev),
-                                        _tensor(idx, model_device), int(ctx[bs].max()), pp.whole and sizes.size == 1))
-            plans.append(pp)
-        layout._plans[key] = plans
-        return plans
+                bs = seqs[sel]                                           # [B_g]
+                g = dict(n=int(nv), local_rows=up.add(lr[sel], dev), ctx=up.add(ctx[bs], dev),
+                         max_ctx=int(ctx[bs].max()), whole=whole and sizes.size == 1)
+                if p == 1:
+                    g["first"] = up.add(first[sel], "cpu")
+                elif not g["whole"]:
+                    g["tok_idx"] = up.add((off[bs][:, None] + np.arange(nv)[None, :]).reshape(-1), model_device)
+                groups.append(g)
+            specs.append(dict(part=p, whole=whole, rows=up.add(np.repeat(lr, ns), dev), groups=groups,
+                              pos=up.add(np.repeat(ctx[seqs], ns) + w, dev),
+                              tok_idx=None if whole else up.add(np.repeat(off[seqs], ns) + w, model_device)))
+        up.run()
+        t = lambda x: x[0] if isinstance(x, list) else x  # noqa: E731  a slot -> its tensor
+        return [_PartPlan(**{k: t(v) for k, v in sp.items() if k != "groups"},
+                          groups=[_Group(**{k: t(v) for k, v in g.items()}) for g in sp["groups"]]) for sp in specs]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PassLayout) -> torch.Tensor:
-        """Write the pass's new k, v [T, Hkv, D] at their positions, attend q [T, Hq, D] -> [T, Hq, D] (q's dtype)."""
-        from specmoe.runtime.kernels.speculative_ops import draft_decode_attention
-        from specmoe.runtime.kernels.verify_attention import verify_attention
-
-        T, Hq, D = q.shape
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PassLayout,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Write the pass's new k, v [T, Hkv, D] at their positions, attend q [T, Hq, D] -> [T, Hq, D] (q's
+        dtype, on q's device). out: where to write it (e.g. a pinned buffer of the caller's); else one is made
+        unless a whole-pass result can be returned as it is."""
         plans = self._plan(layout, q.device)
-        whole = len(plans) == 1 and len(plans[0].groups) == 1 and plans[0].groups[0].whole
-        # one part with one group of every token in order (the common decode pass): no gathers, no scatter
-        out = None if whole else torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)  # [T, Hq, D]
         for pp in plans:
             kc, vc = self.k[pp.part][layer], self.v[pp.part][layer]
-            dev = kc.device
-            kc[pp.rows, :, pp.pos] = (k if pp.whole else k.index_select(0, pp.tok_idx)).to(dev, kc.dtype)
-            vc[pp.rows, :, pp.pos] = (v if pp.whole else v.index_select(0, pp.tok_idx)).to(dev, vc.dtype)
-            for g in pp.groups:
-                Bg = g.local_rows.shape[0]
-                qg = q.contiguous() if g.whole else q.index_select(0, g.tok_idx)  # [Bg*N, Hq, D]
-                if pp.part == 1:   # host memory: the CPU verify kernel
-                    o = verify_attention(qg.to("cpu", torch.float32).view(Bg, g.n, Hq, D).contiguous(), kc, vc,
-                                         g.local_rows, g.ctx, scale=self.scale, num_threads=torch.get_num_threads())
-                elif g.n == 1 and self.decode_kernel:
-                    o = draft_decode_attention(qg.view(Bg, Hq, D), kc, vc, g.local_rows, g.ctx + 1, scale=self.scale,
-                                               max_len=g.max_ctx + 1 if dev.type == "cuda" else None)
-                else:
-                    o = block_attention_torch(qg.view(Bg, g.n, Hq, D), kc, vc, g.local_rows, g.ctx, self.scale,
-                                              max_ctx=g.max_ctx)
-                o = o.reshape(Bg * g.n, Hq, D).to(q.device, q.dtype)
-                if whole:
-                    return o
+            kc[pp.rows, :, pp.pos] = _like(k if pp.whole else k.index_select(0, pp.tok_idx), kc)
+            vc[pp.rows, :, pp.pos] = _like(v if pp.whole else v.index_select(0, pp.tok_idx), vc)
+        for pp in plans:
+            out = (self._attend_host if pp.part == 1 else self._attend_device)(layer, q, pp, out)
+        return out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    def _attend_device(self, layer: int, q: torch.Tensor, pp: _PartPlan, out: torch.Tensor | None) -> torch.Tensor:
+        """Device rows: per group the decode kernel or block_attention_torch; -> out (None only for a whole
+        part: then the group's result itself when it is the only one)."""
+        from specmoe.runtime.kernels.speculative_ops import draft_decode_attention
+
+        T, Hq, D = q.shape
+        kc, vc = self.k[0][layer], self.v[0][layer]
+        for g in pp.groups:
+            Bg = g.local_rows.shape[0]
+            qg = q.contiguous() if g.whole else q.index_select(0, g.tok_idx)  # [Bg*N, Hq, D]
+            if g.n == 1 and self.decode_kernel:
+                o = draft_decode_attention(qg.view(Bg, Hq, D), kc, vc, g.local_rows, g.ctx + 1, scale=self.scale,
+                                           max_len=g.max_ctx + 1 if kc.device.type == "cuda" else None)
+            else:
+                o = block_attention_torch(qg.view(Bg, g.n, Hq, D), kc, vc, g.local_rows, g.ctx, self.scale,
+                                          max_ctx=g.max_ctx)
+            o = _like(o.reshape(Bg * g.n, Hq, D), q)
+            if g.whole and out is None:
+                return o
+            if out is None:
+                out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+            if g.whole:
+                out.copy_(o)
+            else:
                 out.index_copy_(0, g.tok_idx, o)
+        return out
+
+    def _attend_host(self, layer: int, q: torch.Tensor, pp: _PartPlan, out: torch.Tensor | None) -> torch.Tensor:
+        """Host rows: the verify kernel per group. q in host memory (fp32/bf16): read in place and written
+        in place into out; q on a device: the part's tokens staged to the host once, the output back once."""
+        from specmoe.runtime.kernels.verify_attention import verify_attention_tokens
+
+        kc, vc = self.k[1][layer], self.v[1][layer]
+        in_place = q.device.type == "cpu" and q.dtype in ROW_DTYPES
+        if in_place:
+            qh = q
+            oh = out if out is not None else torch.empty(q.shape, dtype=q.dtype)   # [T, Hq, D]
+        else:   # [T_p, Hq, D] the part's tokens (the pass's when q is on the host: `first` counts those)
+            dt = q.dtype if q.dtype in ROW_DTYPES else torch.float32
+            qh = (q if pp.whole or q.device.type == "cpu" else q.index_select(0, pp.tok_idx)).to("cpu", dt)
+            oh = torch.empty(qh.shape, dtype=dt, pin_memory=q.device.type == "cuda")
+        for g in pp.groups:
+            verify_attention_tokens(qh, kc, vc, g.local_rows, g.ctx, g.first, g.n, oh, scale=self.scale,
+                                    num_threads=torch.get_num_threads())
+        if in_place:
+            return oh
+        if q.device.type == "cpu" and not pp.whole:     # a dtype the kernel lacks: oh holds the pass's rows
+            oh = oh.index_select(0, pp.tok_idx)
+        o = oh.to(q.device, q.dtype, non_blocking=q.device.type == "cuda")   # [T_p, Hq, D]
+        if out is None and pp.whole:
+            return o
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if pp.whole:
+            out.copy_(o)
+        else:
+            out.index_copy_(0, pp.tok_idx, o)
         return out
