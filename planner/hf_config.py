@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from specmoe.planner.eagle import eagle_fields, has_fc_weights, layer_config, marked_eagle
 from specmoe.planner.errors import SpecError
 from specmoe.planner.paths import is_dir, is_file
 
@@ -26,6 +27,7 @@ MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "de
                 "phimoe", "gpt_oss", "dbrx")
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "gemma", "gemma2")
 DEFAULT_WEIGHT_DTYPE = "bfloat16"
+EAGLE_MAX_LAYERS = 2           # a plain Llama config this small is checked for an EAGLE head's fc weights
 
 # transformers' config-class defaults for keys a config.json may leave out
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
@@ -109,10 +111,27 @@ def _mapping(cfg: dict, key: str, where: str) -> dict:
     return v
 
 
-def parse_hf_config(cfg: dict, name: str) -> dict[str, Any]:
-    """ModelSpec's fields (without name and source) from a config.json object."""
+def parse_hf_config(cfg: dict, name: str, directory: str | Path | None = None) -> dict[str, Any]:
+    """ModelSpec's fields (without name and source) from a config.json object. directory: the checkpoint
+    directory, where an EAGLE head written as a plain Llama config is told by its weights' names
+    (planner/eagle.py)."""
     if not isinstance(cfg, dict):
         raise SpecError(f"{name}: config.json", "top level is not a JSON object", "fix the file")
+    eagle = marked_eagle(cfg, name)
+    cfg = layer_config(cfg, name)
+    out = _parse_model(cfg, name)
+    if not eagle and out["family"] in DENSE_FAMILIES and out["num_layers"] <= EAGLE_MAX_LAYERS:
+        eagle = has_fc_weights(directory)
+    if eagle:
+        if out["family"] not in DENSE_FAMILIES:
+            raise SpecError(f"{name}.model_type", f"an EAGLE head's layer must be dense, got {out['family']!r}",
+                            "give the head's Llama config")
+        out["tie_word_embeddings"] = False      # its logits come from the target's LM head: V x h per token
+    out["eagle"] = eagle_fields(cfg, eagle, directory)
+    return out
+
+
+def _parse_model(cfg: dict, name: str) -> dict[str, Any]:
     mt = cfg.get("model_type")
     supported = ", ".join(MOE_FAMILIES + DENSE_FAMILIES)
     if not isinstance(mt, str):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from specmoe.planner.eagle import check_head_matches
 from specmoe.planner.errors import InfeasibleError, SpecError
 from specmoe.planner.hardware_spec import HardwareSpec
 from specmoe.planner.model_spec import ModelSpec
@@ -167,8 +168,11 @@ def draft_kv_bytes_per_sequence(draft: ModelSpec | None, workload: Workload, dra
 
 
 def shares_target_embeddings(model: ModelSpec, draft: ModelSpec | None) -> bool:
-    """Whether `draft` is an EAGLE-style head over `model`: one dense decoder layer of the target's width
-    and vocabulary, which embeds tokens and projects to the vocabulary with the target's own weights."""
+    """Whether `draft` is an EAGLE-style head over `model`, which embeds tokens and projects to the vocabulary
+    with the target's own weights: an EAGLE head (planner/eagle.py), or one dense decoder layer of the
+    target's width and vocabulary (the `*-eagle` presets)."""
+    if draft is not None and draft.eagle:
+        return True
     return (draft is not None and not draft.is_moe and draft.num_layers == 1 and draft.hidden == model.hidden
             and draft.vocab_size == model.vocab_size)
 
@@ -405,7 +409,10 @@ def default_placement(model: ModelSpec, hw: HardwareSpec, workload: Workload, ba
 
 def check_context(model: ModelSpec, workload: Workload, draft: ModelSpec | None = None) -> None:
     """Refuse a workload whose sequences outgrow a model's positions (prompt + output beyond
-    max_position_embeddings): its outputs past that point would be silently wrong."""
+    max_position_embeddings): its outputs past that point would be silently wrong; and an EAGLE head that
+    does not fit the target (planner/eagle.py)."""
+    if draft is not None:
+        check_head_matches(model, draft)
     n = workload.prompt_len + workload.gen_len
     for m in (model, draft):
         if m is not None and n > m.max_position_embeddings:

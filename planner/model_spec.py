@@ -68,6 +68,9 @@ class ModelSpec:
     sliding_window: int | None = None              # None: full attention
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # an EAGLE draft head (planner/eagle.py): {"fc_bias", "base_model"}; {} for a model. A head's fc layer
+    # (2h -> h) is counted with its weights; its embedding and LM head are the target's
+    eagle: dict = field(default_factory=dict)
 
     # ---- derived sizes (elements) ----
     @property
@@ -109,6 +112,13 @@ class ModelSpec:
         return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden
 
     @property
+    def fusion_elems(self) -> int:
+        """An EAGLE head's fc layer over [embedding; target hidden state]: 2h x h (+ h of bias); 0 otherwise."""
+        if not self.eagle:
+            return 0
+        return 2 * self.hidden * self.hidden + (self.hidden if self.eagle.get("fc_bias") else 0)
+
+    @property
     def norm_elems(self) -> int:
         return (2 * self.num_layers + 1) * self.hidden
 
@@ -126,9 +136,12 @@ class ModelSpec:
         """All weights except routed experts: they stay on the GPU."""
         n_moe = len(set(self.moe_layers))       # per layer as non_expert_layer_elems, counted in O(L)
         per_layer = self.attn_elems + 2 * self.hidden
-        return (self.num_layers * per_layer + n_moe * (self.router_elems + self.shared_expert_elems)
-                + (self.num_layers - n_moe) * self.dense_ffn_elems
-                + self.embed_elems + self.lm_head_elems + self.hidden)
+        n = (self.num_layers * per_layer + n_moe * (self.router_elems + self.shared_expert_elems)
+             + (self.num_layers - n_moe) * self.dense_ffn_elems
+             + self.embed_elems + self.lm_head_elems + self.hidden + self.fusion_elems)
+        # an EAGLE-1 head has no input norm on its first layer and no final norm (the target's LM head
+        # reads its output as it is)
+        return n - 2 * self.hidden if self.eagle else n
 
     @property
     def routed_expert_elems_total(self) -> int:
@@ -173,15 +186,18 @@ class ModelSpec:
 
     # ---- construction ----
     @classmethod
-    def from_hf_config(cls, path_or_dict: str | Path | dict, name: str | None = None) -> "ModelSpec":
-        """Read a HF config.json (a path to the file or its directory, or the dict itself)."""
+    def from_hf_config(cls, path_or_dict: str | Path | dict, name: str | None = None,
+                       directory: str | Path | None = None) -> "ModelSpec":
+        """Read a HF config.json (a path to the file or its directory, or the dict itself; directory: the
+        checkpoint directory of a dict, where an EAGLE head's weights name it one, planner/eagle.py)."""
         if isinstance(path_or_dict, dict):
             cfg, src = path_or_dict, name or "dict"
         else:
             cfg, p = read_config_file(path_or_dict)
             src = str(p)
             name = name or (p.parent.name if p.name == "config.json" else p.stem)
-        return cls(name=name or "model", source=src, **parse_hf_config(cfg, name or "model"))
+            directory = p.parent
+        return cls(name=name or "model", source=src, **parse_hf_config(cfg, name or "model", directory))
 
     @classmethod
     def preset(cls, name: str) -> "ModelSpec":

@@ -6,15 +6,17 @@
 1. calibrate this machine (runtime.calibrate, cached by machine fingerprint: the full measurement,
    about 30 s on 2 cores the first time; --quick accepts a cached quick one or measures one) ->
    hardware.yaml
-2. profile acc(k) of the pair with the engine's greedy loop (runtime.acceptance_profile), cached in
-   the out directory under a key of the models' content, the prompts and the settings
-3. plan with planner.optimize on the calibrated spec: prompt length from the prompts, gen = the new
-   tokens, batch = the planner's choice capped by the number of prompts (or --batch), acceptance =
-   the profile, and the job's size (num_prompts: the batch drains at the end of a finite job,
-   planner/batch_drain.py) -> plan.json. When the planner's best has k = 0 (speculation does not pay by the
+2. profile acc(k) of each bundled draft (the draft model models/tiny-draft and the EAGLE head
+   models/tiny-eagle) with the engine's greedy loop (runtime.acceptance_profile), cached in the out
+   directory under a key of the models' content, the prompts and the settings
+3. plan with planner.optimize on the calibrated spec, for each draft: prompt length from the prompts, gen =
+   the new tokens, batch = the planner's choice capped by the number of prompts (or --batch), acceptance =
+   the draft's profile, and the job's size (num_prompts: the batch drains at the end of a finite job,
+   planner/batch_drain.py). When the planner's best has k = 0 (speculation does not pay by the
    model), the best plan with k >= 1 is run instead, so that speculation is measured; both
-   predictions are printed. Without a GPU, CPU-computed experts are not offered to the planner:
-   the "GPU" is the same cores, so they would only be the same work under another name.
+   predictions are printed. The draft whose plan the planner predicts faster for the job is the one run,
+   and a line says which (runtime/demo_draft.py) -> plan.json. Without a GPU, CPU-computed experts are not
+   offered to the planner: the "GPU" is the same cores, so they would only be the same work under another name.
 4. run the prompts with speculation (the plan's k) and with k = 0 (same plan, draft_len = 0), five
    times each, interleaved spec, k=0, k=0, spec, ... (drift over the runs cancels out of the
    speedup) -> run.json and run_k0.json (each mode's fastest run by mean iteration time: the
@@ -47,9 +49,10 @@ from specmoe.planner.atomic_file import atomic_write_text
 from specmoe.planner.errors import SpecError
 from specmoe.planner.workload import MAX_DRAFT_LEN
 
+from specmoe.runtime.demo_draft import DRAFT_DIR, choose_draft
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET_DIR = REPO / "models" / "tiny-moe"
-DRAFT_DIR = REPO / "models" / "tiny-draft"
 PROMPTS = REPO / "models" / "prompts.jsonl"
 STEPS = 5
 REPEATS = 5          # runs per mode
@@ -120,6 +123,7 @@ class DemoJob:
     quick: bool
     log: Callable[[str], None]
     times: dict[str, float] = field(default_factory=dict)
+    draft_dir: Path = DRAFT_DIR   # the draft the job runs with (runtime/demo_draft.py chooses it)
 
     @property
     def max_k(self) -> int:
@@ -148,8 +152,9 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
     spec, info, spec_path = calibrate_machine(job, progress)
     dev = pick_device(None)
     dtype = "float32" if dev.type == "cpu" else "bfloat16"      # the CPU computes the bf16 pair in fp32
-    profile, acc_path = profile_pair(job, dev, dtype)
-    plan, plan_path, k0_pred, planner_k = plan_demo(job, spec, profile, batch, dev, dtype)
+    choice = choose_draft(job, spec, batch, dev, dtype, profile_pair, plan_demo)
+    acc_path, plan, plan_path, k0_pred, planner_k = (choice.acc_path, choice.plan, choice.plan_path, choice.k0_pred,
+                                                    choice.planner_k)
     runs, differing = run_both_modes(job, plan, spec, dev, dtype)
     return report_demo(job, plan, plan_path, runs, k0_pred, differing, info, spec_path, acc_path, planner_k)
 
@@ -199,46 +204,50 @@ def calibrate_machine(job: DemoJob, progress: bool):
     return spec, info, spec_path
 
 
-def profile_pair(job: DemoJob, dev, dtype: str):
-    """Step 2: acc(k) of the bundled pair, cached in the out directory under a key of the models' content,
-    the prompts and the settings -> (AcceptanceProfile, the CSV's path)."""
+def profile_pair(job: DemoJob, dev, dtype: str, draft_dir: Path | None = None):
+    """Step 2: acc(k) of the target and a bundled draft (default: the job's), cached in the out directory under
+    a key of the models' content, the prompts and the settings -> (AcceptanceProfile, the CSV's path)."""
     from specmoe.planner.workload import AcceptanceProfile
     from specmoe.runtime.calibrate.acceptance import profile_acceptance
 
     log, max_k = job.log, job.max_k
     prof_prompts = job.prompts if job.quick else job.all_prompts
-    key = content_hash(TARGET_DIR, DRAFT_DIR, extra={"prompts": prof_prompts, "max_k": max_k, "format": 2,
+    draft_dir = job.draft_dir if draft_dir is None else Path(draft_dir)
+    key = content_hash(TARGET_DIR, draft_dir, extra={"prompts": prof_prompts, "max_k": max_k, "format": 2,
                                                      "new": job.max_new_tokens, "dtype": dtype, "device": dev.type})
-    acc_path = job.out / f"acceptance-{key[:16]}.csv"
+    tag = "" if draft_dir == DRAFT_DIR else f"{draft_dir.name}-"
+    acc_path = job.out / f"{tag}acceptance-{key[:16]}.csv"
     t0 = time.perf_counter()
     profile = None
     if acc_path.is_file():
         try:
             profile = AcceptanceProfile.from_csv(acc_path)
-            log(f"demo [2/{STEPS}] acceptance of the pair: cached {acc_path.name} (same models, prompts and settings)")
+            log(f"demo [2/{STEPS}] acceptance of {draft_dir.name}: cached {acc_path.name} (same models, prompts and "
+                "settings)")
         except SpecError:
             profile = None
     if profile is None:
-        log(f"demo [2/{STEPS}] profiling acceptance of the pair: k = 1..{max_k}, {len(prof_prompts)} prompts, "
+        log(f"demo [2/{STEPS}] profiling acceptance of {draft_dir.name}: k = 1..{max_k}, {len(prof_prompts)} prompts, "
             f"{job.max_new_tokens} new tokens, greedy ...")
-        res = profile_acceptance(TARGET_DIR, DRAFT_DIR, prof_prompts, max_k=max_k, max_new_tokens=job.max_new_tokens,
+        res = profile_acceptance(TARGET_DIR, draft_dir, prof_prompts, max_k=max_k, max_new_tokens=job.max_new_tokens,
                                  dtype=dtype,
                                  progress=lambda k, row: log(f"demo [2/{STEPS}]   k={k}: acc {row['raw']:.3f}"))
         res.write_csv(acc_path)
         profile = AcceptanceProfile.from_csv(acc_path)
         log(f"demo [2/{STEPS}] acc(k) = " + ", ".join(f"{a:.2f}" for a in profile.table[1:])
             + f" ({res.elapsed_s:.0f} s) -> {acc_path.name}")
-    job.times["acceptance"] = time.perf_counter() - t0
+    job.times["acceptance"] = job.times.get("acceptance", 0.0) + time.perf_counter() - t0     # over the drafts
     return profile, acc_path
 
 
-def plan_demo(job: DemoJob, spec, profile, batch: int | None, dev, dtype: str):
-    """Step 3: planner.optimize on the calibrated spec, the batch capped by the number of prompts; when its
-    best has k = 0, its best speculative plan -> (plan, plan.json's path, predicted k = 0 tokens/s or None,
-    the planner's own best k)."""
+def plan_demo(job: DemoJob, spec, profile, batch: int | None, dev, dtype: str, draft_dir: Path | None = None):
+    """Step 3: planner.optimize on the calibrated spec with a bundled draft (default: the job's), the batch
+    capped by the number of prompts; when its best has k = 0, its best speculative plan -> (plan, plan.json's
+    path, predicted k = 0 tokens/s or None, the planner's own best k)."""
     log, prompts = job.log, job.prompts
     t0 = time.perf_counter()
-    plan_for = _planner(job, spec, profile, dev, dtype)
+    draft_dir = job.draft_dir if draft_dir is None else Path(draft_dir)
+    plan_for = _planner(job, spec, profile, dev, dtype, draft_dir)
     ks = range(0, job.max_k + 1)
     plan = plan_for(batch, ks)
     if batch is None and plan.batch > len(prompts):
@@ -253,14 +262,15 @@ def plan_demo(job: DemoJob, spec, profile, batch: int | None, dev, dtype: str):
         plan, k0_pred = _best_speculative(job, plan, plan_for, batch)
     plan_path = job.out / "plan.json"
     plan.to_json(plan_path)
-    job.times["plan"] = time.perf_counter() - t0
-    log(f"demo [3/{STEPS}] plan: batch {plan.batch}, micro-batches {plan.micro_batches}, k {plan.draft_len}; predicted "
+    job.times["plan"] = job.times.get("plan", 0.0) + time.perf_counter() - t0
+    log(f"demo [3/{STEPS}] plan with {draft_dir.name}: batch {plan.batch}, micro-batches {plan.micro_batches}, k "
+        f"{plan.draft_len}; predicted "
         f"iteration {plan.predicted.iteration_time_s * 1e3:.1f} ms, {plan.predicted.decode_tokens_per_s:.0f} tok/s "
         f"({plan.predicted.source} rates) -> {plan_path}")
     return plan, plan_path, k0_pred, planner_k
 
 
-def _planner(job: DemoJob, spec, profile, dev, dtype: str) -> Callable:
+def _planner(job: DemoJob, spec, profile, dev, dtype: str, draft_dir: Path) -> Callable:
     """plan_for(batch, draft lengths) -> Plan: the demo's workload (prompt length = the prompts' mean tokens,
     gen = the new tokens, the job's size) planned on spec. Without a GPU, CPU-computed experts are not
     offered: the "GPU" is the same cores."""
@@ -274,7 +284,8 @@ def _planner(job: DemoJob, spec, profile, dev, dtype: str) -> Callable:
     lens = [len(tok.encode(p)) for p in prompts]
     prompt_len = max(1, math.ceil(sum(lens) / len(lens)))
     wdt = "fp32" if dtype == "float32" else "bf16"
-    tspec, dspec = ModelSpec.from_hf_config(TARGET_DIR, name="tiny-moe"), ModelSpec.from_hf_config(DRAFT_DIR, name="tiny-draft")
+    tspec = ModelSpec.from_hf_config(TARGET_DIR, name="tiny-moe")
+    dspec = ModelSpec.from_hf_config(draft_dir, name=draft_dir.name)
     job.log(f"demo [3/{STEPS}] planning (planner.optimize): prompt {prompt_len} tokens (mean of {len(prompts)}), "
             f"{job.max_new_tokens} new, k in 0..{job.max_k}, on {spec.name} ...")
     cpu_experts = "auto" if dev.type == "cuda" else "off"
@@ -310,7 +321,7 @@ def run_both_modes(job: DemoJob, plan, spec, dev, dtype: str):
 
     t0 = time.perf_counter()
     job.log(f"demo [4/{STEPS}] loading the engine ({dev.type}, {dtype}) and warming up ...")
-    eng = Engine(plan, TARGET_DIR, DRAFT_DIR, dtype=dtype)
+    eng = Engine(plan, TARGET_DIR, job.draft_dir, dtype=dtype)
     eng.generate(job.prompts[:2], max_new_tokens=4, draft_len=plan.draft_len)     # one-time costs out of the timing
     runs, outs_by_run = _interleaved_runs(job, eng, plan, spec)
     _keep_fastest_runs(job, runs, outs_by_run)
@@ -426,6 +437,7 @@ def _write_summary(job: DemoJob, plan, runs: dict[str, list], cmp, head, differi
                "predicted_iteration_s": plan.predicted.iteration_time_s,
                "iteration_error_pct": cmp.iteration_error_pct, "draft_len": plan.draft_len, "batch": plan.batch,
                "micro_batches": plan.micro_batches, "differing_sequences": differing, "threads": torch.get_num_threads(),
+               "draft": job.draft_dir.name,
                "calibration": {"mode": info["mode"], "cache_hit": info["cache_hit"]}, "timings_s": job.times}
     atomic_write_text(job.out / "demo.json", json.dumps(summary, indent=1))
 

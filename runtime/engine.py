@@ -33,6 +33,7 @@ from specmoe.runtime.calibration_match import calibration_mismatches
 from specmoe.runtime.weights.checkpoint import DTYPES, load_tokenizer
 from specmoe.runtime.device import pick_device
 from specmoe.runtime.model.draft import DraftModel
+from specmoe.runtime.model.eagle import EagleHead
 from specmoe.runtime.engine_plan import plan_for_checkpoint
 from specmoe.runtime.model.expert_store import ExpertStore
 from specmoe.runtime.k_policy import CallableK, ConstantK, DynamicK, IterationInfo
@@ -43,6 +44,7 @@ from specmoe.runtime.run_record import StageTimer
 from specmoe.runtime.run_state import RunState, build_record
 from specmoe.runtime.speculative import Sequence, SpeculativeDecoder
 from specmoe.runtime.model.target import HOST_IO, TargetModel, stream_mode
+from specmoe.runtime.weights.eagle import check_head_for_target, draft_source
 from specmoe.runtime.weights.sources import WeightSource, as_weight_source
 
 __all__ = ["Engine", "GenerateResult", "SequenceOutput", "plan_for_checkpoint"]
@@ -101,6 +103,9 @@ class Engine:
         tcfg = _config_of(target_dir)
         dcfg = _config_of(draft_dir) if draft_dir is not None else None
         self._check_plan(tcfg, dcfg)
+        if dcfg is not None and dcfg.eagle:        # a head's width, vocabulary and base are the target's
+            check_head_for_target(tcfg, dcfg, draft_dir if isinstance(draft_dir, (str, Path)) else None,
+                                  Path(target_dir).name if isinstance(target_dir, (str, Path)) else "target")
         _check_options(host_io, prefetch_next_layer, acceptance_oracle)
         self.dtype = _resolve_dtype(dtype, self.plan, self.device)
         self.kv_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
@@ -131,7 +136,7 @@ class Engine:
 
     def _load(self, target_dir, draft_dir, progress, expert_host) -> None:
         tsrc = as_weight_source(target_dir)
-        dsrc = as_weight_source(draft_dir) if draft_dir is not None else None
+        dsrc = draft_source(draft_dir) if draft_dir is not None else None
         self.target_source, self.draft_source = tsrc, dsrc
         self.tcfg, self.dcfg = tsrc.config, (dsrc.config if dsrc else None)
         pl = self.plan.placement
@@ -139,7 +144,10 @@ class Engine:
                                  pl.streaming_buffers, progress, host=expert_host,
                                  cached_experts=pl.cached_experts) if self.tcfg.is_moe else None
         self.target = TargetModel(tsrc, self.store, self.device, self.dtype)
-        self.draft = DraftModel(dsrc, self.device, self.dtype) if dsrc is not None else None
+        self.draft = None
+        if dsrc is not None:     # an EAGLE head embeds and projects with the target's own tensors
+            self.draft = EagleHead(dsrc, self.target.embed, self.target.lm_head_w, self.device, self.dtype) \
+                if dsrc.config.eagle else DraftModel(dsrc, self.device, self.dtype)
         self.tokenizer = load_tokenizer(tsrc.path) if tsrc.path is not None else None
         self.eos_ids = tuple(self.tcfg.eos_token_ids)
 

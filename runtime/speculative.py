@@ -12,6 +12,9 @@ accepted, more after iterations run with k = 0). One iteration:
      target) or rejection_sample_accept (the output is distributed as the target's tempered
      distribution); lengths roll back: target to ctx + 1 + a, draft to its valid prefix.
 A seeded Bernoulli oracle may replace real acceptance (benchmarks at a given acceptance rate).
+An EAGLE head (runtime/model/eagle.py) drafts from the target's hidden states: the target keeps them
+(TargetModel.forward(keep_hidden=True)) and runtime/eagle_draft.py holds each sequence's pending ones;
+its draft_pending is the a + 1 tokens after every pair it has read (its drafts' KV is always rolled back).
 
 Dimensions: B sequences, k draft tokens, V vocabulary.
 """
@@ -24,8 +27,11 @@ import torch
 
 from specmoe.planner.memory import PREFILL_CHUNK_TOKENS
 from specmoe.planner.stages import Stage
+from specmoe.planner.workload import MAX_DRAFT_LEN
 
+from specmoe.runtime.eagle_draft import EagleDrafter
 from specmoe.runtime.model.draft import DraftModel
+from specmoe.runtime.model.eagle import EagleHead
 from specmoe.runtime.model.kv_cache import PassLayout, SplitKVCache
 from specmoe.runtime.run_record import StageTimer
 from specmoe.runtime.model.target import TargetModel
@@ -70,7 +76,7 @@ def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 class SpeculativeDecoder:
-    def __init__(self, target: TargetModel, draft: DraftModel | None, target_kv: SplitKVCache,
+    def __init__(self, target: TargetModel, draft: DraftModel | EagleHead | None, target_kv: SplitKVCache,
                  draft_kv: SplitKVCache | None, timer: StageTimer, micro_batches: int, eos_ids: tuple[int, ...],
                  temperature: float = 0.0, seed: int = 0, flip_gap: float = 1e-4, oracle_alpha: float | None = None,
                  prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, prefetch: bool | str = False):
@@ -86,6 +92,9 @@ class SpeculativeDecoder:
         self.oracle_alpha = oracle_alpha
         self.V = target.config.vocab_size
         self.flips = 0
+        # an EAGLE head's pending target features, one slot per draft position and the next token
+        self.eagle = EagleDrafter(draft, target_kv.rows, self.device, slots=MAX_DRAFT_LEN + 1) \
+            if isinstance(draft, EagleHead) else None
 
     # ---- token choice ----
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -141,7 +150,7 @@ class SpeculativeDecoder:
             self.tkv.set_len(s.row, 0)
         with self.timer.in_phase("prefill"):
             logits = self.target.forward(tokens, layout, self.tkv, self.timer, self.m, logits="last", record_routing=True,
-                                         prefetch=self.prefetch)
+                                         prefetch=self.prefetch, keep_hidden=self.eagle is not None)
             self.tkv.commit(layout)
             first, _ = self._choose(logits)
             if self.temperature <= 0 and logits.shape[-1] > 1:   # the first token is a greedy step too
@@ -150,8 +159,11 @@ class SpeculativeDecoder:
             if self.draft is not None:
                 for s in seqs:
                     self.dkv.set_len(s.row, 0)
-                self.draft.forward(tokens, layout, self.dkv, logits="none")
-                self.dkv.commit(layout)
+                if self.eagle is not None:
+                    self.eagle.prefill(layout.rows, layout.n, tokens, self.target.last_hidden, self.dkv)
+                else:
+                    self.draft.forward(tokens, layout, self.dkv, logits="none")
+                    self.dkv.commit(layout)
         for s, t in zip(seqs, first.tolist()):
             s.target_len = len(s.prompt)
             s.draft_pending = []
@@ -167,9 +179,13 @@ class SpeculativeDecoder:
         layout = PassLayout(rows, dkv.lens[rows], [len(s.draft_pending) for s in seqs])
         tokens = torch.tensor([t for s in seqs for t in s.draft_pending], dtype=torch.int64, device=dev)
         ones = np.ones(rows.size, dtype=np.int64)
+        feats = self.eagle.pending(rows, layout.n) if self.eagle is not None else None    # [sum n, H]
         toks, probs = [], []
         for j in range(k):
-            logits = self.draft.forward(tokens, layout, dkv, logits="last")  # [b, V']
+            if feats is None:
+                logits = self.draft.forward(tokens, layout, dkv, logits="last")  # [b, V']
+            else:      # the next step reads the head's own output beside its proposal
+                logits, feats = self.draft.forward(tokens, feats, layout, dkv)  # [b, V], [b, H]
             dkv.commit(layout)
             if logits.shape[-1] > self.V:   # a larger draft vocabulary: never propose a token the target lacks
                 logits = logits[:, :self.V]
@@ -209,10 +225,11 @@ class SpeculativeDecoder:
         timer, dev, B = self.timer, self.device, len(active)
         use_draft = k > 0 and self.draft is not None
         k = k if use_draft else 0
+        eagle = self.eagle
         rows = np.fromiter((s.row for s in active), np.int64, B)                    # [B]
         drafts, qprobs = torch.zeros(B, 0, dtype=torch.int64, device=dev), None     # [B, k]
+        pend = np.fromiter((len(s.draft_pending) for s in active), np.int64, B)      # [B]
         if use_draft:
-            pend = np.fromiter((len(s.draft_pending) for s in active), np.int64, B)  # [B]
             old_draft_len = self.dkv.lens[rows].copy()                               # [B]
             drafts, qprobs = self._draft(active, rows, k)
         # verify: [last, d1..dk] per sequence in one pass
@@ -221,7 +238,7 @@ class SpeculativeDecoder:
         last = torch.tensor([s.last for s in active], dtype=torch.int64, device=dev)
         tokens = torch.cat([last[:, None], drafts], 1).reshape(-1)  # [B*(k+1)]
         logits = self.target.forward(tokens, layout, self.tkv, timer, self.m, logits="all",
-                                     prefetch=self.prefetch).view(B, k + 1, -1)
+                                     prefetch=self.prefetch, keep_hidden=eagle is not None).view(B, k + 1, -1)
         with timer.stage(Stage.VERIFY_ACCEPT):
             acc, nxt = self._accept(drafts, logits, qprobs)
             # one transfer: [acc, nxt, d1..dk, near-tie flags of the k+1 positions]  [B, 2k+3]
@@ -239,8 +256,14 @@ class SpeculativeDecoder:
             cand[np.arange(B), a] = nx
             n_emit, reason = self._emission(active, cand, a)
             self.tkv.set_lens(rows, target_len + 1 + a)
-            if use_draft:
-                self.dkv.set_lens(rows, old_draft_len + pend + np.minimum(a, k - 1))
+            if use_draft:        # an EAGLE head keeps only the pairs with the target's features
+                self.dkv.set_lens(rows, old_draft_len + pend + (0 if eagle is not None else np.minimum(a, k - 1)))
+            if eagle is not None:    # the target's features of [last, d1..dk] pend for the head's next steps
+                hidden = self.target.last_hidden.view(B, k + 1, -1)                  # [B, k+1, H]
+                if use_draft:
+                    eagle.keep(rows, hidden)
+                else:
+                    eagle.append(rows, pend, hidden[:, 0])
             self._write_back(active, cand, a, n_emit, reason, use_draft, k)
         return IterationStats(k, a.tolist(), int(n_emit.sum()), flips)
 
@@ -268,7 +291,9 @@ class SpeculativeDecoder:
             if r:
                 s.finish_reason = why[r]
             s.target_len += 1 + ai
-            if use_draft:
+            if use_draft and self.eagle is not None:
+                s.draft_pending = row[:ai + 1]
+            elif use_draft:
                 s.draft_pending = row[k - 1:k + 1] if ai == k else [row[ai]]
             else:
                 s.draft_pending.append(row[ai])

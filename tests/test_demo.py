@@ -91,6 +91,13 @@ def test_demo_last_line_and_files(demo_run):
     for step in range(1, 6):
         assert f"demo [{step}/5]" in text
     assert "run 10/10" in text and "fastest run" in text
+    # both bundled drafts were profiled and planned; the one the planner predicts faster ran, and a line says so
+    draft = re.search(r"^demo \[3/5\] draft: running (tiny-draft|tiny-eagle) \((draft model|EAGLE head), k = (\d)\): "
+                      r"the planner predicts (\d+) tok/s .*; against (tiny-draft|tiny-eagle) \(.*, (\d+) tok/s", text, re.M)
+    assert draft, text
+    assert draft.group(1) == summary["draft"] != draft.group(5) and int(draft.group(4)) >= int(draft.group(6))
+    assert int(draft.group(3)) == plan["draft_len"] and run["weights"]["draft"].endswith(summary["draft"])
+    assert len(list(out.glob("tiny-eagle-acceptance-*.csv"))) == 1
     assert "quick calibration measured now" in text and "iteration" in text and "error" in text
     # greedy speculation is exact: the two runs emit the same tokens
     o1 = [json.loads(x)["token_ids"] for x in (out / "outputs.jsonl").read_text().splitlines()]
@@ -113,7 +120,7 @@ def test_second_run_uses_the_caches(demo_run):
     p, secs = _demo(out, cache)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "using the cached quick calibration" in p.stdout
-    assert "acceptance of the pair: cached" in p.stdout
+    assert "acceptance of tiny-draft: cached" in p.stdout and "acceptance of tiny-eagle: cached" in p.stdout
     assert LAST.match(p.stdout.strip().splitlines()[-1])
 
 

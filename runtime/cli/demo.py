@@ -1,6 +1,7 @@
 """`specmoe demo [-o DIR] [--num-prompts 32] [--max-new-tokens 48] [--batch B] [--quick]`: calibrate this
-machine (cached), profile the bundled pair's acceptance, plan, run with speculation and with k = 0,
-and report predicted against measured (runtime/demo.py). The last line is
+machine (cached), profile the bundled drafts' acceptance (the draft model and the EAGLE head), plan with
+each and keep the one the planner predicts faster, run with speculation and with k = 0, and report
+predicted against measured (runtime/demo.py). The last line is
 
     demo: speculation measured X.XXx (predicted Y.YYx) over k=0, spread S%; iteration time error E.E% (predicted vs measured); report: PATH
 """

@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("specmoe.runtime.cli.presets", "list the bundled model and hardware presets"),
     "calibrate": ("specmoe.runtime.cli.calibrate", "measure this machine and write a hardware spec with measured curves"),
     "profile-acceptance": ("specmoe.runtime.cli.profile", "measure acc(k) of a draft against a target on real prompts"),
+    "convert-eagle": ("specmoe.runtime.cli.convert_eagle", "convert a PyTorch .bin EAGLE head to safetensors "
+                      "(read with weights_only=True)"),
     "report": ("specmoe.runtime.cli.report", "predicted against measured, per stage, as a table and an HTML report"),
     "demo": ("specmoe.runtime.cli.demo", "calibrate, profile, plan, run and report on the bundled tiny model pair"),
 }

@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
                    help="prompts in the job: a finite job's batch drains at its end under speculation, which the "
                         "plan then prices in (default: an open stream, the batch stays full)")
     p.add_argument("--draft", default=None, metavar="PRESET|config.json",
-                   help="draft model (default: the target's default draft, if it has one)")
+                   help="draft model or EAGLE head: a preset, a config.json or a checkpoint directory (an EAGLE "
+                        "head is told by its config.json, planner/eagle.py) (default: the target's default draft)")
     p.add_argument("--acceptance", default=None, metavar="ALPHA|table.csv",
                    help="per-token acceptance rate in [0, 1), or a CSV with columns k,accepted")
     p.add_argument("--gpu-mem-gib", "--gpu-mem-GiB", dest="gpu_mem_GiB", default=None, metavar="X",

@@ -16,7 +16,7 @@ from specmoe.planner.workload import MAX_DRAFT_LEN
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="target checkpoint directory (HF, safetensors)")
-    p.add_argument("--draft", required=True, help="draft checkpoint directory")
+    p.add_argument("--draft", required=True, help="draft checkpoint directory: a draft model or an EAGLE head")
     p.add_argument("--prompts", required=True, help="JSON lines with a 'prompt' field, or one prompt per line")
     p.add_argument("--max-k", type=int, default=MAX_DRAFT_LEN,
                    help=f"largest draft length to measure (default {MAX_DRAFT_LEN})")

@@ -22,7 +22,9 @@ from specmoe.runtime.cli.run_outputs import (Outputs, Terminated, check_run_path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", help="plan.json written by `specmoe plan`")
     p.add_argument("--target", required=True, help="target checkpoint directory (HF, safetensors)")
-    p.add_argument("--draft", default=None, help="draft checkpoint directory (needed when k > 0)")
+    p.add_argument("--draft", default=None,
+                   help="draft checkpoint directory: a draft model or an EAGLE head (told by its config.json); "
+                        "needed when k > 0")
     p.add_argument("--prompts", required=True, help="JSON lines with a 'prompt' field, or one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     p.add_argument("--draft-len", type=int, default=None, help="override the plan's k (0 = no speculation)")

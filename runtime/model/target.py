@@ -9,14 +9,16 @@ per micro-batch (the next micro-batch's pre_attn is issued before this one's CPU
 the experts a micro-batch routes to start streaming as soon as its routing is known), then moe
 over the tokens of all micro-batches. With the "next" streaming schedule (the default on CUDA:
 Engine(prefetch_next_layer=None)) layer i+1's non-resident experts stream while layer i computes
-(double buffering: two buffers alternate between consecutive streaming layers), the first
-layer's at the end of a pass, and pre_attn/post_attn run once per layer over all tokens.
+(double buffering: two buffers alternate between consecutive streaming layers), the first two
+streaming layers' at the end of a pass (one per buffer), and pre_attn/post_attn run once per layer
+over all tokens.
 
 Dimensions: T tokens, B sequences, H hidden, Hq/Hkv heads, D head dim, E experts, K top-k,
 F expert intermediate, V vocab.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,7 @@ class _Pass:
     host_io: str                    # one of HOST_IO
     next_streaming: dict[int, int]  # streaming layer -> the streaming layer after it
     record_routing: bool
+    layout: PassLayout | None = None   # the whole pass (host_io pinned/zero-copy: one attention call per layer)
 
 
 class TargetModel:
@@ -79,6 +82,7 @@ class TargetModel:
         self.rotary = Rotary(c, device)
         self.host_io = "direct"        # see HOST_IO; set by the Engine
         self._io = HostIO(device)
+        self.last_hidden: torch.Tensor | None = None   # [T, H] of the last forward(keep_hidden=True)
         self.layers: list[_Layer] = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -125,7 +129,7 @@ class TargetModel:
         if r.ids is None:
             return h + r.extra
         K = self.config.top_k
-        perm = expert_permutation(r.ids, self.config.num_experts)
+        perm = expert_permutation(r.ids, self.config.num_experts, check=False)   # top-k ids: no range-check sync
         counts = perm.counts.tolist()           # one sync; expert e's tokens follow those of experts < e
         xs = permute_tokens(r.x, perm.perm, K)  # [T*K, H] by expert
         ys = torch.empty_like(xs)               # [T*K, H]
@@ -158,17 +162,24 @@ class TargetModel:
             store.fetch(nxt, torch.unique(pred).tolist())
 
     def _layer_batched(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mbs, kv: SplitKVCache,
-                       timer: StageTimer, host_io: str) -> tuple[torch.Tensor, _Routed]:
+                       timer: StageTimer, host_io: str,
+                       layout: PassLayout | None = None) -> tuple[torch.Tensor, _Routed]:
         """pre_attn over all T tokens, attention per micro-batch, post_attn over all tokens -> (h [T, H], routing).
-        host_io "pinned"/"zero-copy" (every KV row of the pass in host memory): q/k/v cross to the host once
-        per layer through pinned buffers and the attention output comes back once (a pinned copy, or a GPU
-        kernel reading the pinned buffer: no copy engine, so it never queues behind expert copies)."""
+        host_io "pinned"/"zero-copy" (every KV row of the pass in host memory): q/k/v cross to the host in one
+        copy into one pinned buffer, the verify kernel reads them there and writes its output into one pinned
+        buffer at the tokens' rows, one call per layer over the whole `layout`, and the output comes back once
+        (a pinned copy, or a GPU kernel reading the pinned buffer: no copy engine, so it never queues behind
+        expert copies)."""
         with timer.stage(Stage.TARGET_PRE_ATTN):
             q, k, v = self.pre_attn(i, h, cos, sin)
         if host_io != "direct":
             with timer.stage(Stage.TARGET_ATTENTION):
-                q, k, v = (self._io.to_host(x) for x in (q, k, v))
+                q, k, v = self._io.to_host_qkv(q, k, v)       # views of one pinned buffer [T, Hq+2Hkv, D]
                 self._io.wait()
+                o = kv.attend(i, q, k, v, layout, out=self._io.out_buffer(q.shape, q.dtype))
+                o = self._io.to_device(o, zero_copy=host_io == "zero-copy")
+            with timer.stage(Stage.TARGET_POST_ATTN):
+                return self.post_attn(i, h, o)
         outs = []
         sizes = [e - s for _, s, e in mbs]
         with timer.stage(Stage.TARGET_ATTENTION):     # each micro-batch's q, k, v: one split op each, not m slices
@@ -178,23 +189,24 @@ class TargetModel:
                 outs.append(kv.attend(i, qs[j], ks[j], vs[j], sub))
         with timer.stage(Stage.TARGET_ATTENTION):
             o = torch.cat(outs) if len(outs) > 1 else outs[0]   # [T, Hq, D]
-            if host_io != "direct":
-                o = self._io.to_device(o, zero_copy=host_io == "zero-copy")
         with timer.stage(Stage.TARGET_POST_ATTN):
             return self.post_attn(i, h, o)
 
     def forward(self, tokens: torch.Tensor, layout: PassLayout, kv: SplitKVCache, timer: StageTimer,
                 micro_batches: int = 1, logits: str = "all", record_routing: bool = False,
-                prefetch: bool | str = False) -> torch.Tensor:
+                prefetch: bool | str = False, keep_hidden: bool = False) -> torch.Tensor:
         """tokens [T] int64 (device), sequence-major per `layout` -> logits fp32 [T, V] ("all") or [B, V] ("last").
+        keep_hidden: keep the final-normed hidden state of every token, the LM head's input, as
+        `self.last_hidden` [T, H] (the features an EAGLE head reads).
 
         K/V of the pass are written at the layout's positions; the caller commits or rolls back lengths.
         prefetch (when experts stream), see STREAM_MODES: "off"/False: a layer's experts stream once its
         routing is known; "next"/True: all non-resident experts of the next streaming layer stream while
-        this layer computes, and the first layer's at the end of the pass (over lm_head, acceptance and
-        the next draft phase), and as no copy waits for routing, pre_attn and post_attn run once per layer
-        over all tokens (attention stays per micro-batch); "predict": layer i+1's experts predicted by its
-        router on layer i's input.
+        this layer computes, and the first two streaming layers' at the end of the pass (over lm_head,
+        acceptance and the next draft phase), and as no copy waits for routing, pre_attn and post_attn run
+        once per layer over all tokens (attention per micro-batch, or in one call per layer where every KV
+        row is in host memory and host_io is pinned / zero-copy); "predict": layer i+1's experts predicted
+        by its router on layer i's input.
         """
         mode = stream_mode(prefetch)
         streaming = self._begin_pass(mode, timer)
@@ -204,14 +216,17 @@ class TargetModel:
             h = self.embed.index_select(0, tokens)  # [T, H]
             cos, sin = self.rotary.cos_sin(layout.positions(self.device), self.dtype)  # [T, D]
             cs = [(cos[s:e], sin[s:e]) for _, s, e in mbs]
-        ps = _Pass(mode, mbs, cos, sin, cs, kv, timer, host_io, dict(zip(streaming, streaming[1:])), record_routing)
+        ps = _Pass(mode, mbs, cos, sin, cs, kv, timer, host_io, dict(zip(streaming, streaming[1:])), record_routing,
+                   layout=layout)
         for i in range(self.config.num_layers):
             h = self._layer(i, h, ps)
         self._end_pass(mode, streaming, timer)
         with timer.stage(Stage.TARGET_LM_HEAD):
+            if keep_hidden:     # norm every token once; the logits read the same normed rows
+                h = self.last_hidden = rms_norm(h, self.norm, self.config.rms_eps)   # [T, H]
             if logits == "last":
                 h = h.index_select(0, layout.last_token_index(self.device))
-            out = self.lm_head(h)
+            out = Fn.linear(h, self.lm_head_w).float() if keep_hidden else self.lm_head(h)
         return out
 
     def _begin_pass(self, mode: str, timer: StageTimer) -> list[int]:
@@ -221,9 +236,10 @@ class TargetModel:
         if store is not None:
             store.ledger.tag = timer.phase    # copies issued by this pass count in its phase
         if streaming:
-            store.drop_streams(keep=streaming[:1] if mode == "next" else ())   # leftovers of an interrupted pass
+            store.drop_streams(keep=streaming[:2] if mode == "next" else ())   # leftovers of an interrupted pass
             if mode == "next":
-                store.prefetch_layer(streaming[0])
+                for layer in streaming[:2]:
+                    store.prefetch_layer(layer)
         return streaming
 
     def _layer(self, i: int, h: torch.Tensor, ps: _Pass) -> torch.Tensor:
@@ -237,8 +253,8 @@ class TargetModel:
         need_fetch = moe_layer and not store.fully_streamed(i)
         if ps.mode == "next" and not need_fetch:
             # nothing waits for this layer's routing: the GPU stages run once over all tokens (2 calls
-            # per layer instead of 2m), the CPU attention per micro-batch
-            h, r = self._layer_batched(i, h, ps.cos, ps.sin, ps.mbs, ps.kv, ps.timer, ps.host_io)
+            # per layer instead of 2m), the CPU attention per micro-batch (pinned host I/O: once)
+            h, r = self._layer_batched(i, h, ps.cos, ps.sin, ps.mbs, ps.kv, ps.timer, ps.host_io, ps.layout)
             if moe_layer and ps.record_routing:
                 store.record_routing(i, r.ids)
         else:
@@ -282,10 +298,11 @@ class TargetModel:
         return (torch.cat(new_h) if len(new_h) > 1 else new_h[0]), _cat_routed(parts)
 
     def _end_pass(self, mode: str, streaming: list[int], timer: StageTimer) -> None:
-        """Start streaming the next pass's first layer and record the copies that have finished."""
+        """Start streaming the next pass's first two streaming layers and record the copies that have finished."""
         store = self.store
-        if mode == "next" and streaming:
-            store.prefetch_layer(streaming[0])    # the next pass's first layer, over lm_head and the draft phase
+        if mode == "next" and streaming:       # the next pass's first two layers (one per buffer), over lm_head,
+            for layer in streaming[:2]:          # acceptance and the draft phase
+                store.prefetch_layer(layer)
         if store is not None:   # finished copy batches: bytes with their copy-stream busy time (never waits)
             timer.add_h2d(store.take_h2d(block=False))
 
@@ -295,24 +312,45 @@ HOST_IO = ("direct", "pinned", "zero-copy")   # how the attention of host KV row
 
 
 class HostIO:
-    """Device <-> host transfers of the attention's inputs and output through pinned buffers (plain host
-    tensors without CUDA, where the same code runs as ordinary copies). Pinned buffers come from torch's
-    caching host allocator; a buffer read by a zero-copy kernel is kept alive until that kernel is done."""
+    """Device <-> host transfers of the attention's inputs and output through two host buffers kept across
+    layers and passes (pinned with CUDA; plain host tensors without, where the same code runs as ordinary
+    copies), grown when a pass is larger: q, k and v of a layer cross in one copy into one buffer
+    [T, Hq+2Hkv, D]; the verify kernel writes its output into the other, [T, Hq, D], which crosses back in
+    one copy (or is read in place by a GPU kernel: zero-copy). Reuse is safe in stream order: a layer's
+    output has crossed (or been read) before the next layer's q/k/v copy ends, and the host waits for that
+    copy (wait()) before the kernel writes the output buffer again."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self._event = None
-        self._inflight: list[tuple[object, torch.Tensor]] = []   # (event, pinned buffer a kernel reads)
+        self._bufs: dict[str, torch.Tensor] = {}
 
-    def to_host(self, x: torch.Tensor) -> torch.Tensor:
-        """Start copying x (device) into a pinned host tensor; wait() before reading it."""
-        hx = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.cuda)
-        hx.copy_(x, non_blocking=self.cuda)
+    def _buffer(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The kept buffer `name` viewed as `shape` (its first elements), reallocated when too small."""
+        numel = math.prod(shape)
+        b = self._bufs.get(name)
+        if b is None or b.dtype != dtype or b.numel() < numel:
+            if b is not None and self.cuda:      # a zero-copy kernel may still read the old buffer
+                torch.cuda.current_stream(self.device).synchronize()
+            b = self._bufs[name] = torch.empty(numel, dtype=dtype, pin_memory=self.cuda)
+        return b[:numel].view(shape)
+
+    def to_host_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """q [T, Hq, D], k, v [T, Hkv, D] (device) -> (q, k, v) views of one host buffer [T, Hq+2Hkv, D]
+        filled by one copy; wait() before reading them."""
+        Hq, Hkv = q.shape[1], k.shape[1]
+        fused = torch.cat((q, k, v), dim=1)                          # [T, Hq+2Hkv, D] on the device
+        hb = self._buffer("qkv", fused.shape, fused.dtype)
+        hb.copy_(fused, non_blocking=self.cuda)
         if self.cuda:
             self._event = torch.cuda.Event()
             self._event.record(torch.cuda.current_stream(self.device))
-        return hx
+        return hb[:, :Hq], hb[:, Hq:Hq + Hkv], hb[:, Hq + Hkv:]
+
+    def out_buffer(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The host buffer the attention writes its output [T, Hq, D] into."""
+        return self._buffer("out", tuple(shape), dtype)
 
     def wait(self) -> None:
         if self._event is not None:
@@ -320,22 +358,16 @@ class HostIO:
             self._event = None
 
     def to_device(self, hx: torch.Tensor, zero_copy: bool = False) -> torch.Tensor:
-        """A host tensor -> the device: a pinned non-blocking copy, or (zero_copy, CUDA) a kernel reading the
-        pinned buffer in place over PCIe (unified addressing)."""
+        """The output buffer -> the device: a non-blocking copy from pinned memory, or (zero_copy, CUDA) a
+        kernel reading it in place over PCIe (unified addressing)."""
         if not self.cuda:
             return hx.to(self.device)
-        pinned = torch.empty(hx.shape, dtype=hx.dtype, pin_memory=True)
-        pinned.copy_(hx)
         if not zero_copy:
-            return pinned.to(self.device, non_blocking=True)
-        self._inflight = [(ev, b) for ev, b in self._inflight if not ev.query()]
-        idt = {2: torch.int16, 4: torch.int32}[pinned.element_size()]
-        view = torch.as_tensor(_CudaView(pinned.view(idt)), device=self.device)   # the pinned bytes, as CUDA
+            return hx.to(self.device, non_blocking=True)
+        idt = {2: torch.int16, 4: torch.int32}[hx.element_size()]
+        view = torch.as_tensor(_CudaView(hx.view(idt)), device=self.device)   # the pinned bytes, as CUDA
         out = torch.empty(hx.shape, dtype=hx.dtype, device=self.device)
         torch.bitwise_or(view, 0, out=out.view(idt))          # an elementwise kernel reads host memory
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-        self._inflight.append((ev, pinned))
         return out
 
 

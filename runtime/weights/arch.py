@@ -54,6 +54,7 @@ class ArchConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+    eagle: bool = False              # an EAGLE draft head (planner/eagle.py; runtime/model/eagle.py)
 
     @property
     def is_moe(self) -> bool:
@@ -92,13 +93,15 @@ def arch_from_spec(spec: ModelSpec, raw: dict | None = None, generation_config: 
         shared_intermediate=spec.shared_expert_intermediate, dense_intermediate=spec.dense_intermediate,
         norm_topk_prob=spec.norm_topk_prob, mlp_bias=spec.mlp_bias, tie_word_embeddings=spec.tie_word_embeddings,
         sliding_window=spec.sliding_window, torch_dtype=spec.weight_dtype, eos_token_ids=eos,
-        bos_token_id=spec.bos_token_id, raw=dict(raw or {}),
+        bos_token_id=spec.bos_token_id, raw=dict(raw or {}), eagle=bool(spec.eagle),
     )
 
 
-def parse_config(cfg: dict, where: str = "config", generation_config: dict | None = None) -> ArchConfig:
-    """ArchConfig from a config.json object, through the planner's parser."""
-    return arch_from_spec(ModelSpec.from_hf_config(cfg, name=where), cfg, generation_config)
+def parse_config(cfg: dict, where: str = "config", generation_config: dict | None = None,
+                 directory=None) -> ArchConfig:
+    """ArchConfig from a config.json object, through the planner's parser (directory: the checkpoint's,
+    where an EAGLE head's weights name it one)."""
+    return arch_from_spec(ModelSpec.from_hf_config(cfg, name=where, directory=directory), cfg, generation_config)
 
 
 def expected_shapes(c: ArchConfig) -> dict[str, tuple[int, ...]]:

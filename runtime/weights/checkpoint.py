@@ -37,7 +37,9 @@ __all__ = ["Checkpoint", "Tokenizer", "load_tokenizer", "read_config", "ArchConf
 class Checkpoint:
     """A HF checkpoint directory opened for reading tensors by name (safetensors only)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, config: ArchConfig | None = None):
+        """config: the architecture when the caller has read it already (an EAGLE head's, whose config.json
+        describes its layer: runtime/weights/eagle.py)."""
         self.path = Path(path)
         where = str(self.path)
         if not self.path.is_dir():
@@ -48,7 +50,7 @@ class Checkpoint:
         self.raw_config, _ = read_config_file(cfg_path)
         gen_path = self.path / "generation_config.json"
         gen = _read_json(gen_path, where) if gen_path.is_file() else None
-        self.config = parse_config(self.raw_config, where, gen)
+        self.config = config if config is not None else parse_config(self.raw_config, where, gen)
         self._handles: dict[Path, Any] = {}
         self._layout: dict[int, tuple[str, str]] = {}
         self._key_file = self._index(where)
@@ -204,12 +206,16 @@ class Checkpoint:
                     self._check_shape(p + names[1] + ".weight", (F, H))
                     self._check_shape(p + names[2] + ".weight", (H, F))
 
-    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A stored tensor's shape, from its file's header."""
         f = self._key_file.get(name)
         if f is None:
             raise SpecError("checkpoint", f"tensor {name} is missing from {self.path}",
                             "is the checkpoint complete and of the family its config.json names?")
-        got = tuple(self._open(f).get_slice(name).get_shape())
+        return tuple(self._open(f).get_slice(name).get_shape())
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        got = self.shape(name)
         if got != tuple(shape):
             raise SpecError("checkpoint", f"tensor {name} has shape {got}, config.json implies {tuple(shape)}",
                             "the weights do not match config.json")
@@ -221,7 +227,8 @@ def read_config(path: str | Path) -> ArchConfig:
     if not (p / "config.json").is_file():
         raise SpecError("checkpoint", f"no config.json in {p}", "give a HF checkpoint directory")
     gen = p / "generation_config.json"
-    return parse_config(read_config_file(p)[0], str(p), _read_json(gen, str(p)) if gen.is_file() else None)
+    return parse_config(read_config_file(p)[0], str(p), _read_json(gen, str(p)) if gen.is_file() else None,
+                        directory=p)
 
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
