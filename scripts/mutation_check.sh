@@ -3,8 +3,13 @@
 # runs the tests, restores it). It works on a copy of the committed tree, never on the checkout, so it
 # can run beside other work; `import specmoe.*` is pointed at the copy through PYTHONPATH.
 #
-#   bash scripts/mutation_check.sh                 # every module below (long: about an hour on 2 cores)
+#   bash scripts/mutation_check.sh                 # every module below (long: about 2 hours on 2 cores)
 #   bash scripts/mutation_check.sh planner/memory.py   # one module of the list
+#   MUTATION_RESUME=1 bash scripts/mutation_check.sh    # keep the verdicts already in the work copies'
+#                                                        # caches (sources refreshed from HEAD; mutants of
+#                                                        # changed lines are tested again)
+#   MUTATION_JOBS=1 bash scripts/mutation_check.sh      # one copy at a time (default 2: the module list
+#                                                        # split in two halves, run side by side)
 #
 # Each module is run against the tests that guard it (fast ones: the runner stops at the first failure).
 # The tests' output goes to /dev/null inside `sh -c`: mutmut reads the runner through a pty until every
@@ -27,48 +32,79 @@ declare -A TESTS=(
   [runtime/speculative.py]="tests/test_guard_acceptance.py"
   [runtime/calibrate/measure.py]="tests/test_guard_calibration.py"
 )
+ALL=(planner/cost_terms.py planner/cost_model.py planner/memory.py planner/simulator.py runtime/speculative.py
+     runtime/calibrate/measure.py)
 MODULES=("$@")
-[ ${#MODULES[@]} -eq 0 ] && MODULES=(planner/cost_terms.py planner/cost_model.py planner/memory.py planner/simulator.py runtime/speculative.py runtime/calibrate/measure.py)
+[ ${#MODULES[@]} -eq 0 ] && MODULES=("${ALL[@]}")
 for m in "${MODULES[@]}"; do
   [ -n "${TESTS[$m]:-}" ] || { echo "mutation: error: no tests listed for $m (one of: ${!TESTS[*]})" >&2; exit 2; }
 done
+JOBS=${MUTATION_JOBS:-2}
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "mutation: error: MUTATION_JOBS: must be a positive integer, got '$JOBS'" >&2; exit 2; }
 
 "$PY" -m pip install -q "mutmut==2.5.1" >/dev/null
-rm -rf "$WORK" && mkdir -p "$WORK/src" "$WORK/ns/specmoe"
-git -C "$REPO" archive HEAD | tar -x -C "$WORK/src"
-for d in planner runtime cuda_kernels; do ln -s "$WORK/src/$d" "$WORK/ns/specmoe/$d"; done
-export PYTHONPATH="$WORK/ns" OMP_NUM_THREADS=1 SPECMOE_CALIBRATE_STRICT=0
-cd "$WORK/src"
-# mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe); a watchdog
-# restarts it from its cache when no mutant has finished for STALL_S seconds, the module restored first
+if [ "${MUTATION_RESUME:-0}" = 1 ]; then
+  echo "mutation: resuming from the caches under $WORK" >&2
+else
+  rm -rf "$WORK"
+fi
+export OMP_NUM_THREADS=1 SPECMOE_CALIBRATE_STRICT=0
 STALL_S=${MUTATION_STALL_S:-120}
+
+# The copy a module runs in: ALL split into JOBS contiguous groups, so a module always lands in the same
+# copy (and its cache) whichever modules a run names.
+group_of() { local i; for i in "${!ALL[@]}"; do [ "${ALL[$i]}" = "$1" ] && { echo $(( i * JOBS / ${#ALL[@]} )); return; }; done; }
+
 untested() { "$PY" -c "import sqlite3,sys; c=sqlite3.connect('.mutmut-cache', timeout=30); print(c.execute(
   \"select count(*) from Mutant m join Line l on m.line=l.id join SourceFile f on l.sourcefile=f.id
   where m.status='untested' and f.filename=?\", (sys.argv[1],)).fetchone()[0])" "$1" 2>/dev/null || echo -1; }
-for m in "${MODULES[@]}"; do
-  echo "mutation: $m against ${TESTS[$m]}" >&2
-  for attempt in $(seq 1 30); do
-    git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
-    "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir tests --no-progress \
-        --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
-        >/dev/null 2>&1 &
-    pid=$!
-    last=$(untested "$m"); still=0
-    while kill -0 "$pid" 2>/dev/null; do
-      sleep 10
-      now=$(untested "$m")
-      [ "$now" = "-1" ] && continue               # the cache was busy (locked): no reading, no verdict
-      if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
-      if [ "$still" -ge "$STALL_S" ]; then
-        echo "mutation: $m stalled with $now untested: restarting mutmut" >&2
-        pkill -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; sleep 2; kill -9 "$pid" 2>/dev/null || true
-        break
-      fi
+
+# Mutate the modules of one group, in its own copy of the committed tree.
+run_group() {
+  local dir="$WORK/j$1"; shift
+  mkdir -p "$dir/src" "$dir/ns/specmoe"
+  git -C "$REPO" archive HEAD | tar -x -C "$dir/src"
+  for d in planner runtime cuda_kernels; do ln -sfn "$dir/src/$d" "$dir/ns/specmoe/$d"; done
+  cd "$dir/src"
+  export PYTHONPATH="$dir/ns"
+  for m in "$@"; do
+    echo "mutation: $m against ${TESTS[$m]}" >&2
+    for attempt in $(seq 1 30); do
+      git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
+      "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir tests --no-progress \
+          --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
+          >/dev/null 2>&1 &
+      local pid=$! last now still=0
+      last=$(untested "$m")
+      # mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe): restart it
+      # from its cache when no mutant has finished for STALL_S seconds
+      while kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; do
+        sleep 10
+        now=$(untested "$m")
+        [ "$now" = "-1" ] && continue               # the cache was busy (locked): no reading, no verdict
+        if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
+        if [ "$still" -ge "$STALL_S" ]; then
+          echo "mutation: $m stalled with $now untested: restarting mutmut" >&2
+          pkill -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; sleep 2; kill -9 "$pid" 2>/dev/null || true
+          break
+        fi
+      done
+      wait "$pid" 2>/dev/null || true
+      [ "$(untested "$m")" = "0" ] && break
     done
-    wait "$pid" 2>/dev/null || true
-    [ "$(untested "$m")" = "0" ] && break
+    git -C "$REPO" show "HEAD:$m" > "$m"
   done
-  git -C "$REPO" show "HEAD:$m" > "$m"
+}
+
+declare -A GROUP=()
+for m in "${MODULES[@]}"; do g=$(group_of "$m"); GROUP[$g]="${GROUP[$g]:-} $m"; done
+pids=()
+for g in "${!GROUP[@]}"; do
+  # shellcheck disable=SC2086
+  ( run_group "$g" ${GROUP[$g]} ) &
+  pids+=($!)
 done
-"$PY" "$REPO/scripts/mutation_summary.py" "$WORK/src/.mutmut-cache" "$OUT" "$REPO/bench/results/mutation_equivalent.txt" \
+for p in "${pids[@]}"; do wait "$p"; done
+caches=$(for g in $(seq 0 $((JOBS - 1))); do printf '%s,' "$WORK/j$g/src/.mutmut-cache"; done)
+"$PY" "$REPO/scripts/mutation_summary.py" "${caches%,}" "$OUT" "$REPO/bench/results/mutation_equivalent.txt" \
     "${MODULES[@]}"

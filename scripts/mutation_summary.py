@@ -1,7 +1,10 @@
 """Summarise a mutmut 2 run (scripts/mutation_check.sh): the kill rate over the mutated modules, and every
 surviving mutant with its diff in one file.
 
-    python scripts/mutation_summary.py WORK/.mutmut-cache SURVIVORS.txt EQUIVALENT.txt MODULE...
+    python scripts/mutation_summary.py CACHE[,CACHE...] SURVIVORS.txt EQUIVALENT.txt MODULE...
+
+CACHE: the .mutmut-cache of each work copy (mutation_check.sh runs module groups in parallel copies);
+a module's verdicts are read from every cache that holds them.
 
 Killed: a test failed (ok_killed), the run timed out (bad_timeout) or crashed oddly (ok_suspicious).
 Survivors explained as equivalent in EQUIVALENT.txt (lines `path:line | mutated line | reason`: that
@@ -39,24 +42,27 @@ def new_line(diff: str) -> str:
     return next((x[1:].strip() for x in diff.splitlines() if x.startswith("+") and not x.startswith("+++")), "")
 
 
-def mutants(cache: Path, modules: list[str]) -> list[tuple[int, str, int, str]]:
-    """(id, file, 1-based line, status) of every mutant of the modules."""
+def mutants(cache: Path, modules: list[str]) -> list[tuple[int, str, int, str, Path]]:
+    """(id, file, 1-based line, status, cache) of every mutant of the modules in one cache."""
     con = sqlite3.connect(str(cache))
     rows = con.execute("SELECT Mutant.id, SourceFile.filename, Line.line_number, Mutant.status FROM Mutant "
                        "JOIN Line ON Mutant.line = Line.id JOIN SourceFile ON Line.sourcefile = SourceFile.id").fetchall()
     con.close()
-    return [(i, f, n + 1, s) for i, f, n, s in rows if f in modules]
+    return [(i, f, n + 1, s, cache) for i, f, n, s in rows if f in modules]
 
 
 def main(argv: list[str]) -> int:
-    cache, out, eq_path, modules = Path(argv[0]), Path(argv[1]), Path(argv[2]), argv[3:]
+    caches, out, eq_path, modules = [Path(c) for c in argv[0].split(",")], Path(argv[1]), Path(argv[2]), argv[3:]
     eq = equivalents(eq_path)
-    ms = mutants(cache, modules)
+    ms = []
+    for mod in modules:  # each module from the copy that tested most of it (one, unless MUTATION_JOBS changed)
+        per = [[m for m in mutants(c, [mod])] for c in caches if c.is_file()]
+        ms += max(per, key=lambda x: sum(m[3] not in ("untested", "skipped") for m in x), default=[])
     tested = [m for m in ms if m[3] not in ("untested", "skipped")]
     killed = [m for m in tested if m[3] in KILLED]
     mutmut = str(Path(sys.executable).parent / "mutmut")
     survivors, explained = [], []
-    for i, f, n, _ in (m for m in tested if m[3] == "bad_survived"):
+    for i, f, n, _, cache in (m for m in tested if m[3] == "bad_survived"):
         diff = subprocess.run([mutmut, "show", str(i)], cwd=cache.parent, capture_output=True, text=True).stdout.strip()
         why = eq.get((f, n, new_line(diff)))
         (explained if why else survivors).append((i, f, n, diff, why))
