@@ -13,7 +13,7 @@ from dataclasses import replace
 from specmoe.planner.errors import SpecError
 from specmoe.planner.estimator import estimate
 from specmoe.planner.hardware_spec import HardwareSpec
-from specmoe.planner.memory import default_placement
+from specmoe.planner.memory import default_placement, footprint, max_batch
 from specmoe.planner.model_spec import ModelSpec
 from specmoe.planner.plan import Plan
 from specmoe.planner.schedule import Schedule
@@ -23,7 +23,8 @@ def replan(plan: Plan, schedule: Schedule | None = None, draft_len: int | None =
            draft: ModelSpec | None = None, hardware: HardwareSpec | None = None) -> Plan:
     """`plan` with `schedule` and/or `draft_len` changed, its prediction re-estimated (the placement is
     kept; at another draft length the draft KV placement is re-chosen when the plan's no longer
-    applies). draft: the draft's spec when the plan has none and draft_len > 0. hardware: another spec of
+    applies, and a batch that no longer fits the longer drafts' KV becomes the largest that does,
+    with the default placement). draft: the draft's spec when the plan has none and draft_len > 0. hardware: another spec of
     the same machine (a fresh calibration) to cost the same plan on. Returns `plan` itself when nothing
     changes."""
     sched = schedule if schedule is not None else plan.schedule
@@ -34,22 +35,31 @@ def replan(plan: Plan, schedule: Schedule | None = None, draft_len: int | None =
     if k > 0 and d is None:
         raise SpecError("draft_len", f"is {k} but the plan has no draft model", "plan with a draft, or use 0")
     m, hw, wl = plan.model_spec(), hardware or plan.hardware_spec(), plan.workload_spec()
-    placement = plan.placement
+    placement, batch, dk = plan.placement, plan.batch, d if k else None
     if k != plan.draft_len and (plan.draft_len == 0 or k == 0):
-        chosen = default_placement(m, hw, wl, plan.batch, k, d if k else None, plan.micro_batches)
+        chosen = default_placement(m, hw, wl, batch, k, dk, plan.micro_batches)
         placement = replace(placement, draft_kv_gpu_sequences=chosen.draft_kv_gpu_sequences)
-    est = estimate(m, hw, wl, draft=d if k else None, draft_len=k, micro_batches=plan.micro_batches,
-                   placement=placement, batch=plan.batch, schedule=sched, timeline=True, run=True,
+    mb = plan.micro_batches
+    if k > plan.draft_len and not footprint(m, hw, wl, batch, k, placement, dk, mb).fits:
+        # longer drafts hold more KV per sequence: the default placement at this batch, else the most that fit
+        placement = default_placement(m, hw, wl, batch, k, dk, mb)
+        if not footprint(m, hw, wl, batch, k, placement, dk, mb).fits:
+            batch = max(mb, min(batch, max_batch(m, hw, wl, dk, k, mb)))
+            placement = default_placement(m, hw, wl, batch, k, dk, mb)
+    est = estimate(m, hw, wl, draft=dk, draft_len=k, micro_batches=plan.micro_batches,
+                   placement=placement, batch=batch, schedule=sched, timeline=True, run=True,
                    use_measured=bool(plan.solver.get("use_measured", True)) if isinstance(plan.solver, dict) else True)
     changed = {f: [getattr(plan.schedule, f), getattr(sched, f)] for f in sched.to_dict()
                if getattr(plan.schedule, f) != getattr(sched, f)}
     if k != plan.draft_len:
         changed["draft_len"] = [plan.draft_len, k]
+    if batch != plan.batch:
+        changed["batch"] = [plan.batch, batch]
     if hardware is not None:
         changed["hardware"] = [plan.hardware.get("name"), hardware.name]
     solver = {"name": "replan", "from": dict(plan.solver) if isinstance(plan.solver, dict) else {},
               "changed": changed}
-    return replace(plan, draft=d.to_dict() if (k > 0 and d is not None) else None, draft_len=k,
+    return replace(plan, batch=batch, draft=d.to_dict() if (k > 0 and d is not None) else None, draft_len=k,
                    placement=placement, predicted=est.to_prediction(), memory=est.memory, bound=est.bound,
                    solver=solver, schedule=sched, input_hashes={}, alternatives=(),
                    **({"hardware": hardware.raw} if hardware is not None else {}))

@@ -201,3 +201,26 @@ def test_a_plan_re_costed_on_a_fresh_calibration():
                  schedule=plan.schedule)
     assert new.predicted.iteration_time_s == pytest.approx(e.iteration_time_s, rel=1e-9)
     assert new.predicted.iteration_time_s > plan.predicted.iteration_time_s    # half the PCIe: slower
+
+
+def test_longer_drafts_at_run_time_shrink_a_batch_that_no_longer_fits():
+    """`specmoe run --draft-len 3` on a plan made at k = 0 and the largest batch: each sequence now holds
+    3 more KV positions, so the re-costed plan takes the largest batch that fits at k = 3, says so, and
+    fits; a batch that still fits is kept."""
+    from specmoe.planner.memory import default_placement, footprint, max_batch
+    from specmoe.planner.model_spec import load_model
+    from specmoe.planner.replan import replan
+
+    eagle = load_model("mixtral-8x7b-eagle")
+
+    wl = Workload(512, 128, acceptance=load_acceptance(0.8))
+    plan = optimize("mixtral-8x7b", "a30-xeon6426y", wl, k_values=(0,), micro_batch_values=(2,), alternatives=0,
+                    timeline=False)
+    new = replan(plan, draft_len=3, draft=eagle)
+    m, hw, d = plan.model_spec(), plan.hardware_spec(), new.draft_spec()
+    assert new.batch == max_batch(m, hw, wl, d, 3, 2) < plan.batch
+    assert new.solver["changed"]["batch"] == [plan.batch, new.batch]
+    assert footprint(m, hw, wl, new.batch, 3, new.placement, d, 2).fits
+    small = replace(plan, batch=64, placement=default_placement(m, hw, wl, 64, 0, None, 2))
+    kept = replan(small, draft_len=3, draft=eagle)
+    assert kept.batch == 64 and "batch" not in kept.solver["changed"]
