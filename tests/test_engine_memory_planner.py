@@ -96,6 +96,11 @@ def test_memory_rows_and_the_miss_flag(wl):
     assert by["host load peak above start"].error_pct == pytest.approx(0.0)
     assert by["host experts"].predicted == ALL_EXPERTS / 2 ** 20
     assert by["host activations"].error_pct == pytest.approx((1 / 1.5 - 1) * 100)
-    assert misses(rows) == ["host activations"]
+    assert misses(rows) == []       # a few KiB of RSS: below what RSS resolves (RSS_FLOOR_MiB), not judged
+    # the same miss at a size RSS resolves is flagged; exact tensor bytes are judged at any size
+    assert misses([Row("host activations", "cpu", 100.0, 150.0, "MiB")]) == ["host activations"]
+    assert misses([Row("host peak RSS above start", "cpu", 42.7, 0.08, "MiB")]) == []   # the demo's warm engine
+    assert misses([Row("host peak RSS above start", "cpu", 142.7, 0.08, "MiB")]) == ["host peak RSS above start"]
+    assert misses([Row("host experts", "cpu", 10.0, 0.08, "MiB")]) == ["host experts"]
     assert misses([Row("x", "cpu", 109.0, 100.0, "MiB")]) == [] and misses([Row("x", "cpu", 111.0, 100.0, "MiB")])
     assert memory_rows(plan, {"stages": {}}) == []                  # a run record without memory: no rows

@@ -12,7 +12,7 @@ from specmoe.planner.report.compare import compare
 from specmoe.planner.report.comparison import Comparison, Row
 from specmoe.planner.report.headline import Headline
 from specmoe.planner.report.inputs import load_plan
-from specmoe.planner.report.memory_rows import misses
+from specmoe.planner.report.memory_rows import RSS_FLOOR_MiB, below_rss_floor, misses
 
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -51,7 +51,10 @@ def _err(r: Row) -> str:
 
 
 def _miss(r: Row) -> str:
-    """' MISS' after a memory row whose prediction is off by more than MEMORY_GOAL_PCT."""
+    """' MISS' after a memory row whose prediction is off by more than MEMORY_GOAL_PCT; a note after an
+    RSS row too small for RSS to resolve."""
+    if below_rss_floor(r):
+        return f"  (under {RSS_FLOOR_MiB:g} MiB: below RSS resolution, not judged)"
     return "  MISS" if r.name in misses([r]) else ""
 
 
