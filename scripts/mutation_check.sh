@@ -26,7 +26,7 @@ OUT="$REPO/bench/results/mutation_survivors.txt"
 
 declare -A TESTS=(
   [planner/cost_terms.py]="tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py"
-  [planner/cost_model.py]="tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py tests/test_paper_analysis.py tests/test_cost_model_overhead.py"
+  [planner/cost_model.py]="tests/test_guard_mutants_cost_model.py tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py tests/test_paper_analysis.py tests/test_cost_model_overhead.py"
   [planner/memory.py]="tests/test_guard_mutants.py tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py"
   [planner/simulator.py]="tests/test_guard_mutants.py tests/test_simulator.py tests/test_cost_model.py"
   [runtime/speculative.py]="tests/test_guard_acceptance.py"
