@@ -46,6 +46,7 @@ import numpy as np
 
 from specmoe.planner.cost_model import CostModel, IterationCosts, split_even
 from specmoe.planner.event_dag import NO_SHARE, RES, Dag
+from specmoe.planner.memory import PREFILL_CHUNK_TOKENS
 from specmoe.planner.plan import Placement
 from specmoe.planner.stages import Stage
 
@@ -296,9 +297,10 @@ def evaluate_config(cm: CostModel, batch: int, micro_batches: int, draft_len: in
 
 
 # ---------------------------------------------------------------------------------------------------
-def prefill_time(cm: CostModel, batch: int, placement: Placement, chunk_tokens: int = 8192) -> float:
+def prefill_time(cm: CostModel, batch: int, placement: Placement, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
     """Prefill of `batch` prompts: per layer, stream every non-resident expert once (overlapped with
-    the previous layer's compute), run all B*P prompt tokens through it in chunks on the GPU
+    the previous layer's compute), run all B*P prompt tokens through it in passes of whole prompts,
+    at most chunk_tokens tokens each as the engine groups them (one prompt when it is longer), on the GPU
     (attention on the GPU, causal), and copy the new KV to the CPU (D2H). The layer pipeline costs
     h2d(0) + sum_i max(gpu_i, h2d_{i+1}, d2h_i) (the plain sum where the CPU stands in for the GPU),
     then the LM head of the last tokens and the draft's own prefill on the GPU (its weights and KV
@@ -308,7 +310,7 @@ def prefill_time(cm: CostModel, batch: int, placement: Placement, chunk_tokens: 
     m, hw, wl = cm.model, cm.hw, cm.workload
     P = wl.prompt_len
     T = batch * P
-    chunk = max(1, min(T, chunk_tokens))
+    chunk = min(T, max(P, chunk_tokens // P * P))   # whole prompts per pass, as the engine prefills
     nch = math.ceil(T / chunk)
     wb, dt, um = cm.wb, cm.dtype, cm.use_measured
 
@@ -385,6 +387,8 @@ def simulate_run(cm: CostModel, batch: int, micro_batches: int, draft_len: int, 
     n_end = max(n_lo, math.ceil(n_mean + 4 * sd)) if sd > 0 else math.ceil(n_mean)
 
     def active(n: float) -> float:
+        if n < n_lo:        # no sequence finishes in fewer than n_lo iterations (k + 1 tokens at most each)
+            return float(batch)
         if sd == 0:
             return float(batch) if n < n_mean else 0.0
         z = (n + 0.5 - n_mean) / sd
@@ -402,7 +406,7 @@ def simulate_run(cm: CostModel, batch: int, micro_batches: int, draft_len: int, 
         B = max(1, int(round(act)))
         ctx = min(P + mid * mu, P + Gn)
         mb = min(micro_batches, B)
-        g_seq = min(B, int(draft_kv_budget // max(ctx, 1.0)))
+        g_seq = min(B, int(draft_kv_budget / max(ctx, 1.0) + 1e-9))   # whole sequences; 31 / 6.2 is 5
         pl = replace(placement, target_kv_gpu_sequences=min(placement.target_kv_gpu_sequences, B),
                      draft_kv_gpu_sequences=g_seq)
         c = cm.iteration(B, mb, draft_len, pl, context_len=ctx, batched_moe=batched_moe,

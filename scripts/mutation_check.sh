@@ -28,7 +28,7 @@ declare -A TESTS=(
   [planner/cost_terms.py]="tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py"
   [planner/cost_model.py]="tests/test_guard_mutants_cost_model.py tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py tests/test_paper_analysis.py tests/test_cost_model_overhead.py"
   [planner/memory.py]="tests/test_guard_mutants.py tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py"
-  [planner/simulator.py]="tests/test_guard_mutants.py tests/test_simulator.py tests/test_cost_model.py"
+  [planner/simulator.py]="tests/test_guard_mutants_simulator.py tests/test_guard_mutants.py tests/test_simulator.py tests/test_cost_model.py"
   [runtime/speculative.py]="tests/test_guard_acceptance.py"
   [runtime/calibrate/measure.py]="tests/test_guard_calibration.py"
 )
@@ -80,9 +80,8 @@ run_group() {
       # from its cache when no mutant has finished for STALL_S seconds
       while kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; do
         sleep 10
-        now=$(untested "$m")
-        [ "$now" = "-1" ] && continue               # the cache was busy (locked): no reading, no verdict
-        if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
+        now=$(untested "$m")                        # -1: the cache is locked; a hung mutmut can hold the lock,
+        if [ "$now" = "$last" ] || [ "$now" = "-1" ]; then still=$((still + 10)); else still=0; last=$now; fi
         if [ "$still" -ge "$STALL_S" ]; then
           echo "mutation: $m stalled with $now untested: restarting mutmut" >&2
           pkill -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; sleep 2; kill -9 "$pid" 2>/dev/null || true
