@@ -65,7 +65,9 @@ def test_quick_run_writes_a_loadable_plausible_spec(quick_run):
     from specmoe.runtime.calibrate.speed_probe import calibration_probe_s
 
     probe = spec.raw["measured"]["details"]["speed_probe"]
-    assert len(probe["samples_s"]) == 4 and all(0 < x < 1 for x in probe["samples_s"])
+    # each sample is one timed probe (about 0.45 s on this 2-core VM when quiet, 1 s under load): positive
+    # and finite; its speed is a benchmark's business, not this test's
+    assert len(probe["samples_s"]) == 4 and all(0 < x < 60 for x in probe["samples_s"])
     assert calibration_probe_s(spec.raw) == pytest.approx(min(probe["samples_s"]), rel=2e-3)   # the fast state
     # the progress bar's steps all ran and no temporary file was left beside the output
     assert sorted(p.name for p in quick_run["dir"].iterdir()) == ["box.yaml", "cache"]
