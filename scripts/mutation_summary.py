@@ -23,17 +23,18 @@ KILLED = ("ok_killed", "bad_timeout", "ok_suspicious")
 
 def equivalents(path: Path) -> dict[tuple[str, int, str], str]:
     """{(file, line, mutated line): reason} from `path:line | mutated line | reason` lines (# comments and
-    blank lines skipped): a mutant is explained only when its own new line is the one named."""
+    blank lines skipped; the reason is what follows the last " | "): a mutant is explained only when its
+    own new line is the one named."""
     out: dict[tuple[str, int, str], str] = {}
     if not path.is_file():
         return out
     for raw in path.read_text().splitlines():
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
-        parts = [x.strip() for x in raw.split(" | ", 2)]
+        parts = [x.strip() for x in raw.split(" | ")]   # the mutated line may hold " | " (a type union)
         f, _, line = parts[0].rpartition(":")
-        if len(parts) == 3 and f and line.isdigit():
-            out[(f, int(line), parts[1])] = parts[2]
+        if len(parts) >= 3 and f and line.isdigit():
+            out[(f, int(line), " | ".join(parts[1:-1]))] = parts[-1]
     return out
 
 
