@@ -27,8 +27,8 @@ OUT="$REPO/bench/results/mutation_survivors.txt"
 declare -A TESTS=(
   [planner/cost_terms.py]="tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py"
   [planner/cost_model.py]="tests/test_guard_mutants_cost_model.py tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py tests/test_paper_analysis.py tests/test_cost_model_overhead.py"
-  [planner/memory.py]="tests/test_guard_mutants_memory.py tests/test_guard_mutants.py tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py"
-  [planner/simulator.py]="tests/test_guard_mutants_simulator.py tests/test_guard_mutants.py tests/test_simulator.py tests/test_cost_model.py"
+  [planner/memory.py]="tests/test_guard_mutants_memory.py tests/test_guard_mutants_memory_batch.py tests/test_guard_mutants.py tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py"
+  [planner/simulator.py]="tests/test_guard_mutants_simulator.py tests/test_guard_mutants_simulator_run.py tests/test_guard_mutants.py tests/test_simulator.py tests/test_cost_model.py"
   [runtime/speculative.py]="tests/test_guard_acceptance.py"
   [runtime/calibrate/measure.py]="tests/test_guard_calibration.py"
 )
