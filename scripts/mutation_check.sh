@@ -75,15 +75,16 @@ run_group() {
           --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
           >/dev/null 2>&1 &
       local pid=$! last now still=0
-      last=$(untested "$m")
-      # mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe): restart it
-      # from its cache when no mutant has finished for STALL_S seconds
+      last=$(stat -c %Y .mutmut-cache 2>/dev/null || echo 0)
+      # mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe) and then holds
+      # its cache's lock: restart it from its cache when the cache has not been written for STALL_S seconds
+      # (every verdict writes it)
       while kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; do
         sleep 10
-        now=$(untested "$m")                        # -1: the cache is locked; a hung mutmut can hold the lock,
-        if [ "$now" = "$last" ] || [ "$now" = "-1" ]; then still=$((still + 10)); else still=0; last=$now; fi
+        now=$(stat -c %Y .mutmut-cache 2>/dev/null || echo 0)
+        if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
         if [ "$still" -ge "$STALL_S" ]; then
-          echo "mutation: $m stalled with $now untested: restarting mutmut" >&2
+          echo "mutation: $m stalled (no verdict for ${STALL_S} s): restarting mutmut" >&2
           pkill -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; sleep 2; kill -9 "$pid" 2>/dev/null || true
           break
         fi
