@@ -355,3 +355,15 @@ def test_a_one_token_output_still_takes_one_decode_iteration():
     assert [(g["iterations"], g["active"]) for g in rr.groups] == [(1, 16)]
     assert rr.decode_time_s == pytest.approx(t, rel=1e-12)
     assert rr.decode_tokens_per_s == pytest.approx(16 / t, rel=1e-12)
+
+
+def test_prefill_passes_hold_whole_prompts_only():
+    """Prompts of 10 tokens and passes of at most 25 tokens hold 2 whole prompts each, exactly as passes of
+    at most 20 do: 5 prompts take 3 passes either way (a pass of 25 tokens would split a prompt and take 2)."""
+    from specmoe.planner.simulator import prefill_time
+
+    cm = _tiny_cm(gpu_TFLOPs=1000.0, hbm_GBps=1.0)
+    for batch in (2, 5, 7):
+        assert prefill_time(cm, batch, _PL, chunk_tokens=25) == pytest.approx(
+            prefill_time(cm, batch, _PL, chunk_tokens=20), rel=1e-12), batch
+    assert prefill_time(cm, 5, _PL, chunk_tokens=20) > prefill_time(cm, 5, _PL, chunk_tokens=30)  # 3 passes vs 2
