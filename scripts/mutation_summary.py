@@ -76,7 +76,11 @@ def main(argv: list[str]) -> int:
     out.write_text("\n".join(lines) + "\n")
     n = len(tested) - len(explained)
     pct = 100.0 * len(killed) / n if n else 0.0
-    rel = out.relative_to(Path(__file__).resolve().parent.parent) if out.is_absolute() else out
+    repo = Path(__file__).resolve().parent.parent
+    rel = out.relative_to(repo) if out.is_absolute() and out.is_relative_to(repo) else out
+    not_run = [mod for mod in modules if not any(m[1] == mod for m in ms)]
+    if not_run:
+        print(f"mutation: not run yet (no mutants in any cache): {', '.join(not_run)}")
     if len(ms) > len(tested):
         print(f"mutation: {len(ms) - len(tested)} of {len(ms)} mutants untested (the run stopped early): the rate "
               "below is over the tested ones")
