@@ -49,7 +49,7 @@ else
   rm -rf "$WORK"
 fi
 export OMP_NUM_THREADS=1 SPECMOE_CALIBRATE_STRICT=0
-STALL_S=${MUTATION_STALL_S:-120}
+STALL_S=${MUTATION_STALL_S:-300}
 
 # The copy a module runs in: ALL split into JOBS contiguous groups, so a module always lands in the same
 # copy (and its cache) whichever modules a run names.
