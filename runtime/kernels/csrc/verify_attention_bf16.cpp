@@ -206,13 +206,11 @@ void pack_v(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dv, uint
   }
 }
 
-// (x[m], y[m]) as bf16 pairs, and x, y replaced by what rounding left over.
-inline __m512i pair_part(__m512& x, __m512& y) {
+// (x[m], y[m]) rounded to bf16 pairs (P is carried in one part: no residual is kept).
+inline __m512i bf16_pairs(__m512 x, __m512 y) {
   alignas(64) static const uint16_t idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(y, x);  // x's 16 bf16, then y's
-  x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16)));
-  y = _mm512_sub_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16)));
   return _mm512_permutexvar_epi16(_mm512_load_si512(idx), h);
 }
 
@@ -313,8 +311,7 @@ void dpbf_pv(const float* st, int64_t Mb, int64_t rows, int64_t nc, const uint32
   const int64_t pairs = (nc + 1) / 2;
   for (int64_t t = 0; t < pairs; ++t)
     for (int64_t m0 = 0; m0 < Mb; m0 += 16) {
-      __m512 x = st_row(st, Mb, 2 * t, nc, m0), y = st_row(st, Mb, 2 * t + 1, nc, m0);
-      _mm512_storeu_si512(pp + t * Mb + m0, pair_part(x, y));
+      _mm512_storeu_si512(pp + t * Mb + m0, bf16_pairs(st_row(st, Mb, 2 * t, nc, m0), st_row(st, Mb, 2 * t + 1, nc, m0)));
     }
   for (int64_t g0 = 0; g0 < Dv / 16; g0 += 4) {
     switch (std::min<int64_t>(4, Dv / 16 - g0)) {
@@ -390,8 +387,7 @@ void amx_pack_p(const float* st, int64_t Mb, int64_t nc, int64_t pairs, uint32_t
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t c = 2 * (t0 + i);
-        __m512 x = st_row(st, Mb, c, nc, m0), y = st_row(st, Mb, c + 1, nc, m0);
-        r[i] = pair_part(x, y);
+        r[i] = bf16_pairs(st_row(st, Mb, c, nc, m0), st_row(st, Mb, c + 1, nc, m0));
       }
       transpose16(r);
       for (int j = 0; j < 16; ++j) _mm512_storeu_si512(pt + (m0 + j) * pairs + t0, r[j]);
