@@ -89,6 +89,32 @@ def test_chunk_and_split_boundaries(path):
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
+def test_blocked_tiles_and_their_tails(path):
+    """AMX multiplies 64 keys by one tile of 16 query rows (M <= 16), 32 keys by two tiles (M = 32, 64),
+    and the rest 16 keys at a time; PV pairs of row tiles with pairs of d tiles. Contexts around those
+    multiples, K read in place (D = 128) and copied (D = 96), chunks whose length is not a multiple."""
+    ctxs = [64, 65, 95, 127, 160, 191]
+    for N, g in ((4, 4), (1, 16), (8, 4), (16, 4), (12, 4)):   # M = 16, 16, 32, 64, 48
+        check(path, 6, N, 4 * g, 4, 128, ctxs)
+    check(path, 6, 8, 16, 4, 96, ctxs, _chunk_keys=112)        # D tiles: 6 = three pairs
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.02])
+def test_any_scale_matches_reference(path, scale):
+    """The fast paths scale the scores inside the softmax when the scale is positive (the maximum of the
+    scaled scores is the scale times the maximum) and in a pass of their own otherwise."""
+    seed = random.randrange(2**31)
+    q, k, v, slots, ctx_lens = make_case(3, 8, 16, 4, 128, [0, 130, 600], seed=seed, q_scale=4.0)
+    out = va.verify_attention(q, k, v, slots, ctx_lens, path=path, scale=scale)
+    ref = va.verify_attention_reference(q.double(), k.double(), v.double(), slots, ctx_lens, scale=scale)
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= dict(TOL, avx512bf16=3e-2)[path], f"relative error {err:.2e}: scale={scale} seed={seed}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
 def test_peaked_scores_stay_finite(path):
     """Scores of ~30 standard deviations: the fp32 path is ~1e-5 off from rounding alone (see
     test_verify_attention); avx512bf16's bf16 Q moves each score by ~30 * 2^-9 = 0.06, so a

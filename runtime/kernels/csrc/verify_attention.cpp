@@ -701,10 +701,12 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
         pf.vdelta = vdelta;
         pf.rate = float(lines) / float(fast ? fast_units(a, fd, Mb, rows, nc, qparts) : qk_units + pv_units<DT>(rows, nc));
       }
-      if (fast) {  // unscaled scores from bf16 Q parts, scaled here in fp32
+      if (fast) {  // unscaled scores from bf16 Q parts, scaled in fp32 by the softmax (a positive scale)
         fast_qk(a, fd, fch, nc, reinterpret_cast<const uint32_t*>(w.qp.p) + mb0, qparts, mv, st, pf);
-        const vf sc = vsplat(a.qscale);
-        for (int64_t i = 0; i < nc * Mb; i += W) vstore(st + i, vload(st + i) * sc);
+        if (!(a.qscale > 0.0f)) {
+          const vf sc = vsplat(a.qscale);
+          for (int64_t i = 0; i < nc * Mb; i += W) vstore(st + i, vload(st + i) * sc);
+        }
       }
       else if (R)
         qk_split_dispatch<DT>(R, a, kc, nc, direct, qt, st, w.kb.p, pf);
@@ -746,17 +748,19 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
           lrow[m] = lrow[m] * alpha[m] + sm;
         }
       } else {
-        // Online softmax update, vectorised over query rows.
+        // Online softmax update, vectorised over query rows. The scores are scaled by sc here (the
+        // fast paths' unscaled scores; 1 otherwise): sc > 0, so the scaled maximum is sc * the maximum.
+        const vf sc = vsplat(fast && a.qscale > 0.0f ? a.qscale : 1.0f);
         for (int v = 0; v < mv; ++v) {
           vf cm = vsplat(NEG_INF);
           for (int64_t c = 0; c < nc; ++c) cm = vmax(cm, vload(st + c * Mb + v * W));
           const vf mold = vload(mrow + mb0 + v * W);
-          const vf mnew = vmax(mold, cm);
+          const vf mnew = vmax(mold, cm * sc);
           const vf ms = mnew == vsplat(NEG_INF) ? vsplat(0.0f) : mnew;
           const vf al = vexp2(mold - ms);
           vf sum = vf{};
           for (int64_t c = 0; c < nc; ++c) {
-            const vf pc = vexp2(vload(st + c * Mb + v * W) - ms);
+            const vf pc = vexp2(vload(st + c * Mb + v * W) * sc - ms);
             vstore(st + c * Mb + v * W, pc);
             sum += pc;
           }

@@ -49,7 +49,7 @@ namespace {
 
 enum { PATH_AUTO = 0, PATH_FP32 = 1, PATH_DPBF = 2, PATH_AMX = 3 };
 constexpr int QPARTS_AMX = 3;  // most bf16 parts Q is split into (fp32 q: exact to 2^-24)
-constexpr int64_t FAST_CHUNK = 128;  // default keys per chunk
+constexpr int64_t FAST_CHUNK = 192;  // default keys per chunk (measured best of 64..384 here)
 
 // Bit p set: path p runs here.
 unsigned available_paths() {
@@ -101,10 +101,6 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite f)
   return uint16_t(u >> 16);
 }
 
-// Q^T pairs of the M rows of (b, h), unscaled (the scores are scaled in fp32 after QK), as the
-// fewest bf16 parts, at most max_parts, whose sum is q: one when q holds bf16 values (the engine's
-// bf16 models), so QK is exact. Every one of the max_parts parts is written (zero where the sum
-// is already exact). Returns the number of parts QK must multiply.
 #if VA_HAS_DPBF
 // 16x16 dword transpose of r.
 inline void transpose16(__m512i r[16]) {
@@ -134,36 +130,46 @@ inline void transpose16(__m512i r[16]) {
 }
 
 
+// Part p of 16 rows x 32 elements of q (rows m0.., elements 2*t0..) into lo/hi: q minus parts 0..p-1,
+// the bf16 pairs of part p in r; returns the bits left over after part p (zero: the sum is exact).
+inline __m512i q_part(const Args& a, const QRows& q, int64_t m0, int64_t t0, int p, __m512i r[16]) {
+  const int64_t n = a.D - 2 * t0;
+  const __mmask16 mlo = __mmask16(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+  const __mmask16 mhi = __mmask16(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
+  __m512i left = _mm512_setzero_si512();
+  for (int i = 0; i < 16; ++i) {
+    const int64_t m = m0 + i;
+    const float* src = q.p + (m / a.g) * q.tok + (m % a.g) * a.D + 2 * t0;
+    __m512 lo = m < a.M ? _mm512_maskz_loadu_ps(mlo, src) : _mm512_setzero_ps();
+    __m512 hi = m < a.M ? _mm512_maskz_loadu_ps(mhi, src + 16) : _mm512_setzero_ps();
+    for (int j = 0; j <= p; ++j) {
+      r[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // 32 bf16 in order: dword t = pair t
+      lo = _mm512_sub_ps(lo, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r[i])), 16)));
+      hi = _mm512_sub_ps(hi, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r[i], 1)), 16)));
+    }
+    left = _mm512_or_si512(left, _mm512_or_si512(_mm512_castps_si512(lo), _mm512_castps_si512(hi)));
+  }
+  return left;
+}
+
+// Q^T pairs of the M rows of (b, h), unscaled (the scores are scaled in fp32 after QK), as the
+// fewest bf16 parts, at most max_parts, whose sum is q: one when q holds bf16 values (the engine's
+// bf16 models), so QK is exact. Part p is written only when parts 0..p-1 leave something over;
+// returns the number of parts written, the number QK multiplies.
 int pack_q(const Args& a, const QRows& q, int max_parts, int64_t Dp, uint32_t* qp) {
   const int64_t Mp = a.Mp, T = Dp / 2;
-  __m512i left[QPARTS_AMX] = {};  // bits of what part p left over, over every row and pair
-  for (int64_t m0 = 0; m0 < Mp; m0 += 16)
-    for (int64_t t0 = 0; t0 < T; t0 += 16) {
-      __m512 lo[16], hi[16];  // row m0+i, elements 2*t0 .. 2*t0+31
-      const int64_t n = a.D - 2 * t0;
-      const __mmask16 mlo = __mmask16(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
-      const __mmask16 mhi = __mmask16(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
-      for (int i = 0; i < 16; ++i) {
-        const int64_t m = m0 + i;
-        const float* src = q.p + (m / a.g) * q.tok + (m % a.g) * a.D + 2 * t0;
-        lo[i] = m < a.M ? _mm512_maskz_loadu_ps(mlo, src) : _mm512_setzero_ps();
-        hi[i] = m < a.M ? _mm512_maskz_loadu_ps(mhi, src + 16) : _mm512_setzero_ps();
-      }
-      for (int p = 0; p < max_parts; ++p) {
+  for (int p = 0; p < max_parts; ++p) {
+    __m512i left = _mm512_setzero_si512();  // bits part p leaves over, over every row and pair
+    for (int64_t m0 = 0; m0 < Mp; m0 += 16)
+      for (int64_t t0 = 0; t0 < T; t0 += 16) {
         __m512i r[16];
-        for (int i = 0; i < 16; ++i) {
-          r[i] = (__m512i)_mm512_cvtne2ps_pbh(hi[i], lo[i]);  // 32 bf16 in order: dword t = pair t
-          lo[i] = _mm512_sub_ps(lo[i], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r[i])), 16)));
-          hi[i] = _mm512_sub_ps(hi[i], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r[i], 1)), 16)));
-          left[p] = _mm512_or_si512(left[p], _mm512_or_si512(_mm512_castps_si512(lo[i]), _mm512_castps_si512(hi[i])));
-        }
+        left = _mm512_or_si512(left, q_part(a, q, m0, t0, p, r));
         transpose16(r);  // r[j] = pair t0+j of rows m0 .. m0+15
         for (int j = 0; j < 16; ++j) _mm512_storeu_si512(qp + (p * T + t0 + j) * Mp + m0, r[j]);
       }
-    }
-  int used = 1;
-  while (used < max_parts && _mm512_test_epi32_mask(left[used - 1], left[used - 1])) ++used;
-  return used;
+    if (!_mm512_test_epi32_mask(left, left)) return p + 1;
+  }
+  return max_parts;
 }
 #else
 int pack_q(const Args&, const QRows&, int, int64_t, uint32_t*) { return 1; }  // no bf16 path compiled
@@ -367,11 +373,80 @@ inline void amx_qk_keys(const uint16_t* k, int64_t ldk, const uint32_t* qp, int6
   if constexpr (NB > 3) _tile_stored(3, st + 48, lds * 4);
 }
 
+// The blocked tiles below load one operand tile per TDPBF16PS (amx_qk_keys<4> loads five per four)
+// and keep four independent accumulators (amx_qk_keys<1> and <2> chain one or two): on this
+// machine's AMX each extra tile load costs about a third of a TDPBF16PS.
+
+// st for 32 keys (K tiles at k and 16 rows on) x 32 query rows (Q tiles at qb0 and 16 on).
+inline void amx_qk_2x2(const uint16_t* k, int64_t ldk, const uint32_t* qb0, int64_t Mp, int64_t Dp, int64_t qpart,
+                       int qparts, float* st, int64_t lds, Prefetch& pf) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t ldq = Mp * 4;
+  const uint16_t* k1 = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(k) + 16 * ldk);
+  for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
+    pf.step(4 * qparts);
+    _tile_loadd(4, k + d0, ldk);
+    _tile_loadd(5, k1 + d0, ldk);
+    const uint32_t* qb = qb0 + d0 / 2 * Mp;
+    for (int p = 0; p < qparts; ++p, qb += qpart) {
+      _tile_loadd(6, qb, ldq);
+      _tile_loadd(7, qb + 16, ldq);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, st, lds * 4);
+  _tile_stored(1, st + 16, lds * 4);
+  _tile_stored(2, st + 16 * lds, lds * 4);
+  _tile_stored(3, st + 16 * lds + 16, lds * 4);
+}
+
+// st for 64 keys (four K tiles, 16 rows apart) x one Q tile of 16 rows.
+inline void amx_qk_4x1(const uint16_t* k, int64_t ldk, const uint32_t* qp, int64_t Mp, int64_t Dp, int64_t qpart,
+                       int qparts, float* st, Prefetch& pf) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t ldq = Mp * 4, step = 16 * ldk;
+  const char* kb = reinterpret_cast<const char*>(k);
+  for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
+    pf.step(4 * qparts);
+    const uint32_t* qb = qp + d0 / 2 * Mp;
+    for (int p = 0; p < qparts; ++p, qb += qpart) {
+      _tile_loadd(7, qb, ldq);
+      _tile_loadd(4, kb + 2 * d0, ldk);
+      _tile_dpbf16ps(0, 4, 7);
+      _tile_loadd(5, kb + step + 2 * d0, ldk);
+      _tile_dpbf16ps(1, 5, 7);
+      _tile_loadd(6, kb + 2 * step + 2 * d0, ldk);
+      _tile_dpbf16ps(2, 6, 7);
+      _tile_loadd(4, kb + 3 * step + 2 * d0, ldk);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+  }
+  _tile_stored(0, st, 64);
+  _tile_stored(1, st + 256, 64);
+  _tile_stored(2, st + 512, 64);
+  _tile_stored(3, st + 768, 64);
+}
+
 template <int NB>
 void amx_qk_block(const uint16_t* k, int64_t ldk, bool padded, int64_t nc, const uint32_t* qp, int64_t Mp,
                   int64_t Dp, int64_t qpart, int qparts, float* st, Prefetch& pf) {
   const int64_t lds = NB * 16;
   int64_t c = 0;
+  if constexpr (NB == 1)
+    for (; c + 64 <= nc; c += 64) amx_qk_4x1(k + c * ldk, ldk * 2, qp, Mp, Dp, qpart, qparts, st + c * lds, pf);
+  if constexpr (NB % 2 == 0)
+    for (; c + 32 <= nc; c += 32)
+      for (int j = 0; j < NB; j += 2)
+        amx_qk_2x2(k + c * ldk, ldk * 2, qp + 16 * j, Mp, Dp, qpart, qparts, st + c * lds + 16 * j, lds, pf);
   for (; c + 16 <= nc; c += 16) amx_qk_keys<NB>(k + c * ldk, ldk * 2, qp, Mp, Dp, qpart, qparts, st + c * lds, lds, pf);
   if (c < nc) {  // padded rows are zero; else the last 16 keys again (nc >= 16 here)
     if (!padded) c = nc - 16;
@@ -418,6 +493,31 @@ inline void amx_pv_tiles(const uint32_t* pt, int64_t pairs, const uint32_t* vv, 
   if constexpr (NT > 3) _tile_stored(3, o + 48, ldo);
 }
 
+// o[32 rows][32 d] += P . V over `pairs` key pairs: P rows at pt and 16 rows on, V pairs at vv and 16 d on.
+inline void amx_pv_2x2(const uint32_t* pt, int64_t pairs, const uint32_t* vv, int64_t Dv, float* o, Prefetch& pf) {
+  const int64_t ldo = Dv * 4, ldp = pairs * 4, ldv = Dv * 4;
+  float* o1 = o + 16 * Dv;
+  _tile_loadd(0, o, ldo);
+  _tile_loadd(1, o + 16, ldo);
+  _tile_loadd(2, o1, ldo);
+  _tile_loadd(3, o1 + 16, ldo);
+  for (int64_t t0 = 0; t0 < pairs; t0 += 16) {
+    pf.step(4);
+    _tile_loadd(4, pt + t0, ldp);
+    _tile_loadd(5, pt + 16 * pairs + t0, ldp);
+    _tile_loadd(6, vv + t0 * Dv, ldv);
+    _tile_loadd(7, vv + t0 * Dv + 16, ldv);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, o, ldo);
+  _tile_stored(1, o + 16, ldo);
+  _tile_stored(2, o1, ldo);
+  _tile_stored(3, o1 + 16, ldo);
+}
+
 // PV of one row block (Mb rows, all of them: padding rows are finite and never read).
 void amx_pv(const float* st, int64_t Mb, int64_t nc, const uint32_t* vv, int64_t Dv, const float* alpha,
             float* o, uint32_t* pt, Prefetch& pf) {
@@ -428,7 +528,14 @@ void amx_pv(const float* st, int64_t Mb, int64_t nc, const uint32_t* vv, int64_t
     const __m512 al = _mm512_set1_ps(alpha[m]);
     for (int64_t d = 0; d < Dv; d += 16) _mm512_storeu_ps(o + m * Dv + d, _mm512_mul_ps(_mm512_loadu_ps(o + m * Dv + d), al));
   }
-  for (int64_t m0 = 0; m0 < Mb; m0 += 16)
+  int64_t m0 = 0;
+  for (; m0 + 32 <= Mb; m0 += 32) {  // pairs of row tiles by pairs of d tiles, one load per TDPBF16PS
+    int64_t g0 = 0;
+    for (; g0 + 2 <= Dv / 16; g0 += 2) amx_pv_2x2(pt + m0 * pairs, pairs, vv + g0 * 16, Dv, o + m0 * Dv + g0 * 16, pf);
+    if (g0 < Dv / 16)
+      for (int64_t r = m0; r < m0 + 32; r += 16) amx_pv_tiles<1>(pt + r * pairs, pairs, vv + g0 * 16, Dv, o + r * Dv + g0 * 16, pf);
+  }
+  for (; m0 < Mb; m0 += 16)
     for (int64_t g0 = 0; g0 < Dv / 16; g0 += 4) {
       const uint32_t* p = pt + m0 * pairs;
       float* ob = o + m0 * Dv + g0 * 16;
