@@ -514,6 +514,39 @@ inline void widen_rows(const uint16_t* src, int64_t rows, int64_t D, float* dst,
 
 #include "verify_attention_bf16.cpp"  // the AMX and AVX512-BF16 paths for bf16 / fp16 KV
 
+// Online softmax update of one row block (st [nc][Mb], mv vectors of W rows; mrow, lrow, alpha at the
+// block's first row), vectorised over query rows. The scores are scaled by sc here (the fast paths'
+// unscaled scores; 1 otherwise): sc > 0, so the scaled maximum is sc * the maximum. The AMX path
+// writes the probabilities straight into its P pairs pt, the others back into st.
+void softmax_rows(const Args& a, bool fast, float* st, int64_t Mb, int mv, int64_t nc, float* mrow, float* lrow,
+                  float* alpha, uint32_t* pt) {
+  const vf sc = vsplat(fast && a.qscale > 0.0f ? a.qscale : 1.0f);
+  for (int v = 0; v < mv; ++v) {
+    vf cm = vsplat(NEG_INF);
+    for (int64_t c = 0; c < nc; ++c) cm = vmax(cm, vload(st + c * Mb + v * W));
+    const vf mold = vload(mrow + v * W);
+    const vf mnew = vmax(mold, cm * sc);
+    const vf ms = mnew == vsplat(NEG_INF) ? vsplat(0.0f) : mnew;
+    const vf al = vexp2(mold - ms);
+    vf sum = vf{};
+#if VA_HAS_AMX
+    if (a.path == PATH_AMX) {
+      sum = (vf)amx_exp_pack(st, Mb, v, nc, round_up(nc, 32) / 2, (__m512)sc, (__m512)ms, pt);
+    } else
+#endif
+    {
+      for (int64_t c = 0; c < nc; ++c) {
+        const vf pc = vexp2(vload(st + c * Mb + v * W) * sc - ms);
+        vstore(st + c * Mb + v * W, pc);
+        sum += pc;
+      }
+    }
+    vstore(lrow + v * W, vload(lrow + v * W) * al + sum);
+    vstore(mrow + v * W, mnew);
+    vstore(alpha + v * W, al);
+  }
+}
+
 namespace {
 
 // Work units (vector FMAs, rounded up to 8 keys) that pv_rows passes to Prefetch::step().
@@ -748,26 +781,7 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
           lrow[m] = lrow[m] * alpha[m] + sm;
         }
       } else {
-        // Online softmax update, vectorised over query rows. The scores are scaled by sc here (the
-        // fast paths' unscaled scores; 1 otherwise): sc > 0, so the scaled maximum is sc * the maximum.
-        const vf sc = vsplat(fast && a.qscale > 0.0f ? a.qscale : 1.0f);
-        for (int v = 0; v < mv; ++v) {
-          vf cm = vsplat(NEG_INF);
-          for (int64_t c = 0; c < nc; ++c) cm = vmax(cm, vload(st + c * Mb + v * W));
-          const vf mold = vload(mrow + mb0 + v * W);
-          const vf mnew = vmax(mold, cm * sc);
-          const vf ms = mnew == vsplat(NEG_INF) ? vsplat(0.0f) : mnew;
-          const vf al = vexp2(mold - ms);
-          vf sum = vf{};
-          for (int64_t c = 0; c < nc; ++c) {
-            const vf pc = vexp2(vload(st + c * Mb + v * W) * sc - ms);
-            vstore(st + c * Mb + v * W, pc);
-            sum += pc;
-          }
-          vstore(lrow + mb0 + v * W, vload(lrow + mb0 + v * W) * al + sum);
-          vstore(mrow + mb0 + v * W, mnew);
-          vstore(alpha + mb0 + v * W, al);
-        }
+        softmax_rows(a, fast, st, Mb, mv, nc, mrow + mb0, lrow + mb0, alpha + mb0, reinterpret_cast<uint32_t*>(w.pt.p));
       }
       if (fast)
         fast_pv(a, fd, st, Mb, rows, nc, vv, alpha + mb0, o + mb0 * ldo, reinterpret_cast<uint32_t*>(w.pt.p), pf);

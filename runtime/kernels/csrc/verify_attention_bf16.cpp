@@ -454,19 +454,28 @@ void amx_qk_block(const uint16_t* k, int64_t ldk, bool padded, int64_t nc, const
   }
 }
 
-// pt[m][t] for t < pairs (= round_up(nc, 32) / 2), m < Mb: the P pairs of st rounded to bf16
-// (as flash attention does; P is in [0, 1]), rows as rows.
-void amx_pack_p(const float* st, int64_t Mb, int64_t nc, int64_t pairs, uint32_t* pt) {
-  for (int64_t m0 = 0; m0 < Mb; m0 += 16)
-    for (int64_t t0 = 0; t0 < pairs; t0 += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t c = 2 * (t0 + i);
-        r[i] = bf16_pairs(st_row(st, Mb, c, nc, m0), st_row(st, Mb, c + 1, nc, m0));
-      }
-      transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(pt + (m0 + j) * pairs + t0, r[j]);
+// The softmax's probabilities of the 16 rows of vector v straight into the P pairs PV multiplies:
+// p[c][m] = 2^(st[c][m] * sc - ms[m]) for c < nc, zero from nc to 2 * pairs, rounded to bf16 (as flash
+// attention does; P is in [0, 1]) as pt[m][t] = (p[2t][m], p[2t+1][m]), rows as rows. Returns the
+// fp32 sum over c of each row's p.
+inline __m512 amx_exp_pack(const float* st, int64_t Mb, int64_t v, int64_t nc, int64_t pairs, __m512 sc, __m512 ms,
+                           uint32_t* pt) {
+  __m512 sum = _mm512_setzero_ps();
+  auto prob = [&](int64_t c) {
+    return c < nc ? (__m512)vexp2((vf)_mm512_fmsub_ps(_mm512_loadu_ps(st + c * Mb + v * 16), sc, ms))
+                  : _mm512_setzero_ps();
+  };
+  for (int64_t t0 = 0; t0 < pairs; t0 += 16) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      const __m512 x = prob(2 * (t0 + i)), y = prob(2 * (t0 + i) + 1);
+      sum = _mm512_add_ps(sum, _mm512_add_ps(x, y));
+      r[i] = bf16_pairs(x, y);
     }
+    transpose16(r);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(pt + (v * 16 + j) * pairs + t0, r[j]);
+  }
+  return sum;
 }
 
 // o[16 rows][NT*16 d] += P . V over `pairs` key pairs.
@@ -518,11 +527,11 @@ inline void amx_pv_2x2(const uint32_t* pt, int64_t pairs, const uint32_t* vv, in
   _tile_stored(3, o1 + 16, ldo);
 }
 
-// PV of one row block (Mb rows, all of them: padding rows are finite and never read).
-void amx_pv(const float* st, int64_t Mb, int64_t nc, const uint32_t* vv, int64_t Dv, const float* alpha,
-            float* o, uint32_t* pt, Prefetch& pf) {
+// PV of one row block (Mb rows, all of them: padding rows are finite and never read), P pairs pt
+// from amx_exp_pack.
+void amx_pv(int64_t Mb, int64_t nc, const uint32_t* vv, int64_t Dv, const float* alpha, float* o,
+            const uint32_t* pt, Prefetch& pf) {
   const int64_t pairs = round_up(nc, 32) / 2;
-  amx_pack_p(st, Mb, nc, pairs, pt);
   for (int64_t m = 0; m < Mb; ++m) {
     if (alpha[m] == 1.0f) continue;
     const __m512 al = _mm512_set1_ps(alpha[m]);
@@ -611,7 +620,7 @@ void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc,
 void fast_pv(const Args& a, const FastDims& fd, const float* st, int64_t Mb, int64_t rows, int64_t nc,
              const uint32_t* vv, const float* alpha, float* o, uint32_t* pbuf, Prefetch& pf) {
 #if VA_HAS_AMX
-  if (a.path == PATH_AMX) return amx_pv(st, Mb, nc, vv, fd.Dv, alpha, o, pbuf, pf);
+  if (a.path == PATH_AMX) return amx_pv(Mb, nc, vv, fd.Dv, alpha, o, pbuf, pf);
 #endif
 #if VA_HAS_DPBF
   dpbf_pv(st, Mb, rows, nc, vv, fd.Dv, alpha, o, pbuf, pf);
