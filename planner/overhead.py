@@ -105,7 +105,8 @@ OPS_PER_INVOCATION: dict[str, float] = {
     OverheadKey.ATTENTION_GPU.value: 63.5,
     OverheadKey.POST_ATTN.value: 20.0,
     OverheadKey.MOE.value: 87.5,
-    OverheadKey.MOE_EXPERT.value: 24.0,
+    OverheadKey.MOE_EXPERT.value: 24.0,    # the per-expert GEMM chain (a GPU); on host memory the engine groups
+                                           # every expert in two GEMMs, whose per-expert cost calibration fits
     OverheadKey.H2D.value: 1.0,            # one copy per streamed expert (issued outside the stage brackets)
     OverheadKey.LM_HEAD.value: 11.0,
     OverheadKey.ACCEPT.value: 38.0,

@@ -98,3 +98,37 @@ def test_rebalance_caches_the_most_used(tmp_path):
         assert sorted(store.cached[layer]) == sorted(top)
         for s, e in enumerate(store.cached[layer]):
             assert torch.equal(store.cache[layer][s], store.host[layer][e])
+
+
+def test_grouped_experts_match_per_expert_bit_for_bit(tmp_path, monkeypatch):
+    """The grouped-GEMM MoE (all experts of a layer in two torch._grouped_mm calls, used where the store
+    reads every expert from its host rows) gives the same logits bit for bit as one GEMM pair per expert,
+    with the same streamed bytes and routing counts (the store's bookkeeping still sees every expert)."""
+    from specmoe.runtime.kernels import moe_ops
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no grouped GEMM")
+    p = make_checkpoint("qwen2_moe", tmp_path / "q", seed=15)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(moe_ops.GROUPED_MM_ENV, mode)
+        monkeypatch.setattr(moe_ops, "_grouped_ok", {})
+        calls.clear()
+        src = WeightSource.from_checkpoint(p)
+        c = src.config
+        store = ExpertStore(src, DEV, torch.float32, [2 if c.layer_is_moe(i) else 0 for i in range(c.num_layers)])
+        model = TargetModel(src, store, DEV, torch.float32)
+        kv = SplitKVCache(c.num_layers, 3, 1, c.num_kv_heads, 32, c.head_dim, DEV, torch.float32, torch.float32,
+                          decode_kernel=False)
+        seqs = [torch.randint(3, c.vocab_size, (L,), generator=torch.Generator().manual_seed(L)).tolist()
+                for L in (7, 12, 5)]
+        out = run_chunked(lambda t, lay: model.forward(t, lay, kv, StageTimer(DEV), 2, logits="all",
+                                                       record_routing=True), kv, seqs, [4, 1, 2])
+        runs[mode] = (out, store.h2d_bytes, {l: x.tolist() for l, x in store.routing_counts.items()}, len(calls))
+    (g_out, g_bytes, g_counts, g_calls), (e_out, e_bytes, e_counts, e_calls) = runs["1"], runs["0"]
+    assert e_calls == 0 and g_calls >= 2 * len(c.moe_layers)     # two grouped GEMMs per MoE layer and pass
+    assert all(torch.equal(a, b) for a, b in zip(g_out, e_out))
+    assert (g_bytes, g_counts) == (e_bytes, e_counts) and g_bytes > 0

@@ -235,6 +235,19 @@ class ExpertStore:
             v = self._split_views[key] = self.split(row())
         return v
 
+    def stacked(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up [E, 2F, H], down [E, H, F]): views of `layer`'s host rows, for one grouped GEMM over every
+        expert, when weights() reads every expert of the layer from those rows (the device is host memory, or
+        the layer's experts run on the CPU); else None."""
+        if not (self.shares_host or layer in self.cpu_layers):
+            return None
+        v = self._split_views.get(("stack", layer))
+        if v is None:
+            rows, FH = self.host[layer], self.F * self.H        # [E, P]
+            v = self._split_views[("stack", layer)] = (rows[:, :2 * FH].view(self.E, 2 * self.F, self.H),
+                                                       rows[:, 2 * FH:].view(self.E, self.H, self.F))
+        return v
+
     def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A flat expert row -> (gate_up [2F, H], down [H, F]) views."""
         FH = self.F * self.H

@@ -124,7 +124,8 @@ class TargetModel:
 
     def moe(self, layer: int, h: torch.Tensor, r: _Routed) -> torch.Tensor:
         """Routed experts over all tokens of the pass, grouped by expert; returns the new residual h [T, H]."""
-        from specmoe.runtime.kernels.moe_ops import expert_permutation, permute_tokens, silu_mul, unpermute_combine
+        from specmoe.runtime.kernels.moe_ops import (expert_permutation, grouped_mm_supported, permute_tokens,
+                                                     unpermute_combine)
 
         if r.ids is None:
             return h + r.extra
@@ -132,9 +133,22 @@ class TargetModel:
         perm = expert_permutation(r.ids, self.config.num_experts, check=False)   # top-k ids: no range-check sync
         counts = perm.counts.tolist()           # one sync; expert e's tokens follow those of experts < e
         xs = permute_tokens(r.x, perm.perm, K)  # [T*K, H] by expert
+        touched = [e for e, n in enumerate(counts) if n]
+        stacked = self.store.stacked(layer)
+        if stacked is not None and grouped_mm_supported(xs.dtype, stacked[0].device):
+            ys = self._moe_grouped(layer, xs, perm.counts, touched, *stacked)
+        else:
+            ys = self._moe_per_expert(layer, xs, counts, touched)
+        out = unpermute_combine(ys, perm.inv, r.w, out_dtype=h.dtype)  # [T, H]
+        h = h + out
+        return h if r.extra is None else h + r.extra
+
+    def _moe_per_expert(self, layer: int, xs: torch.Tensor, counts: list[int], touched: list[int]) -> torch.Tensor:
+        """One GEMM pair per touched expert over its rows of xs [T*K, H] (grouped by expert) -> ys [T*K, H]."""
+        from specmoe.runtime.kernels.moe_ops import silu_mul
+
         ys = torch.empty_like(xs)               # [T*K, H]
         segs, ysegs = torch.split(xs, counts), torch.split(ys, counts)   # E views each [counts[e], H], one op each
-        touched = [e for e, n in enumerate(counts) if n]
         resident = self.store.slot_of[layer]
         # resident experts first: their compute overlaps the streamed experts' copies
         for e in sorted(touched, key=lambda e: e not in resident):
@@ -143,9 +157,18 @@ class TargetModel:
                 ysegs[e].copy_(Fn.linear(silu_mul(Fn.linear(segs[e].to("cpu"), gate_up)), down))
             else:
                 ysegs[e].copy_(Fn.linear(silu_mul(Fn.linear(segs[e], gate_up)), down))
-        out = unpermute_combine(ys, perm.inv, r.w, out_dtype=h.dtype)  # [T, H]
-        h = h + out
-        return h if r.extra is None else h + r.extra
+        return ys
+
+    def _moe_grouped(self, layer: int, xs: torch.Tensor, counts: torch.Tensor, touched: list[int],
+                     gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """Every expert of the layer in two grouped GEMMs over xs [T*K, H] (grouped by expert, counts [E]) with
+        the layer's stacked host weights (gate_up [E, 2F, H], down [E, H, F]) -> ys [T*K, H]."""
+        from specmoe.runtime.kernels.moe_ops import expert_ffn_grouped
+
+        for e in touched:          # the store's bookkeeping of each expert used (streamed copies, waits)
+            self.store.weights(layer, e)
+        w = gate_up.device
+        return expert_ffn_grouped(xs.to(w), counts.to(w), gate_up, down).to(xs.device)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """h [t, H] -> logits [t, V] fp32."""
