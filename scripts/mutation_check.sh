@@ -7,7 +7,8 @@
 #   bash scripts/mutation_check.sh planner/memory.py   # one module of the list
 #   MUTATION_RESUME=1 bash scripts/mutation_check.sh    # keep the verdicts already in the work copies'
 #                                                        # caches (sources refreshed from HEAD; mutants of
-#                                                        # changed lines are tested again)
+#                                                        # changed lines are tested again, and a module's
+#                                                        # surviving ones when its own tests change)
 #   MUTATION_JOBS=1 bash scripts/mutation_check.sh      # one copy at a time (default 2: the module list
 #                                                        # split in two halves, run side by side)
 #
@@ -27,7 +28,7 @@ OUT="$REPO/bench/results/mutation_survivors.txt"
 declare -A TESTS=(
   [planner/cost_terms.py]="tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py"
   [planner/cost_model.py]="tests/test_guard_mutants_cost_model.py tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py tests/test_paper_analysis.py tests/test_cost_model_overhead.py"
-  [planner/memory.py]="tests/test_guard_mutants_memory.py tests/test_guard_mutants_memory_batch.py tests/test_guard_mutants.py tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py"
+  [planner/memory.py]="tests/test_guard_mutants_memory.py tests/test_guard_mutants_memory_batch.py tests/test_guard_mutants.py tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py tests/test_eagle_planner.py"
   [planner/simulator.py]="tests/test_guard_mutants_simulator.py tests/test_guard_mutants_simulator_run.py tests/test_guard_mutants.py tests/test_simulator.py tests/test_cost_model.py"
   [runtime/speculative.py]="tests/test_guard_acceptance.py"
   [runtime/calibrate/measure.py]="tests/test_guard_calibration.py"
@@ -69,9 +70,15 @@ run_group() {
   export PYTHONPATH="$dir/ns"
   for m in "$@"; do
     echo "mutation: $m against ${TESTS[$m]}" >&2
+    # mutmut retests every mutant it has not seen killed when the files of --tests-dir change: give it the
+    # module's own test files and the tests' helpers (fixtures, conftest), so other modules' new tests do not
+    local tdir="$dir/tests_of/${m//\//_}"
+    rm -rf "$tdir" && mkdir -p "$tdir"
+    for f in ${TESTS[$m]}; do ln -s "$dir/src/$f" "$tdir/"; done
+    for f in "$dir/src/tests/"*.py; do case "${f##*/}" in test_*) ;; *) ln -s "$f" "$tdir/" ;; esac; done
     for attempt in $(seq 1 30); do
       git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
-      "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir tests --no-progress \
+      "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir "$tdir" --no-progress \
           --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
           >/dev/null 2>&1 &
       local pid=$! last now still=0

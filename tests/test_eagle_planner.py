@@ -44,6 +44,14 @@ def test_head_weights_are_fc_and_layer_only(head):
     assert e.fusion_elems == 2 * H * H + H
 
 
+def test_a_two_layer_head_still_shares_the_targets_embeddings(tmp_path):
+    """An EAGLE head of two layers is no one-layer draft, yet it embeds and projects with the target's own
+    weights: the planner counts only what its safetensors hold (fc and both layers)."""
+    t, e = ModelSpec.from_hf_config(TINY_MOE), ModelSpec.from_hf_config(make_head(tmp_path / "h2", num_hidden_layers=2))
+    assert e.num_layers == 2 and shares_target_embeddings(t, e)
+    assert draft_weight_elems(t, e) == _stored_elems(tmp_path / "h2")
+
+
 def test_a_draft_step_multiplies_fc_layer_and_the_targets_lm_head(head):
     e = ModelSpec.from_hf_config(head)
     assert matmul_elems_per_token(e) == _stored_elems(head) + V * H
