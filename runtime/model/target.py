@@ -167,7 +167,9 @@ class TargetModel:
 
         for e in touched:          # the store's bookkeeping of each expert used (streamed copies, waits)
             self.store.weights(layer, e)
-        w = gate_up.device
+        w = gate_up.device          # the host when the layer's experts run on the CPU beside a GPU
+        if xs.device == w:
+            return expert_ffn_grouped(xs, counts, gate_up, down)
         return expert_ffn_grouped(xs.to(w), counts.to(w), gate_up, down).to(xs.device)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
