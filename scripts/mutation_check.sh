@@ -9,8 +9,8 @@
 #                                                        # caches (sources refreshed from HEAD; mutants of
 #                                                        # changed lines are tested again, and a module's
 #                                                        # surviving ones when its own tests change)
-#   MUTATION_JOBS=1 bash scripts/mutation_check.sh      # one copy at a time (default 2: the module list
-#                                                        # split in two halves, run side by side)
+#   MUTATION_JOBS=1 bash scripts/mutation_check.sh      # one module at a time (default 2 side by side,
+#                                                        # each module in its own copy with its own cache)
 #
 # Each module is run against the tests that guard it (fast ones: the runner stops at the first failure).
 # The tests' output goes to /dev/null inside `sh -c`: mutmut reads the runner through a pty until every
@@ -31,7 +31,7 @@ declare -A TESTS=(
   [planner/memory.py]="tests/test_guard_mutants_memory.py tests/test_guard_mutants_memory_batch.py tests/test_guard_mutants.py tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py tests/test_eagle_planner.py"
   [planner/simulator.py]="tests/test_guard_mutants_simulator.py tests/test_guard_mutants_simulator_run.py tests/test_guard_mutants.py tests/test_simulator.py tests/test_cost_model.py"
   [runtime/speculative.py]="tests/test_guard_acceptance.py"
-  [runtime/calibrate/measure.py]="tests/test_guard_calibration.py"
+  [runtime/calibrate/measure.py]="tests/test_guard_mutants_measure.py tests/test_guard_mutants_measure_cpu.py tests/test_guard_mutants_measure_cuda.py tests/test_guard_calibration.py"
 )
 ALL=(planner/cost_terms.py planner/cost_model.py planner/memory.py planner/simulator.py runtime/speculative.py
      runtime/calibrate/measure.py)
@@ -52,66 +52,58 @@ fi
 export OMP_NUM_THREADS=1 SPECMOE_CALIBRATE_STRICT=0
 STALL_S=${MUTATION_STALL_S:-300}
 
-# The copy a module runs in: ALL split into JOBS contiguous groups, so a module always lands in the same
-# copy (and its cache) whichever modules a run names.
-group_of() { local i; for i in "${!ALL[@]}"; do [ "${ALL[$i]}" = "$1" ] && { echo $(( i * JOBS / ${#ALL[@]} )); return; }; done; }
-
 untested() { "$PY" -c "import sqlite3,sys; c=sqlite3.connect('.mutmut-cache', timeout=30); print(c.execute(
   \"select count(*) from Mutant m join Line l on m.line=l.id join SourceFile f on l.sourcefile=f.id
   where m.status='untested' and f.filename=?\", (sys.argv[1],)).fetchone()[0])" "$1" 2>/dev/null || echo -1; }
 
-# Mutate the modules of one group, in its own copy of the committed tree.
-run_group() {
-  local dir="$WORK/j$1"; shift
+# Mutate one module in its own copy of the committed tree (its own mutmut cache, kept across runs).
+run_module() {
+  local m=$1 dir="$WORK/${1//\//_}"
   mkdir -p "$dir/src" "$dir/ns/specmoe"
   git -C "$REPO" archive HEAD | tar -x -C "$dir/src"
   for d in planner runtime cuda_kernels; do ln -sfn "$dir/src/$d" "$dir/ns/specmoe/$d"; done
   cd "$dir/src"
   export PYTHONPATH="$dir/ns"
-  for m in "$@"; do
-    echo "mutation: $m against ${TESTS[$m]}" >&2
-    # mutmut retests every mutant it has not seen killed when the files of --tests-dir change: give it the
-    # module's own test files and the tests' helpers (fixtures, conftest), so other modules' new tests do not
-    local tdir="$dir/tests_of/${m//\//_}"
-    rm -rf "$tdir" && mkdir -p "$tdir"
-    for f in ${TESTS[$m]}; do ln -s "$dir/src/$f" "$tdir/"; done
-    for f in "$dir/src/tests/"*.py; do case "${f##*/}" in test_*) ;; *) ln -s "$f" "$tdir/" ;; esac; done
-    for attempt in $(seq 1 30); do
-      git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
-      "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir "$tdir" --no-progress \
-          --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
-          >/dev/null 2>&1 &
-      local pid=$! last now still=0
-      last=$(stat -c %Y .mutmut-cache 2>/dev/null || echo 0)
-      # mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe) and then holds
-      # its cache's lock: restart it from its cache when the cache has not been written for STALL_S seconds
-      # (every verdict writes it)
-      while kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; do
-        sleep 10
-        now=$(stat -c %Y .mutmut-cache 2>/dev/null || echo 0)
-        if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
-        if [ "$still" -ge "$STALL_S" ]; then
-          echo "mutation: $m stalled (no verdict for ${STALL_S} s): restarting mutmut" >&2
-          pkill -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; sleep 2; kill -9 "$pid" 2>/dev/null || true
-          break
-        fi
-      done
-      wait "$pid" 2>/dev/null || true
-      [ "$(untested "$m")" = "0" ] && break
+  echo "mutation: $m against ${TESTS[$m]}" >&2
+  # mutmut retests every mutant it has not seen killed when the files of --tests-dir change: give it the
+  # module's own test files and the tests' helpers (fixtures, conftest), so that new tests of other modules
+  # do not send this module's survivors back for retesting
+  local tdir="$dir/tests_of"
+  rm -rf "$tdir" && mkdir -p "$tdir"
+  for f in ${TESTS[$m]}; do ln -s "$dir/src/$f" "$tdir/"; done
+  for f in "$dir/src/tests/"*.py; do case "${f##*/}" in test_*) ;; *) ln -s "$f" "$tdir/" ;; esac; done
+  for attempt in $(seq 1 30); do
+    git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
+    "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir "$tdir" --no-progress \
+        --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
+        >/dev/null 2>&1 &
+    local pid=$! last now still=0
+    last=$(stat -c %Y .mutmut-cache 2>/dev/null || echo 0)
+    # mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe) and then holds
+    # its cache's lock: restart it from its cache when the cache has not been written for STALL_S seconds
+    # (every verdict writes it)
+    while kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; do
+      sleep 10
+      now=$(stat -c %Y .mutmut-cache 2>/dev/null || echo 0)
+      if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
+      if [ "$still" -ge "$STALL_S" ]; then
+        echo "mutation: $m stalled (no verdict for ${STALL_S} s): restarting mutmut" >&2
+        pkill -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; sleep 2; kill -9 "$pid" 2>/dev/null || true
+        break
+      fi
     done
-    git -C "$REPO" show "HEAD:$m" > "$m"
+    wait "$pid" 2>/dev/null || true
+    [ "$(untested "$m")" = "0" ] && break
   done
+  git -C "$REPO" show "HEAD:$m" > "$m"
 }
 
-declare -A GROUP=()
-for m in "${MODULES[@]}"; do g=$(group_of "$m"); GROUP[$g]="${GROUP[$g]:-} $m"; done
-pids=()
-for g in "${!GROUP[@]}"; do
-  # shellcheck disable=SC2086
-  ( run_group "$g" ${GROUP[$g]} ) &
-  pids+=($!)
+# JOBS modules at a time, each in its own copy
+for m in "${MODULES[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+  ( run_module "$m" ) &
 done
-for p in "${pids[@]}"; do wait "$p"; done
-caches=$(for g in $(seq 0 $((JOBS - 1))); do printf '%s,' "$WORK/j$g/src/.mutmut-cache"; done)
+wait
+caches=$(for m in "${MODULES[@]}"; do printf '%s,' "$WORK/${m//\//_}/src/.mutmut-cache"; done)
 "$PY" "$REPO/scripts/mutation_summary.py" "${caches%,}" "$OUT" "$REPO/bench/results/mutation_equivalent.txt" \
     "${MODULES[@]}"

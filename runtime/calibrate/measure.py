@@ -57,19 +57,27 @@ class Settings:
     attn_call_bytes: int           # KV bytes read by one verify-attention call (sets B)
     chunks_MB: tuple[int, ...]
     gpu_Ms: tuple[int, ...]
-    overhead_rounds: int = 32      # engine-stage measurement: interleaved rounds over the configurations
-    overhead_per_round: int = 4    # iterations per configuration per round
-    max_tries: int = 3             # a step measured in a busy or slow spell is repeated up to this often
-    retry_budget_s: float = 90.0   # the most seconds the repeats of all steps together may add
+    # the engine-stage measurement: interleaved rounds over the configurations, iterations per configuration
+    # per round; a step measured in a busy or slow spell is repeated up to max_tries times, the repeats of
+    # all steps together adding at most retry_budget_s seconds
+    overhead_rounds: int = 32  # pragma: no mutate
+    overhead_per_round: int = 4  # pragma: no mutate
+    max_tries: int = 3  # pragma: no mutate
+    retry_budget_s: float = 90.0  # pragma: no mutate
 
 
-FULL = Settings("full", reps=5, min_time_s=0.05, pool_min_bytes=1 * GiB, pool_max_bytes=2 * GiB,
-                cpu_gemm_weight_max_bytes=64 * MiB, attn_call_bytes=16 * MiB,
-                chunks_MB=(1, 4, 16, 64, 256, 1024), gpu_Ms=tuple(2**i for i in range(13)))
-QUICK = Settings("quick", reps=3, min_time_s=0.02, pool_min_bytes=512 * MiB, pool_max_bytes=512 * MiB,
-                 cpu_gemm_weight_max_bytes=16 * MiB, attn_call_bytes=8 * MiB,
-                 chunks_MB=(1, 4, 16, 64, 256), gpu_Ms=tuple(2**i for i in range(11)),
-                 overhead_rounds=3, overhead_per_round=4, max_tries=2, retry_budget_s=20.0)
+# How hard each mode measures: repeats, pool sizes and the points of each curve. They set how long
+# calibration takes and how precisely it measures, never what a formula computes, so mutation testing
+# leaves these lines alone (`pragma: no mutate`); tests check the points against the committed
+# calibrations and that quick measures no harder than full.
+FULL = Settings("full", reps=5, min_time_s=0.05, pool_min_bytes=1 * GiB, pool_max_bytes=2 * GiB,  # pragma: no mutate
+                cpu_gemm_weight_max_bytes=64 * MiB, attn_call_bytes=16 * MiB,  # pragma: no mutate
+                chunks_MB=(1, 4, 16, 64, 256, 1024), gpu_Ms=tuple(2**i for i in range(13)))  # pragma: no mutate
+QUICK = Settings("quick", reps=3, min_time_s=0.02,  # pragma: no mutate
+                 pool_min_bytes=512 * MiB, pool_max_bytes=512 * MiB,  # pragma: no mutate
+                 cpu_gemm_weight_max_bytes=16 * MiB, attn_call_bytes=8 * MiB,  # pragma: no mutate
+                 chunks_MB=(1, 4, 16, 64, 256), gpu_Ms=tuple(2**i for i in range(11)),  # pragma: no mutate
+                 overhead_rounds=3, overhead_per_round=4, max_tries=2, retry_budget_s=20.0)  # pragma: no mutate
 
 
 # ---------------------------------------------------------------------------------------------
