@@ -30,7 +30,7 @@ declare -A TESTS=(
   [planner/cost_model.py]="tests/test_guard_mutants_cost_model.py tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py tests/test_paper_analysis.py tests/test_cost_model_overhead.py"
   [planner/memory.py]="tests/test_guard_mutants_memory.py tests/test_guard_mutants_memory_batch.py tests/test_guard_mutants.py tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py tests/test_eagle_planner.py"
   [planner/simulator.py]="tests/test_guard_mutants_simulator.py tests/test_guard_mutants_simulator_run.py tests/test_guard_mutants.py tests/test_simulator.py tests/test_cost_model.py"
-  [runtime/speculative.py]="tests/test_guard_acceptance.py"
+  [runtime/speculative.py]="tests/test_guard_mutants_speculative.py tests/test_guard_mutants_speculative_steps.py tests/test_guard_mutants_speculative_sampling.py tests/test_guard_acceptance.py"
   [runtime/calibrate/measure.py]="tests/test_guard_mutants_measure.py tests/test_guard_mutants_measure_cpu.py tests/test_guard_mutants_measure_cuda.py tests/test_guard_calibration.py"
 )
 ALL=(planner/cost_terms.py planner/cost_model.py planner/memory.py planner/simulator.py runtime/speculative.py
@@ -52,9 +52,14 @@ fi
 export OMP_NUM_THREADS=1 SPECMOE_CALIBRATE_STRICT=0
 STALL_S=${MUTATION_STALL_S:-300}
 
-untested() { "$PY" -c "import sqlite3,sys; c=sqlite3.connect('.mutmut-cache', timeout=30); print(c.execute(
-  \"select count(*) from Mutant m join Line l on m.line=l.id join SourceFile f on l.sourcefile=f.id
-  where m.status='untested' and f.filename=?\", (sys.argv[1],)).fetchone()[0])" "$1" 2>/dev/null || echo -1; }
+untested_ids() { "$PY" - "$1" 2>/dev/null <<'PYEOF' || echo x; }
+import sqlite3, sys
+c = sqlite3.connect(".mutmut-cache", timeout=30)
+print(*(r[0] for r in c.execute(
+    "select m.id from Mutant m join Line l on m.line = l.id join SourceFile f on l.sourcefile = f.id"
+    " where m.status = 'untested' and f.filename = ?", (sys.argv[1],))))
+PYEOF
+untested() { local ids; ids=$(untested_ids "$1"); [ "$ids" = x ] && echo -1 || echo $ids | wc -w; }
 
 # Mutate one module in its own copy of the committed tree (its own mutmut cache, kept across runs).
 run_module() {
@@ -72,12 +77,14 @@ run_module() {
   rm -rf "$tdir" && mkdir -p "$tdir"
   for f in ${TESTS[$m]}; do ln -s "$dir/src/$f" "$tdir/"; done
   for f in "$dir/src/tests/"*.py; do case "${f##*/}" in test_*) ;; *) ln -s "$f" "$tdir/" ;; esac; done
+  local runner="sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'"
+  local left=-1 stalled
   for attempt in $(seq 1 30); do
     git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
-    "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir "$tdir" --no-progress \
-        --runner "sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'" \
+    "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir "$tdir" --no-progress --runner "$runner" \
         >/dev/null 2>&1 &
     local pid=$! last now still=0
+    stalled=0
     last=$(stat -c %Y .mutmut-cache 2>/dev/null || echo 0)
     # mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe) and then holds
     # its cache's lock: restart it from its cache when the cache has not been written for STALL_S seconds
@@ -89,11 +96,23 @@ run_module() {
       if [ "$still" -ge "$STALL_S" ]; then
         echo "mutation: $m stalled (no verdict for ${STALL_S} s): restarting mutmut" >&2
         pkill -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; sleep 2; kill -9 "$pid" 2>/dev/null || true
+        stalled=1
         break
       fi
     done
     wait "$pid" 2>/dev/null || true
-    [ "$(untested "$m")" = "0" ] && break
+    now=$(untested "$m")
+    [ "$now" = 0 ] && break
+    [ "$stalled" = 0 ] && [ "$now" = "$left" ] && break   # a full run that tested none of the rest
+    left=$now
+  done
+  # mutmut 2 passes over a few mutants in every full run (it leaves them untested); `mutmut run ID` tests one
+  for id in $(untested_ids "$m"); do
+    [ "$id" = x ] && break
+    git -C "$REPO" show "HEAD:$m" > "$m"
+    echo "mutation: $m: testing mutant $id on its own (a full run passed over it)" >&2
+    timeout 900 "$REPO/.venv/bin/mutmut" run "$id" --paths-to-mutate "$m" --tests-dir "$tdir" --no-progress \
+        --runner "$runner" >/dev/null 2>&1 || true
   done
   git -C "$REPO" show "HEAD:$m" > "$m"
 }
