@@ -249,12 +249,11 @@ class SpeculativeDecoder:
                 small = torch.zeros(B, k + 1, dtype=torch.bool, device=logits.device)
             host = torch.cat([acc[:, None], nxt[:, None], drafts, small.long()], 1).to("cpu").numpy()
             a, nx, dr, sm = host[:, 0], host[:, 1], host[:, 2:k + 2], host[:, k + 2:]
-            upto = np.arange(k + 1)[None, :] <= a[:, None]                           # [B, k+1] accepted + next
-            flips = int(sm[upto].sum())
-            self.flips += flips
             cand = np.concatenate([dr, np.zeros((B, 1), np.int64)], 1)               # [B, k+1]: d1..da, next
             cand[np.arange(B), a] = nx
             n_emit, reason = self._emission(active, cand, a)
+            flips = int(sm[np.arange(k + 1)[None, :] < n_emit[:, None]].sum())       # over the emitted tokens
+            self.flips += flips
             self.tkv.set_lens(rows, target_len + 1 + a)
             if use_draft:        # an EAGLE head keeps only the pairs with the target's features
                 self.dkv.set_lens(rows, old_draft_len + pend + (0 if eagle is not None else np.minimum(a, k - 1)))

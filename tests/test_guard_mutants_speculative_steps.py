@@ -175,3 +175,22 @@ def test_step_without_draft_model_is_plain_decoding():
     assert all(c["n"] == [1] * len(c["n"]) for c in dec.target.calls if c["phase"] == "decode")
     for s in seqs:
         assert (s.generated, s.finish_reason) == reference(s.prompt, 12, [0] * 12)[::2]
+
+
+def test_flips_count_only_emitted_tokens():
+    """A near tie at a position the target decided but that is cut off (after max_new) is no emitted greedy
+    token (RunRecord.token_flips): with the draft the target itself, max_new = 10 and k = 3, the third
+    iteration's last 3 positions are never emitted."""
+    rule = lambda h: target_rule(h) % 2          # noqa: E731
+    dec = decoder(FakeDraft(2, rule), target=FakeTarget(2, rule), rows=7, flip_gap=0.5, eos=(99,))
+    seqs = sequences(PROMPTS + [[3, 8]], 10)
+    run(dec, seqs, [3, 3, 3, 3])
+    want, cut = 0, 0
+    for s in seqs:
+        g = []
+        for _ in range(13):                      # 1 + 3 x 4 positions decided, the first 10 emitted
+            g.append(argmax(logits_of(s.prompt + g, rule, 2)))
+        assert s.generated == g[:10] and s.finish_reason == "length"
+        want += sum(mix(s.prompt + g[:t]) % 5 == 0 for t in range(10))
+        cut += sum(mix(s.prompt + g[:t]) % 5 == 0 for t in range(10, 13))
+    assert cut > 0 and dec.flips == want
