@@ -1,12 +1,6 @@
-"""Calibration's CPU measurements (runtime/calibrate/measure.py) with the clock taken out (issue 15, part 3);
-settings, machine facts, the CPU timer and the buffers are in test_guard_mutants_measure.py.
-
-Each measurement reports (work it did) / (seconds its timer kept). Here the timer's clock is a fake one that a
-test advances by chosen amounts (time.perf_counter for the CPU timers, CUDA events for the GPU ones), so the
-timers' logic (warm-up, rounds, minimum batch time, low quantile, spread, medians, iteration counts) is
-checked against hand-worked values; the measurements' work (bytes, FLOPs, shapes, which chunk or layer each
-call reads) is checked against hand counts with the timer replaced. The CUDA side runs on the CPU: torch's
-CUDA entry points are replaced by CPU stand-ins for the test, so the GPU code paths are exercised here too.
+"""Calibration's CPU measurements (DRAM read, host copy, GEMM, verify attention) with their timer replaced: the
+work each claims (bytes, FLOPs, which chunk or layer each call reads) against hand counts and torch's own
+FLOP counter. The clock-level checks of the timers are in test_guard_mutants_measure.py (issue 15, part 3).
 """
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Calibration's GPU measurements (runtime/calibrate/measure.py) with the clock taken out (issue 15, part 3),
-on the CPU; settings, machine facts, the CPU timer and the buffers are in test_guard_mutants_measure.py.
-
-Each measurement reports (work it did) / (seconds its timer kept). Here the timer's clock is a fake one that a
-test advances by chosen amounts (time.perf_counter for the CPU timers, CUDA events for the GPU ones), so the
-timers' logic (warm-up, rounds, minimum batch time, low quantile, spread, medians, iteration counts) is
-checked against hand-worked values; the measurements' work (bytes, FLOPs, shapes, which chunk or layer each
-call reads) is checked against hand counts with the timer replaced. The CUDA side runs on the CPU: torch's
-CUDA entry points are replaced by CPU stand-ins for the test, so the GPU code paths are exercised here too.
+"""Calibration's GPU measurements run on the CPU: torch's CUDA entry points (events, synchronize, devices) are
+replaced by CPU stand-ins, so the CUDA timer's iteration counts and medians and each measurement's bytes, FLOPs
+and devices are checked here against hand values (issue 15, part 3).
 """
 from __future__ import annotations
 
