@@ -52,6 +52,19 @@ def test_a_two_layer_head_still_shares_the_targets_embeddings(tmp_path):
     assert draft_weight_elems(t, e) == _stored_elems(tmp_path / "h2")
 
 
+def test_check_context_refuses_a_head_of_another_width(tmp_path):
+    """The workload check every plan and run makes (memory.check_context) also refuses an EAGLE head that
+    cannot read the target's hidden states, naming the field; the matching head passes."""
+    from specmoe.planner.errors import SpecError
+    from specmoe.planner.memory import check_context
+
+    t, wl = ModelSpec.from_hf_config(TINY_MOE), Workload(24, 16, batch=2, acceptance=load_acceptance(0.6))
+    check_context(t, wl, ModelSpec.from_hf_config(make_head(tmp_path / "ok")))
+    wide = ModelSpec.from_hf_config(make_head(tmp_path / "wide", hidden_size=2 * H))
+    with pytest.raises(SpecError, match="config.json hidden_size"):
+        check_context(t, wl, wide)
+
+
 def test_a_draft_step_multiplies_fc_layer_and_the_targets_lm_head(head):
     e = ModelSpec.from_hf_config(head)
     assert matmul_elems_per_token(e) == _stored_elems(head) + V * H
