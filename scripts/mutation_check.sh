@@ -14,7 +14,8 @@
 #
 # Each module is run against the tests that guard it (fast ones: the runner stops at the first failure).
 # The tests' output goes to /dev/null inside `sh -c`: mutmut reads the runner through a pty until every
-# process holding it exits, and a helper process a test leaves behind would otherwise hang it.
+# process holding it exits, and a helper process a test leaves behind would otherwise hang it. The shell
+# execs pytest, so that a timed-out run mutmut kills is pytest itself (a killed shell left pytest running).
 # A mutant counts as killed when a test fails or the run times out. Ends with one line:
 #   mutation: K killed of N (P.P%) over MODULES; S survivors listed in FILE
 # The survivors (each with its diff) go to bench/results/mutation_survivors.txt; reasons for the ones that
@@ -77,7 +78,7 @@ run_module() {
   rm -rf "$tdir" && mkdir -p "$tdir"
   for f in ${TESTS[$m]}; do ln -s "$dir/src/$f" "$tdir/"; done
   for f in "$dir/src/tests/"*.py; do case "${f##*/}" in test_*) ;; *) ln -s "$f" "$tdir/" ;; esac; done
-  local runner="sh -c '$PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'"
+  local runner="sh -c 'exec $PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'"
   local left=-1 stalled
   for attempt in $(seq 1 30); do
     git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
