@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Mutation testing of the modules that carry the predictions, with mutmut 2 (it mutates a file in place,
-# runs the tests, restores it). It works on a copy of the committed tree, never on the checkout, so it
-# can run beside other work; `import specmoe.*` is pointed at the copy through PYTHONPATH.
+# Mutation testing of the modules that carry the predictions, with mutmut 2's mutations and cache and
+# scripts/mutation_run.py as the runner (it mutates a file in place, runs the tests, restores it). It
+# works on a copy of the committed tree, never on the checkout, so it can run beside other work;
+# `import specmoe.*` is pointed at the copy through PYTHONPATH.
 #
-#   bash scripts/mutation_check.sh                 # every module below (long: about 2 hours on 2 cores)
+#   bash scripts/mutation_check.sh                 # every module below (long: about an hour on 2 cores)
 #   bash scripts/mutation_check.sh planner/memory.py   # one module of the list
 #   MUTATION_RESUME=1 bash scripts/mutation_check.sh    # keep the verdicts already in the work copies'
 #                                                        # caches (sources refreshed from HEAD; mutants of
@@ -13,10 +14,8 @@
 #                                                        # each module in its own copy with its own cache)
 #
 # Each module is run against the tests that guard it (fast ones: the runner stops at the first failure).
-# The tests' output goes to /dev/null inside `sh -c`: mutmut reads the runner through a pty until every
-# process holding it exits, and a helper process a test leaves behind would otherwise hang it. The shell
-# execs pytest, so that a timed-out run mutmut kills is pytest itself (a killed shell left pytest running).
-# A mutant counts as killed when a test fails or the run times out. Ends with one line:
+# A mutant counts as killed when a test fails or the run times out (max(60 s, 10 x the unmutated run)).
+# Ends with one line:
 #   mutation: K killed of N (P.P%) over MODULES; S survivors listed in FILE
 # The survivors (each with its diff) go to bench/results/mutation_survivors.txt; reasons for the ones that
 # are equivalent are kept in bench/results/mutation_equivalent.txt (file, line and the mutated line).
@@ -51,16 +50,6 @@ else
   rm -rf "$WORK"
 fi
 export OMP_NUM_THREADS=1 SPECMOE_CALIBRATE_STRICT=0
-STALL_S=${MUTATION_STALL_S:-300}
-
-untested_ids() { "$PY" - "$1" 2>/dev/null <<'PYEOF' || echo x; }
-import sqlite3, sys
-c = sqlite3.connect(".mutmut-cache", timeout=30)
-print(*(r[0] for r in c.execute(
-    "select m.id from Mutant m join Line l on m.line = l.id join SourceFile f on l.sourcefile = f.id"
-    " where m.status = 'untested' and f.filename = ?", (sys.argv[1],))))
-PYEOF
-untested() { local ids; ids=$(untested_ids "$1"); [ "$ids" = x ] && echo -1 || echo $ids | wc -w; }
 
 # Mutate one module in its own copy of the committed tree (its own mutmut cache, kept across runs).
 run_module() {
@@ -71,50 +60,16 @@ run_module() {
   cd "$dir/src"
   export PYTHONPATH="$dir/ns"
   echo "mutation: $m against ${TESTS[$m]}" >&2
-  # mutmut retests every mutant it has not seen killed when the files of --tests-dir change: give it the
+  # every mutant not yet killed is tested again when the files of the tests dir change: it holds the
   # module's own test files and the tests' helpers (fixtures, conftest), so that new tests of other modules
   # do not send this module's survivors back for retesting
   local tdir="$dir/tests_of"
   rm -rf "$tdir" && mkdir -p "$tdir"
   for f in ${TESTS[$m]}; do ln -s "$dir/src/$f" "$tdir/"; done
   for f in "$dir/src/tests/"*.py; do case "${f##*/}" in test_*) ;; *) ln -s "$f" "$tdir/" ;; esac; done
-  local runner="sh -c 'exec $PY -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} </dev/null >/dev/null 2>&1'"
-  local left=-1 stalled
-  for attempt in $(seq 1 30); do
-    git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
-    "$REPO/.venv/bin/mutmut" run --paths-to-mutate "$m" --tests-dir "$tdir" --no-progress --runner "$runner" \
-        >/dev/null 2>&1 &
-    local pid=$! last now still=0
-    stalled=0
-    last=$(stat -c %Y .mutmut-cache 2>/dev/null || echo 0)
-    # mutmut 2 can deadlock between its worker threads (a thread blocked writing a full pipe) and then holds
-    # its cache's lock: restart it from its cache when the cache has not been written for STALL_S seconds
-    # (every verdict writes it)
-    while kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; do
-      sleep 10
-      now=$(stat -c %Y .mutmut-cache 2>/dev/null || echo 0)
-      if [ "$now" = "$last" ]; then still=$((still + 10)); else still=0; last=$now; fi
-      if [ "$still" -ge "$STALL_S" ]; then
-        echo "mutation: $m stalled (no verdict for ${STALL_S} s): restarting mutmut" >&2
-        pkill -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; sleep 2; kill -9 "$pid" 2>/dev/null || true
-        stalled=1
-        break
-      fi
-    done
-    wait "$pid" 2>/dev/null || true
-    now=$(untested "$m")
-    [ "$now" = 0 ] && break
-    [ "$stalled" = 0 ] && [ "$now" = "$left" ] && break   # a full run that tested none of the rest
-    left=$now
-  done
-  # mutmut 2 passes over a few mutants in every full run (it leaves them untested); `mutmut run ID` tests one
-  for id in $(untested_ids "$m"); do
-    [ "$id" = x ] && break
-    git -C "$REPO" show "HEAD:$m" > "$m"
-    echo "mutation: $m: testing mutant $id on its own (a full run passed over it)" >&2
-    timeout 900 "$REPO/.venv/bin/mutmut" run "$id" --paths-to-mutate "$m" --tests-dir "$tdir" --no-progress \
-        --runner "$runner" >/dev/null 2>&1 || true
-  done
+  git -C "$REPO" show "HEAD:$m" > "$m"           # the unmutated module (a killed run may leave a mutant)
+  "$PY" "$REPO/scripts/mutation_run.py" "$m" "$tdir" -- \
+      "$PY" -m pytest -x -q -p no:cacheprovider -p no:randomly ${TESTS[$m]} || true
   git -C "$REPO" show "HEAD:$m" > "$m"
 }
 

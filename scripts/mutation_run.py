@@ -1,0 +1,86 @@
+"""Test the mutants of one module with mutmut 2's own mutations and cache, one pytest process per mutant.
+
+    python scripts/mutation_run.py MODULE TESTS_DIR -- PYTEST COMMAND...
+
+Run from the root of a copy of the tree (where `.mutmut-cache` is kept). MODULE is mutated in place and
+restored after every mutant (and on any exit). The mutants are mutmut's (`list_mutations`, `mutate`, so
+`# pragma: no mutate` lines are left alone) and the verdicts go to mutmut's cache with its rules:
+a killed mutant stays killed; any other verdict stands only while the tests' hash (`hash_of_tests` of
+TESTS_DIR) is the one it was reached with. scripts/mutation_summary.py reads that cache.
+
+Why not `mutmut run`: on this 2-core VM its worker deadlocks every few minutes (a thread blocked on a full
+pipe), busy-polls the pty it reads the tests through (half a core per job), passes over a few mutants in
+every run, and kills only the shell of a timed-out run. Here each run is a plain subprocess in a session
+of its own: a run that exceeds max(60 s, 10 x the unmutated run) is killed with its whole process group
+and counts as killed (bad_timeout, as mutmut counts it); a run that fails (any non-zero exit: a failing
+test, a collection error from a mutant that does not import) kills the mutant; exit 0 is a survivor.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from mutmut import BAD_SURVIVED, BAD_TIMEOUT, OK_KILLED, UNTESTED, Context, list_mutations, mutate
+from mutmut.cache import (get_cached_mutation_statuses, hash_of_tests, register_mutants, update_line_numbers,
+                          update_mutant_status)
+
+
+def run_tests(cmd: list[str], timeout_s: float | None) -> str | int:
+    """Exit status of one run of the tests, or "timeout" (the run and everything it started are killed)."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "timeout"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_mutants(module: str, tests_dir: str, cmd: list[str]) -> int:
+    with open(module) as f:
+        source = f.read()
+    t0 = time.monotonic()
+    if run_tests(cmd, None) != 0:
+        print(f"mutation: {module}: the tests fail on the unmutated module; nothing was tested", file=sys.stderr)
+        return 2
+    timeout_s = max(60.0, 10 * (time.monotonic() - t0))
+    update_line_numbers(module)
+    ids = list_mutations(Context(source=source, filename=module))
+    register_mutants({module: ids})
+    tests_hash = hash_of_tests([tests_dir])
+    cached = get_cached_mutation_statuses(module, ids, tests_hash)
+    todo = [m for m in ids if cached[m] == UNTESTED]
+    print(f"mutation: {module}: {len(todo)} of {len(ids)} mutants to test (timeout {timeout_s:.0f} s)",
+          file=sys.stderr, flush=True)
+    try:
+        for i, mid in enumerate(todo, 1):
+            mutated, _ = mutate(Context(source=source, filename=module, mutation_id=mid))
+            with open(module, "w") as f:
+                f.write(mutated)
+            rc = run_tests(cmd, timeout_s)
+            status = BAD_TIMEOUT if rc == "timeout" else OK_KILLED if rc != 0 else BAD_SURVIVED
+            update_mutant_status(module, mid, status, tests_hash)
+            if i % 25 == 0 or i == len(todo):
+                print(f"mutation: {module}: {i} of {len(todo)} tested", file=sys.stderr, flush=True)
+    finally:
+        with open(module, "w") as f:
+            f.write(source)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if "--" not in argv or argv.index("--") != 2 or len(argv) < 4:
+        print("usage: mutation_run.py MODULE TESTS_DIR -- PYTEST COMMAND...", file=sys.stderr)
+        return 2
+    return test_mutants(argv[0], argv[1], argv[3:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
