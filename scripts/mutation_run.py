@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -43,6 +44,25 @@ def run_tests(cmd: list[str], timeout_s: float | None) -> str | int:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def forget_stale_lines(module: str, source: str) -> None:
+    """A `mutmut run` killed while a mutant was applied can leave the mutated text of a line in the cache
+    under the clean file's hash, so mutmut never looks at the line again and its mutants have no row:
+    where a cached line differs from the module's line at that number, the file's hash is forgotten and
+    update_line_numbers re-reads every line (the stale line's verdicts go; its mutants are tested again)."""
+    lines = source.split("\n")
+    con = sqlite3.connect(".mutmut-cache")
+    try:
+        rows = con.execute("SELECT Line.line_number, Line.line FROM Line JOIN SourceFile ON Line.sourcefile = "
+                           "SourceFile.id WHERE SourceFile.filename = ?", (module,)).fetchall()
+        if any(n >= len(lines) or lines[n] != text for n, text in rows):
+            con.execute("UPDATE SourceFile SET hash = '' WHERE filename = ?", (module,))
+            con.commit()
+    except sqlite3.OperationalError:       # no cache yet: mutmut creates it
+        pass
+    finally:
+        con.close()
+
+
 def test_mutants(module: str, tests_dir: str, cmd: list[str]) -> int:
     with open(module) as f:
         source = f.read()
@@ -51,6 +71,7 @@ def test_mutants(module: str, tests_dir: str, cmd: list[str]) -> int:
         print(f"mutation: {module}: the tests fail on the unmutated module; nothing was tested", file=sys.stderr)
         return 2
     timeout_s = max(60.0, 10 * (time.monotonic() - t0))
+    forget_stale_lines(module, source)
     update_line_numbers(module)
     ids = list_mutations(Context(source=source, filename=module))
     register_mutants({module: ids})

@@ -52,6 +52,21 @@ def test_runner_kills_survives_restores_and_resumes(tmp_path):
     assert (tmp_path / "mod.py").read_text() == MODULE
 
 
+def test_runner_repairs_a_line_cached_in_its_mutated_form(tmp_path):
+    """A `mutmut run` killed with a mutant applied can cache the mutated text of a line under the clean file's
+    hash: the runner re-reads the file, tests that line's mutants again, and does not fail on them."""
+    (tmp_path / "mod.py").write_text(MODULE)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_mod.py").write_text("from mod import f\n\n\ndef test_f():\n    assert f(1) == 2\n")
+    run(tmp_path)
+    con = sqlite3.connect(tmp_path / ".mutmut-cache")
+    con.execute("UPDATE Line SET line = '    return x - 1' WHERE line_number = 1")
+    con.commit()
+    con.close()
+    assert "2 of 4 mutants to test" in run(tmp_path)
+    assert verdicts(tmp_path) == {2: ["ok_killed", "ok_killed"], 6: ["bad_survived", "bad_survived"]}
+
+
 def test_runner_refuses_tests_that_fail_unmutated(tmp_path):
     (tmp_path / "mod.py").write_text(MODULE)
     (tmp_path / "tests").mkdir()
