@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("mutmut")
 REPO = Path(__file__).resolve().parents[1]
-MODULE = "def f(x):\n    return x + 1\n\n\ndef g(x):\n    return x * 3\n"
+MODULE = "def f(x):\n    return x + 1\n\n\ndef g(x):\n    return x * 3\n\n\ndef h(x):\n    return x + 1\n"
 
 
 def run(tmp: Path) -> str:
@@ -41,14 +41,17 @@ def test_runner_kills_survives_restores_and_resumes(tmp_path):
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_mod.py").write_text("from mod import f\n\n\ndef test_f():\n    assert f(1) == 2\n")
     err = run(tmp_path)
-    assert "4 of 4 mutants to test" in err          # x + 1: '+' and 1; x * 3: '*' and 3
-    assert verdicts(tmp_path) == {2: ["ok_killed", "ok_killed"], 6: ["bad_survived", "bad_survived"]}
+    assert "6 of 6 mutants to test" in err          # x + 1: '+' and 1; x * 3: '*' and 3; h's x + 1 again
+    # h's line has f's text: its mutants get verdicts of their own (mutmut 2's lookup by text gave it f's)
+    assert verdicts(tmp_path) == {2: ["ok_killed", "ok_killed"], 6: ["bad_survived", "bad_survived"],
+                                  10: ["bad_survived", "bad_survived"]}
     assert (tmp_path / "mod.py").read_text() == MODULE
-    assert "0 of 4 mutants to test" in run(tmp_path)            # same tests: every verdict stands
+    assert "0 of 6 mutants to test" in run(tmp_path)            # same tests: every verdict stands
     (tmp_path / "tests" / "test_mod.py").write_text(
         "from mod import f, g\n\n\ndef test_f():\n    assert f(1) == 2\n\n\ndef test_g():\n    assert g(2) == 6\n")
-    assert "2 of 4 mutants to test" in run(tmp_path)            # the tests changed: the survivors again
-    assert verdicts(tmp_path) == {2: ["ok_killed", "ok_killed"], 6: ["ok_killed", "ok_killed"]}
+    assert "4 of 6 mutants to test" in run(tmp_path)            # the tests changed: the survivors again
+    assert verdicts(tmp_path) == {2: ["ok_killed", "ok_killed"], 6: ["ok_killed", "ok_killed"],
+                                  10: ["bad_survived", "bad_survived"]}
     assert (tmp_path / "mod.py").read_text() == MODULE
 
 
@@ -63,8 +66,9 @@ def test_runner_repairs_a_line_cached_in_its_mutated_form(tmp_path):
     con.execute("UPDATE Line SET line = '    return x - 1' WHERE line_number = 1")
     con.commit()
     con.close()
-    assert "2 of 4 mutants to test" in run(tmp_path)
-    assert verdicts(tmp_path) == {2: ["ok_killed", "ok_killed"], 6: ["bad_survived", "bad_survived"]}
+    assert "2 of 6 mutants to test" in run(tmp_path)
+    assert verdicts(tmp_path) == {2: ["ok_killed", "ok_killed"], 6: ["bad_survived", "bad_survived"],
+                                  10: ["bad_survived", "bad_survived"]}
 
 
 def test_runner_refuses_tests_that_fail_unmutated(tmp_path):
