@@ -18,6 +18,7 @@ test, a collection error from a mutant that does not import) kills the mutant; e
 """
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import sqlite3
@@ -32,7 +33,7 @@ from mutmut.cache import hash_of_tests, update_line_numbers
 def run_tests(cmd: list[str], timeout_s: float | None) -> str | int:
     """Exit status of one run of the tests, or "timeout" (the run and everything it started are killed)."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -122,6 +123,11 @@ def record(module: str, mid, status: str, tests_hash: str) -> None:
 def test_mutants(module: str, tests_dir: str, cmd: list[str]) -> int:
     with open(module) as f:
         source = f.read()
+    # Python trusts a .pyc whose source has the same size and mtime (in seconds): a mutant of the same size
+    # written within a second of the last one would run as that one. No .pyc of the module is kept or written.
+    for pyc in glob.glob(os.path.join(os.path.dirname(module) or ".", "__pycache__",
+                                      os.path.splitext(os.path.basename(module))[0] + ".*.pyc")):
+        os.remove(pyc)
     t0 = time.monotonic()
     if run_tests(cmd, None) != 0:
         print(f"mutation: {module}: the tests fail on the unmutated module; nothing was tested", file=sys.stderr)
