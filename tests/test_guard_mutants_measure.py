@@ -212,6 +212,19 @@ def test_pool_bytes_by_hand(monkeypatch):
     assert _pool_case(monkeypatch, 32 * MiB, big, measure.QUICK) == 512 * MiB
 
 
+def test_pool_bytes_is_a_whole_number_of_bytes(monkeypatch):
+    """make_pool(n_bytes) makes torch.empty(n_bytes // 4), which takes only an int: the pool size is an int in
+    every case, also where a quarter of the free memory (600 MiB + 3 bytes: not a multiple of 4) is the
+    binding term -> 150 MiB."""
+    st = measure.Settings("t", reps=1, min_time_s=0.0, pool_min_bytes=100 * MiB, pool_max_bytes=300 * MiB,
+                          cpu_gemm_weight_max_bytes=MiB, attn_call_bytes=MiB, chunks_MB=(1,), gpu_Ms=(1,))
+    for l3, avail, want in ((50 * MiB, 600 * MiB, 150 * MiB), (50 * MiB, 600 * MiB + 3, 150 * MiB),
+                            (50 * MiB, 100 * MiB, 64 * MiB), (50 * MiB, 64 * GiB, 200 * MiB)):
+        got = _pool_case(monkeypatch, l3, avail, st)
+        assert type(got) is int and got == want
+        assert torch.empty(got // 4, dtype=torch.float32, device="meta").numel() == want // 4
+
+
 # ---------------------------------------------------------------------------------------------
 # the CPU timer
 def test_low_quantile_and_spread_by_hand():
@@ -227,6 +240,17 @@ def test_low_quantile_and_spread_by_hand():
     assert measure.spread([2.0] * 7) == 0.0
     assert measure.spread([0.0, 0.0, 5.0]) == 0.0                         # 10th percentile 0: no ratio
     assert measure.spread([0.0] * 12 + [5.0]) == 0.0
+
+
+def test_spread_of_sub_second_and_one_second_calls():
+    """Repetitions are timed in seconds, mostly far below 1: their spread is a ratio of the same kind. Sorted
+    [0.5, 0.75, 1.0]: 10th percentile rank int(0.2) = 0 -> 0.5, 90th rank int(1.8) = 1 -> 0.75, (0.75 - 0.5)
+    / 0.5 = 0.5. Microsecond calls 2, 3 us: rank 0 both ways for two samples -> 0; three 2, 3, 4 us -> 0.5.
+    A 10th percentile of exactly 1 s: [1.0, 1.5, 2.0] -> (1.5 - 1) / 1 = 0.5."""
+    assert measure.spread([1.0, 0.5, 0.75]) == pytest.approx(0.5)
+    assert measure.spread([2e-6, 3e-6]) == 0.0
+    assert measure.spread([4e-6, 2e-6, 3e-6]) == pytest.approx(0.5)
+    assert measure.spread([2.0, 1.0, 1.5]) == pytest.approx(0.5)
 
 
 class _FakeClock:
@@ -307,7 +331,8 @@ def test_cpu_best_s_without_spread_out_and_with_no_reps(monkeypatch):
 
 def test_cpu_best_s_caps_a_batch_at_100000_calls(monkeypatch):
     """A call the clock cannot see (0 s) would never end its batch: it stops at 100,000 calls, and its time
-    is floored to a tiny positive number (a rate divides by it)."""
+    counts as 1 ns, one tick of perf_counter (CLOCK_MONOTONIC, resolution 1e-9 s on Linux): the smallest
+    time the clock could have shown, positive because a rate divides by it."""
     clock = _FakeClock()
     monkeypatch.setattr(measure, "time", clock)
     n = [0]
@@ -316,7 +341,17 @@ def test_cpu_best_s_caps_a_batch_at_100000_calls(monkeypatch):
         n[0] += 1
     got = measure._cpu_best_s({"f": f}, 1, 1.0)
     assert n[0] == 2 + 100_000
-    assert 0.0 < got["f"] <= 1e-6
+    assert got["f"] == 1e-9
+
+
+def test_cpu_best_s_keeps_calls_just_above_one_tick(monkeypatch):
+    """Only calls under the clock's 1-ns tick are floored: calls the clock shows as 1.5 ns, or 1 ns exactly,
+    keep their time (one call a batch, min_time_s 0); a call of 0.25 ns counts as 1 ns."""
+    for dt, want in ((1.5e-9, 1.5e-9), (1e-9, 1e-9), (0.25e-9, 1e-9)):
+        clock, log = _FakeClock(0.0), []
+        monkeypatch.setattr(measure, "time", clock)
+        f = _scripted(clock, log, "f", [dt])
+        assert measure._cpu_best_s({"f": f}, 3, 0.0) == {"f": pytest.approx(want, rel=1e-9)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +381,7 @@ def test_kv_flat_by_dtype():
     b = measure.kv_flat(pool, "bf16")
     assert b.dtype == torch.bfloat16 and b.numel() == 6 and b.element_size() == 2
     assert b.tolist() == [1.5, -2.25, 3.0, 1.5, -2.25, 3.0]       # the same bytes: the pool twice
-    with pytest.raises(ValueError, match="kv_dtype must be fp32 or bf16"):
+    with pytest.raises(ValueError, match=r"^kv_dtype must be fp32 or bf16, got 'fp16'$"):
         measure.kv_flat(pool, "fp16")
 
 
@@ -384,11 +419,11 @@ def test_kv_layers_caps_sequences():
 
 
 def test_kv_layers_too_small_raises():
-    with pytest.raises(ValueError, match=r"the 0 MiB pool is too small for 3 cache positions"):
+    with pytest.raises(ValueError, match=r"^the 0 MiB pool is too small for 3 cache positions$"):
         measure.kv_layers(torch.zeros(2 * 24 - 1), 2, 3, 4, 100)
     B, layers = measure.kv_layers(torch.zeros(2 * 24), 2, 3, 4, 100)   # exactly one sequence's K and V
     assert B == 1 and len(layers) == 1
-    with pytest.raises(ValueError, match=r"the 2 MiB pool is too small for 1024 cache positions"):
+    with pytest.raises(ValueError, match=r"^the 2 MiB pool is too small for 1024 cache positions$"):
         measure.kv_layers(torch.zeros(MiB // 2), 8, 1024, 128, MiB)
 
 

@@ -127,8 +127,19 @@ def test_host_copy_wraps_after_the_last_whole_chunk(monkeypatch):
 
 def test_host_copy_refuses_chunks_beyond_the_pool(monkeypatch):
     monkeypatch.setattr(measure, "_cpu_best_s", _recording_best(1.0))
-    with pytest.raises(ValueError, match="every chunk exceeds the 1 MiB pool"):
+    with pytest.raises(ValueError, match=r"^measure_host_copy_GBps_by_chunk_MB: every chunk exceeds the 1 MiB pool$"):
         measure.measure_host_copy_GBps_by_chunk_MB(torch.zeros(MiB // 4 + 1), (2, 4), reps=1, min_time_s=0.0)
+    # a pool of n fp32 elements holds 4 n bytes: 7 MiB / 8 elements are 3.5 MiB, so a 4 MiB chunk does not
+    # fit (it would at 5 bytes an element: 4.375 MiB), and the message names the pool's whole MiB, 3
+    pool = torch.zeros(7 * MiB // 8)
+    with pytest.raises(ValueError) as e:
+        measure.measure_host_copy_GBps_by_chunk_MB(pool, (4,), reps=1, min_time_s=0.0)
+    assert str(e.value) == "measure_host_copy_GBps_by_chunk_MB: every chunk exceeds the 3 MiB pool"
+    rec = []
+    monkeypatch.setattr(measure, "_cpu_best_s", _recording_best(1.0, 1, rec))
+    got = measure.measure_host_copy_GBps_by_chunk_MB(pool, (1, 4, 2), reps=1, min_time_s=0.0)
+    assert rec[0][0] == [1, 2] and got == pytest.approx({1: MiB / 1e9, 2: 2 * MiB / 1e9})
+    monkeypatch.setattr(measure, "_cpu_best_s", _recording_best(1.0))
     made = []
     monkeypatch.setattr(measure, "make_pool", lambda n: made.append(n) or torch.zeros(MiB // 4))
     monkeypatch.setattr(measure, "pool_bytes", lambda st: 5 * MiB if st is measure.FULL else 0)
@@ -171,6 +182,25 @@ def test_cpu_gemm_flops_and_dtypes(monkeypatch):
     assert sp == {"seen": (2, 0.5)}
     with pytest.raises(KeyError):
         measure.measure_cpu_gemm_GFLOPs_by_M(8, 6, (1,), "fp16")
+
+
+def test_cpu_gemm_writes_into_one_preallocated_output(monkeypatch):
+    """The timed call allocates nothing: each M's callable writes x @ W into one [M, F] output made before the
+    timing, the same tensor (same storage) at every call, holding the product."""
+    fns = {}
+
+    def capture(f, reps, min_time_s, spread_out=None):
+        fns.update(f)
+        return {k: 1.0 for k in f}
+    monkeypatch.setattr(measure, "_cpu_best_s", capture)
+    measure.measure_cpu_gemm_GFLOPs_by_M(8, 6, (1, 3), reps=1, min_time_s=0.0)
+    assert sorted(fns) == [1, 3]
+    for M, fn in fns.items():
+        y1 = fn()
+        ptr = y1.data_ptr()
+        y2 = fn()
+        assert y1 is y2 and y2.data_ptr() == ptr and tuple(y2.shape) == (M, 6)
+    assert fns[1]().data_ptr() != fns[3]().data_ptr()
 
 
 def test_cpu_gemm_defaults(monkeypatch):
@@ -249,7 +279,8 @@ def test_cpu_attention_defaults_and_refusals(monkeypatch):
     assert sorted(got) == list(measure.ATTN_NS) and all(sorted(v) == [512, 2048, 8192] for v in got.values())
     # 8192 + 16 positions of 1 x 4 fp32: a sequence's K and V 262,656 bytes; 16 MiB a call -> 64 sequences (the cap)
     assert got[16][8192] == pytest.approx(64 * 2 * (8192 + 16) * 4 * 4 / 1e9)
-    with pytest.raises(ValueError, match="3 query heads are not a multiple of 2 KV heads"):
+    with pytest.raises(ValueError,
+                       match=r"^measure_cpu_attention_kv_GBps: 3 query heads are not a multiple of 2 KV heads$"):
         measure.measure_cpu_attention_kv_GBps(3, 2, 4, pool=torch.zeros(16))
 
 

@@ -143,6 +143,32 @@ def test_cuda_median_s_caps_iterations(monkeypatch):
     assert calls[0] == 3 + 4
 
 
+def test_cuda_median_s_default_target_is_5_ms(monkeypatch):
+    """Without target_s, a rep lasts about 5 ms: a call of 2^-10 s (0.977 ms) gives int(0.005 / 2^-10) =
+    int(5.12) = 5 calls a rep, 5 reps."""
+    cu = _FakeCuda(monkeypatch)
+    calls = [0]
+
+    def fn():
+        cu.t += 2 ** -10
+        calls[0] += 1
+    assert measure._cuda_median_s(fn) == pytest.approx(2 ** -10)
+    assert calls[0] == 3 + 5 * 5
+
+
+def test_cuda_median_s_counts_an_unseen_call_as_a_tenth_of_a_microsecond(monkeypatch):
+    """A call the events cannot see (0 s) counts as 1e-7 s when sizing a rep: a 50-us target is
+    5e-5 / 1e-7 = 500 calls a rep (its time, 0, is still what is returned)."""
+    cu = _FakeCuda(monkeypatch)
+    calls = [0]
+
+    def fn():
+        calls[0] += 1
+    assert measure._cuda_median_s(fn, reps=2, target_s=5e-5) == 0.0
+    assert calls[0] == 3 + 2 * 500
+    assert cu.log.count("record") == 2 * 3
+
+
 def test_cuda_median_s_floor_on_one_call(monkeypatch):
     """A 0.5 us call with a 1 ms target: 2,000 calls a rep (the floor on one call's time is below it)."""
     cu = _FakeCuda(monkeypatch)
@@ -188,7 +214,7 @@ def test_pinned_copy_directions_and_bytes(monkeypatch):
     (_, _, hpin, host), (_, gdev, _, gpu) = cu.allocs
     assert hpin and gdev == "cuda:0" and rec[0][:3] == (5, 0.01, "cuda:0")
     assert rec[0][3].data_ptr() == host.data_ptr() and bool((host == 7).all())   # GPU -> host
-    with pytest.raises(ValueError, match="direction must be 'h2d' or 'd2h', got 'h2h'"):
+    with pytest.raises(ValueError, match=r"^direction must be 'h2d' or 'd2h', got 'h2h'$"):
         measure.measure_pinned_copy_GBps_by_chunk_MB((1,), "h2h")
 
 
@@ -234,6 +260,23 @@ def test_gpu_gemm_flops_shapes_and_device(monkeypatch):
     monkeypatch.setattr(torch, "matmul", lambda x, W, out=None: out)
     got = measure.measure_gpu_gemm_TFLOPs_by_M(1, 1)
     assert sorted(got) == list(measure.FULL.gpu_Ms) and got[4096] == pytest.approx(2 * 4096 / 2e-3 / 1e12)
+
+
+def test_gpu_gemm_writes_into_one_preallocated_output(monkeypatch):
+    """The timed call allocates nothing: each M's callable writes x @ W into one [M, F] output made on the
+    device before the timing, the same tensor at every call (called inside the timer: W and X are freed
+    after the loop)."""
+    cu = _FakeCuda(monkeypatch, current=1)
+    got = []
+
+    def capture(fn, *, reps=5, target_s=0.005, device=None):
+        got.append((fn(), fn()))
+        return 1.0
+    monkeypatch.setattr(measure, "_cuda_median_s", capture)
+    measure.measure_gpu_gemm_TFLOPs_by_M(8, 5, (1, 3))
+    outs = [(a[3], a[1]) for a in cu.allocs if a[0] == "empty"]
+    assert [(tuple(y.shape), dev) for y, dev in outs] == [((1, 5), "cuda:1"), ((3, 5), "cuda:1")]
+    assert len(got) == 2 and all(a is y and b is y for (a, b), (y, _) in zip(got, outs))
 
 
 def test_hbm_copy_counts_read_and_write(monkeypatch):
