@@ -20,6 +20,7 @@ Dimensions:
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -264,8 +265,6 @@ _grouped_ok: dict[tuple, bool] = {}
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
     """Whether expert_ffn_grouped runs here for `dtype` and gives bit for bit what the per-expert GEMMs give
     (probed once per dtype and device on an uneven split with empty experts); False when SPECMOE_GROUPED_MM=0."""
-    import os
-
     if os.environ.get(GROUPED_MM_ENV, "1") == "0" or not hasattr(torch, "_grouped_mm"):
         return False
     key = (dtype, str(torch.device(device)))

@@ -514,6 +514,8 @@ inline void widen_rows(const uint16_t* src, int64_t rows, int64_t D, float* dst,
 
 #include "verify_attention_bf16.cpp"  // the AMX and AVX512-BF16 paths for bf16 / fp16 KV
 
+namespace {
+
 // Online softmax update of one row block (st [nc][Mb], mv vectors of W rows; mrow, lrow, alpha at the
 // block's first row), vectorised over query rows. The scores are scaled by sc here (the fast paths'
 // unscaled scores; 1 otherwise): sc > 0, so the scaled maximum is sc * the maximum. The AMX path
@@ -546,8 +548,6 @@ void softmax_rows(const Args& a, bool fast, float* st, int64_t Mb, int mv, int64
     vstore(alpha + v * W, al);
   }
 }
-
-namespace {
 
 // Work units (vector FMAs, rounded up to 8 keys) that pv_rows passes to Prefetch::step().
 template <int DT>
