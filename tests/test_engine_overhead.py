@@ -92,3 +92,21 @@ def test_split_kv_lengths_are_set_for_the_whole_batch():
     assert [(s, e) for _, s, e in lay.split(2)] == [(0, 2), (2, 7)]
     with pytest.raises(AssertionError):
         kv.set_lens(np.array([1]), np.array([17]))
+
+
+def test_prefill_and_decode_run_without_autograd_bookkeeping(monkeypatch):
+    """Every op of a prefill and of a decode iteration runs under torch.inference_mode (no version counters or
+    view tracking: 8-9% of a tiny-pair iteration on the dev box), and the engine's tensors stay usable after."""
+    from specmoe.runtime.model.target import TargetModel
+
+    seen = []
+    real = TargetModel.forward
+    monkeypatch.setattr(TargetModel, "forward",
+                        lambda self, *a, **k: seen.append(torch.is_inference_mode_enabled()) or real(self, *a, **k))
+    dec, seqs = eo.build(4, 2, 1, 2, iterations=2)
+    prefill_calls = len(seen)
+    dec.step(seqs, 2)
+    assert prefill_calls >= 1 and len(seen) > prefill_calls and all(seen), seen
+    assert not torch.is_inference_mode_enabled()
+    dec.step(seqs, 1)            # state written inside inference mode (KV, routing counts) is reused in place
+    assert all(s.target_len > 16 for s in seqs)

@@ -101,6 +101,23 @@ def test_expert_permutation_rejects_bad_input():
         ops.expert_permutation(torch.tensor([[0, 1]]), 0)
 
 
+def test_unchecked_permutation_and_combine_give_the_checked_result():
+    """check=False (the engine's call on its router's ids and the permutation's own inv) skips only the range
+    checks: the same tensors, and ids or inv out of range still fail (torch's error, not a wrong answer)."""
+    g = _gen(11)
+    t, k, e, h = 23, 3, 7, 10
+    ids = _topk_ids(t, k, e, torch.int64, g, distinct=False)
+    checked, unchecked = ops.expert_permutation(ids, e), ops.expert_permutation(ids, e, check=False)
+    assert all(torch.equal(a, b) for a, b in zip(checked, unchecked))
+    ys, w = torch.randn(t * k, h, generator=g), torch.rand(t, k, generator=g)
+    assert torch.equal(ops.unpermute_combine(ys, checked.inv, w, check=False),
+                       ops.unpermute_combine(ys, checked.inv, w))
+    with pytest.raises((IndexError, RuntimeError)):
+        ops.unpermute_combine(torch.zeros(4, 3), torch.tensor([0, 1, 2, 9]), torch.zeros(2, 2), check=False)
+    with pytest.raises(RuntimeError):
+        ops.expert_permutation(torch.tensor([[-1, 2]]), 4, check=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("t,k,h", [(1, 1, 1), (1, 8, 7), (37, 2, 13), (37, 8, 64), (5, 3, 4096)])
 def test_permute_tokens_matches_loop(t, k, h, dtype):
@@ -468,36 +485,3 @@ def test_imports_and_runs_without_cupy():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
-
-
-# ----------------------------------------------------------------------------- grouped expert FFN
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("counts", [[5, 0, 1, 9, 0, 0, 3], [0, 0, 17], [1], [0, 4, 0]])
-def test_grouped_expert_ffn_is_the_per_expert_ffn_bit_for_bit(dtype, counts):
-    """The grouped GEMMs give exactly what one GEMM pair per expert gives (so the engine's tokens do not
-    depend on which runs), on fresh random inputs with empty experts, one expert and odd sizes; and both
-    match a float64 recomputation of down . silu(gate) * up."""
-    if not hasattr(torch, "_grouped_mm"):
-        pytest.skip("this torch has no grouped GEMM (the engine runs one GEMM pair per expert)")
-    seed = random.randrange(2**31)
-    gen = torch.Generator().manual_seed(seed)
-    E, H, F, N = len(counts), 40, 24, sum(counts)
-    xs = torch.randn(N, H, generator=gen).to(dtype)
-    gu, dn = torch.randn(E, 2 * F, H, generator=gen).to(dtype), torch.randn(E, H, F, generator=gen).to(dtype)
-    got = ops.expert_ffn_grouped(xs, torch.tensor(counts), gu, dn)
-    assert torch.equal(got, ops.expert_ffn_reference(xs, counts, gu, dn)), f"seed={seed}"
-    e_of_row = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
-    want = torch.stack([dn[e].double() @ (Fn.silu(gu[e, :F].double() @ x.double()) * (gu[e, F:].double() @ x.double()))
-                        for e, x in zip(e_of_row.tolist(), xs)]) if N else torch.zeros(0, H, dtype=torch.float64)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item()), f"seed={seed}"
-
-
-def test_grouped_mm_can_be_turned_off(monkeypatch):
-    monkeypatch.setattr(ops, "_grouped_ok", {})
-    monkeypatch.setenv(ops.GROUPED_MM_ENV, "0")
-    assert ops.grouped_mm_supported(torch.float32, "cpu") is False
-    monkeypatch.setenv(ops.GROUPED_MM_ENV, "1")
-    assert ops.grouped_mm_supported(torch.float32, "cpu") is hasattr(torch, "_grouped_mm")

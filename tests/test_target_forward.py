@@ -100,22 +100,20 @@ def test_rebalance_caches_the_most_used(tmp_path):
             assert torch.equal(store.cache[layer][s], store.host[layer][e])
 
 
-def test_grouped_experts_match_per_expert_bit_for_bit(tmp_path, monkeypatch):
-    """The grouped-GEMM MoE (all experts of a layer in two torch._grouped_mm calls, used where the store
-    reads every expert from its host rows) gives the same logits bit for bit as one GEMM pair per expert,
-    with the same streamed bytes and routing counts (the store's bookkeeping still sees every expert)."""
-    from specmoe.runtime.kernels import moe_ops
+def _host_expert_runs(tmp_path, monkeypatch, modes):
+    """Logits of every token of a chunked qwen2_moe forward, streamed bytes, routing counts and the number of
+    batched GEMM calls (torch._grouped_mm and torch.bmm) for each SPECMOE_HOST_EXPERTS mode."""
+    from specmoe.runtime.kernels import host_experts
 
-    if not hasattr(torch, "_grouped_mm"):
-        pytest.skip("this torch has no grouped GEMM")
     p = make_checkpoint("qwen2_moe", tmp_path / "q", seed=15)
     calls = []
-    real = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("_grouped_mm", "bmm"):
+        real = getattr(torch, name, None)
+        if real is not None:
+            monkeypatch.setattr(torch, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     runs = {}
-    for mode in ("1", "0"):
-        monkeypatch.setenv(moe_ops.GROUPED_MM_ENV, mode)
-        monkeypatch.setattr(moe_ops, "_grouped_ok", {})
+    for mode in modes:
+        monkeypatch.setenv(host_experts.HOST_EXPERTS_ENV, mode)
         calls.clear()
         src = WeightSource.from_checkpoint(p)
         c = src.config
@@ -127,8 +125,31 @@ def test_grouped_experts_match_per_expert_bit_for_bit(tmp_path, monkeypatch):
                 for L in (7, 12, 5)]
         out = run_chunked(lambda t, lay: model.forward(t, lay, kv, StageTimer(DEV), 2, logits="all",
                                                        record_routing=True), kv, seqs, [4, 1, 2])
-        runs[mode] = (out, store.h2d_bytes, {l: x.tolist() for l, x in store.routing_counts.items()}, len(calls))
-    (g_out, g_bytes, g_counts, g_calls), (e_out, e_bytes, e_counts, e_calls) = runs["1"], runs["0"]
-    assert e_calls == 0 and g_calls >= 2 * len(c.moe_layers)     # two grouped GEMMs per MoE layer and pass
+        runs[mode] = (out, store.h2d_bytes, {l: x.tolist() for l, x in store.routing_counts.items()}, list(calls))
+    return runs, len(c.moe_layers)
+
+
+def test_grouped_experts_match_per_expert_bit_for_bit(tmp_path, monkeypatch):
+    """The grouped-GEMM MoE (all experts of a layer in two torch._grouped_mm calls, used where the store
+    reads every expert from its host rows) gives the same logits bit for bit as one GEMM pair per expert,
+    with the same streamed bytes and routing counts (the store's bookkeeping still sees every expert)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no grouped GEMM")
+    runs, n_moe = _host_expert_runs(tmp_path, monkeypatch, ("grouped", "per-expert"))
+    (g_out, g_bytes, g_counts, g_calls), (e_out, e_bytes, e_counts, e_calls) = runs["grouped"], runs["per-expert"]
+    assert "_grouped_mm" not in e_calls and g_calls.count("_grouped_mm") >= 2 * n_moe   # two per MoE layer and pass
     assert all(torch.equal(a, b) for a, b in zip(g_out, e_out))
     assert (g_bytes, g_counts) == (e_bytes, e_counts) and g_bytes > 0
+
+
+def test_padded_experts_match_per_expert(tmp_path, monkeypatch):
+    """The padded batched GEMMs give the per-expert logits to fp32 rounding, the same greedy tokens, the same
+    streamed bytes and routing counts; auto takes them on this small model's routing."""
+    runs, n_moe = _host_expert_runs(tmp_path, monkeypatch, ("padded", "per-expert", "auto"))
+    (p_out, p_bytes, p_counts, p_calls), (e_out, e_bytes, e_counts, e_calls) = runs["padded"], runs["per-expert"]
+    assert p_calls.count("bmm") >= 2 * n_moe and "_grouped_mm" not in p_calls
+    for a, b in zip(p_out, e_out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert (p_bytes, p_counts) == (e_bytes, e_counts) and p_bytes > 0
+    assert all(torch.equal(a, b) for a, b in zip(runs["auto"][0], p_out))

@@ -20,7 +20,6 @@ Dimensions:
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -46,9 +45,6 @@ __all__ = [
     "unpermute_combine_reference",
     "silu_mul",
     "silu_mul_reference",
-    "expert_ffn_grouped",
-    "expert_ffn_reference",
-    "grouped_mm_supported",
     "greedy_accept",
     "greedy_accept_reference",
     "rejection_sample_accept",
@@ -79,11 +75,13 @@ def _check_topk(topk_ids, num_experts) -> torch.Tensor:
     return topk_ids
 
 
-def expert_permutation_reference(topk_ids: torch.Tensor, num_experts: int) -> ExpertPermutation:
-    """Stable counting sort of the flat (token, slot) assignments by expert."""
+def expert_permutation_reference(topk_ids: torch.Tensor, num_experts: int, check: bool = True) -> ExpertPermutation:
+    """Stable counting sort of the flat (token, slot) assignments by expert. check=False skips the range check
+    (its min/max and read-back) for ids known to be in range, such as a router's top-k."""
     _check_topk(topk_ids, num_experts)
     flat = topk_ids.reshape(-1).long()  # [N]
-    check_range("topk_ids", flat, 0, num_experts, "expert ids")
+    if check:
+        check_range("topk_ids", flat, 0, num_experts, "expert ids")
     counts = torch.bincount(flat, minlength=num_experts)  # [E]
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)  # [E+1]
     torch.cumsum(counts, 0, out=offsets[1:])
@@ -98,6 +96,7 @@ def expert_permutation(topk_ids: torch.Tensor, num_experts: int, check: bool = T
 
     On a GPU, ``check=True`` reads back a device flag (one sync) and raises on ids outside
     [0, E); with ``check=False`` such ids are left out silently (inv = -1 there, perm incomplete).
+    On the CPU, ``check=False`` leaves ids outside [0, E) to torch's own errors or to longer counts.
     """
     _check_topk(topk_ids, num_experts)
     if use_gpu(topk_ids.device):
@@ -106,7 +105,7 @@ def expert_permutation(topk_ids: torch.Tensor, num_experts: int, check: bool = T
             check_range("topk_ids", topk_ids, 0, num_experts, "expert ids")
             raise KernelInputError(f"topk_ids holds expert ids outside [0, {num_experts})")
         return ExpertPermutation(counts, offsets, perm, inv)
-    return expert_permutation_reference(topk_ids, num_experts)
+    return expert_permutation_reference(topk_ids, num_experts, check)
 
 
 def _check_permute(x, perm, top_k) -> None:
@@ -157,11 +156,14 @@ def _check_combine(ys, inv, weights, out_dtype):
 
 
 def unpermute_combine_reference(
-    ys: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype | None = None
+    ys: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
-    """y[t] = sum_k weights[t, k] * ys[inv[t*K + k]], accumulated in fp32. -> [T, H] out_dtype."""
+    """y[t] = sum_k weights[t, k] * ys[inv[t*K + k]], accumulated in fp32. -> [T, H] out_dtype.
+    check=False skips the range check of inv (an ExpertPermutation's own inv is in range)."""
     out_dtype = _check_combine(ys, inv, weights, out_dtype)
-    check_range("inv", inv, 0, inv.numel(), "sorted positions")
+    if check:
+        check_range("inv", inv, 0, inv.numel(), "sorted positions")
     T, K = weights.shape
     H = ys.shape[1]
     w = weights.float().unsqueeze(1)  # [T, 1, K]
@@ -175,16 +177,18 @@ def unpermute_combine_reference(
 
 
 def unpermute_combine(
-    ys: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype | None = None
+    ys: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Expert outputs ys [N, H] back to token order with the routing-weighted sum -> y [T, H].
 
-    On a GPU, inv entries outside [0, N) contribute nothing (no range check, no sync).
+    On a GPU, inv entries outside [0, N) contribute nothing (no range check, no sync); on the CPU they raise
+    (KernelInputError, or torch's IndexError with check=False).
     """
     out_dtype = _check_combine(ys, inv, weights, out_dtype)
     if use_gpu(ys.device):
         return cuda_ops.unpermute_combine(ys.contiguous(), inv.contiguous(), weights, out_dtype)
-    return unpermute_combine_reference(ys, inv, weights, out_dtype)
+    return unpermute_combine_reference(ys, inv, weights, out_dtype, check)
 
 
 # ----------------------------------------------------------------------------- SiLU * mul
@@ -234,51 +238,6 @@ def silu_mul(gate_or_gate_up: torch.Tensor, up: torch.Tensor | None = None) -> t
         g2 = g2 if g2.stride(-1) == 1 else g2.contiguous()
         u2 = u2 if u2.stride(-1) == 1 else u2.contiguous()
     return cuda_ops.silu_mul(g2, u2).view(*lead, f)
-
-
-# ----------------------------------------------------------------------------- grouped expert FFN
-
-GROUPED_MM_ENV = "SPECMOE_GROUPED_MM"  # "0": one GEMM per expert even where torch's grouped GEMM works
-
-
-def expert_ffn_reference(xs: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """xs [N, H] grouped by expert (counts[e] rows of expert e, in order), gate_up [E, 2F, H], down [E, H, F]
-    -> [N, H]: down_e . silu_mul(gate_up_e . x) for each row x of expert e, one GEMM pair per expert."""
-    ys = torch.empty_like(xs)
-    for e, (seg, yseg) in enumerate(zip(torch.split(xs, counts), torch.split(ys, counts))):
-        if seg.shape[0]:
-            yseg.copy_(Fn.linear(silu_mul_reference(Fn.linear(seg, gate_up[e])), down[e]))
-    return ys
-
-
-def expert_ffn_grouped(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """expert_ffn_reference in two grouped GEMMs (torch._grouped_mm) over every expert, counts [E] a tensor on
-    the weights' device: 4 operations instead of 4 per expert."""
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)                          # [E] end row of each group
-    g = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)              # [N, 2F]
-    return torch._grouped_mm(silu_mul_reference(g), down.transpose(1, 2), offs=offs)   # [N, H]
-
-
-_grouped_ok: dict[tuple, bool] = {}
-
-
-def grouped_mm_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether expert_ffn_grouped runs here for `dtype` and gives bit for bit what the per-expert GEMMs give
-    (probed once per dtype and device on an uneven split with empty experts); False when SPECMOE_GROUPED_MM=0."""
-    if os.environ.get(GROUPED_MM_ENV, "1") == "0" or not hasattr(torch, "_grouped_mm"):
-        return False
-    key = (dtype, str(torch.device(device)))
-    if key not in _grouped_ok:
-        gen = torch.Generator().manual_seed(0)
-        counts = [3, 0, 7, 1, 0, 5]                                            # E = 6, N = 16, H = 24, F = 40
-        xs, gu, dn = (torch.randn(*s, generator=gen).to(dtype=dtype, device=device)
-                      for s in ((16, 24), (6, 80, 24), (6, 24, 40)))
-        try:
-            got = expert_ffn_grouped(xs, torch.tensor(counts, device=device), gu, dn)
-            _grouped_ok[key] = bool(torch.equal(got, expert_ffn_reference(xs, counts, gu, dn)))
-        except (RuntimeError, NotImplementedError, TypeError):
-            _grouped_ok[key] = False
-    return _grouped_ok[key]
 
 
 # ----------------------------------------------------------------------------- backends

@@ -124,22 +124,19 @@ class TargetModel:
 
     def moe(self, layer: int, h: torch.Tensor, r: _Routed) -> torch.Tensor:
         """Routed experts over all tokens of the pass, grouped by expert; returns the new residual h [T, H]."""
-        from specmoe.runtime.kernels.moe_ops import (expert_permutation, grouped_mm_supported, permute_tokens,
-                                                     unpermute_combine)
+        from specmoe.runtime.kernels.moe_ops import expert_permutation, permute_tokens, unpermute_combine
 
         if r.ids is None:
             return h + r.extra
-        K = self.config.top_k
         perm = expert_permutation(r.ids, self.config.num_experts, check=False)   # top-k ids: no range-check sync
         counts = perm.counts.tolist()           # one sync; expert e's tokens follow those of experts < e
-        xs = permute_tokens(r.x, perm.perm, K)  # [T*K, H] by expert
         touched = [e for e, n in enumerate(counts) if n]
         stacked = self.store.stacked(layer)
-        if stacked is not None and grouped_mm_supported(xs.dtype, stacked[0].device):
-            ys = self._moe_grouped(layer, xs, perm.counts, touched, *stacked)
+        if stacked is not None:
+            ys = self._moe_host(layer, r, perm, counts, touched, *stacked)
         else:
-            ys = self._moe_per_expert(layer, xs, counts, touched)
-        out = unpermute_combine(ys, perm.inv, r.w, out_dtype=h.dtype)  # [T, H]
+            ys = self._moe_per_expert(layer, permute_tokens(r.x, perm.perm, self.config.top_k), counts, touched)
+        out = unpermute_combine(ys, perm.inv, r.w, out_dtype=h.dtype, check=False)  # [T, H]: inv is perm's own
         h = h + out
         return h if r.extra is None else h + r.extra
 
@@ -159,18 +156,25 @@ class TargetModel:
                 ysegs[e].copy_(Fn.linear(silu_mul(Fn.linear(segs[e], gate_up)), down))
         return ys
 
-    def _moe_grouped(self, layer: int, xs: torch.Tensor, counts: torch.Tensor, touched: list[int],
-                     gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        """Every expert of the layer in two grouped GEMMs over xs [T*K, H] (grouped by expert, counts [E]) with
-        the layer's stacked host weights (gate_up [E, 2F, H], down [E, H, F]) -> ys [T*K, H]."""
-        from specmoe.runtime.kernels.moe_ops import expert_ffn_grouped
+    def _moe_host(self, layer: int, r: _Routed, perm, counts: list[int], touched: list[int],
+                  gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """Every expert of the layer in a fixed number of calls over its stacked host weights (gate_up
+        [E, 2F, H], down [E, H, F]), by the path host_experts_path picks -> ys [T*K, H] in expert order."""
+        from specmoe.runtime.kernels.host_experts import expert_ffn_grouped, expert_ffn_padded, host_experts_path
+        from specmoe.runtime.kernels.moe_ops import permute_tokens
 
+        c, w = self.config, gate_up.device      # w: the host when the layer's experts run on the CPU beside a GPU
+        path = host_experts_path(counts, c.hidden, c.moe_intermediate, r.x.dtype, w)
+        if path == "per-expert":
+            return self._moe_per_expert(layer, permute_tokens(r.x, perm.perm, c.top_k), counts, touched)
         for e in touched:          # the store's bookkeeping of each expert used (streamed copies, waits)
             self.store.weights(layer, e)
-        w = gate_up.device          # the host when the layer's experts run on the CPU beside a GPU
-        if xs.device == w:
-            return expert_ffn_grouped(xs, counts, gate_up, down)
-        return expert_ffn_grouped(xs.to(w), counts.to(w), gate_up, down).to(xs.device)
+        if path == "padded":
+            args = (r.x, r.ids, perm.inv, perm.offsets)
+            ys = expert_ffn_padded(*(a.to(w) for a in args), counts, gate_up, down)
+        else:
+            ys = expert_ffn_grouped(permute_tokens(r.x, perm.perm, c.top_k).to(w), perm.counts.to(w), gate_up, down)
+        return ys.to(r.x.device)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """h [t, H] -> logits [t, V] fp32."""
