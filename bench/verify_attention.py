@@ -8,8 +8,8 @@ Shape: B=4 sequences, Hq=32, Hkv=8 (g=4), D=128, k+1 in {1,2,4,8,16} x context i
 torch SDPA reads the cache through views without a gather). Figures are KV GB/s: KV bytes per
 call / time, KV bytes = sum over sequences of 2*(ctx+N)*Hkv*D*elem_size. Each case is timed as the
 median of several calls after a warm-up, side by side in this run, next to this machine's DRAM
-read bandwidth (torch sum over a 1 GiB fp32 tensor) and fp32 GEMM rate (4096^3 torch.matmul),
-both measured here. The last line is the one-line summary.
+read bandwidth (torch sum over a 1 GiB fp32 tensor) and fp32 GEMM rate (torch.matmul),
+both measured here, in the same rounds. The last line is the one-line summary.
 
 Roofline. Per (sequence, KV head), the g*N query rows each do one multiply-add (2 flops) with
 every element of every K row they see (QK^T) and one with every element of every V row they see
@@ -19,7 +19,14 @@ only one of K, V). Causality inside the new block removes N*(N-1)/2 key visits p
 group: exact flops = 4*D*Hq*sum_b(N*ctx_b + N*(N+1)/2). The bound for a case is
     time >= max(KV bytes / DRAM read rate, exact flops / GEMM rate),
 reported as KV bytes / that time; at ctx >= 512 it is within 1.5% of min(DRAM GB/s,
-GEMM FLOP/s / (2*g*N/elem_size)). The GEMM rate is fp32 for both dtypes: the kernel widens bf16
+GEMM FLOP/s / (2*g*N/elem_size)). Both rates are measured inside each case, by probes timed in the same
+interleaved rounds as the kernels (a 1 GiB fp32 sum, a 2048^3 matmul): this machine's speed drifts
+1.5x between spells, so rates taken once at the start hold for some cases and not for others. The
+sum runs before every timed call, so every method of every case reads its KV from DRAM, as from a
+real cache of many GB (it would otherwise sit in this machine's 300 MiB L3, and whichever method ran
+second would read it from there). The
+4096^3 figures at the start and end of the run are printed too, and each table's worst case against
+the higher of them. The GEMM rate is fp32 for both dtypes: the kernel widens bf16
 to fp32 and computes in fp32.
 
 bf16 rows (second table, always bf16 KV, same shapes): the path verify_attention_path() picks
@@ -27,7 +34,7 @@ bf16 rows (second table, always bf16 KV, same shapes): the path verify_attention
 and torch SDPA two ways, on KV widened to fp32 inside the call and in bf16 throughout (q cast to
 bf16); the faster SDPA is the one compared. Its bound is min(DRAM read, bf16 matrix rate /
 intensity): time >= max(KV bytes / DRAM read rate, exact flops / bf16 GEMM rate), the bf16 rate
-measured here by a 4096^3 bf16 torch.matmul at the start and end of the run. q holds bf16
+measured by the case's own probe (a 2048^3 bf16 torch.matmul in the same rounds). q holds bf16
 values there, as a bf16 model's q projection does (the kernel gets it widened to fp32).
 """
 
@@ -82,21 +89,29 @@ def timed(fn, *, repeats: int, min_time_s: float) -> float:
     return statistics.median(times)
 
 
-def timed_interleaved(fns: dict, *, repeats: int, min_time_s: float) -> dict:
+def timed_interleaved(fns: dict, *, repeats: int, min_time_s: float, probes=None) -> dict:
     """Median seconds per call of each function, timed in alternating rounds after a warm-up,
-    so a change in the machine's load hits all of them alike."""
+    so a change in the machine's load hits all of them alike. With `probes` (a Probes), every call
+    starts from a cache its DRAM read has just emptied (timed as "probe-dram") and each round also
+    times its GEMM ("probe-gemm")."""
+    if probes is not None:
+        fns = {**fns, "probe-gemm": probes.gemm}
     for fn in fns.values():
         fn()
-    times: dict = {name: [] for name in fns}
+    times: dict = {name: [] for name in (*fns, "probe-dram")}
     start = time.perf_counter()
     rounds = 0
     while rounds < repeats or (time.perf_counter() - start < min_time_s and rounds < 200):
         for name, fn in fns.items():
+            if probes is not None:
+                t0 = time.perf_counter()
+                probes.dram()
+                times["probe-dram"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in times.items() if ts}
 
 
 def measure_dram_read_GBps(repeats: int) -> float:
@@ -105,11 +120,44 @@ def measure_dram_read_GBps(repeats: int) -> float:
     return x.numel() * 4 / t / 1e9
 
 
+PROBE_DRAM_BYTES = 1 << 30   # a 1 GiB fp32 sum: DRAM, not cache (this machine reports a 300 MiB L3)
+PROBE_GEMM_N = 2048          # a 2048^3 matmul: 17 GFLOP, short enough to sit in every round
+
+
+class Probes:
+    """The bound's two rates measured inside each case's interleaved rounds, beside the kernels they bound:
+    this machine's speed drifts 1.5x between spells, so a bound taken at the start or end of the run holds
+    for some cases and not for others. The DRAM read runs before every timed call, so each call finds its
+    KV out of cache, as a real cache of many GB would be, whichever method ran before it."""
+
+    def __init__(self, gemm_dtype):
+        self.x = torch.ones(PROBE_DRAM_BYTES // 4, dtype=torch.float32)
+        n = PROBE_GEMM_N
+        self.a, self.b = torch.randn(n, n).to(gemm_dtype), torch.randn(n, n).to(gemm_dtype)
+
+    def dram(self):
+        return self.x.sum()
+
+    def gemm(self):
+        return torch.matmul(self.a, self.b)
+
+    @staticmethod
+    def rates(t: dict) -> tuple[float, float]:
+        """(DRAM GB/s, GEMM GFLOP/s) from one case's median seconds."""
+        return PROBE_DRAM_BYTES / t["probe-dram"] / 1e9, 2 * PROBE_GEMM_N**3 / t["probe-gemm"] / 1e9
+
+
 def measure_gemm_GFLOPs(repeats: int, dtype=torch.float32) -> float:
     n = 4096
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     t = timed(lambda: torch.matmul(a, b), repeats=repeats, min_time_s=0.0)
     return 2 * n**3 / t / 1e9
+
+
+def roofline(kv_bytes: int, flops: int, dram_GBps: float, gemm_GFLOPs: float) -> tuple[float, str]:
+    """(bound in KV GB/s, "mem" or "flop"): time >= max(KV bytes / DRAM rate, flops / GEMM rate)."""
+    t_mem, t_flop = kv_bytes / (dram_GBps * 1e9), flops / (gemm_GFLOPs * 1e9)
+    return kv_bytes / max(t_mem, t_flop) / 1e9, "mem" if t_mem >= t_flop else "flop"
 
 
 def sdpa_fn(q, k_cache, v_cache, ctx: int, *, native: bool = False):
@@ -153,8 +201,9 @@ def agree(out, want, tol: float, what: str) -> None:
 
 
 def measure_rows(kv_dtype, reps: int, min_t: float) -> list:
-    """(n, ctx, kv_bytes, flops, t_ours, t_sdpa, t_ref) per case: the kernel's default path."""
-    measured = []
+    """(n, ctx, kv_bytes, flops, t_ours, t_sdpa, t_ref, (DRAM GB/s, fp32 GFLOP/s)) per case: the kernel's
+    default path, and the bound's rates measured in the same rounds."""
+    measured, probes = [], Probes(torch.float32)
     for ctx in CONTEXTS:
         for n in KP1S:
             q, k_cache, v_cache, slots, ctx_lens, kv_bytes, flops = make_inputs(n, ctx, kv_dtype)
@@ -165,28 +214,30 @@ def measure_rows(kv_dtype, reps: int, min_t: float) -> list:
             t = timed_interleaved(
                 {"ours": lambda: verify_attention(q, k_cache, v_cache, slots, ctx_lens, out=out, backend="cpp",
                                                   path="fp32"),
-                 "sdpa": sdpa}, repeats=reps, min_time_s=min_t)
+                 "sdpa": sdpa}, repeats=reps, min_time_s=min_t, probes=probes)
             t_ref = timed(lambda: verify_attention_reference(q, k_cache, v_cache, slots, ctx_lens, out=out),
                           repeats=max(2, reps // 2), min_time_s=0.0)
-            measured.append((n, ctx, kv_bytes, flops, t["ours"], t["sdpa"], t_ref))
+            measured.append((n, ctx, kv_bytes, flops, t["ours"], t["sdpa"], t_ref, Probes.rates(t)))
             print(f"  measured k+1={n} ctx={ctx}", file=sys.stderr, flush=True)
     return measured
 
 
-def fp32_table(say, measured, dram: float, gemm: float) -> str:
+def fp32_table(say, measured, dram_best: float, gemm_best: float) -> str:
     say(f"{'k+1':>3} {'ctx':>5} | {'ours':>6} {'SDPA':>6} {'ref':>6} {'bound':>6} {'by':>4} | "
-        f"{'ours/SDPA':>9} {'ours/bound':>10} | {'ours GFLOP/s':>12}")
-    say(f"{'':>3} {'':>5} | {'KV GB/s':^27} {'':>4} |")
-    results = {}
-    for n, ctx, kv_bytes, flops, t_ours, t_sdpa, t_ref in measured:
-        t_mem, t_flop = kv_bytes / (dram * 1e9), flops / (gemm * 1e9)
-        bound = kv_bytes / max(t_mem, t_flop) / 1e9
+        f"{'ours/SDPA':>9} {'ours/bound':>10} | {'ours GFLOP/s':>12} | {'DRAM':>5} {'GEMM':>5}")
+    say(f"{'':>3} {'':>5} | {'KV GB/s':^27} {'':>4} | {'':>21} | {'GB/s GFLOP/s':>11}")
+    results, at_best = {}, {}
+    for n, ctx, kv_bytes, flops, t_ours, t_sdpa, t_ref, (dram, gemm) in measured:
+        at_best[(n, ctx)] = kv_bytes / t_ours / 1e9 / roofline(kv_bytes, flops, dram_best, gemm_best)[0]
+        bound, by = roofline(kv_bytes, flops, dram, gemm)
         ours, sdpa, ref = (kv_bytes / t / 1e9 for t in (t_ours, t_sdpa, t_ref))
         results[(n, ctx)] = (ours / sdpa, ours / bound)
-        say(f"{n:>3} {ctx:>5} | {ours:6.1f} {sdpa:6.1f} {ref:6.1f} {bound:6.1f} {'mem' if t_mem >= t_flop else 'flop':>4} | "
-            f"{ours / sdpa:8.2f}x {100 * ours / bound:9.0f}% | {flops / t_ours / 1e9:12.1f}")
-    say()
+        say(f"{n:>3} {ctx:>5} | {ours:6.1f} {sdpa:6.1f} {ref:6.1f} {bound:6.1f} {by:>4} | "
+            f"{ours / sdpa:8.2f}x {100 * ours / bound:9.0f}% | {flops / t_ours / 1e9:12.1f} | {dram:5.1f} {gemm:5.0f}")
     worst = min(r[1] for (n, ctx), r in results.items() if n <= 16 and ctx >= 512)
+    say(f"(against the run's best DRAM and GEMM figures instead of each case's own: worst case "
+        f"{100 * min(at_best.values()):.0f}%, k+1=8 ctx=2048 {100 * at_best[(8, 2048)]:.0f}%)")
+    say()
     x8, b8 = results[(8, 2048)]
     return (f"verify-kernel: k+1=8 ctx=2048 {x8:.2f}x torch SDPA, {100 * b8:.0f}% of roofline; "
             f"worst case over k+1<=16: {100 * worst:.0f}% of roofline")
@@ -194,8 +245,8 @@ def fp32_table(say, measured, dram: float, gemm: float) -> str:
 
 def measure_bf16_rows(path: str, reps: int, min_t: float) -> list:
     """(n, ctx, kv_bytes, flops, {name: seconds}) per case on bf16 KV: the bf16 path, the fp32
-    path, SDPA on widened KV and SDPA in bf16."""
-    measured = []
+    path, SDPA on widened KV and SDPA in bf16, and the bound's probes (DRAM read, bf16 GEMM)."""
+    measured, probes = [], Probes(torch.bfloat16)
     for ctx in CONTEXTS:
         for n in KP1S:
             q, k_cache, v_cache, slots, ctx_lens, kv_bytes, flops = make_inputs(n, ctx, torch.bfloat16)
@@ -208,27 +259,30 @@ def measure_bf16_rows(path: str, reps: int, min_t: float) -> list:
             for p in outs:
                 fns[p]()
                 agree(outs[p], want, 1e-4 if p == "fp32" else 1e-2, f"bf16 {p} k+1={n} ctx={ctx}")  # bf16 P
-            t = timed_interleaved(fns, repeats=reps, min_time_s=min_t)
+            t = timed_interleaved(fns, repeats=reps, min_time_s=min_t, probes=probes)
             measured.append((n, ctx, kv_bytes, flops, t))
             print(f"  measured bf16 k+1={n} ctx={ctx}", file=sys.stderr, flush=True)
     return measured
 
 
-def bf16_table(say, measured, path: str, dram: float, gemm_bf16: float) -> str:
+def bf16_table(say, measured, path: str, dram_best: float, gemm_best: float) -> str:
     say(f"{'k+1':>3} {'ctx':>5} | {path:>10} {'fp32 kern':>9} {'SDPA':>6} {'SDPAbf16':>8} {'bound':>6} {'by':>4} | "
-        f"{'/fp32':>6} {'/SDPA':>6} {'/bound':>6} | {'GFLOP/s':>7}")
-    say(f"{'':>3} {'':>5} | {'KV GB/s (bf16 bytes)':^50} |")
-    results = {}
+        f"{'/fp32':>6} {'/SDPA':>6} {'/bound':>6} | {'GFLOP/s':>7} | {'DRAM':>5} {'GEMM':>5}")
+    say(f"{'':>3} {'':>5} | {'KV GB/s (bf16 bytes)':^50} | {'':>29} | {'GB/s GFLOP/s':>11}")
+    results, at_best = {}, {}
     for n, ctx, kv_bytes, flops, t in measured:
-        t_mem, t_flop = kv_bytes / (dram * 1e9), flops / (gemm_bf16 * 1e9)
-        bound = kv_bytes / max(t_mem, t_flop) / 1e9
+        dram, gemm_bf16 = Probes.rates(t)
+        at_best[(n, ctx)] = kv_bytes / t[path] / 1e9 / roofline(kv_bytes, flops, dram_best, gemm_best)[0]
+        bound, by = roofline(kv_bytes, flops, dram, gemm_bf16)
         ours, f32, sd, sdb = (kv_bytes / t[k] / 1e9 for k in (path, "fp32", "sdpa", "sdpa-bf16"))
         results[(n, ctx)] = (ours / f32, ours / max(sd, sdb), ours / bound)
         say(f"{n:>3} {ctx:>5} | {ours:10.1f} {f32:9.1f} {sd:6.1f} {sdb:8.1f} {bound:6.1f} "
-            f"{'mem' if t_mem >= t_flop else 'flop':>4} | {ours / f32:5.2f}x {ours / max(sd, sdb):5.2f}x "
-            f"{100 * ours / bound:5.0f}% | {flops / t[path] / 1e9:7.1f}")
-    say()
+            f"{by:>4} | {ours / f32:5.2f}x {ours / max(sd, sdb):5.2f}x "
+            f"{100 * ours / bound:5.0f}% | {flops / t[path] / 1e9:7.1f} | {dram:5.1f} {gemm_bf16:5.0f}")
     worst = min(r[2] for (n, ctx), r in results.items() if n <= 16 and ctx >= 512)
+    say(f"(against the run's best DRAM and bf16 GEMM figures instead of each case's own: worst case "
+        f"{100 * min(at_best.values()):.0f}%, k+1=16 ctx=2048 {100 * at_best[(16, 2048)]:.0f}%)")
+    say()
     xf, xs, b = results[(16, 2048)]
     return (f"verify-kernel-bf16: {path} path; k+1=16 ctx=2048 {xf:.2f}x the fp32 kernel, {xs:.2f}x torch SDPA, "
             f"{100 * b:.0f}% of the bf16 roofline; worst case over k+1<=16: {100 * worst:.0f}% of roofline")
@@ -268,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     dram, gemm, gemm_bf16 = max(dram0, dram1), max(gemm0, gemm1), max(bf0, bf1)  # the better figure
     say(f"measured here at start / end: DRAM read {dram0:.1f} / {dram1:.1f} GB/s (torch sum, 1 GiB fp32), "
         f"fp32 GEMM {gemm0:.0f} / {gemm1:.0f} GFLOP/s, bf16 GEMM {bf0:.0f} / {bf1:.0f} GFLOP/s (4096^3 "
-        f"torch.matmul); bounds use the higher of each")
+        f"torch.matmul); each case's bound uses its own probes (a 1 GiB sum and a {PROBE_GEMM_N}^3 matmul timed in "
+        f"the same interleaved rounds as the kernels), the line under each table the higher of these")
     say(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     say()
     summary = fp32_table(say, measured, dram, gemm)

@@ -1,0 +1,46 @@
+"""bench/verify_attention.py's measurement logic: the roofline and the interleaved rounds whose every timed
+call starts after the DRAM probe (so each method reads its KV from DRAM, whichever ran before it)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import verify_attention as bench  # noqa: E402
+
+
+def test_roofline_is_the_slower_of_memory_and_arithmetic():
+    # 1 GB at 10 GB/s = 0.1 s; 50 GFLOP at 1000 GFLOP/s = 0.05 s -> memory-bound at 10 GB/s
+    assert bench.roofline(10**9, 50 * 10**9, 10.0, 1000.0) == pytest.approx((10.0, "mem"))
+    # 200 GFLOP -> 0.2 s -> 1 GB / 0.2 s = 5 GB/s, arithmetic-bound
+    assert bench.roofline(10**9, 200 * 10**9, 10.0, 1000.0) == pytest.approx((5.0, "flop"))
+
+
+class _FakeProbes:
+    def __init__(self, log):
+        self.log = log
+
+    def dram(self):
+        self.log.append("dram")
+
+    def gemm(self):
+        self.log.append("gemm")
+
+
+def test_every_timed_call_follows_a_dram_probe_and_each_round_times_the_gemm():
+    log = []
+    fns = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    t = bench.timed_interleaved(fns, repeats=3, min_time_s=0.0, probes=_FakeProbes(log))
+    assert set(t) == {"a", "b", "probe-gemm", "probe-dram"}
+    timed = log[3:]                                    # after one warm-up call of each
+    assert timed == ["dram", "a", "dram", "b", "dram", "gemm"] * 3
+    assert bench.timed_interleaved(fns, repeats=2, min_time_s=0.0).keys() == {"a", "b"}
+
+
+def test_probe_rates_come_from_the_probe_sizes():
+    t = {"probe-dram": 0.1, "probe-gemm": 0.02}
+    dram, gemm = bench.Probes.rates(t)
+    assert dram == pytest.approx(bench.PROBE_DRAM_BYTES / 0.1 / 1e9)
+    assert gemm == pytest.approx(2 * bench.PROBE_GEMM_N**3 / 0.02 / 1e9)
