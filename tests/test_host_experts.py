@@ -58,7 +58,7 @@ def test_padded_expert_ffn_matches_the_per_expert_ffn(dtype, T, K, E, H, F, skew
     gu, dn = torch.randn(E, 2 * F, H, generator=gen).to(dtype) / 4, torch.randn(E, H, F, generator=gen).to(dtype) / 4
     perm = ops.expert_permutation(ids, E)
     counts = perm.counts.tolist()
-    got = hx.expert_ffn_padded(x, ids, perm.inv, perm.offsets, counts, gu, dn)
+    got = hx.expert_ffn_padded(x, ids, perm.perm, perm.inv, counts, gu, dn)
     xs = ops.permute_tokens(x, perm.perm, K)
     want = hx.expert_ffn_reference(xs, counts, gu, dn)
     assert got.shape == want.shape and got.dtype == dtype
@@ -71,12 +71,12 @@ def test_padded_expert_ffn_matches_the_per_expert_ffn(dtype, T, K, E, H, F, skew
 def test_padded_expert_ffn_of_no_tokens_and_bad_counts():
     gu, dn = torch.zeros(3, 8, 5), torch.zeros(3, 5, 4)
     perm = ops.expert_permutation(torch.zeros(0, 2, dtype=torch.int64), 3)
-    assert hx.expert_ffn_padded(torch.zeros(0, 5), torch.zeros(0, 2, dtype=torch.int64), perm.inv, perm.offsets,
+    assert hx.expert_ffn_padded(torch.zeros(0, 5), torch.zeros(0, 2, dtype=torch.int64), perm.perm, perm.inv,
                                 [0, 0, 0], gu, dn).shape == (0, 5)
     ids = torch.tensor([[0, 2]])
     perm = ops.expert_permutation(ids, 3)
     with pytest.raises(ops.KernelInputError, match="one entry per expert"):
-        hx.expert_ffn_padded(torch.zeros(1, 5), ids, perm.inv, perm.offsets, [1, 1], gu, dn)
+        hx.expert_ffn_padded(torch.zeros(1, 5), ids, perm.perm, perm.inv, [1, 1], gu, dn)
 
 
 def test_path_choice_follows_the_padding_cost(monkeypatch):

@@ -56,28 +56,32 @@ def expert_ffn_grouped(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Te
     return torch._grouped_mm(silu_mul_reference(g), down.transpose(1, 2), offs=offs)    # [N, H]
 
 
-def expert_ffn_padded(x: torch.Tensor, topk_ids: torch.Tensor, inv: torch.Tensor, offsets: torch.Tensor,
+def expert_ffn_padded(x: torch.Tensor, topk_ids: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor,
                       counts: list[int], gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Every expert's FFN over its rows of x [T, H] in two batched GEMMs over rows padded to n_max.
 
-    topk_ids [T, K]; inv [N] (flat index t*K + k -> its position in expert order) and offsets [E+1] of the
-    layer's ExpertPermutation; counts the permutation's counts as host ints. -> ys [N, H] in expert order,
-    row for row what expert_ffn_reference gives for the permuted tokens (up to the GEMMs' rounding), so
-    unpermute_combine takes it as it takes the grouped path's."""
+    topk_ids [T, K]; perm and inv [N] (sorted position <-> flat index t*K + k) of the layer's
+    ExpertPermutation; counts its counts as host ints. -> ys [N, H] in expert order, row for row what
+    expert_ffn_reference gives for the permuted tokens (up to the GEMMs' rounding), so unpermute_combine
+    takes it as it takes the grouped path's."""
     E, H = gate_up.shape[0], x.shape[1]
-    K, n_max = topk_ids.shape[1], max(counts, default=0)
-    if len(counts) != E or inv.numel() != topk_ids.numel():
-        raise KernelInputError(f"counts ({len(counts)}) must have one entry per expert ({E}) and inv "
-                               f"({inv.numel()}) one per assignment ({topk_ids.numel()})")
+    T, K = topk_ids.shape
+    n_max = max(counts, default=0)
+    if len(counts) != E or inv.numel() != T * K or perm.numel() != T * K:
+        raise KernelInputError(f"counts ({len(counts)}) must have one entry per expert ({E}) and perm, inv "
+                               f"({perm.numel()}, {inv.numel()}) one per assignment ({T * K})")
     if n_max == 0:
         return x.new_zeros(0, H)
-    flat = topk_ids.reshape(-1)                                                 # [N] expert of each assignment
-    slot = flat * n_max + (inv - offsets[flat])                                 # [N] row in the padded layout
-    xp = x.new_zeros(E * n_max, H).index_copy_(0, slot, x.repeat_interleave(K, 0))   # [E*n_max, H]
-    g = torch.bmm(xp.view(E, n_max, H), gate_up.transpose(1, 2))                # [E, n_max, 2F]
-    y = torch.bmm(silu_mul_reference(g), down.transpose(1, 2)).view(E * n_max, H)        # [E*n_max, H]
-    ys = torch.empty_like(y[:flat.numel()])                                     # [N, H] in expert order
-    return ys.index_copy_(0, inv, y.index_select(0, slot))
+    start = [0] * E                       # host ints: padded row of sorted position p = p + shift[expert]
+    for e in range(1, E):
+        start[e] = start[e - 1] + counts[e - 1]
+    shift = torch.tensor([e * n_max - start[e] for e in range(E)], device=x.device)      # [E]
+    slot = inv + shift[topk_ids.reshape(-1)]                                     # [N] flat -> padded row
+    xp = x.new_zeros(E * n_max, H)
+    xp[slot.view(T, K)] = x.unsqueeze(1)                                         # [E*n_max, H], x broadcast over K
+    g = torch.bmm(xp.view(E, n_max, H), gate_up.transpose(1, 2))                 # [E, n_max, 2F]
+    y = torch.bmm(silu_mul_reference(g), down.transpose(1, 2)).view(E * n_max, H)   # [E*n_max, H]
+    return y.index_select(0, slot[perm])                                         # [N, H] in expert order
 
 
 _grouped_ok: dict[tuple, bool] = {}

@@ -219,6 +219,8 @@ def silu_mul_reference(gate_or_gate_up: torch.Tensor, up: torch.Tensor | None = 
     Two arguments: gate [..., F], up [..., F] -> [..., F].
     """
     gate, up = _split_gate_up(gate_or_gate_up, up)
+    if gate.dtype == torch.float32:   # already fp32: no dtype round trips to dispatch
+        return Fn.silu(gate) * up
     return (Fn.silu(gate.float()) * up.float()).to(gate.dtype)
 
 

@@ -169,12 +169,13 @@ class TargetModel:
             return self._moe_per_expert(layer, permute_tokens(r.x, perm.perm, c.top_k), counts, touched)
         for e in touched:          # the store's bookkeeping of each expert used (streamed copies, waits)
             self.store.weights(layer, e)
+        here = r.x.device == w
+        move = (lambda t: t) if here else (lambda t: t.to(w))   # noqa: E731 (no-op .to calls are ops too)
         if path == "padded":
-            args = (r.x, r.ids, perm.inv, perm.offsets)
-            ys = expert_ffn_padded(*(a.to(w) for a in args), counts, gate_up, down)
+            ys = expert_ffn_padded(move(r.x), move(r.ids), move(perm.perm), move(perm.inv), counts, gate_up, down)
         else:
-            ys = expert_ffn_grouped(permute_tokens(r.x, perm.perm, c.top_k).to(w), perm.counts.to(w), gate_up, down)
-        return ys.to(r.x.device)
+            ys = expert_ffn_grouped(move(permute_tokens(r.x, perm.perm, c.top_k)), move(perm.counts), gate_up, down)
+        return ys if here else ys.to(r.x.device)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """h [t, H] -> logits [t, V] fp32."""
