@@ -147,7 +147,8 @@ def test_padded_experts_match_per_expert(tmp_path, monkeypatch):
     streamed bytes and routing counts; auto takes them on this small model's routing."""
     runs, n_moe = _host_expert_runs(tmp_path, monkeypatch, ("padded", "per-expert", "auto"))
     (p_out, p_bytes, p_counts, p_calls), (e_out, e_bytes, e_counts, e_calls) = runs["padded"], runs["per-expert"]
-    assert p_calls.count("bmm") >= 2 * n_moe and "_grouped_mm" not in p_calls
+    # two batched GEMMs per MoE layer and pass beyond the combine's bmm, which every path issues
+    assert p_calls.count("bmm") - e_calls.count("bmm") >= 2 * n_moe and "_grouped_mm" not in p_calls
     for a, b in zip(p_out, e_out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
