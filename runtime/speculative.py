@@ -69,10 +69,14 @@ class IterationStats:
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw (fp64) from probs [B, V] at uniforms u [B] -> [B] int64."""
+    """Inverse-CDF draw (fp64) from probs [B, V] at uniforms u [B] -> [B] int64: the first token whose cdf
+    exceeds u * total, which has positive probability; u = 1 (no such token) gives the last token with
+    positive probability, not a zero-probability tail."""
     cdf = probs.double().cumsum(-1)  # [B, V]
     thr = u.double().to(probs.device).unsqueeze(1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, thr, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    idx = torch.searchsorted(cdf, thr, right=True).squeeze(1)  # [B], V where thr reaches the total
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # [B] last positive token
+    return torch.minimum(idx, last)
 
 
 class SpeculativeDecoder:

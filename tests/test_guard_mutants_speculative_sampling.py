@@ -35,6 +35,18 @@ def test_sample_from_is_the_inverse_cdf():
     assert [int(sample_from(p, torch.tensor([u]))) for u in (0.2, 0.25, 0.49, 0.5, 0.7)] == [0, 1, 1, 2, 2]
 
 
+def test_sample_from_never_draws_a_zero_probability_tail():
+    """A row whose last tokens have probability 0: u = 1 gives the last positive token (not the last of the
+    row), u just below 1 the same, and a row with one positive token always gives it."""
+    probs = torch.tensor([[1.0, 3.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0], [2.0, 0.0, 1.0, 0.0]])
+    for u in (1.0, 1.0 - 1e-7, 0.999):
+        got = sample_from(probs, torch.full((4,), u))
+        assert got.tolist() == [1, 1, 3, 2], (u, got)
+    assert sample_from(probs, torch.zeros(4)).tolist() == [0, 1, 3, 0]
+    assert sample_from(probs, torch.full((4,), 0.5)).tolist() == [1, 1, 3, 0]
+    assert sample_from(probs, torch.full((4,), 0.7)).tolist() == [1, 1, 3, 2]
+
+
 def test_probs_pads_or_truncates_a_draft_vocabulary():
     """Tempered softmax over the target's V: a smaller vocabulary's extra tokens get probability 0, a larger
     one's tokens past V are dropped before the softmax (any number of leading dimensions)."""
