@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -154,7 +155,7 @@ def sweep_k(eng, prompts: list[str], n_new: int, rounds: int = 3) -> int:
     for _ in range(rounds):
         for k in recs:
             recs[k].append(eng.generate(prompts, max_new_tokens=n_new, draft_len=k).record.decode_tokens_per_s)
-    med = {k: sorted(r)[len(r) // 2] for k, r in recs.items()}
+    med = {k: statistics.median_high(r) for k, r in recs.items()}
     best = max(range(1, 7), key=lambda k: med[k])
     print("quick sweep (median decode tok/s of %d interleaved rounds, %d prompts): %s -> k=%d" % (
         rounds, len(prompts), ", ".join(f"k={k}: {r:.1f}" for k, r in med.items()), best))
@@ -175,7 +176,7 @@ def side_by_side(eng, hf_round, k: int, prompts: list[str], n_new: int, rounds: 
 def report(rounds: list[tuple], k: int) -> tuple[float, float, float]:
     """Print the table (median rates) and the stages -> (speculation over k=0, over generate, acceptance): the
     ratios medians of the per-round ratios."""
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    med = statistics.median_high
     mid = lambda recs: sorted(recs, key=lambda r: r.decode_tokens_per_s)[len(recs) // 2]  # noqa: E731
     r0, rk, hf = mid([r[0] for r in rounds]), mid([r[1] for r in rounds]), med([r[2] for r in rounds])
     rows = [("transformers generate", "-", hf[0], hf[1] / hf[2], "-", "-"),

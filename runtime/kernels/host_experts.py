@@ -20,6 +20,7 @@ n_max the largest count of rows of one expert.
 from __future__ import annotations
 
 import os
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as Fn
@@ -72,10 +73,9 @@ def expert_ffn_padded(x: torch.Tensor, topk_ids: torch.Tensor, perm: torch.Tenso
                                f"({perm.numel()}, {inv.numel()}) one per assignment ({T * K})")
     if n_max == 0:
         return x.new_zeros(0, H)
-    start = [0] * E                       # host ints: padded row of sorted position p = p + shift[expert]
-    for e in range(1, E):
-        start[e] = start[e - 1] + counts[e - 1]
-    shift = torch.tensor([e * n_max - start[e] for e in range(E)], device=x.device)      # [E]
+    start = accumulate(counts[:-1], initial=0)   # host ints: expert e's first sorted position
+    # sorted position p of expert e -> padded row e * n_max + (p - start[e]) = p + shift[e]
+    shift = torch.tensor([e * n_max - s for e, s in enumerate(start)], device=x.device)      # [E]
     slot = inv + shift[topk_ids.reshape(-1)]                                     # [N] flat -> padded row
     xp = x.new_zeros(E * n_max, H)
     xp[slot.view(T, K)] = x.unsqueeze(1)                                         # [E*n_max, H], x broadcast over K

@@ -124,18 +124,22 @@ class TargetModel:
 
     def moe(self, layer: int, h: torch.Tensor, r: _Routed) -> torch.Tensor:
         """Routed experts over all tokens of the pass, grouped by expert; returns the new residual h [T, H]."""
+        from specmoe.runtime.kernels.host_experts import host_experts_path
         from specmoe.runtime.kernels.moe_ops import expert_permutation, permute_tokens, unpermute_combine
 
         if r.ids is None:
             return h + r.extra
-        perm = expert_permutation(r.ids, self.config.num_experts, check=False)   # top-k ids: no range-check sync
+        c = self.config
+        perm = expert_permutation(r.ids, c.num_experts, check=False)   # top-k ids: no range-check sync
         counts = perm.counts.tolist()           # one sync; expert e's tokens follow those of experts < e
         touched = [e for e, n in enumerate(counts) if n]
-        stacked = self.store.stacked(layer)
-        if stacked is not None:
-            ys = self._moe_host(layer, r, perm, counts, touched, *stacked)
+        stacked = self.store.stacked(layer)     # every expert's weights in host rows, or None
+        path = "per-expert" if stacked is None else host_experts_path(counts, c.hidden, c.moe_intermediate,
+                                                                      r.x.dtype, stacked[0].device)
+        if path == "per-expert":
+            ys = self._moe_per_expert(layer, permute_tokens(r.x, perm.perm, c.top_k), counts, touched)
         else:
-            ys = self._moe_per_expert(layer, permute_tokens(r.x, perm.perm, self.config.top_k), counts, touched)
+            ys = self._moe_host(layer, r, perm, counts, touched, path, *stacked)
         out = unpermute_combine(ys, perm.inv, r.w, out_dtype=h.dtype, check=False)  # [T, H]: inv is perm's own
         h = h + out
         return h if r.extra is None else h + r.extra
@@ -156,17 +160,14 @@ class TargetModel:
                 ysegs[e].copy_(Fn.linear(silu_mul(Fn.linear(segs[e], gate_up)), down))
         return ys
 
-    def _moe_host(self, layer: int, r: _Routed, perm, counts: list[int], touched: list[int],
+    def _moe_host(self, layer: int, r: _Routed, perm, counts: list[int], touched: list[int], path: str,
                   gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """Every expert of the layer in a fixed number of calls over its stacked host weights (gate_up
-        [E, 2F, H], down [E, H, F]), by the path host_experts_path picks -> ys [T*K, H] in expert order."""
-        from specmoe.runtime.kernels.host_experts import expert_ffn_grouped, expert_ffn_padded, host_experts_path
+        [E, 2F, H], down [E, H, F]), "padded" or "grouped" (host_experts_path) -> ys [T*K, H] in expert order."""
+        from specmoe.runtime.kernels.host_experts import expert_ffn_grouped, expert_ffn_padded
         from specmoe.runtime.kernels.moe_ops import permute_tokens
 
-        c, w = self.config, gate_up.device      # w: the host when the layer's experts run on the CPU beside a GPU
-        path = host_experts_path(counts, c.hidden, c.moe_intermediate, r.x.dtype, w)
-        if path == "per-expert":
-            return self._moe_per_expert(layer, permute_tokens(r.x, perm.perm, c.top_k), counts, touched)
+        w = gate_up.device      # the host when the layer's experts run on the CPU beside a GPU
         for e in touched:          # the store's bookkeeping of each expert used (streamed copies, waits)
             self.store.weights(layer, e)
         here = r.x.device == w
@@ -174,7 +175,8 @@ class TargetModel:
         if path == "padded":
             ys = expert_ffn_padded(move(r.x), move(r.ids), move(perm.perm), move(perm.inv), counts, gate_up, down)
         else:
-            ys = expert_ffn_grouped(move(permute_tokens(r.x, perm.perm, c.top_k)), move(perm.counts), gate_up, down)
+            ys = expert_ffn_grouped(move(permute_tokens(r.x, perm.perm, self.config.top_k)), move(perm.counts),
+                                    gate_up, down)
         return ys if here else ys.to(r.x.device)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
