@@ -536,6 +536,15 @@ void softmax_rows(const Args& a, bool fast, float* st, int64_t Mb, int mv, int64
       sum = (vf)amx_exp_pack(st, Mb, v, nc, round_up(nc, 32) / 2, (__m512)sc, (__m512)ms, pt);
     } else
 #endif
+#if VA_HAS_DPBF
+    if (fast) {  // AVX512-BF16: P is rounded to bf16 for PV, so 2^x to bf16's precision
+      for (int64_t c = 0; c < nc; ++c) {
+        const vf pc = (vf)exp2_bf16((__m512)(vload(st + c * Mb + v * W) * sc - ms));
+        vstore(st + c * Mb + v * W, pc);
+        sum += pc;
+      }
+    } else
+#endif
     {
       for (int64_t c = 0; c < nc; ++c) {
         const vf pc = vexp2(vload(st + c * Mb + v * W) * sc - ms);
