@@ -113,14 +113,14 @@ def verify_attention_backend(kv_dtype=None) -> str:
 
 def available_paths() -> tuple[str, ...]:
     """The C++ kernel's paths for bf16 / fp16 KV on this machine, best first, e.g.
-    ("amx", "avx512bf16", "fp32"); () without the C++ kernel."""
-    info = kernel_info()
-    if info is None:
-        return ()
-    for word in info.split():
-        if word.startswith("paths="):
-            return tuple(word[len("paths="):].split(","))
-    return ("fp32",)
+    ("amx", "avx512bf16", "fp32"); () without the C++ kernel. Read from the kernel once per
+    loaded kernel (every call resolves its path through this)."""
+    if "paths" not in _state:
+        info = kernel_info()
+        words = [w for w in (info or "").split() if w.startswith("paths=")]
+        _state["paths"] = (() if info is None else
+                           tuple(words[0][len("paths="):].split(",")) if words else ("fp32",))
+    return _state["paths"]  # type: ignore[return-value]
 
 
 def _requested_path(path: str | None) -> str:
