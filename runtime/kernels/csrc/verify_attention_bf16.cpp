@@ -95,6 +95,12 @@ struct FastDims {
   }
 };
 
+// Prefetch units of packing one V pair (see fast_units).
+// Prefetch units (Prefetch::step) of the AMX path's P packing: 16 key pairs of 16 rows (32 exp2, the
+// bf16 pairs and a transpose) take about the time of four TDPBF16PS (measured: 1.01-1.04x over one).
+constexpr int EXP_PACK_UNITS = 4;
+inline int pack_unit(const Args& a, const FastDims& fd) { return a.path == PATH_AMX ? 1 : int(fd.Dv / 16); }
+
 inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite f)
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -197,7 +203,7 @@ void copy_k(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dp, uint
 }
 
 // vv[t][d] = (v[2t][d], v[2t+1][d]) for t < round_up(nc, 32) / 2, zero past nc keys and D.
-void pack_v(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dv, uint32_t* vv) {
+void pack_v(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dv, uint32_t* vv, int unit, Prefetch& pf) {
   alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
@@ -210,6 +216,7 @@ void pack_v(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dv, uint
       _mm512_storeu_si512(vv + t * Dv + d0, _mm512_permutex2var_epi16(x, lo, y));
       if (d0 + 16 < Dv) _mm512_storeu_si512(vv + t * Dv + d0 + 16, _mm512_permutex2var_epi16(x, hi, y));
     }
+    pf.step(unit);
   }
 }
 
@@ -369,15 +376,14 @@ inline void amx_qk_keys(const uint16_t* k, int64_t ldk, const uint32_t* qp, int6
   if constexpr (NB > 3) _tile_zero(3);
   const int64_t ldq = Mp * 4;
   for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
-    pf.step(NB * qparts);
     _tile_loadd(4, k + d0, ldk);
     const uint32_t* qb = qp + d0 / 2 * Mp;
     for (int p = 0; p < qparts; ++p, qb += qpart) {
       _tile_loadd(5, qb, ldq);
-      _tile_dpbf16ps(0, 4, 5);
-      if constexpr (NB > 1) { _tile_loadd(6, qb + 16, ldq); _tile_dpbf16ps(1, 4, 6); }
-      if constexpr (NB > 2) { _tile_loadd(7, qb + 32, ldq); _tile_dpbf16ps(2, 4, 7); }
-      if constexpr (NB > 3) { _tile_loadd(5, qb + 48, ldq); _tile_dpbf16ps(3, 4, 5); }
+      _tile_dpbf16ps(0, 4, 5); pf.step(1);
+      if constexpr (NB > 1) { _tile_loadd(6, qb + 16, ldq); _tile_dpbf16ps(1, 4, 6); pf.step(1); }
+      if constexpr (NB > 2) { _tile_loadd(7, qb + 32, ldq); _tile_dpbf16ps(2, 4, 7); pf.step(1); }
+      if constexpr (NB > 3) { _tile_loadd(5, qb + 48, ldq); _tile_dpbf16ps(3, 4, 5); pf.step(1); }
     }
   }
   _tile_stored(0, st, lds * 4);
@@ -400,17 +406,16 @@ inline void amx_qk_2x2(const uint16_t* k, int64_t ldk, const uint32_t* qb0, int6
   const int64_t ldq = Mp * 4;
   const uint16_t* k1 = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(k) + 16 * ldk);
   for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
-    pf.step(4 * qparts);
     _tile_loadd(4, k + d0, ldk);
     _tile_loadd(5, k1 + d0, ldk);
     const uint32_t* qb = qb0 + d0 / 2 * Mp;
     for (int p = 0; p < qparts; ++p, qb += qpart) {
       _tile_loadd(6, qb, ldq);
       _tile_loadd(7, qb + 16, ldq);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+      _tile_dpbf16ps(0, 4, 6); pf.step(1);
+      _tile_dpbf16ps(1, 4, 7); pf.step(1);
+      _tile_dpbf16ps(2, 5, 6); pf.step(1);
+      _tile_dpbf16ps(3, 5, 7); pf.step(1);
     }
   }
   _tile_stored(0, st, lds * 4);
@@ -429,18 +434,17 @@ inline void amx_qk_4x1(const uint16_t* k, int64_t ldk, const uint32_t* qp, int64
   const int64_t ldq = Mp * 4, step = 16 * ldk;
   const char* kb = reinterpret_cast<const char*>(k);
   for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
-    pf.step(4 * qparts);
     const uint32_t* qb = qp + d0 / 2 * Mp;
     for (int p = 0; p < qparts; ++p, qb += qpart) {
       _tile_loadd(7, qb, ldq);
       _tile_loadd(4, kb + 2 * d0, ldk);
-      _tile_dpbf16ps(0, 4, 7);
+      _tile_dpbf16ps(0, 4, 7); pf.step(1);
       _tile_loadd(5, kb + step + 2 * d0, ldk);
-      _tile_dpbf16ps(1, 5, 7);
+      _tile_dpbf16ps(1, 5, 7); pf.step(1);
       _tile_loadd(6, kb + 2 * step + 2 * d0, ldk);
-      _tile_dpbf16ps(2, 6, 7);
+      _tile_dpbf16ps(2, 6, 7); pf.step(1);
       _tile_loadd(4, kb + 3 * step + 2 * d0, ldk);
-      _tile_dpbf16ps(3, 4, 7);
+      _tile_dpbf16ps(3, 4, 7); pf.step(1);
     }
   }
   _tile_stored(0, st, 64);
@@ -472,7 +476,7 @@ void amx_qk_block(const uint16_t* k, int64_t ldk, bool padded, int64_t nc, const
 // attention does; P is in [0, 1]) as pt[m][t] = (p[2t][m], p[2t+1][m]), rows as rows. Returns the
 // fp32 sum over c of each row's p.
 inline __m512 amx_exp_pack(const float* st, int64_t Mb, int64_t v, int64_t nc, int64_t pairs, __m512 sc, __m512 ms,
-                           uint32_t* pt) {
+                           uint32_t* pt, Prefetch& pf) {
   __m512 sum = _mm512_setzero_ps();
   auto prob = [&](int64_t c) {
     return c < nc ? exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(st + c * Mb + v * 16), sc, ms))
@@ -487,6 +491,7 @@ inline __m512 amx_exp_pack(const float* st, int64_t Mb, int64_t v, int64_t nc, i
     }
     transpose16(r);
     for (int j = 0; j < 16; ++j) _mm512_storeu_si512(pt + (v * 16 + j) * pairs + t0, r[j]);
+    pf.step(EXP_PACK_UNITS);
   }
   return sum;
 }
@@ -500,14 +505,13 @@ inline void amx_pv_tiles(const uint32_t* pt, int64_t pairs, const uint32_t* vv, 
   if constexpr (NT > 2) _tile_loadd(2, o + 32, ldo);
   if constexpr (NT > 3) _tile_loadd(3, o + 48, ldo);
   for (int64_t t0 = 0; t0 < pairs; t0 += 16) {
-    pf.step(NT);
     _tile_loadd(4, pt + t0, ldp);
     const uint32_t* vb = vv + t0 * Dv;
     _tile_loadd(6, vb, ldv);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NT > 1) { _tile_loadd(7, vb + 16, ldv); _tile_dpbf16ps(1, 4, 7); }
-    if constexpr (NT > 2) { _tile_loadd(5, vb + 32, ldv); _tile_dpbf16ps(2, 4, 5); }
-    if constexpr (NT > 3) { _tile_loadd(6, vb + 48, ldv); _tile_dpbf16ps(3, 4, 6); }
+    _tile_dpbf16ps(0, 4, 6); pf.step(1);
+    if constexpr (NT > 1) { _tile_loadd(7, vb + 16, ldv); _tile_dpbf16ps(1, 4, 7); pf.step(1); }
+    if constexpr (NT > 2) { _tile_loadd(5, vb + 32, ldv); _tile_dpbf16ps(2, 4, 5); pf.step(1); }
+    if constexpr (NT > 3) { _tile_loadd(6, vb + 48, ldv); _tile_dpbf16ps(3, 4, 6); pf.step(1); }
   }
   _tile_stored(0, o, ldo);
   if constexpr (NT > 1) _tile_stored(1, o + 16, ldo);
@@ -524,15 +528,14 @@ inline void amx_pv_2x2(const uint32_t* pt, int64_t pairs, const uint32_t* vv, in
   _tile_loadd(2, o1, ldo);
   _tile_loadd(3, o1 + 16, ldo);
   for (int64_t t0 = 0; t0 < pairs; t0 += 16) {
-    pf.step(4);
     _tile_loadd(4, pt + t0, ldp);
     _tile_loadd(5, pt + 16 * pairs + t0, ldp);
     _tile_loadd(6, vv + t0 * Dv, ldv);
     _tile_loadd(7, vv + t0 * Dv + 16, ldv);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    _tile_dpbf16ps(0, 4, 6); pf.step(1);
+    _tile_dpbf16ps(1, 4, 7); pf.step(1);
+    _tile_dpbf16ps(2, 5, 6); pf.step(1);
+    _tile_dpbf16ps(3, 5, 7); pf.step(1);
   }
   _tile_stored(0, o, ldo);
   _tile_stored(1, o + 16, ldo);
@@ -584,7 +587,7 @@ struct FastChunk {
 
 // K in place where its rows are whole bf16 tiles, else copied; V pairs packed.
 FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0, int64_t nc, uint16_t* kf,
-                     uint32_t* vv) {
+                     uint32_t* vv, Prefetch& pf) {
   FastChunk ch{static_cast<const uint16_t*>(a.k) + head + c0 * a.D, a.D, false};
 #if VA_HAS_DPBF
   const int64_t tile = a.path == PATH_AMX ? 16 : NACC;
@@ -592,18 +595,22 @@ FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0
     copy_k(ch.k, nc, a.D, a.kv, fd.Dp, kf);
     ch = FastChunk{kf, fd.Dp, true};
   }
-  pack_v(static_cast<const uint16_t*>(a.v) + head + c0 * a.D, nc, a.D, a.kv, fd.Dv, vv);
+  pack_v(static_cast<const uint16_t*>(a.v) + head + c0 * a.D, nc, a.D, a.kv, fd.Dv, vv, pack_unit(a, fd), pf);
 #endif
   return ch;
 }
 
-// Work units a row block's fast QK and PV pass to Prefetch::step (see there).
+// Work units of a chunk that the fast paths pass to Prefetch::step (see there), for row block 0 of
+// Mb rows: AMX one per TDPBF16PS of QK and PV, EXP_PACK_UNITS per 16 key pairs of each 16 rows' P
+// packing and one per V pair packed; AVX512-BF16 its vector FMAs and Dv / 16 per V pair packed.
 int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, int64_t nc, int qparts) {
-  const int64_t nb = Mb / 16;
-  if (a.path == PATH_AMX)
-    return (nc + 15) / 16 * (fd.Dp / 32) * nb * qparts + nb * (fd.Dv / 16) * (round_up(nc, 32) / 32);
+  const int64_t nb = Mb / 16, pairs = round_up(nc, 32) / 2, packing = pairs * pack_unit(a, fd);
+  if (a.path == PATH_AMX) {
+    const int64_t qk = (nc + 15) / 16 * (fd.Dp / 32) * nb * qparts, pv = nb * (fd.Dv / 16) * (pairs / 16);
+    return qk + pv + nb * (pairs / 16) * EXP_PACK_UNITS + packing;
+  }
   const int64_t kc = NACC / nb;
-  return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 + (nc + 15) / 16 * 8 * rows * (fd.Dv / 16);
+  return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 + (nc + 15) / 16 * 8 * rows * (fd.Dv / 16) + packing;
 }
 
 void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc, const uint32_t* qp, int qparts,
