@@ -95,10 +95,10 @@ struct FastDims {
   }
 };
 
-// Prefetch units of packing one V pair (see fast_units).
 // Prefetch units (Prefetch::step) of the AMX path's P packing: 16 key pairs of 16 rows (32 exp2, the
 // bf16 pairs and a transpose) take about the time of four TDPBF16PS (measured: 1.01-1.04x over one).
 constexpr int EXP_PACK_UNITS = 4;
+// Prefetch units of packing one V pair (see fast_units).
 inline int pack_unit(const Args& a, const FastDims& fd) { return a.path == PATH_AMX ? 1 : int(fd.Dv / 16); }
 
 inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite f)
