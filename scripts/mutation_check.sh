@@ -30,7 +30,7 @@ declare -A TESTS=(
   [planner/cost_model.py]="tests/test_guard_mutants_cost_model.py tests/test_guard_mutants.py tests/test_guard_cost_model.py tests/test_cost_model.py tests/test_paper_analysis.py tests/test_cost_model_overhead.py"
   [planner/memory.py]="tests/test_guard_mutants_memory.py tests/test_guard_mutants_memory_batch.py tests/test_guard_mutants.py tests/test_memory.py tests/test_paper_analysis.py tests/test_guard_memory_fit.py tests/test_eagle_planner.py"
   [planner/simulator.py]="tests/test_guard_mutants_simulator.py tests/test_guard_mutants_simulator_run.py tests/test_guard_mutants.py tests/test_simulator.py tests/test_cost_model.py"
-  [runtime/speculative.py]="tests/test_guard_mutants_speculative.py tests/test_guard_mutants_speculative_steps.py tests/test_guard_mutants_speculative_sampling.py tests/test_guard_acceptance.py"
+  [runtime/speculative.py]="tests/test_guard_mutants_speculative.py tests/test_guard_mutants_speculative_steps.py tests/test_guard_mutants_speculative_sampling.py tests/test_guard_acceptance.py tests/test_engine_overhead.py"
   [runtime/calibrate/measure.py]="tests/test_guard_mutants_measure.py tests/test_guard_mutants_measure_cpu.py tests/test_guard_mutants_measure_cuda.py tests/test_guard_calibration.py"
 )
 ALL=(planner/cost_terms.py planner/cost_model.py planner/memory.py planner/simulator.py runtime/speculative.py
