@@ -13,7 +13,8 @@ activations: the run's peak RSS above the RSS it started from (weights and KV in
 transient and cached buffer of the passes. Memory that earlier work in the process freed but the C
 allocator kept (a calibration before the run) would hide them: its pages are reused, not faulted, so
 the RSS does not grow (the demo measured 0.03 MiB against 12.8 predicted). It is released to the OS
-at the run's start (glibc's malloc_trim), so reuse is counted. Buffers an earlier run of the same
+at the run's start (glibc's malloc_trim), so reuse is counted, and before the RSS before any weight is
+read, so the peak above it is measured from the same kind of baseline. Buffers an earlier run of the same
 engine allocated and kept (workspaces that grow only) are resident before the run starts and so are
 not counted. On a GPU the same names for device memory, activations being the peak allocated above
 the allocation at the start of the run.
@@ -106,6 +107,7 @@ class MemoryMeter:
 
     def __init__(self, device: torch.device):
         self.device = device
+        release_free_heap()                     # the same baseline as each run's start (see run_started)
         self.start_rss = rss_bytes()            # the process before any weight: Python, torch, libraries
         self.load_peak = self.loaded_rss = self.run_start_rss = 0
         self.peak_is_lifetime = False
