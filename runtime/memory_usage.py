@@ -4,8 +4,9 @@ allocated device memory. The RunRecord carries it (`memory`) beside the planner'
 rows, and the report puts the two side by side (planner/report/memory_rows.py).
 
 Peaks: VmHWM (/proc/self/status) is the peak RSS over the process's life; writing 5 to
-/proc/self/clear_refs resets it to the current RSS (Linux 4.0+), so the load's peak and the run's are
-measured apart. Where that is refused, the run's peak is the lifetime one (`host_peak_is_lifetime`).
+/proc/self/clear_refs resets it to the current RSS (Linux 4.0+), so the load's peak (from the meter's
+start: a calibration earlier in the process does not count) and the run's are measured apart. Where
+that is refused, the peaks are the lifetime one (`host_peak_is_lifetime`).
 
 Components (host, bytes): experts (the host store's rows), non_expert_weights (on a CPU device: the
 target's other tensors), target_kv and draft (weights on a CPU device, and KV rows) in host memory, and
@@ -110,7 +111,8 @@ class MemoryMeter:
         release_free_heap()                     # the same baseline as each run's start (see run_started)
         self.start_rss = rss_bytes()            # the process before any weight: Python, torch, libraries
         self.load_peak = self.loaded_rss = self.run_start_rss = 0
-        self.peak_is_lifetime = False
+        # the load's peak from here, not the process's earlier work (a calibration before the engine)
+        self.peak_is_lifetime = not reset_peak_rss()
         self.device_start = 0
 
     def loaded(self) -> None:

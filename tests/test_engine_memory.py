@@ -135,3 +135,15 @@ def test_memory_freed_before_a_run_counts_when_the_run_reuses_it():
     run = [bytearray(chunk) for _ in range(n)]                     # the run's buffers, in the freed chunks
     assert peak_rss_bytes() - meter.run_start_rss >= 0.8 * n * chunk
     del run, pin
+
+
+def test_the_load_peak_starts_at_the_meter_not_at_earlier_work():
+    """A calibration's peak earlier in the process must not show as the engine's load peak."""
+    from specmoe.runtime.memory_usage import MemoryMeter
+    earlier = torch.ones(64 * 2 ** 20 // 4)                        # 64 MiB touched and freed (mmap: returned)
+    del earlier
+    meter = MemoryMeter(torch.device("cpu"))
+    weights = torch.ones(8 * 2 ** 20 // 4)                         # the "load": 8 MiB
+    meter.loaded()
+    assert meter.load_peak - meter.start_rss < 32 * 2 ** 20
+    del weights
