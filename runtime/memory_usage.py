@@ -23,7 +23,6 @@ the allocation at the start of the run.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import resource
 from pathlib import Path
 
@@ -62,15 +61,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+_malloc_trim: list = []   # [glibc's malloc_trim or None], resolved once
+
+
 def release_free_heap() -> bool:
     """Return the C heap's free pages to the OS (glibc malloc_trim), so that memory freed by earlier work
     is faulted in again, and counted, when reused; False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
+    if not _malloc_trim:
+        try:   # the process's own symbols: no library search (find_library runs ldconfig, ~2 ms a call)
+            _malloc_trim.append(ctypes.CDLL(None).malloc_trim)
+        except (OSError, AttributeError):
+            _malloc_trim.append(None)
+    if _malloc_trim[0] is None:
         return False
+    _malloc_trim[0](0)
+    return True
 
 
 def tensor_bytes(*objs, seen: set | None = None) -> int:
