@@ -135,6 +135,11 @@ def test_fingerprint_covers_the_engine_sources_that_exist():
 
     missing = [f for f in ENGINE_SOURCES if not (REPO_ROOT / "runtime" / f).is_file()]
     assert not missing, missing
+    # the kernel's parts (#include "...") are hashed with it: the glob in kernel_source_sha finds them all
+    csrc = REPO_ROOT / "runtime" / "kernels" / "csrc"
+    parts = [line.split('"')[1] for line in (csrc / "verify_attention.cpp").read_text().splitlines()
+             if line.startswith('#include "')]
+    assert parts and all(p.startswith("verify_attention") and (csrc / p).is_file() for p in parts), parts
     assert (DEFAULT_MODEL_DIR / "config.json").is_file() and (DEFAULT_DRAFT_DIR / "config.json").is_file()
 
 

@@ -193,7 +193,8 @@ def test_missing_path_is_refused_before_running():
 
 def test_build_hashes_the_included_part():
     src = build.CSRC_DIR / "verify_attention.cpp"
-    assert (build.CSRC_DIR / "verify_attention_bf16.cpp").read_bytes() in build.source_bytes(src)
+    for part in ("verify_attention_common.h", "verify_attention_fp32.h", "verify_attention_bf16.h", "verify_attention_amx.h"):
+        assert (build.CSRC_DIR / part).read_bytes() in build.source_bytes(src)
 
 
 def test_auto_takes_amx_or_fp32_never_avx512bf16(monkeypatch):

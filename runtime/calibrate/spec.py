@@ -110,8 +110,7 @@ def specmoe_version() -> str:
         return "source"
 
 
-ENGINE_SOURCES = ("kernels/verify_attention.py", "kernels/csrc/verify_attention.cpp",
-                  "kernels/csrc/verify_attention_bf16.cpp", "kernels/moe_ops.py",
+ENGINE_SOURCES = ("kernels/verify_attention.py", "kernels/moe_ops.py",
                   "kernels/speculative_ops.py", "kernels/checks.py", "model/target.py", "model/draft.py",
                   "speculative.py", "model/kv_cache.py", "model/layers.py", "model/expert_store.py", "run_record.py",
                   "calibrate/overhead.py")
@@ -121,7 +120,8 @@ def kernel_source_sha() -> str:
     """Hash of the kernels' and the engine's sources (the fixed costs are the engine's) and of the
     bundled draft's config (the draft of the engine-stage measurement)."""
     h = hashlib.sha256()
-    for p in [REPO_ROOT / "runtime" / f for f in ENGINE_SOURCES] + [DEFAULT_DRAFT_DIR / "config.json"]:
+    csrc = sorted((REPO_ROOT / "runtime" / "kernels" / "csrc").glob("verify_attention*"))  # the kernel and its parts
+    for p in [REPO_ROOT / "runtime" / f for f in ENGINE_SOURCES] + csrc + [DEFAULT_DRAFT_DIR / "config.json"]:
         try:
             h.update(p.read_bytes())
         except OSError:

@@ -20,7 +20,7 @@ out [To, Hq, D]; q and out are fp32 or bf16 rows of Hq*D contiguous elements at 
 be a view of one buffer holding q, k and v per token). One call covers a whole pass whose sequences
 sit anywhere in the token order (the engine's layer over all micro-batches).
 
-Backends: "cpp" (csrc/verify_attention.cpp, C++/OpenMP, compiled on first use by
+Backends: "cpp" (csrc/verify_attention.cpp and the parts it includes, C++/OpenMP, compiled on first use by
 runtime.kernels.build), "torch" (verify_attention_reference) and "auto" (cpp if it builds, else
 torch with one logged warning). verify_attention_backend() names what "auto" resolves to.
 

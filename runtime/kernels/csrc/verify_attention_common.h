@@ -1,0 +1,223 @@
+// Shared helpers of CPU verify attention (verify_attention.cpp includes this first): the vector
+// width and types, 2^x, the prefetch pacer, the call's arguments, work items and buffers.
+#pragma once
+
+
+#if defined(__AVX512F__)
+#define VA_W 16
+#define VA_NACC 24
+#define VA_ISA "avx512"
+#elif defined(__AVX__)
+#define VA_W 8
+#define VA_NACC 12
+#define VA_ISA "avx"
+#else
+#define VA_W 4
+#define VA_NACC 12
+#define VA_ISA "vec128"
+#endif
+
+namespace {
+
+constexpr int W = VA_W;        // floats per vector
+constexpr int NACC = VA_NACC;  // accumulator vectors per register tile
+typedef float vf __attribute__((vector_size(VA_W * 4)));
+typedef int32_t vi __attribute__((vector_size(VA_W * 4)));
+typedef uint32_t vu __attribute__((vector_size(VA_W * 4)));
+typedef uint16_t vh __attribute__((vector_size(VA_W * 2)));
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float LOG2E = 1.4426950408889634f;
+
+inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf vsplat(float s) { return s - vf{}; }  // s - 0 == s exactly: folds to a broadcast
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vload_bf16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+#else
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu);
+  return (vf)(u << 16);
+#endif
+}
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float half_to_float(uint16_t h) {  // IEEE binary16
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  float f;
+  if (e == 0x1F) {
+    const uint32_t u = sign | 0x7F800000u | (m << 13);
+    std::memcpy(&f, &u, 4);
+  } else if (e == 0) {
+    f = std::ldexp(float(m), -24);
+    if (sign) f = -f;
+  } else {
+    const uint32_t u = sign | ((e + 112) << 23) | (m << 13);
+    std::memcpy(&f, &u, 4);
+  }
+  return f;
+}
+
+// 2^x for x <= 0 (Cephes exp2f polynomial on [-0.5, 0.5], rel. error ~2e-7); exactly 0 for
+// x < -126 (and -inf).
+inline vf exp2_poly(vf f) {
+  vf p = vsplat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  return p;
+}
+inline vf vexp2(vf x) {
+#if defined(__AVX512F__)
+  // round, polynomial, scale by 2^n (vscalefps); the compare zeroes x < -126 and -inf.
+  const __m512 xv = (__m512)x;
+  const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+  const __m512 r = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf p = exp2_poly(x - (vf)r);
+  return (vf)_mm512_maskz_scalef_ps(keep, (__m512)p, r);
+#else
+  const vf lo = vsplat(-126.0f);
+  const vi under = x < lo;
+  x = under ? lo : x;
+  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: round to nearest integer
+  const vf t = x + magic;
+  const vf r = t - magic;
+  const vi n = (vi)t - (vi)magic;
+  const vf s = (vf)((n + 127) << 23);
+  const vf res = exp2_poly(x - r) * s;
+  return under ? vsplat(0.0f) : res;
+#endif
+}
+
+// ---------------------------------------------------------------- register-tile kernels
+
+constexpr int kc_for(int mv) { return NACC / mv; }  // keys per QK tile for MV row vectors
+constexpr int dvg_for(int dv) {  // D-vectors per PV tile: divides dv, MR*G + G + 1 fit the registers
+  int best = 1;
+  for (int j = 1; j <= dv && j <= NACC / 6; ++j)
+    if (dv % j == 0) best = j;
+  return best;
+}
+
+// Prefetch of a chunk ahead while this one computes (the next item's first chunks while an
+// item's last ones do). The chunk's K rows are one contiguous block, its V rows another; the
+// work of this chunk calls step(units) as it goes and it requests the lines of both that are due
+// by then at `rate` lines per unit, so the chunk is requested evenly over the whole of this one's
+// work. fp32 path: the QK tiles (every 16-wide d step) and PV tiles (every 8 keys), a unit a vector
+// FMA. The bf16 paths step far more often (AMX: after every TDPBF16PS, in the V and P packing
+// too; see fast_units): requests in bursts left the memory idle between them (1.05-1.17x on the
+// bench's shapes, every k+1 and context, against one step per tile loop iteration).
+struct Prefetch {
+  const char* k = nullptr;  // next K line to prefetch; nullptr: nothing to do
+  const char* end = nullptr;
+  int64_t vdelta = 0;  // V cache offset from the K cache, bytes
+  float rate = 0.0f;   // line pairs per unit of work
+  float credit = 0.0f;
+  inline void step(int units) {
+    if (k >= end) return;
+    credit += float(units) * rate;
+    const int n = int(credit);
+    credit -= float(n);
+    for (int i = 0; i < n; ++i) {
+      __builtin_prefetch(k + 64 * i, 0, 2);
+      __builtin_prefetch(k + 64 * i + vdelta, 0, 2);
+    }
+    k += 64 * n;
+  }
+};
+
+}  // namespace
+
+namespace {
+
+// ---------------------------------------------------------------- work items and buffers
+
+struct Args {
+  const void* q;  // token rows, q_tok elements apart (the Layouts above)
+  const void* k;
+  const void* v;
+  int kv;    // KV element type: 0 fp32, 1 bf16, 2 fp16
+  int path;  // PATH_FP32, PATH_DPBF or PATH_AMX (verify_attention_bf16.h)
+  const int64_t* slots;
+  const int64_t* ctx;
+  const int64_t* tok;  // first token row of each batch row (null: b*N)
+  void* out;
+  int qdt, odt;            // q / out element type: 0 fp32, 1 bf16
+  int64_t q_tok, out_tok;  // elements from one token row to the next
+  int64_t B, N, Hq, Hkv, D, R, S, g, M, Mp;
+  float qscale;  // scale * log2(e)
+  int64_t C;     // keys per chunk (multiple of every KC on the fp32 path, of 16 on the others)
+  int flags;     // bit 0: runtime-D path; bit 1: no row-split QK
+};
+
+inline int64_t first_token(const Args& a, int64_t b) { return a.tok ? a.tok[b] : b * a.N; }
+
+// The M query rows of (b, h) as fp32: row m = i*g + j at p + i*tok + j*D.
+struct QRows {
+  const float* p;
+  int64_t tok;
+};
+
+struct Item {
+  int64_t b, h, k0, k1;
+  int64_t part;  // -1: write the output directly; else index of its partial result
+};
+
+struct Buf {  // 64-byte aligned, grows only
+  float* p = nullptr;
+  size_t n = 0;
+  ~Buf() { std::free(p); }
+  bool ensure(size_t want) {
+    if (want <= n) return true;
+    std::free(p);
+    size_t bytes = ((want * sizeof(float) + 63) / 64) * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    n = p ? want : 0;
+    return p != nullptr;
+  }
+};
+
+// An item of `len` keys is walked in round(len / C) chunks (at least one): C keys each, the last
+// one takes the rest (C/2 .. 3C/2 - 1 keys), so there is no short tail chunk at the end of an
+// item, whose compute would be too short to hide the prefetch of the next chunk.
+inline int64_t max_chunk(int64_t C) { return C + C / 2; }
+inline int64_t chunk_count(int64_t len, int64_t C) { return std::max<int64_t>(1, (len + C / 2) / C); }
+inline int64_t chunk_len(int64_t len, int64_t C, int64_t n, int64_t i) { return i + 1 < n ? C : len - i * C; }
+
+struct Workspace {
+  Buf qt, st, o, ml, kb, vb, qw;  // qw: bf16 q rows widened
+  Buf qp, kf, vv, pt, of;  // the bf16 paths' buffers (verify_attention_bf16.h)
+  bool ensure(const Args& a);
+};
+
+// The work item a thread runs after the current one, claimed from the shared counter only when
+// it is first needed (for the prefetch of its first chunk, or when the current item is done).
+struct NextItem {
+  const Item* items;
+  int64_t nitems;
+  int64_t* counter;  // shared: index of the next unclaimed item
+  int64_t claimed = -1;
+  const Item* get() {
+    if (claimed < 0) {
+      int64_t t;
+#pragma omp atomic capture
+      t = (*counter)++;
+      claimed = t;
+    }
+    return claimed < nitems ? items + claimed : nullptr;
+  }
+};
+
+}  // namespace
