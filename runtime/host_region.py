@@ -3,7 +3,7 @@
 torch's pinned memory comes from its caching host allocator (cudaHostAlloc), which rounds every
 request up to a power of two: per-layer expert rows of 2.8 GB take 4 GiB each (+42%), so the 32 layers
 of Mixtral-8x7B would need 128 GiB pinned on a 128 GB host. `host_region` maps exactly the bytes its
-tensors need (each starting on a page) as one anonymous mapping, and with `register` page-locks it
+tensors need (each starting on a page) as one private anonymous mapping, and with `register` page-locks it
 with one cudaHostRegister, so copies from it are DMA at the full link rate like torch's pinned memory
 (torch sees it as pinned: `is_pinned()`), at the cost of what it holds.
 
@@ -66,7 +66,8 @@ def host_region(sizes: dict, dtype: torch.dtype, register: bool,
     total = region_bytes(sizes, dtype)
     if total == 0:
         return {key: torch.empty(0, dtype=dtype) for key in sizes}
-    m = _Mapping(-1, total)
+    m = _Mapping(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # mmap's default is MAP_SHARED: shmem,
+    # which takes no transparent huge pages where shmem_enabled is "never" (the usual setting)
     if hasattr(mmap, "MADV_HUGEPAGE"):        # fewer pages for the driver to lock and the TLB to hold
         m.madvise(mmap.MADV_HUGEPAGE)
     if register:

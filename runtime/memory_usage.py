@@ -8,10 +8,18 @@ Peaks: VmHWM (/proc/self/status) is the peak RSS over the process's life; writin
 start: a calibration earlier in the process does not count) and the run's are measured apart. Where
 that is refused, the peaks are the lifetime one (`host_peak_is_lifetime`).
 
+File-backed pages (RssFile: the code of torch and the other libraries, paged in the first time an
+operation runs, and any mapped file) are recorded apart (host_file_rss_*_bytes) and left out of every
+measured row: they belong to the process's libraries, which the plan keeps in its reserve, not to the
+engine's data, and they are clean pages the OS can drop. The demo's first passes page in 24 MiB of
+them (libtorch_cpu 15, the tokenizer 5.5), more than its activations. A peak's data part is VmHWM less
+the file-backed pages at the end: exact while those only grow after the peak (they do once the
+engine's operations have run once); if the OS dropped some in between, it errs high.
+
 Components (host, bytes): experts (the host store's rows), non_expert_weights (on a CPU device: the
 target's other tensors), target_kv and draft (weights on a CPU device, and KV rows) in host memory, and
-activations: the run's peak RSS above the RSS it started from (weights and KV in place), i.e. every
-transient and cached buffer of the passes. Memory that earlier work in the process freed but the C
+activations: the run's peak RSS above the RSS it started from (weights and KV in place; file-backed
+pages left out), i.e. every transient and cached buffer of the passes. Memory that earlier work in the process freed but the C
 allocator kept (a calibration before the run) would hide them: its pages are reused, not faulted, so
 the RSS does not grow (the demo measured 0.03 MiB against 12.8 predicted). It is released to the OS
 at the run's start (glibc's malloc_trim), so reuse is counted, and before the RSS before any weight is
@@ -43,6 +51,13 @@ def rss_bytes() -> int:
     """The process's resident set now (VmRSS), bytes."""
     v = _status_kib("VmRSS")
     return v * 1024 if v is not None else peak_rss_bytes()
+
+
+def file_rss_bytes() -> int:
+    """The file-backed part of the resident set now (RssFile: library code and mapped files), bytes; 0
+    where /proc does not say."""
+    v = _status_kib("RssFile")
+    return v * 1024 if v is not None else 0
 
 
 def peak_rss_bytes() -> int:
@@ -115,7 +130,8 @@ class MemoryMeter:
         self.device = device
         release_free_heap()                     # the same baseline as each run's start (see run_started)
         self.start_rss = rss_bytes()            # the process before any weight: Python, torch, libraries
-        self.load_peak = self.loaded_rss = self.run_start_rss = 0
+        self.start_file = file_rss_bytes()
+        self.load_peak = self.loaded_rss = self.run_start_rss = self.loaded_file = self.run_start_file = 0
         # the load's peak from here, not the process's earlier work (a calibration before the engine)
         self.peak_is_lifetime = not reset_peak_rss()
         self.device_start = 0
@@ -123,20 +139,27 @@ class MemoryMeter:
     def loaded(self) -> None:
         """The weights are in place: the load's peak, then the peak restarts from here."""
         self.load_peak = peak_rss_bytes()
-        self.loaded_rss = rss_bytes()
+        self.loaded_rss, self.loaded_file = rss_bytes(), file_rss_bytes()
         self.peak_is_lifetime = not reset_peak_rss()
 
     def run_started(self) -> None:
         """KV caches allocated, no pass yet: the run's peaks start here (the heap's free pages released)."""
         release_free_heap()
         self.peak_is_lifetime = not reset_peak_rss() or self.peak_is_lifetime
-        self.run_start_rss = rss_bytes()
+        self.run_start_rss, self.run_start_file = rss_bytes(), file_rss_bytes()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.device_start = int(torch.cuda.memory_allocated(self.device))
 
     def host_peak(self) -> int:
         return peak_rss_bytes()
+
+    def activations(self, peak: int | None = None, end_file: int | None = None) -> int:
+        """The run's peak RSS above its start, file-backed pages left out (module docstring); peak and
+        end_file default to now's VmHWM and RssFile."""
+        peak = peak_rss_bytes() if peak is None else peak
+        end_file = file_rss_bytes() if end_file is None else end_file
+        return max(0, (peak - end_file) - (self.run_start_rss - self.run_start_file))
 
     def device_peak(self) -> int | None:
         return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
@@ -145,7 +168,7 @@ class MemoryMeter:
 def measured_memory(eng, meter: MemoryMeter, tkv, dkv, footprint: dict) -> dict:
     """The RunRecord's `memory`: RSS at start, load peak, after load, run start and run peak; host (and
     device) bytes by component; the planner's footprint of the run's rows (`footprint`, its to_dict())."""
-    peak, on_cpu = meter.host_peak(), eng.device.type != "cuda"
+    peak, end_file, on_cpu = meter.host_peak(), file_rss_bytes(), eng.device.type != "cuda"
     store = eng.store
     seen: set = set()
     experts = store.memory_bytes() if store is not None else {"host": 0, "cache": 0, "buffers": 0}
@@ -157,10 +180,12 @@ def measured_memory(eng, meter: MemoryMeter, tkv, dkv, footprint: dict) -> dict:
             "non_expert_weights": target if on_cpu else 0,
             "target_kv": kv_bytes(tkv, 1) + (kv_bytes(tkv, 0) if on_cpu else 0),
             "draft": kv_bytes(dkv, 1) + ((draft_w + kv_bytes(dkv, 0)) if on_cpu else 0),
-            "activations": max(0, peak - meter.run_start_rss)}
+            "activations": meter.activations(peak, end_file)}
     out = {"host_rss_start_bytes": meter.start_rss, "host_rss_load_peak_bytes": meter.load_peak,
            "host_rss_loaded_bytes": meter.loaded_rss, "host_rss_run_start_bytes": meter.run_start_rss,
            "host_rss_peak_bytes": peak, "host_peak_is_lifetime": meter.peak_is_lifetime,
+           "host_file_rss_start_bytes": meter.start_file, "host_file_rss_loaded_bytes": meter.loaded_file,
+           "host_file_rss_run_start_bytes": meter.run_start_file, "host_file_rss_end_bytes": end_file,
            "host_by_component": {k: int(v) for k, v in host.items()},
            "device_peak_allocated_bytes": meter.device_peak(), "device_by_component": {},
            "footprint": footprint}

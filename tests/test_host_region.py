@@ -58,6 +58,26 @@ def test_one_registration_of_exactly_the_bytes_held():
     assert drv.calls[1] == ("unregister", drv.calls[0][1]) and len(drv.calls) == 2
 
 
+def _status_mib(key: str) -> float:
+    from pathlib import Path
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def test_region_is_private_memory_not_shared():
+    """Shared anonymous memory (mmap's default) is shmem: no transparent huge pages where shmem_enabled is
+    "never" (the usual setting), and RSS reports it apart. The region is private anonymous memory."""
+    import os
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc")
+    shmem0, anon0 = _status_mib("RssShmem"), _status_mib("RssAnon")
+    ts = hr.host_region({0: 16 * 2 ** 20}, torch.uint8, register=False)
+    ts[0].fill_(1)                                           # 16 MiB touched
+    assert _status_mib("RssShmem") - shmem0 < 1.0
+    assert _status_mib("RssAnon") - anon0 >= 15.0
+    del ts
+
+
 def test_store_holds_its_layers_in_one_allocation_of_their_bytes():
     """Every layer's rows in one region: the allocation is the rows' bytes plus under a page per layer (torch's
     pinned allocator would round each layer up to a power of two)."""

@@ -55,6 +55,26 @@ def test_probe_times_the_engine_stage_code():
     assert 1e-5 < t < 1.0
 
 
+def test_probe_frees_its_engine_when_it_returns():
+    """The probe runs around every demo run: the experts of its random engine (a host mapping) must go
+    when it returns, not when the cyclic gc next runs (the demo held four of them, 48 MiB, at a run's start)."""
+    pytest.importorskip("torch")
+    import gc
+
+    from specmoe.runtime.calibrate.spec import engine_configs, resolve_model_config
+    from specmoe.runtime.calibrate.speed_probe import probe_iteration_s
+    from specmoe.runtime.model.expert_store import ExpertStore
+
+    gc.collect()
+    gc.disable()
+    try:
+        probe_iteration_s(engine_configs(resolve_model_config(None)), iterations=2)
+        alive = [o for o in gc.get_objects() if isinstance(o, ExpertStore)]
+    finally:
+        gc.enable()
+    assert alive == []
+
+
 def test_round_speeds_take_the_machines_spells_out():
     """Three configurations over four rounds; round 2 ran 1.5x slower for all of them, round 3 0.8x:
     the per-round speeds recover that, and dividing by them leaves each configuration's own time."""

@@ -2,14 +2,17 @@
 beside what the engine measured (the run record's `memory`, runtime/memory_usage.py), in MiB.
 
 Rows (host; and on a GPU, device):
-  host peak RSS above start    footprint host bytes      peak RSS during the run - RSS before any weight
+  host peak memory above start footprint host bytes      peak RSS during the run - RSS before any weight
   host load peak above start   footprint of the weights  peak RSS while loading - RSS before any weight
   host <component>             footprint by component    the engine's tensors by component (experts,
                                                           non-expert weights, target KV, draft, activations)
   device peak allocated        footprint GPU bytes       torch.cuda.max_memory_allocated during the run
   device <component>           as for the host
 The RSS before any weight (Python, torch, the libraries) is what the plan keeps in its reserve, so it is
-left out of both sides. The footprint is the planner's model at the rows and context the run allocated
+left out of both sides; so are the file-backed pages (library code paged in by the first passes, mapped
+files) that the record keeps apart (host_file_rss_*_bytes): each RSS above is taken less the file-backed
+pages at the same point (a peak: at the end, runtime/memory_usage.py). A record without them is read as
+it stands. The footprint is the planner's model at the rows and context the run allocated
 (recorded by the engine); a run record without one is compared with the plan's own (plan.memory). A row
 whose error is over MEMORY_GOAL_PCT is a miss (`misses`), except an RSS row (RSS_ROWS) whose predicted
 and measured are both under RSS_FLOOR_MiB: the allocator hands freed heap back to later allocations
@@ -25,7 +28,7 @@ from specmoe.planner.report.comparison import Row
 MEMORY_GOAL_PCT = 10.0
 MiB = 2 ** 20
 RSS_FLOOR_MiB = 64.0   # RSS deltas below this are allocator reuse and page rounding, not judged
-RSS_ROWS = ("host peak RSS above start", "host load peak above start", "host activations")
+RSS_ROWS = ("host peak memory above start", "host load peak above start", "host activations")
 
 
 def _footprint(plan: Plan, mem: dict, key: str) -> dict | None:
@@ -55,12 +58,14 @@ def memory_rows(plan: Plan, run: dict) -> list[Row]:
     fp = _footprint(plan, mem, "footprint")
     if fp is None:
         return []
-    start = _num(mem.get("host_rss_start_bytes")) or 0.0
-    rows = [Row("host peak RSS above start", "cpu", _host_total(fp) / MiB,
-                (_num(mem["host_rss_peak_bytes"]) - start) / MiB, "MiB")]
+    file = lambda point: _num(mem.get(f"host_file_rss_{point}_bytes")) or 0.0  # noqa: E731
+    start = (_num(mem.get("host_rss_start_bytes")) or 0.0) - file("start")
+    peak = _num(mem["host_rss_peak_bytes"]) - file("end")
+    rows = [Row("host peak memory above start", "cpu", _host_total(fp) / MiB, (peak - start) / MiB, "MiB")]
     fw, load = _footprint(plan, mem, "footprint_weights"), _num(mem.get("host_rss_load_peak_bytes"))
     if fw is not None and load:
-        rows.append(Row("host load peak above start", "cpu", _host_total(fw) / MiB, (load - start) / MiB, "MiB"))
+        rows.append(Row("host load peak above start", "cpu", _host_total(fw) / MiB,
+                        (load - file("loaded") - start) / MiB, "MiB"))
     measured = mem.get("host_by_component") or {}
     predicted = host_components(fp)
     for name in sorted(set(predicted) | {k for k, v in measured.items() if _num(v)}):

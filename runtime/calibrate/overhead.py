@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -153,13 +154,14 @@ def _count_expert_calls(store) -> None:
     layer): random weights route a sequence's repeated tokens alike, so small batches touch far fewer
     experts than the uniform-routing count the cost model uses (2.5 instead of 5.5 of 8 at 4 tokens)."""
     store.expert_calls = 0
-    inner = store.weights
+    inner, ref = type(store).weights, weakref.ref(store)   # no reference back to the store: no cycle
 
     def weights(layer, e):
-        store.expert_calls += 1
-        return inner(layer, e)
+        s = ref()
+        s.expert_calls += 1
+        return inner(s, layer, e)
 
-    store.weights = weights
+    store.weights = weights   # a closure over the store itself would keep it (and its host memory) until gc
 
 
 def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, rounds: int = 6, per_round: int = 5,
