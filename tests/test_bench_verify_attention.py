@@ -39,6 +39,21 @@ def test_every_timed_call_follows_a_dram_probe_and_each_round_times_the_gemm():
     assert bench.timed_interleaved(fns, repeats=2, min_time_s=0.0).keys() == {"a", "b"}
 
 
+def test_a_primed_call_follows_its_previous_layer_after_the_dram_probe():
+    """The previous layer's call runs after the DRAM read and before the timed call it primes, untimed;
+    a name without a prime (the "cold" one) follows the read directly."""
+    log = []
+    fns = {"a": lambda: log.append("a"), "a-cold": lambda: log.append("a")}
+    t = bench.timed_interleaved(fns, repeats=2, min_time_s=0.0, probes=_FakeProbes(log),
+                                primes={"a": lambda: log.append("prev")})
+    assert log[3:] == ["dram", "prev", "a", "dram", "a", "dram", "gemm"] * 2
+    assert set(t) == {"a", "a-cold", "probe-gemm", "probe-dram"}
+    primes = bench.previous_layer(2, bench.torch.bfloat16, {"x": "fp32", "s": "sdpa"})
+    assert set(primes) == {"x", "s"}
+    assert primes["s"]().shape == (bench.B, bench.HQ, 2, bench.D)    # SDPA over PRIME_CTX + 2 keys
+    assert primes["x"]().shape == (bench.B, 2, bench.HQ, bench.D)    # the kernel's fp32 path
+
+
 def test_probe_rates_come_from_the_probe_sizes():
     t = {"probe-dram": 0.1, "probe-gemm": 0.02}
     dram, gemm = bench.Probes.rates(t)
