@@ -109,16 +109,29 @@ def test_random_sample_of_cross_product():
         N = rng.choice([1, 2, 3, 5, 8, 16, 17])
         g = rng.choice([1, 4, 8])
         Hkv = rng.choice([1, 2])
-        D = rng.choice([64, 96, 128])
+        D = rng.choice([32, 64, 96, 128])
         ctxs = [rng.choice([0, 1, 63, 64, 65, 200, 1000]) for _ in range(B)]
         check(B, N, g * Hkv, Hkv, D, ctxs, rng.choice([F32, BF16]))
 
 
 @needs_compiler
-@pytest.mark.parametrize("D", [8, 40, 80, 256])
+@pytest.mark.parametrize("D", [8, 32, 40, 80, 256])
 def test_other_head_dims(D):
     check(3, 5, 4, 2, D, [0, 70, 300], F32)
     check(2, 4, 6, 3, D, [33, 1], BF16)
+
+
+@needs_compiler
+@pytest.mark.parametrize("N", [1, 2, 3, 5])
+def test_head_dim_32_compiled_path_at_the_demos_shapes(N):
+    """D = 32 (the bundled tiny model's) has its own compiled path: against the reference, and against
+    the runtime-D path it replaced, at the demo's shapes (g = 2, short contexts) and awkward ones."""
+    check(32, N, 4, 2, 32, [0, 1, 31, 33, 64, 97] * 5 + [200, 5], F32, num_threads=1)
+    check(5, N, 8, 1, 32, [0, 17, 64, 130, 700], BF16)
+    q, k, v, slots, ctx_lens = make_case(6, N, 4, 2, 32, [3, 40, 64, 65, 90, 300], seed=RUN_SEED + N)
+    fast = va.verify_attention(q, k, v, slots, ctx_lens, backend="cpp")
+    generic = va.verify_attention(q, k, v, slots, ctx_lens, backend="cpp", _generic=True)
+    assert (fast - generic).abs().max().item() < 1e-5
 
 
 @needs_compiler
