@@ -106,7 +106,9 @@ def test_run_record_memory_beside_the_footprint(tmp_path):
     eng = Engine(plan, t, d)
     rec = eng.generate([[3, 4, 5], [6, 7]], max_new_tokens=4).record
     mem = rec.memory
-    assert mem["host_rss_start_bytes"] <= mem["host_rss_loaded_bytes"] <= mem["host_rss_load_peak_bytes"]
+    # the load adds well under a MiB here, and the RSS may lose a page or two meanwhile (the OS drops clean
+    # file-backed pages), so the start is compared with a MiB of slack
+    assert mem["host_rss_start_bytes"] - 2 ** 20 <= mem["host_rss_loaded_bytes"] <= mem["host_rss_load_peak_bytes"]
     assert mem["host_rss_run_start_bytes"] <= mem["host_rss_peak_bytes"] and not mem["host_peak_is_lifetime"]
     assert mem["device_peak_allocated_bytes"] is None and mem["device_by_component"] == {}
     fp = mem["footprint"]
