@@ -11,22 +11,22 @@ that is refused, the peaks are the lifetime one (`host_peak_is_lifetime`).
 File-backed pages (RssFile: the code of torch and the other libraries, paged in the first time an
 operation runs, and any mapped file) are recorded apart (host_file_rss_*_bytes) and left out of every
 measured row: they belong to the process's libraries, which the plan keeps in its reserve, not to the
-engine's data, and they are clean pages the OS can drop. The demo's first passes page in 24 MiB of
-them (libtorch_cpu 15, the tokenizer 5.5), more than its activations. A peak's data part is VmHWM less
-the file-backed pages at the end: exact while those only grow after the peak (they do once the
-engine's operations have run once); if the OS dropped some in between, it errs high.
+engine's data, and they are clean pages the OS can drop. A standalone engine's first passes page in 24
+MiB of them (libtorch_cpu 15, the tokenizer 5.5), more than the tiny pair's activations. A peak's data
+part is VmHWM less the file-backed pages at the end: exact while those only grow after the peak (they do
+once the engine's operations have run once); if the OS dropped some in between, it errs high.
 
 Components (host, bytes): experts (the host store's rows), non_expert_weights (on a CPU device: the
 target's other tensors), target_kv and draft (weights on a CPU device, and KV rows) in host memory, and
 activations: the run's peak RSS above the RSS it started from (weights and KV in place; file-backed
-pages left out), i.e. every transient and cached buffer of the passes. Memory that earlier work in the process freed but the C
-allocator kept (a calibration before the run) would hide them: its pages are reused, not faulted, so
-the RSS does not grow (the demo measured 0.03 MiB against 12.8 predicted). It is released to the OS
-at the run's start (glibc's malloc_trim), so reuse is counted, and before the RSS before any weight is
-read, so the peak above it is measured from the same kind of baseline. Buffers an earlier run of the same
-engine allocated and kept (workspaces that grow only) are resident before the run starts and so are
-not counted. On a GPU the same names for device memory, activations being the peak allocated above
-the allocation at the start of the run.
+pages left out), i.e. every transient and cached buffer of the passes. Memory that earlier work in the
+process freed but the C allocator kept (a calibration before the run) would hide them: its pages are
+reused, not faulted, so the RSS does not grow (the demo measured 0.03 MiB against 12.8 predicted). It is
+released to the OS at the run's start (glibc's malloc_trim), so reuse is counted, and before the RSS
+before any weight is read, so the peak above it is measured from the same kind of baseline. Buffers an
+earlier run of the same engine allocated and kept (workspaces that grow only) are resident before the
+run starts and so are not counted. On a GPU the same names for device memory, activations being the peak
+allocated above the allocation at the start of the run.
 """
 from __future__ import annotations
 

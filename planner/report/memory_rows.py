@@ -4,6 +4,7 @@ beside what the engine measured (the run record's `memory`, runtime/memory_usage
 Rows (host; and on a GPU, device):
   host peak memory above start footprint host bytes      peak RSS during the run - RSS before any weight
   host load peak above start   footprint of the weights  peak RSS while loading - RSS before any weight
+                                                          (each RSS less its file-backed pages, below)
   host <component>             footprint by component    the engine's tensors by component (experts,
                                                           non-expert weights, target KV, draft, activations)
   device peak allocated        footprint GPU bytes       torch.cuda.max_memory_allocated during the run
