@@ -138,8 +138,8 @@ class MemoryMeter:
 
     def loaded(self) -> None:
         """The weights are in place: the load's peak, then the peak restarts from here."""
-        self.load_peak = peak_rss_bytes()
         self.loaded_rss, self.loaded_file = rss_bytes(), file_rss_bytes()
+        self.load_peak = max(peak_rss_bytes(), self.loaded_rss)   # read apart, a page may fault in between
         self.peak_is_lifetime = not reset_peak_rss()
 
     def run_started(self) -> None:
@@ -152,7 +152,7 @@ class MemoryMeter:
             self.device_start = int(torch.cuda.memory_allocated(self.device))
 
     def host_peak(self) -> int:
-        return peak_rss_bytes()
+        return max(peak_rss_bytes(), rss_bytes())
 
     def activations(self, peak: int | None = None, end_file: int | None = None) -> int:
         """The run's peak RSS above its start, file-backed pages left out (module docstring); peak and
