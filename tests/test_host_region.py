@@ -58,18 +58,13 @@ def test_one_registration_of_exactly_the_bytes_held():
     assert drv.calls[1] == ("unregister", drv.calls[0][1]) and len(drv.calls) == 2
 
 
-def _status_mib(key: str) -> float:
-    from pathlib import Path
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def test_region_is_private_memory_not_shared():
     """Shared anonymous memory (mmap's default) is shmem: no transparent huge pages where shmem_enabled is
     "never" (the usual setting), and RSS reports it apart. The region is private anonymous memory."""
-    import os
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("no /proc")
+    from specmoe.runtime.memory_usage import _status_kib   # the one reader of /proc/self/status
+    if _status_kib("RssShmem") is None:
+        pytest.skip("no /proc/self/status")
+    _status_mib = lambda key: _status_kib(key) / 1024  # noqa: E731
     shmem0, anon0 = _status_mib("RssShmem"), _status_mib("RssAnon")
     ts = hr.host_region({0: 16 * 2 ** 20}, torch.uint8, register=False)
     ts[0].fill_(1)                                           # 16 MiB touched
