@@ -452,7 +452,7 @@ class CostModel:
             op = self.attn_op(seqs, q, s, True, spec=d, e_h=self.d_e_h, kv_tok_bytes=self.d_kv_tok_bytes,
                                layers=d.num_layers)
             t += self._t("gpu", op, srcs, dtype=self.workload.kv_dtype, kind="attention")
-        return t + self.fixed.draft_step_s(seqs, q)
+        return t + self.fixed.draft_step_s(seqs, q, on_gpu)
 
     def draft_cpu_attn(self, seqs: int, q: float, s: float, srcs: set) -> float:
         return self._t("cpu", self._draft_attn_op(seqs, q, s), srcs, dtype=self.workload.kv_dtype, kind="attention",

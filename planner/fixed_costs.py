@@ -18,7 +18,8 @@ costs fixed + roofline, the fixed part counted per invocation as the engine make
   iteration.other    one per iteration + per sequence: engine work outside every stage, added to the
                      iteration (IterationCosts.other_s), not to a stage
   verify.accept      one per iteration + per sequence + per verified token
-  draft.gpu/.cpu     per draft step of each non-empty part: step + L_d x layer + sequences x per-sequence;
+  draft.gpu/.cpu     per draft step of each non-empty part: step + L_d x layer + sequences x per-sequence,
+                     each part its own keys (draft.* the device part, draft.cpu.* the host part);
                      its first step also L_d x catchup x P(some sequence accepted all k drafts),
                      1 - (1 - P(A >= k))^seqs with P(A >= k) = acc(k) - acc(k-1) (all inside
                      CostModel.draft_part, which planner.milp's draft time uses too)
@@ -136,16 +137,19 @@ class FixedCosts:
         return t
 
     # ---- draft ----
-    def draft_step_s(self, seqs: int, q: float) -> float:
+    def draft_step_s(self, seqs: int, q: float, on_gpu: bool = True) -> float:
         """Fixed seconds of one draft step of one non-empty draft-KV part of `seqs` sequences, q tokens
-        each; the first step (q = acc(k) + 1 > 1) also pays, with the probability that some sequence
-        catches up two tokens, the attention group of its own those get."""
+        each (on_gpu: the device part, else the host part, each with its own keys); the first step
+        (q = acc(k) + 1 > 1) also pays, with the probability that some sequence catches up two tokens,
+        the attention group of its own those get."""
         if not self.any or seqs <= 0:
             return 0.0
         o = self.ov.get
-        t = o(K.DRAFT_STEP) + self.draft.num_layers * o(K.DRAFT_LAYER) + o(K.DRAFT_SEQUENCE) * seqs
+        step, layer, seq, catchup = ((K.DRAFT_STEP, K.DRAFT_LAYER, K.DRAFT_SEQUENCE, K.DRAFT_CATCHUP) if on_gpu else
+                                     (K.DRAFT_CPU_STEP, K.DRAFT_CPU_LAYER, K.DRAFT_CPU_SEQUENCE, K.DRAFT_CPU_CATCHUP))
+        t = o(step) + self.draft.num_layers * o(layer) + o(seq) * seqs
         if q > 1.0:
-            t += self.draft.num_layers * o(K.DRAFT_CATCHUP) * (1.0 - (1.0 - self.full_accept_p(q)) ** seqs)
+            t += self.draft.num_layers * o(catchup) * (1.0 - (1.0 - self.full_accept_p(q)) ** seqs)
         return t
 
     def full_accept_p(self, q: float) -> float:

@@ -35,8 +35,10 @@ US = 1e-6
 
 class OverheadKey(str, Enum):
     """The keys of the fixed costs: a stage of planner/stages.py, or one of its per-unit terms (the
-    stage name + ".sequence", ".token", ...). The draft's keys count draft steps and layers, which no
-    single stage holds (draft.gpu and draft.cpu both take them)."""
+    stage name + ".sequence", ".token", ...). The draft's keys count draft steps and layers of one
+    draft-KV part: draft.step ... draft.catchup the device part's (draft.gpu), draft.cpu.step ...
+    draft.cpu.catchup the host part's (draft.cpu), whose attention is one verify-kernel call per group
+    where the device part's is the device's attention path."""
 
     PRE_ATTN = Stage.TARGET_PRE_ATTN.value
     PRE_ATTN_SEQUENCE = f"{Stage.TARGET_PRE_ATTN.value}.sequence"
@@ -60,6 +62,10 @@ class OverheadKey(str, Enum):
     OTHER = f"{Stage.ITERATION.value}.other"
     OTHER_SEQUENCE = f"{Stage.ITERATION.value}.other.sequence"
     DRAFT_CATCHUP = "draft.catchup"
+    DRAFT_CPU_STEP = f"{Stage.DRAFT_CPU.value}.step"
+    DRAFT_CPU_LAYER = f"{Stage.DRAFT_CPU.value}.layer"
+    DRAFT_CPU_SEQUENCE = f"{Stage.DRAFT_CPU.value}.sequence"
+    DRAFT_CPU_CATCHUP = f"{Stage.DRAFT_CPU.value}.catchup"
 
     def __str__(self) -> str:
         return self.value
@@ -84,14 +90,27 @@ OVERHEAD_KEYS: dict[str, str] = {
     OverheadKey.ACCEPT.value: "per iteration",
     OverheadKey.ACCEPT_SEQUENCE.value: "per sequence per iteration (acceptance bookkeeping, KV roll-back)",
     OverheadKey.ACCEPT_TOKEN.value: "per verified token per iteration (argmax and top-2 over the vocabulary)",
-    OverheadKey.DRAFT_STEP.value: "per draft step of each draft-KV part (draft.gpu and draft.cpu each)",
-    OverheadKey.DRAFT_LAYER.value: "per draft step per draft layer",
-    OverheadKey.DRAFT_SEQUENCE.value: "per draft step per sequence",
+    OverheadKey.DRAFT_STEP.value: "per draft step of the device draft-KV part (draft.gpu)",
+    OverheadKey.DRAFT_LAYER.value: "per draft step per draft layer (device part)",
+    OverheadKey.DRAFT_SEQUENCE.value: "per draft step per sequence (device part)",
     OverheadKey.OTHER.value: ("per iteration: the engine's work outside every stage (building the pass's layout and "
                         "inputs, Python between stages); no stage holds it, the iteration does"),
     OverheadKey.OTHER_SEQUENCE.value: "per sequence per iteration, outside every stage",
     OverheadKey.DRAFT_CATCHUP.value: ("per draft layer, once per iteration and draft-KV part in which some sequence catches up two "
                       "tokens (all k drafts were accepted): the first draft step attends those as a group of their own"),
+    OverheadKey.DRAFT_CPU_STEP.value: "per draft step of the host draft-KV part (draft.cpu); a spec without it: draft.step",
+    OverheadKey.DRAFT_CPU_LAYER.value: "per draft step per draft layer (host part); else draft.layer",
+    OverheadKey.DRAFT_CPU_SEQUENCE.value: "per draft step per sequence (host part); else draft.sequence",
+    OverheadKey.DRAFT_CPU_CATCHUP.value: "as draft.catchup, for the host part (else draft.catchup)",
+}
+
+# A host-part draft key a spec lacks costs what its device-part key does (specs calibrated before the
+# calibration timed draft.cpu have only those).
+DRAFT_CPU_FALLBACK: dict[str, str] = {
+    OverheadKey.DRAFT_CPU_STEP.value: OverheadKey.DRAFT_STEP.value,
+    OverheadKey.DRAFT_CPU_LAYER.value: OverheadKey.DRAFT_LAYER.value,
+    OverheadKey.DRAFT_CPU_SEQUENCE.value: OverheadKey.DRAFT_SEQUENCE.value,
+    OverheadKey.DRAFT_CPU_CATCHUP.value: OverheadKey.DRAFT_CATCHUP.value,
 }
 
 # Torch function calls the engine makes per invocation of each key (fp32 on a CPU device, the tiny
@@ -118,7 +137,8 @@ OPS_PER_INVOCATION: dict[str, float] = {
 
 @dataclass(frozen=True)
 class Overheads:
-    """Seconds per unit of each key (see OVERHEAD_KEYS); `get` falls back to op x ops per invocation."""
+    """Seconds per unit of each key (see OVERHEAD_KEYS); `get` falls back to the device-part key for a
+    host-part draft key (DRAFT_CPU_FALLBACK), else to op x ops per invocation."""
 
     op_s: float = 0.0
     table_s: dict[str, float] = field(default_factory=dict)
@@ -126,6 +146,8 @@ class Overheads:
     def get(self, key: str) -> float:
         if key in self.table_s:
             return self.table_s[key]
+        if key in DRAFT_CPU_FALLBACK:
+            return self.get(DRAFT_CPU_FALLBACK[key])
         return self.op_s * OPS_PER_INVOCATION.get(key, 0.0)
 
     @property

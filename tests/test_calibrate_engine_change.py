@@ -49,3 +49,21 @@ def test_a_changed_engine_source_is_a_new_calibration(monkeypatch, tmp_path):
     (src / "model" / "target.py").write_text((src / "model" / "target.py").read_text() + "\n# one more line\n")
     assert cspec.kernel_source_sha() != sha
     assert "model/target.py" in cspec.ENGINE_SOURCES and "speculative.py" in cspec.ENGINE_SOURCES
+
+
+def test_each_draft_kv_part_is_timed_in_its_own_stage():
+    """A configuration with the draft KV split (2 of 4 sequences on the device) times draft.gpu and
+    draft.cpu apart, with the host part's catch-up recorded beside the device part's; all on the device
+    or all on the host times only that part's stage. The fit needs both stages (draft.cpu's fixed costs
+    are fitted from these, not borrowed from draft.gpu's)."""
+    cfgs = cspec.engine_configs(cspec.resolve_model_config(None))
+    r = measure_stage_overheads(cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=1,
+                                per_round=2, warmup=1,
+                                configs=((4, 2, 1, 1, 0, "full", 2), (4, 2, 1, 1, 0, "full"), (4, 2, 1, 1, 0, "full", 0)))
+    split, device, host = r["configs"]
+    assert (split["draft_kv_gpu"], device["draft_kv_gpu"], host["draft_kv_gpu"]) == (2, 4, 0)
+    assert split["median_s"]["draft.gpu"] > 0 and split["median_s"]["draft.cpu"] > 0
+    assert device["median_s"]["draft.gpu"] > 0 and device["median_s"]["draft.cpu"] == 0
+    assert host["median_s"]["draft.cpu"] > 0 and host["median_s"]["draft.gpu"] == 0
+    assert split["ops"]["draft.cpu"] > 0 and "draft.cpu" not in device["ops"]
+    assert 0.0 <= split["catchup_host_per_iteration"] <= 1.0 and host["catchup_per_iteration"] == 0.0

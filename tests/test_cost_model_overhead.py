@@ -13,7 +13,7 @@ from specmoe.planner.cost_model import CostModel, touched_experts
 from specmoe.planner.errors import SpecError
 from specmoe.planner.hardware_spec import HardwareSpec, list_hardware, load_hardware, parse_hardware
 from specmoe.planner.model_spec import load_model
-from specmoe.planner.overhead import OPS_PER_INVOCATION, OVERHEAD_KEYS
+from specmoe.planner.overhead import DRAFT_CPU_FALLBACK, OPS_PER_INVOCATION, OVERHEAD_KEYS
 from specmoe.planner.plan import Placement
 from specmoe.planner.simulator import simulate_iteration
 from specmoe.planner.stages import Stage
@@ -73,12 +73,13 @@ def _expected(model, draft, B, M, k, pl: Placement, cost) -> dict[str, float]:
     }
     if k > 0:
         g = min(B, pl.draft_kv_gpu_sequences)
-        step = cost("draft.step") + draft.num_layers * cost("draft.layer")
         acc = _wl().acceptance
         full = acc.acc(k) - acc.acc(k - 1)          # P(all k drafts accepted): the next first step catches up 2 tokens
-        for stage, n in ((Stage.DRAFT_GPU.value, g), (Stage.DRAFT_CPU.value, B - g)):
+        # each draft-KV part its own keys: draft.* the device part's, draft.cpu.* the host part's
+        for stage, n, pre in ((Stage.DRAFT_GPU.value, g, "draft."), (Stage.DRAFT_CPU.value, B - g, "draft.cpu.")):
             if n:
-                out[stage] = k * (step + n * cost("draft.sequence")) + draft.num_layers * cost("draft.catchup") * (
+                step = cost(pre + "step") + draft.num_layers * cost(pre + "layer")
+                out[stage] = k * (step + n * cost(pre + "sequence")) + draft.num_layers * cost(pre + "catchup") * (
                     1 - (1 - full) ** n)
     return {s: v * us for s, v in out.items()}
 
@@ -114,7 +115,9 @@ def test_op_overhead_alone_costs_ops_per_invocation():
     pl = Placement(expert_cache_slots=(3,) * model.num_layers, draft_kv_gpu_sequences=10, target_kv_gpu_sequences=2)
     op = 7.0
     delta, _, _ = _delta(model, draft, 24, 2, 4, pl, False, _spec(op=op))
-    want = _expected(model, draft, 24, 2, 4, pl, lambda key: op * OPS_PER_INVOCATION.get(key, 0.0))
+    # the host part's draft keys have no operation count of their own: they cost the device part's
+    want = _expected(model, draft, 24, 2, 4, pl,
+                     lambda key: op * OPS_PER_INVOCATION.get(DRAFT_CPU_FALLBACK.get(key, key), 0.0))
     for s in want:
         assert delta[s] == pytest.approx(want[s], rel=1e-9, abs=1e-15), s
     # a table entry wins over the fallback, the other keys keep it
@@ -236,7 +239,8 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
     import json
 
     from specmoe.planner.model_spec import PRESET_DIR, ModelSpec
-    from specmoe.runtime.calibrate.overhead import CONFIGS, ORACLE_ALPHA, STAGES, draft_config, shrink_config
+    from specmoe.runtime.calibrate.overhead import (CONFIGS, ORACLE_ALPHA, STAGES, config_fields, draft_config,
+                                                    shrink_config)
     from specmoe.runtime.calibrate.overhead_fit import (fit_overheads, roofline_stages as _roofline_stages,
                                                         stage_features as _features)
 
@@ -251,13 +255,16 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
     truth = {key: 15.0 + 7.0 * i for i, key in enumerate(OVERHEAD_KEYS)}
     E, n_moe = spec.num_experts, len(spec.moe_layers)
     configs = []
-    for B, k, M, Ld, t, cache in CONFIGS:
+    catchup = lambda n: 1 - (1 - ORACLE_ALPHA ** k) ** n if k and n else 0.0  # noqa: E731 P(some of n catches up)
+    for cfg in CONFIGS:
+        B, k, M, Ld, t, cache, dgpu = config_fields(cfg)
         slots = [(E if cache == "full" else E // 2) if l in spec.moe_layers else 0 for l in range(spec.num_layers)]
         N = B * (k + 1)
         p = 1 - (1 - spec.top_k / E) ** N
-        c = {"B": B, "k": k, "m": M, "draft_layers": Ld, "target_kv_gpu": t, "cache": cache, "expert_cache_slots": slots,
-             "context": 30.0, "copies_per_iteration": sum(E - s for s in slots if s) * p if cache == "half" else 0.0,
-             "catchup_per_iteration": 1 - (1 - ORACLE_ALPHA ** k) ** B if k else 0.0, "ops": {}}
+        c = {"B": B, "k": k, "m": M, "draft_layers": Ld, "target_kv_gpu": t, "draft_kv_gpu": dgpu, "cache": cache,
+             "expert_cache_slots": slots, "context": 30.0,
+             "copies_per_iteration": sum(E - s for s in slots if s) * p if cache == "half" else 0.0,
+             "catchup_per_iteration": catchup(dgpu), "catchup_host_per_iteration": catchup(B - dgpu), "ops": {}}
         roof = _roofline_stages(c, spec, dspecs[Ld], hw, "fp32")
         feats = _features(c, spec, n_moe, touched_experts(E, spec.top_k, N))
         med = {st: roof.get(st, 0.0) + sum(truth[key] * 1e-6 * n for key, n in feats.get(st, {}).items()) for st in STAGES}
@@ -281,7 +288,7 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
         B, k, M = c["B"], c["k"], min(c["m"], c["B"])
         wl = Workload(prompt_len=16, gen_len=64, acceptance=load_acceptance(ORACLE_ALPHA), kv_dtype="fp32",
                       weight_dtype="fp32")
-        pl = Placement(expert_cache_slots=tuple(c["expert_cache_slots"]), draft_kv_gpu_sequences=B,
+        pl = Placement(expert_cache_slots=tuple(c["expert_cache_slots"]), draft_kv_gpu_sequences=c["draft_kv_gpu"],
                        target_kv_gpu_sequences=c["target_kv_gpu"])
         d = dspecs[c["draft_layers"]] if k else None
         st, bare = (CostModel(spec, h, wl, d).iteration(B, M, k, pl, context_len=c["context"], batched_moe=True)
@@ -294,3 +301,28 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
                 + truth["verify.accept.token"] * n}
         for s, us in hand.items():
             assert st[s] - bare[s] == pytest.approx(us * 1e-6, rel=1e-3), (B, k, M, s)
+
+
+def test_a_spec_without_host_draft_keys_costs_the_host_part_as_the_device_part():
+    """Specs calibrated before draft.cpu was timed hold only draft.*: the host part's keys cost those;
+    a spec with draft.cpu.* keys costs the host part by them and the device part by draft.*."""
+    from specmoe.planner.overhead import Overheads
+
+    old = Overheads(op_s=2e-6, table_s={"draft.step": 3e-4, "draft.sequence": 4e-5})
+    assert old.get("draft.cpu.step") == 3e-4 and old.get("draft.cpu.sequence") == 4e-5
+    assert old.get("draft.cpu.layer") == old.get("draft.layer") == 2e-6 * OPS_PER_INVOCATION["draft.layer"]
+    new = Overheads(op_s=2e-6, table_s={"draft.step": 3e-4, "draft.cpu.step": 1e-4, "draft.cpu.sequence": 0.0})
+    assert new.get("draft.cpu.step") == 1e-4 and new.get("draft.step") == 3e-4
+    assert new.get("draft.cpu.sequence") == 0.0           # a fitted 0 is a value, not a missing key
+    model, draft = load_model("mixtral-8x7b"), load_model("mixtral-8x7b-eagle")
+    table = {"draft.step": 300.0, "draft.layer": 50.0, "draft.sequence": 40.0, "draft.catchup": 9.0}
+    pl = Placement(expert_cache_slots=(0,) * model.num_layers, draft_kv_gpu_sequences=0, target_kv_gpu_sequences=0)
+    only_gpu_keys, _, _ = _delta(model, draft, 8, 1, 2, pl, False, _spec(table=table))
+    cpu_keys = {**table, "draft.cpu.step": 100.0, "draft.cpu.layer": 5.0, "draft.cpu.sequence": 1.0,
+                "draft.cpu.catchup": 2.0}
+    own, _, _ = _delta(model, draft, 8, 1, 2, pl, False, _spec(table=cpu_keys))
+    assert only_gpu_keys["draft.cpu"] == pytest.approx(_expected(model, draft, 8, 1, 2, pl, lambda k: table.get(
+        DRAFT_CPU_FALLBACK.get(k, k), 0.0))["draft.cpu"], rel=1e-9)
+    assert own["draft.cpu"] == pytest.approx(_expected(model, draft, 8, 1, 2, pl, lambda k: cpu_keys.get(k, 0.0))
+                                             ["draft.cpu"], rel=1e-9)
+    assert own["draft.cpu"] < only_gpu_keys["draft.cpu"]

@@ -53,9 +53,10 @@ class PointCosts:
     attn_cpu_s_per_seq: np.ndarray     # [L]
     attn_gpu_s_per_seq: np.ndarray     # [L]
     fixed_s: float                     # LM head + acceptance
-    draft_mm_s: float                  # sum over draft steps of the matmuls of all B sequences (bound only)
-    draft_attn_gpu_s: float            # draft attention of all B sequences on the GPU (bound only)
-    draft_attn_cpu_s: float            # ... on the CPU (bound only)
+    draft_mm_s: float                  # sum over draft steps of what all B sequences' steps cost with the draft
+                                       # KV on either side: the matmuls, the smaller fixed part (bound only)
+    draft_attn_gpu_s: float            # the rest with all draft KV on the GPU: attention, fixed (bound only)
+    draft_attn_cpu_s: float            # ... on the CPU
     gpu_fixed_bytes: float             # weights, draft weights, activations
     gpu_usable_bytes: float
     cpu_fixed_bytes: float             # pinned experts, the CPU attention's staging
@@ -240,10 +241,15 @@ def point_costs(cm: CostModel, batch: int, micro_batches: int, draft_len: int,
     if use_draft:
         s, srcs = float(wl.mean_context), set()
         for q, n in _draft_steps(cm, k):
-            one = cm.draft_part(B, q, s, srcs, on_gpu=False)
-            mm += n * one
-            agpu += n * (cm.draft_part(B, q, s, srcs, on_gpu=True) - one)
-            acpu += n * cm.draft_cpu_attn(B, q, s, srcs)
+            # all B sequences' step with the draft KV on the device / on the host; what both share (the
+            # matmuls, the smaller fixed part) is mm, the rest each side's attention term, so that both
+            # ends stay exact and every term >= 0 (the parts' fixed costs are fitted apart)
+            on_gpu = cm.draft_part(B, q, s, srcs, on_gpu=True)
+            on_cpu = cm.draft_part(B, q, s, srcs, on_gpu=False)
+            common = min(on_gpu, on_cpu)
+            mm += n * common
+            agpu += n * (on_gpu - common)
+            acpu += n * (cm.draft_cpu_attn(B, q, s, srcs) + on_cpu - common)
     pc = PointCosts(
         batch=B, micro_batches=M, draft_len=k, tokens_per_iteration=float(c0.tokens_per_iteration),
         num_experts=E, is_moe=cm.is_moe.copy(),

@@ -29,10 +29,13 @@ from typing import Any, Callable
 from specmoe.planner.stages import Stage
 from specmoe.runtime.calibrate.measure import low_quantile
 
-# (B, k, m, draft layers, target-KV sequences on the device, expert cache): every fitted term varies
-# independently across these (see overhead_fit.stage_features). Where target KV is split between device
-# and host, m = 1, so the engine's micro-batches and the cost model's split_even hold the same parts.
-CONFIGS: tuple[tuple[int, int, int, int, int, str], ...] = (
+# (B, k, m, draft layers, target-KV sequences on the device, expert cache[, draft-KV sequences on the
+# device, default B]): every fitted term varies independently across these (see
+# overhead_fit.stage_features), the draft's device-part terms (draft.gpu) over the configurations with
+# draft KV on the device, its host-part terms (draft.cpu: attention by the verify kernel) over those
+# with draft KV on the host. Where target or draft KV is split between device and host, m = 1, so the
+# engine's micro-batches and the cost model's split_even hold the same parts.
+CONFIGS: tuple[tuple, ...] = (
     (1, 0, 1, 1, 0, "full"),
     (16, 0, 2, 1, 0, "full"),
     (1, 3, 1, 1, 1, "full"),
@@ -40,15 +43,28 @@ CONFIGS: tuple[tuple[int, int, int, int, int, str], ...] = (
     (4, 1, 2, 2, 4, "half"),
     (8, 2, 4, 1, 0, "full"),
     (2, 4, 2, 2, 0, "full"),
-    (32, 1, 1, 1, 8, "full"),
+    (32, 1, 1, 1, 8, "full", 16),
     (32, 0, 1, 1, 0, "full"),
     (24, 2, 1, 2, 0, "full"),
+    (8, 2, 1, 1, 0, "full", 0),
+    (24, 3, 2, 2, 0, "full", 0),
+    (2, 1, 1, 2, 0, "full", 0),
+    (16, 1, 2, 2, 0, "full", 0),
+    (4, 4, 1, 2, 0, "half", 0),
 )
 PROMPT_LEN = 16
 ORACLE_ALPHA = 0.6     # per-draft acceptance rate of the measurement's oracle
-# the stages the measurement times (draft.cpu: every draft KV is on the device here)
+# the stages the measurement times
 STAGES = tuple(s.value for s in (Stage.TARGET_PRE_ATTN, Stage.TARGET_ATTENTION, Stage.TARGET_POST_ATTN, Stage.TARGET_MOE,
-                                 Stage.TARGET_H2D, Stage.TARGET_LM_HEAD, Stage.VERIFY_ACCEPT, Stage.DRAFT_GPU))
+                                 Stage.TARGET_H2D, Stage.TARGET_LM_HEAD, Stage.VERIFY_ACCEPT, Stage.DRAFT_GPU,
+                                 Stage.DRAFT_CPU))
+
+
+def config_fields(cfg: tuple) -> tuple[int, int, int, int, int, str, int]:
+    """A CONFIGS entry as (B, k, m, draft layers, target-KV device sequences, cache, draft-KV device
+    sequences): the last defaults to B (all draft KV on the device)."""
+    B, k, M, Ld, tgpu, cache, *rest = cfg
+    return B, k, M, Ld, tgpu, cache, int(rest[0]) if rest else B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +219,8 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], configs, dev, dty
     drafts: dict[int, Any] = {}
     g = torch.Generator().manual_seed(0)
     runs = []
-    for (B, k, M, Ld, tgpu, cache) in configs:
+    for cfg in configs:
+        B, k, M, Ld, tgpu, cache, dgpu = config_fields(cfg)
         if cache not in parts:
             parts[cache] = _engine_parts(target_cfg, dev, dtype, cache)
         target, store, slots = parts[cache]
@@ -211,14 +228,14 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], configs, dev, dty
         if k > 0 and Ld not in drafts:
             drafts[Ld] = DraftModel(WeightSource.random(draft_cfgs[Ld], seed=1, dtype=dtype), dev, dtype)
         draft = drafts.get(Ld) if k > 0 else None
-        dec, timer = _decoder(target, draft, B, k, M, tgpu, PROMPT_LEN + steps * (k + 1) + k + 4, dev, dtype)
+        dec, timer = _decoder(target, draft, B, k, M, tgpu, dgpu, PROMPT_LEN + steps * (k + 1) + k + 4, dev, dtype)
         seqs = random_sequences(B, tc.vocab_size, PROMPT_LEN, g)
         dec.prefill(seqs)
         if store is not None and not hasattr(store, "expert_calls"):
             _count_expert_calls(store)
-        runs.append({"cfg": (B, k, M, Ld, tgpu, cache), "dec": dec, "seqs": seqs, "store": store, "slots": slots,
+        runs.append({"cfg": (B, k, M, Ld, tgpu, cache, dgpu), "dec": dec, "seqs": seqs, "store": store, "slots": slots,
                      "timer": timer, "samples": {s: [] for s in STAGES + ("iteration",)}, "copies": [], "ctx": [],
-                     "catchup": [], "experts": []})
+                     "catchup": [], "catchup_host": [], "experts": []})
     return runs
 
 
@@ -236,9 +253,9 @@ def random_sequences(B: int, vocab_size: int, prompt_len: int, g) -> list:
     return seqs
 
 
-def _decoder(target, draft, B: int, k: int, M: int, tgpu: int, cap: int, dev, dtype):
+def _decoder(target, draft, B: int, k: int, M: int, tgpu: int, dgpu: int, cap: int, dev, dtype):
     """(SpeculativeDecoder, its StageTimer) of one configuration: target KV for B sequences, tgpu of them
-    on the device, and the draft's KV all on the device, `cap` positions each."""
+    on the device, and the draft's KV, dgpu of them on the device, `cap` positions each."""
     from specmoe.runtime.model.kv_cache import SplitKVCache
     from specmoe.runtime.run_record import StageTimer
     from specmoe.runtime.speculative import SpeculativeDecoder
@@ -249,7 +266,8 @@ def _decoder(target, draft, B: int, k: int, M: int, tgpu: int, cap: int, dev, dt
     dkv = None
     if draft is not None:
         dc = draft.config
-        dkv = SplitKVCache(dc.num_layers, B, B, dc.num_kv_heads, cap, dc.head_dim, dev, dtype, dtype, decode_kernel=True)
+        dkv = SplitKVCache(dc.num_layers, B, dgpu, dc.num_kv_heads, cap, dc.head_dim, dev, dtype, dtype,
+                           decode_kernel=True)
     timer = StageTimer(dev, profile)
     dec = SpeculativeDecoder(target, draft, tkv, dkv, timer, M, eos_ids=(), temperature=0.0, seed=0,
                              oracle_alpha=ORACLE_ALPHA if k > 0 else None)
@@ -258,13 +276,16 @@ def _decoder(target, draft, B: int, k: int, M: int, tgpu: int, cap: int, dev, dt
 
 def _step(run: dict, record: bool) -> None:
     """One decode iteration of a configuration; with `record`, its stage times, expert copies, expert
-    calls, mean context and whether any sequence was catching up are appended to the run's samples."""
+    calls, mean context and whether any sequence of the device / host draft-KV part (rows below / from
+    dgpu: sequence i holds row i) was catching up are appended to the run's samples."""
     dec, seqs, store, timer = run["dec"], run["seqs"], run["store"], run["timer"]
     before = dict(timer.totals["decode"])
     c0 = store.copied_experts if store is not None else 0     # copies made (none on a CPU device: references)
     e0 = store.expert_calls if store is not None else 0
     ctx = sum(s.target_len for s in seqs) / len(seqs)
-    catchup = float(any(len(s.draft_pending) > 1 for s in seqs))
+    dgpu = run["cfg"][6]
+    catchup = float(any(len(s.draft_pending) > 1 for s in seqs[:dgpu]))
+    catchup_host = float(any(len(s.draft_pending) > 1 for s in seqs[dgpu:]))
     t0 = time.perf_counter()
     dec.step(seqs, run["cfg"][1])
     dt = time.perf_counter() - t0
@@ -277,6 +298,7 @@ def _step(run: dict, record: bool) -> None:
         run["experts"].append((store.expert_calls if store is not None else 0) - e0)
         run["ctx"].append(ctx)
         run["catchup"].append(catchup)
+        run["catchup_host"].append(catchup_host)
 
 
 def _time_rounds(runs: list[dict], rounds: int, per_round: int, warmup: int,
@@ -308,12 +330,13 @@ def _count_ops(run: dict, dev) -> dict[str, int]:
 def _summary(run: dict, counts: dict[str, int], speed: list[float], ref: float, rounds: int, per_round: int) -> dict:
     """A configuration's plain-data record: its settings, per-iteration means of the counters, and per
     stage the median, the mean and the speed-normalised mean seconds per iteration."""
-    B, k, M, Ld, tgpu, cache = run["cfg"]
-    return {"B": B, "k": k, "m": M, "draft_layers": Ld, "target_kv_gpu": tgpu, "cache": cache,
+    B, k, M, Ld, tgpu, cache, dgpu = run["cfg"]
+    return {"B": B, "k": k, "m": M, "draft_layers": Ld, "target_kv_gpu": tgpu, "draft_kv_gpu": dgpu, "cache": cache,
             "expert_cache_slots": list(run["slots"]), "context": statistics.fmean(run["ctx"]),
             "copies_per_iteration": statistics.fmean(run["copies"]),
             "experts_per_iteration": statistics.fmean(run["experts"]),
-            "catchup_per_iteration": statistics.fmean(run["catchup"]) if k > 0 else 0.0,
+            "catchup_per_iteration": statistics.fmean(run["catchup"]) if k > 0 else 0.0,        # device part
+            "catchup_host_per_iteration": statistics.fmean(run["catchup_host"]) if k > 0 else 0.0,
             "median_s": {st: statistics.median(v) for st, v in run["samples"].items()},
             "mean_s": {st: statistics.fmean(v) for st, v in run["samples"].items()},
             "normalized_s": {st: ref * statistics.fmean(m / f for m, f in zip(_round_means(v, rounds, per_round),

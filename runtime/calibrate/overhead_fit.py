@@ -65,9 +65,13 @@ def stage_features(c: dict, spec, n_moe: int, touched: float) -> dict[str, dict[
     }
     if c["copies_per_iteration"] > 0:
         f[S.TARGET_H2D] = {K.H2D: c["copies_per_iteration"]}
-    if k > 0:
-        f[S.DRAFT_GPU] = {K.DRAFT_STEP: k, K.DRAFT_LAYER: k * Ld, K.DRAFT_SEQUENCE: k * B,
+    dgpu = min(B, c.get("draft_kv_gpu", B))        # draft-KV sequences on the device: one draft part each side
+    if k > 0 and dgpu > 0:
+        f[S.DRAFT_GPU] = {K.DRAFT_STEP: k, K.DRAFT_LAYER: k * Ld, K.DRAFT_SEQUENCE: k * dgpu,
                           K.DRAFT_CATCHUP: Ld * c.get("catchup_per_iteration", 0.0)}
+    if k > 0 and dgpu < B:
+        f[S.DRAFT_CPU] = {K.DRAFT_CPU_STEP: k, K.DRAFT_CPU_LAYER: k * Ld, K.DRAFT_CPU_SEQUENCE: k * (B - dgpu),
+                          K.DRAFT_CPU_CATCHUP: Ld * c.get("catchup_host_per_iteration", 0.0)}
     # plain strings: the keys go into the spec's YAML
     return {str(st.value): {str(key.value): n for key, n in terms.items()} for st, terms in f.items()}
     return f
@@ -82,7 +86,7 @@ def roofline_stages(c: dict, spec, dspec, hw, dtype: str) -> dict[str, float]:
     wl = Workload(prompt_len=PROMPT_LEN, gen_len=64, acceptance=AcceptanceProfile.from_alpha(ORACLE_ALPHA),
                   kv_dtype=dtype, weight_dtype=dtype)
     cm = CostModel(spec, hw, wl, dspec if c["k"] > 0 else None)
-    pl = Placement(expert_cache_slots=tuple(c["expert_cache_slots"]), draft_kv_gpu_sequences=c["B"],
+    pl = Placement(expert_cache_slots=tuple(c["expert_cache_slots"]), draft_kv_gpu_sequences=c.get("draft_kv_gpu", c["B"]),
                    target_kv_gpu_sequences=c["target_kv_gpu"])
     costs = cm.iteration(c["B"], max(1, min(c["m"], c["B"])), c["k"], pl, context_len=c["context"], batched_moe=True)
     return costs.stage_totals()
