@@ -38,7 +38,7 @@ from specmoe.runtime.engine_plan import plan_for_checkpoint
 from specmoe.runtime.model.expert_store import ExpertStore
 from specmoe.runtime.k_policy import CallableK, ConstantK, DynamicK, IterationInfo
 from specmoe.runtime.model.kv_cache import SplitKVCache, kv_capacity
-from specmoe.runtime.memory_fit import check_fits, minus, plan_footprint
+from specmoe.runtime.memory_fit import check_fits, minus, plan_footprint, with_held_weights
 from specmoe.runtime.memory_usage import MemoryMeter, measured_memory
 from specmoe.runtime.run_record import StageTimer
 from specmoe.runtime.run_state import RunState, build_record
@@ -270,8 +270,11 @@ class Engine:
 
     def _kv_caches(self, rows: int, capacity: int, max_k: int):
         """The target and draft KV caches for `rows` sequences, once the planner's footprint of them (beyond
-        the loaded weights) fits the memory free now."""
+        the loaded weights) fits the memory free now. A run that never drafts (max_k 0) gets no draft KV;
+        its footprint still holds the draft's weights, which stay loaded."""
         fp = plan_footprint(self.plan, rows, capacity, max_k, self.dtype, self.kv_dtype)
+        if max_k == 0 and self.draft is not None:
+            fp = with_held_weights(fp, self.weights_footprint, "draft_weights")
         self._run_footprint = fp.to_dict()
         if self.check_memory:
             check_fits(minus(fp, self.weights_footprint), self.device, what=f"plan at {rows} sequences")
@@ -279,7 +282,8 @@ class Engine:
         tkv = SplitKVCache(t.num_layers, rows, pl.target_kv_gpu_sequences, t.num_kv_heads, capacity, t.head_dim,
                            self.device, self.kv_dtype, self.kv_dtype, decode_kernel=False)
         dkv = SplitKVCache(d.num_layers, rows, pl.draft_kv_gpu_sequences, d.num_kv_heads, capacity, d.head_dim,
-                           self.device, self.kv_dtype, self.kv_dtype, decode_kernel=True) if d is not None else None
+                           self.device, self.kv_dtype, self.kv_dtype, decode_kernel=True) \
+            if d is not None and max_k > 0 else None
         return tkv, dkv
 
     def _decode(self, ids: list[int]) -> str | None:
@@ -299,7 +303,9 @@ class Engine:
         self.target.host_io = self.plan.schedule.host_io
         torch.set_num_threads(self.plan.schedule.cpu_threads)
         self.calibration_warnings = calibration_mismatches(self.plan, self.device, self.dtype)
-        dec = SpeculativeDecoder(self.target, self.draft, tkv, dkv, timer, self.plan.micro_batches, self.eos_ids,
+        # a run that never drafts leaves the draft out: no draft prefill, no EAGLE features kept
+        draft = self.draft if policy.max_k > 0 else None
+        dec = SpeculativeDecoder(self.target, draft, tkv, dkv, timer, self.plan.micro_batches, self.eos_ids,
                                  temperature, seed, flip_gap=self.flip_gap, oracle_alpha=self.acceptance_oracle,
                                  prefill_chunk_tokens=self.prefill_chunk_tokens, prefetch=mode)
         run = RunState(seqs, rows, self.store)

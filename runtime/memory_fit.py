@@ -43,6 +43,16 @@ def plan_footprint(plan: Plan, rows: int, context: int, draft_len: int, weight_d
                      plan.placement, draft, max(1, min(plan.micro_batches, max(rows, 1))), context=context)
 
 
+def with_held_weights(fp: Footprint, base: Footprint, key: str) -> Footprint:
+    """fp with the GPU-part entry `key` (e.g. "draft_weights") as in `base`: weights the engine keeps
+    loaded though fp's configuration would not load them (a run at k = 0 on an engine built with a draft)."""
+    held = float(base.gpu_breakdown.get(key, 0.0)) - float(fp.gpu_breakdown.get(key, 0.0))
+    if held <= 0.0:
+        return fp
+    return replace(fp, gpu_bytes=fp.gpu_bytes + held, gpu_breakdown={**fp.gpu_breakdown, key: fp.gpu_breakdown.get(
+        key, 0.0) + held})
+
+
 def minus(fp: Footprint, base: Footprint) -> Footprint:
     """What `fp` needs beyond `base` (e.g. the KV and activations of a run beyond the loaded weights)."""
     g = {k: v - base.gpu_breakdown.get(k, 0.0) for k, v in fp.gpu_breakdown.items()}

@@ -17,6 +17,7 @@ from engine_fixtures import one_thread_per_module  # noqa: F401 (autouse: one to
 from engine_fixtures import REPO, make_checkpoint, make_pair
 from specmoe.planner.memory import host_components
 from specmoe.runtime.engine import Engine, plan_for_checkpoint
+from specmoe.runtime.memory_usage import tensor_bytes
 from specmoe.runtime.model.expert_store import ExpertStore
 from specmoe.runtime.weights.sources import WeightSource
 
@@ -124,6 +125,26 @@ def test_run_record_memory_beside_the_footprint(tmp_path):
                                      - (mem["host_rss_run_start_bytes"] - mem["host_file_rss_run_start_bytes"]))
     assert mem["host_file_rss_start_bytes"] > 0 and mem["host_file_rss_end_bytes"] > 0   # torch's code at least
     assert json.loads(rec.to_json())["memory"]["host_by_component"] == got
+
+
+def test_a_run_without_drafts_holds_the_draft_weights_and_no_draft_kv(tmp_path):
+    """generate(draft_len=0) on an engine built for k = 2 never drafts: no draft KV, no draft prefill; the
+    draft's weights stay loaded, and the run's footprint (what the report predicts) holds exactly those,
+    so the two sides of the memory row agree (before: 0 predicted against the weights and the KV)."""
+    t, d = make_pair(tmp_path, "olmoe", "llama", seed=2)
+    plan = plan_for_checkpoint(t, d, "devbox-2core-calibrated", batch=2, draft_len=2, expert_cache_slots=[3, 8])
+    eng = Engine(plan, t, d)
+    with_k = eng.generate([[3, 4, 5], [6, 7]], max_new_tokens=4).record.memory
+    res = eng.generate([[3, 4, 5], [6, 7]], max_new_tokens=4, draft_len=0)
+    mem = res.record.memory
+    weights = tensor_bytes(eng.draft, seen=set())                  # the draft's tensors, as the record counts them
+    assert mem["host_by_component"]["draft"] == weights < with_k["host_by_component"]["draft"]
+    assert host_components(mem["footprint"])["draft"] == pytest.approx(weights)
+    assert mem["footprint"]["gpu_breakdown"]["draft_kv"] == 0 and mem["footprint"]["cpu_breakdown"]["draft_kv"] == 0
+    plain = Engine(plan_for_checkpoint(t, None, "devbox-2core-calibrated", batch=2, draft_len=0,
+                                       expert_cache_slots=[3, 8]), t, None)
+    want = plain.generate([[3, 4, 5], [6, 7]], max_new_tokens=4)
+    assert [o.token_ids for o in res.outputs] == [o.token_ids for o in want.outputs]
 
 
 def test_memory_freed_before_a_run_counts_when_the_run_reuses_it():
