@@ -326,3 +326,34 @@ def test_a_spec_without_host_draft_keys_costs_the_host_part_as_the_device_part()
     assert own["draft.cpu"] == pytest.approx(_expected(model, draft, 8, 1, 2, pl, lambda k: cpu_keys.get(k, 0.0))
                                              ["draft.cpu"], rel=1e-9)
     assert own["draft.cpu"] < only_gpu_keys["draft.cpu"]
+
+
+@pytest.mark.parametrize("host_part", ["cheaper", "dearer"])
+def test_the_draft_bound_stays_exact_at_both_ends_when_the_parts_cost_differently(host_part):
+    """The MILP's bound splits all B sequences' draft steps into a shared part and each side's rest; with
+    the host part's fixed costs fitted apart (cheaper or dearer than the device part's) every term stays
+    >= 0, all-device and all-host each add up to the cost model's own draft pieces, and the bounds still
+    sit under the MILP's optimum."""
+    from specmoe.planner import milp
+
+    model, draft = load_model("mixtral-8x7b"), load_model("mixtral-8x7b-eagle")
+    scale = 0.2 if host_part == "cheaper" else 5.0
+    table = {"draft.step": 300.0, "draft.layer": 80.0, "draft.sequence": 40.0, "draft.catchup": 20.0}
+    table.update({f"draft.cpu.{k.split('.')[1]}": v * scale for k, v in table.items()})
+    cm = CostModel(model, _spec(table=table), _wl(0.8), draft)
+    B, M, k = 96, 2, 3
+    pc = milp.point_costs(cm, B, M, k)
+    assert pc.draft_mm_s >= 0 and pc.draft_attn_gpu_s >= 0 and pc.draft_attn_cpu_s >= 0
+    s, steps = float(cm.workload.mean_context), milp.costs._draft_steps(cm, k)
+    on_gpu = sum(n * cm.draft_part(B, q, s, set(), on_gpu=True) for q, n in steps)
+    on_cpu = sum(n * (cm.draft_part(B, q, s, set(), on_gpu=False) + cm.draft_cpu_attn(B, q, s, set()))
+                 for q, n in steps)
+    assert pc.draft_mm_s + pc.draft_attn_gpu_s == pytest.approx(on_gpu, rel=1e-12)
+    assert pc.draft_mm_s + pc.draft_attn_cpu_s == pytest.approx(on_cpu, rel=1e-12)
+    assert min(pc.draft_attn_gpu_s, pc.draft_attn_cpu_s - sum(n * cm.draft_cpu_attn(B, q, s, set())
+                                                              for q, n in steps)) == pytest.approx(0.0, abs=1e-15)
+    milp.add_draft(pc, milp.draft_time_fn(cm, B, k))
+    v = milp.Variant()
+    res = milp.solve(milp.build(pc, v))
+    assert res.status == "Optimal"
+    assert milp.lower_bound_s(pc, v) <= milp.lp_bound_s(pc, v) * (1 + 1e-6) <= res.objective_s * (1 + 1e-5)
