@@ -303,8 +303,9 @@ class Engine:
         self.target.host_io = self.plan.schedule.host_io
         torch.set_num_threads(self.plan.schedule.cpu_threads)
         self.calibration_warnings = calibration_mismatches(self.plan, self.device, self.dtype)
-        # a run that never drafts leaves the draft out: no draft prefill, no EAGLE features kept
-        draft = self.draft if policy.max_k > 0 else None
+        # a run that never drafts has no draft KV (_kv_caches) and leaves the draft out: no draft prefill,
+        # no EAGLE features kept
+        draft = self.draft if dkv is not None else None
         dec = SpeculativeDecoder(self.target, draft, tkv, dkv, timer, self.plan.micro_batches, self.eos_ids,
                                  temperature, seed, flip_gap=self.flip_gap, oracle_alpha=self.acceptance_oracle,
                                  prefill_chunk_tokens=self.prefill_chunk_tokens, prefetch=mode)
