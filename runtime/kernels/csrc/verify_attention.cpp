@@ -171,15 +171,32 @@ ItemState begin_item(const Args& a, const Item& it, Workspace& w) {
   return s;
 }
 
+// The rows of token rows p (elem bytes an element, tok elements apart) that (b, h) reads or writes:
+// its N tokens' heads h*g .. h*g+g-1.
+RowLines head_rows(const Args& a, const void* p, int64_t elem, int64_t tok, int64_t b, int64_t h, bool write) {
+  RowLines r;
+  r.p = static_cast<const char*>(p) + (first_token(a, b) * tok + h * a.g * a.D) * elem;
+  r.bytes = a.g * a.D * elem;
+  r.stride = tok * elem;
+  r.rows = a.N;
+  r.write = write;
+  return r;
+}
+
 // The prefetch that chunk ci (nc keys) runs: the chunk `ahead` on, in this item or else at the start
 // of the next one, its lines requested at an even rate over row block 0's QK and PV (and on the
-// fast paths the V packing and the P packing too), unit by unit (see Prefetch).
+// fast paths the V packing and the P packing too), unit by unit (see Prefetch). The item's last
+// chunk also requests, at the same even rate, the next item's q rows and this item's output rows.
 template <int DT>
 Prefetch chunk_prefetch(const Args& a, const Item& it, const ItemState& s, NextItem& next, int64_t ci,
                         int64_t nchunks, int64_t nc) {
   const int64_t D = DT > 0 ? DT : a.D, C = a.C, elem = a.kv ? 2 : 4;
   const int64_t ahead = a.kv ? 2 : 1;  // chunks ahead: about the same number of bytes
   const char* kbytes = static_cast<const char*>(a.k);
+  const int64_t Mb = std::min<int64_t>(4 * W, a.Mp), rows = std::min<int64_t>(Mb, a.M);
+  const int64_t kc_tile = s.R ? NACC : kc_for(int(Mb / W));
+  const int64_t qk_units = (nc + kc_tile - 1) / kc_tile * ((D + 15) / 16) * (s.R ? NACC * 16 / s.R : NACC * 16);
+  const float units = float(s.fast ? fast_units(a, s.fd, Mb, rows, nc, s.qparts) : qk_units + pv_units<DT>(rows, nc));
   Prefetch pf;
   int64_t pf_keys = 0;
   if (ci + ahead < nchunks) {
@@ -192,14 +209,16 @@ Prefetch chunk_prefetch(const Args& a, const Item& it, const ItemState& s, NextI
       pf.k = kbytes + ((a.slots[nx->b] * a.Hkv + nx->h) * a.S * D + (nx->k0 + j * C) * D) * elem;
     }
   }
+  if (ci == nchunks - 1) {
+    if (const Item* nx = next.get()) pf.side[0] = head_rows(a, a.q, a.qdt ? 2 : 4, a.q_tok, nx->b, nx->h, false);
+    if (it.part < 0) pf.side[1] = head_rows(a, a.out, a.odt ? 2 : 4, a.out_tok, it.b, it.h, true);
+    pf.side_rate = float(pf.side[0].lines() + pf.side[1].lines()) / units;
+  }
   if (!pf.k) return pf;
-  const int64_t Mb = std::min<int64_t>(4 * W, a.Mp), rows = std::min<int64_t>(Mb, a.M);
   const int64_t lines = (pf_keys * D * elem + 63) / 64;
-  const int64_t kc_tile = s.R ? NACC : kc_for(int(Mb / W));
-  const int64_t qk_units = (nc + kc_tile - 1) / kc_tile * ((D + 15) / 16) * (s.R ? NACC * 16 / s.R : NACC * 16);
   pf.end = pf.k + lines * 64;
   pf.vdelta = static_cast<const char*>(a.v) - kbytes;
-  pf.rate = float(lines) / float(s.fast ? fast_units(a, s.fd, Mb, rows, nc, s.qparts) : qk_units + pv_units<DT>(rows, nc));
+  pf.rate = float(lines) / units;
   return pf;
 }
 

@@ -140,22 +140,25 @@ inline void transpose16(__m512i r[16]) {
 }
 
 
-// Part p of 16 rows x 32 elements of q (rows m0.., elements 2*t0..) into lo/hi: q minus parts 0..p-1,
-// the bf16 pairs of part p in r; returns the bits left over after part p (zero: the sum is exact).
-inline __m512i q_part(const Args& a, const QRows& q, int64_t m0, int64_t t0, int p, __m512i r[16]) {
-  const int64_t n = a.D - 2 * t0;
+// Part p of 16 rows x 32 elements of q (row i at rows[i] + 2*t0, null: a padding row of zeros): q minus
+// parts 0..p-1, the bf16 pairs of part p in r; returns the bits left over after part p (zero: the
+// sum is exact).
+inline __m512i q_part(const float* const rows[16], int64_t D, int64_t t0, int p, __m512i r[16]) {
+  const int64_t n = D - 2 * t0;
   const __mmask16 mlo = __mmask16(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
   const __mmask16 mhi = __mmask16(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
   __m512i left = _mm512_setzero_si512();
   for (int i = 0; i < 16; ++i) {
-    const int64_t m = m0 + i;
-    const float* src = q.p + (m / a.g) * q.tok + (m % a.g) * a.D + 2 * t0;
-    __m512 lo = m < a.M ? _mm512_maskz_loadu_ps(mlo, src) : _mm512_setzero_ps();
-    __m512 hi = m < a.M ? _mm512_maskz_loadu_ps(mhi, src + 16) : _mm512_setzero_ps();
-    for (int j = 0; j <= p; ++j) {
+    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+    if (rows[i]) {
+      lo = _mm512_maskz_loadu_ps(mlo, rows[i] + 2 * t0);
+      hi = _mm512_maskz_loadu_ps(mhi, rows[i] + 2 * t0 + 16);
+    }
+    for (int j = 0;; ++j) {
       r[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // 32 bf16 in order: dword t = pair t
       lo = _mm512_sub_ps(lo, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r[i])), 16)));
       hi = _mm512_sub_ps(hi, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r[i], 1)), 16)));
+      if (j == p) break;
     }
     left = _mm512_or_si512(left, _mm512_or_si512(_mm512_castps_si512(lo), _mm512_castps_si512(hi)));
   }
@@ -170,13 +173,16 @@ int pack_q(const Args& a, const QRows& q, int max_parts, int64_t Dp, uint32_t* q
   const int64_t Mp = a.Mp, T = Dp / 2;
   for (int p = 0; p < max_parts; ++p) {
     __m512i left = _mm512_setzero_si512();  // bits part p leaves over, over every row and pair
-    for (int64_t m0 = 0; m0 < Mp; m0 += 16)
+    for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+      const float* rows[16];  // row m = i*g + j of (b, h) at q.p + i*q.tok + j*D
+      for (int64_t i = 0, m = m0; i < 16; ++i, ++m) rows[i] = m < a.M ? q.p + (m / a.g) * q.tok + (m % a.g) * a.D : nullptr;
       for (int64_t t0 = 0; t0 < T; t0 += 16) {
         __m512i r[16];
-        left = _mm512_or_si512(left, q_part(a, q, m0, t0, p, r));
+        left = _mm512_or_si512(left, q_part(rows, a.D, t0, p, r));
         transpose16(r);  // r[j] = pair t0+j of rows m0 .. m0+15
         for (int j = 0; j < 16; ++j) _mm512_storeu_si512(qp + (p * T + t0 + j) * Mp + m0, r[j]);
       }
+    }
     if (!_mm512_test_epi32_mask(left, left)) return p + 1;
   }
   return max_parts;

@@ -119,22 +119,54 @@ constexpr int dvg_for(int dv) {  // D-vectors per PV tile: divides dv, MR*G + G 
 // FMA. The bf16 paths step far more often (AMX: after every TDPBF16PS, in the V and P packing
 // too; see fast_units): requests in bursts left the memory idle between them (1.05-1.17x on the
 // bench's shapes, every k+1 and context, against one step per tile loop iteration).
+// Token rows requested beside the chunks in an item's last chunk: the next item's q rows (read by
+// its start) and this item's output rows (written by its end, so the stores find their lines
+// instead of each waiting for one): `rows` rows of `bytes` bytes, `stride` bytes apart.
+struct RowLines {
+  const char* p = nullptr;
+  int64_t bytes = 0, stride = 0, rows = 0;
+  bool write = false;
+  int64_t row = 0, off = 0;  // the next line: row `row`, `off` bytes past its first line
+  int64_t lines() const { return rows * ((bytes + 63) / 64 + 1); }  // at most: a row may straddle a line more
+  inline bool issue() {  // requests the next line; false when every row is done
+    if (row >= rows) return false;
+    const char* first = p + row * stride;
+    const char* x = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(first) & ~uintptr_t(63)) + off;
+    if (write) __builtin_prefetch(x, 1, 2); else __builtin_prefetch(x, 0, 2);
+    off += 64;
+    if (x + 64 >= first + bytes) { off = 0; ++row; }
+    return true;
+  }
+};
+
 struct Prefetch {
   const char* k = nullptr;  // next K line to prefetch; nullptr: nothing to do
   const char* end = nullptr;
   int64_t vdelta = 0;  // V cache offset from the K cache, bytes
   float rate = 0.0f;   // line pairs per unit of work
   float credit = 0.0f;
+  RowLines side[2];        // the item's last chunk: next q rows, this item's output rows
+  float side_rate = 0.0f;  // side lines per unit of work (0: none left)
+  float side_credit = 0.0f;
   inline void step(int units) {
-    if (k >= end) return;
-    credit += float(units) * rate;
-    const int n = int(credit);
-    credit -= float(n);
-    for (int i = 0; i < n; ++i) {
-      __builtin_prefetch(k + 64 * i, 0, 2);
-      __builtin_prefetch(k + 64 * i + vdelta, 0, 2);
+    if (k < end) {
+      credit += float(units) * rate;
+      const int n = int(credit);
+      credit -= float(n);
+      for (int i = 0; i < n; ++i) {
+        __builtin_prefetch(k + 64 * i, 0, 2);
+        __builtin_prefetch(k + 64 * i + vdelta, 0, 2);
+      }
+      k += 64 * n;
     }
-    k += 64 * n;
+    if (side_rate > 0.0f) side_step(units);
+  }
+  void side_step(int units) {
+    for (side_credit += float(units) * side_rate; side_credit >= 1.0f; side_credit -= 1.0f)
+      if (!side[0].issue() && !side[1].issue()) {
+        side_rate = 0.0f;
+        return;
+      }
   }
 };
 
