@@ -146,3 +146,14 @@ def moe_prefix(c: ArchConfig, layer: int) -> str:
 
 def router_name(c: ArchConfig, layer: int) -> str:
     return moe_prefix(c, layer) + "gate.weight"
+
+
+def head_shapes(c: ArchConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor an EAGLE head's forward reads, fc.bias aside
+    (runtime/weights/eagle.py gives the names; layers.0 has no input norm)."""
+    H = c.hidden
+    s = {"fc.weight": (H, 2 * H)}
+    for name, shape in expected_shapes(c).items():
+        if name.startswith("model.layers.") and name != "model.layers.0.input_layernorm.weight":
+            s[name[len("model."):]] = shape
+    return s

@@ -30,7 +30,7 @@ from specmoe.planner.errors import SpecError
 from specmoe.planner.hf_config import config_sha256, read_config_file
 from specmoe.planner.model_spec import ModelSpec
 
-from specmoe.runtime.weights.arch import ArchConfig, arch_from_spec, expected_shapes
+from specmoe.runtime.weights.arch import ArchConfig, arch_from_spec, head_shapes
 from specmoe.runtime.weights.checkpoint import Checkpoint, read_config
 from specmoe.runtime.weights.sources import WeightSource, as_weight_source
 
@@ -45,17 +45,6 @@ def canonical(name: str) -> str:
         if name.startswith(old):
             name = new + name[len(old):]
     return name
-
-
-def head_shapes(c: ArchConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape of every tensor the head's forward reads (fc.bias and layers.0's input norm:
-    see the module doc)."""
-    H = c.hidden
-    s = {"fc.weight": (H, 2 * H)}
-    for name, shape in expected_shapes(c).items():
-        if name.startswith("model.layers.") and name != "model.layers.0.input_layernorm.weight":
-            s[name[len("model."):]] = shape
-    return s
 
 
 class EagleWeights(WeightSource):

@@ -18,7 +18,7 @@ import torch
 from specmoe.planner.errors import SpecError
 
 from specmoe.planner.model_spec import ModelSpec
-from specmoe.runtime.weights.arch import arch_from_spec
+from specmoe.runtime.weights.arch import arch_from_spec, head_shapes
 from specmoe.runtime.weights.checkpoint import DTYPES, ArchConfig, Checkpoint, expected_shapes, parse_config
 
 
@@ -106,6 +106,8 @@ class RandomWeights(WeightSource):
         self.seed = int(seed)
         self.gen_device = torch.device(device_for_generation)
         self._shapes = expected_shapes(self.config)
+        if self.config.eagle:    # an EAGLE head: fc and its layers, by runtime/weights/eagle.py's names
+            self._shapes = {**head_shapes(self.config), "fc.bias": (self.config.hidden,)}
         self.description = f"random seed={seed} dtype={str(dtype).replace('torch.', '')}"
 
     def _gen(self, name: str) -> torch.Generator:
@@ -124,6 +126,9 @@ class RandomWeights(WeightSource):
         elif "embed_tokens" not in name:
             t.mul_(shape[-1] ** -0.5)
         return t.to(self.dtype)
+
+    def has(self, name: str) -> bool:
+        return name in self._shapes
 
     def tensor(self, name: str) -> torch.Tensor:
         shape = self._shapes.get(name)
