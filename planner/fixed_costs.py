@@ -19,7 +19,9 @@ costs fixed + roofline, the fixed part counted per invocation as the engine make
                      iteration (IterationCosts.other_s), not to a stage
   verify.accept      one per iteration + per sequence + per verified token
   draft.gpu/.cpu     per draft step of each non-empty part: step + L_d x layer + sequences x per-sequence,
-                     each part its own keys (draft.* the device part, draft.cpu.* the host part);
+                     each part its own keys (draft.* the device part, draft.cpu.* the host part); an
+                     EAGLE head its draft.eagle.* / draft.cpu.eagle.* keys where the spec has them (step
+                     with its first layer, + (L_d - 1) x layer, per sequence, catchup);
                      its first step also L_d x catchup x P(some sequence accepted all k drafts),
                      1 - (1 - P(A >= k))^seqs with P(A >= k) = acc(k) - acc(k-1) (all inside
                      CostModel.draft_part, which planner.milp's draft time uses too)
@@ -32,7 +34,7 @@ import numpy as np
 from specmoe.planner.cost_terms import touched_experts
 from specmoe.planner.iteration_costs import IterationCosts
 from specmoe.planner.model_spec import ModelSpec
-from specmoe.planner.overhead import OverheadKey as K, Overheads
+from specmoe.planner.overhead import DRAFT_PART_KEYS, EAGLE_PART_KEYS, OverheadKey as K, Overheads
 from specmoe.planner.workload import AcceptanceProfile
 
 
@@ -144,12 +146,15 @@ class FixedCosts:
         the attention group of its own those get."""
         if not self.any or seqs <= 0:
             return 0.0
-        o = self.ov.get
-        step, layer, seq, catchup = ((K.DRAFT_STEP, K.DRAFT_LAYER, K.DRAFT_SEQUENCE, K.DRAFT_CATCHUP) if on_gpu else
-                                     (K.DRAFT_CPU_STEP, K.DRAFT_CPU_LAYER, K.DRAFT_CPU_SEQUENCE, K.DRAFT_CPU_CATCHUP))
-        t = o(step) + self.draft.num_layers * o(layer) + o(seq) * seqs
+        o, L = self.ov.get, self.draft.num_layers
+        step, layer, seq, catchup = DRAFT_PART_KEYS[on_gpu]
+        if self.draft.eagle and self.ov.has(EAGLE_PART_KEYS[on_gpu][0]):   # an EAGLE head, its own keys measured
+            step, seq, catchup = EAGLE_PART_KEYS[on_gpu]
+            t = o(step) + (L - 1) * o(layer) + o(seq) * seqs
+        else:
+            t = o(step) + L * o(layer) + o(seq) * seqs
         if q > 1.0:
-            t += self.draft.num_layers * o(catchup) * (1.0 - (1.0 - self.full_accept_p(q)) ** seqs)
+            t += L * o(catchup) * (1.0 - (1.0 - self.full_accept_p(q)) ** seqs)
         return t
 
     def full_accept_p(self, q: float) -> float:

@@ -66,6 +66,12 @@ class OverheadKey(str, Enum):
     DRAFT_CPU_LAYER = f"{Stage.DRAFT_CPU.value}.layer"
     DRAFT_CPU_SEQUENCE = f"{Stage.DRAFT_CPU.value}.sequence"
     DRAFT_CPU_CATCHUP = f"{Stage.DRAFT_CPU.value}.catchup"
+    DRAFT_EAGLE_STEP = "draft.eagle.step"
+    DRAFT_EAGLE_SEQUENCE = "draft.eagle.sequence"
+    DRAFT_EAGLE_CATCHUP = "draft.eagle.catchup"
+    DRAFT_CPU_EAGLE_STEP = f"{Stage.DRAFT_CPU.value}.eagle.step"
+    DRAFT_CPU_EAGLE_SEQUENCE = f"{Stage.DRAFT_CPU.value}.eagle.sequence"
+    DRAFT_CPU_EAGLE_CATCHUP = f"{Stage.DRAFT_CPU.value}.eagle.catchup"
 
     def __str__(self) -> str:
         return self.value
@@ -102,6 +108,26 @@ OVERHEAD_KEYS: dict[str, str] = {
     OverheadKey.DRAFT_CPU_LAYER.value: "per draft step per draft layer (host part); else draft.layer",
     OverheadKey.DRAFT_CPU_SEQUENCE.value: "per draft step per sequence (host part); else draft.sequence",
     OverheadKey.DRAFT_CPU_CATCHUP.value: "as draft.catchup, for the host part (else draft.catchup)",
+    OverheadKey.DRAFT_EAGLE_STEP.value: ("per draft step of an EAGLE head's device part, its first layer included (the "
+                                         "fusion of embedding and feature, no norm before it); a spec without the "
+                                         "draft.eagle.* keys costs a head as a draft model of its layers"),
+    OverheadKey.DRAFT_EAGLE_SEQUENCE.value: "per draft step per sequence of an EAGLE head's device part",
+    OverheadKey.DRAFT_EAGLE_CATCHUP.value: "as draft.catchup, for an EAGLE head's device part",
+    OverheadKey.DRAFT_CPU_EAGLE_STEP.value: "as draft.eagle.step, for the host part (else draft.eagle.step)",
+    OverheadKey.DRAFT_CPU_EAGLE_SEQUENCE.value: "as draft.eagle.sequence, for the host part (else draft.eagle.sequence)",
+    OverheadKey.DRAFT_CPU_EAGLE_CATCHUP.value: "as draft.eagle.catchup, for the host part (else draft.eagle.catchup)",
+}
+
+# A draft part's keys: (step, layer, sequence, catchup) of a draft model's device and host parts, and
+# (step, sequence, catchup) of an EAGLE head's, whose step holds its first layer.
+DRAFT_PART_KEYS: dict[bool, tuple[OverheadKey, ...]] = {
+    True: (OverheadKey.DRAFT_STEP, OverheadKey.DRAFT_LAYER, OverheadKey.DRAFT_SEQUENCE, OverheadKey.DRAFT_CATCHUP),
+    False: (OverheadKey.DRAFT_CPU_STEP, OverheadKey.DRAFT_CPU_LAYER, OverheadKey.DRAFT_CPU_SEQUENCE,
+            OverheadKey.DRAFT_CPU_CATCHUP),
+}
+EAGLE_PART_KEYS: dict[bool, tuple[OverheadKey, ...]] = {
+    True: (OverheadKey.DRAFT_EAGLE_STEP, OverheadKey.DRAFT_EAGLE_SEQUENCE, OverheadKey.DRAFT_EAGLE_CATCHUP),
+    False: (OverheadKey.DRAFT_CPU_EAGLE_STEP, OverheadKey.DRAFT_CPU_EAGLE_SEQUENCE, OverheadKey.DRAFT_CPU_EAGLE_CATCHUP),
 }
 
 # A host-part draft key a spec lacks costs what its device-part key does (specs calibrated before the
@@ -111,6 +137,9 @@ DRAFT_CPU_FALLBACK: dict[str, str] = {
     OverheadKey.DRAFT_CPU_LAYER.value: OverheadKey.DRAFT_LAYER.value,
     OverheadKey.DRAFT_CPU_SEQUENCE.value: OverheadKey.DRAFT_SEQUENCE.value,
     OverheadKey.DRAFT_CPU_CATCHUP.value: OverheadKey.DRAFT_CATCHUP.value,
+    OverheadKey.DRAFT_CPU_EAGLE_STEP.value: OverheadKey.DRAFT_EAGLE_STEP.value,
+    OverheadKey.DRAFT_CPU_EAGLE_SEQUENCE.value: OverheadKey.DRAFT_EAGLE_SEQUENCE.value,
+    OverheadKey.DRAFT_CPU_EAGLE_CATCHUP.value: OverheadKey.DRAFT_EAGLE_CATCHUP.value,
 }
 
 # Torch function calls the engine makes per invocation of each key (fp32 on a CPU device, the tiny
@@ -149,6 +178,10 @@ class Overheads:
         if key in DRAFT_CPU_FALLBACK:
             return self.get(DRAFT_CPU_FALLBACK[key])
         return self.op_s * OPS_PER_INVOCATION.get(key, 0.0)
+
+    def has(self, key: str) -> bool:
+        """Whether the spec gives the key (or the device-part key a host-part key falls back to) a value."""
+        return key in self.table_s or (key in DRAFT_CPU_FALLBACK and DRAFT_CPU_FALLBACK[key] in self.table_s)
 
     @property
     def any(self) -> bool:

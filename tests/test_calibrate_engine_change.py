@@ -67,3 +67,35 @@ def test_each_draft_kv_part_is_timed_in_its_own_stage():
     assert host["median_s"]["draft.cpu"] > 0 and host["median_s"]["draft.gpu"] == 0
     assert split["ops"]["draft.cpu"] > 0 and "draft.cpu" not in device["ops"]
     assert 0.0 <= split["catchup_host_per_iteration"] <= 1.0 and host["catchup_per_iteration"] == 0.0
+
+
+def test_an_eagle_head_is_timed_as_the_engine_runs_it():
+    """Configurations of kind "eagle" run an EAGLE head built on the configuration's own target (its
+    embedding and LM head), not a draft model: its draft stages issue the head's operations (the fusion
+    of embedding and feature, one layer with no norm before it), a different count from a one-layer
+    draft model's; both parts are timed, and a sequence that accepted all k drafts has k + 1 pairs
+    pending (recorded as the part's catch-up)."""
+    cfgs = cspec.engine_configs(cspec.resolve_model_config(None))
+    r = measure_stage_overheads(cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=1,
+                                per_round=3, warmup=1,
+                                configs=((4, 2, 1, 1, 0, "full", 2, "eagle"), (4, 2, 1, 1, 0, "full", 2)))
+    eagle, model = r["configs"]
+    assert (eagle["draft_kind"], model["draft_kind"]) == ("eagle", "model")
+    assert r["eagle_config"]["hidden_size"] == cfgs["target"]["hidden_size"]
+    assert eagle["median_s"]["draft.gpu"] > 0 and eagle["median_s"]["draft.cpu"] > 0
+    assert eagle["ops"]["draft.gpu"] != model["ops"]["draft.gpu"]
+    assert 0.0 <= eagle["catchup_per_iteration"] <= 1.0 and 0.0 <= eagle["catchup_host_per_iteration"] <= 1.0
+
+
+def test_a_target_without_an_eagle_head_loses_only_the_eagle_configurations(monkeypatch):
+    from specmoe.runtime.model import eagle
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("no EAGLE head for this family")
+
+    monkeypatch.setattr(eagle.EagleHead, "__init__", refuse)
+    cfgs = cspec.engine_configs(cspec.resolve_model_config(None))
+    r = measure_stage_overheads(cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=1,
+                                per_round=1, warmup=1,
+                                configs=((4, 2, 1, 1, 0, "full", 2, "eagle"), (4, 2, 1, 1, 0, "full", 2)))
+    assert [c["draft_kind"] for c in r["configs"]] == ["model"]

@@ -5,6 +5,7 @@ on hardware where fixed costs dominate."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,7 +241,7 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
 
     from specmoe.planner.model_spec import PRESET_DIR, ModelSpec
     from specmoe.runtime.calibrate.overhead import (CONFIGS, ORACLE_ALPHA, STAGES, config_fields, draft_config,
-                                                    shrink_config)
+                                                    eagle_config, shrink_config)
     from specmoe.runtime.calibrate.overhead_fit import (fit_overheads, roofline_stages as _roofline_stages,
                                                         stage_features as _features)
 
@@ -248,6 +249,8 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
     drafts = {n: draft_config(target, None, n) for n in (1, 2)}
     spec = ModelSpec.from_hf_config(target, name="t")
     dspecs = {n: ModelSpec.from_hf_config(d, name=f"d{n}") for n, d in drafts.items()}
+    dspecs["eagle"] = ModelSpec.from_hf_config(eagle_config(target), name="e")
+    assert dspecs["eagle"].eagle and not dspecs[1].eagle
     hw_raw = copy.deepcopy(load_hardware("devbox-2core-calibrated").raw)
     for key in ("op_overhead_us", "stage_overhead_us"):
         hw_raw["measured"].pop(key, None)
@@ -257,21 +260,23 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
     configs = []
     catchup = lambda n: 1 - (1 - ORACLE_ALPHA ** k) ** n if k and n else 0.0  # noqa: E731 P(some of n catches up)
     for cfg in CONFIGS:
-        B, k, M, Ld, t, cache, dgpu = config_fields(cfg)
+        B, k, M, Ld, t, cache, dgpu, kind = config_fields(cfg)
         slots = [(E if cache == "full" else E // 2) if l in spec.moe_layers else 0 for l in range(spec.num_layers)]
         N = B * (k + 1)
         p = 1 - (1 - spec.top_k / E) ** N
-        c = {"B": B, "k": k, "m": M, "draft_layers": Ld, "target_kv_gpu": t, "draft_kv_gpu": dgpu, "cache": cache,
+        c = {"B": B, "k": k, "m": M, "draft_layers": Ld, "draft_kind": kind, "target_kv_gpu": t, "draft_kv_gpu": dgpu,
+             "cache": cache,
              "expert_cache_slots": slots, "context": 30.0,
              "copies_per_iteration": sum(E - s for s in slots if s) * p if cache == "half" else 0.0,
              "catchup_per_iteration": catchup(dgpu), "catchup_host_per_iteration": catchup(B - dgpu), "ops": {}}
-        roof = _roofline_stages(c, spec, dspecs[Ld], hw, "fp32")
+        roof = _roofline_stages(c, spec, dspecs["eagle" if kind == "eagle" else Ld], hw, "fp32")
         feats = _features(c, spec, n_moe, touched_experts(E, spec.top_k, N))
         med = {st: roof.get(st, 0.0) + sum(truth[key] * 1e-6 * n for key, n in feats.get(st, {}).items()) for st in STAGES}
         med["iteration"] = sum(med.values()) + (truth["iteration.other"] + truth["iteration.other.sequence"] * B) * 1e-6
         c["median_s"] = c["mean_s"] = med
         configs.append(c)
-    raw = {"device": "cpu", "dtype": "float32", "target_config": target, "draft_configs": drafts, "configs": configs}
+    raw = {"device": "cpu", "dtype": "float32", "target_config": target, "draft_configs": drafts,
+           "eagle_config": eagle_config(target), "configs": configs}
     op_us, stage_us, det = fit_overheads(raw, hw_raw)
     for key, v in truth.items():
         assert stage_us[key] == pytest.approx(v, rel=1e-3), key
@@ -290,7 +295,7 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
                       weight_dtype="fp32")
         pl = Placement(expert_cache_slots=tuple(c["expert_cache_slots"]), draft_kv_gpu_sequences=c["draft_kv_gpu"],
                        target_kv_gpu_sequences=c["target_kv_gpu"])
-        d = dspecs[c["draft_layers"]] if k else None
+        d = dspecs["eagle" if c["draft_kind"] == "eagle" else c["draft_layers"]] if k else None
         st, bare = (CostModel(spec, h, wl, d).iteration(B, M, k, pl, context_len=c["context"], batched_moe=True)
                     .stage_totals() for h in (fitted, hw))
         n = B * (k + 1)
@@ -357,3 +362,34 @@ def test_the_draft_bound_stays_exact_at_both_ends_when_the_parts_cost_differentl
     res = milp.solve(milp.build(pc, v))
     assert res.status == "Optimal"
     assert milp.lower_bound_s(pc, v) <= milp.lp_bound_s(pc, v) * (1 + 1e-6) <= res.objective_s * (1 + 1e-5)
+
+
+def test_an_eagle_head_costs_its_own_keys_where_the_spec_has_them():
+    """An EAGLE head (a spec marked as one) costs each draft part by draft.eagle.* / draft.cpu.eagle.*
+    (its step holding its one layer) where the spec has them, and as a draft model of its layers where it
+    does not (specs calibrated before EAGLE heads were timed); a draft model never reads the EAGLE keys."""
+    from specmoe.planner.model_spec import ModelSpec
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    model, head = (ModelSpec.from_hf_config(root / n) for n in ("tiny-moe", "tiny-eagle"))
+    plain = load_model("mixtral-8x7b-eagle")        # a one-layer draft model (not marked as an EAGLE head)
+    assert head.eagle and not plain.eagle and head.num_layers == 1
+    B, k, g = 8, 2, 3
+    pl = Placement(expert_cache_slots=(0,) * model.num_layers, draft_kv_gpu_sequences=g, target_kv_gpu_sequences=0)
+    acc = _wl().acceptance
+    full = acc.acc(k) - acc.acc(k - 1)
+    eagle_keys = {"draft.eagle.step": 70.0, "draft.eagle.sequence": 3.0, "draft.eagle.catchup": 11.0,
+                  "draft.cpu.eagle.step": 50.0, "draft.cpu.eagle.sequence": 2.0, "draft.cpu.eagle.catchup": 7.0}
+    model_keys = {key: v for key, v in TABLE.items() if ".eagle." not in key}
+    with_eagle, _, _ = _delta(model, head, B, 1, k, pl, False, _spec(table={**model_keys, **eagle_keys}))
+    for stage, n, pre in ((Stage.DRAFT_GPU.value, g, "draft.eagle."), (Stage.DRAFT_CPU.value, B - g, "draft.cpu.eagle.")):
+        want = k * (eagle_keys[pre + "step"] + n * eagle_keys[pre + "sequence"]) + eagle_keys[pre + "catchup"] * (
+            1 - (1 - full) ** n)
+        assert with_eagle[stage] == pytest.approx(want * 1e-6, rel=1e-9), stage
+    without, _, _ = _delta(model, head, B, 1, k, pl, False, _spec(table=model_keys))
+    want = _expected(model, head, B, 1, k, pl, lambda key: model_keys[key])
+    for stage in (Stage.DRAFT_GPU.value, Stage.DRAFT_CPU.value):
+        assert without[stage] == pytest.approx(want[stage], rel=1e-9), stage
+    as_model, _, _ = _delta(model, plain, B, 1, k, pl, False, _spec(table={**model_keys, **eagle_keys}))
+    assert as_model[Stage.DRAFT_CPU.value] == pytest.approx(
+        _expected(model, plain, B, 1, k, pl, lambda key: model_keys[key])[Stage.DRAFT_CPU.value], rel=1e-9)

@@ -26,15 +26,18 @@ import weakref
 from contextlib import contextmanager
 from typing import Any, Callable
 
+from specmoe.planner.errors import SpecError
 from specmoe.planner.stages import Stage
 from specmoe.runtime.calibrate.measure import low_quantile
 
 # (B, k, m, draft layers, target-KV sequences on the device, expert cache[, draft-KV sequences on the
-# device, default B]): every fitted term varies independently across these (see
-# overhead_fit.stage_features), the draft's device-part terms (draft.gpu) over the configurations with
-# draft KV on the device, its host-part terms (draft.cpu: attention by the verify kernel) over those
-# with draft KV on the host. Where target or draft KV is split between device and host, m = 1, so the
-# engine's micro-batches and the cost model's split_even hold the same parts.
+# device, default B[, draft kind, default "model"]]): every fitted term varies independently across
+# these (see overhead_fit.stage_features), the draft's device-part terms (draft.gpu) over the
+# configurations with draft KV on the device, its host-part terms (draft.cpu: attention by the verify
+# kernel) over those with draft KV on the host; a draft model's over the "model" configurations, an EAGLE
+# head's (one layer on the target's embedding and LM head) over the "eagle" ones. Where target or draft
+# KV is split between device and host, m = 1, so the engine's micro-batches and the cost model's
+# split_even hold the same parts.
 CONFIGS: tuple[tuple, ...] = (
     (1, 0, 1, 1, 0, "full"),
     (16, 0, 2, 1, 0, "full"),
@@ -51,7 +54,14 @@ CONFIGS: tuple[tuple, ...] = (
     (2, 1, 1, 2, 0, "full", 0),
     (16, 1, 2, 2, 0, "full", 0),
     (4, 4, 1, 2, 0, "half", 0),
+    (4, 2, 1, 1, 0, "full", 4, "eagle"),
+    (16, 1, 2, 1, 0, "full", 16, "eagle"),
+    (8, 3, 1, 1, 0, "full", 0, "eagle"),
+    (24, 1, 1, 1, 0, "full", 0, "eagle"),
+    (16, 2, 1, 1, 0, "full", 8, "eagle"),
+    (2, 4, 1, 1, 0, "half", 1, "eagle"),
 )
+DRAFT_KINDS = ("model", "eagle")
 PROMPT_LEN = 16
 ORACLE_ALPHA = 0.6     # per-draft acceptance rate of the measurement's oracle
 # the stages the measurement times
@@ -60,11 +70,15 @@ STAGES = tuple(s.value for s in (Stage.TARGET_PRE_ATTN, Stage.TARGET_ATTENTION, 
                                  Stage.DRAFT_CPU))
 
 
-def config_fields(cfg: tuple) -> tuple[int, int, int, int, int, str, int]:
+def config_fields(cfg: tuple) -> tuple[int, int, int, int, int, str, int, str]:
     """A CONFIGS entry as (B, k, m, draft layers, target-KV device sequences, cache, draft-KV device
-    sequences): the last defaults to B (all draft KV on the device)."""
+    sequences, draft kind): draft-KV device sequences default to B (all draft KV on the device), the kind
+    to "model" (a draft model; "eagle": an EAGLE head)."""
     B, k, M, Ld, tgpu, cache, *rest = cfg
-    return B, k, M, Ld, tgpu, cache, int(rest[0]) if rest else B
+    kind = str(rest[1]) if len(rest) > 1 else "model"
+    if kind not in DRAFT_KINDS:
+        raise ValueError(f"calibration config {cfg}: draft kind {kind!r} is not one of {DRAFT_KINDS}")
+    return B, k, M, Ld, tgpu, cache, int(rest[0]) if rest else B, kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +114,18 @@ def shrink_config(cfg: dict, max_layers: int = 4) -> dict:
     c["max_position_embeddings"] = max(int(c.get("max_position_embeddings") or 0), 512)
     c["sliding_window"] = None
     return c
+
+
+def eagle_config(target_cfg: dict) -> dict:
+    """An EAGLE-1 head for the (shrunk) target: one Llama layer of the target's widths, fc with a bias,
+    the target's vocabulary (it embeds and projects with the target's tensors)."""
+    H, nq = int(target_cfg["hidden_size"]), int(target_cfg["num_attention_heads"])
+    return {"architectures": ["EagleLlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
+            "num_attention_heads": nq, "num_key_value_heads": int(target_cfg.get("num_key_value_heads") or nq),
+            "head_dim": int(target_cfg.get("head_dim") or H // nq), "intermediate_size": 3 * H,
+            "num_hidden_layers": 1, "vocab_size": int(target_cfg["vocab_size"]), "bias": True,
+            "rms_norm_eps": 1e-5, "hidden_act": "silu", "rope_theta": 10000.0, "tie_word_embeddings": False,
+            "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2}
 
 
 def draft_config(target_cfg: dict, base: dict | None, layers: int) -> dict:
@@ -195,7 +221,8 @@ def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, ro
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if progress:
         progress("engine stages: build")
-    runs = _build_runs(target_cfg, draft_cfgs, configs, dev, dtype, steps=warmup + rounds * per_round + 1)
+    eagle_cfg = eagle_config(target_cfg)
+    runs = _build_runs(target_cfg, draft_cfgs, eagle_cfg, configs, dev, dtype, steps=warmup + rounds * per_round + 1)
     _time_rounds(runs, rounds, per_round, warmup, progress)
     speed = round_speeds([run["samples"]["iteration"] for run in runs], rounds, per_round)
     ref = low_quantile(speed)      # the fast rounds: the state every CPU rate of the calibration is taken in
@@ -203,37 +230,48 @@ def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, ro
     return {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "samples": rounds * per_round,
             "round_speed": [round(f / ref, 4) for f in speed],
             "prompt_len": PROMPT_LEN, "target_config": target_cfg,
-            "draft_configs": {int(k): v for k, v in draft_cfgs.items()}, "configs": out}
+            "draft_configs": {int(k): v for k, v in draft_cfgs.items()}, "eagle_config": eagle_cfg, "configs": out}
 
 
-def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], configs, dev, dtype, steps: int) -> list[dict]:
+def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], eagle_cfg: dict, configs, dev, dtype,
+                steps: int) -> list[dict]:
     """One prefilled SpeculativeDecoder per configuration, with its KV caches sized for `steps`
     iterations (configurations with the same expert cache share one target, with the same draft
-    layers one draft)."""
+    layers one draft model; an EAGLE head is built on its configuration's target)."""
     import torch
 
     from specmoe.runtime.model.draft import DraftModel
+    from specmoe.runtime.model.eagle import EagleHead
     from specmoe.runtime.weights.sources import WeightSource
 
     parts: dict[str, Any] = {}
-    drafts: dict[int, Any] = {}
+    drafts: dict[Any, Any] = {}
     g = torch.Generator().manual_seed(0)
     runs = []
     for cfg in configs:
-        B, k, M, Ld, tgpu, cache, dgpu = config_fields(cfg)
+        B, k, M, Ld, tgpu, cache, dgpu, kind = config_fields(cfg)
         if cache not in parts:
             parts[cache] = _engine_parts(target_cfg, dev, dtype, cache)
         target, store, slots = parts[cache]
         tc = target.config
-        if k > 0 and Ld not in drafts:
-            drafts[Ld] = DraftModel(WeightSource.random(draft_cfgs[Ld], seed=1, dtype=dtype), dev, dtype)
-        draft = drafts.get(Ld) if k > 0 else None
+        key = ("eagle", cache) if kind == "eagle" else Ld
+        if k > 0 and key not in drafts and kind == "eagle":
+            try:        # a target the engine's EAGLE head cannot sit on loses only the EAGLE configurations
+                drafts[key] = EagleHead(WeightSource.random(eagle_cfg, seed=1, dtype=dtype), target.embed,
+                                        target.lm_head_w, dev, dtype)
+            except (SpecError, ValueError, NotImplementedError, RuntimeError):
+                drafts[key] = None
+        elif k > 0 and key not in drafts:
+            drafts[key] = DraftModel(WeightSource.random(draft_cfgs[Ld], seed=1, dtype=dtype), dev, dtype)
+        draft = drafts.get(key) if k > 0 else None
+        if k > 0 and draft is None:
+            continue
         dec, timer = _decoder(target, draft, B, k, M, tgpu, dgpu, PROMPT_LEN + steps * (k + 1) + k + 4, dev, dtype)
         seqs = random_sequences(B, tc.vocab_size, PROMPT_LEN, g)
         dec.prefill(seqs)
         if store is not None and not hasattr(store, "expert_calls"):
             _count_expert_calls(store)
-        runs.append({"cfg": (B, k, M, Ld, tgpu, cache, dgpu), "dec": dec, "seqs": seqs, "store": store, "slots": slots,
+        runs.append({"cfg": (B, k, M, Ld, tgpu, cache, dgpu), "kind": kind, "dec": dec, "seqs": seqs, "store": store, "slots": slots,
                      "timer": timer, "samples": {s: [] for s in STAGES + ("iteration",)}, "copies": [], "ctx": [],
                      "catchup": [], "catchup_host": [], "experts": []})
     return runs
@@ -277,15 +315,17 @@ def _decoder(target, draft, B: int, k: int, M: int, tgpu: int, dgpu: int, cap: i
 def _step(run: dict, record: bool) -> None:
     """One decode iteration of a configuration; with `record`, its stage times, expert copies, expert
     calls, mean context and whether any sequence of the device / host draft-KV part (rows below / from
-    dgpu: sequence i holds row i) was catching up are appended to the run's samples."""
+    dgpu: sequence i holds row i) had accepted all k drafts (a draft model's sequence then catches up two
+    tokens; an EAGLE head's has k + 1 pairs pending) are appended to the run's samples."""
     dec, seqs, store, timer = run["dec"], run["seqs"], run["store"], run["timer"]
+    full = run["cfg"][1] if run["kind"] == "eagle" else 1     # pending tokens past which all k were accepted
     before = dict(timer.totals["decode"])
     c0 = store.copied_experts if store is not None else 0     # copies made (none on a CPU device: references)
     e0 = store.expert_calls if store is not None else 0
     ctx = sum(s.target_len for s in seqs) / len(seqs)
     dgpu = run["cfg"][6]
-    catchup = float(any(len(s.draft_pending) > 1 for s in seqs[:dgpu]))
-    catchup_host = float(any(len(s.draft_pending) > 1 for s in seqs[dgpu:]))
+    catchup = float(any(len(s.draft_pending) > full for s in seqs[:dgpu]))
+    catchup_host = float(any(len(s.draft_pending) > full for s in seqs[dgpu:]))
     t0 = time.perf_counter()
     dec.step(seqs, run["cfg"][1])
     dt = time.perf_counter() - t0
@@ -331,7 +371,8 @@ def _summary(run: dict, counts: dict[str, int], speed: list[float], ref: float, 
     """A configuration's plain-data record: its settings, per-iteration means of the counters, and per
     stage the median, the mean and the speed-normalised mean seconds per iteration."""
     B, k, M, Ld, tgpu, cache, dgpu = run["cfg"]
-    return {"B": B, "k": k, "m": M, "draft_layers": Ld, "target_kv_gpu": tgpu, "draft_kv_gpu": dgpu, "cache": cache,
+    return {"B": B, "k": k, "m": M, "draft_layers": Ld, "draft_kind": run["kind"], "target_kv_gpu": tgpu,
+            "draft_kv_gpu": dgpu, "cache": cache,
             "expert_cache_slots": list(run["slots"]), "context": statistics.fmean(run["ctx"]),
             "copies_per_iteration": statistics.fmean(run["copies"]),
             "experts_per_iteration": statistics.fmean(run["experts"]),

@@ -22,7 +22,7 @@ import math
 import statistics
 from typing import Any
 
-from specmoe.planner.overhead import OverheadKey as K
+from specmoe.planner.overhead import DRAFT_PART_KEYS, EAGLE_PART_KEYS, OverheadKey as K
 from specmoe.planner.stages import Stage as S
 from specmoe.runtime.calibrate.overhead import ORACLE_ALPHA, PROMPT_LEN, STAGES
 
@@ -66,15 +66,26 @@ def stage_features(c: dict, spec, n_moe: int, touched: float) -> dict[str, dict[
     if c["copies_per_iteration"] > 0:
         f[S.TARGET_H2D] = {K.H2D: c["copies_per_iteration"]}
     dgpu = min(B, c.get("draft_kv_gpu", B))        # draft-KV sequences on the device: one draft part each side
-    if k > 0 and dgpu > 0:
-        f[S.DRAFT_GPU] = {K.DRAFT_STEP: k, K.DRAFT_LAYER: k * Ld, K.DRAFT_SEQUENCE: k * dgpu,
-                          K.DRAFT_CATCHUP: Ld * c.get("catchup_per_iteration", 0.0)}
-    if k > 0 and dgpu < B:
-        f[S.DRAFT_CPU] = {K.DRAFT_CPU_STEP: k, K.DRAFT_CPU_LAYER: k * Ld, K.DRAFT_CPU_SEQUENCE: k * (B - dgpu),
-                          K.DRAFT_CPU_CATCHUP: Ld * c.get("catchup_host_per_iteration", 0.0)}
+    for on_gpu, stage, seqs, catchup in ((True, S.DRAFT_GPU, dgpu, "catchup_per_iteration"),
+                                         (False, S.DRAFT_CPU, B - dgpu, "catchup_host_per_iteration")):
+        if k > 0 and seqs > 0:
+            f[stage] = _draft_features(c.get("draft_kind", "model") == "eagle", on_gpu, k, Ld, seqs, c.get(catchup, 0.0))
     # plain strings: the keys go into the spec's YAML
     return {str(st.value): {str(key.value): n for key, n in terms.items()} for st, terms in f.items()}
-    return f
+
+
+def _draft_features(eagle: bool, on_gpu: bool, k: int, Ld: int, seqs: int, catchup: float) -> dict:
+    """One draft part's units per iteration (planner/fixed_costs.py draft_step_s): k steps of `seqs`
+    sequences, Ld layers each (an EAGLE head's first layer inside its step key), `catchup` the share of
+    iterations in which some sequence of the part had accepted all k drafts."""
+    if eagle:
+        step, sequence, catch = EAGLE_PART_KEYS[on_gpu]
+        terms = {step: k, sequence: k * seqs, catch: Ld * catchup}
+        if Ld > 1:
+            terms[DRAFT_PART_KEYS[on_gpu][1]] = k * (Ld - 1)
+        return terms
+    step, layer, sequence, catch = DRAFT_PART_KEYS[on_gpu]
+    return {step: k, layer: k * Ld, sequence: k * seqs, catch: Ld * catchup}
 
 
 def roofline_stages(c: dict, spec, dspec, hw, dtype: str) -> dict[str, float]:
@@ -117,6 +128,8 @@ def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, floa
     hw = _roofline_hardware(hw_raw)
     spec = ModelSpec.from_hf_config(raw["target_config"], name="calibration target")
     dspecs = {int(k): ModelSpec.from_hf_config(v, name=f"calibration draft {k}") for k, v in raw["draft_configs"].items()}
+    if raw.get("eagle_config"):
+        dspecs["eagle"] = ModelSpec.from_hf_config(raw["eagle_config"], name="calibration EAGLE head")
     dt = "bf16" if raw["dtype"] == "bfloat16" else "fp32"
     n_moe = len(spec.moe_layers)
     rows = _stage_rows(raw, spec, dspecs, hw, dt, n_moe)
@@ -154,7 +167,7 @@ def _stage_rows(raw: dict, spec, dspecs: dict, hw, dt: str, n_moe: int) -> dict[
     rows: dict[str, list[tuple[dict, float, float]]] = {}
     for c in raw["configs"]:
         touched = _touched(spec, c)
-        roof = roofline_stages(c, spec, dspecs[c["draft_layers"]], hw, dt)
+        roof = roofline_stages(c, spec, dspecs["eagle" if c.get("draft_kind") == "eagle" else c["draft_layers"]], hw, dt)
         for st, feats in stage_features(c, spec, n_moe, touched).items():
             rows.setdefault(st, []).append((feats, _stat(c)[st], roof.get(st, 0.0)))
     return rows
