@@ -4,6 +4,7 @@ each of N calibrations measured afresh and run right after each.
 
     python bench/fidelity.py [--rounds 5] [--repeats 3] [--num-prompts 32] [--max-new-tokens 48]
                              [--threads 1] [--quick] [-o out/fidelity] [--json]
+                             [--draft tiny-draft|tiny-eagle]
 
 1. as `specmoe demo`: calibrate (or the cached calibration), profile the bundled pair's acceptance,
    plan the 32-prompt job (its best speculative plan when the planner's best has k = 0);
@@ -46,12 +47,21 @@ def parse_args(argv=None):
     p.add_argument("-o", "--output", "--out", dest="out", default="out/fidelity",
                    help="output directory (default out/fidelity)")
     p.add_argument("--json", action="store_true", help="print fidelity.json instead of the table")
+    p.add_argument("--draft", choices=("tiny-draft", "tiny-eagle"), default="tiny-draft",
+                   help="the bundled draft planned and run: the draft model (default) or the EAGLE head")
     args = p.parse_args(argv)
     for flag in ("rounds", "repeats", "n_prompts", "max_new_tokens", "threads"):
         if getattr(args, flag) < 1:
             name = "num-prompts" if flag == "n_prompts" else flag.replace("_", "-")
             p.error(f"--{name} must be >= 1, got {getattr(args, flag)}")
     return args
+
+
+def draft_dir(args) -> Path:
+    """The bundled draft --draft names."""
+    from specmoe.runtime.demo_draft import BUNDLED_DRAFTS
+
+    return next(d for d in BUNDLED_DRAFTS if d.name == args.draft)
 
 
 def setup(args, log):
@@ -75,8 +85,8 @@ def setup(args, log):
     spec, _, _ = calibrate_machine(job, progress=False)
     dev = pick_device(None)
     dtype = "float32" if dev.type == "cpu" else "bfloat16"
-    profile, _ = profile_pair(job, dev, dtype)
-    plan, _, _, _ = plan_demo(job, spec, profile, None, dev, dtype)
+    profile, _ = profile_pair(job, dev, dtype, draft_dir=draft_dir(args))
+    plan, _, _, _ = plan_demo(job, spec, profile, None, dev, dtype, draft_dir=draft_dir(args))
     return job, plan, dtype
 
 
@@ -85,7 +95,7 @@ def one_round(i: int, args, job, plan, dtype: str, log) -> dict:
     from specmoe.planner.replan import replan
     from specmoe.planner.report import compare
     from specmoe.runtime.calibrate.run import calibrate_with_info
-    from specmoe.runtime.demo import DRAFT_DIR, TARGET_DIR, fastest_run
+    from specmoe.runtime.demo import TARGET_DIR, fastest_run
     from specmoe.runtime.engine import Engine
 
     out = Path(args.out)
@@ -95,7 +105,7 @@ def one_round(i: int, args, job, plan, dtype: str, log) -> dict:
     plan_i = replan(plan, hardware=spec)
     plan_path = out / f"plan-{i}.json"
     plan_i.to_json(plan_path)
-    eng = Engine(plan_i, TARGET_DIR, DRAFT_DIR, dtype=dtype)
+    eng = Engine(plan_i, TARGET_DIR, draft_dir(args), dtype=dtype)
     eng.generate(job.prompts[:2], max_new_tokens=4, draft_len=plan_i.draft_len)     # one-time costs untimed
     runs, slow = quiet_runs(eng, spec, job, plan_i.draft_len, args.repeats)
     best = fastest_run(runs)
@@ -195,14 +205,14 @@ def main(argv=None) -> int:
     rows = [one_round(i, args, job, plan, dtype, log) for i in range(1, args.rounds + 1)]
     summ = summarize(rows)
     result = {"machine": f"{platform.node()} ({os.cpu_count()} cores)", "plan": {
-        "batch": plan.batch, "micro_batches": plan.micro_batches, "draft_len": plan.draft_len},
+        "batch": plan.batch, "micro_batches": plan.micro_batches, "draft_len": plan.draft_len, "draft": args.draft},
         "threads": args.threads, "quick": args.quick, "rounds": rows, "summary": summ}
     atomic_write_text(Path(args.out, "fidelity.json"), json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result, indent=1))
         print(summary_line(summ), file=sys.stderr)
         return 0
-    print(f"\nplan: batch {plan.batch}, micro-batches {plan.micro_batches}, k {plan.draft_len}; "
+    print(f"\nplan: draft {args.draft}, batch {plan.batch}, micro-batches {plan.micro_batches}, k {plan.draft_len}; "
           f"errors (predicted - measured) / measured, stages over {STAGE_SHARE_MIN:.0%} of the iteration")
     print(table(rows, summ))
     print(summary_line(summ))

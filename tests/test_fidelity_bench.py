@@ -59,3 +59,12 @@ def test_only_stages_over_five_percent_are_judged(fid):
 def test_bad_arguments_exit_2():
     p = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "0"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--rounds must be >= 1" in p.stderr
+
+
+def test_the_draft_is_either_bundled_one(fid):
+    assert fid.draft_dir(fid.parse_args([])).name == "tiny-draft"
+    eagle = fid.draft_dir(fid.parse_args(["--draft", "tiny-eagle"]))
+    assert eagle.name == "tiny-eagle" and (eagle / "config.json").is_file()
+    with pytest.raises(SystemExit) as e:
+        fid.parse_args(["--draft", "tiny-moe"])
+    assert e.value.code == 2
