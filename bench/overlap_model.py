@@ -33,7 +33,8 @@ from specmoe.runtime.kernels.build import BASE_FLAGS, find_compiler  # noqa: E40
 SOURCE = Path(__file__).with_name("overlap_model.cpp")
 # (name, kind, amount): kind 0 register arithmetic (a dependent 512-bit multiply-add), 1 AMX (a tile load
 # and a TDPBF16PS); amount units per four line pairs (K and V lines) read
-WORK = (("reads only", 0, 0), ("arithmetic 1", 0, 4), ("AMX 1/2", 1, 2), ("AMX 1", 1, 4), ("AMX 2", 1, 8))
+WORK = (("reads only", 0, 0), ("arithmetic 1", 0, 4), ("arithmetic 2", 0, 8), ("AMX 1/4", 1, 1), ("AMX 1/2", 1, 2),
+        ("AMX 1", 1, 4), ("AMX 2", 1, 8))
 
 
 def build(out_dir: Path) -> ctypes.CDLL:
