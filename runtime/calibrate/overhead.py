@@ -4,11 +4,12 @@ stage code on tiny problems: part of `specmoe calibrate`.
     measure_stage_overheads(target_cfg, draft_cfg, ...) -> raw samples (cached by calibrate)
 
 A tiny random target (the calibration model's config, shrunk to a few layers and small
-widths if it is large) and a tiny random draft (1 and 2 layers) run the real speculative loop
+widths if it is large) and a tiny random draft (a draft model of 1 and 2 layers, or an EAGLE head on
+the target's embedding and LM head) run the real speculative loop
 (runtime.speculative.SpeculativeDecoder.step: target_model's pre_attn/attention/post_attn/moe, the
 draft steps, the acceptance check, the LM head) under the engine's StageTimer, at a handful of
-configurations (batch, draft length, micro-batches, draft layers, where the target KV lives, full or
-half expert cache), interleaved in rounds. Each stage's mean (and median) seconds per iteration
+configurations (batch, draft length, micro-batches, draft layers or kind, where the target and draft
+KV live, full or half expert cache), interleaved in rounds. Each stage's mean (and median) seconds per iteration
 are kept; the fit (runtime/calibrate/overhead_fit.py) uses the mean, as the engine's RunRecord reports
 means, after dividing each round by the machine's speed in that round (round_speeds: a shared machine
 runs whole rounds 20-50% slower or faster), so that the configurations are compared at one speed.
