@@ -18,9 +18,7 @@ import argparse
 import ctypes
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench/verify_attention
 
 import torch  # noqa: E402
 
-from specmoe.runtime.kernels.build import BASE_FLAGS, find_compiler  # noqa: E402
+from specmoe.runtime.kernels.build import load_cpp_kernel  # noqa: E402
 
 SOURCE = Path(__file__).with_name("overlap_model.cpp")
 # (name, kind, amount): kind 0 register arithmetic (a dependent 512-bit multiply-add), 1 AMX (a tile load
@@ -37,17 +35,13 @@ WORK = (("reads only", 0, 0), ("arithmetic 1", 0, 4), ("arithmetic 2", 0, 8), ("
         ("AMX 1", 1, 4), ("AMX 2", 1, 8))
 
 
-def build(out_dir: Path) -> ctypes.CDLL:
-    """The model compiled for this CPU (-march=native, OpenMP); SystemExit(2) when it cannot be."""
-    cxx = find_compiler()
-    if cxx is None:
-        raise SystemExit("overlap_model: no C++ compiler (set SPECMOE_CXX)")
-    so = out_dir / "overlap_model.so"
-    cmd = [*cxx, *BASE_FLAGS, "-march=native", "-fopenmp", str(SOURCE), "-o", str(so)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"overlap_model: build failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
-    lib = ctypes.CDLL(str(so))
+def build() -> ctypes.CDLL:
+    """The model compiled for this CPU by the kernels' own build (-march=native, OpenMP, cached);
+    SystemExit(2) when it cannot be (the build's warning says why)."""
+    lib = load_cpp_kernel("overlap_model", source=SOURCE)
+    if lib is None:
+        print("overlap_model: the model could not be built here (see the warning above)", file=sys.stderr)
+        raise SystemExit(2)
     lib.overlap_model_run.restype = ctypes.c_double
     lib.overlap_model_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int,
                                       ctypes.c_int, ctypes.c_int]
@@ -109,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"overlap_model: --{field.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as tmp:
-        lib = build(Path(tmp))
-        print(f"overlap model: {threads} threads, {args.rounds} rounds, {args.items} items "
-              f"(AMX work {'runs' if lib.overlap_model_has_amx() else 'cannot run'} here)", flush=True)
-        probe_bytes = args.probe_mib << 20
-        med = measure(lib, args.items, args.rounds, probe_bytes, threads)
-        lines, shares = table(med, lib.overlap_model_bytes(args.items), probe_bytes)
+    lib = build()
+    print(f"overlap model: {threads} threads, {args.rounds} rounds, {args.items} items "
+          f"(AMX work {'runs' if lib.overlap_model_has_amx() else 'cannot run'} here)", flush=True)
+    probe_bytes = args.probe_mib << 20
+    med = measure(lib, args.items, args.rounds, probe_bytes, threads)
+    lines, shares = table(med, lib.overlap_model_bytes(args.items), probe_bytes)
     print("\n".join(lines))
     summary = ", ".join(f"{name} {100 * s:.0f}%" for name, s in shares.items())
     print(f"overlap-model: with the reads, of the DRAM probe: {summary}")

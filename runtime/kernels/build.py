@@ -162,20 +162,22 @@ def env_flags() -> tuple[str, ...]:
     return tuple(shlex.split(os.environ.get("SPECMOE_CXXFLAGS", "")))
 
 
-def load_cpp_kernel(name: str, extra_flags: tuple[str, ...] | list[str] = ()) -> ctypes.CDLL | None:
-    """Build (or reuse) and load csrc/<name>.cpp; None with a logged warning when impossible.
+def load_cpp_kernel(name: str, extra_flags: tuple[str, ...] | list[str] = (),
+                    source: Path | None = None) -> ctypes.CDLL | None:
+    """Build (or reuse) and load csrc/<name>.cpp (or `source`, e.g. a benchmark's model); None with a
+    logged warning when impossible.
 
     extra_flags, then SPECMOE_CXXFLAGS, are appended to the compile command (and enter the
     cache key), e.g. ("-mno-avx512f",) to build the portable vector path on an AVX-512 machine.
     """
     global build_count
-    src = CSRC_DIR / f"{name}.cpp"
-    if not src.is_file():
+    src = Path(source) if source is not None else CSRC_DIR / f"{name}.cpp"
+    if source is None and not src.is_file():
         raise ValueError(f"load_cpp_kernel: no kernel source {src}; name must be one of "
                          f"{sorted(p.stem for p in CSRC_DIR.glob('*.cpp'))}")
     extra = tuple(extra_flags) + env_flags()
     cxx = find_compiler()
-    key = (name, extra, tuple(cxx or ()), str(cache_root()))
+    key = (name, str(src), extra, tuple(cxx or ()), str(cache_root()))
     with _lock:
         if key in _loaded:
             return _loaded[key]
