@@ -26,12 +26,11 @@ torch with one logged warning). verify_attention_backend() names what "auto" res
 
 Paths of the C++ kernel for bf16 KV (fp32 KV always takes "fp32"): "amx" (AMX tiles),
 "avx512bf16" (VDPBF16PS dot products) and "fp32" (K and V widened to fp32). Both bf16 paths scale
-the scores after QK, so a q of bf16 values (a bf16 model's) multiplies exactly; "amx" splits any
-other q into bf16 parts, "avx512bf16" rounds it. Both round P to bf16 for PV, as flash attention
+the scores after QK, so a q of bf16 values (a bf16 model's) multiplies exactly; both split any
+other q into up to three bf16 parts. Both round P to bf16 for PV, as flash attention
 does: about 1e-3 off the fp32 path. The argument path, else the environment variable
-SPECMOE_VERIFY_PATH, else "auto" picks one: "amx" where available_paths() offers it (this
-machine's cpuid flags and the kernel's tile permission), else "fp32" ("avx512bf16" is slower
-than "fp32" above k+1 = 4; it runs when asked for).
+SPECMOE_VERIFY_PATH, else "auto" takes the first that available_paths() offers (this machine's
+cpuid flags and the kernel's tile permission): "amx", else "avx512bf16", else "fp32".
 verify_attention_path(kv_dtype) names the one a call takes.
 """
 
@@ -53,7 +52,7 @@ BACKENDS = ("auto", "cpp", "torch")
 PATHS = ("auto", "amx", "avx512bf16", "fp32")
 PATH_ENV = "SPECMOE_VERIFY_PATH"
 _PATH_CODE = {"auto": 0, "fp32": 1, "avx512bf16": 2, "amx": 3}
-AUTO_PATH = "amx"        # the one bf16 path "auto" takes where offered: tile speed, bf16 P
+AUTO_ORDER = ("amx", "avx512bf16")  # the bf16 paths "auto" takes, best first, where offered
 _KV_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ROW_CODE = {torch.float32: 0, torch.bfloat16: 1}     # q and out element types of the C++ kernel
 
@@ -141,7 +140,7 @@ def verify_attention_path(kv_dtype=torch.bfloat16, path: str | None = None) -> s
         return "fp32"
     offered = available_paths()
     if name == "auto":
-        return AUTO_PATH if AUTO_PATH in offered else "fp32"
+        return next((p for p in AUTO_ORDER if p in offered), "fp32")
     if name not in offered:
         raise KernelUnavailableError(f"verify_attention: path {name!r} is not available on this machine "
                                      f"(it offers {offered or 'no C++ kernel'}); use path='auto'")

@@ -264,7 +264,7 @@ int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, 
     return qk + pv + nb * (pairs / 16) * EXP_PACK_UNITS + packing;
   }
   const int64_t kc = NACC / nb;
-  return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 + (nc + 15) / 16 * 8 * rows * (fd.Dv / 16) + packing;
+  return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 * qparts + (nc + 15) / 16 * 8 * rows * (fd.Dv / 16) + packing;
 }
 
 void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc, const uint32_t* qp, int qparts,
@@ -283,10 +283,10 @@ void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc,
 #endif
   }
   switch (mv) {
-    case 1: return dpbf_qk_block<1>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, st, pf);
-    case 2: return dpbf_qk_block<2>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, st, pf);
-    case 3: return dpbf_qk_block<3>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, st, pf);
-    default: return dpbf_qk_block<4>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, st, pf);
+    case 1: return dpbf_qk_block<1>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf);
+    case 2: return dpbf_qk_block<2>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf);
+    case 3: return dpbf_qk_block<3>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf);
+    default: return dpbf_qk_block<4>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf);
   }
 #endif
 }

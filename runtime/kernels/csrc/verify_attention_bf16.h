@@ -26,8 +26,8 @@
 //
 // Precision. K and V are bf16 already (fp16 rounded to bf16); the products are exact in fp32
 // and accumulated in fp32. Q is packed unscaled and the scores scaled in fp32 afterwards, so a q
-// of bf16 values (what a bf16 model computes) is exact in one part. AVX512-BF16 rounds any other
-// q to bf16; AMX splits it into up to three bf16 parts (exact to 2^-24), only where needed. Both
+// of bf16 values (what a bf16 model computes) is exact in one part; any other q is split into up
+// to three bf16 parts (exact to 2^-24), only where needed, each multiplied by K. Both paths
 // round P (in [0, 1]) to bf16 for PV, as flash attention does: relative 2^-9 per probability,
 // about 1e-3 off the fp32 path at the output (bf16 tolerance). So their 2^x is a degree-3
 // polynomial (exp2_bf16, 7.5e-5 relative) where the fp32 path's has degree 6 (2e-7).
@@ -52,7 +52,7 @@
 namespace {
 
 enum { PATH_AUTO = 0, PATH_FP32 = 1, PATH_DPBF = 2, PATH_AMX = 3 };
-constexpr int QPARTS_AMX = 3;  // most bf16 parts Q is split into (fp32 q: exact to 2^-24)
+constexpr int QPARTS = 3;  // most bf16 parts Q is split into (fp32 q: exact to 2^-24)
 constexpr int64_t FAST_CHUNK = 192;  // default keys per chunk (measured best of 64..384 here)
 
 // Bit p set: path p runs here.
@@ -81,7 +81,7 @@ inline int best_path() {
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int max_q_parts(int path) { return path == PATH_AMX ? QPARTS_AMX : 1; }
+inline int max_q_parts(int path) { return path == PATH_FP32 ? 1 : QPARTS; }
 
 // Buffer sizes (floats) of the fast paths for chunks of up to cmax keys.
 struct FastDims {
@@ -94,7 +94,7 @@ struct FastDims {
     vv = pairs * Dv;
     pt = int64_t(4) * W * pairs;
     of = a.Mp * Dv;
-    qp = int64_t(QPARTS_AMX) * (Dp / 2) * a.Mp;
+    qp = int64_t(QPARTS) * (Dp / 2) * a.Mp;
   }
 };
 
@@ -255,27 +255,31 @@ inline __m512 st_row(const float* st, int64_t ld, int64_t c, int64_t nc, int64_t
 
 // ------------------------------------------------------------------ AVX512-BF16 (VDPBF16PS)
 
-// st[c][v*16 + lane] = sum_t k[c][2t..2t+1] . qp[t][v*16 + lane], c < KC.
+// st[c][v*16 + lane] = sum_p sum_t k[c][2t..2t+1] . qp[p][t][v*16 + lane], c < KC, over the qparts
+// parts of Q (T pairs each).
 template <int MV, int KC>
 inline void dpbf_qk_tile(const uint16_t* __restrict k, int64_t ldk, const uint32_t* __restrict qp, int64_t Mp,
-                         int64_t T, float* __restrict st, int64_t lds, Prefetch& pf) {
+                         int64_t T, int qparts, float* __restrict st, int64_t lds, Prefetch& pf) {
   __m512 acc[KC][MV];
 #pragma GCC unroll 32
   for (int c = 0; c < KC; ++c)
 #pragma GCC unroll 4
     for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; ++t) {
-    if ((t & 7) == 0) pf.step(KC * MV * 8);
-    __m512bh qv[MV];
+  for (int p = 0; p < qparts; ++p) {
+    const uint32_t* __restrict qpp = qp + p * T * Mp;
+    for (int64_t t = 0; t < T; ++t) {
+      if ((t & 7) == 0) pf.step(KC * MV * 8);
+      __m512bh qv[MV];
 #pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qp + t * Mp + v * 16);
+      for (int v = 0; v < MV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qpp + t * Mp + v * 16);
 #pragma GCC unroll 32
-    for (int c = 0; c < KC; ++c) {
-      uint32_t kk;
-      std::memcpy(&kk, k + c * ldk + 2 * t, 4);
-      const __m512bh kb = (__m512bh)_mm512_set1_epi32(int(kk));
+      for (int c = 0; c < KC; ++c) {
+        uint32_t kk;
+        std::memcpy(&kk, k + c * ldk + 2 * t, 4);
+        const __m512bh kb = (__m512bh)_mm512_set1_epi32(int(kk));
 #pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], kb, qv[v]);
+        for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], kb, qv[v]);
+      }
     }
   }
 #pragma GCC unroll 32
@@ -286,14 +290,14 @@ inline void dpbf_qk_tile(const uint16_t* __restrict k, int64_t ldk, const uint32
 
 template <int MV>
 void dpbf_qk_block(const uint16_t* k, int64_t ldk, bool padded, int64_t nc, const uint32_t* qp, int64_t Mp,
-                   int64_t T, float* st, Prefetch& pf) {
+                   int64_t T, int qparts, float* st, Prefetch& pf) {
   constexpr int KC = NACC / MV;
   const int64_t lds = MV * 16;
   int64_t c = 0;
-  for (; c + KC <= nc; c += KC) dpbf_qk_tile<MV, KC>(k + c * ldk, ldk, qp, Mp, T, st + c * lds, lds, pf);
+  for (; c + KC <= nc; c += KC) dpbf_qk_tile<MV, KC>(k + c * ldk, ldk, qp, Mp, T, qparts, st + c * lds, lds, pf);
   if (c < nc) {  // padded rows are zero; else a last tile ending at nc (nc >= KC here)
     if (!padded) c = nc - KC;
-    dpbf_qk_tile<MV, KC>(k + c * ldk, ldk, qp, Mp, T, st + c * lds, lds, pf);
+    dpbf_qk_tile<MV, KC>(k + c * ldk, ldk, qp, Mp, T, qparts, st + c * lds, lds, pf);
   }
 }
 
