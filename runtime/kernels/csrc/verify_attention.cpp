@@ -59,52 +59,11 @@
 #endif
 #include "verify_attention_common.h"
 #include "verify_attention_fp32.h"
-#include "verify_attention_bf16.h"  // the AVX512-BF16 paths for bf16 / fp16 KV
+#include "verify_attention_bf16.h"  // the bf16 / fp16 KV paths: choice, Q and V packing
+#include "verify_attention_dpbf.h"  // the AVX512-BF16 path
 #include "verify_attention_amx.h"   // the AMX path and the bf16 paths' calls
 
 namespace {
-
-// Online softmax update of one row block (st [nc][Mb], mv vectors of W rows; mrow, lrow, alpha at the
-// block's first row), vectorised over query rows. The scores are scaled by sc here (the fast paths'
-// unscaled scores; 1 otherwise): sc > 0, so the scaled maximum is sc * the maximum. The AMX path
-// writes the probabilities straight into its P pairs pt, the others back into st.
-void softmax_rows(const Args& a, bool fast, float* st, int64_t Mb, int mv, int64_t nc, float* mrow, float* lrow,
-                  float* alpha, uint32_t* pt, Prefetch& pf) {
-  const vf sc = vsplat(fast && a.qscale > 0.0f ? a.qscale : 1.0f);
-  for (int v = 0; v < mv; ++v) {
-    vf cm = vsplat(NEG_INF);
-    for (int64_t c = 0; c < nc; ++c) cm = vmax(cm, vload(st + c * Mb + v * W));
-    const vf mold = vload(mrow + v * W);
-    const vf mnew = vmax(mold, cm * sc);
-    const vf ms = mnew == vsplat(NEG_INF) ? vsplat(0.0f) : mnew;
-    const vf al = vexp2(mold - ms);
-    vf sum = vf{};
-#if VA_HAS_AMX
-    if (a.path == PATH_AMX) {
-      sum = (vf)amx_exp_pack(st, Mb, v, nc, round_up(nc, 32) / 2, (__m512)sc, (__m512)ms, pt, pf);
-    } else
-#endif
-#if VA_HAS_DPBF
-    if (fast) {  // AVX512-BF16: P is rounded to bf16 for PV, so 2^x to bf16's precision
-      for (int64_t c = 0; c < nc; ++c) {
-        const vf pc = (vf)exp2_bf16((__m512)(vload(st + c * Mb + v * W) * sc - ms));
-        vstore(st + c * Mb + v * W, pc);
-        sum += pc;
-      }
-    } else
-#endif
-    {
-      for (int64_t c = 0; c < nc; ++c) {
-        const vf pc = vexp2(vload(st + c * Mb + v * W) * sc - ms);
-        vstore(st + c * Mb + v * W, pc);
-        sum += pc;
-      }
-    }
-    vstore(lrow + v * W, vload(lrow + v * W) * al + sum);
-    vstore(mrow + v * W, mnew);
-    vstore(alpha + v * W, al);
-  }
-}
 
 bool Workspace::ensure(const Args& a) {
   const size_t mb = std::min<int64_t>(a.Mp, 4 * W);
@@ -115,7 +74,7 @@ bool Workspace::ensure(const Args& a) {
   if (a.path == PATH_FP32)
     return qt.ensure(size_t(a.D) * a.Mp) && kb.ensure(cpad * a.D) && vb.ensure(cpad * a.D);
   const FastDims fd(a, max_chunk(a.C));
-  return qp.ensure(fd.qp) && kf.ensure(fd.kf) && vv.ensure(fd.vv) && pt.ensure(fd.pt) && of.ensure(fd.of);
+  return qp.ensure(fd.qp) && qx.ensure(fd.qx) && kf.ensure(fd.kf) && vv.ensure(fd.vv) && pt.ensure(fd.pt) && of.ensure(fd.of);
 }
 
 // The query rows of (b, h) in place (fp32 q) or widened into `wide` (bf16 q).
@@ -157,14 +116,16 @@ template <int DT>
 ItemState begin_item(const Args& a, const Item& it, Workspace& w) {
   const int64_t D = DT > 0 ? DT : a.D;
   const bool fast = a.path != PATH_FP32;
-  ItemState s{FastDims(a, max_chunk(a.C)), fast, split_lanes(a.M, D, a.flags | (fast ? 2 : 0)), 1,
+  ItemState s{FastDims(a, max_chunk(a.C)), fast, fast ? dpbf_split_lanes(a) : split_lanes(a.M, D, a.flags), 1,
               (a.slots[it.b] * a.Hkv + it.h) * a.S * D, 0, nullptr, w.ml.p, w.ml.p + a.Mp, w.ml.p + 2 * a.Mp};
   s.ldo = fast ? s.fd.Dv : D;
   s.o = fast ? w.of.p : w.o.p;
   const QRows qr = q_rows(a, it.b, it.h, w.qw);  // row m = i*g + j at qr.p + i*qr.tok + j*D
-  if (fast)
+  if (fast) {
     s.qparts = pack_q(a, qr, max_q_parts(a.path), s.fd.Dp, reinterpret_cast<uint32_t*>(w.qp.p));
-  else
+    if (s.R) pack_qx(reinterpret_cast<const uint32_t*>(w.qp.p), s.qparts, s.fd.Dp / 2, a.Mp, a.M, s.R,
+                     reinterpret_cast<uint32_t*>(w.qx.p));
+  } else
     pack_qt(a, qr, D, s.R, w.qt.p);
   std::memset(s.o, 0, sizeof(float) * a.Mp * s.ldo);
   for (int64_t m = 0; m < a.Mp; ++m) { s.mrow[m] = NEG_INF; s.lrow[m] = 0.0f; }
@@ -196,7 +157,7 @@ Prefetch chunk_prefetch(const Args& a, const Item& it, const ItemState& s, NextI
   const int64_t Mb = std::min<int64_t>(4 * W, a.Mp), rows = std::min<int64_t>(Mb, a.M);
   const int64_t kc_tile = s.R ? NACC : kc_for(int(Mb / W));
   const int64_t qk_units = (nc + kc_tile - 1) / kc_tile * ((D + 15) / 16) * (s.R ? NACC * 16 / s.R : NACC * 16);
-  const float units = float(s.fast ? fast_units(a, s.fd, Mb, rows, nc, s.qparts) : qk_units + pv_units<DT>(rows, nc));
+  const float units = float(s.fast ? fast_units(a, s.fd, Mb, rows, nc, s.qparts, s.R) : qk_units + pv_units<DT>(rows, nc));
   Prefetch pf;
   int64_t pf_keys = 0;
   if (ci + ahead < nchunks) {
@@ -261,7 +222,10 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
   const int64_t ld = s.R ? Mq : Mb;      // st row stride
   float* st = w.st.p;                    // [nc(+pad)][ld]
   uint32_t* pt = reinterpret_cast<uint32_t*>(w.pt.p);
-  if (s.fast) {  // unscaled scores from bf16 Q parts, scaled in fp32 by the softmax (a positive scale)
+  if (s.fast && s.R) {  // row-split: packed scores, scaled as they are stored
+    dpbf_qk_split(s.R, ch.fch.k, ch.fch.ldk, ch.fch.padded, nc, reinterpret_cast<const uint32_t*>(w.qx.p),
+                  s.fd.Dp / 2, s.qparts, a.qscale, st, pf);
+  } else if (s.fast) {  // unscaled scores from bf16 Q parts, scaled in fp32 by the softmax (a positive scale)
     fast_qk(a, s.fd, ch.fch, nc, reinterpret_cast<const uint32_t*>(w.qp.p) + mb0, s.qparts, mv, st, pf);
     if (!(a.qscale > 0.0f)) {
       const vf sc = vsplat(a.qscale);
@@ -281,7 +245,9 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
     softmax_packed(st, nc, Mq, s.mrow, s.lrow, s.alpha);
   else
     softmax_rows(a, s.fast, st, Mb, mv, nc, s.mrow + mb0, s.lrow + mb0, s.alpha + mb0, pt, pf);
-  if (s.fast)
+  if (s.fast && s.R)
+    dpbf_pv_split(st, Mq, rows, nc, reinterpret_cast<uint32_t*>(w.vv.p), s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
+  else if (s.fast)
     fast_pv(a, s.fd, st, Mb, rows, nc, reinterpret_cast<uint32_t*>(w.vv.p), s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
   else
     pv_rows<DT>(rows, D, ch.vc, nc, st, ld, s.alpha + mb0, s.o + mb0 * D, pf);

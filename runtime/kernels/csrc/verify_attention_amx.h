@@ -1,5 +1,6 @@
-// The AMX path (TDPBF16PS) of CPU verify attention, and the calls run_item makes on the bf16
-// paths. Included by verify_attention.cpp after verify_attention_bf16.h (layouts described there).
+// The AMX path (TDPBF16PS) of CPU verify attention, the calls run_item makes on the bf16 paths,
+// and the online softmax of a row block. Included by verify_attention.cpp after
+// verify_attention_dpbf.h (layouts described in verify_attention_bf16.h).
 #pragma once
 
 namespace {
@@ -256,15 +257,18 @@ FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0
 
 // Work units of a chunk that the fast paths pass to Prefetch::step (see there), for row block 0 of
 // Mb rows: AMX one per TDPBF16PS of QK and PV, EXP_PACK_UNITS per 16 key pairs of each 16 rows' P
-// packing and one per V pair packed; AVX512-BF16 its vector FMAs and Dv / 16 per V pair packed.
-int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, int64_t nc, int qparts) {
+// packing and one per V pair packed; AVX512-BF16 its vector dot products (R > 0: the row-split QK's)
+// and Dv / 16 per V pair packed.
+int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, int64_t nc, int qparts, int R) {
   const int64_t nb = Mb / 16, pairs = round_up(nc, 32) / 2, packing = pairs * pack_unit(a, fd);
   if (a.path == PATH_AMX) {
     const int64_t qk = (nc + 15) / 16 * (fd.Dp / 32) * nb * qparts, pv = nb * (fd.Dv / 16) * (pairs / 16);
     return qk + pv + nb * (pairs / 16) * EXP_PACK_UNITS + packing;
   }
+  const int64_t pv = (nc + 15) / 16 * 8 * rows * (fd.Dv / 16);
+  if (R) return (nc + NACC - 1) / NACC * NACC * ((fd.Dp / 2 / R + 7) / 8 * 8) * qparts + pv + packing;
   const int64_t kc = NACC / nb;
-  return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 * qparts + (nc + 15) / 16 * 8 * rows * (fd.Dv / 16) + packing;
+  return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 * qparts + pv + packing;
 }
 
 void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc, const uint32_t* qp, int qparts,
@@ -299,6 +303,48 @@ void fast_pv(const Args& a, const FastDims& fd, const float* st, int64_t Mb, int
 #if VA_HAS_DPBF
   dpbf_pv(st, Mb, rows, nc, vv, fd.Dv, alpha, o, pbuf, pf);
 #endif
+}
+
+// Online softmax update of one row block (st [nc][Mb], mv vectors of W rows; mrow, lrow, alpha at the
+// block's first row), vectorised over query rows. The scores are scaled by sc here (the fast paths'
+// unscaled scores; 1 otherwise): sc > 0, so the scaled maximum is sc * the maximum. The AMX path
+// writes the probabilities straight into its P pairs pt, the others back into st.
+void softmax_rows(const Args& a, bool fast, float* st, int64_t Mb, int mv, int64_t nc, float* mrow, float* lrow,
+                  float* alpha, uint32_t* pt, Prefetch& pf) {
+  const vf sc = vsplat(fast && a.qscale > 0.0f ? a.qscale : 1.0f);
+  for (int v = 0; v < mv; ++v) {
+    vf cm = vsplat(NEG_INF);
+    for (int64_t c = 0; c < nc; ++c) cm = vmax(cm, vload(st + c * Mb + v * W));
+    const vf mold = vload(mrow + v * W);
+    const vf mnew = vmax(mold, cm * sc);
+    const vf ms = mnew == vsplat(NEG_INF) ? vsplat(0.0f) : mnew;
+    const vf al = vexp2(mold - ms);
+    vf sum = vf{};
+#if VA_HAS_AMX
+    if (a.path == PATH_AMX) {
+      sum = (vf)amx_exp_pack(st, Mb, v, nc, round_up(nc, 32) / 2, (__m512)sc, (__m512)ms, pt, pf);
+    } else
+#endif
+#if VA_HAS_DPBF
+    if (fast) {  // AVX512-BF16: P is rounded to bf16 for PV, so 2^x to bf16's precision
+      for (int64_t c = 0; c < nc; ++c) {
+        const vf pc = (vf)exp2_bf16((__m512)(vload(st + c * Mb + v * W) * sc - ms));
+        vstore(st + c * Mb + v * W, pc);
+        sum += pc;
+      }
+    } else
+#endif
+    {
+      for (int64_t c = 0; c < nc; ++c) {
+        const vf pc = vexp2(vload(st + c * Mb + v * W) * sc - ms);
+        vstore(st + c * Mb + v * W, pc);
+        sum += pc;
+      }
+    }
+    vstore(lrow + v * W, vload(lrow + v * W) * al + sum);
+    vstore(mrow + v * W, mnew);
+    vstore(alpha + v * W, al);
+  }
 }
 
 }  // namespace

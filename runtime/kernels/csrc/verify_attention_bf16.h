@@ -1,5 +1,6 @@
 // Tile-speed paths of CPU verify attention for bf16 and fp16 KV: AMX tiles (TDPBF16PS, in
-// verify_attention_amx.h) and AVX512-BF16 dot products (VDPBF16PS, here). verify_attention.cpp
+// verify_attention_amx.h) and AVX512-BF16 dot products (VDPBF16PS, in verify_attention_dpbf.h);
+// here the path choice and the packing both share. verify_attention.cpp
 // includes this file after verify_attention_common.h (W, NACC, Prefetch, Args, Buf);
 // runtime.kernels.build hashes every file a kernel includes.
 //
@@ -38,7 +39,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #define VA_HAS_DPBF 1
 #else
 #define VA_HAS_DPBF 0
@@ -85,7 +86,7 @@ inline int max_q_parts(int path) { return path == PATH_FP32 ? 1 : QPARTS; }
 
 // Buffer sizes (floats) of the fast paths for chunks of up to cmax keys.
 struct FastDims {
-  int64_t Dp, Dv, kf, vv, pt, of, qp;
+  int64_t Dp, Dv, kf, vv, pt, of, qp, qx;
   FastDims(const Args& a, int64_t cmax) {
     Dp = round_up(a.D, 32);
     Dv = round_up(a.D, 16);
@@ -95,6 +96,7 @@ struct FastDims {
     pt = int64_t(4) * W * pairs;
     of = a.Mp * Dv;
     qp = int64_t(QPARTS) * (Dp / 2) * a.Mp;
+    qx = int64_t(QPARTS) * (Dp / 2) * W;  // at most: the row-split Q has Dp/2 * Mq pairs a part
   }
 };
 
@@ -251,115 +253,6 @@ inline __m512 exp2_bf16(__m512 x) {
 
 inline __m512 st_row(const float* st, int64_t ld, int64_t c, int64_t nc, int64_t m0) {
   return c < nc ? _mm512_loadu_ps(st + c * ld + m0) : _mm512_setzero_ps();
-}
-
-// ------------------------------------------------------------------ AVX512-BF16 (VDPBF16PS)
-
-// st[c][v*16 + lane] = sum_p sum_t k[c][2t..2t+1] . qp[p][t][v*16 + lane], c < KC, over the qparts
-// parts of Q (T pairs each).
-template <int MV, int KC>
-inline void dpbf_qk_tile(const uint16_t* __restrict k, int64_t ldk, const uint32_t* __restrict qp, int64_t Mp,
-                         int64_t T, int qparts, float* __restrict st, int64_t lds, Prefetch& pf) {
-  __m512 acc[KC][MV];
-#pragma GCC unroll 32
-  for (int c = 0; c < KC; ++c)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_setzero_ps();
-  for (int p = 0; p < qparts; ++p) {
-    const uint32_t* __restrict qpp = qp + p * T * Mp;
-    for (int64_t t = 0; t < T; ++t) {
-      if ((t & 7) == 0) pf.step(KC * MV * 8);
-      __m512bh qv[MV];
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qpp + t * Mp + v * 16);
-#pragma GCC unroll 32
-      for (int c = 0; c < KC; ++c) {
-        uint32_t kk;
-        std::memcpy(&kk, k + c * ldk + 2 * t, 4);
-        const __m512bh kb = (__m512bh)_mm512_set1_epi32(int(kk));
-#pragma GCC unroll 4
-        for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], kb, qv[v]);
-      }
-    }
-  }
-#pragma GCC unroll 32
-  for (int c = 0; c < KC; ++c)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(st + c * lds + v * 16, acc[c][v]);
-}
-
-template <int MV>
-void dpbf_qk_block(const uint16_t* k, int64_t ldk, bool padded, int64_t nc, const uint32_t* qp, int64_t Mp,
-                   int64_t T, int qparts, float* st, Prefetch& pf) {
-  constexpr int KC = NACC / MV;
-  const int64_t lds = MV * 16;
-  int64_t c = 0;
-  for (; c + KC <= nc; c += KC) dpbf_qk_tile<MV, KC>(k + c * ldk, ldk, qp, Mp, T, qparts, st + c * lds, lds, pf);
-  if (c < nc) {  // padded rows are zero; else a last tile ending at nc (nc >= KC here)
-    if (!padded) c = nc - KC;
-    dpbf_qk_tile<MV, KC>(k + c * ldk, ldk, qp, Mp, T, qparts, st + c * lds, lds, pf);
-  }
-}
-
-// o[r][g0*16 ..] = o*alpha + sum_t P pair (r, t) . vv[t][..], MR rows x G vectors of 16 d.
-template <int MR, int G>
-inline void dpbf_pv_tile(const uint32_t* __restrict pp, int64_t ldp, int64_t pairs, const uint32_t* __restrict vv,
-                         int64_t Dv, const float* alpha, float* __restrict o, Prefetch& pf) {
-  __m512 acc[MR][G];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < G; ++j) acc[r][j] = _mm512_mul_ps(_mm512_loadu_ps(o + r * Dv + j * 16), _mm512_set1_ps(alpha[r]));
-  for (int64_t t = 0; t < pairs; ++t) {
-    if ((t & 7) == 0) pf.step(8 * MR * G);
-    __m512bh vb[G];
-#pragma GCC unroll 4
-    for (int j = 0; j < G; ++j) vb[j] = (__m512bh)_mm512_loadu_si512(vv + t * Dv + j * 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(pp[t * ldp + r]));
-#pragma GCC unroll 4
-      for (int j = 0; j < G; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pb, vb[j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < G; ++j) _mm512_storeu_ps(o + r * Dv + j * 16, acc[r][j]);
-}
-
-template <int G>
-void dpbf_pv_cols(int64_t rows, const uint32_t* pp, int64_t ldp, int64_t pairs, const uint32_t* vv, int64_t Dv,
-                  const float* alpha, float* o, Prefetch& pf) {
-  constexpr int MR = NACC / G > 6 ? 6 : NACC / G;
-  int64_t r = 0;
-  for (; r + MR <= rows; r += MR) dpbf_pv_tile<MR, G>(pp + r, ldp, pairs, vv, Dv, alpha + r, o + r * Dv, pf);
-  switch (rows - r) {
-    case 0: return;
-    case 1: return dpbf_pv_tile<1, G>(pp + r, ldp, pairs, vv, Dv, alpha + r, o + r * Dv, pf);
-    case 2: return dpbf_pv_tile<2, G>(pp + r, ldp, pairs, vv, Dv, alpha + r, o + r * Dv, pf);
-    case 3: return dpbf_pv_tile<3, G>(pp + r, ldp, pairs, vv, Dv, alpha + r, o + r * Dv, pf);
-    case 4: return dpbf_pv_tile<4, G>(pp + r, ldp, pairs, vv, Dv, alpha + r, o + r * Dv, pf);
-    default: return dpbf_pv_tile<5, G>(pp + r, ldp, pairs, vv, Dv, alpha + r, o + r * Dv, pf);
-  }
-}
-
-// PV of one row block: P pairs pp[t][m] (t < ceil(nc/2)) from the softmax's st, then the tiles.
-void dpbf_pv(const float* st, int64_t Mb, int64_t rows, int64_t nc, const uint32_t* vv, int64_t Dv,
-             const float* alpha, float* o, uint32_t* pp, Prefetch& pf) {
-  const int64_t pairs = (nc + 1) / 2;
-  for (int64_t t = 0; t < pairs; ++t)
-    for (int64_t m0 = 0; m0 < Mb; m0 += 16) {
-      _mm512_storeu_si512(pp + t * Mb + m0, bf16_pairs(st_row(st, Mb, 2 * t, nc, m0), st_row(st, Mb, 2 * t + 1, nc, m0)));
-    }
-  for (int64_t g0 = 0; g0 < Dv / 16; g0 += 4) {
-    switch (std::min<int64_t>(4, Dv / 16 - g0)) {
-      case 4: dpbf_pv_cols<4>(rows, pp, Mb, pairs, vv + g0 * 16, Dv, alpha, o + g0 * 16, pf); break;
-      case 3: dpbf_pv_cols<3>(rows, pp, Mb, pairs, vv + g0 * 16, Dv, alpha, o + g0 * 16, pf); break;
-      case 2: dpbf_pv_cols<2>(rows, pp, Mb, pairs, vv + g0 * 16, Dv, alpha, o + g0 * 16, pf); break;
-      default: dpbf_pv_cols<1>(rows, pp, Mb, pairs, vv + g0 * 16, Dv, alpha, o + g0 * 16, pf); break;
-    }
-  }
 }
 #endif  // VA_HAS_DPBF
 
