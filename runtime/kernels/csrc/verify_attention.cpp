@@ -195,7 +195,7 @@ ChunkKV load_chunk(const Args& a, const ItemState& s, Workspace& w, int64_t c0, 
   const int64_t D = DT > 0 ? DT : a.D;
   ChunkKV ch;
   if (s.fast) {
-    ch.fch = fast_chunk(a, s.fd, s.head, c0, nc, reinterpret_cast<uint16_t*>(w.kf.p), reinterpret_cast<uint32_t*>(w.vv.p), pf);
+    ch.fch = fast_chunk(a, s.fd, s.head, c0, nc, s.R, reinterpret_cast<uint16_t*>(w.kf.p), reinterpret_cast<uint32_t*>(w.vv.p), pf);
   } else if (a.kv) {
     const int64_t npad = (nc + NACC - 1) / NACC * NACC;
     widen_rows(static_cast<const uint16_t*>(a.k) + s.head + c0 * D, nc, D, w.kb.p, a.kv);
@@ -246,7 +246,7 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
   else
     softmax_rows(a, s.fast, st, Mb, mv, nc, s.mrow + mb0, s.lrow + mb0, s.alpha + mb0, pt, pf);
   if (s.fast && s.R)
-    dpbf_pv_split(st, Mq, rows, nc, reinterpret_cast<uint32_t*>(w.vv.p), s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
+    dpbf_pv_split(st, Mq, rows, nc, ch.fch.v, a.D, a.kv, s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
   else if (s.fast)
     fast_pv(a, s.fd, st, Mb, rows, nc, reinterpret_cast<uint32_t*>(w.vv.p), s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
   else
@@ -257,7 +257,10 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
 void finish_item(const Args& a, const Item& it, const ItemState& s, Workspace& w, float* part_o, float* part_ml) {
   const int64_t D = a.D, M = a.M;
   const float* o = s.o;
-  if (s.ldo != D) {  // the fast paths' rows of Dv floats into rows of D
+  if (a.path == PATH_DPBF) {  // AVX512-BF16 rows: back to d order (v_pairs), rows of D
+    unpermute_rows(o, M, s.ldo, D, w.o.p);
+    o = w.o.p;
+  } else if (s.ldo != D) {  // AMX rows of Dv floats into rows of D
     for (int64_t m = 0; m < M; ++m) std::memcpy(w.o.p + m * D, o + m * s.ldo, sizeof(float) * D);
     o = w.o.p;
   }
@@ -422,7 +425,7 @@ int specmoe_verify_attention_tokens(const void* q, int32_t q_dtype, int64_t q_to
   const int64_t want = chunk_keys > 0 ? chunk_keys : 64;
   a.C = std::max<int64_t>(LCM, (want + LCM - 1) / LCM * LCM);
   if (a.path != PATH_FP32)  // tiles of 16 keys (AMX PV: 32), any tail handled
-    a.C = std::max<int64_t>(16, (chunk_keys > 0 ? chunk_keys : FAST_CHUNK) + 15) / 16 * 16;
+    a.C = std::max<int64_t>(16, (chunk_keys > 0 ? chunk_keys : fast_chunk_keys(a.path, a.M)) + 15) / 16 * 16;
   int nt = num_threads;
 #ifdef _OPENMP
   if (nt <= 0) nt = omp_get_max_threads();

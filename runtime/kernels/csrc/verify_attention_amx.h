@@ -238,19 +238,25 @@ struct FastChunk {
   const uint16_t* k;  // K rows, ldk elements apart
   int64_t ldk;
   bool padded;        // k is kf: zero rows past nc, D padded to Dp
+  const uint16_t* v;  // V rows of the chunk in the cache (the row-split PV reads them there)
 };
 
-// K in place where its rows are whole bf16 tiles, else copied; V pairs packed.
-FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0, int64_t nc, uint16_t* kf,
+// K in place where its rows are whole bf16 tiles, else copied; V pairs packed, except for the
+// AVX512-BF16 row-split (R > 0), whose PV pairs V rows as it reads them.
+FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0, int64_t nc, int R, uint16_t* kf,
                      uint32_t* vv, Prefetch& pf) {
-  FastChunk ch{static_cast<const uint16_t*>(a.k) + head + c0 * a.D, a.D, false};
+  FastChunk ch{static_cast<const uint16_t*>(a.k) + head + c0 * a.D, a.D, false,
+               static_cast<const uint16_t*>(a.v) + head + c0 * a.D};
 #if VA_HAS_DPBF
   const int64_t tile = a.path == PATH_AMX ? 16 : NACC;
   if (a.kv == 2 || a.D % 32 != 0 || nc < tile) {
     copy_k(ch.k, nc, a.D, a.kv, fd.Dp, kf);
-    ch = FastChunk{kf, fd.Dp, true};
+    ch = FastChunk{kf, fd.Dp, true, ch.v};
   }
-  pack_v(static_cast<const uint16_t*>(a.v) + head + c0 * a.D, nc, a.D, a.kv, fd.Dv, vv, pack_unit(a, fd), pf);
+  if (a.path == PATH_AMX)
+    pack_v(ch.v, nc, a.D, a.kv, fd.Dv, vv, pack_unit(a, fd), pf);
+  else if (!R)
+    pack_v_dpbf(ch.v, nc, a.D, a.kv, fd.Dv, vv, pack_unit(a, fd), pf);
 #endif
   return ch;
 }
@@ -258,9 +264,9 @@ FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0
 // Work units of a chunk that the fast paths pass to Prefetch::step (see there), for row block 0 of
 // Mb rows: AMX one per TDPBF16PS of QK and PV, EXP_PACK_UNITS per 16 key pairs of each 16 rows' P
 // packing and one per V pair packed; AVX512-BF16 its vector dot products (R > 0: the row-split QK's)
-// and Dv / 16 per V pair packed.
+// and Dv / 16 per V pair packed (none packed with R > 0).
 int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, int64_t nc, int qparts, int R) {
-  const int64_t nb = Mb / 16, pairs = round_up(nc, 32) / 2, packing = pairs * pack_unit(a, fd);
+  const int64_t nb = Mb / 16, pairs = round_up(nc, 32) / 2, packing = R ? 0 : pairs * pack_unit(a, fd);
   if (a.path == PATH_AMX) {
     const int64_t qk = (nc + 15) / 16 * (fd.Dp / 32) * nb * qparts, pv = nb * (fd.Dv / 16) * (pairs / 16);
     return qk + pv + nb * (pairs / 16) * EXP_PACK_UNITS + packing;

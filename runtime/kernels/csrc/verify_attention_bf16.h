@@ -15,7 +15,9 @@
 //   qp [parts][Dp/2][Mp]  Q^T pairs, qp[p][t][m] = part p of (q[m][2t], q[m][2t+1]), unscaled
 //   kf [keys][Dp]         K rows copied (fp16 converted, D padded to Dp = D rounded up to 32)
 //                         when K cannot be read in place (D % 32 != 0, fp16, short chunk)
-//   vv [pairs][Dv]        V pairs, vv[t][d] = (v[2t][d], v[2t+1][d]), Dv = D rounded up to 16
+//   vv [pairs][Dv]        V pairs, vv[t][d] = (v[2t][d], v[2t+1][d]), Dv = D rounded up to 16 (AMX);
+//                         AVX512-BF16: Dv = D rounded up to 32, each 32 d in the order of two
+//                         unpacks (v_pairs in verify_attention_dpbf.h), which its accumulators keep
 //   pt [Mb][pairs]        P pairs transposed (AMX A operand): pt[m][t] = (P[m][2t], P[m][2t+1])
 //   of [Mp][Dv]           the output accumulator of the fast paths
 //
@@ -54,7 +56,10 @@ namespace {
 
 enum { PATH_AUTO = 0, PATH_FP32 = 1, PATH_DPBF = 2, PATH_AMX = 3 };
 constexpr int QPARTS = 3;  // most bf16 parts Q is split into (fp32 q: exact to 2^-24)
-constexpr int64_t FAST_CHUNK = 192;  // default keys per chunk (measured best of 64..384 here)
+// Default keys per chunk. AMX: 192, the best of 64..384 on a Sapphire Rapids VM. AVX512-BF16 on a Zen 4
+// VM: 48 (two row-split tiles) for M <= 8 rows, 1.1-1.3x over 192 at k+1 = 1-2 from DRAM; 96 above,
+// 1.0-1.1x. A short chunk keeps what the PV and the prefetch ahead hold in L1 and L2 small.
+inline int64_t fast_chunk_keys(int path, int64_t M) { return path == PATH_AMX ? 192 : M <= W / 2 ? 48 : 96; }
 
 // Bit p set: path p runs here.
 unsigned available_paths() {
@@ -89,7 +94,7 @@ struct FastDims {
   int64_t Dp, Dv, kf, vv, pt, of, qp, qx;
   FastDims(const Args& a, int64_t cmax) {
     Dp = round_up(a.D, 32);
-    Dv = round_up(a.D, 16);
+    Dv = round_up(a.D, a.path == PATH_AMX ? 16 : 32);
     const int64_t keys = round_up(cmax, 48), pairs = round_up(cmax, 32) / 2;
     kf = keys * Dp / 2;
     vv = pairs * Dv;

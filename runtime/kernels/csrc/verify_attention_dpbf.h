@@ -6,6 +6,54 @@
 namespace {
 
 #if VA_HAS_DPBF
+// ------------------------------------------------------------------ AVX512-BF16: V pairs
+// The pairs of keys 2t and 2t+1 (zero from nc on) for the 32 d from d0, as two unpacks: A holds
+// d0 + 8L + j at lane 4L + j, B d0 + 8L + 4 + j (L, j < 4). One instruction each where a permute
+// into d order costs three on Zen 4; the PV accumulators keep this order and unpermute_rows puts
+// each finished row back into d order.
+inline void v_pairs(const uint16_t* v, int64_t D, int kv, int64_t nc, int64_t t, int64_t d0, __m512i& A, __m512i& B) {
+  const int64_t c = 2 * t;
+  const __m512i x = load_kv32(v + c * D + d0, kv, D - d0);  // c < nc: t < ceil(nc / 2)
+  const __m512i y = c + 1 < nc ? load_kv32(v + (c + 1) * D + d0, kv, D - d0) : _mm512_setzero_si512();
+  A = _mm512_unpacklo_epi16(x, y);
+  B = _mm512_unpackhi_epi16(x, y);
+}
+
+// vv[t][d0 .. d0+32) = the A and B of v_pairs, for t < round_up(nc, 32) / 2 (zero past nc).
+void pack_v_dpbf(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dv, uint32_t* vv, int unit, Prefetch& pf) {
+  const int64_t pairs = round_up(nc, 32) / 2, full = (nc + 1) / 2;
+  for (int64_t t = 0; t < pairs; ++t) {
+    for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
+      __m512i A = _mm512_setzero_si512(), B = A;
+      if (t < full) v_pairs(src, D, kv, nc, t, d0, A, B);
+      _mm512_storeu_si512(vv + t * Dv + d0, A);
+      _mm512_storeu_si512(vv + t * Dv + d0 + 16, B);
+    }
+    pf.step(unit);
+  }
+}
+
+// out[m][0..D) = row m of o (Dv floats a row, each 32 in v_pairs' order) in d order.
+void unpermute_rows(const float* o, int64_t M, int64_t Dv, int64_t D, float* out) {
+  alignas(64) int32_t i0[16], i1[16];  // lane i of d0+i (i1: d0+16+i) in A (0..15) or B (16..31)
+  for (int i = 0; i < 16; ++i) {
+    i0[i] = (i % 8 < 4 ? 0 : 16) + 4 * (i / 8) + i % 4;
+    i1[i] = (i % 8 < 4 ? 0 : 16) + 4 * (2 + i / 8) + i % 4;
+  }
+  const __m512i x0 = _mm512_load_si512(i0), x1 = _mm512_load_si512(i1);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const __m512 A = _mm512_loadu_ps(o + m * Dv + d0), B = _mm512_loadu_ps(o + m * Dv + d0 + 16);
+      const int64_t n = D - d0;
+      _mm512_mask_storeu_ps(out + m * D + d0, __mmask16(n >= 16 ? 0xFFFF : (1u << n) - 1), _mm512_permutex2var_ps(A, x0, B));
+      if (n > 16)
+        _mm512_mask_storeu_ps(out + m * D + d0 + 16, __mmask16(n >= 32 ? 0xFFFF : (1u << (n - 16)) - 1),
+                              _mm512_permutex2var_ps(A, x1, B));
+    }
+}
+#endif  // VA_HAS_DPBF
+
+#if VA_HAS_DPBF
 // ------------------------------------------------------------------ AVX512-BF16 (VDPBF16PS)
 
 // st[c][v*16 + lane] = sum_p sum_t k[c][2t..2t+1] . qp[p][t][v*16 + lane], c < KC, over the qparts
@@ -192,10 +240,42 @@ void dpbf_qk_split(int R, const uint16_t* k, int64_t ldk, bool padded, int64_t n
   }
 }
 
-// PV of the row-split layout: P pairs pp[t*Mq + m] = (P[m][2t], P[m][2t+1]) rounded to bf16 from
-// softmax_packed's probabilities st[c*Mq + m] (zero past nc), then the M rows' tiles.
-void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const uint32_t* vv, int64_t Dv,
-                   const float* alpha, float* o, uint32_t* pp, Prefetch& pf) {
+// PV of the row-split layout (M <= 8 rows, one tile): P pairs pp[t*Mq + m] = (P[m][2t], P[m][2t+1])
+// rounded to bf16 from softmax_packed's probabilities st[c*Mq + m] (zero past nc), then each 32 d of
+// o[r] = o[r]*alpha + P . V with V paired as it is read (v_pairs): one pass over V, nothing packed.
+template <int MR>
+void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t* v, int64_t D, int kv, int64_t Dv,
+                    const float* alpha, float* o, Prefetch& pf) {
+  const int64_t pairs = (nc + 1) / 2;
+  for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
+    __m512 acc[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 al = _mm512_set1_ps(alpha[r]);
+      acc[r][0] = _mm512_mul_ps(_mm512_loadu_ps(o + r * Dv + d0), al);
+      acc[r][1] = _mm512_mul_ps(_mm512_loadu_ps(o + r * Dv + d0 + 16), al);
+    }
+    for (int64_t t = 0; t < pairs; ++t) {
+      if ((t & 7) == 0) pf.step(8 * MR * 2);
+      __m512i A, B;
+      v_pairs(v, D, kv, nc, t, d0, A, B);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(pp[t * ldp + r]));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], pb, (__m512bh)A);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], pb, (__m512bh)B);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      _mm512_storeu_ps(o + r * Dv + d0, acc[r][0]);
+      _mm512_storeu_ps(o + r * Dv + d0 + 16, acc[r][1]);
+    }
+  }
+}
+
+void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int kv,
+                   int64_t Dv, const float* alpha, float* o, uint32_t* pp, Prefetch& pf) {
   alignas(32) uint16_t idx[16];  // dword i = t*Mq + m of a vector's 8: keys 2t and 2t+1 of row m
   for (int i = 0; i < 8; ++i) {
     const int t = i / int(Mq), m = i % int(Mq);
@@ -203,26 +283,31 @@ void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const 
     idx[2 * i + 1] = uint16_t((2 * t + 1) * Mq + m);
   }
   const __m256i ix = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
-  const int64_t nv = (nc * Mq + W - 1) / W, pairs = (nc + 1) / 2;
-  for (int64_t v = 0; v < nv; ++v) {
-    const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + v * W));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp + v * 8), _mm256_permutexvar_epi16(ix, b));
+  const int64_t nv = (nc * Mq + W - 1) / W;
+  for (int64_t i = 0; i < nv; ++i) {
+    const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + i * W));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp + i * 8), _mm256_permutexvar_epi16(ix, b));
   }
-  for (int64_t g0 = 0; g0 < Dv / 16; g0 += 4) {
-    switch (std::min<int64_t>(4, Dv / 16 - g0)) {
-      case 4: dpbf_pv_cols<4>(rows, pp, Mq, pairs, vv + g0 * 16, Dv, alpha, o + g0 * 16, pf); break;
-      case 3: dpbf_pv_cols<3>(rows, pp, Mq, pairs, vv + g0 * 16, Dv, alpha, o + g0 * 16, pf); break;
-      case 2: dpbf_pv_cols<2>(rows, pp, Mq, pairs, vv + g0 * 16, Dv, alpha, o + g0 * 16, pf); break;
-      default: dpbf_pv_cols<1>(rows, pp, Mq, pairs, vv + g0 * 16, Dv, alpha, o + g0 * 16, pf); break;
-    }
+  switch (rows) {
+    case 1: return dpbf_pv_direct<1>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
+    case 2: return dpbf_pv_direct<2>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
+    case 3: return dpbf_pv_direct<3>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
+    case 4: return dpbf_pv_direct<4>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
+    case 5: return dpbf_pv_direct<5>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
+    case 6: return dpbf_pv_direct<6>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
+    case 7: return dpbf_pv_direct<7>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
+    default: return dpbf_pv_direct<8>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
   }
 }
+
 #else
 void pack_qx(const uint32_t*, int, int64_t, int64_t, int64_t, int, uint32_t*) {}  // never called: R is 0
 void dpbf_qk_split(int, const uint16_t*, int64_t, bool, int64_t, const uint32_t*, int64_t, int, float, float*,
                    Prefetch&) {}
-void dpbf_pv_split(const float*, int64_t, int64_t, int64_t, const uint32_t*, int64_t, const float*, float*,
-                   uint32_t*, Prefetch&) {}
+void dpbf_pv_split(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int, int64_t, const float*,
+                   float*, uint32_t*, Prefetch&) {}
+void pack_v_dpbf(const uint16_t*, int64_t, int64_t, int, int64_t, uint32_t*, int, Prefetch&) {}
+void unpermute_rows(const float*, int64_t, int64_t, int64_t, float*) {}
 #endif  // VA_HAS_DPBF
 
 // Lanes a row of the AVX512-BF16 row-split QK (0: the plain tiles): M <= 8 rows, not disabled by
