@@ -101,6 +101,23 @@ def test_blocked_tiles_and_their_tails(path):
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", [(3, 1, 8, 2, 128, [0, 47, 300]), (2, 2, 8, 2, 40, [1, 97]),
+                                  (3, 5, 16, 2, 72, [0, 95, 400]), (2, 16, 32, 8, 128, [33, 700])],
+                         ids=lambda c: f"N{c[1]}-g{c[2] // c[3]}-D{c[4]}")
+def test_fp16_kv_matches_reference(path, case):
+    """fp16 KV: the bf16 paths round each element to bf16 as they load it (K copied, V paired), fp32 widens."""
+    B, N, Hq, Hkv, D, ctxs = case
+    seed = random.randrange(2**31)
+    q, k, v, slots, ctx_lens = make_case(B, N, Hq, Hkv, D, ctxs, seed=seed)
+    k, v = k.half(), v.half()
+    out = va.verify_attention(q, k, v, slots, ctx_lens, path=path)
+    ref = va.verify_attention_reference(q.double(), k.double(), v.double(), slots, ctx_lens)
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= dict(TOL, fp32=1e-5)[path] * 2, f"relative error {err:.2e}: path={path} seed={seed}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
 def test_few_query_rows(path, M):
     """M <= 8 rows a KV head: avx512bf16 splits each row's dot product over 16/Mq lanes (row-split QK,

@@ -7,7 +7,7 @@ rows (capacity in sequences), S cache capacity in positions, L = ctx + N keys of
     verify_attention(q, k_cache, v_cache, slots, ctx_lens, *, scale=None, out=None, backend="auto",
                      path=None)
 
-q [B, N, Hq, D] fp32 or bf16; k_cache, v_cache [R, Hkv, S, D] fp32 or bf16, the N new keys/values of
+q [B, N, Hq, D] fp32 or bf16; k_cache, v_cache [R, Hkv, S, D] fp32, bf16 or fp16, the N new keys/values of
 batch row b already written at positions ctx_lens[b] .. ctx_lens[b]+N-1 of cache row slots[b];
 query i of batch row b attends keys 0 .. ctx_lens[b]+i. Returns out [B, N, Hq, D] (fp32 unless an
 out of bf16 is given).
@@ -181,14 +181,13 @@ def _row_dtypes(reference: bool) -> tuple:
 
 def _check_caches(k_cache, v_cache, Hq: int, D: int, reference: bool) -> tuple[int, int, int]:
     """The KV caches [R, Hkv, S, D] -> (R, Hkv, S)."""
-    # fp16 KV: the C kernel takes it (kv_dtype 2: widened on the fp32 path, rounded to bf16 on the
-    # others) but the API still refuses it, as tests/test_verify_attention.py pins.
-    kv_dtypes = (torch.float32, torch.bfloat16, torch.float64) if reference else (torch.float32, torch.bfloat16)
+    # fp16 KV: widened on the fp32 path, each element rounded to bf16 as it loads on the bf16 paths
+    kv_dtypes = tuple(_KV_CODE) + ((torch.float64,) if reference else ())
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
             _fail(name, f"has shape {tuple(t.shape)}", "expected [R, Hkv, S, D]")
         if t.dtype not in kv_dtypes:
-            _fail(name, f"has dtype {t.dtype}", "expected torch.float32 or torch.bfloat16")
+            _fail(name, f"has dtype {t.dtype}", "expected torch.float32, torch.bfloat16 or torch.float16")
     if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
         _fail("v_cache", f"is {tuple(v_cache.shape)} {v_cache.dtype} but k_cache is "
               f"{tuple(k_cache.shape)} {k_cache.dtype}", "both caches must match")
