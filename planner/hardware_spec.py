@@ -12,8 +12,10 @@ YAML schema (every number carries its unit in the key; every section a `source`)
                                      #   after another on the same cores)
     cpu:  {name, cores, mem_GiB | mem_GB, dram_GBps, peak_TFLOPs: {bf16, fp32}, source,
            reserve_GiB,              # optional, default 6: the OS and the engine's runtime
-           amx_bf16}                 # optional, default false: AMX-BF16 tiles, so CPU verify
+           amx_bf16,                 # optional, default false: AMX-BF16 tiles, so CPU verify
                                      #   attention on bf16/fp16 KV has peak_TFLOPs.bf16 as its roof
+           avx512_bf16}              # optional, default false: AVX512-BF16 dot products (AMD Zen 4 / 5):
+                                     #   the kernel's bf16 path where there is no AMX, the same roof
     link: {h2d_GBps, d2h_GBps, source}
     measured:                      # optional; each curve is {x: y} with units in the key
       source: ...
@@ -117,6 +119,12 @@ class CPUSpec:
     source: str
     reserve_bytes: float = DEFAULT_CPU_RESERVE_GiB * GiB   # kept back from plans
     amx_bf16: bool = False            # AMX-BF16 tiles: the verify kernel's bf16 path (peak_flops["bf16"])
+    avx512_bf16: bool = False         # AVX512-BF16 dot products: its bf16 path where there is no AMX
+
+    @property
+    def bf16_attention(self) -> bool:
+        """The verify kernel multiplies bf16/fp16 KV in bf16 here (AMX or AVX512-BF16), not widened to fp32."""
+        return self.amx_bf16 or self.avx512_bf16
 
     @property
     def usable_bytes(self) -> float:
@@ -350,6 +358,7 @@ def _source(sec: dict, where: str) -> str:
 TOP_KEYS = frozenset({"name", "description", "gpu", "cpu", "link", "measured"})
 GPU_KEYS = frozenset({"name", "mem_GiB", "mem_GB", "hbm_GBps", "peak_TFLOPs", "reserve_GiB", "shares_host_cpu", "source"})
 CPU_KEYS = frozenset({"name", "cores", "mem_GiB", "mem_GB", "dram_GBps", "peak_TFLOPs", "reserve_GiB", "amx_bf16",
+                      "avx512_bf16",
                       "source"})
 LINK_KEYS = frozenset({"h2d_GBps", "d2h_GBps", "source"})
 MEASURED_KEYS = frozenset({"source", "h2d_GBps_by_chunk_MB", "gpu_gemm_TFLOPs_by_M", "cpu_gemm_GFLOPs_by_M",
@@ -382,7 +391,8 @@ def parse_hardware(raw: Any, path: str = "") -> HardwareSpec:
                   dram_Bps=_positive(c.get("dram_GBps"), f"{where}.cpu.dram_GBps") * GB,
                   peak_flops=_flops(c, f"{where}.cpu"), source=_source(c, f"{where}.cpu"),
                   reserve_bytes=_reserve(c, f"{where}.cpu", DEFAULT_CPU_RESERVE_GiB, cmem),
-                  amx_bf16=_flag(c, "amx_bf16", f"{where}.cpu"))
+                  amx_bf16=_flag(c, "amx_bf16", f"{where}.cpu"),
+                  avx512_bf16=_flag(c, "avx512_bf16", f"{where}.cpu"))
     h2d = _positive(lk.get("h2d_GBps"), f"{where}.link.h2d_GBps")
     link = LinkSpec(h2d_Bps=h2d * GB, d2h_Bps=_positive(lk.get("d2h_GBps", h2d), f"{where}.link.d2h_GBps") * GB,
                     source=_source(lk, f"{where}.link"))

@@ -136,10 +136,10 @@ def compute_rate(hw: HardwareSpec, resource: str, dtype: str, kind: str = "gemm"
                  use_measured: bool = True) -> tuple[float, str]:
     """(FLOP/s, source) for a GEMM of M = `tokens` rows (measured curve, capped at the peak) or the peak."""
     if resource == "cpu" and kind == "attention":
-        # The CPU verify-attention kernel runs bf16/fp16 KV on AMX tiles where the CPU has them
-        # (cpu.amx_bf16: its compute roof is the bf16 matrix peak); elsewhere it widens KV to
-        # fp32 and runs fp32 FMAs (as the paper's MKL SGEMM kernel does): the fp32 peak.
-        dtype = "bf16" if hw.cpu.amx_bf16 and _DTYPE_KEY.get(dtype, dtype) in ("bf16", "fp16") else "fp32"
+        # The CPU verify-attention kernel runs bf16/fp16 KV on AMX tiles or AVX512-BF16 dot products
+        # where the CPU has them (cpu.amx_bf16, cpu.avx512_bf16: its compute roof is the bf16 peak);
+        # elsewhere it widens KV to fp32 and runs fp32 FMAs (as the paper's MKL SGEMM kernel does).
+        dtype = "bf16" if hw.cpu.bf16_attention and _DTYPE_KEY.get(dtype, dtype) in ("bf16", "fp16") else "fp32"
         peak = peak_flops(hw, resource, dtype)
         if use_measured and hw.measured.cpu_attention_TFLOPs is not None:
             # a profiled sustained rate of the kernel (below the FMA peak: softmax, merges, loads)

@@ -1,5 +1,5 @@
-"""The planner's CPU verify-attention roof follows the kernel's path: AMX tiles (cpu.amx_bf16) for
-bf16/fp16 KV, fp32 FMAs otherwise; and the A30 what-if spec with the datasheet AMX rate."""
+"""The planner's CPU verify-attention roof follows the kernel's path: AMX tiles (cpu.amx_bf16) or
+AVX512-BF16 dot products (cpu.avx512_bf16) for bf16/fp16 KV, fp32 FMAs otherwise; and the A30 what-if spec with the datasheet AMX rate."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -32,6 +32,19 @@ def test_host_without_amx_keeps_the_fp32_roof_and_its_profiled_rate():
     assert compute_rate(amx, "cpu", "bf16", kind="attention", use_measured=False) == (41.0e12, "peak")
 
 
+def test_avx512_bf16_host_costs_bf16_kv_attention_at_the_bf16_peak():
+    """A Zen 4 host: no AMX, but the kernel's avx512bf16 path multiplies bf16 pairs, so bf16 and fp16
+    KV are roofed by the bf16 peak and fp32 KV still by the fp32 one."""
+    hw = load_hardware(A30)
+    zen4 = replace(hw, cpu=replace(hw.cpu, avx512_bf16=True, peak_flops={"bf16": 4.8e12, "fp32": 2.4e12}))
+    assert not zen4.cpu.amx_bf16 and zen4.cpu.bf16_attention
+    for dtype in ("bf16", "fp16"):
+        assert compute_rate(zen4, "cpu", dtype, kind="attention", use_measured=False) == (4.8e12, "peak")
+    assert compute_rate(zen4, "cpu", "fp32", kind="attention", use_measured=False) == (2.4e12, "peak")
+    without = replace(zen4, cpu=replace(zen4.cpu, avx512_bf16=False))
+    assert compute_rate(without, "cpu", "bf16", kind="attention", use_measured=False) == (2.4e12, "peak")
+
+
 def test_amx_flag_must_be_a_boolean():
     import yaml
 
@@ -42,6 +55,11 @@ def test_amx_flag_must_be_a_boolean():
         parse_hardware(raw, "x.yaml")
     raw["cpu"]["amx_bf16"] = True
     assert parse_hardware(raw, "x.yaml").cpu.amx_bf16
+    raw["cpu"]["avx512_bf16"] = 1
+    with pytest.raises(SpecError, match=r"cpu\.avx512_bf16"):
+        parse_hardware(raw, "x.yaml")
+    raw["cpu"]["avx512_bf16"] = True
+    assert parse_hardware(raw, "x.yaml").cpu.avx512_bf16
 
 
 def test_amx_moves_the_best_draft_length_and_throughput_up():

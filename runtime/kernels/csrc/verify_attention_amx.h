@@ -307,7 +307,7 @@ void fast_pv(const Args& a, const FastDims& fd, const float* st, int64_t Mb, int
   if (a.path == PATH_AMX) return amx_pv(Mb, nc, vv, fd.Dv, alpha, o, pbuf, pf);
 #endif
 #if VA_HAS_DPBF
-  dpbf_pv(st, Mb, rows, nc, vv, fd.Dv, alpha, o, pbuf, pf);
+  dpbf_pv(Mb, rows, nc, vv, fd.Dv, alpha, o, pbuf, pf);
 #endif
 }
 
@@ -332,12 +332,8 @@ void softmax_rows(const Args& a, bool fast, float* st, int64_t Mb, int mv, int64
     } else
 #endif
 #if VA_HAS_DPBF
-    if (fast) {  // AVX512-BF16: P is rounded to bf16 for PV, so 2^x to bf16's precision
-      for (int64_t c = 0; c < nc; ++c) {
-        const vf pc = (vf)exp2_bf16((__m512)(vload(st + c * Mb + v * W) * sc - ms));
-        vstore(st + c * Mb + v * W, pc);
-        sum += pc;
-      }
+    if (fast) {  // AVX512-BF16: P rounded to bf16 for PV (so 2^x to bf16's precision), written as its pairs
+      sum = (vf)dpbf_exp_pack(st, Mb, v, nc, (__m512)sc, (__m512)ms, pt);
     } else
 #endif
     {

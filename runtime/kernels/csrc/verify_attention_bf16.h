@@ -256,9 +256,6 @@ inline __m512 exp2_bf16(__m512 x) {
   return _mm512_maskz_scalef_ps(keep, p, r);
 }
 
-inline __m512 st_row(const float* st, int64_t ld, int64_t c, int64_t nc, int64_t m0) {
-  return c < nc ? _mm512_loadu_ps(st + c * ld + m0) : _mm512_setzero_ps();
-}
 #endif  // VA_HAS_DPBF
 
 }  // namespace

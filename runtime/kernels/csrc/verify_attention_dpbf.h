@@ -145,14 +145,30 @@ void dpbf_pv_cols(int64_t rows, const uint32_t* pp, int64_t ldp, int64_t pairs, 
   }
 }
 
-// PV of one row block: P pairs pp[t][m] (t < ceil(nc/2)) from the softmax's st, then the tiles.
-void dpbf_pv(const float* st, int64_t Mb, int64_t rows, int64_t nc, const uint32_t* vv, int64_t Dv,
-             const float* alpha, float* o, uint32_t* pp, Prefetch& pf) {
+// The softmax's probabilities of the 16 rows of vector v as the P pairs PV multiplies, with no fp32
+// store and re-read: pp[t][v*16 + lane] = (p[2t], p[2t+1]) rounded to bf16, p[c] = 2^(st[c][m] * sc -
+// ms[m]) for c < nc, zero from nc on. Returns the fp32 sum over c of each row's p.
+inline __m512 dpbf_exp_pack(const float* st, int64_t Mb, int64_t v, int64_t nc, __m512 sc, __m512 ms, uint32_t* pp) {
+  auto prob = [&](int64_t c) { return exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(st + c * Mb + v * 16), sc, ms)); };
+  __m512 sum = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; 2 * t + 1 < nc; ++t) {
+    const __m512 x = prob(2 * t), y = prob(2 * t + 1);
+    sum = _mm512_add_ps(sum, _mm512_add_ps(x, y));
+    _mm512_storeu_si512(pp + t * Mb + v * 16, bf16_pairs(x, y));
+  }
+  if (2 * t < nc) {
+    const __m512 x = prob(2 * t);
+    sum = _mm512_add_ps(sum, x);
+    _mm512_storeu_si512(pp + t * Mb + v * 16, bf16_pairs(x, _mm512_setzero_ps()));
+  }
+  return sum;
+}
+
+// PV of one row block: P pairs pp[t][m] (t < ceil(nc/2)) from dpbf_exp_pack, then the tiles.
+void dpbf_pv(int64_t Mb, int64_t rows, int64_t nc, const uint32_t* vv, int64_t Dv, const float* alpha, float* o,
+             const uint32_t* pp, Prefetch& pf) {
   const int64_t pairs = (nc + 1) / 2;
-  for (int64_t t = 0; t < pairs; ++t)
-    for (int64_t m0 = 0; m0 < Mb; m0 += 16) {
-      _mm512_storeu_si512(pp + t * Mb + m0, bf16_pairs(st_row(st, Mb, 2 * t, nc, m0), st_row(st, Mb, 2 * t + 1, nc, m0)));
-    }
   for (int64_t g0 = 0; g0 < Dv / 16; g0 += 4) {
     switch (std::min<int64_t>(4, Dv / 16 - g0)) {
       case 4: dpbf_pv_cols<4>(rows, pp, Mb, pairs, vv + g0 * 16, Dv, alpha, o + g0 * 16, pf); break;
