@@ -296,6 +296,21 @@ def test_spec_assembly_without_gpu_raises_base_peaks_to_measurements():
         cal.resolve_base("no-such-machine")
 
 
+@pytest.mark.parametrize("paths,amx,dpbf", [(["amx", "avx512bf16", "fp32"], True, True),
+                                             (["avx512bf16", "fp32"], False, True), (["fp32"], False, False)])
+def test_spec_takes_the_bf16_attention_flags_from_the_kernel_not_the_base(paths, amx, dpbf):
+    """The calibrated spec's cpu.amx_bf16 / cpu.avx512_bf16 say which bf16 path the kernel found on this
+    machine's CPU, whatever the base spec said (devbox-2core says avx512_bf16)."""
+    cache = _synthetic_cache(False)
+    cache["facts"] = {**cache["facts"], "verify_paths": paths}
+    raw = cal.build_spec_raw(cache, cal.resolve_base("devbox-2core"), "devbox-2core", "cpu-box")
+    spec = parse_hardware(yaml.safe_load(cal.dump_spec_yaml(raw)), "cpu-box.yaml")
+    assert (spec.cpu.amx_bf16, spec.cpu.avx512_bf16, spec.cpu.bf16_attention) == (amx, dpbf, amx or dpbf)
+    cache["facts"]["verify_paths"] = None     # no kernel here: the base's flags stay
+    raw = cal.build_spec_raw(cache, cal.resolve_base("devbox-2core"), "devbox-2core", "cpu-box")
+    assert raw["cpu"]["avx512_bf16"] is True
+
+
 @pytest.mark.gpu
 def test_cuda_measurements_are_plausible():
     h2d = cal.measure_pinned_copy_GBps_by_chunk_MB((1, 64), "h2d", reps=3)

@@ -339,6 +339,17 @@ def attention_backend(kv_dtype: str | None = None) -> str:
         return f"unavailable ({type(e).__name__})"
 
 
+def verify_paths() -> list[str] | None:
+    """The verify kernel's paths for bf16 KV on this machine, best first ("amx", "avx512bf16", "fp32");
+    None without the C++ kernel."""
+    try:
+        from specmoe.runtime.kernels.verify_attention import available_paths
+
+        return list(available_paths()) or None
+    except Exception:  # noqa: BLE001 - no kernel: the spec keeps its base's flags
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA measurements (CUDA events on one stream, warm-up, medians)
 def _cuda_median_s(fn: Callable[[], Any], *, reps: int = 5, target_s: float = 0.005, device=None) -> float:

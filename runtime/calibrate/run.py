@@ -41,7 +41,7 @@ from specmoe.planner.errors import SpecError
 from specmoe.planner.hardware_spec import HardwareSpec, parse_hardware
 
 from specmoe.runtime.calibrate.measure import (ATTN_CONTEXTS, ATTN_NS, FULL, GB, GEMM_MS, QUICK, GiB, MiB, Settings,
-                                               attention_backend, gpu_facts, l3_bytes, make_pool,
+                                               attention_backend, gpu_facts, l3_bytes, make_pool, verify_paths,
                                                measure_cpu_attention_kv_GBps, measure_cpu_gemm_GFLOPs_by_M,
                                                measure_dram_read_GBps, measure_gpu_gemm_TFLOPs_by_M,
                                                measure_hbm_copy_GBps, measure_host_copy_GBps_by_chunk_MB,
@@ -316,7 +316,8 @@ def _measure(st: Settings, facts: dict, shapes: dict, mspec, model, model_label:
     """Run the measurements; cache them when every step was clean (a calibration taken in a busy spell is
     not reused: the next one measures again). Returns (cached mapping, cache path or None)."""
     fid, fp = fingerprint(facts, shapes, st.mode)
-    facts = {**facts, "attention_backend": attention_backend("bf16" if has_gpu else "fp32")}
+    facts = {**facts, "attention_backend": attention_backend("bf16" if has_gpu else "fp32"),
+             "verify_paths": verify_paths()}
     sentinel_key = f"{facts['cpu_name']}|{facts['cores']}|{facts['threads']}|{facts['torch']}"
     best = load_best_sentinel(cdir, sentinel_key)
     results = run_measurements(st, shapes, has_gpu, progress=progress,

@@ -269,6 +269,9 @@ def _fill_cpu(cpu: dict, r: dict, facts: dict, tag: str, peaks_from: str, base_r
     for dt, v in _cpu_peaks(r).items():
         _raise_to(cpu["peak_TFLOPs"], dt, v)
     _raise_to(cpu, "dram_GBps", r["dram_read_GBps"])
+    paths = facts.get("verify_paths")
+    if paths:  # this machine's bf16 verify paths (the kernel's cpuid checks), not the base spec's flags
+        cpu["amx_bf16"], cpu["avx512_bf16"] = "amx" in paths, "avx512bf16" in paths
     cpu["source"] = (f"{tag}: name, cores, memory (/proc/meminfo) of this machine; DRAM read and GEMM "
                      f"measured; {peaks_from}" + _base_note(base_raw, "cpu"))
 
