@@ -26,9 +26,9 @@
 // sum_c P[c][m] V[c] (register tile MR rows x DVG vectors over D). Q is pre-scaled by
 // scale*log2(e) so the softmax uses exp2. Accumulation is fp32; bf16 K/V chunks are widened to
 // fp32 in a small L1/L2-resident buffer first. With M <= 8 rows (k+1 <= 2 at g = 4) a vector
-// would be mostly padding, so on AVX-512 the QK splits each row's dot product over 16/Mq lanes
-// instead (row-split QK, below) and the scores are kept packed (Mq rows per key, 16/Mq keys per
-// vector) through the softmax.
+// would be mostly padding, so on AVX-512 the QK (fp32 FMAs, and AVX512-BF16 dot products on that
+// path) splits each row's dot product over 16/Mq lanes instead (row-split QK) and the scores are
+// kept packed (Mq rows per key, 16/Mq keys per vector) through the softmax.
 //
 // Memory: the kernel streams K and V once, so at small N it is bound by how many cache lines
 // one core keeps in flight. While a chunk computes, the next one (at an item's last chunk: the

@@ -313,8 +313,8 @@ void fast_pv(const Args& a, const FastDims& fd, const float* st, int64_t Mb, int
 
 // Online softmax update of one row block (st [nc][Mb], mv vectors of W rows; mrow, lrow, alpha at the
 // block's first row), vectorised over query rows. The scores are scaled by sc here (the fast paths'
-// unscaled scores; 1 otherwise): sc > 0, so the scaled maximum is sc * the maximum. The AMX path
-// writes the probabilities straight into its P pairs pt, the others back into st.
+// unscaled scores; 1 otherwise): sc > 0, so the scaled maximum is sc * the maximum. The bf16 paths
+// write the probabilities straight into their P pairs pt, the fp32 path back into st.
 void softmax_rows(const Args& a, bool fast, float* st, int64_t Mb, int mv, int64_t nc, float* mrow, float* lrow,
                   float* alpha, uint32_t* pt, Prefetch& pf) {
   const vf sc = vsplat(fast && a.qscale > 0.0f ? a.qscale : 1.0f);
