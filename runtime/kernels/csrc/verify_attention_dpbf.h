@@ -51,9 +51,7 @@ void unpermute_rows(const float* o, int64_t M, int64_t Dv, int64_t D, float* out
                               _mm512_permutex2var_ps(A, x1, B));
     }
 }
-#endif  // VA_HAS_DPBF
 
-#if VA_HAS_DPBF
 // ------------------------------------------------------------------ AVX512-BF16 (VDPBF16PS)
 
 // st[c][v*16 + lane] = sum_p sum_t k[c][2t..2t+1] . qp[p][t][v*16 + lane], c < KC, over the qparts
@@ -326,13 +324,10 @@ void pack_v_dpbf(const uint16_t*, int64_t, int64_t, int, int64_t, uint32_t*, int
 void unpermute_rows(const float*, int64_t, int64_t, int64_t, float*) {}
 #endif  // VA_HAS_DPBF
 
-// Lanes a row of the AVX512-BF16 row-split QK (0: the plain tiles): M <= 8 rows, not disabled by
-// flags bit 1.
+// Lanes a row of the AVX512-BF16 row-split QK (0: the plain tiles), as the fp32 path's split_lanes
+// decides them; a row's dot product is over Dp (a multiple of 32) elements, which every R divides.
 inline int dpbf_split_lanes(const Args& a) {
-  if (!VA_HAS_DPBF || a.path != PATH_DPBF || (a.flags & 2) || a.M > W / 2) return 0;
-  int mq = 1;
-  while (mq < a.M) mq *= 2;
-  return W / mq;
+  return VA_HAS_DPBF && a.path == PATH_DPBF ? split_lanes(a.M, round_up(a.D, 32), a.flags) : 0;
 }
 
 }  // namespace
