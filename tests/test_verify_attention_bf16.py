@@ -101,6 +101,17 @@ def test_blocked_tiles_and_their_tails(path):
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("M", [9, 13, 23, 32, 33])
+def test_row_tiles_around_the_v_packing_rule(path, M):
+    """AVX512-BF16 pairs V as each tile of up to 12 rows reads it for M <= 32 and packs V pairs once
+    above: row counts with every tail, both sides of the rule, D on and off the 32-element pairs."""
+    for D in (128, 72):
+        check(path, 2, M, 1, 1, D, [95, 300])
+        check(path, 2, 1, M, 1, D, [0, 130], _chunk_keys=48)
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", [(3, 1, 8, 2, 128, [0, 47, 300]), (2, 2, 8, 2, 40, [1, 97]),
                                   (3, 5, 16, 2, 72, [0, 95, 400]), (2, 16, 32, 8, 128, [33, 700])],
                          ids=lambda c: f"N{c[1]}-g{c[2] // c[3]}-D{c[4]}")

@@ -123,7 +123,7 @@ ItemState begin_item(const Args& a, const Item& it, Workspace& w) {
   const QRows qr = q_rows(a, it.b, it.h, w.qw);  // row m = i*g + j at qr.p + i*qr.tok + j*D
   if (fast) {
     s.qparts = pack_q(a, qr, max_q_parts(a.path), s.fd.Dp, reinterpret_cast<uint32_t*>(w.qp.p));
-    if (s.R) pack_qx(reinterpret_cast<const uint32_t*>(w.qp.p), s.qparts, s.fd.Dp / 2, a.Mp, a.M, s.R,
+    if (s.R) pack_qx(reinterpret_cast<const uint32_t*>(w.qp.p), s.qparts, s.fd.Dp / 2, a.Mp, s.R,
                      reinterpret_cast<uint32_t*>(w.qx.p));
   } else
     pack_qt(a, qr, D, s.R, w.qt.p);
@@ -195,7 +195,7 @@ ChunkKV load_chunk(const Args& a, const ItemState& s, Workspace& w, int64_t c0, 
   const int64_t D = DT > 0 ? DT : a.D;
   ChunkKV ch;
   if (s.fast) {
-    ch.fch = fast_chunk(a, s.fd, s.head, c0, nc, s.R, reinterpret_cast<uint16_t*>(w.kf.p), reinterpret_cast<uint32_t*>(w.vv.p), pf);
+    ch.fch = fast_chunk(a, s.fd, s.head, c0, nc, reinterpret_cast<uint16_t*>(w.kf.p), reinterpret_cast<uint32_t*>(w.vv.p), pf);
   } else if (a.kv) {
     const int64_t npad = (nc + NACC - 1) / NACC * NACC;
     widen_rows(static_cast<const uint16_t*>(a.k) + s.head + c0 * D, nc, D, w.kb.p, a.kv);
@@ -248,7 +248,7 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
   if (s.fast && s.R)
     dpbf_pv_split(st, Mq, rows, nc, ch.fch.v, a.D, a.kv, s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
   else if (s.fast)
-    fast_pv(a, s.fd, st, Mb, rows, nc, reinterpret_cast<uint32_t*>(w.vv.p), s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
+    fast_pv(a, s.fd, st, Mb, rows, nc, ch.fch.v, reinterpret_cast<uint32_t*>(w.vv.p), s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
   else
     pv_rows<DT>(rows, D, ch.vc, nc, st, ld, s.alpha + mb0, s.o + mb0 * D, pf);
 }

@@ -185,14 +185,16 @@ void dpbf_pv(int64_t Mb, int64_t rows, int64_t nc, const uint32_t* vv, int64_t D
 //   qx [parts][T/R][16]   qx[p][u][m*R + j] = qp[p][u*R + j][m]
 // and each key's Mq row sums, scaled, are stored packed at st[c*Mq + m] for softmax_packed.
 
-// qx from pack_q's qp (T pairs, Mp columns a part).
-void pack_qx(const uint32_t* qp, int qparts, int64_t T, int64_t Mp, int64_t M, int R, uint32_t* qx) {
+// qx from pack_q's qp (T pairs, Mp columns a part, zero past M): one gather of 16 pairs per u.
+void pack_qx(const uint32_t* qp, int qparts, int64_t T, int64_t Mp, int R, uint32_t* qx) {
   const int64_t Mq = W / R;
+  alignas(64) int32_t idx[16];  // lane m*R + j: pair u*R + j of column m, from pair u*R's row of qp
+  for (int64_t m = 0; m < Mq; ++m)
+    for (int j = 0; j < R; ++j) idx[m * R + j] = int32_t(j * Mp + m);
+  const __m512i vi = _mm512_load_si512(idx);
   for (int p = 0; p < qparts; ++p)
     for (int64_t u = 0; u < T / R; ++u)
-      for (int64_t m = 0; m < Mq; ++m)
-        for (int j = 0; j < R; ++j)
-          qx[(p * (T / R) + u) * W + m * R + j] = m < M ? qp[(p * T + u * R + j) * Mp + m] : 0u;
+      _mm512_storeu_si512(qx + (p * (T / R) + u) * W, _mm512_i32gather_epi32(vi, qp + (p * T + u * R) * Mp, 4));
 }
 
 template <int R> inline __m512i kpairs(const uint16_t* p);  // R pairs (2R bf16) at p, repeated 16/R times
@@ -254,16 +256,15 @@ void dpbf_qk_split(int R, const uint16_t* k, int64_t ldk, bool padded, int64_t n
   }
 }
 
-// PV of the row-split layout (M <= 8 rows, one tile): P pairs pp[t*Mq + m] = (P[m][2t], P[m][2t+1])
-// rounded to bf16 from softmax_packed's probabilities st[c*Mq + m] (zero past nc), then each 32 d of
-// o[r] = o[r]*alpha + P . V with V paired as it is read (v_pairs): one pass over V, nothing packed.
+// o[r] = o[r]*alpha[r] + P . V for MR rows, each 32 d at a time, V paired as it is read (v_pairs)
+// from the chunk's rows in the cache: one pass over V, nothing packed. P pairs pp[t*ldp + r].
 template <int MR>
 void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t* v, int64_t D, int kv, int64_t Dv,
                     const float* alpha, float* o, Prefetch& pf) {
   const int64_t pairs = (nc + 1) / 2;
   for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
     __m512 acc[MR][2];
-#pragma GCC unroll 8
+#pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       const __m512 al = _mm512_set1_ps(alpha[r]);
       acc[r][0] = _mm512_mul_ps(_mm512_loadu_ps(o + r * Dv + d0), al);
@@ -273,14 +274,14 @@ void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t*
       if ((t & 7) == 0) pf.step(8 * MR * 2);
       __m512i A, B;
       v_pairs(v, D, kv, nc, t, d0, A, B);
-#pragma GCC unroll 8
+#pragma GCC unroll 12
       for (int r = 0; r < MR; ++r) {
         const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(pp[t * ldp + r]));
         acc[r][0] = _mm512_dpbf16_ps(acc[r][0], pb, (__m512bh)A);
         acc[r][1] = _mm512_dpbf16_ps(acc[r][1], pb, (__m512bh)B);
       }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       _mm512_storeu_ps(o + r * Dv + d0, acc[r][0]);
       _mm512_storeu_ps(o + r * Dv + d0 + 16, acc[r][1]);
@@ -288,6 +289,35 @@ void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t*
   }
 }
 
+// PV of a row block's rows (P pairs pp[t*ldp + r]) with V paired as it is read: tiles of up to
+// NACC / 2 rows, each a pass over the chunk's V rows v in the cache.
+void dpbf_pv_rows(const uint32_t* pp, int64_t ldp, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int kv,
+                  int64_t Dv, const float* alpha, float* o, Prefetch& pf) {
+  constexpr int MR = NACC / 2;
+  static_assert(MR == 12, "the tails below");
+  int64_t r = 0;
+  for (; r + MR <= rows; r += MR) dpbf_pv_direct<MR>(pp + r, ldp, nc, v, D, kv, Dv, alpha + r, o + r * Dv, pf);
+  const uint32_t* p = pp + r;
+  const float* al = alpha + r;
+  float* ob = o + r * Dv;
+  switch (rows - r) {
+    case 0: return;
+    case 1: return dpbf_pv_direct<1>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 2: return dpbf_pv_direct<2>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 3: return dpbf_pv_direct<3>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 4: return dpbf_pv_direct<4>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 5: return dpbf_pv_direct<5>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 6: return dpbf_pv_direct<6>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 7: return dpbf_pv_direct<7>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 8: return dpbf_pv_direct<8>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 9: return dpbf_pv_direct<9>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 10: return dpbf_pv_direct<10>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    default: return dpbf_pv_direct<11>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+  }
+}
+
+// PV of the row-split layout (M <= 8 rows): P pairs pp[t*Mq + m] = (P[m][2t], P[m][2t+1]) rounded to
+// bf16 from softmax_packed's probabilities st[c*Mq + m] (zero past nc), then dpbf_pv_rows.
 void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int kv,
                    int64_t Dv, const float* alpha, float* o, uint32_t* pp, Prefetch& pf) {
   alignas(32) uint16_t idx[16];  // dword i = t*Mq + m of a vector's 8: keys 2t and 2t+1 of row m
@@ -302,27 +332,23 @@ void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const 
     const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + i * W));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp + i * 8), _mm256_permutexvar_epi16(ix, b));
   }
-  switch (rows) {
-    case 1: return dpbf_pv_direct<1>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
-    case 2: return dpbf_pv_direct<2>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
-    case 3: return dpbf_pv_direct<3>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
-    case 4: return dpbf_pv_direct<4>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
-    case 5: return dpbf_pv_direct<5>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
-    case 6: return dpbf_pv_direct<6>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
-    case 7: return dpbf_pv_direct<7>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
-    default: return dpbf_pv_direct<8>(pp, Mq, nc, v, D, kv, Dv, alpha, o, pf);
-  }
+  dpbf_pv_rows(pp, Mq, rows, nc, v, D, kv, Dv, alpha, o, pf);
 }
 
 #else
-void pack_qx(const uint32_t*, int, int64_t, int64_t, int64_t, int, uint32_t*) {}  // never called: R is 0
+void pack_qx(const uint32_t*, int, int64_t, int64_t, int, uint32_t*) {}  // never called: R is 0
 void dpbf_qk_split(int, const uint16_t*, int64_t, bool, int64_t, const uint32_t*, int64_t, int, float, float*,
                    Prefetch&) {}
 void dpbf_pv_split(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int, int64_t, const float*,
                    float*, uint32_t*, Prefetch&) {}
-void pack_v_dpbf(const uint16_t*, int64_t, int64_t, int, int64_t, uint32_t*, int, Prefetch&) {}
 void unpermute_rows(const float*, int64_t, int64_t, int64_t, float*) {}
 #endif  // VA_HAS_DPBF
+
+// Whether the AVX512-BF16 path packs each chunk's V pairs once for all its row tiles (more than 2W
+// query rows) or each tile pairs V as it reads it (dpbf_pv_rows). Measured on Zen 4, KV from DRAM:
+// pairing as read is 1.06-1.10x at M = 16 (two tiles), 1.02-1.04x at M = 32 (three) and 0.96-0.97x
+// at M = 64 (six tiles: their unpacks outweigh one pack's stores and loads).
+inline bool dpbf_packs_v(const Args& a) { return a.M > 2 * W; }
 
 // Lanes a row of the AVX512-BF16 row-split QK (0: the plain tiles), as the fp32 path's split_lanes
 // decides them; a row's dot product is over Dp (a multiple of 32) elements, which every R divides.
