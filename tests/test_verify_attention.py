@@ -152,6 +152,31 @@ def test_forced_paths_small_chunks_and_splits(dtype):
 
 
 @needs_compiler
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_split_merge_with_any_team(threads):
+    """Split-K parts meet on a counter before the merges (Join): teams of 1, more threads than
+    cores, and more threads than items, both KV dtypes."""
+    for dtype in (F32, BF16):
+        check(2, 3, 8, 2, 128, [700, 90], dtype, _split_keys=48, num_threads=threads)
+
+
+@needs_compiler
+def test_team_smaller_than_asked_finishes():
+    """OpenMP may give a smaller team than num_threads (OMP_THREAD_LIMIT here): the counters count
+    the team there is, so the call neither hangs nor skips a merge."""
+    code = ("import torch; from specmoe.runtime.kernels import verify_attention as va; "
+            "torch.manual_seed(0); q = torch.randn(1, 2, 8, 64); k = torch.randn(1, 2, 900, 64); "
+            "v = torch.randn_like(k); s = torch.zeros(1, dtype=torch.int64); c = torch.tensor([800]); "
+            "o = va.verify_attention(q, k, v, s, c, backend='cpp', num_threads=4, _split_keys=48); "
+            "r = va.verify_attention_reference(q.double(), k.double(), v.double(), s, c); "
+            "print(float((o.double() - r).abs().max() / r.abs().max()))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_THREAD_LIMIT": "1"})
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout.split()[-1]) <= TOL, res.stdout
+
+
+@needs_compiler
 def test_peaked_scores_stay_finite():
     """Scores in the hundreds: the online softmax must rescale, never overflow. fp32 rounding of a
     score s moves its weight by ~|s| * 6e-8, so torch's own fp32 path is also ~1e-5 off here."""

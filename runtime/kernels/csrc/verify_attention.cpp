@@ -44,15 +44,22 @@
 // D runs the same algorithm with a runtime D.
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
+inline int team_size() { return omp_get_num_threads(); }
+inline int thread_index() { return omp_get_thread_num(); }
+#else
+inline int team_size() { return 1; }
+inline int thread_index() { return 0; }
 #endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -352,6 +359,7 @@ int run_all(const Args& a, int nthreads, int64_t split_keys) {
   const int64_t nitems = int64_t(items.size());
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems)));
   int64_t counter = 0;  // next unclaimed item (claimed one ahead, see NextItem)
+  Join done;            // threads past their items (and then past their merges)
   const bool merging = !splits.empty();
 #pragma omp parallel num_threads(nt)
   {
@@ -369,12 +377,17 @@ int run_all(const Args& a, int nthreads, int64_t split_keys) {
       cur = next;  // claimed during the item (for its prefetch) or claimed now
     }
     if (a.path == PATH_AMX) amx_end();
+    const int team = team_size();
+    done.arrive();
     if (merging) {
-#pragma omp barrier
-#pragma omp for schedule(dynamic, 1)
+      done.wait(team);  // every part written before a merge reads it
+#pragma omp for schedule(dynamic, 1) nowait
       for (int64_t s = 0; s < int64_t(splits.size()); ++s)
         if (ok) merge(a, splits[s].b, splits[s].h, splits[s].first, splits[s].n, part_o.data(), part_ml.data(), w.o.p);
+      done.arrive();
     }
+    // The caller's thread reaches OpenMP's closing barrier last, so it never sleeps there (see Join).
+    if (thread_index() == 0) done.spin_until(merging ? 2 * team : team, Join::SPIN_US);
   }
   return failed ? -4 : 0;
 }
