@@ -101,10 +101,11 @@ def test_blocked_tiles_and_their_tails(path):
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("M", [9, 13, 23, 32, 33])
-def test_row_tiles_around_the_v_packing_rule(path, M):
-    """AVX512-BF16 pairs V as each tile of up to 12 rows reads it for M <= 32 and packs V pairs once
-    above: row counts with every tail, both sides of the rule, D on and off the 32-element pairs."""
+@pytest.mark.parametrize("M", [9, 12, 13, 23, 33, 80])
+def test_row_tiles_around_the_v_pairing(path, M):
+    """AVX512-BF16 PV: up to 12 rows pair V as they read it; above, the first 12-row tile stores the
+    pairs for the other rows and for later 64-row blocks (M = 80). Every tail, D on and off the
+    32-element pairs."""
     for D in (128, 72):
         check(path, 2, M, 1, 1, D, [95, 300])
         check(path, 2, 1, M, 1, D, [0, 130], _chunk_keys=48)

@@ -238,44 +238,46 @@ struct FastChunk {
   const uint16_t* k;  // K rows, ldk elements apart
   int64_t ldk;
   bool padded;        // k is kf: zero rows past nc, D padded to Dp
-  const uint16_t* v;  // V rows of the chunk in the cache (AVX512-BF16's PV reads them there, see dpbf_packs_v)
+  const uint16_t* v;  // V rows, ldv elements apart: in the cache, or (fp16 V on AVX512-BF16) copied as bf16
+  int64_t ldv;
 };
 
-// K in place where its rows are whole bf16 tiles, else copied; V pairs packed for AMX, and for
-// AVX512-BF16 where dpbf_packs_v (else its PV pairs V rows as it reads them).
-FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0, int64_t nc, uint16_t* kf, uint32_t* vv,
-                     Prefetch& pf) {
+// K in place where its rows are whole bf16 tiles, else copied; AMX's V pairs packed (AVX512-BF16 pairs
+// V in its first PV tile, dpbf_pv_block, from bf16 rows: fp16 V is copied as bf16 first).
+FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0, int64_t nc, uint16_t* kf, uint16_t* vf,
+                     uint32_t* vv, Prefetch& pf) {
   FastChunk ch{static_cast<const uint16_t*>(a.k) + head + c0 * a.D, a.D, false,
-               static_cast<const uint16_t*>(a.v) + head + c0 * a.D};
+               static_cast<const uint16_t*>(a.v) + head + c0 * a.D, a.D};
 #if VA_HAS_DPBF
   const int64_t tile = a.path == PATH_AMX ? 16 : NACC;
   if (a.kv == 2 || a.D % 32 != 0 || nc < tile) {
     copy_k(ch.k, nc, a.D, a.kv, fd.Dp, kf);
-    ch = FastChunk{kf, fd.Dp, true, ch.v};
+    ch = FastChunk{kf, fd.Dp, true, ch.v, ch.ldv};
   }
-  if (a.path == PATH_AMX)
-    pack_v(ch.v, nc, a.D, a.kv, fd.Dv, vv, pack_unit(a, fd), pf);
-  else if (dpbf_packs_v(a))
-    pack_v_dpbf(ch.v, nc, a.D, a.kv, fd.Dv, vv, pack_unit(a, fd), pf);
+  if (a.path == PATH_AMX) {
+    pack_v(ch.v, nc, a.D, a.kv, fd.Dv, vv, 1, pf);
+  } else if (a.kv == 2) {
+    copy_k(ch.v, nc, a.D, a.kv, fd.Dp, vf);
+    ch.v = vf;
+    ch.ldv = fd.Dp;
+  }
 #endif
   return ch;
 }
 
 // Work units of a chunk that the fast paths pass to Prefetch::step (see there), for row block 0 of
 // Mb rows: AMX one per TDPBF16PS of QK and PV, EXP_PACK_UNITS per 16 key pairs of each 16 rows' P
-// packing and one per V pair packed; AVX512-BF16 its vector dot products (R > 0: the row-split QK's)
-// and Dv / 16 per V pair packed (none unless dpbf_packs_v).
+// packing and one per V pair packed; AVX512-BF16 its vector dot products (R > 0: the row-split QK's).
 int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, int64_t nc, int qparts, int R) {
   const int64_t nb = Mb / 16, pairs = round_up(nc, 32) / 2;
-  const int64_t packing = a.path == PATH_AMX || dpbf_packs_v(a) ? pairs * pack_unit(a, fd) : 0;
   if (a.path == PATH_AMX) {
     const int64_t qk = (nc + 15) / 16 * (fd.Dp / 32) * nb * qparts, pv = nb * (fd.Dv / 16) * (pairs / 16);
-    return qk + pv + nb * (pairs / 16) * EXP_PACK_UNITS + packing;
+    return qk + pv + nb * (pairs / 16) * EXP_PACK_UNITS + pairs;
   }
   const int64_t pv = (nc + 15) / 16 * 8 * rows * (fd.Dv / 16);
-  if (R) return (nc + NACC - 1) / NACC * NACC * ((fd.Dp / 2 / R + 7) / 8 * 8) * qparts + pv + packing;
+  if (R) return (nc + NACC - 1) / NACC * NACC * ((fd.Dp / 2 / R + 7) / 8 * 8) * qparts + pv;
   const int64_t kc = NACC / nb;
-  return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 * qparts + pv + packing;
+  return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 * qparts + pv;
 }
 
 void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc, const uint32_t* qp, int qparts,
@@ -303,13 +305,12 @@ void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc,
 }
 
 void fast_pv(const Args& a, const FastDims& fd, const float* st, int64_t Mb, int64_t rows, int64_t nc,
-             const uint16_t* vrows, const uint32_t* vv, const float* alpha, float* o, uint32_t* pbuf, Prefetch& pf) {
+             const FastChunk& ch, uint32_t* vv, bool vv_ready, const float* alpha, float* o, uint32_t* pbuf, Prefetch& pf) {
 #if VA_HAS_AMX
   if (a.path == PATH_AMX) return amx_pv(Mb, nc, vv, fd.Dv, alpha, o, pbuf, pf);
 #endif
 #if VA_HAS_DPBF
-  if (!dpbf_packs_v(a)) return dpbf_pv_rows(pbuf, Mb, rows, nc, vrows, a.D, a.kv, fd.Dv, alpha, o, pf);
-  dpbf_pv(Mb, rows, nc, vv, fd.Dv, alpha, o, pbuf, pf);
+  dpbf_pv_block(Mb, rows, nc, ch.v, ch.ldv, a.D, fd.Dv, alpha, o, pbuf, vv, vv_ready, pf);
 #endif
 }
 

@@ -108,8 +108,6 @@ struct FastDims {
 // Prefetch units (Prefetch::step) of the AMX path's P packing: 16 key pairs of 16 rows (32 exp2, the
 // bf16 pairs and a transpose) take about the time of four TDPBF16PS (measured: 1.01-1.04x over one).
 constexpr int EXP_PACK_UNITS = 4;
-// Prefetch units of packing one V pair (see fast_units).
-inline int pack_unit(const Args& a, const FastDims& fd) { return a.path == PATH_AMX ? 1 : int(fd.Dv / 16); }
 
 inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite f)
   uint32_t u;
@@ -210,7 +208,7 @@ inline __m512i load_kv32(const uint16_t* p, int kv, int64_t n) {
   return _mm512_maskz_loadu_epi16(m, p);
 }
 
-// kf[c][0..Dp) = K row c as bf16 (zero past D), rows nc .. round_up(nc, 48) zero.
+// kf[c][0..Dp) = K (or V) row c as bf16 (zero past D), rows nc .. round_up(nc, 48) zero.
 void copy_k(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dp, uint16_t* kf) {
   for (int64_t c = 0; c < nc; ++c)
     for (int64_t d0 = 0; d0 < Dp; d0 += 32)

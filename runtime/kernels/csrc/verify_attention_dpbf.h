@@ -7,30 +7,16 @@ namespace {
 
 #if VA_HAS_DPBF
 // ------------------------------------------------------------------ AVX512-BF16: V pairs
-// The pairs of keys 2t and 2t+1 (zero from nc on) for the 32 d from d0, as two unpacks: A holds
-// d0 + 8L + j at lane 4L + j, B d0 + 8L + 4 + j (L, j < 4). One instruction each where a permute
-// into d order costs three on Zen 4; the PV accumulators keep this order and unpermute_rows puts
-// each finished row back into d order.
-inline void v_pairs(const uint16_t* v, int64_t D, int kv, int64_t nc, int64_t t, int64_t d0, __m512i& A, __m512i& B) {
-  const int64_t c = 2 * t;
-  const __m512i x = load_kv32(v + c * D + d0, kv, D - d0);  // c < nc: t < ceil(nc / 2)
-  const __m512i y = c + 1 < nc ? load_kv32(v + (c + 1) * D + d0, kv, D - d0) : _mm512_setzero_si512();
+// The pairs of keys 2t and 2t+1 (ODD: key 2t+1 is past the chunk, zero) for the 32 d from d0 (m: the
+// d < D), bf16 V rows ldv apart, as two unpacks: A holds d0 + 8L + j at lane 4L + j, B d0 + 8L + 4 + j
+// (L, j < 4). One instruction each where a permute into d order costs three on Zen 4; the PV
+// accumulators keep this order and unpermute_rows puts each finished row back into d order.
+template <bool ODD>
+inline void v_pairs(const uint16_t* v, int64_t ldv, __mmask32 m, int64_t t, int64_t d0, __m512i& A, __m512i& B) {
+  const __m512i x = _mm512_maskz_loadu_epi16(m, v + 2 * t * ldv + d0);
+  const __m512i y = ODD ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(m, v + (2 * t + 1) * ldv + d0);
   A = _mm512_unpacklo_epi16(x, y);
   B = _mm512_unpackhi_epi16(x, y);
-}
-
-// vv[t][d0 .. d0+32) = the A and B of v_pairs, for t < round_up(nc, 32) / 2 (zero past nc).
-void pack_v_dpbf(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dv, uint32_t* vv, int unit, Prefetch& pf) {
-  const int64_t pairs = round_up(nc, 32) / 2, full = (nc + 1) / 2;
-  for (int64_t t = 0; t < pairs; ++t) {
-    for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
-      __m512i A = _mm512_setzero_si512(), B = A;
-      if (t < full) v_pairs(src, D, kv, nc, t, d0, A, B);
-      _mm512_storeu_si512(vv + t * Dv + d0, A);
-      _mm512_storeu_si512(vv + t * Dv + d0 + 16, B);
-    }
-    pf.step(unit);
-  }
 }
 
 // out[m][0..D) = row m of o (Dv floats a row, each 32 in v_pairs' order) in d order.
@@ -257,11 +243,12 @@ void dpbf_qk_split(int R, const uint16_t* k, int64_t ldk, bool padded, int64_t n
 }
 
 // o[r] = o[r]*alpha[r] + P . V for MR rows, each 32 d at a time, V paired as it is read (v_pairs)
-// from the chunk's rows in the cache: one pass over V, nothing packed. P pairs pp[t*ldp + r].
-template <int MR>
-void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t* v, int64_t D, int kv, int64_t Dv,
-                    const float* alpha, float* o, Prefetch& pf) {
-  const int64_t pairs = (nc + 1) / 2;
+// from the chunk's rows in the cache: one pass over V. P pairs pp[t*ldp + r]. PACK: the pairs are also
+// stored, vv[t][d0 .. d0+32) = A, B (t < ceil(nc/2)), for the rows that dpbf_pv multiplies after.
+template <int MR, bool PACK = false>
+void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t* v, int64_t ldv, int64_t D, int64_t Dv,
+                    const float* alpha, float* o, Prefetch& pf, uint32_t* vv = nullptr) {
+  const int64_t full = nc / 2;  // pairs of two keys; an odd nc leaves one more, paired with zero
   for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
     __m512 acc[MR][2];
 #pragma GCC unroll 12
@@ -270,16 +257,28 @@ void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t*
       acc[r][0] = _mm512_mul_ps(_mm512_loadu_ps(o + r * Dv + d0), al);
       acc[r][1] = _mm512_mul_ps(_mm512_loadu_ps(o + r * Dv + d0 + 16), al);
     }
-    for (int64_t t = 0; t < pairs; ++t) {
+    const __mmask32 m = D - d0 >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - d0)) - 1;
+    auto pair = [&](int64_t t, __m512i A, __m512i B) __attribute__((always_inline)) {
       if ((t & 7) == 0) pf.step(8 * MR * 2);
-      __m512i A, B;
-      v_pairs(v, D, kv, nc, t, d0, A, B);
+      if (PACK) {
+        _mm512_storeu_si512(vv + t * Dv + d0, A);
+        _mm512_storeu_si512(vv + t * Dv + d0 + 16, B);
+      }
 #pragma GCC unroll 12
       for (int r = 0; r < MR; ++r) {
         const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(pp[t * ldp + r]));
         acc[r][0] = _mm512_dpbf16_ps(acc[r][0], pb, (__m512bh)A);
         acc[r][1] = _mm512_dpbf16_ps(acc[r][1], pb, (__m512bh)B);
       }
+    };
+    __m512i A, B;
+    for (int64_t t = 0; t < full; ++t) {
+      v_pairs<false>(v, ldv, m, t, d0, A, B);
+      pair(t, A, B);
+    }
+    if (nc & 1) {
+      v_pairs<true>(v, ldv, m, full, d0, A, B);
+      pair(full, A, B);
     }
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
@@ -291,34 +290,48 @@ void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t*
 
 // PV of a row block's rows (P pairs pp[t*ldp + r]) with V paired as it is read: tiles of up to
 // NACC / 2 rows, each a pass over the chunk's V rows v in the cache.
-void dpbf_pv_rows(const uint32_t* pp, int64_t ldp, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int kv,
+void dpbf_pv_rows(const uint32_t* pp, int64_t ldp, int64_t rows, int64_t nc, const uint16_t* v, int64_t ldv, int64_t D,
                   int64_t Dv, const float* alpha, float* o, Prefetch& pf) {
   constexpr int MR = NACC / 2;
   static_assert(MR == 12, "the tails below");
   int64_t r = 0;
-  for (; r + MR <= rows; r += MR) dpbf_pv_direct<MR>(pp + r, ldp, nc, v, D, kv, Dv, alpha + r, o + r * Dv, pf);
+  for (; r + MR <= rows; r += MR) dpbf_pv_direct<MR>(pp + r, ldp, nc, v, ldv, D, Dv, alpha + r, o + r * Dv, pf);
   const uint32_t* p = pp + r;
   const float* al = alpha + r;
   float* ob = o + r * Dv;
   switch (rows - r) {
     case 0: return;
-    case 1: return dpbf_pv_direct<1>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    case 2: return dpbf_pv_direct<2>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    case 3: return dpbf_pv_direct<3>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    case 4: return dpbf_pv_direct<4>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    case 5: return dpbf_pv_direct<5>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    case 6: return dpbf_pv_direct<6>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    case 7: return dpbf_pv_direct<7>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    case 8: return dpbf_pv_direct<8>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    case 9: return dpbf_pv_direct<9>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    case 10: return dpbf_pv_direct<10>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
-    default: return dpbf_pv_direct<11>(p, ldp, nc, v, D, kv, Dv, al, ob, pf);
+    case 1: return dpbf_pv_direct<1>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 2: return dpbf_pv_direct<2>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 3: return dpbf_pv_direct<3>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 4: return dpbf_pv_direct<4>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 5: return dpbf_pv_direct<5>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 6: return dpbf_pv_direct<6>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 7: return dpbf_pv_direct<7>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 8: return dpbf_pv_direct<8>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 9: return dpbf_pv_direct<9>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 10: return dpbf_pv_direct<10>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    default: return dpbf_pv_direct<11>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
   }
+}
+
+// PV of one row block of the plain tiles. V is read from the cache once a chunk, by the first tile
+// of the first block (vv_ready false): that tile pairs it as it reads it and, where rows remain, stores
+// the pairs in vv for them and for the later blocks. Measured on Zen 4 (KV from DRAM) against packing
+// V in a pass of its own before the tiles: 1.02-1.06x at k+1 = 16 and 1.03-1.12x at k+1 = 4-8 (g = 4);
+// against every tile pairing V as it reads it, 1.02-1.06x at M = 16 and 32.
+void dpbf_pv_block(int64_t Mb, int64_t rows, int64_t nc, const uint16_t* v, int64_t ldv, int64_t D, int64_t Dv,
+                   const float* alpha, float* o, const uint32_t* pp, uint32_t* vv, bool vv_ready, Prefetch& pf) {
+  constexpr int MR = NACC / 2;
+  if (vv_ready) return dpbf_pv(Mb, rows, nc, vv, Dv, alpha, o, pp, pf);
+  if (rows <= MR) return dpbf_pv_rows(pp, Mb, rows, nc, v, ldv, D, Dv, alpha, o, pf);
+  dpbf_pv_direct<MR, true>(pp, Mb, nc, v, ldv, D, Dv, alpha, o, pf, vv);
+  dpbf_pv(Mb, rows - MR, nc, vv, Dv, alpha + MR, o + MR * Dv, pp + MR, pf);
 }
 
 // PV of the row-split layout (M <= 8 rows): P pairs pp[t*Mq + m] = (P[m][2t], P[m][2t+1]) rounded to
 // bf16 from softmax_packed's probabilities st[c*Mq + m] (zero past nc), then dpbf_pv_rows.
-void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int kv,
+void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const uint16_t* v, int64_t ldv, int64_t D,
                    int64_t Dv, const float* alpha, float* o, uint32_t* pp, Prefetch& pf) {
   alignas(32) uint16_t idx[16];  // dword i = t*Mq + m of a vector's 8: keys 2t and 2t+1 of row m
   for (int i = 0; i < 8; ++i) {
@@ -332,23 +345,17 @@ void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const 
     const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + i * W));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp + i * 8), _mm256_permutexvar_epi16(ix, b));
   }
-  dpbf_pv_rows(pp, Mq, rows, nc, v, D, kv, Dv, alpha, o, pf);
+  dpbf_pv_rows(pp, Mq, rows, nc, v, ldv, D, Dv, alpha, o, pf);
 }
 
 #else
 void pack_qx(const uint32_t*, int, int64_t, int64_t, int, uint32_t*) {}  // never called: R is 0
 void dpbf_qk_split(int, const uint16_t*, int64_t, bool, int64_t, const uint32_t*, int64_t, int, float, float*,
                    Prefetch&) {}
-void dpbf_pv_split(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int, int64_t, const float*,
+void dpbf_pv_split(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, const float*,
                    float*, uint32_t*, Prefetch&) {}
 void unpermute_rows(const float*, int64_t, int64_t, int64_t, float*) {}
 #endif  // VA_HAS_DPBF
-
-// Whether the AVX512-BF16 path packs each chunk's V pairs once for all its row tiles (more than 2W
-// query rows) or each tile pairs V as it reads it (dpbf_pv_rows). Measured on Zen 4, KV from DRAM:
-// pairing as read is 1.06-1.10x at M = 16 (two tiles), 1.02-1.04x at M = 32 (three) and 0.96-0.97x
-// at M = 64 (six tiles: their unpacks outweigh one pack's stores and loads).
-inline bool dpbf_packs_v(const Args& a) { return a.M > 2 * W; }
 
 // Lanes a row of the AVX512-BF16 row-split QK (0: the plain tiles), as the fp32 path's split_lanes
 // decides them; a row's dot product is over Dp (a multiple of 32) elements, which every R divides.
