@@ -257,7 +257,8 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
   if (s.fast && s.R)
     dpbf_pv_split(st, Mq, rows, nc, ch.fch.v, ch.fch.ldv, a.D, s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
   else if (s.fast)
-    fast_pv(a, s.fd, st, Mb, rows, nc, ch.fch, reinterpret_cast<uint32_t*>(w.vv.p), mb0 > 0, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
+    fast_pv(a, s.fd, st, Mb, rows, nc, ch.fch, reinterpret_cast<uint32_t*>(w.vv.p), mb0 > 0, s.alpha + mb0,
+            s.o + mb0 * s.ldo, pt, pf);
   else
     pv_rows<DT>(rows, D, ch.vc, nc, st, ld, s.alpha + mb0, s.o + mb0 * D, pf);
 }

@@ -305,7 +305,8 @@ void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc,
 }
 
 void fast_pv(const Args& a, const FastDims& fd, const float* st, int64_t Mb, int64_t rows, int64_t nc,
-             const FastChunk& ch, uint32_t* vv, bool vv_ready, const float* alpha, float* o, uint32_t* pbuf, Prefetch& pf) {
+             const FastChunk& ch, uint32_t* vv, bool vv_ready, const float* alpha, float* o, uint32_t* pbuf,
+             Prefetch& pf) {
 #if VA_HAS_AMX
   if (a.path == PATH_AMX) return amx_pv(Mb, nc, vv, fd.Dv, alpha, o, pbuf, pf);
 #endif

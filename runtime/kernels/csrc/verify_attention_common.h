@@ -252,7 +252,6 @@ struct NextItem {
   }
 };
 
-
 // The threads of run_all's parallel region meeting on a counter. OpenMP's barriers, under the PASSIVE
 // wait policy the engine sets (runtime/thread_env.py), put each thread that arrives early to sleep at
 // once and wake it by an interrupt to its core: on a 2-core VM 12 us from the last thread's end to the

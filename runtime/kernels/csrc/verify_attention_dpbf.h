@@ -289,7 +289,7 @@ void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t*
 }
 
 // PV of a row block's rows (P pairs pp[t*ldp + r]) with V paired as it is read: tiles of up to
-// NACC / 2 rows, each a pass over the chunk's V rows v in the cache.
+// NACC / 2 rows, each a pass over the chunk's bf16 V rows (ldv apart).
 void dpbf_pv_rows(const uint32_t* pp, int64_t ldp, int64_t rows, int64_t nc, const uint16_t* v, int64_t ldv, int64_t D,
                   int64_t Dv, const float* alpha, float* o, Prefetch& pf) {
   constexpr int MR = NACC / 2;
