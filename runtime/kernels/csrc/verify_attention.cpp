@@ -81,8 +81,8 @@ bool Workspace::ensure(const Args& a) {
   if (a.path == PATH_FP32)
     return qt.ensure(size_t(a.D) * a.Mp) && kb.ensure(cpad * a.D) && vb.ensure(cpad * a.D);
   const FastDims fd(a, max_chunk(a.C));
-  return qp.ensure(fd.qp) && qx.ensure(fd.qx) && kf.ensure(fd.kf) && vf.ensure(fd.kf) && vv.ensure(fd.vv) &&
-         pt.ensure(fd.pt) && of.ensure(fd.of);
+  return qp.ensure(fd.qp) && qx.ensure(fd.qx) && kf.ensure(fd.kf) && vv.ensure(fd.vv) && pt.ensure(fd.pt) &&
+         of.ensure(fd.of);
 }
 
 // The query rows of (b, h) in place (fp32 q) or widened into `wide` (bf16 q).
@@ -203,8 +203,7 @@ ChunkKV load_chunk(const Args& a, const ItemState& s, Workspace& w, int64_t c0, 
   const int64_t D = DT > 0 ? DT : a.D;
   ChunkKV ch;
   if (s.fast) {
-    ch.fch = fast_chunk(a, s.fd, s.head, c0, nc, reinterpret_cast<uint16_t*>(w.kf.p), reinterpret_cast<uint16_t*>(w.vf.p),
-                        reinterpret_cast<uint32_t*>(w.vv.p), pf);
+    ch.fch = fast_chunk(a, s.fd, s.head, c0, nc, reinterpret_cast<uint16_t*>(w.kf.p), reinterpret_cast<uint32_t*>(w.vv.p), pf);
   } else if (a.kv) {
     const int64_t npad = (nc + NACC - 1) / NACC * NACC;
     widen_rows(static_cast<const uint16_t*>(a.k) + s.head + c0 * D, nc, D, w.kb.p, a.kv);
@@ -255,7 +254,7 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
   else
     softmax_rows(a, s.fast, st, Mb, mv, nc, s.mrow + mb0, s.lrow + mb0, s.alpha + mb0, pt, pf);
   if (s.fast && s.R)
-    dpbf_pv_split(st, Mq, rows, nc, ch.fch.v, ch.fch.ldv, a.D, s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
+    dpbf_pv_split(st, Mq, rows, nc, ch.fch.v, a.D, a.kv, s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
   else if (s.fast)
     fast_pv(a, s.fd, st, Mb, rows, nc, ch.fch, reinterpret_cast<uint32_t*>(w.vv.p), mb0 > 0, s.alpha + mb0,
             s.o + mb0 * s.ldo, pt, pf);

@@ -238,29 +238,22 @@ struct FastChunk {
   const uint16_t* k;  // K rows, ldk elements apart
   int64_t ldk;
   bool padded;        // k is kf: zero rows past nc, D padded to Dp
-  const uint16_t* v;  // V rows, ldv elements apart: in the cache, or (fp16 V on AVX512-BF16) copied as bf16
-  int64_t ldv;
+  const uint16_t* v;  // V rows of the chunk in the cache (AVX512-BF16's PV reads them there: dpbf_pv_block)
 };
 
 // K in place where its rows are whole bf16 tiles, else copied; AMX's V pairs packed (AVX512-BF16 pairs
-// V in its first PV tile, dpbf_pv_block, from bf16 rows: fp16 V is copied as bf16 first).
-FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0, int64_t nc, uint16_t* kf, uint16_t* vf,
-                     uint32_t* vv, Prefetch& pf) {
+// V in its first PV tile: dpbf_pv_block).
+FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0, int64_t nc, uint16_t* kf, uint32_t* vv,
+                     Prefetch& pf) {
   FastChunk ch{static_cast<const uint16_t*>(a.k) + head + c0 * a.D, a.D, false,
-               static_cast<const uint16_t*>(a.v) + head + c0 * a.D, a.D};
+               static_cast<const uint16_t*>(a.v) + head + c0 * a.D};
 #if VA_HAS_DPBF
   const int64_t tile = a.path == PATH_AMX ? 16 : NACC;
   if (a.kv == 2 || a.D % 32 != 0 || nc < tile) {
     copy_k(ch.k, nc, a.D, a.kv, fd.Dp, kf);
-    ch = FastChunk{kf, fd.Dp, true, ch.v, ch.ldv};
+    ch = FastChunk{kf, fd.Dp, true, ch.v};
   }
-  if (a.path == PATH_AMX) {
-    pack_v(ch.v, nc, a.D, a.kv, fd.Dv, vv, 1, pf);
-  } else if (a.kv == 2) {
-    copy_k(ch.v, nc, a.D, a.kv, fd.Dp, vf);
-    ch.v = vf;
-    ch.ldv = fd.Dp;
-  }
+  if (a.path == PATH_AMX) pack_v(ch.v, nc, a.D, a.kv, fd.Dv, vv, 1, pf);
 #endif
   return ch;
 }
@@ -311,7 +304,7 @@ void fast_pv(const Args& a, const FastDims& fd, const float* st, int64_t Mb, int
   if (a.path == PATH_AMX) return amx_pv(Mb, nc, vv, fd.Dv, alpha, o, pbuf, pf);
 #endif
 #if VA_HAS_DPBF
-  dpbf_pv_block(Mb, rows, nc, ch.v, ch.ldv, a.D, fd.Dv, alpha, o, pbuf, vv, vv_ready, pf);
+  dpbf_pv_block(Mb, rows, nc, ch.v, a.D, a.kv, fd.Dv, alpha, o, pbuf, vv, vv_ready, pf);
 #endif
 }
 

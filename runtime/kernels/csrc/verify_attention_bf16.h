@@ -197,18 +197,23 @@ int pack_q(const Args&, const QRows&, int, int64_t, uint32_t*) { return 1; }  //
 #endif
 
 #if VA_HAS_DPBF
-// 32 KV elements from p as bf16 (fp16 converted when kv == 2), zero past the first n.
-inline __m512i load_kv32(const uint16_t* p, int kv, int64_t n) {
-  const __mmask32 m = n >= 32 ? ~__mmask32(0) : n <= 0 ? 0 : (__mmask32(1) << n) - 1;
-  if (kv == 2) {
-    const __m512 lo = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16(m), p));
-    const __m512 hi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16(m >> 16), p + 16));
-    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-  }
-  return _mm512_maskz_loadu_epi16(m, p);
+// 32 KV elements from p as bf16 (F16: fp16 converted), zero where m is clear.
+template <bool F16>
+inline __m512i load32(const uint16_t* p, __mmask32 m) {
+  if (!F16) return _mm512_maskz_loadu_epi16(m, p);
+  const __m512 lo = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16(m), p));
+  const __m512 hi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16(m >> 16), p + 16));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// kf[c][0..Dp) = K (or V) row c as bf16 (zero past D), rows nc .. round_up(nc, 48) zero.
+inline __mmask32 first32(int64_t n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? 0 : (__mmask32(1) << n) - 1; }
+
+// 32 KV elements from p as bf16 (fp16 converted when kv == 2), zero past the first n.
+inline __m512i load_kv32(const uint16_t* p, int kv, int64_t n) {
+  return kv == 2 ? load32<true>(p, first32(n)) : load32<false>(p, first32(n));
+}
+
+// kf[c][0..Dp) = K row c as bf16 (zero past D), rows nc .. round_up(nc, 48) zero.
 void copy_k(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dp, uint16_t* kf) {
   for (int64_t c = 0; c < nc; ++c)
     for (int64_t d0 = 0; d0 < Dp; d0 += 32)

@@ -230,7 +230,7 @@ inline int64_t chunk_len(int64_t len, int64_t C, int64_t n, int64_t i) { return 
 
 struct Workspace {
   Buf qt, st, o, ml, kb, vb, qw;  // qw: bf16 q rows widened
-  Buf qp, qx, kf, vf, vv, pt, of;  // the bf16 paths' buffers (verify_attention_bf16.h; vf as kf)
+  Buf qp, qx, kf, vv, pt, of;  // the bf16 paths' buffers (verify_attention_bf16.h)
   bool ensure(const Args& a);
 };
 

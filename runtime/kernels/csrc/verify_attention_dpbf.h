@@ -8,13 +8,13 @@ namespace {
 #if VA_HAS_DPBF
 // ------------------------------------------------------------------ AVX512-BF16: V pairs
 // The pairs of keys 2t and 2t+1 (ODD: key 2t+1 is past the chunk, zero) for the 32 d from d0 (m: the
-// d < D), bf16 V rows ldv apart, as two unpacks: A holds d0 + 8L + j at lane 4L + j, B d0 + 8L + 4 + j
-// (L, j < 4). One instruction each where a permute into d order costs three on Zen 4; the PV
-// accumulators keep this order and unpermute_rows puts each finished row back into d order.
-template <bool ODD>
-inline void v_pairs(const uint16_t* v, int64_t ldv, __mmask32 m, int64_t t, int64_t d0, __m512i& A, __m512i& B) {
-  const __m512i x = _mm512_maskz_loadu_epi16(m, v + 2 * t * ldv + d0);
-  const __m512i y = ODD ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(m, v + (2 * t + 1) * ldv + d0);
+// d < D), V rows D apart (F16: fp16, converted), as two unpacks: A holds d0 + 8L + j at lane 4L + j, B
+// d0 + 8L + 4 + j (L, j < 4). One instruction each where a permute into d order costs three on Zen 4;
+// the PV accumulators keep this order and unpermute_rows puts each finished row back into d order.
+template <bool ODD, bool F16>
+inline void v_pairs(const uint16_t* v, int64_t D, __mmask32 m, int64_t t, int64_t d0, __m512i& A, __m512i& B) {
+  const __m512i x = load32<F16>(v + 2 * t * D + d0, m);
+  const __m512i y = ODD ? _mm512_setzero_si512() : load32<F16>(v + (2 * t + 1) * D + d0, m);
   A = _mm512_unpacklo_epi16(x, y);
   B = _mm512_unpackhi_epi16(x, y);
 }
@@ -245,8 +245,10 @@ void dpbf_qk_split(int R, const uint16_t* k, int64_t ldk, bool padded, int64_t n
 // o[r] = o[r]*alpha[r] + P . V for MR rows, each 32 d at a time, V paired as it is read (v_pairs)
 // from the chunk's rows in the cache: one pass over V. P pairs pp[t*ldp + r]. PACK: the pairs are also
 // stored, vv[t][d0 .. d0+32) = A, B (t < ceil(nc/2)), for the rows that dpbf_pv multiplies after.
-template <int MR, bool PACK = false>
-void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t* v, int64_t ldv, int64_t D, int64_t Dv,
+// The loop over pairs holds no test of the KV dtype or the row bounds: with them it ran 10-20% slower
+// or not, depending on where the code landed.
+template <int MR, bool PACK, bool F16>
+void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t* v, int64_t D, int64_t Dv,
                     const float* alpha, float* o, Prefetch& pf, uint32_t* vv = nullptr) {
   const int64_t full = nc / 2;  // pairs of two keys; an odd nc leaves one more, paired with zero
   for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
@@ -257,7 +259,7 @@ void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t*
       acc[r][0] = _mm512_mul_ps(_mm512_loadu_ps(o + r * Dv + d0), al);
       acc[r][1] = _mm512_mul_ps(_mm512_loadu_ps(o + r * Dv + d0 + 16), al);
     }
-    const __mmask32 m = D - d0 >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - d0)) - 1;
+    const __mmask32 m = first32(D - d0);
     auto pair = [&](int64_t t, __m512i A, __m512i B) __attribute__((always_inline)) {
       if ((t & 7) == 0) pf.step(8 * MR * 2);
       if (PACK) {
@@ -273,11 +275,11 @@ void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t*
     };
     __m512i A, B;
     for (int64_t t = 0; t < full; ++t) {
-      v_pairs<false>(v, ldv, m, t, d0, A, B);
+      v_pairs<false, F16>(v, D, m, t, d0, A, B);
       pair(t, A, B);
     }
     if (nc & 1) {
-      v_pairs<true>(v, ldv, m, full, d0, A, B);
+      v_pairs<true, F16>(v, D, m, full, d0, A, B);
       pair(full, A, B);
     }
 #pragma GCC unroll 12
@@ -289,49 +291,56 @@ void dpbf_pv_direct(const uint32_t* pp, int64_t ldp, int64_t nc, const uint16_t*
 }
 
 // PV of a row block's rows (P pairs pp[t*ldp + r]) with V paired as it is read: tiles of up to
-// NACC / 2 rows, each a pass over the chunk's bf16 V rows (ldv apart).
-void dpbf_pv_rows(const uint32_t* pp, int64_t ldp, int64_t rows, int64_t nc, const uint16_t* v, int64_t ldv, int64_t D,
-                  int64_t Dv, const float* alpha, float* o, Prefetch& pf) {
+// NACC / 2 rows, each a pass over the chunk's V rows.
+template <bool F16>
+void dpbf_pv_rows(const uint32_t* pp, int64_t ldp, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int64_t Dv,
+                  const float* alpha, float* o, Prefetch& pf) {
   constexpr int MR = NACC / 2;
   static_assert(MR == 12, "the tails below");
   int64_t r = 0;
-  for (; r + MR <= rows; r += MR) dpbf_pv_direct<MR>(pp + r, ldp, nc, v, ldv, D, Dv, alpha + r, o + r * Dv, pf);
+  for (; r + MR <= rows; r += MR) dpbf_pv_direct<MR, false, F16>(pp + r, ldp, nc, v, D, Dv, alpha + r, o + r * Dv, pf);
   const uint32_t* p = pp + r;
   const float* al = alpha + r;
   float* ob = o + r * Dv;
   switch (rows - r) {
     case 0: return;
-    case 1: return dpbf_pv_direct<1>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    case 2: return dpbf_pv_direct<2>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    case 3: return dpbf_pv_direct<3>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    case 4: return dpbf_pv_direct<4>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    case 5: return dpbf_pv_direct<5>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    case 6: return dpbf_pv_direct<6>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    case 7: return dpbf_pv_direct<7>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    case 8: return dpbf_pv_direct<8>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    case 9: return dpbf_pv_direct<9>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    case 10: return dpbf_pv_direct<10>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
-    default: return dpbf_pv_direct<11>(p, ldp, nc, v, ldv, D, Dv, al, ob, pf);
+    case 1: return dpbf_pv_direct<1, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    case 2: return dpbf_pv_direct<2, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    case 3: return dpbf_pv_direct<3, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    case 4: return dpbf_pv_direct<4, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    case 5: return dpbf_pv_direct<5, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    case 6: return dpbf_pv_direct<6, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    case 7: return dpbf_pv_direct<7, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    case 8: return dpbf_pv_direct<8, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    case 9: return dpbf_pv_direct<9, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    case 10: return dpbf_pv_direct<10, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
+    default: return dpbf_pv_direct<11, false, F16>(p, ldp, nc, v, D, Dv, al, ob, pf);
   }
 }
 
-// PV of one row block of the plain tiles. V is read from the cache once a chunk, by the first tile
-// of the first block (vv_ready false): that tile pairs it as it reads it and, where rows remain, stores
-// the pairs in vv for them and for the later blocks. Measured on Zen 4 (KV from DRAM) against packing
-// V in a pass of its own before the tiles: 1.02-1.06x at k+1 = 16 and 1.03-1.12x at k+1 = 4-8 (g = 4);
-// against every tile pairing V as it reads it, 1.02-1.06x at M = 16 and 32.
-void dpbf_pv_block(int64_t Mb, int64_t rows, int64_t nc, const uint16_t* v, int64_t ldv, int64_t D, int64_t Dv,
+// PV of one row block of the plain tiles. V (kv 1: bf16, 2: fp16) is read from the cache once a chunk,
+// by the first tile of the first block (vv_ready false): that tile pairs it as it reads it and, where
+// rows remain, stores the pairs in vv for them and for the later blocks. Measured on Zen 4 (KV from
+// DRAM) against packing V in a pass of its own before the tiles: 1.02-1.06x at k+1 = 16 and
+// 1.03-1.12x at k+1 = 4-8 (g = 4); against every tile pairing V as it reads it, 1.02-1.06x at M = 16
+// and 32.
+void dpbf_pv_block(int64_t Mb, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int kv, int64_t Dv,
                    const float* alpha, float* o, const uint32_t* pp, uint32_t* vv, bool vv_ready, Prefetch& pf) {
   constexpr int MR = NACC / 2;
   if (vv_ready) return dpbf_pv(Mb, rows, nc, vv, Dv, alpha, o, pp, pf);
-  if (rows <= MR) return dpbf_pv_rows(pp, Mb, rows, nc, v, ldv, D, Dv, alpha, o, pf);
-  dpbf_pv_direct<MR, true>(pp, Mb, nc, v, ldv, D, Dv, alpha, o, pf, vv);
+  if (rows <= MR)
+    return kv == 2 ? dpbf_pv_rows<true>(pp, Mb, rows, nc, v, D, Dv, alpha, o, pf)
+                   : dpbf_pv_rows<false>(pp, Mb, rows, nc, v, D, Dv, alpha, o, pf);
+  if (kv == 2)
+    dpbf_pv_direct<MR, true, true>(pp, Mb, nc, v, D, Dv, alpha, o, pf, vv);
+  else
+    dpbf_pv_direct<MR, true, false>(pp, Mb, nc, v, D, Dv, alpha, o, pf, vv);
   dpbf_pv(Mb, rows - MR, nc, vv, Dv, alpha + MR, o + MR * Dv, pp + MR, pf);
 }
 
 // PV of the row-split layout (M <= 8 rows): P pairs pp[t*Mq + m] = (P[m][2t], P[m][2t+1]) rounded to
 // bf16 from softmax_packed's probabilities st[c*Mq + m] (zero past nc), then dpbf_pv_rows.
-void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const uint16_t* v, int64_t ldv, int64_t D,
+void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int kv,
                    int64_t Dv, const float* alpha, float* o, uint32_t* pp, Prefetch& pf) {
   alignas(32) uint16_t idx[16];  // dword i = t*Mq + m of a vector's 8: keys 2t and 2t+1 of row m
   for (int i = 0; i < 8; ++i) {
@@ -345,14 +354,17 @@ void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const 
     const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + i * W));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp + i * 8), _mm256_permutexvar_epi16(ix, b));
   }
-  dpbf_pv_rows(pp, Mq, rows, nc, v, ldv, D, Dv, alpha, o, pf);
+  if (kv == 2)
+    dpbf_pv_rows<true>(pp, Mq, rows, nc, v, D, Dv, alpha, o, pf);
+  else
+    dpbf_pv_rows<false>(pp, Mq, rows, nc, v, D, Dv, alpha, o, pf);
 }
 
 #else
 void pack_qx(const uint32_t*, int, int64_t, int64_t, int, uint32_t*) {}  // never called: R is 0
 void dpbf_qk_split(int, const uint16_t*, int64_t, bool, int64_t, const uint32_t*, int64_t, int, float, float*,
                    Prefetch&) {}
-void dpbf_pv_split(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, const float*,
+void dpbf_pv_split(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int, int64_t, const float*,
                    float*, uint32_t*, Prefetch&) {}
 void unpermute_rows(const float*, int64_t, int64_t, int64_t, float*) {}
 #endif  // VA_HAS_DPBF
