@@ -320,7 +320,8 @@ void dpbf_pv_rows(const uint32_t* pp, int64_t ldp, int64_t rows, int64_t nc, con
 
 // PV of one row block of the plain tiles. V (kv 1: bf16, 2: fp16) is read from the cache once a chunk,
 // by the first tile of the first block (vv_ready false): that tile pairs it as it reads it and, where
-// rows remain, stores the pairs in vv for them and for the later blocks. Measured on Zen 4 (KV from
+// rows remain, stores the pairs in vv for them and for the later blocks (a first block of 12 rows or
+// fewer is the only one: with more than 64 rows the first block has 64). Measured on Zen 4 (KV from
 // DRAM) against packing V in a pass of its own before the tiles: 1.02-1.06x at k+1 = 16 and
 // 1.03-1.12x at k+1 = 4-8 (g = 4); against every tile pairing V as it reads it, 1.02-1.06x at M = 16
 // and 32.
