@@ -181,6 +181,24 @@ def test_peaked_scores_stay_finite(path):
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gain", [0.2, 3.0, 40.0])
+def test_scores_that_rise_past_the_running_max(path, gain):
+    """AVX512-BF16 turns a chunk's scores into probabilities against the maximum of the chunks before
+    it (FusedP), keeping that maximum while a row's sum over the chunk stays under 2^16 and redoing
+    the chunk exactly past it. The keys from 700 on, scaled by `gain`, push the scores down (0.2), up
+    by ~10 in log2 (3: the probabilities reach ~2^10, kept) and far past the bound (40: redone)."""
+    seed = random.randrange(2**31)
+    q, k, v, slots, ctx_lens = make_case(2, 4, 16, 4, 128, [1500, 900], seed=seed)  # M = 16 rows
+    k[:, :, 700:] = (k[:, :, 700:].float() * gain).bfloat16()
+    out = va.verify_attention(q, k, v, slots, ctx_lens, path=path)
+    ref = va.verify_attention_reference(q.double(), k.double(), v.double(), slots, ctx_lens)
+    assert torch.isfinite(out).all(), f"gain={gain} seed={seed}"
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= dict(TOL, fp32=1e-4)[path], f"relative error {err:.2e}: gain={gain} seed={seed}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
 def test_bf16_q_scores_are_exact(path):
     """A q of bf16 values (a bf16 model's q projection) is packed unscaled and the scores scaled in
     fp32, so QK is exact on every path: peaked scores (~30 standard deviations) stay within the

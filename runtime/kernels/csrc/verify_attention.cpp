@@ -22,7 +22,8 @@
 //
 // Per chunk and row block: S^T[c][m] = K[c] . Q^T[:, m] (a small GEMM: key scalars broadcast,
 // vectors over query rows, register tile KC keys x MV vectors), the causal mask on the new
-// block, the row max / exp2 / row sums vectorised over query rows, then O[m] = O[m]*alpha +
+// block, the row max / exp2 / row sums vectorised over query rows (AVX512-BF16: in the QK tiles,
+// against the maximum of the chunks before, where every row sees the chunk; FusedP), then O[m] = O[m]*alpha +
 // sum_c P[c][m] V[c] (register tile MR rows x DVG vectors over D). Q is pre-scaled by
 // scale*log2(e) so the softmax uses exp2. Accumulation is fp32; bf16 K/V chunks are widened to
 // fp32 in a small L1/L2-resident buffer first. With M <= 8 rows (k+1 <= 2 at g = 4) a vector
@@ -230,9 +231,14 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
   const int64_t ld = s.R ? Mq : Mb;      // st row stride
   float* st = w.st.p;                    // [nc(+pad)][ld]
   uint32_t* pt = reinterpret_cast<uint32_t*>(w.pt.p);
+  bool fused = false;
   if (s.fast && s.R) {  // row-split: packed scores, scaled as they are stored
     dpbf_qk_split(s.R, ch.fch.k, ch.fch.ldk, ch.fch.padded, nc, reinterpret_cast<const uint32_t*>(w.qx.p),
                   s.fd.Dp / 2, s.qparts, a.qscale, st, pf);
+  } else if (s.fast && c0 + nc <= ctx + 1 &&  // every row sees every key: QK and softmax in one
+             fast_qk_fused(a, s.fd, ch.fch, nc, reinterpret_cast<const uint32_t*>(w.qp.p) + mb0, s.qparts, mv,
+                           s.mrow + mb0, s.lrow + mb0, s.alpha + mb0, pt, pf)) {
+    fused = true;
   } else if (s.fast) {  // unscaled scores from bf16 Q parts, scaled in fp32 by the softmax (a positive scale)
     fast_qk(a, s.fd, ch.fch, nc, reinterpret_cast<const uint32_t*>(w.qp.p) + mb0, s.qparts, mv, st, pf);
     if (!(a.qscale > 0.0f)) {
@@ -251,7 +257,7 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
   }
   if (s.R)
     softmax_packed(st, nc, Mq, s.mrow, s.lrow, s.alpha);
-  else
+  else if (!fused)
     softmax_rows(a, s.fast, st, Mb, mv, nc, s.mrow + mb0, s.lrow + mb0, s.alpha + mb0, pt, pf);
   if (s.fast && s.R)
     dpbf_pv_split(st, Mq, rows, nc, ch.fch.v, a.D, a.kv, s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);

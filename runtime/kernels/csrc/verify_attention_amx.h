@@ -274,7 +274,7 @@ int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, 
 }
 
 void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc, const uint32_t* qp, int qparts,
-             int mv, float* st, Prefetch& pf) {
+             int mv, float* st, Prefetch& pf, FusedP* f = nullptr) {
 #if VA_HAS_DPBF
   const int64_t Dp = ch.padded ? fd.Dp : a.D;
   if (a.path == PATH_AMX) {
@@ -289,11 +289,38 @@ void fast_qk(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc,
 #endif
   }
   switch (mv) {
-    case 1: return dpbf_qk_block<1>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf);
-    case 2: return dpbf_qk_block<2>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf);
-    case 3: return dpbf_qk_block<3>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf);
-    default: return dpbf_qk_block<4>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf);
+    case 1: return dpbf_qk_block<1>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf, f);
+    case 2: return dpbf_qk_block<2>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf, f);
+    case 3: return dpbf_qk_block<3>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf, f);
+    default: return dpbf_qk_block<4>(ch.k, ch.ldk, ch.padded, nc, qp, a.Mp, Dp / 2, qparts, st, pf, f);
   }
+#endif
+}
+
+// AVX512-BF16 QK and softmax in one (FusedP) for a row block of Mb = mv*16 rows against a chunk of nc
+// keys that all of them see, once the rows have a maximum (after the item's first chunk): true when
+// done (P pairs in pt, lrow += the chunk's sums, alpha = 1, mrow kept). False, and only pt written,
+// where the path, the scale or the chunk's length (a multiple of the tile's keys) rule it out or a
+// row's sum rose past FusedP::MAX_SUM; the caller then runs QK and the softmax.
+bool fast_qk_fused(const Args& a, const FastDims& fd, const FastChunk& ch, int64_t nc, const uint32_t* qp,
+                   int qparts, int mv, const float* mrow, float* lrow, float* alpha, uint32_t* pt, Prefetch& pf) {
+#if VA_HAS_DPBF
+  const int64_t Mb = 16 * mv;
+  if (a.path != PATH_DPBF || !(a.qscale > 0.0f) || nc % (NACC / mv) != 0) return false;
+  for (int64_t m = 0; m < Mb; ++m)
+    if (!std::isfinite(mrow[m])) return false;
+  alignas(64) float sum[4 * 16] = {};
+  FusedP f{_mm512_set1_ps(a.qscale), mrow, sum, pt};
+  fast_qk(a, fd, ch, nc, qp, qparts, mv, nullptr, pf, &f);
+  for (int64_t m = 0; m < Mb; ++m)
+    if (!(sum[m] <= FusedP::MAX_SUM)) return false;  // inf and NaN too
+  for (int64_t m = 0; m < Mb; ++m) {
+    lrow[m] += sum[m];
+    alpha[m] = 1.0f;
+  }
+  return true;
+#else
+  return false;
 #endif
 }
 

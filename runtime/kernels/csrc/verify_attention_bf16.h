@@ -41,7 +41,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__AVX512BF16__)
 #define VA_HAS_DPBF 1
 #else
 #define VA_HAS_DPBF 0
@@ -247,16 +248,17 @@ inline __m512i bf16_pairs(__m512 x, __m512 y) {
   return _mm512_permutexvar_epi16(_mm512_load_si512(idx), h);
 }
 
-// 2^x for x <= 0 to the precision a bf16 P keeps: a degree-3 polynomial on [-0.5, 0.5] (relative
-// error 7.5e-5, against bf16's rounding of 2^-9 = 2e-3); exactly 0 for x < -126 and -inf.
+// 2^x to the precision a bf16 P keeps: 2^floor(x) times a degree-3 polynomial in x - floor(x)
+// (relative error 7.5e-5, against bf16's rounding of 2^-9 = 2e-3); exactly 0 for x < -126 and -inf
+// unless FINITE (x finite: below -126 the result is a denormal or 0, which VDPBF16PS reads as 0).
+template <bool FINITE = false>
 inline __m512 exp2_bf16(__m512 x) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-  const __m512 r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(5.517166480e-02f), f, _mm512_set1_ps(2.426111251e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932609677e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999280572e-01f));
-  return _mm512_maskz_scalef_ps(keep, p, r);
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.802451662e-02f), f, _mm512_set1_ps(2.260671686e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.958335068e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999252098e-01f));
+  if (FINITE) return _mm512_scalef_ps(p, x);  // p * 2^floor(x)
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ), p, x);
 }
 
 #endif  // VA_HAS_DPBF

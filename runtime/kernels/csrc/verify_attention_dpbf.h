@@ -5,6 +5,8 @@
 
 namespace {
 
+struct FusedP;  // the softmax fused into QK (below; AVX512-BF16 builds only)
+
 #if VA_HAS_DPBF
 // ------------------------------------------------------------------ AVX512-BF16: V pairs
 // The pairs of keys 2t and 2t+1 (ODD: key 2t+1 is past the chunk, zero) for the 32 d from d0 (m: the
@@ -42,9 +44,43 @@ void unpermute_rows(const float* o, int64_t M, int64_t Dv, int64_t D, float* out
 
 // st[c][v*16 + lane] = sum_p sum_t k[c][2t..2t+1] . qp[p][t][v*16 + lane], c < KC, over the qparts
 // parts of Q (T pairs each).
+// The softmax in the QK tiles' epilogue, for a chunk whose keys every row sees: each score becomes its
+// probability against the rows' running maximum so far (mref) instead of the chunk's own, stored as
+// the P pairs PV multiplies, with no score stored and read back and no pass for the chunk's maximum.
+// The maximum is kept (so the output needs no rescale) unless a row's sum over the chunk exceeds
+// MAX_SUM, which bounds every probability by it (as FlashAttention-4 bounds them by 2^8): fp32 holds
+// such sums over any context. Past it the caller redoes the chunk with the exact softmax.
+struct FusedP {
+  static constexpr float MAX_SUM = 65536.0f;
+  __m512 sc;              // the scores' scale (> 0)
+  const float* mref;      // [Mb] the rows' running maximum (finite), scaled
+  float* sum;             // [Mb] += each row's sum of the chunk's probabilities
+  uint32_t* pp;           // [pairs][Mb] P pairs, pp[t][m] = (p[2t][m], p[2t+1][m]) in bf16
+};
+
+// The probabilities of a tile's KC keys (KC even, the tile's first key c even) x MV vectors of rows.
 template <int MV, int KC>
+inline void dpbf_fused_epilogue(const __m512 (&acc)[KC][MV], int64_t c, int64_t ld, const FusedP& f) {
+#pragma GCC unroll 4
+  for (int v = 0; v < MV; ++v) {
+    const __m512 ms = _mm512_loadu_ps(f.mref + v * 16);
+    __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int j = 0; j < KC; j += 2) {
+      const __m512 px = exp2_bf16<true>(_mm512_fmsub_ps(acc[j][v], f.sc, ms));
+      const __m512 py = exp2_bf16<true>(_mm512_fmsub_ps(acc[j + 1][v], f.sc, ms));
+      sum = _mm512_add_ps(sum, _mm512_add_ps(px, py));
+      _mm512_storeu_si512(f.pp + (c + j) / 2 * ld + v * 16, bf16_pairs(px, py));
+    }
+    _mm512_storeu_ps(f.sum + v * 16, _mm512_add_ps(_mm512_loadu_ps(f.sum + v * 16), sum));
+  }
+}
+
+// FUSE: the epilogue above (the tile's first key key0), else the scores stored, st[c][m].
+template <int MV, int KC, bool FUSE>
 inline void dpbf_qk_tile(const uint16_t* __restrict k, int64_t ldk, const uint32_t* __restrict qp, int64_t Mp,
-                         int64_t T, int qparts, float* __restrict st, int64_t lds, Prefetch& pf) {
+                         int64_t T, int qparts, float* __restrict st, int64_t lds, Prefetch& pf, FusedP* f = nullptr,
+                         int64_t key0 = 0) {
   __m512 acc[KC][MV];
 #pragma GCC unroll 32
   for (int c = 0; c < KC; ++c)
@@ -67,22 +103,28 @@ inline void dpbf_qk_tile(const uint16_t* __restrict k, int64_t ldk, const uint32
       }
     }
   }
+  if (FUSE) return dpbf_fused_epilogue<MV, KC>(acc, key0, lds, *f);
 #pragma GCC unroll 32
-  for (int c = 0; c < KC; ++c)
+  for (int j = 0; j < KC; ++j)
 #pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(st + c * lds + v * 16, acc[c][v]);
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(st + j * lds + v * 16, acc[j][v]);
 }
 
+// The scores st [nc][MV*16] of a chunk, or (f set: nc a multiple of KC) its P pairs (FusedP).
 template <int MV>
 void dpbf_qk_block(const uint16_t* k, int64_t ldk, bool padded, int64_t nc, const uint32_t* qp, int64_t Mp,
-                   int64_t T, int qparts, float* st, Prefetch& pf) {
+                   int64_t T, int qparts, float* st, Prefetch& pf, FusedP* f) {
   constexpr int KC = NACC / MV;
   const int64_t lds = MV * 16;
   int64_t c = 0;
-  for (; c + KC <= nc; c += KC) dpbf_qk_tile<MV, KC>(k + c * ldk, ldk, qp, Mp, T, qparts, st + c * lds, lds, pf);
+  if (f) {
+    for (; c < nc; c += KC) dpbf_qk_tile<MV, KC, true>(k + c * ldk, ldk, qp, Mp, T, qparts, st, lds, pf, f, c);
+    return;
+  }
+  for (; c + KC <= nc; c += KC) dpbf_qk_tile<MV, KC, false>(k + c * ldk, ldk, qp, Mp, T, qparts, st + c * lds, lds, pf);
   if (c < nc) {  // padded rows are zero; else a last tile ending at nc (nc >= KC here)
     if (!padded) c = nc - KC;
-    dpbf_qk_tile<MV, KC>(k + c * ldk, ldk, qp, Mp, T, qparts, st + c * lds, lds, pf);
+    dpbf_qk_tile<MV, KC, false>(k + c * ldk, ldk, qp, Mp, T, qparts, st + c * lds, lds, pf);
   }
 }
 
