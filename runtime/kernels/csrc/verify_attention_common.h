@@ -280,4 +280,38 @@ struct Join {
   }
 };
 
+// A split of (b, h) into n key ranges: parts first .. first+n-1 of the partial results.
+struct Split {
+  int64_t b, h, first, n;
+};
+
+// The work items, largest first: long contexts split so that there are a few items per thread
+// (balanced by keys; split_keys > 0: ranges of that many keys), each range a whole number of chunks.
+// Returns the number of partial results the splits write.
+int64_t plan_items(const Args& a, int nthreads, int64_t split_keys, std::vector<Item>& items, std::vector<Split>& splits) {
+  int64_t total = 0;
+  for (int64_t b = 0; b < a.B; ++b) total += a.Hkv * (a.ctx[b] + a.N);
+  int64_t target = split_keys > 0 ? split_keys
+                                  : std::max<int64_t>(4 * a.C, (total + 4 * nthreads - 1) / (4 * nthreads));
+  target = (target + a.C - 1) / a.C * a.C;
+  int64_t nparts = 0;
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t L = a.ctx[b] + a.N;
+    const int64_t ns = (L + target - 1) / target;
+    const int64_t len = ((L + ns - 1) / ns + a.C - 1) / a.C * a.C;
+    for (int64_t h = 0; h < a.Hkv; ++h) {
+      if (ns <= 1) {
+        items.push_back({b, h, 0, L, -1});
+        continue;
+      }
+      int64_t n = 0, first = nparts;
+      for (int64_t k0 = 0; k0 < L; k0 += len, ++n) items.push_back({b, h, k0, std::min(L, k0 + len), nparts++});
+      splits.push_back({b, h, first, n});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& x, const Item& y) { return x.k1 - x.k0 > y.k1 - y.k0; });
+  return nparts;
+}
+
 }  // namespace
