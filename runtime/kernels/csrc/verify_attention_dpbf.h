@@ -42,8 +42,6 @@ void unpermute_rows(const float* o, int64_t M, int64_t Dv, int64_t D, float* out
 
 // ------------------------------------------------------------------ AVX512-BF16 (VDPBF16PS)
 
-// st[c][v*16 + lane] = sum_p sum_t k[c][2t..2t+1] . qp[p][t][v*16 + lane], c < KC, over the qparts
-// parts of Q (T pairs each).
 // The softmax in the QK tiles' epilogue, for a chunk whose keys every row sees: each score becomes its
 // probability against the rows' running maximum so far (mref) instead of the chunk's own, stored as
 // the P pairs PV multiplies, with no score stored and read back and no pass for the chunk's maximum.
@@ -76,7 +74,8 @@ inline void dpbf_fused_epilogue(const __m512 (&acc)[KC][MV], int64_t c, int64_t 
   }
 }
 
-// FUSE: the epilogue above (the tile's first key key0), else the scores stored, st[c][m].
+// st[c][v*16 + lane] = sum_p sum_t k[c][2t..2t+1] . qp[p][t][v*16 + lane], c < KC, over the qparts
+// parts of Q (T pairs each); FUSE: instead the epilogue above (the tile's first key key0).
 template <int MV, int KC, bool FUSE>
 inline void dpbf_qk_tile(const uint16_t* __restrict k, int64_t ldk, const uint32_t* __restrict qp, int64_t Mp,
                          int64_t T, int qparts, float* __restrict st, int64_t lds, Prefetch& pf, FusedP* f = nullptr,
