@@ -85,6 +85,7 @@ def test_chunk_and_split_boundaries(path):
     check(path, 8, 3, 8, 1, 64, ctxs, _chunk_keys=32, _split_keys=48)
     check(path, 3, 8, 8, 2, 96, [100, 700, 5], num_threads=1)
     check(path, 4, 2, 8, 2, 128, [127, 128, 129, 383])  # the default chunk and its rest
+    check(path, 2, 16, 8, 2, 128, [1000, 600], _split_keys=384)  # split-K parts past their first chunk: FusedP
 
 
 @needs_kernel
