@@ -59,8 +59,12 @@ enum { PATH_AUTO = 0, PATH_FP32 = 1, PATH_DPBF = 2, PATH_AMX = 3 };
 constexpr int QPARTS = 3;  // most bf16 parts Q is split into (fp32 q: exact to 2^-24)
 // Default keys per chunk. AMX: 192, the best of 64..384 on a Sapphire Rapids VM. AVX512-BF16 on a Zen 4
 // VM: 48 (two row-split tiles) for M <= 8 rows, 1.1-1.3x over 192 at k+1 = 1-2 from DRAM; 96 above,
-// 1.0-1.1x. A short chunk keeps what the PV and the prefetch ahead hold in L1 and L2 small.
-inline int64_t fast_chunk_keys(int path, int64_t M) { return path == PATH_AMX ? 192 : M <= W / 2 ? 48 : 96; }
+// 1.0-1.1x. A short chunk keeps what the PV and the prefetch ahead hold in L1 and L2 small. M = 3-4
+// (four lanes a row): 32 keys, 1.04-1.20x over 48 from DRAM at ctx 512-8192 (M = 1-2: 0.98-1.03x,
+// M = 5-8: 0.86-0.99x); with the KV in L3 (a call repeated on the same 8 MB) 0.89x at ctx 512.
+inline int64_t fast_chunk_keys(int path, int64_t M) {
+  return path == PATH_AMX ? 192 : M >= 3 && M <= 4 ? 32 : M <= W / 2 ? 48 : 96;
+}
 
 // Bit p set: path p runs here.
 unsigned available_paths() {
