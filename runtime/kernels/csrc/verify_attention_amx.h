@@ -253,7 +253,7 @@ FastChunk fast_chunk(const Args& a, const FastDims& fd, int64_t head, int64_t c0
     copy_k(ch.k, nc, a.D, a.kv, fd.Dp, kf);
     ch = FastChunk{kf, fd.Dp, true, ch.v};
   }
-  if (a.path == PATH_AMX) pack_v(ch.v, nc, a.D, a.kv, fd.Dv, vv, 1, pf);
+  if (a.path == PATH_AMX) pack_v(ch.v, nc, a.D, a.kv, fd.Dv, vv, pf);
 #endif
   return ch;
 }

@@ -226,8 +226,9 @@ void copy_k(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dp, uint
   std::memset(kf + nc * Dp, 0, sizeof(uint16_t) * (round_up(nc, 48) - nc) * Dp);
 }
 
-// vv[t][d] = (v[2t][d], v[2t+1][d]) for t < round_up(nc, 32) / 2, zero past nc keys and D.
-void pack_v(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dv, uint32_t* vv, int unit, Prefetch& pf) {
+// vv[t][d] = (v[2t][d], v[2t+1][d]) for t < round_up(nc, 32) / 2, zero past nc keys and D (AMX's B
+// tiles); one prefetch unit a pair (fast_units).
+void pack_v(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dv, uint32_t* vv, Prefetch& pf) {
   alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
@@ -240,7 +241,7 @@ void pack_v(const uint16_t* src, int64_t nc, int64_t D, int kv, int64_t Dv, uint
       _mm512_storeu_si512(vv + t * Dv + d0, _mm512_permutex2var_epi16(x, lo, y));
       if (d0 + 16 < Dv) _mm512_storeu_si512(vv + t * Dv + d0 + 16, _mm512_permutex2var_epi16(x, hi, y));
     }
-    pf.step(unit);
+    pf.step(1);
   }
 }
 
