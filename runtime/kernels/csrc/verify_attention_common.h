@@ -119,6 +119,12 @@ constexpr int dvg_for(int dv) {  // D-vectors per PV tile: divides dv, MR*G + G 
 // FMA. The bf16 paths step far more often (AMX: after every TDPBF16PS, in the V and P packing
 // too; see fast_units): requests in bursts left the memory idle between them (1.05-1.17x on the
 // bench's shapes, every k+1 and context, against one step per tile loop iteration).
+// The lines of a chunk are requested twice: first `ahead` (2) chunks on, then again one chunk on.
+// A software prefetch never waits: when the core's queue of misses is full it is dropped (measured
+// here: prefetcht1 issues at 99 GB/s from two cores, far past what DRAM serves), so at small k+1,
+// where the KV stream is what bounds the call, many first requests were lost and their lines came
+// by demand misses one chunk later, the core stalled on each. The second request finds the line
+// in L2 or on its way, or asks again (bf16 KV 1.13-1.19x at k+1 = 1-2, 1.04-1.07x at k+1 = 4).
 // Token rows requested beside the chunks in an item's last chunk: the next item's q rows (read by
 // its start) and this item's output rows (written by its end, so the stores find their lines
 // instead of each waiting for one): `rows` rows of `bytes` bytes, `stride` bytes apart.
@@ -142,22 +148,31 @@ struct RowLines {
 struct Prefetch {
   const char* k = nullptr;  // next K line to prefetch; nullptr: nothing to do
   const char* end = nullptr;
+  const char* again = nullptr;  // next K line of the chunk requested a second time
+  const char* again_end = nullptr;
   int64_t vdelta = 0;  // V cache offset from the K cache, bytes
-  float rate = 0.0f;   // line pairs per unit of work
+  float rate = 0.0f;   // line pairs (of each of the two chunks) per unit of work
   float credit = 0.0f;
   RowLines side[2];        // the item's last chunk: next q rows, this item's output rows
   float side_rate = 0.0f;  // side lines per unit of work (0: none left)
   float side_credit = 0.0f;
   inline void step(int units) {
-    if (k < end) {
+    if (k < end || again < again_end) {
       credit += float(units) * rate;
       const int n = int(credit);
       credit -= float(n);
       for (int i = 0; i < n; ++i) {
-        __builtin_prefetch(k + 64 * i, 0, 2);
-        __builtin_prefetch(k + 64 * i + vdelta, 0, 2);
+        if (k < end) {
+          __builtin_prefetch(k, 0, 2);
+          __builtin_prefetch(k + vdelta, 0, 2);
+          k += 64;
+        }
+        if (again < again_end) {
+          __builtin_prefetch(again, 0, 2);
+          __builtin_prefetch(again + vdelta, 0, 2);
+          again += 64;
+        }
       }
-      k += 64 * n;
     }
     if (side_rate > 0.0f) side_step(units);
   }
