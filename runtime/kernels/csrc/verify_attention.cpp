@@ -32,11 +32,11 @@
 // kept packed (Mq rows per key, 16/Mq keys per vector) through the softmax.
 //
 // Memory: the kernel streams K and V once, so at small N it is bound by how many cache lines
-// one core keeps in flight. While a chunk computes, the next one (at an item's last chunk: the
-// first chunk of the item this thread runs next, claimed early for that) is prefetched into L2,
-// spread evenly over the QK and PV work of the chunk: in bursts the prefetches fill the line
-// fill buffers and stall the FMAs, and memory and compute then take turns instead of
-// overlapping.
+// one core keeps in flight. While a chunk computes, the chunks ahead (past an item's end: the
+// first chunks of the item this thread runs next, claimed early for that) are requested into L2,
+// spread evenly over the QK and PV work of the chunk: in bursts the requests fill the miss
+// buffers, the ones past them are dropped, and memory and compute take turns instead of
+// overlapping. Each line is requested twice (Prefetch), two chunks ahead and again one ahead.
 //
 // SIMD: GCC/Clang vector extensions of width W (16 floats with AVX-512, 8 with AVX, 4
 // otherwise); the compiler maps them onto the target ISA (-march=native); AVX-512 intrinsics
