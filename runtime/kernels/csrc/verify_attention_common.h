@@ -124,7 +124,7 @@ constexpr int dvg_for(int dv) {  // D-vectors per PV tile: divides dv, MR*G + G 
 // here: prefetcht1 issues at 99 GB/s from two cores, far past what DRAM serves), so at small k+1,
 // where the KV stream is what bounds the call, many first requests were lost and their lines came
 // by demand misses one chunk later, the core stalled on each. The second request finds the line
-// in L2 or on its way, or asks again (bf16 KV 1.13-1.19x at k+1 = 1-2, 1.04-1.07x at k+1 = 4).
+// in L2 or on its way, or asks again (bf16 KV 1.08-1.19x at k+1 = 1-2, 1.04-1.13x at k+1 = 4).
 // Token rows requested beside the chunks in an item's last chunk: the next item's q rows (read by
 // its start) and this item's output rows (written by its end, so the stores find their lines
 // instead of each waiting for one): `rows` rows of `bytes` bytes, `stride` bytes apart.
