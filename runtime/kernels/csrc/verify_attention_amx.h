@@ -268,7 +268,11 @@ int64_t fast_units(const Args& a, const FastDims& fd, int64_t Mb, int64_t rows, 
     return qk + pv + nb * (pairs / 16) * EXP_PACK_UNITS + pairs;
   }
   const int64_t pv = (nc + 15) / 16 * 8 * rows * (fd.Dv / 16);
-  if (R) return (nc + NACC - 1) / NACC * NACC * ((fd.Dp / 2 / R + 7) / 8 * 8) * qparts + pv;
+  // The row-split tiles (dpbf_qk_split_block): at R = 2 a tile of NACC keys steps KC*8 units every 8
+  // of its T/2 steps; at R >= 4 a tile of R keys steps 16 units every 16 of its T pairs.
+  const int64_t T = fd.Dp / 2;
+  if (R == 2) return (nc + NACC - 1) / NACC * NACC * ((T / 2 + 7) / 8 * 8) * qparts + pv;
+  if (R) return (nc + R - 1) / R * T * qparts + pv;
   const int64_t kc = NACC / nb;
   return (nc + kc - 1) / kc * ((fd.Dp / 2 + 7) / 8) * kc * nb * 8 * qparts + pv;
 }

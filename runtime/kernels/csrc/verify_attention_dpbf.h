@@ -206,70 +206,124 @@ void dpbf_pv(int64_t Mb, int64_t rows, int64_t nc, const uint32_t* vv, int64_t D
 
 // ------------------------------------------------------------------ AVX512-BF16, row-split QK
 // For M <= 8 query rows a vector of 16 query rows would be mostly padding (k+1 = 1 at g = 4: three
-// lanes in four), so, as the fp32 path's row-split QK does (verify_attention_fp32.h), lane m*R + j
-// accumulates the pairs u*R + j of row m, R = 16/Mq lanes a row (Mq = M rounded up to a power of
-// two): K arrives as R consecutive pairs repeated Mq times, Q as
-//   qx [parts][T/R][16]   qx[p][u][m*R + j] = qp[p][u*R + j][m]
-// and each key's Mq row sums, scaled, are stored packed at st[c*Mq + m] for softmax_packed.
+// lanes in four), so each row's dot products are split over lanes instead (Mq = M rounded up to a
+// power of two, R = 16/Mq), with each key's Mq row sums, scaled, stored packed at st[c*Mq + m] for
+// softmax_packed. Two layouts:
+//   R = 2 (Mq = 8): as the fp32 path's row-split QK (verify_attention_fp32.h), lane m*2 + j
+//     accumulates pairs 2u + j of row m: K arrives as two pairs broadcast (a 64-bit broadcast is
+//     free), Q as qx [parts][T/2][16], qx[p][u][m*2 + j] = qp[p][2u + j][m]; 24 keys a tile.
+//   R >= 4 (Mq <= 4): one accumulator per (key, row), its lanes the 16 pairs that 64 bytes of the
+//     K row and 64 bytes of the Q row hold side by side, so K is a plain load (the R = 4 layout
+//     above would broadcast 128 bits of K per dot product, which costs two of them here); Q as
+//     qx [parts][Mq][T], qx[p][m][t] = qp[p][t][m]; 16/Mq keys a tile, whose 16 sums come out of
+//     sums16 in the order st wants. k+1 = 1: 1.02-1.03x at g = 4 (M = 4), 1.19-1.21x at g = 1,
+//     1.07-1.08x at g = 2, from DRAM; 1.13x with the KV in L3. At Mq = 8 it was 0.75-0.81x.
 
-// qx from pack_q's qp (T pairs, Mp columns a part, zero past M): one gather of 16 pairs per u.
+// qx from pack_q's qp (T pairs, Mp columns a part, zero past M) in the layout for R: one gather of
+// 16 pairs per store.
 void pack_qx(const uint32_t* qp, int qparts, int64_t T, int64_t Mp, int R, uint32_t* qx) {
   const int64_t Mq = W / R;
-  alignas(64) int32_t idx[16];  // lane m*R + j: pair u*R + j of column m, from pair u*R's row of qp
-  for (int64_t m = 0; m < Mq; ++m)
-    for (int j = 0; j < R; ++j) idx[m * R + j] = int32_t(j * Mp + m);
+  alignas(64) int32_t idx[16];  // R = 2: lane m*2 + j, pair 2u + j of column m; else lane j, pair j of a column
+  for (int lane = 0; lane < 16; ++lane) idx[lane] = R == 2 ? int32_t((lane % 2) * Mp + lane / 2) : int32_t(lane * Mp);
   const __m512i vi = _mm512_load_si512(idx);
-  for (int p = 0; p < qparts; ++p)
-    for (int64_t u = 0; u < T / R; ++u)
-      _mm512_storeu_si512(qx + (p * (T / R) + u) * W, _mm512_i32gather_epi32(vi, qp + (p * T + u * R) * Mp, 4));
+  for (int p = 0; p < qparts; ++p) {
+    if (R == 2) {
+      for (int64_t u = 0; u < T / 2; ++u)
+        _mm512_storeu_si512(qx + (p * (T / 2) + u) * W, _mm512_i32gather_epi32(vi, qp + (p * T + u * 2) * Mp, 4));
+      continue;
+    }
+    for (int64_t m = 0; m < Mq; ++m)
+      for (int64_t t = 0; t < T; t += 16)
+        _mm512_storeu_si512(qx + (p * Mq + m) * T + t, _mm512_i32gather_epi32(vi, qp + (p * T + t) * Mp + m, 4));
+  }
 }
 
-template <int R> inline __m512i kpairs(const uint16_t* p);  // R pairs (2R bf16) at p, repeated 16/R times
-template <> inline __m512i kpairs<2>(const uint16_t* p) {
-  long long d;
-  std::memcpy(&d, p, 8);
-  return _mm512_set1_epi64(d);
-}
-template <> inline __m512i kpairs<4>(const uint16_t* p) {
-  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-template <> inline __m512i kpairs<8>(const uint16_t* p) {
-  return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-template <> inline __m512i kpairs<16>(const uint16_t* p) { return _mm512_loadu_si512(p); }
-
-template <int R, int KC>
-inline void dpbf_qk_tile_split(const uint16_t* __restrict k, int64_t ldk, const uint32_t* __restrict qx, int64_t T,
-                               int qparts, __m512 sc, float* __restrict st, Prefetch& pf) {
-  constexpr int Mq = 16 / R;
+// R = 2: KC keys, each key's two broadcast pairs against 8 rows' two lanes.
+template <int KC>
+inline void dpbf_qk_tile_r2(const uint16_t* __restrict k, int64_t ldk, const uint32_t* __restrict qx, int64_t T,
+                            int qparts, __m512 sc, float* __restrict st, Prefetch& pf) {
   __m512 acc[KC];
 #pragma GCC unroll 32
   for (int c = 0; c < KC; ++c) acc[c] = _mm512_setzero_ps();
   for (int p = 0; p < qparts; ++p) {
-    const uint32_t* __restrict qxp = qx + p * T * Mq;
-    for (int64_t u = 0; u < T / R; ++u) {
+    const uint32_t* __restrict qxp = qx + p * T * 8;
+    for (int64_t u = 0; u < T / 2; ++u) {
       if ((u & 7) == 0) pf.step(KC * 8);
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(qxp + u * 16);
 #pragma GCC unroll 32
-      for (int c = 0; c < KC; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)kpairs<R>(k + c * ldk + 2 * u * R), qv);
+      for (int c = 0; c < KC; ++c) {
+        long long two;  // pairs 2u, 2u+1 of key c
+        std::memcpy(&two, k + c * ldk + 4 * u, 8);
+        acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_set1_epi64(two), qv);
+      }
     }
   }
 #pragma GCC unroll 32
-  for (int c = 0; c < KC; ++c)
-    _mm512_mask_storeu_ps(st + c * Mq, __mmask16((1u << Mq) - 1), _mm512_mul_ps(group_sums<R>(acc[c]), sc));
+  for (int c = 0; c < KC; ++c) _mm512_mask_storeu_ps(st + c * 8, __mmask16(0xFF), _mm512_mul_ps(group_sums<2>(acc[c]), sc));
+}
+
+// The sums of 16 vectors, lane i = the sum of v[i]'s lanes: four rounds, each adding two permutes
+// of a pair of vectors (each half of each), 30 permutes and 15 adds in all. v is overwritten.
+inline __m512 sums16(__m512* v) {
+  auto fold = [](__m512 a, __m512 b, __m512i lo, __m512i hi) {
+    return _mm512_add_ps(_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b));
+  };
+  // round r keeps 16 >> r lanes of each input; lo takes the first half of every group, hi the second
+  const __m512i lo1 = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i hi1 = _mm512_set_epi32(31, 30, 29, 28, 27, 26, 25, 24, 15, 14, 13, 12, 11, 10, 9, 8);
+  const __m512i lo2 = _mm512_set_epi32(27, 26, 25, 24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
+  const __m512i hi2 = _mm512_set_epi32(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4);
+  const __m512i lo3 = _mm512_set_epi32(29, 28, 25, 24, 21, 20, 17, 16, 13, 12, 9, 8, 5, 4, 1, 0);
+  const __m512i hi3 = _mm512_set_epi32(31, 30, 27, 26, 23, 22, 19, 18, 15, 14, 11, 10, 7, 6, 3, 2);
+  const __m512i lo4 = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i hi4 = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) v[i] = fold(v[2 * i], v[2 * i + 1], lo1, hi1);  // 8 lanes each of 2i, 2i+1
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) v[i] = fold(v[2 * i], v[2 * i + 1], lo2, hi2);  // 4 lanes each of 4i .. 4i+3
+  v[0] = fold(v[0], v[1], lo3, hi3);                                        // 2 lanes each of 0 .. 7
+  v[1] = fold(v[2], v[3], lo3, hi3);                                        // 2 lanes each of 8 .. 15
+  return fold(v[0], v[1], lo4, hi4);
+}
+
+// R >= 4: 16/Mq keys x Mq rows, accumulator c*Mq + m for key c and row m (the order st wants).
+template <int Mq>
+inline void dpbf_qk_tile_rows(const uint16_t* __restrict k, int64_t ldk, const uint32_t* __restrict qx, int64_t T,
+                              int qparts, __m512 sc, float* __restrict st, Prefetch& pf) {
+  constexpr int KC = 16 / Mq;
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int p = 0; p < qparts; ++p) {
+    const uint32_t* __restrict qxp = qx + p * Mq * T;
+    for (int64_t t = 0; t < T; t += 16) {
+      pf.step(16);
+      __m512bh qv[Mq];
+#pragma GCC unroll 4
+      for (int m = 0; m < Mq; ++m) qv[m] = (__m512bh)_mm512_loadu_si512(qxp + m * T + t);
+#pragma GCC unroll 16
+      for (int c = 0; c < KC; ++c) {
+        const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + c * ldk + 2 * t);
+#pragma GCC unroll 4
+        for (int m = 0; m < Mq; ++m) acc[c * Mq + m] = _mm512_dpbf16_ps(acc[c * Mq + m], kv, qv[m]);
+      }
+    }
+  }
+  _mm512_storeu_ps(st, _mm512_mul_ps(sums16(acc), sc));
 }
 
 template <int R>
 void dpbf_qk_split_block(const uint16_t* k, int64_t ldk, bool padded, int64_t nc, const uint32_t* qx, int64_t T,
                          int qparts, float scale, float* st, Prefetch& pf) {
-  constexpr int KC = NACC, Mq = 16 / R;
+  constexpr int KC = R == 2 ? NACC : R, Mq = 16 / R;  // keys a tile (fast_units counts their steps)
   const __m512 sc = _mm512_set1_ps(scale);
+  auto tile = [&](int64_t c) {
+    if constexpr (R == 2) dpbf_qk_tile_r2<KC>(k + c * ldk, ldk, qx, T, qparts, sc, st + c * Mq, pf);
+    else dpbf_qk_tile_rows<Mq>(k + c * ldk, ldk, qx, T, qparts, sc, st + c * Mq, pf);
+  };
   int64_t c = 0;
-  for (; c + KC <= nc; c += KC) dpbf_qk_tile_split<R, KC>(k + c * ldk, ldk, qx, T, qparts, sc, st + c * Mq, pf);
-  if (c < nc) {  // padded rows are zero; else a last tile ending at nc (nc >= KC here)
-    if (!padded) c = nc - KC;
-    dpbf_qk_tile_split<R, KC>(k + c * ldk, ldk, qx, T, qparts, sc, st + c * Mq, pf);
-  }
+  for (; c + KC <= nc; c += KC) tile(c);
+  if (c < nc) tile(padded ? c : nc - KC);  // padded rows are zero; else a last tile ending at nc (nc >= NACC here)
 }
 
 // Scaled scores st[c*Mq + m] of the chunk's nc keys (K rows k, ldk apart; D padded to 2T when padded).
