@@ -122,6 +122,17 @@ def test_other_head_dims(D):
 
 
 @needs_compiler
+@pytest.mark.parametrize("D", [8, 24, 36, 72])
+def test_row_split_with_head_dims_off_the_vector(D):
+    """M = g*N = 1, 2, 4 query rows take the row-split QK (16, 8, 4 lanes a row where D allows) with
+    one accumulator per (key, row) and Q rows padded to 16: head dims that are not a multiple of 16,
+    contexts that leave a chunk shorter than a tile."""
+    for g, N in ((1, 1), (2, 1), (4, 1), (2, 2)):
+        check(3, N, 2 * g, 2, D, [0, 5, 300], F32)
+        check(2, N, 2 * g, 2, D, [3, 130], BF16)
+
+
+@needs_compiler
 @pytest.mark.parametrize("N", [1, 2, 3, 5])
 def test_head_dim_32_compiled_path_at_the_demos_shapes(N):
     """D = 32 (the bundled tiny model's) has its own compiled path: against the reference, and against

@@ -216,8 +216,10 @@ void dpbf_pv(int64_t Mb, int64_t rows, int64_t nc, const uint32_t* vv, int64_t D
 //     K row and 64 bytes of the Q row hold side by side, so K is a plain load (the R = 4 layout
 //     above would broadcast 128 bits of K per dot product, which costs two of them here); Q as
 //     qx [parts][Mq][T], qx[p][m][t] = qp[p][t][m]; 16/Mq keys a tile, whose 16 sums come out of
-//     sums16 in the order st wants. k+1 = 1: 1.02-1.03x at g = 4 (M = 4), 1.19-1.21x at g = 1,
-//     1.07-1.08x at g = 2, from DRAM; 1.13x with the KV in L3. At Mq = 8 it was 0.75-0.81x.
+//     sums16 in the order st wants. k+1 = 1: 1.02-1.05x at g = 4 (M = 4), 1.19-1.27x at g = 1,
+//     1.07-1.10x at g = 2, from DRAM; 1.13x with the KV in L3. At Mq = 8 it was 0.75-0.81x. The
+//     fp32 path's row split done the same way was 0.91-1.04x (memory-bound there), so it keeps
+//     its group broadcasts.
 
 // qx from pack_q's qp (T pairs, Mp columns a part, zero past M) in the layout for R: one gather of
 // 16 pairs per store.
