@@ -274,12 +274,14 @@ void row_block(const Args& a, const Item& it, ItemState& s, Workspace& w, const 
     const int64_t hide = std::min<int64_t>((c0 + c - ctx) * g - mb0, ld);
     for (int64_t m = 0; m < hide; ++m) st[c * ld + m] = NEG_INF;
   }
-  if (s.R)
+  if (s.fast && s.R)
+    softmax_packed_pairs(st, nc, Mq, s.mrow, s.lrow, s.alpha, pt);
+  else if (s.R)
     softmax_packed(st, nc, Mq, s.mrow, s.lrow, s.alpha);
   else if (!fused)
     softmax_rows(a, s.fast, st, Mb, mv, nc, s.mrow + mb0, s.lrow + mb0, s.alpha + mb0, pt, pf);
   if (s.fast && s.R)
-    dpbf_pv_split(st, Mq, rows, nc, ch.fch.v, a.D, a.kv, s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
+    dpbf_pv_split(Mq, rows, nc, ch.fch.v, a.D, a.kv, s.fd.Dv, s.alpha + mb0, s.o + mb0 * s.ldo, pt, pf);
   else if (s.fast)
     fast_pv(a, s.fd, st, Mb, rows, nc, ch.fch, reinterpret_cast<uint32_t*>(w.vv.p), mb0 > 0, s.alpha + mb0,
             s.o + mb0 * s.ldo, pt, pf);

@@ -436,10 +436,12 @@ void dpbf_pv_block(int64_t Mb, int64_t rows, int64_t nc, const uint16_t* v, int6
   dpbf_pv(Mb, rows - MR, nc, vv, Dv, alpha + MR, o + MR * Dv, pp + MR, pf);
 }
 
-// PV of the row-split layout (M <= 8 rows): P pairs pp[t*Mq + m] = (P[m][2t], P[m][2t+1]) rounded to
-// bf16 from softmax_packed's probabilities st[c*Mq + m] (zero past nc), then dpbf_pv_rows.
-void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int kv,
-                   int64_t Dv, const float* alpha, float* o, uint32_t* pp, Prefetch& pf) {
+// The online softmax of the row-split layout's packed scores st (softmax_packed) with P written
+// straight as the bf16 pairs PV multiplies, pp[t*Mq + m] = (P[m][2t], P[m][2t+1]), its 2^x at bf16
+// precision (exp2_bf16); the row sums are of the unrounded fp32 probabilities. One pass instead of
+// a pass for the fp32 probabilities and another to pair them.
+void softmax_packed_pairs(float* st, int64_t nc, int64_t Mq, float* mrow, float* lrow, float* alpha, uint32_t* pp) {
+  const __m512 msv = (__m512)packed_max(st, nc, Mq, mrow, alpha);
   alignas(32) uint16_t idx[16];  // dword i = t*Mq + m of a vector's 8: keys 2t and 2t+1 of row m
   for (int i = 0; i < 8; ++i) {
     const int t = i / int(Mq), m = i % int(Mq);
@@ -448,10 +450,19 @@ void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const 
   }
   const __m256i ix = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
   const int64_t nv = (nc * Mq + W - 1) / W;
+  __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < nv; ++i) {
-    const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + i * W));
+    const __m512 p = exp2_bf16(_mm512_sub_ps(_mm512_loadu_ps(st + i * W), msv));
+    sum = _mm512_add_ps(sum, p);
+    const __m256i b = (__m256i)_mm512_cvtneps_pbh(p);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp + i * 8), _mm256_permutexvar_epi16(ix, b));
   }
+  packed_sums((vf)sum, Mq, alpha, lrow);
+}
+
+// PV of the row-split layout (M <= 8 rows) from softmax_packed_pairs' P pairs pp: dpbf_pv_rows.
+void dpbf_pv_split(int64_t Mq, int64_t rows, int64_t nc, const uint16_t* v, int64_t D, int kv, int64_t Dv,
+                   const float* alpha, float* o, const uint32_t* pp, Prefetch& pf) {
   if (kv == 2)
     dpbf_pv_rows<true>(pp, Mq, rows, nc, v, D, Dv, alpha, o, pf);
   else
@@ -462,8 +473,9 @@ void dpbf_pv_split(const float* st, int64_t Mq, int64_t rows, int64_t nc, const 
 void pack_qx(const uint32_t*, int, int64_t, int64_t, int, uint32_t*) {}  // never called: R is 0
 void dpbf_qk_split(int, const uint16_t*, int64_t, bool, int64_t, const uint32_t*, int64_t, int, float, float*,
                    Prefetch&) {}
-void dpbf_pv_split(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int, int64_t, const float*,
-                   float*, uint32_t*, Prefetch&) {}
+void softmax_packed_pairs(float*, int64_t, int64_t, float*, float*, float*, uint32_t*) {}
+void dpbf_pv_split(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int, int64_t, const float*, float*,
+                   const uint32_t*, Prefetch&) {}
 void unpermute_rows(const float*, int64_t, int64_t, int64_t, float*) {}
 #endif  // VA_HAS_DPBF
 

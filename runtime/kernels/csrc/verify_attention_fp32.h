@@ -319,9 +319,10 @@ void pack_qt(const Args& a, const QRows& qr, int64_t D, int R, float* qt) {
     }
 }
 
-// Online softmax on the row-split QK's packed scores st (nc keys x Mq rows; lane l of every
-// vector is row l % Mq): new row maxima, alpha, the probabilities in place and the row sums.
-void softmax_packed(float* st, int64_t nc, int64_t Mq, float* mrow, float* lrow, float* alpha) {
+// The row-split QK's packed scores st (nc keys x Mq rows; lane l of every vector is row l % Mq),
+// padding past nc set to -inf: the new row maxima and alpha; returns each lane's row maximum, the
+// one its probabilities are taken against.
+inline vf packed_max(float* st, int64_t nc, int64_t Mq, float* mrow, float* alpha) {
   const int64_t n = nc * Mq, nv = (n + W - 1) / W;
   for (int64_t i = n; i < nv * W; ++i) st[i] = NEG_INF;
   vf cm = vsplat(NEG_INF);
@@ -337,19 +338,31 @@ void softmax_packed(float* st, int64_t nc, int64_t Mq, float* mrow, float* lrow,
     mrow[m] = mnew;
     for (int64_t l = m; l < W; l += Mq) pat[l] = ms;
   }
-  const vf msv = vload(pat);
-  vf sum = vf{};
-  for (int64_t v = 0; v < nv; ++v) {
-    const vf pc = vexp2(vload(st + v * W) - msv);
-    vstore(st + v * W, pc);
-    sum += pc;
-  }
+  return vload(pat);
+}
+
+// lrow = lrow * alpha + the row sums of per-lane sums (lane l: row l % Mq).
+inline void packed_sums(vf sum, int64_t Mq, const float* alpha, float* lrow) {
+  alignas(64) float lane[W];
   vstore(lane, sum);
   for (int64_t m = 0; m < Mq; ++m) {
     float sm = 0.0f;
     for (int64_t l = m; l < W; l += Mq) sm += lane[l];
     lrow[m] = lrow[m] * alpha[m] + sm;
   }
+}
+
+// Online softmax on packed scores (see packed_max): the probabilities in place and the row sums.
+void softmax_packed(float* st, int64_t nc, int64_t Mq, float* mrow, float* lrow, float* alpha) {
+  const vf msv = packed_max(st, nc, Mq, mrow, alpha);
+  const int64_t nv = (nc * Mq + W - 1) / W;
+  vf sum = vf{};
+  for (int64_t v = 0; v < nv; ++v) {
+    const vf pc = vexp2(vload(st + v * W) - msv);
+    vstore(st + v * W, pc);
+    sum += pc;
+  }
+  packed_sums(sum, Mq, alpha, lrow);
 }
 
 }  // namespace
