@@ -10,6 +10,7 @@ the O(1) error of a wrong key, row or mask (test_verify_attention_bf16 covers ev
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -411,3 +412,22 @@ def test_importing_runtime_kernels_build_does_not_import_torch():
     code = "import sys, runtime, runtime.kernels.build; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
+@pytest.mark.slow  # one kernel build with -DVA_CHECK_UNITS (~20 s on 2 cores); run by default
+@needs_compiler
+def test_prefetch_pacer_counts_the_work_each_path_steps(fresh_backend, monkeypatch):
+    """The prefetch pacer spreads a chunk's requests over the work units it counts for the chunk;
+    a count that differs from what the path's tiles step leaves lines unrequested (or requests them
+    early), which no result shows. A checking build compares the two on every chunk of every path
+    this CPU offers, row-split and plain tiles, head dims on and off the compiled ones."""
+    monkeypatch.setenv("SPECMOE_CXXFLAGS", "-DVA_CHECK_UNITS")
+    assert "units=0/0/0" in va.kernel_info()
+    shapes = [(1, 1), (2, 1), (4, 1), (4, 2), (8, 1), (4, 4), (4, 8), (8, 16)]  # (g, N): M = 1 .. 128
+    for dtype, paths in ((F32, [None]), (BF16, va.available_paths())):
+        for i, (path, (g, N)) in enumerate(itertools.product(paths, shapes)):
+            D = (128, 64, 96, 40)[i % 4]
+            q, k, v, slots, ctx_lens = make_case(2, N, 2 * g, 2, D, [300, 700], dtype, seed=RUN_SEED + i)
+            va.verify_attention(q, k, v, slots, ctx_lens, backend="cpp", path=path)
+    chunks, off, worst = map(int, va.kernel_info().split("units=")[1].split("/"))
+    assert chunks > 100 and off == 0, f"{off} of {chunks} chunks counted off by more than 10% (worst {worst}%)"

@@ -153,31 +153,6 @@ RowLines head_rows(const Args& a, const void* p, int64_t elem, int64_t tok, int6
   return r;
 }
 
-// The lines of the chunk j chunks after chunk ci: in this item or else at the start of the next one.
-struct ChunkLines {
-  const char* k = nullptr;  // its first K line; nullptr: none (no next item, or it is shorter)
-  int64_t lines = 0;
-};
-template <int DT>
-ChunkLines chunk_lines(const Args& a, const Item& it, const ItemState& s, NextItem& next, int64_t ci,
-                       int64_t nchunks, int64_t j) {
-  const int64_t D = DT > 0 ? DT : a.D, C = a.C, elem = a.kv ? 2 : 4;
-  const char* kbytes = static_cast<const char*>(a.k);
-  int64_t keys = 0;
-  const char* k = nullptr;
-  if (ci + j < nchunks) {
-    keys = chunk_len(it.k1 - it.k0, C, nchunks, ci + j);
-    k = kbytes + (s.head + (it.k0 + (ci + j) * C) * D) * elem;
-  } else if (const Item* nx = next.get()) {
-    const int64_t nlen = nx->k1 - nx->k0, nn = chunk_count(nlen, C), jn = ci + j - nchunks;
-    if (jn < nn) {
-      keys = chunk_len(nlen, C, nn, jn);
-      k = kbytes + ((a.slots[nx->b] * a.Hkv + nx->h) * a.S * D + (nx->k0 + jn * C) * D) * elem;
-    }
-  }
-  return {k, k ? (keys * D * elem + 63) / 64 : 0};
-}
-
 // The prefetch that chunk ci (nc keys) runs: the chunk `ahead` on and, a second time, the chunk
 // after this one (see Prefetch), their lines requested at an even rate over row block 0's QK and PV
 // (and on the fast paths the V packing and the P packing too), unit by unit. Two requests where the
@@ -194,13 +169,16 @@ Prefetch chunk_prefetch(const Args& a, const Item& it, const ItemState& s, NextI
   const int64_t qk_units = (nc + kc_tile - 1) / kc_tile * ((D + 15) / 16) * (s.R ? NACC * 16 / s.R : NACC * 16);
   const float units = float(s.fast ? fast_units(a, s.fd, Mb, rows, nc, s.qparts, s.R) : qk_units + pv_units<DT>(rows, nc));
   Prefetch pf;
+#ifdef VA_CHECK_UNITS
+  pf.counted = int64_t(units);
+#endif
   if (ci == nchunks - 1) {
     if (const Item* nx = next.get()) pf.side[0] = head_rows(a, a.q, a.qdt ? 2 : 4, a.q_tok, nx->b, nx->h, false);
     if (it.part < 0) pf.side[1] = head_rows(a, a.out, a.odt ? 2 : 4, a.out_tok, it.b, it.h, true);
     pf.side_rate = float(pf.side[0].lines() + pf.side[1].lines()) / units;
   }
-  const ChunkLines first = chunk_lines<DT>(a, it, s, next, ci, nchunks, ahead);
-  const ChunkLines again = ahead > 1 ? chunk_lines<DT>(a, it, s, next, ci, nchunks, 1) : ChunkLines{};
+  const ChunkLines first = chunk_lines(a, it, s.head, next, ci, nchunks, ahead);
+  const ChunkLines again = ahead > 1 ? chunk_lines(a, it, s.head, next, ci, nchunks, 1) : ChunkLines{};
   if (!first.k && !again.k) return pf;
   pf.k = first.k;
   pf.end = first.k + first.lines * 64;
@@ -323,6 +301,7 @@ void run_item(const Args& a, const Item& it, Workspace& w, float* part_o, float*
       Prefetch idle;  // row block 0 carries the prefetch
       row_block<DT>(a, it, s, w, ch, c0, nc, mb0, mb0 == 0 ? pf0 : idle);
     }
+    unit_check(pf0);
   }
   finish_item(a, it, s, w, part_o, part_ml);
 }
@@ -487,8 +466,13 @@ const char* specmoe_verify_attention_info() {
   omp = 1;
 #endif
   const unsigned p = available_paths();
-  std::snprintf(buf, sizeof buf, "isa=%s width=%d openmp=%d max_threads=%d paths=%s%sfp32", VA_ISA, W, omp, mt,
-                (p >> PATH_AMX) & 1 ? "amx," : "", (p >> PATH_DPBF) & 1 ? "avx512bf16," : "");
+  int n = std::snprintf(buf, sizeof buf, "isa=%s width=%d openmp=%d max_threads=%d paths=%s%sfp32", VA_ISA, W, omp,
+                        mt, (p >> PATH_AMX) & 1 ? "amx," : "", (p >> PATH_DPBF) & 1 ? "avx512bf16," : "");
+#ifdef VA_CHECK_UNITS
+  std::snprintf(buf + n, sizeof buf - n, " units=%lld/%lld/%lld", (long long)g_unit_chunks, (long long)g_unit_off,
+                (long long)g_unit_worst_pct);
+#endif
+  (void)n;
   return buf;
 }
 

@@ -156,7 +156,13 @@ struct Prefetch {
   RowLines side[2];        // the item's last chunk: next q rows, this item's output rows
   float side_rate = 0.0f;  // side lines per unit of work (0: none left)
   float side_credit = 0.0f;
+#ifdef VA_CHECK_UNITS
+  int64_t stepped = 0, counted = 0;  // units the work passed to step, units chunk_prefetch counted
+#endif
   inline void step(int units) {
+#ifdef VA_CHECK_UNITS
+    stepped += units;
+#endif
     if (k < end || again < again_end) {
       credit += float(units) * rate;
       const int n = int(credit);
@@ -184,6 +190,25 @@ struct Prefetch {
       }
   }
 };
+
+// A build with -DVA_CHECK_UNITS checks the pacer's count of a chunk's work units (chunk_prefetch)
+// against the units its work steps: a count too high leaves lines of the chunk ahead unrequested
+// (they come by demand misses), one too low requests them early, and neither shows in the results.
+// The info string then ends with " units=chunks/off/worst%": chunks checked, chunks off by more than
+// 10%, the largest difference in % of the count.
+#ifdef VA_CHECK_UNITS
+inline int64_t g_unit_chunks = 0, g_unit_off = 0, g_unit_worst_pct = 0;
+inline void unit_check(const Prefetch& pf) {
+  if (pf.counted <= 0) return;
+  const int64_t pct = (pf.stepped > pf.counted ? pf.stepped - pf.counted : pf.counted - pf.stepped) * 100 / pf.counted;
+  __atomic_add_fetch(&g_unit_chunks, 1, __ATOMIC_RELAXED);
+  if (pct > 10) __atomic_add_fetch(&g_unit_off, 1, __ATOMIC_RELAXED);
+  for (int64_t w = __atomic_load_n(&g_unit_worst_pct, __ATOMIC_RELAXED); pct > w;)
+    if (__atomic_compare_exchange_n(&g_unit_worst_pct, &w, pct, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) break;
+}
+#else
+inline void unit_check(const Prefetch&) {}
+#endif
 
 }  // namespace
 
@@ -266,6 +291,31 @@ struct NextItem {
     return claimed < nitems ? items + claimed : nullptr;
   }
 };
+
+// The lines of the chunk j chunks after chunk ci: in this item or else at the start of the next one.
+struct ChunkLines {
+  const char* k = nullptr;  // its first K line; nullptr: none (no next item, or it is shorter)
+  int64_t lines = 0;
+};
+// head: the element offset of the item's K/V[slot, h, 0, 0].
+inline ChunkLines chunk_lines(const Args& a, const Item& it, int64_t head, NextItem& next, int64_t ci,
+                              int64_t nchunks, int64_t j) {
+  const int64_t D = a.D, C = a.C, elem = a.kv ? 2 : 4;
+  const char* kbytes = static_cast<const char*>(a.k);
+  int64_t keys = 0;
+  const char* k = nullptr;
+  if (ci + j < nchunks) {
+    keys = chunk_len(it.k1 - it.k0, C, nchunks, ci + j);
+    k = kbytes + (head + (it.k0 + (ci + j) * C) * D) * elem;
+  } else if (const Item* nx = next.get()) {
+    const int64_t nlen = nx->k1 - nx->k0, nn = chunk_count(nlen, C), jn = ci + j - nchunks;
+    if (jn < nn) {
+      keys = chunk_len(nlen, C, nn, jn);
+      k = kbytes + ((a.slots[nx->b] * a.Hkv + nx->h) * a.S * D + (nx->k0 + jn * C) * D) * elem;
+    }
+  }
+  return {k, k ? (keys * D * elem + 63) / 64 : 0};
+}
 
 // The threads of run_all's parallel region meeting on a counter. OpenMP's barriers, under the PASSIVE
 // wait policy the engine sets (runtime/thread_env.py), put each thread that arrives early to sleep at
