@@ -28,8 +28,9 @@
 // scale*log2(e) so the softmax uses exp2. Accumulation is fp32; bf16 K/V chunks are widened to
 // fp32 in a small L1/L2-resident buffer first. With M <= 8 rows (k+1 <= 2 at g = 4) a vector
 // would be mostly padding, so on AVX-512 the QK (fp32 FMAs, and AVX512-BF16 dot products on that
-// path) splits each row's dot product over 16/Mq lanes instead (row-split QK) and the scores are
-// kept packed (Mq rows per key, 16/Mq keys per vector) through the softmax.
+// path) splits each row's dot product over lanes instead (row-split QK: 16/Mq lanes a row, or on
+// AVX512-BF16 at Mq <= 4 all 16 lanes of one accumulator per key and row, summed once per tile) and
+// the scores are kept packed (Mq rows per key, 16/Mq keys per vector) through the softmax.
 //
 // Memory: the kernel streams K and V once, so at small N it is bound by how many cache lines
 // one core keeps in flight. While a chunk computes, the chunks ahead (past an item's end: the
