@@ -127,7 +127,7 @@ ItemState begin_item(const Args& a, const Item& it, Workspace& w) {
   const int64_t D = DT > 0 ? DT : a.D;
   const bool fast = a.path != PATH_FP32;
   ItemState s{FastDims(a, max_chunk(a.C)), fast, fast ? dpbf_split_lanes(a) : split_lanes(a.M, D, a.flags), 1,
-              (a.slots[it.b] * a.Hkv + it.h) * a.S * D, 0, nullptr, w.ml.p, w.ml.p + a.Mp, w.ml.p + 2 * a.Mp};
+              kv_head(a, it.b, it.h), 0, nullptr, w.ml.p, w.ml.p + a.Mp, w.ml.p + 2 * a.Mp};
   s.ldo = fast ? s.fd.Dv : D;
   s.o = fast ? w.of.p : w.o.p;
   const QRows qr = q_rows(a, it.b, it.h, w.qw);  // row m = i*g + j at qr.p + i*qr.tok + j*D
@@ -178,8 +178,8 @@ Prefetch chunk_prefetch(const Args& a, const Item& it, const ItemState& s, NextI
     if (it.part < 0) pf.side[1] = head_rows(a, a.out, a.odt ? 2 : 4, a.out_tok, it.b, it.h, true);
     pf.side_rate = float(pf.side[0].lines() + pf.side[1].lines()) / units;
   }
-  const ChunkLines first = chunk_lines(a, it, s.head, next, ci, nchunks, ahead);
-  const ChunkLines again = ahead > 1 ? chunk_lines(a, it, s.head, next, ci, nchunks, 1) : ChunkLines{};
+  const ChunkLines first = chunk_lines(a, it, next, ci, nchunks, ahead);
+  const ChunkLines again = ahead > 1 ? chunk_lines(a, it, next, ci, nchunks, 1) : ChunkLines{};
   if (!first.k && !again.k) return pf;
   pf.k = first.k;
   pf.end = first.k + first.lines * 64;

@@ -235,6 +235,8 @@ struct Args {
 };
 
 inline int64_t first_token(const Args& a, int64_t b) { return a.tok ? a.tok[b] : b * a.N; }
+// Element offset of K/V[slots[b], h, 0, 0] in the caches.
+inline int64_t kv_head(const Args& a, int64_t b, int64_t h) { return (a.slots[b] * a.Hkv + h) * a.S * a.D; }
 
 // The M query rows of (b, h) as fp32: row m = i*g + j at p + i*tok + j*D.
 struct QRows {
@@ -297,21 +299,19 @@ struct ChunkLines {
   const char* k = nullptr;  // its first K line; nullptr: none (no next item, or it is shorter)
   int64_t lines = 0;
 };
-// head: the element offset of the item's K/V[slot, h, 0, 0].
-inline ChunkLines chunk_lines(const Args& a, const Item& it, int64_t head, NextItem& next, int64_t ci,
-                              int64_t nchunks, int64_t j) {
+inline ChunkLines chunk_lines(const Args& a, const Item& it, NextItem& next, int64_t ci, int64_t nchunks, int64_t j) {
   const int64_t D = a.D, C = a.C, elem = a.kv ? 2 : 4;
   const char* kbytes = static_cast<const char*>(a.k);
   int64_t keys = 0;
   const char* k = nullptr;
   if (ci + j < nchunks) {
     keys = chunk_len(it.k1 - it.k0, C, nchunks, ci + j);
-    k = kbytes + (head + (it.k0 + (ci + j) * C) * D) * elem;
+    k = kbytes + (kv_head(a, it.b, it.h) + (it.k0 + (ci + j) * C) * D) * elem;
   } else if (const Item* nx = next.get()) {
     const int64_t nlen = nx->k1 - nx->k0, nn = chunk_count(nlen, C), jn = ci + j - nchunks;
     if (jn < nn) {
       keys = chunk_len(nlen, C, nn, jn);
-      k = kbytes + ((a.slots[nx->b] * a.Hkv + nx->h) * a.S * D + (nx->k0 + jn * C) * D) * elem;
+      k = kbytes + (kv_head(a, nx->b, nx->h) + (nx->k0 + jn * C) * D) * elem;
     }
   }
   return {k, k ? (keys * D * elem + 63) / 64 : 0};
