@@ -186,7 +186,7 @@ Prefetch chunk_prefetch(const Args& a, const Item& it, const ItemState& s, NextI
   pf.again = again.k;
   pf.again_end = again.k + again.lines * 64;
   pf.vdelta = static_cast<const char*>(a.v) - static_cast<const char*>(a.k);
-  pf.rate = float(std::max(first.lines, again.lines)) / units;
+  pf.rate_q16 = int64_t(std::ceil(double(std::max(first.lines, again.lines)) * 65536.0 / units));
   return pf;
 }
 

@@ -264,31 +264,28 @@ inline void dpbf_qk_tile_r2(const uint16_t* __restrict k, int64_t ldk, const uin
   for (int c = 0; c < KC; ++c) _mm512_mask_storeu_ps(st + c * 8, __mmask16(0xFF), _mm512_mul_ps(group_sums<2>(acc[c]), sc));
 }
 
-// The sums of 16 vectors, lane i = the sum of v[i]'s lanes: four rounds, each adding two permutes
-// of a pair of vectors (each half of each), 30 permutes and 15 adds in all. v is overwritten.
-inline __m512 sums16(__m512* v) {
-  auto fold = [](__m512 a, __m512 b, __m512i lo, __m512i hi) {
-    return _mm512_add_ps(_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b));
-  };
-  // round r keeps 16 >> r lanes of each input; lo takes the first half of every group, hi the second
-  const __m512i lo1 = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i hi1 = _mm512_set_epi32(31, 30, 29, 28, 27, 26, 25, 24, 15, 14, 13, 12, 11, 10, 9, 8);
-  const __m512i lo2 = _mm512_set_epi32(27, 26, 25, 24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
-  const __m512i hi2 = _mm512_set_epi32(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4);
-  const __m512i lo3 = _mm512_set_epi32(29, 28, 25, 24, 21, 20, 17, 16, 13, 12, 9, 8, 5, 4, 1, 0);
-  const __m512i hi3 = _mm512_set_epi32(31, 30, 27, 26, 23, 22, 19, 18, 15, 14, 11, 10, 7, 6, 3, 2);
-  const __m512i lo4 = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i hi4 = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+// The sums of 16 vectors: lane 4j + e = the sum of v[4e + j]'s lanes (sums16_at gives the input for
+// an output lane). Four rounds, each adding two shuffles of a pair of vectors: 128-bit blocks
+// (vshuff32x4) in the first two, floats within each block (vshufps) in the last two; 30 shuffles
+// and 15 adds, no index vectors held in registers and no operand overwritten (vpermt2ps needed eight
+// index vectors and a copy per permute: the tile's Q rows were spilled for them). v is overwritten.
+constexpr int sums16_at(int lane) { return lane % 4 * 4 + lane / 4; }
+__attribute__((always_inline)) inline __m512 sums16(__m512* v) {
 #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) v[i] = fold(v[2 * i], v[2 * i + 1], lo1, hi1);  // 8 lanes each of 2i, 2i+1
+  for (int i = 0; i < 8; ++i)  // blocks 0-1: v[2i]'s halves summed, blocks 2-3: v[2i+1]'s
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
 #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) v[i] = fold(v[2 * i], v[2 * i + 1], lo2, hi2);  // 4 lanes each of 4i .. 4i+3
-  v[0] = fold(v[0], v[1], lo3, hi3);                                        // 2 lanes each of 0 .. 7
-  v[1] = fold(v[2], v[3], lo3, hi3);                                        // 2 lanes each of 8 .. 15
-  return fold(v[0], v[1], lo4, hi4);
+  for (int i = 0; i < 4; ++i)  // block j: 4 partial sums of v[4i + j]
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xDD));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // block j: 2 each of v[8i + j], v[8i + 4 + j]
+    v[i] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
 }
 
-// R >= 4: 16/Mq keys x Mq rows, accumulator c*Mq + m for key c and row m (the order st wants).
+// R >= 4: 16/Mq keys x Mq rows, key c and row m summed into lane c*Mq + m (the order st wants).
 template <int Mq>
 inline void dpbf_qk_tile_rows(const uint16_t* __restrict k, int64_t ldk, const uint32_t* __restrict qx, int64_t T,
                               int qparts, __m512 sc, float* __restrict st, Prefetch& pf) {
@@ -307,7 +304,7 @@ inline void dpbf_qk_tile_rows(const uint16_t* __restrict k, int64_t ldk, const u
       for (int c = 0; c < KC; ++c) {
         const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + c * ldk + 2 * t);
 #pragma GCC unroll 4
-        for (int m = 0; m < Mq; ++m) acc[c * Mq + m] = _mm512_dpbf16_ps(acc[c * Mq + m], kv, qv[m]);
+        for (int m = 0; m < Mq; ++m) acc[sums16_at(c * Mq + m)] = _mm512_dpbf16_ps(acc[sums16_at(c * Mq + m)], kv, qv[m]);
       }
     }
   }
