@@ -319,37 +319,43 @@ void pack_qt(const Args& a, const QRows& qr, int64_t D, int R, float* qt) {
     }
 }
 
+#if defined(__AVX512F__)
+// Every lane l gets op over the lanes of its row (l % Mq; Mq a power of two <= 16): folds of the
+// vector rotated by Mq, 2Mq, .. lanes, which keep each lane among its row's.
+template <class Op>
+inline __m512 row_fold(__m512 x, int64_t Mq, Op op) {
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t s = Mq; s < 16; s *= 2)
+    x = op(x, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_add_epi32(iota, _mm512_set1_epi32(int(s))), _mm512_set1_epi32(15)), x));
+  return x;
+}
+
 // The row-split QK's packed scores st (nc keys x Mq rows; lane l of every vector is row l % Mq),
 // padding past nc set to -inf: the new row maxima and alpha; returns each lane's row maximum, the
-// one its probabilities are taken against.
+// one its probabilities are taken against. In vectors: a libm exp2 per row and chunk was 1% of the
+// call at k+1 = 1.
 inline vf packed_max(float* st, int64_t nc, int64_t Mq, float* mrow, float* alpha) {
   const int64_t n = nc * Mq, nv = (n + W - 1) / W;
   for (int64_t i = n; i < nv * W; ++i) st[i] = NEG_INF;
-  vf cm = vsplat(NEG_INF);
-  for (int64_t v = 0; v < nv; ++v) cm = vmax(cm, vload(st + v * W));
-  alignas(64) float lane[W], pat[W];
-  vstore(lane, cm);
-  for (int64_t m = 0; m < Mq; ++m) {
-    float mx = lane[m];
-    for (int64_t l = m + Mq; l < W; l += Mq) mx = std::max(mx, lane[l]);
-    const float mnew = std::max(mrow[m], mx);
-    const float ms = mnew == NEG_INF ? 0.0f : mnew;
-    alpha[m] = std::exp2(mrow[m] - ms);
-    mrow[m] = mnew;
-    for (int64_t l = m; l < W; l += Mq) pat[l] = ms;
-  }
-  return vload(pat);
+  __m512 cm = _mm512_set1_ps(NEG_INF);
+  for (int64_t v = 0; v < nv; ++v) cm = _mm512_max_ps(cm, _mm512_loadu_ps(st + v * W));
+  const __mmask16 rows = __mmask16((1u << Mq) - 1);
+  const __m512i row = _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                       _mm512_set1_epi32(int(Mq - 1)));  // lane l: row l % Mq
+  const __m512 mold = _mm512_permutexvar_ps(row, _mm512_maskz_loadu_ps(rows, mrow));
+  const __m512 mnew = _mm512_max_ps(mold, row_fold(cm, Mq, [](__m512 x, __m512 y) { return _mm512_max_ps(x, y); }));
+  const __m512 ms = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mnew, _mm512_set1_ps(NEG_INF), _CMP_EQ_OQ), mnew,
+                                         _mm512_setzero_ps());  // a row that saw no key yet: 0
+  _mm512_mask_storeu_ps(alpha, rows, (__m512)vexp2((vf)_mm512_sub_ps(mold, ms)));
+  _mm512_mask_storeu_ps(mrow, rows, mnew);
+  return (vf)ms;
 }
 
 // lrow = lrow * alpha + the row sums of per-lane sums (lane l: row l % Mq).
 inline void packed_sums(vf sum, int64_t Mq, const float* alpha, float* lrow) {
-  alignas(64) float lane[W];
-  vstore(lane, sum);
-  for (int64_t m = 0; m < Mq; ++m) {
-    float sm = 0.0f;
-    for (int64_t l = m; l < W; l += Mq) sm += lane[l];
-    lrow[m] = lrow[m] * alpha[m] + sm;
-  }
+  const __mmask16 rows = __mmask16((1u << Mq) - 1);
+  const __m512 sm = row_fold((__m512)sum, Mq, [](__m512 x, __m512 y) { return _mm512_add_ps(x, y); });
+  _mm512_mask_storeu_ps(lrow, rows, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, lrow), _mm512_maskz_loadu_ps(rows, alpha), sm));
 }
 
 // Online softmax on packed scores (see packed_max): the probabilities in place and the row sums.
@@ -364,5 +370,8 @@ void softmax_packed(float* st, int64_t nc, int64_t Mq, float* mrow, float* lrow,
   }
   packed_sums(sum, Mq, alpha, lrow);
 }
+#else
+void softmax_packed(float*, int64_t, int64_t, float*, float*, float*) {}  // never called: no row split
+#endif
 
 }  // namespace
