@@ -33,6 +33,120 @@ __device__ __forceinline__ bool dda_bad_row(long long slot, long long len, long 
   return slot < 0 || slot >= R || len < 1 || len > S;
 }
 
+// One step of a lane group's keys: U keys (base + sub + u*STEP) loaded for all of them first, their
+// scores against the G query rows, and the online softmax of each row taking them in.
+template <typename KV, int VEC, int LPK, int NV, int G, int U>
+__device__ __forceinline__ void dda_keys(const KV* kb, const KV* vb, long long k_ss,
+                                         long long v_ss, long long base, long long k_beg, long long k_end, int sub,
+                                         int sl, const float (&qr)[G][VEC * NV], float (&m)[G], float (&l)[G],
+                                         float (&acc)[G][VEC * NV]) {
+  constexpr int EPL = VEC * NV;
+  constexpr int STEP = DDA_WARPS * (32 / LPK);  // keys per block step
+  uint4 kraw[U][NV], vraw[U][NV];  // 16-byte vectors, unpacked on use (fewer live registers)
+  bool valid[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const long long key = base + sub + (long long)u * STEP;
+    valid[u] = key < k_end;
+    const long long kk = valid[u] ? key : k_beg;  // an in-bounds row; its result is masked
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      kraw[u][j] = *reinterpret_cast<const uint4*>(kb + kk * k_ss + (j * LPK + sl) * VEC);
+      vraw[u][j] = *reinterpret_cast<const uint4*>(vb + kk * v_ss + (j * LPK + sl) * VEC);
+    }
+  }
+  float s[U][G];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float d = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        float kf[VEC];
+        unpack16(kraw[u][j], kf, kb);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) d = fmaf(qr[g][j * VEC + e], kf[e], d);
+      }
+#pragma unroll
+      for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(SPECMOE_FULL_MASK, d, o);
+      s[u][g] = valid[u] ? d : SPECMOE_NEG_INF;
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float mx = m[g];
+#pragma unroll
+    for (int u = 0; u < U; ++u) mx = fmaxf(mx, s[u][g]);
+    const float mref = (mx == SPECMOE_NEG_INF) ? 0.f : mx;
+    const float corr = exp2f(m[g] - mref);
+    l[g] *= corr;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) acc[g][i] *= corr;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float p = exp2f(s[u][g] - mref);
+      l[g] += p;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        float vf[VEC];
+        unpack16(vraw[u][j], vf, vb);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[g][j * VEC + e] = fmaf(p, vf[e], acc[g][j * VEC + e]);
+      }
+    }
+    m[g] = mx;
+  }
+}
+
+// Merges the block's STREAMS online-softmax states (m, l, acc of each lane group) through shared memory
+// into the output rows of (b, h) or, with splits, into this split's unnormalised partial.
+template <int VEC, int LPK, int NV, int G, int STREAMS>
+__device__ __forceinline__ void dda_merge(float* sm_acc, float* sm_m, float* sm_l, int stream, int sl, int tid,
+                                          const float (&m)[G], const float (&l)[G], const float (&acc)[G][VEC * NV],
+                                          long long b, int h, int Hq, int split, int n_split, float* __restrict__ out,
+                                          float* __restrict__ part_o, float* __restrict__ part_ml) {
+  constexpr int D = LPK * VEC * NV;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        sm_acc[(stream * G + g) * D + (j * LPK + sl) * VEC + e] = acc[g][j * VEC + e];
+    if (sl == 0) {
+      sm_m[stream * G + g] = m[g];
+      sm_l[stream * G + g] = l[g];
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < G * D; i += DDA_THREADS) {
+    const int g = i / D, d = i % D;
+    float M = SPECMOE_NEG_INF;
+#pragma unroll
+    for (int st = 0; st < STREAMS; ++st) M = fmaxf(M, sm_m[st * G + g]);
+    float L = 0.f, O = 0.f;
+    if (M != SPECMOE_NEG_INF) {
+#pragma unroll
+      for (int st = 0; st < STREAMS; ++st) {
+        const float w = exp2f(sm_m[st * G + g] - M);
+        L = fmaf(sm_l[st * G + g], w, L);
+        O = fmaf(sm_acc[(st * G + g) * D + d], w, O);
+      }
+    }
+    const long long row = (long long)b * Hq + h * G + g;
+    if (n_split == 1) {
+      out[row * D + d] = O / L;
+    } else {
+      part_o[(row * n_split + split) * D + d] = O;
+      if (d == 0) {
+        part_ml[(row * n_split + split) * 2 + 0] = M;
+        part_ml[(row * n_split + split) * 2 + 1] = L;
+      }
+    }
+  }
+}
+
 template <typename KV, int VEC, int LPK, int NV, int G>
 __device__ void dda_impl(const float* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
                          const long long* __restrict__ slots, const long long* __restrict__ lens,
@@ -94,103 +208,11 @@ __device__ void dda_impl(const float* __restrict__ q, const KV* __restrict__ kc,
   }
 
   // warp-uniform loop (all lanes run the same trip count: the shuffles below need the full warp)
-  for (long long base = k_beg + warp * KPW; base < k_end; base += (long long)STEP * U) {
-    uint4 kraw[U][NV], vraw[U][NV];  // 16-byte vectors, unpacked on use (fewer live registers)
-    bool valid[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const long long key = base + sub + (long long)u * STEP;
-      valid[u] = key < k_end;
-      const long long kk = valid[u] ? key : k_beg;  // an in-bounds row; its result is masked
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-        kraw[u][j] = *reinterpret_cast<const uint4*>(kb + kk * k_ss + (j * LPK + sl) * VEC);
-        vraw[u][j] = *reinterpret_cast<const uint4*>(vb + kk * v_ss + (j * LPK + sl) * VEC);
-      }
-    }
-    float s[U][G];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float d = 0.f;
-#pragma unroll
-        for (int j = 0; j < NV; ++j) {
-          float kf[VEC];
-          unpack16(kraw[u][j], kf, kb);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) d = fmaf(qr[g][j * VEC + e], kf[e], d);
-        }
-#pragma unroll
-        for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(SPECMOE_FULL_MASK, d, o);
-        s[u][g] = valid[u] ? d : SPECMOE_NEG_INF;
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float mx = m[g];
-#pragma unroll
-      for (int u = 0; u < U; ++u) mx = fmaxf(mx, s[u][g]);
-      const float mref = (mx == SPECMOE_NEG_INF) ? 0.f : mx;
-      const float corr = exp2f(m[g] - mref);
-      l[g] *= corr;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) acc[g][i] *= corr;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const float p = exp2f(s[u][g] - mref);
-        l[g] += p;
-#pragma unroll
-        for (int j = 0; j < NV; ++j) {
-          float vf[VEC];
-          unpack16(vraw[u][j], vf, vb);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[g][j * VEC + e] = fmaf(p, vf[e], acc[g][j * VEC + e]);
-        }
-      }
-      m[g] = mx;
-    }
-  }
+  for (long long base = k_beg + warp * KPW; base < k_end; base += (long long)STEP * U)
+    dda_keys<KV, VEC, LPK, NV, G, U>(kb, vb, k_ss, v_ss, base, k_beg, k_end, sub, sl, qr, m, l, acc);
 
-  // merge the STREAMS online-softmax states of this block
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-#pragma unroll
-    for (int j = 0; j < NV; ++j)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e)
-        sm_acc[(stream * G + g) * D + (j * LPK + sl) * VEC + e] = acc[g][j * VEC + e];
-    if (sl == 0) {
-      sm_m[stream * G + g] = m[g];
-      sm_l[stream * G + g] = l[g];
-    }
-  }
-  __syncthreads();
-  for (int i = tid; i < G * D; i += DDA_THREADS) {
-    const int g = i / D, d = i % D;
-    float M = SPECMOE_NEG_INF;
-#pragma unroll
-    for (int st = 0; st < STREAMS; ++st) M = fmaxf(M, sm_m[st * G + g]);
-    float L = 0.f, O = 0.f;
-    if (M != SPECMOE_NEG_INF) {
-#pragma unroll
-      for (int st = 0; st < STREAMS; ++st) {
-        const float w = exp2f(sm_m[st * G + g] - M);
-        L = fmaf(sm_l[st * G + g], w, L);
-        O = fmaf(sm_acc[(st * G + g) * D + d], w, O);
-      }
-    }
-    const long long row = (long long)b * Hq + h * G + g;
-    if (n_split == 1) {
-      out[row * D + d] = O / L;
-    } else {
-      part_o[(row * n_split + split) * D + d] = O;
-      if (d == 0) {
-        part_ml[(row * n_split + split) * 2 + 0] = M;
-        part_ml[(row * n_split + split) * 2 + 1] = L;
-      }
-    }
-  }
+  dda_merge<VEC, LPK, NV, G, STREAMS>(sm_acc, sm_m, sm_l, stream, sl, tid, m, l, acc, b, h, Hq, split, n_split, out,
+                                      part_o, part_ml);
 }
 
 // Merge the P split partials: grid B * Hq blocks, threads over D.
