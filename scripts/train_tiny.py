@@ -323,6 +323,13 @@ def _cfg_dict(m):
     return {k: getattr(m.config, k) for k in keys if hasattr(m.config, k)}
 
 
+def _model_entry(d: Path, model, steps: int, planned_steps: int, train_time_s: float) -> dict:
+    """The fields tiny_pair.json holds for either model."""
+    return {"dir": str(d), "config": _cfg_dict(model), "parameters": sum(p.numel() for p in model.parameters()),
+            "dir_bytes": dir_bytes(d), "steps": steps, "stopped_early": steps < planned_steps,
+            "train_time_s": train_time_s}
+
+
 def build_results(args, argv, s: Settings, d: SimpleNamespace, tr: SimpleNamespace, ms: SimpleNamespace) -> dict:
     """What tiny_pair.json holds (total_time_s added by the caller)."""
     import transformers
@@ -347,18 +354,12 @@ def build_results(args, argv, s: Settings, d: SimpleNamespace, tr: SimpleNamespa
                  "train_file_list_sha256_16": d.corpus_sha},
         "tokenizer": {"vocab_size": d.vocab, "tokenizer_json_sha256_16": d.tok_hash, "bos": BOS_ID, "eos": EOS_ID,
                       "pad": PAD_ID, "prompt_roundtrip_failures": ms.bad_rt},
-        "target": {"dir": str(dirs["target"]), "config": _cfg_dict(ms.target_r),
-                   "parameters": sum(p.numel() for p in ms.target_r.parameters()),
-                   "dir_bytes": dir_bytes(dirs["target"]), "steps": tr.t_steps,
-                   "stopped_early": tr.t_steps < s.target_steps, "train_time_s": tr.t_time,
+        "target": _model_entry(dirs["target"], ms.target_r, tr.t_steps, s.target_steps, tr.t_time) | {
                    "final_train_loss": _tail(tr.t_hist, 0), "final_aux_loss": _tail(tr.t_hist, 1),
                    "first_train_loss": tr.t_hist[0][0], "val_loss": tr.t_val,
                    "expert_share_per_layer": tr.usage, "expert_layout": layout,
                    "layer0_tensors": layer0, "samples": ms.samples["target"]},
-        "draft": {"dir": str(dirs["draft"]), "config": _cfg_dict(ms.draft_r),
-                  "parameters": sum(p.numel() for p in ms.draft_r.parameters()),
-                  "dir_bytes": dir_bytes(dirs["draft"]), "steps": tr.d_steps,
-                  "stopped_early": tr.d_steps < s.draft_steps, "train_time_s": tr.d_time,
+        "draft": _model_entry(dirs["draft"], ms.draft_r, tr.d_steps, s.draft_steps, tr.d_time) | {
                   "final_train_ce": _tail(tr.d_hist, 0), "final_train_kl": _tail(tr.d_hist, 1),
                   "first_train_ce": tr.d_hist[0][0], "val_loss": tr.d_val,
                   "samples": ms.samples["draft"]},
