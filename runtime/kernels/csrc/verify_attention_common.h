@@ -152,9 +152,8 @@ struct Prefetch {
   const char* again_end = nullptr;
   int64_t vdelta = 0;  // V cache offset from the K cache, bytes
   int64_t rate_q16 = 0;    // line pairs (of each of the two chunks) per unit of work, in 1/65536
-  int64_t credit_q16 = 0;  // integer, so the credit's chain through every step is an add and a shift
-                           // (as floats, a convert back and forth: ~15 cycles a step, 1.1-1.2x the row
-                           // split's QK)
+  int64_t credit_q16 = 0;  // integer, so the credit's chain through every step is an add, a shift and
+                           // a mask (a float credit puts a convert to int and back, ~15 cycles, on it)
   RowLines side[2];        // the item's last chunk: next q rows, this item's output rows
   float side_rate = 0.0f;  // side lines per unit of work (0: none left)
   float side_credit = 0.0f;

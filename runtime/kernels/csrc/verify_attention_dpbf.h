@@ -267,8 +267,8 @@ inline void dpbf_qk_tile_r2(const uint16_t* __restrict k, int64_t ldk, const uin
 // The sums of 16 vectors: lane 4j + e = the sum of v[4e + j]'s lanes (sums16_at gives the input for
 // an output lane). Four rounds, each adding two shuffles of a pair of vectors: 128-bit blocks
 // (vshuff32x4) in the first two, floats within each block (vshufps) in the last two; 30 shuffles
-// and 15 adds, no index vectors held in registers and no operand overwritten (vpermt2ps needed eight
-// index vectors and a copy per permute: the tile's Q rows were spilled for them). v is overwritten.
+// and 15 adds, no index vectors held in registers and no operand overwritten (vpermt2ps would hold
+// eight index vectors and copy an operand per permute, which spills the tile's Q rows). v is overwritten.
 constexpr int sums16_at(int lane) { return lane % 4 * 4 + lane / 4; }
 __attribute__((always_inline)) inline __m512 sums16(__m512* v) {
 #pragma GCC unroll 8

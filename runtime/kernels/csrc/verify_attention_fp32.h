@@ -332,8 +332,8 @@ inline __m512 row_fold(__m512 x, int64_t Mq, Op op) {
 
 // The row-split QK's packed scores st (nc keys x Mq rows; lane l of every vector is row l % Mq),
 // padding past nc set to -inf: the new row maxima and alpha; returns each lane's row maximum, the
-// one its probabilities are taken against. In vectors: a libm exp2 per row and chunk was 1% of the
-// call at k+1 = 1.
+// one its probabilities are taken against. All in vectors: a libm exp2 per row and chunk costs ~1%
+// of a k+1 = 1 call.
 inline vf packed_max(float* st, int64_t nc, int64_t Mq, float* mrow, float* alpha) {
   const int64_t n = nc * Mq, nv = (n + W - 1) / W;
   for (int64_t i = n; i < nv * W; ++i) st[i] = NEG_INF;
