@@ -188,6 +188,41 @@ def test_team_smaller_than_asked_finishes():
     assert float(res.stdout.split()[-1]) <= TOL, res.stdout
 
 
+_WORKER_CPU = """
+import os, sys, torch
+from specmoe.runtime.kernels import verify_attention as va
+def others_ns():   # CPU time of every thread but this one (the OpenMP workers among them)
+    me, t = str(os.getpid()), 0
+    for tid in os.listdir("/proc/self/task"):
+        if tid != me:
+            t += int(open(f"/proc/self/task/{tid}/schedstat").read().split()[0])
+    return t
+def calls(n_keys, reps):
+    q = torch.randn(1, 8, 4, 32); k = torch.randn(1, 2, n_keys + 8, 32); v = torch.randn_like(k)
+    s, c = torch.zeros(1, dtype=torch.int64), torch.tensor([n_keys])
+    va.verify_attention(q, k, v, s, c, backend="cpp", num_threads=2)
+    t0 = others_ns()
+    for _ in range(reps):
+        va.verify_attention(q, k, v, s, c, backend="cpp", num_threads=2)
+    return (others_ns() - t0) / reps
+print(calls(0, 400), calls(4096, 100))
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc/self/task/*/schedstat")
+def test_small_call_leaves_the_sleeping_workers_asleep():
+    """Under OMP_WAIT_POLICY=PASSIVE a call of a few us of work runs on the calling thread: the other
+    threads' CPU time does not grow with such calls (a woken worker costs each 16-26 us, measured),
+    while a call of ~100 us of work does use them (which shows the measurement sees the workers)."""
+    res = subprocess.run([sys.executable, "-c", _WORKER_CPU], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2"})
+    assert res.returncode == 0, res.stderr
+    small_ns, big_ns = (float(x) for x in res.stdout.split()[-2:])
+    assert small_ns < 1000, f"other threads ran {small_ns:.0f} ns per small call"
+    assert big_ns > 10_000, f"other threads ran only {big_ns:.0f} ns per large call: the workers were not seen"
+
+
 @needs_compiler
 def test_peaked_scores_stay_finite():
     """Scores in the hundreds: the online softmax must rescale, never overflow. fp32 rounding of a

@@ -380,7 +380,8 @@ def verify_attention(q, k_cache, v_cache, slots, ctx_lens, *, scale=None, out=No
     """Verify attention of N = k+1 query tokens per sequence (see module docstring).
 
     path: the C++ kernel's path for bf16 / fp16 KV (module docstring; None: SPECMOE_VERIFY_PATH,
-    else "auto"). num_threads: 0 uses the OpenMP default (OMP_NUM_THREADS). _chunk_keys,
+    else "auto"). num_threads: 0 uses the OpenMP default (OMP_NUM_THREADS); a call of under ~30 us of
+    one core's work runs on the calling thread alone where idle OpenMP workers sleep (PASSIVE). _chunk_keys,
     _split_keys and _generic tune or force kernel paths for tests and benchmarks.
     """
     lib, path_code = _resolve(backend, path, k_cache)

@@ -329,6 +329,28 @@ void merge(const Args& a, int64_t b, int64_t h, int64_t first, int64_t nsplit, c
   }
 }
 
+// A call small enough for the calling thread alone. Where idle OpenMP workers sleep
+// (OMP_WAIT_POLICY=PASSIVE, as the engine and the bench run), waking one costs the caller a futex
+// call and the worker 16-26 us before it starts (measured on a 2-core VM), so a call whose work one
+// core does in about that time is slower on two threads (1.4-2.4x at 10-50 us: the engine's prefill,
+// one call per prompt length and layer, and its small draft calls). The estimate is one core's
+// time, roughly: 50 GFLOP/s, 15 GB/s of KV and 1 us an item.
+constexpr double SMALL_CALL_US = 30.0;
+bool small_call(const Args& a, int64_t nitems) {
+  static const bool passive = [] {
+    const char* p = std::getenv("OMP_WAIT_POLICY");
+    return p && (std::strcmp(p, "PASSIVE") == 0 || std::strcmp(p, "passive") == 0);
+  }();
+  if (!passive) return false;
+  double flops = 0.0, kv_bytes = 0.0;
+  const double elem = a.kv == 0 ? 4.0 : 2.0;
+  for (int64_t b = 0; b < a.B; ++b) {
+    flops += 4.0 * double(a.D) * double(a.Hq) * double(a.N * a.ctx[b] + a.N * (a.N + 1) / 2);
+    kv_bytes += 2.0 * double(a.ctx[b] + a.N) * double(a.Hkv) * double(a.D) * elem;
+  }
+  return flops / 5e4 + kv_bytes / 1.5e4 + double(nitems) < SMALL_CALL_US;
+}
+
 template <int DT>
 int run_all(const Args& a, int nthreads, int64_t split_keys) {
   std::vector<Item> items;
@@ -343,7 +365,7 @@ int run_all(const Args& a, int nthreads, int64_t split_keys) {
   }
   int failed = 0;
   const int64_t nitems = int64_t(items.size());
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems)));
+  const int nt = small_call(a, nitems) ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems)));
   int64_t counter = 0;  // next unclaimed item (claimed one ahead, see NextItem)
   Join done;            // threads past their items (and then past their merges)
   const bool merging = !splits.empty();
@@ -384,7 +406,8 @@ extern "C" {
 
 // Returns 0 on success; negative on bad arguments (-1 sizes, -2 slot, -3 ctx, -6 token offset),
 // allocation failure (-4) or a requested path this machine lacks (-5). Nothing is written on a bad
-// argument. kv_dtype: 0 fp32, 1 bf16, 2 fp16. num_threads <= 0: OpenMP default. chunk_keys <= 0:
+// argument. kv_dtype: 0 fp32, 1 bf16, 2 fp16. num_threads <= 0: OpenMP default; at most that many, and
+// the calling thread alone for a small call under OMP_WAIT_POLICY=PASSIVE (small_call). chunk_keys <= 0:
 // default chunk; split_keys <= 0: automatic split-K; flags bit 0: force the runtime-D path,
 // bit 1: never use the row-split QK, bits 2-3: the path for bf16 / fp16 KV (0 the best this
 // machine offers, 1 fp32, 2 AVX512-BF16, 3 AMX; fp32 KV always takes the fp32 path).
