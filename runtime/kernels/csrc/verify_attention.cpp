@@ -329,28 +329,6 @@ void merge(const Args& a, int64_t b, int64_t h, int64_t first, int64_t nsplit, c
   }
 }
 
-// A call small enough for the calling thread alone. Where idle OpenMP workers sleep
-// (OMP_WAIT_POLICY=PASSIVE, as the engine and the bench run), waking one costs the caller a futex
-// call and the worker 16-26 us before it starts (measured on a 2-core VM), so a call whose work one
-// core does in about that time is slower on two threads (1.4-2.4x at 10-50 us: the engine's prefill,
-// one call per prompt length and layer, and its small draft calls). The estimate is one core's
-// time, roughly: 50 GFLOP/s, 15 GB/s of KV and 1 us an item.
-constexpr double SMALL_CALL_US = 30.0;
-bool small_call(const Args& a, int64_t nitems) {
-  static const bool passive = [] {
-    const char* p = std::getenv("OMP_WAIT_POLICY");
-    return p && (std::strcmp(p, "PASSIVE") == 0 || std::strcmp(p, "passive") == 0);
-  }();
-  if (!passive) return false;
-  double flops = 0.0, kv_bytes = 0.0;
-  const double elem = a.kv == 0 ? 4.0 : 2.0;
-  for (int64_t b = 0; b < a.B; ++b) {
-    flops += 4.0 * double(a.D) * double(a.Hq) * double(a.N * a.ctx[b] + a.N * (a.N + 1) / 2);
-    kv_bytes += 2.0 * double(a.ctx[b] + a.N) * double(a.Hkv) * double(a.D) * elem;
-  }
-  return flops / 5e4 + kv_bytes / 1.5e4 + double(nitems) < SMALL_CALL_US;
-}
-
 template <int DT>
 int run_all(const Args& a, int nthreads, int64_t split_keys) {
   std::vector<Item> items;
