@@ -322,11 +322,12 @@ void pack_qt(const Args& a, const QRows& qr, int64_t D, int R, float* qt) {
 #if defined(__AVX512F__)
 // Every lane l gets op over the lanes of its row (l % Mq; Mq a power of two <= 16): folds of the
 // vector rotated by Mq, 2Mq, .. lanes, which keep each lane among its row's.
+inline __m512i lane_index() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
 template <class Op>
 inline __m512 row_fold(__m512 x, int64_t Mq, Op op) {
-  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t s = Mq; s < 16; s *= 2)
-    x = op(x, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_add_epi32(iota, _mm512_set1_epi32(int(s))), _mm512_set1_epi32(15)), x));
+    x = op(x, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_add_epi32(lane_index(), _mm512_set1_epi32(int(s))),
+                                                     _mm512_set1_epi32(15)), x));
   return x;
 }
 
@@ -340,8 +341,7 @@ inline vf packed_max(float* st, int64_t nc, int64_t Mq, float* mrow, float* alph
   __m512 cm = _mm512_set1_ps(NEG_INF);
   for (int64_t v = 0; v < nv; ++v) cm = _mm512_max_ps(cm, _mm512_loadu_ps(st + v * W));
   const __mmask16 rows = __mmask16((1u << Mq) - 1);
-  const __m512i row = _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                       _mm512_set1_epi32(int(Mq - 1)));  // lane l: row l % Mq
+  const __m512i row = _mm512_and_si512(lane_index(), _mm512_set1_epi32(int(Mq - 1)));  // lane l: row l % Mq
   const __m512 mold = _mm512_permutexvar_ps(row, _mm512_maskz_loadu_ps(rows, mrow));
   const __m512 mnew = _mm512_max_ps(mold, row_fold(cm, Mq, [](__m512 x, __m512 y) { return _mm512_max_ps(x, y); }));
   const __m512 ms = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mnew, _mm512_set1_ps(NEG_INF), _CMP_EQ_OQ), mnew,
