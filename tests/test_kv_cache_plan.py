@@ -13,7 +13,8 @@ CPU = torch.device("cpu")
 
 
 def _reference(cache: SplitKVCache, lay: PassLayout):
-    """Per part: (tokens, local rows, positions, [(n, local rows, ctx, token idx, max ctx)])."""
+    """Per part: (tokens, local rows, positions, [(n, local rows, ctx, first tokens, max ctx)]); the host
+    part's rows of several counts one group (n: the counts), as one ragged verify-kernel call takes them."""
     out = []
     for p in (0, 1):
         seqs = [b for b, r in enumerate(lay.rows) if (r < cache.device_rows) == (p == 0)]
@@ -27,8 +28,10 @@ def _reference(cache: SplitKVCache, lay: PassLayout):
             rows += [lr] * n
             pos += range(c, c + n)
             by_n.setdefault(n, []).append(b)
-        groups = [(n, [lay.rows[b] - (0 if p == 0 else cache.device_rows) for b in bs], [lay.ctx[b] for b in bs],
-                   [t for b in bs for t in range(lay.offsets[b], lay.offsets[b] + n)], max(lay.ctx[b] for b in bs))
+        if p == 1 and len(by_n) > 1:     # host rows of several counts: one ragged group in pass order
+            by_n = {tuple(lay.n[b] for b in seqs): seqs}
+        groups = [(list(n) if isinstance(n, tuple) else int(n), [lay.rows[b] - (0 if p == 0 else cache.device_rows) for b in bs],
+                   [lay.ctx[b] for b in bs], [lay.offsets[b] for b in bs], max(lay.ctx[b] for b in bs))
                   for n, bs in sorted(by_n.items())]
         out.append((p, toks, rows, pos, groups))
     return out
@@ -51,12 +54,13 @@ def test_plan_matches_the_per_sequence_construction(seed):
         assert pp.whole == (toks == list(range(lay.num_tokens)))
         assert (pp.tok_idx is None) == pp.whole and (pp.whole or pp.tok_idx.tolist() == toks)
         assert pp.rows.tolist() == lrows and pp.pos.tolist() == pos
-        assert [(g.n, g.local_rows.tolist(), g.ctx.tolist(), g.max_ctx) for g in pp.groups] == \
-            [(n, r, c, m) for n, r, c, _, m in groups]
-        for g, (gn, _, _, gtoks, _) in zip(pp.groups, groups):
+        assert [(g.n if isinstance(g.n, int) else g.n.tolist(), g.local_rows.tolist(), g.ctx.tolist(), g.max_ctx)
+                for g in pp.groups] == [(n, r, c, m) for n, r, c, _, m in groups]
+        for g, (gn, _, _, firsts, _) in zip(pp.groups, groups):
             if part == 1:      # the verify kernel's token offsets: each sequence's first token of the pass
-                assert g.tok_idx is None and g.first.tolist() == gtoks[::gn]
+                assert g.tok_idx is None and g.first.tolist() == firsts
             else:              # a gather unless the group is the whole pass in order
+                gtoks = [t + i for t in firsts for i in range(gn)]
                 assert g.first is None and (g.tok_idx is None) == g.whole and (g.whole or g.tok_idx.tolist() == gtoks)
     assert lay.positions(CPU).tolist() == [c + i for c, k in zip(ctx, n) for i in range(k)]
     assert cache._plan(lay, CPU) is got                  # once per pass, whatever the layer

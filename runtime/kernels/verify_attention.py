@@ -18,7 +18,10 @@ the same on token-major rows, with no copy of q or out: batch row b's n queries 
 token_offsets[b] .. token_offsets[b]+n-1 of q [Tq, Hq, D] and its output goes to the same rows of
 out [To, Hq, D]; q and out are fp32 or bf16 rows of Hq*D contiguous elements at any row stride (q may
 be a view of one buffer holding q, k and v per token). One call covers a whole pass whose sequences
-sit anywhere in the token order (the engine's layer over all micro-batches).
+sit anywhere in the token order (the engine's layer over all micro-batches). n is an int, or an int64
+tensor [B] with each batch row's own count n[b] (a ragged call: a prefill pass of prompts of many
+lengths, a draft step whose sequences catch up by different numbers of tokens), run by the kernel
+grouped by count in one foreign call (csrc/verify_attention_api.h).
 
 Backends: "cpp" (csrc/verify_attention.cpp and the parts it includes, C++/OpenMP, compiled on first use by
 runtime.kernels.build), "torch" (verify_attention_reference) and "auto" (cpp if it builds, else
@@ -88,6 +91,10 @@ def _kernel() -> ctypes.CDLL | None:
                            i64, i64, i64, i64, i64, i64, i64,
                            ctypes.c_float, i32, i64, i64, i32]
             fn.restype = ctypes.c_int
+            fn = lib.specmoe_verify_attention_ragged
+            fn.argtypes = [ptr, i32, i64, ptr, ptr, i32, ptr, ptr, ptr, ptr, i64, ptr, i32, i64,
+                           i64, i64, i64, i64, i64, i64, ctypes.c_float, i32, i64, i64, i32]
+            fn.restype = ctypes.c_int
             lib.specmoe_verify_attention_info.argtypes = []
             lib.specmoe_verify_attention_info.restype = ctypes.c_char_p
         _state["lib"] = lib
@@ -149,21 +156,23 @@ def _fail(arg: str, problem: str, fix: str) -> None:
     raise VerifyAttentionInputError(f"verify_attention: {arg}: {problem}; {fix}")
 
 
-def _check_values(slots, ctx_lens, N: int, R: int, S: int) -> None:
-    """Range checks of slots and ctx_lens (the C entry point repeats them before any access)."""
+def _check_values(slots, ctx_lens, N, R: int, S: int) -> None:
+    """Range checks of slots and ctx_lens (the C entry point repeats them before any access); N an int
+    or the per-row counts [B]."""
     if slots.shape[0] == 0:
         return
     lo, hi = torch.aminmax(slots)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= R:
         _fail("slots", f"holds {lo if lo < 0 else hi}, outside the cache's {R} rows", f"use 0 <= slot < {R}")
-    cmin, cmax = torch.aminmax(ctx_lens)
-    cmin, cmax = int(cmin), int(cmax)
+    cmin = int(ctx_lens.min())
     if cmin < 0:
         _fail("ctx_lens", f"holds {cmin}", "cached lengths must be >= 0")
-    if cmax + N > S:
-        _fail("ctx_lens", f"holds {cmax}: {cmax} + N={N} exceeds the cache capacity S={S}",
-              f"keep ctx_lens <= S - N = {S - N}")
+    b = int(torch.argmax(ctx_lens + N))                      # the row reaching furthest into the cache
+    cmax, nb = int(ctx_lens[b]), int(N if isinstance(N, int) else N[b])
+    if cmax + nb > S:
+        _fail("ctx_lens", f"holds {cmax}: {cmax} + N={nb} exceeds the cache capacity S={S}",
+              f"keep ctx_lens <= S - N = {S - nb}")
 
 
 def _check_cpu(named) -> None:
@@ -274,26 +283,39 @@ def _validate_tokens(q, k_cache, v_cache, slots, ctx_lens, token_offsets, n, sca
     Tq, Hq, D = q.shape
     if tuple(out.shape[1:]) != (Hq, D):
         _fail("out", f"has rows of {tuple(out.shape[1:])}", f"expected rows of q's (Hq, D) = {(Hq, D)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        _fail("n", f"is {n!r}", "n = k+1 >= 1 query tokens per sequence")
     R, Hkv, S = _check_caches(k_cache, v_cache, Hq, D, reference)
     B = token_offsets.shape[0] if token_offsets.dim() == 1 else -1
     _check_index((("token_offsets", token_offsets), ("slots", slots), ("ctx_lens", ctx_lens)), B)
+    _check_counts(n, B)
     if values:
         _check_tokens(token_offsets, n, Tq, out.shape[0])
         _check_values(slots, ctx_lens, n, R, S)
     return B, n, Hq, Hkv, D, R, S, _scale(scale, D)
 
 
-def _check_tokens(token_offsets, n: int, Tq: int, To: int) -> None:
-    """Range check of the token offsets (the C entry point repeats it before any access)."""
+def _check_counts(n, B: int) -> None:
+    """n: query tokens per sequence, an int >= 1 or an int64 tensor [B] of counts >= 1 (a ragged call)."""
+    if isinstance(n, torch.Tensor):
+        _check_cpu((("n", n),))
+        _check_index((("n", n),), B)
+        if B and int(n.min()) < 1:
+            _fail("n", f"holds {int(n.min())}", "every sequence has n >= 1 query tokens")
+    elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        _fail("n", f"is {n!r}", "n = k+1 >= 1 query tokens per sequence, or an int64 tensor [B] of them")
+
+
+def _check_tokens(token_offsets, n, Tq: int, To: int) -> None:
+    """Range check of the token offsets (the C entry point repeats it before any access); n an int or
+    the per-row counts [B]."""
     if token_offsets.shape[0] == 0:
         return
-    lo, hi = (int(x) for x in torch.aminmax(token_offsets))
+    lo = int(token_offsets.min())
+    b = int(torch.argmax(token_offsets + n))                 # the row whose tokens end last
+    hi, nb = int(token_offsets[b]), int(n if isinstance(n, int) else n[b])
     rows = min(Tq, To)
-    if lo < 0 or hi + n > rows:
-        _fail("token_offsets", f"holds {lo if lo < 0 else hi}: rows up to {hi + n} of q [{Tq}] / out [{To}]",
-              f"keep 0 <= offset <= {rows - n}")
+    if lo < 0 or hi + nb > rows:
+        _fail("token_offsets", f"holds {lo if lo < 0 else hi}: rows up to {hi + nb} of q [{Tq}] / out [{To}]",
+              f"keep 0 <= offset <= {rows - nb}")
 
 
 def verify_attention_reference(q, k_cache, v_cache, slots, ctx_lens, *, scale=None, out=None):
@@ -319,10 +341,17 @@ def verify_attention_reference(q, k_cache, v_cache, slots, ctx_lens, *, scale=No
 
 
 def verify_attention_tokens_reference(q, k_cache, v_cache, slots, ctx_lens, token_offsets, n, out, *, scale=None):
-    """verify_attention_tokens in plain torch: gather the rows, verify_attention_reference, scatter."""
+    """verify_attention_tokens in plain torch: gather the rows, verify_attention_reference, scatter (per
+    count, for per-row counts n)."""
     B, N, Hq, Hkv, D, R, S, scale = _validate_tokens(q, k_cache, v_cache, slots, ctx_lens, token_offsets, n,
                                                      scale, out, reference=True)
     if B == 0:
+        return out
+    if isinstance(N, torch.Tensor):
+        for nv in torch.unique(N).tolist():
+            sel = torch.nonzero(N == nv).flatten()
+            verify_attention_tokens_reference(q, k_cache, v_cache, slots[sel], ctx_lens[sel], token_offsets[sel],
+                                              int(nv), out, scale=scale)
         return out
     rows = (token_offsets[:, None] + torch.arange(N)).reshape(-1)  # [B*N] token rows, b-major
     res = verify_attention_reference(q.index_select(0, rows).view(B, N, Hq, D), k_cache, v_cache, slots, ctx_lens,
@@ -358,17 +387,24 @@ def _launch(lib, q, k_cache, v_cache, slots, ctx_lens, token_offsets, out, dims,
     row_stride = lambda t: t.stride(0) if t.dim() == 3 and t.shape[0] > 1 else Hq * D  # noqa: E731 elements per token
     flags = int(tune[2]) | path_code << 2
     T = min(q.shape[0], out.shape[0]) if token_offsets is not None else B * N   # rows q and out both have
-    rc = lib.specmoe_verify_attention_tokens(
-        q.data_ptr(), _ROW_CODE[q.dtype], row_stride(q), k_cache.data_ptr(), v_cache.data_ptr(),
-        _KV_CODE[k_cache.dtype], slots.data_ptr(), ctx_lens.data_ptr(),
-        None if token_offsets is None else token_offsets.data_ptr(), T, out.data_ptr(), _ROW_CODE[out.dtype],
-        row_stride(out), B, N, Hq, Hkv, D, R, S, scale, int(num_threads), int(tune[0]), int(tune[1]), flags)
+    head = (q.data_ptr(), _ROW_CODE[q.dtype], row_stride(q), k_cache.data_ptr(), v_cache.data_ptr(),
+            _KV_CODE[k_cache.dtype], slots.data_ptr(), ctx_lens.data_ptr(),
+            None if token_offsets is None else token_offsets.data_ptr())
+    tail = (scale, int(num_threads), int(tune[0]), int(tune[1]), flags)
+    if isinstance(N, torch.Tensor):     # per-row counts: one ragged call
+        rc = lib.specmoe_verify_attention_ragged(*head, N.data_ptr(), T, out.data_ptr(), _ROW_CODE[out.dtype],
+                                                 row_stride(out), B, Hq, Hkv, D, R, S, *tail)
+    else:
+        rc = lib.specmoe_verify_attention_tokens(*head, T, out.data_ptr(), _ROW_CODE[out.dtype], row_stride(out),
+                                                 B, N, Hq, Hkv, D, R, S, *tail)
     if rc == -5:
         verify_attention_path(k_cache.dtype, [p for p, c in _PATH_CODE.items() if c == path_code][0])
     if rc == -4:
         raise MemoryError("verify_attention: the C++ kernel could not allocate its work buffers")
     if rc == -6:  # a token offset out of range, found before any memory access
         _check_tokens(token_offsets, N, q.shape[0], out.shape[0])
+    if rc == -1 and isinstance(N, torch.Tensor):
+        _check_counts(N, B)
     if rc != 0:  # -2 / -3: a slot or ctx_len out of range, found before any memory access
         _check_values(slots, ctx_lens, N, R, S)
         raise RuntimeError(f"verify_attention: C++ kernel rejected its arguments (code {rc})")
@@ -397,13 +433,14 @@ def verify_attention(q, k_cache, v_cache, slots, ctx_lens, *, scale=None, out=No
     return out
 
 
-def verify_attention_tokens(q, k_cache, v_cache, slots, ctx_lens, token_offsets, n: int, out, *, scale=None,
+def verify_attention_tokens(q, k_cache, v_cache, slots, ctx_lens, token_offsets, n, out, *, scale=None,
                             backend="auto", path: str | None = None, num_threads: int = 0, _chunk_keys: int = 0,
                             _split_keys: int = 0, _generic: bool = False) -> torch.Tensor:
     """Verify attention on token-major rows (module docstring): q [Tq, Hq, D] and out [To, Hq, D] fp32 or
-    bf16 (any row stride), token_offsets [B] int64 the first row of each batch row's n tokens. The
-    kernel reads q and writes out in place: no gather, cast or scatter. Rows of two batch rows must
-    not overlap. Returns out."""
+    bf16 (any row stride), token_offsets [B] int64 the first row of each batch row's n tokens. n: an
+    int, or an int64 tensor [B] of per-row counts (a ragged call: a prefill pass of prompts of many
+    lengths in one call). The kernel reads q and writes out in place: no gather, cast or scatter. Rows of
+    two batch rows must not overlap. Returns out."""
     lib, path_code = _resolve(backend, path, k_cache)
     B, N, Hq, Hkv, D, R, S, scale = _validate_tokens(q, k_cache, v_cache, slots, ctx_lens, token_offsets, n,
                                                      scale, out, values=lib is None)

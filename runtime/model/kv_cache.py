@@ -71,8 +71,9 @@ def kv_capacity(longest_prompt: int, max_new_tokens: int, max_k: int) -> int:
 
 @dataclass
 class _Group:
-    """Sequences of one part with the same N: what one kernel call needs."""
-    n: int
+    """Sequences of one part with the same N (host part: or all of them, n their counts): what one
+    kernel call needs."""
+    n: int | torch.Tensor      # tokens per sequence; host part of many counts: int64 [Bg] host, each one's
     local_rows: torch.Tensor   # [Bg] int64 on the part's device
     ctx: torch.Tensor          # [Bg] int64 on the part's device
     max_ctx: int = 0           # max(ctx) as a host int (spares the decode kernel a sync)
@@ -269,6 +270,10 @@ class SplitKVCache:
             first = off[seqs] if model_device.type == "cpu" else np.cumsum(ns) - ns   # [B_p] q rows (host part)
             sizes = np.unique(ns)                                        # ascending token counts
             groups = []
+            if p == 1 and sizes.size > 1:    # host rows of many counts: one ragged kernel call
+                groups.append(dict(n=up.add(ns, "cpu"), local_rows=up.add(lr, dev), ctx=up.add(ctx[seqs], dev),
+                                   max_ctx=int(ctx[seqs].max()), first=up.add(first, "cpu")))
+                sizes = sizes[:0]
             for nv in sizes:
                 sel = ns == nv
                 bs = seqs[sel]                                           # [B_g]
