@@ -263,7 +263,7 @@ def test_missing_path_is_refused_before_running():
 def test_build_hashes_the_included_part():
     src = build.CSRC_DIR / "verify_attention.cpp"
     for part in ("verify_attention_common.h", "verify_attention_fp32.h", "verify_attention_bf16.h",
-                 "verify_attention_dpbf.h", "verify_attention_amx.h"):
+                 "verify_attention_dpbf.h", "verify_attention_amx.h", "verify_attention_api.h"):
         assert (build.CSRC_DIR / part).read_bytes() in build.source_bytes(src)
 
 
