@@ -15,6 +15,7 @@ costs fixed + roofline, the fixed part counted per invocation as the engine make
                      + per token per MoE layer; spread evenly over the micro-batch columns when batched_moe is off
   target.h2d         one per streamed expert (folded into the per-uncached-expert slope, so it stays linear)
   target.lm_head     one per iteration (spread over the micro-batch columns)
+  prefill.token      per prompt token and target layer of a prefill pass (FixedCosts.prefill_s only)
   iteration.other    one per iteration + per sequence: engine work outside every stage, added to the
                      iteration (IterationCosts.other_s), not to a stage
   verify.accept      one per iteration + per sequence + per verified token
@@ -122,7 +123,9 @@ class FixedCosts:
     def prefill_s(self, batch: int, prompt_len: int, chunks: int) -> float:
         """Fixed seconds of the prefill: the same stage invocations as a decode pass with one
         micro-batch, once per chunk of prompt tokens, with per-token terms over all B*P tokens and
-        per-sequence terms once per sequence; then the LM head and the draft's own prefill pass."""
+        per-sequence terms once per sequence, and prefill.token per token and layer (fitted to prefill
+        passes: what the decode terms miss at thousands of tokens); then the LM head and the draft's own
+        prefill pass."""
         if not self.any:
             return 0.0
         o = self.ov.get
@@ -134,6 +137,7 @@ class FixedCosts:
         t = chunks * per_chunk + o(K.PRE_ATTN) + o(K.LM_HEAD) + o(K.LM_HEAD_TOKEN) * batch
         t += batch * (o(K.PRE_ATTN_SEQUENCE) + o(K.ATTENTION_SEQUENCE))
         t += T * L * o(K.POST_ATTN_TOKEN) + T * float(self.is_moe.sum()) * o(K.MOE_TOKEN)
+        t += T * L * o(K.PREFILL_TOKEN)
         if self.draft is not None:
             t += o(K.DRAFT_STEP) + self.draft.num_layers * o(K.DRAFT_LAYER) + o(K.DRAFT_SEQUENCE) * batch
         return t

@@ -72,6 +72,7 @@ class OverheadKey(str, Enum):
     DRAFT_CPU_EAGLE_STEP = f"{Stage.DRAFT_CPU.value}.eagle.step"
     DRAFT_CPU_EAGLE_SEQUENCE = f"{Stage.DRAFT_CPU.value}.eagle.sequence"
     DRAFT_CPU_EAGLE_CATCHUP = f"{Stage.DRAFT_CPU.value}.eagle.catchup"
+    PREFILL_TOKEN = f"{Stage.PREFILL.value}.token"
 
     def __str__(self) -> str:
         return self.value
@@ -116,6 +117,10 @@ OVERHEAD_KEYS: dict[str, str] = {
     OverheadKey.DRAFT_CPU_EAGLE_STEP.value: "as draft.eagle.step, for the host part (else draft.eagle.step)",
     OverheadKey.DRAFT_CPU_EAGLE_SEQUENCE.value: "as draft.eagle.sequence, for the host part (else draft.eagle.sequence)",
     OverheadKey.DRAFT_CPU_EAGLE_CATCHUP.value: "as draft.eagle.catchup, for the host part (else draft.eagle.catchup)",
+    OverheadKey.PREFILL_TOKEN.value: ("per prompt token per target layer of a prefill pass: what the pass costs past the "
+                                      "roofline and the decode-fitted terms at thousands of tokens (rotary and norms, "
+                                      "silu_mul and the combine over [T*K, F], first touches of activations that size), "
+                                      "fitted to the engine's own prefill passes (runtime/calibrate/prefill.py)"),
 }
 
 # A draft part's keys: (step, layer, sequence, catchup) of a draft model's device and host parts, and

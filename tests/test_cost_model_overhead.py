@@ -16,7 +16,7 @@ from specmoe.planner.hardware_spec import HardwareSpec, list_hardware, load_hard
 from specmoe.planner.model_spec import load_model
 from specmoe.planner.overhead import DRAFT_CPU_FALLBACK, OPS_PER_INVOCATION, OVERHEAD_KEYS
 from specmoe.planner.plan import Placement
-from specmoe.planner.simulator import simulate_iteration
+from specmoe.planner.simulator import prefill_time, simulate_iteration
 from specmoe.planner.stages import Stage
 from specmoe.planner.workload import Workload, load_acceptance
 from tiny_specs import datasheet
@@ -276,11 +276,12 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
         c["median_s"] = c["mean_s"] = med
         configs.append(c)
     raw = {"device": "cpu", "dtype": "float32", "target_config": target, "draft_configs": drafts,
-           "eagle_config": eagle_config(target), "configs": configs}
+           "eagle_config": eagle_config(target), "configs": configs, "prefill": _prefill_samples(spec, hw_raw, truth)}
     op_us, stage_us, det = fit_overheads(raw, hw_raw)
     for key, v in truth.items():
-        assert stage_us[key] == pytest.approx(v, rel=1e-3), key
+        assert stage_us[key] == pytest.approx(v, rel=1e-3 if key != "prefill.token" else 1e-2), key
     assert max(det["fit_max_rel_err_by_stage"].values()) < 1e-3
+    assert max(abs(c["fit_rel_err"]) for c in det["prefill"]["configs"]) < 1e-2
     hw_raw["measured"]["stage_overhead_us"] = stage_us
     fitted = parse_hardware(hw_raw, "fitted.yaml")
     # the fixed part the cost model adds with the fitted spec (its stage times less the same model's without
@@ -306,6 +307,35 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
                 + truth["verify.accept.token"] * n}
         for s, us in hand.items():
             assert st[s] - bare[s] == pytest.approx(us * 1e-6, rel=1e-3), (B, k, M, s)
+
+
+def _prefill_samples(spec, hw_raw: dict, truth: dict) -> dict:
+    """Prefill passes made of the cost model's prefill with the known fixed costs plus the known
+    prefill.token per prompt token and layer (runtime/calibrate/prefill.py's raw form)."""
+    from specmoe.runtime.calibrate.prefill import PREFILL_CONFIGS, model_prefill_s
+
+    known = copy.deepcopy(hw_raw)
+    known["measured"]["stage_overhead_us"] = {k: v for k, v in truth.items() if k != "prefill.token"}
+    hw = parse_hardware(known, "known.yaml")
+    slots = [spec.num_experts if l in spec.moe_layers else 0 for l in range(spec.num_layers)]
+    configs = [{"B": B, "P": P, "low_s": model_prefill_s(spec, hw, "fp32", B, P, slots)
+                + truth["prefill.token"] * 1e-6 * B * P * spec.num_layers} for B, P in PREFILL_CONFIGS]
+    return {"expert_cache_slots": slots, "rounds": 1, "configs": configs}
+
+
+def test_prefill_token_costs_every_prompt_token_of_every_layer():
+    """prefill.token adds its cost once per prompt token and target layer to the prefill, nothing to decode."""
+    model = load_model("mixtral-8x7b")
+    wl = Workload(prompt_len=40, gen_len=64, kv_dtype="fp32", weight_dtype="fp32")
+    pl = Placement(expert_cache_slots=(2,) * model.num_layers, draft_kv_gpu_sequences=0, target_kv_gpu_sequences=0)
+    base = copy.deepcopy(load_hardware("devbox-2core-calibrated").raw)
+    with_key = copy.deepcopy(base)
+    with_key["measured"]["stage_overhead_us"]["prefill.token"] = 3.0
+    cm0, cm1 = (CostModel(model, parse_hardware(r, "x.yaml"), wl, None) for r in (base, with_key))
+    assert prefill_time(cm1, 6, pl) - prefill_time(cm0, 6, pl) == pytest.approx(3e-6 * 6 * 40 * model.num_layers,
+                                                                                  rel=1e-9)
+    it = [cm.iteration(6, 1, 0, pl, context_len=80.0).stage_totals() for cm in (cm0, cm1)]
+    assert it[0] == it[1]
 
 
 def test_a_spec_without_host_draft_keys_costs_the_host_part_as_the_device_part():

@@ -208,12 +208,13 @@ def _count_expert_calls(store) -> None:
 
 
 def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, rounds: int = 6, per_round: int = 5,
-                            warmup: int = 2, configs=CONFIGS, device=None,
+                            warmup: int = 2, configs=CONFIGS, device=None, prefill_rounds: int = 0,
                             progress: Callable[[str], None] | None = None) -> dict:
     """Median seconds per iteration of every stage at each configuration, plus the torch operations per
     stage of one iteration. The configurations run interleaved, `per_round` iterations each per round
     (a burst of other work on a shared machine then spoils a little of every configuration rather than
-    all of one). Returns plain data (what the calibration cache holds)."""
+    all of one). prefill_rounds > 0: also the engine's prefill passes (runtime/calibrate/prefill.py),
+    under "prefill". Returns plain data (what the calibration cache holds)."""
     import torch
 
     from specmoe.runtime.device import pick_device
@@ -228,10 +229,16 @@ def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, ro
     speed = round_speeds([run["samples"]["iteration"] for run in runs], rounds, per_round)
     ref = low_quantile(speed)      # the fast rounds: the state every CPU rate of the calibration is taken in
     out = [_summary(run, _count_ops(run, dev), speed, ref, rounds, per_round) for run in runs]
-    return {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "samples": rounds * per_round,
-            "round_speed": [round(f / ref, 4) for f in speed],
-            "prompt_len": PROMPT_LEN, "target_config": target_cfg,
-            "draft_configs": {int(k): v for k, v in draft_cfgs.items()}, "eagle_config": eagle_cfg, "configs": out}
+    del runs
+    res = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "samples": rounds * per_round,
+           "round_speed": [round(f / ref, 4) for f in speed],
+           "prompt_len": PROMPT_LEN, "target_config": target_cfg,
+           "draft_configs": {int(k): v for k, v in draft_cfgs.items()}, "eagle_config": eagle_cfg, "configs": out}
+    if prefill_rounds > 0:
+        from specmoe.runtime.calibrate.prefill import measure_prefills
+
+        res["prefill"] = measure_prefills(target_cfg, dev, dtype, rounds=prefill_rounds, progress=progress)
+    return res
 
 
 def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], eagle_cfg: dict, configs, dev, dtype,

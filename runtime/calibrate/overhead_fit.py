@@ -149,7 +149,13 @@ def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, floa
         "ops_per_invocation": dict(sorted(ops.items())),
         "untimed_per_iteration_us": _r(max(0.0, statistics.median(untimed)) * 1e6),
     }
-    return (_r(op_us) if op_us else None), stage_us, details
+    op_us = _r(op_us) if op_us else None
+    if raw.get("prefill"):        # prefill passes timed: what the cost model's prefill leaves out per token
+        from specmoe.runtime.calibrate.prefill import fit_prefill
+
+        theta_s, details["prefill"] = fit_prefill(raw, hw_raw, op_us, stage_us)
+        stage_us[K.PREFILL_TOKEN.value] = _r(theta_s * 1e6)
+    return op_us, stage_us, details
 
 
 def _roofline_hardware(hw_raw: dict):

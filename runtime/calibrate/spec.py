@@ -113,7 +113,7 @@ def specmoe_version() -> str:
 ENGINE_SOURCES = ("kernels/verify_attention.py", "kernels/moe_ops.py",
                   "kernels/speculative_ops.py", "kernels/checks.py", "model/target.py", "model/draft.py",
                   "speculative.py", "model/kv_cache.py", "model/layers.py", "model/expert_store.py", "run_record.py",
-                  "calibrate/overhead.py")
+                  "calibrate/overhead.py", "calibrate/prefill.py")
 
 
 def kernel_source_sha() -> str:
