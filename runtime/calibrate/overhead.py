@@ -148,7 +148,7 @@ def draft_config(target_cfg: dict, base: dict | None, layers: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # measuring
-def _engine_parts(target_cfg: dict, device, dtype, cache: str):
+def engine_parts(target_cfg: dict, device, dtype, cache: str):
     from specmoe.runtime.model.expert_store import ExpertStore
     from specmoe.runtime.model.target import TargetModel
     from specmoe.runtime.weights.sources import WeightSource
@@ -207,20 +207,24 @@ def _count_expert_calls(store) -> None:
     store.weights = weights   # a closure over the store itself would keep it (and its host memory) until gc
 
 
-def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, rounds: int = 6, per_round: int = 5,
-                            warmup: int = 2, configs=CONFIGS, device=None, prefill_rounds: int = 0,
-                            progress: Callable[[str], None] | None = None) -> dict:
-    """Median seconds per iteration of every stage at each configuration, plus the torch operations per
-    stage of one iteration. The configurations run interleaved, `per_round` iterations each per round
-    (a burst of other work on a shared machine then spoils a little of every configuration rather than
-    all of one). prefill_rounds > 0: also the engine's prefill passes (runtime/calibrate/prefill.py),
-    under "prefill". Returns plain data (what the calibration cache holds)."""
+def engine_device(device=None):
+    """(device, dtype) the engine-stage measurements run in: the GPU in bf16 where there is one, else the CPU in fp32."""
     import torch
 
     from specmoe.runtime.device import pick_device
 
     dev = pick_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
+def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, rounds: int = 6, per_round: int = 5,
+                            warmup: int = 2, configs=CONFIGS, device=None,
+                            progress: Callable[[str], None] | None = None) -> dict:
+    """Median seconds per iteration of every stage at each configuration, plus the torch operations per
+    stage of one iteration. The configurations run interleaved, `per_round` iterations each per round
+    (a burst of other work on a shared machine then spoils a little of every configuration rather than
+    all of one). Returns plain data (what the calibration cache holds)."""
+    dev, dtype = engine_device(device)
     if progress:
         progress("engine stages: build")
     eagle_cfg = eagle_config(target_cfg)
@@ -229,16 +233,10 @@ def measure_stage_overheads(target_cfg: dict, draft_cfgs: dict[int, dict], *, ro
     speed = round_speeds([run["samples"]["iteration"] for run in runs], rounds, per_round)
     ref = low_quantile(speed)      # the fast rounds: the state every CPU rate of the calibration is taken in
     out = [_summary(run, _count_ops(run, dev), speed, ref, rounds, per_round) for run in runs]
-    del runs
-    res = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "samples": rounds * per_round,
-           "round_speed": [round(f / ref, 4) for f in speed],
-           "prompt_len": PROMPT_LEN, "target_config": target_cfg,
-           "draft_configs": {int(k): v for k, v in draft_cfgs.items()}, "eagle_config": eagle_cfg, "configs": out}
-    if prefill_rounds > 0:
-        from specmoe.runtime.calibrate.prefill import measure_prefills
-
-        res["prefill"] = measure_prefills(target_cfg, dev, dtype, rounds=prefill_rounds, progress=progress)
-    return res
+    return {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "samples": rounds * per_round,
+            "round_speed": [round(f / ref, 4) for f in speed],
+            "prompt_len": PROMPT_LEN, "target_config": target_cfg,
+            "draft_configs": {int(k): v for k, v in draft_cfgs.items()}, "eagle_config": eagle_cfg, "configs": out}
 
 
 def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], eagle_cfg: dict, configs, dev, dtype,
@@ -259,7 +257,7 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], eagle_cfg: dict, 
     for cfg in configs:
         B, k, M, Ld, tgpu, cache, dgpu, kind = config_fields(cfg)
         if cache not in parts:
-            parts[cache] = _engine_parts(target_cfg, dev, dtype, cache)
+            parts[cache] = engine_parts(target_cfg, dev, dtype, cache)
         target, store, slots = parts[cache]
         tc = target.config
         key = ("eagle", cache) if kind == "eagle" else Ld
@@ -274,7 +272,7 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], eagle_cfg: dict, 
         draft = drafts.get(key) if k > 0 else None
         if k > 0 and draft is None:
             continue
-        dec, timer = _decoder(target, draft, B, k, M, tgpu, dgpu, PROMPT_LEN + steps * (k + 1) + k + 4, dev, dtype)
+        dec, timer = stage_decoder(target, draft, B, k, M, tgpu, dgpu, PROMPT_LEN + steps * (k + 1) + k + 4, dev, dtype)
         seqs = random_sequences(B, tc.vocab_size, PROMPT_LEN, g)
         dec.prefill(seqs)
         if store is not None and not hasattr(store, "expert_calls"):
@@ -299,7 +297,7 @@ def random_sequences(B: int, vocab_size: int, prompt_len: int, g) -> list:
     return seqs
 
 
-def _decoder(target, draft, B: int, k: int, M: int, tgpu: int, dgpu: int, cap: int, dev, dtype):
+def stage_decoder(target, draft, B: int, k: int, M: int, tgpu: int, dgpu: int, cap: int, dev, dtype):
     """(SpeculativeDecoder, its StageTimer) of one configuration: target KV for B sequences, tgpu of them
     on the device, and the draft's KV, dgpu of them on the device, `cap` positions each."""
     from specmoe.runtime.model.kv_cache import SplitKVCache

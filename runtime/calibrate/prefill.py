@@ -1,6 +1,6 @@
 """Prefill passes of the engine, timed and fitted: part of `specmoe calibrate`'s engine-stage step.
 
-    measure_prefills(target_cfg, dev, dtype, ...) -> raw samples (kept with the stage overheads)
+    measure_prefills(target_cfg, ...) -> raw samples (kept with the stage overheads, under "prefill")
     fit_prefill(raw, hw_raw, op_us, stage_us) -> (prefill.token seconds, details)
 
 The decode terms (runtime/calibrate/overhead.py) are fitted on passes of at most B (k+1) = 128 tokens.
@@ -30,22 +30,24 @@ PREFILL_CONFIGS: tuple[tuple[int, int], ...] = ((8, 12), (4, 64), (32, 24), (20,
 ROUNDS = 8          # timed passes of each configuration (at most), interleaved; one untimed pass each first
 
 
-def measure_prefills(target_cfg: dict, dev, dtype, *, rounds: int = ROUNDS, configs=PREFILL_CONFIGS,
+def measure_prefills(target_cfg: dict, *, rounds: int = ROUNDS, configs=PREFILL_CONFIGS, device=None,
                      progress: Callable[[str], None] | None = None) -> dict:
     """Seconds of each configuration's prefill pass (wall, from the engine's call to its first tokens):
     every sample and the low quantile. A random target (the calibration's config) with every expert
-    resident; fresh random prompts each pass, of the lengths prompt_lengths(B, P)."""
+    resident, on the device and in the dtype of the engine-stage measurement; fresh random prompts each
+    pass, of the lengths prompt_lengths(B, P)."""
     import torch
 
-    from specmoe.runtime.calibrate.overhead import _decoder, _engine_parts
+    from specmoe.runtime.calibrate.overhead import engine_device, engine_parts, stage_decoder
     from specmoe.runtime.speculative import Sequence
 
-    target, _, slots = _engine_parts(target_cfg, dev, dtype, "full")
+    dev, dtype = engine_device(device)
+    target, _, slots = engine_parts(target_cfg, dev, dtype, "full")
     g = torch.Generator().manual_seed(1)
     runs = []
     for B, P in configs:
         lens = prompt_lengths(B, P)
-        dec, _ = _decoder(target, None, B, 0, 1, 0, B, max(lens) + 4, dev, dtype)
+        dec, _ = stage_decoder(target, None, B, 0, 1, 0, B, max(lens) + 4, dev, dtype)
         runs.append({"B": B, "P": P, "lens": lens, "dec": dec, "samples": []})
     vocab = target.config.vocab_size
     for r in range(rounds + 1):

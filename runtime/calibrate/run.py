@@ -206,7 +206,7 @@ class _Measurements:
 
     def stage_overheads(self) -> None:
         from specmoe.runtime.calibrate.overhead import measure_stage_overheads
-        from specmoe.runtime.calibrate.prefill import ROUNDS as PREFILL_ROUNDS
+        from specmoe.runtime.calibrate.prefill import ROUNDS as PREFILL_ROUNDS, measure_prefills
 
         cfgs, res = self.engine_cfgs, self.res
         if not cfgs:
@@ -215,8 +215,9 @@ class _Measurements:
         try:
             res["stage_overheads"] = measure_stage_overheads(
                 cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=self.st.overhead_rounds,
-                per_round=self.st.overhead_per_round, prefill_rounds=min(self.st.overhead_rounds, PREFILL_ROUNDS),
-                progress=lambda msg: self.note(msg))
+                per_round=self.st.overhead_per_round, progress=lambda msg: self.note(msg))
+            res["stage_overheads"]["prefill"] = measure_prefills(   # fitted with the stage overheads (overhead_fit)
+                cfgs["target"], rounds=min(self.st.overhead_rounds, PREFILL_ROUNDS), progress=lambda msg: self.note(msg))
         except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:   # a family the engine lacks
             res.setdefault("skipped", {})["stage_overheads"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
 
