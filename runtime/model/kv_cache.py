@@ -91,6 +91,7 @@ class _PartPlan:
     tok_idx: torch.Tensor | None = None   # [Tp] tokens of this part (model device); None when whole
     groups: list[_Group] = field(default_factory=list)
     whole: bool = False        # the part is every token of the pass, in order (tok_idx = 0..T-1: no gather)
+    fresh: bool = False        # host rows in their first pass attending on the model's device (attends_fresh_on)
 
 
 class PassLayout:
@@ -153,6 +154,21 @@ def _within(n: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
 
 
+def _place(o: torch.Tensor, g: "_Group", q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A group's output rows o [Bg*n, Hq, D] into out [T, Hq, D] (made when None) at its tokens; a group
+    that is the whole pass is returned as it is when there is no out."""
+    o = _like(o, q)
+    if g.whole and out is None:
+        return o
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if g.whole:
+        out.copy_(o)
+    else:
+        out.index_copy_(0, g.tok_idx, o)
+    return out
+
+
 def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """x on ref's device in ref's dtype (x itself when it is already: no copy, no call)."""
     return x if x.device == ref.device and x.dtype == ref.dtype else x.to(ref.device, ref.dtype)
@@ -192,6 +208,9 @@ class _Uploads:
 class SplitKVCache:
     """K/V of every layer for R sequences; rows [0, device_rows) on `device`, the rest in host memory."""
 
+    # model devices on which host rows attend there in their first pass (attends_fresh_on); tests add "cpu"
+    fresh_device_types: tuple[str, ...] = ("cuda",)
+
     def __init__(self, num_layers: int, rows: int, device_rows: int, num_kv_heads: int, capacity: int, head_dim: int,
                  device: torch.device, device_dtype: torch.dtype, host_dtype: torch.dtype, decode_kernel: bool,
                  scale: float | None = None):
@@ -222,6 +241,13 @@ class SplitKVCache:
     @staticmethod
     def bytes_needed(num_layers: int, rows: int, num_kv_heads: int, capacity: int, head_dim: int, elem_bytes: int) -> int:
         return 2 * num_layers * rows * num_kv_heads * capacity * head_dim * elem_bytes
+
+    def attends_fresh_on(self, layout: PassLayout, model_device: torch.device) -> bool:
+        """Whether the pass's host rows attend on the model's device: a first pass (every cached length 0,
+        so every key is the pass's own, computed there) with the model on a GPU. A prefill's causal
+        attention grows with P^2 per prompt: the GPU's work, as the cost model costs it, where the CPU
+        verify kernel would take seconds for long prompts; the new K/V still go to the host rows."""
+        return model_device.type in self.fresh_device_types and bool((layout.ctx == 0).all())
 
     def part_of(self, row: int) -> tuple[int, int]:
         return (0, row) if row < self.device_rows else (1, row - self.device_rows)
@@ -259,6 +285,7 @@ class SplitKVCache:
             raise RuntimeError(f"KV row {rows[b]}: {ctx[b]}+{n[b]} positions exceed the capacity {self.capacity}")
         up, specs = _Uploads(), []
         on_dev = rows < self.device_rows
+        fresh = self.attends_fresh_on(layout, model_device)
         for p in (0, 1):
             dev = self.part_devices[p]
             seqs = np.flatnonzero(on_dev if p == 0 else ~on_dev)        # [B_p] in pass order
@@ -270,7 +297,8 @@ class SplitKVCache:
             first = off[seqs] if model_device.type == "cpu" else np.cumsum(ns) - ns   # [B_p] q rows (host part)
             sizes = np.unique(ns)                                        # ascending token counts
             groups = []
-            if p == 1 and sizes.size > 1:    # host rows of many counts: one ragged kernel call
+            kernel = p == 1 and not fresh    # host rows the verify kernel attends
+            if kernel and sizes.size > 1:    # host rows of many counts: one ragged kernel call
                 groups.append(dict(n=up.add(ns, "cpu"), local_rows=up.add(lr, dev), ctx=up.add(ctx[seqs], dev),
                                    max_ctx=int(ctx[seqs].max()), first=up.add(first, "cpu")))
                 sizes = sizes[:0]
@@ -279,12 +307,13 @@ class SplitKVCache:
                 bs = seqs[sel]                                           # [B_g]
                 g = dict(n=int(nv), local_rows=up.add(lr[sel], dev), ctx=up.add(ctx[bs], dev),
                          max_ctx=int(ctx[bs].max()), whole=whole and sizes.size == 1)
-                if p == 1:
+                if kernel:
                     g["first"] = up.add(first[sel], "cpu")
                 elif not g["whole"]:
                     g["tok_idx"] = up.add((off[bs][:, None] + np.arange(nv)[None, :]).reshape(-1), model_device)
                 groups.append(g)
-            specs.append(dict(part=p, whole=whole, rows=up.add(np.repeat(lr, ns), dev), groups=groups,
+            specs.append(dict(part=p, whole=whole, fresh=p == 1 and fresh, rows=up.add(np.repeat(lr, ns), dev),
+                              groups=groups,
                               pos=up.add(np.repeat(ctx[seqs], ns) + w, dev),
                               tok_idx=None if whole else up.add(np.repeat(off[seqs], ns) + w, model_device)))
         up.run()
@@ -303,7 +332,10 @@ class SplitKVCache:
             kc[pp.rows, :, pp.pos] = _like(k if pp.whole else k.index_select(0, pp.tok_idx), kc)
             vc[pp.rows, :, pp.pos] = _like(v if pp.whole else v.index_select(0, pp.tok_idx), vc)
         for pp in plans:
-            out = (self._attend_host if pp.part == 1 else self._attend_device)(layer, q, pp, out)
+            if pp.fresh:
+                out = self._attend_fresh(q, k, v, pp, out)
+            else:
+                out = (self._attend_host if pp.part == 1 else self._attend_device)(layer, q, pp, out)
         return out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     def _attend_device(self, layer: int, q: torch.Tensor, pp: _PartPlan, out: torch.Tensor | None) -> torch.Tensor:
@@ -311,7 +343,7 @@ class SplitKVCache:
         part: then the group's result itself when it is the only one)."""
         from specmoe.runtime.kernels.speculative_ops import draft_decode_attention
 
-        T, Hq, D = q.shape
+        _, Hq, D = q.shape
         kc, vc = self.k[0][layer], self.v[0][layer]
         for g in pp.groups:
             Bg = g.local_rows.shape[0]
@@ -322,15 +354,27 @@ class SplitKVCache:
             else:
                 o = block_attention_torch(qg.view(Bg, g.n, Hq, D), kc, vc, g.local_rows, g.ctx, self.scale,
                                           max_ctx=g.max_ctx)
-            o = _like(o.reshape(Bg * g.n, Hq, D), q)
-            if g.whole and out is None:
-                return o
-            if out is None:
-                out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+            out = _place(o.reshape(Bg * g.n, Hq, D), g, q, out)
             if g.whole:
-                out.copy_(o)
-            else:
-                out.index_copy_(0, g.tok_idx, o)
+                return out
+        return out
+
+    def _attend_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pp: _PartPlan,
+                      out: torch.Tensor | None) -> torch.Tensor:
+        """Host rows in their first pass on the model's device (attends_fresh_on): per group of one prompt
+        length, causal attention over the group's own k, v [Bg*n, Hkv, D] as they came, read as a cache of Bg
+        rows -> out (None only for a whole part, as _attend_device)."""
+        _, Hq, D = q.shape
+        for g in pp.groups:
+            Bg, n = g.local_rows.shape[0], g.n
+            qg, kg, vg = (x if g.whole else x.index_select(0, g.tok_idx) for x in (q, k, v))
+            kc, vc = (x.reshape(Bg, n, -1, D).transpose(1, 2) for x in (kg, vg))      # [Bg, Hkv, n, D] views
+            rows = torch.arange(Bg, device=q.device)
+            o = block_attention_torch(qg.reshape(Bg, n, Hq, D), kc, vc, rows, torch.zeros_like(rows), self.scale,
+                                      max_ctx=0)
+            out = _place(o.reshape(Bg * n, Hq, D), g, q, out)
+            if g.whole:
+                return out
         return out
 
     def _attend_host(self, layer: int, q: torch.Tensor, pp: _PartPlan, out: torch.Tensor | None) -> torch.Tensor:

@@ -243,7 +243,8 @@ class TargetModel:
         mode = stream_mode(prefetch)
         streaming = self._begin_pass(mode, timer)
         mbs = layout.split(micro_batches)
-        host_io = self.host_io if (mode == "next" and bool((layout.rows >= kv.device_rows).all())) else "direct"
+        host_io = self.host_io if (mode == "next" and bool((layout.rows >= kv.device_rows).all())
+                                   and not kv.attends_fresh_on(layout, self.device)) else "direct"
         with timer.stage(Stage.TARGET_PRE_ATTN):
             h = self.embed.index_select(0, tokens)  # [T, H]
             cos, sin = self.rotary.cos_sin(layout.positions(self.device), self.dtype)  # [T, D]
