@@ -46,7 +46,7 @@ timeout 60 python bench/gpu_offload.py --plan-only --out "$OUT/plan-only" 2>&1 |
 
 # (at most 8 files come back from $OUT: the tests write one JSON, gpu_tests.json)
 SPECMOE_GPU_OUT="$OUT" timeout 160 python -m pytest -q -rA -p no:cacheprovider \
-  tests/test_engine_gpu.py tests/test_host_region.py 2>&1 | tail -40 | tee -a "$OUT/gpu_engine_tests.log"
+  tests/test_engine_gpu.py tests/test_host_region.py tests/test_kv_cache_fresh.py 2>&1 | tail -40 | tee -a "$OUT/gpu_engine_tests.log"
 echo "GPU engine tests exit status $?"
 
 timeout $(( ${GPU_BENCH_BUDGET_S:-240} + 60 )) python bench/gpu_offload.py --out "$OUT" \
