@@ -154,9 +154,9 @@ def _within(n: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
 
 
-def _place(o: torch.Tensor, g: "_Group", q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """A group's output rows o [Bg*n, Hq, D] into out [T, Hq, D] (made when None) at its tokens; a group
-    that is the whole pass is returned as it is when there is no out."""
+def _place(o: torch.Tensor, g: "_Group | _PartPlan", q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The output rows o [Bg*n, Hq, D] of a group (or of a whole KV part) into out [T, Hq, D] (made when
+    None) at its tokens; one that is the whole pass is returned as it is when there is no out."""
     o = _like(o, q)
     if g.whole and out is None:
         return o
@@ -398,13 +398,4 @@ class SplitKVCache:
             return oh
         if q.device.type == "cpu" and not pp.whole:     # a dtype the kernel lacks: oh holds the pass's rows
             oh = oh.index_select(0, pp.tok_idx)
-        o = oh.to(q.device, q.dtype, non_blocking=q.device.type == "cuda")   # [T_p, Hq, D]
-        if out is None and pp.whole:
-            return o
-        if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if pp.whole:
-            out.copy_(o)
-        else:
-            out.index_copy_(0, pp.tok_idx, o)
-        return out
+        return _place(oh.to(q.device, q.dtype, non_blocking=q.device.type == "cuda"), pp, q, out)   # [T_p, Hq, D]
