@@ -146,13 +146,15 @@ def quiet_runs(eng, spec, job, k: int, repeats: int) -> tuple[list, int]:
 
 
 def errors_of(cmp) -> dict:
-    """The iteration's error and every stage's that takes more than STAGE_SHARE_MIN of the measured iteration."""
-    it = cmp.row("iteration")
+    """The iteration's error and every stage's that takes more than STAGE_SHARE_MIN of the measured iteration;
+    the prefill's (the whole prompt pass, before the first iteration)."""
+    it, pre = cmp.row("iteration"), cmp.row("prefill")
     stages = {r.name: round(r.error_pct, 2) for r in cmp.stages
               if r.name not in ("iteration", "prefill") and r.measured and r.error_pct is not None
               and r.measured >= STAGE_SHARE_MIN * it.measured}
     return {"iteration_predicted_ms": it.predicted * 1e3, "iteration_measured_ms": it.measured * 1e3,
-            "iteration_error_pct": round(it.error_pct, 2), "stage_error_pct": stages}
+            "iteration_error_pct": round(it.error_pct, 2), "stage_error_pct": stages,
+            "prefill_error_pct": round(pre.error_pct, 2) if pre.measured and pre.error_pct is not None else None}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -160,7 +162,9 @@ def summarize(rows: list[dict]) -> dict:
     its = [r["iteration_error_pct"] for r in rows]
     stage_errs = [(abs(e), e, st) for r in rows for st, e in r["stage_error_pct"].items()]
     _, worst_stage, stage = max(stage_errs) if stage_errs else (0.0, 0.0, "none")
-    return {"runs": len(rows), "iteration_error_median_pct": statistics.median(its),
+    pre = [r["prefill_error_pct"] for r in rows if r.get("prefill_error_pct") is not None]
+    return {"prefill_error_median_pct": statistics.median(pre) if pre else None,
+            "prefill_error_worst_pct": max(pre, key=abs) if pre else None,"runs": len(rows), "iteration_error_median_pct": statistics.median(its),
             "iteration_error_worst_pct": max(its, key=abs), "worst_stage_error_pct": worst_stage,
             "worst_stage": stage, "clean_calibrations": sum(r["clean"] for r in rows),
             "stage_error_median_pct": {st: statistics.median([r["stage_error_pct"][st] for r in rows
@@ -170,17 +174,30 @@ def summarize(rows: list[dict]) -> dict:
 
 def table(rows: list[dict], summ: dict) -> str:
     stages = sorted(summ["stage_error_median_pct"])
-    head = f"{'round':>5} {'clean':>5} {'pred ms':>8} {'meas ms':>8} {'iter err':>8}  " + \
+    head = f"{'round':>5} {'clean':>5} {'pred ms':>8} {'meas ms':>8} {'iter err':>8} {'prefill':>8}  " + \
         "  ".join(f"{s:>17}" for s in stages)
     lines = [head]
     for r in rows:
         errs = "  ".join(f"{r['stage_error_pct'][s]:>+16.1f}%" if s in r["stage_error_pct"] else f"{'-':>17}"
                          for s in stages)
         lines.append(f"{r['round']:>5} {'yes' if r['clean'] else 'no':>5} {r['iteration_predicted_ms']:>8.2f} "
-                     f"{r['iteration_measured_ms']:>8.2f} {r['iteration_error_pct']:>+7.1f}%  {errs}")
+                     f"{r['iteration_measured_ms']:>8.2f} {r['iteration_error_pct']:>+7.1f}% {_pct(r.get('prefill_error_pct'))}  "
+                     f"{errs}")
     med = "  ".join(f"{summ['stage_error_median_pct'][s]:>+16.1f}%" for s in stages)
-    lines.append(f"{'median':>5} {'':>5} {'':>8} {'':>8} {summ['iteration_error_median_pct']:>+7.1f}%  {med}")
+    lines.append(f"{'median':>5} {'':>5} {'':>8} {'':>8} {summ['iteration_error_median_pct']:>+7.1f}% "
+                 f"{_pct(summ['prefill_error_median_pct'])}  {med}")
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return f"{x:>+7.1f}%" if x is not None else f"{'-':>8}"
+
+
+def prefill_line(summ: dict) -> str:
+    if summ["prefill_error_median_pct"] is None:
+        return "prefill: not measured"
+    return (f"prefill: error median {summ['prefill_error_median_pct']:+.1f}%, worst "
+            f"{summ['prefill_error_worst_pct']:+.1f}% (the prompt pass before the first iteration)")
 
 
 def summary_line(summ: dict) -> str:
@@ -215,6 +232,7 @@ def main(argv=None) -> int:
     print(f"\nplan: draft {args.draft}, batch {plan.batch}, micro-batches {plan.micro_batches}, k {plan.draft_len}; "
           f"errors (predicted - measured) / measured, stages over {STAGE_SHARE_MIN:.0%} of the iteration")
     print(table(rows, summ))
+    print(prefill_line(summ))
     print(summary_line(summ))
     return 0
 

@@ -20,14 +20,15 @@ def fid():
     return load_script(SCRIPT, "fidelity_bench")
 
 
-def _row(i, it, stages, clean=True):
+def _row(i, it, stages, clean=True, prefill=None):
     return {"round": i, "clean": clean, "iteration_predicted_ms": 10.0, "iteration_measured_ms": 10.0,
-            "iteration_error_pct": it, "stage_error_pct": stages}
+            "iteration_error_pct": it, "stage_error_pct": stages, "prefill_error_pct": prefill}
 
 
 def test_summary_of_hand_made_rounds(fid):
-    rows = [_row(1, -4.0, {"target.moe": -3.0, "draft.gpu": 12.5}), _row(2, 2.0, {"target.moe": 1.0}),
-            _row(3, -9.5, {"target.moe": -14.0, "draft.gpu": 2.0}, clean=False)]
+    rows = [_row(1, -4.0, {"target.moe": -3.0, "draft.gpu": 12.5}, prefill=-8.0),
+            _row(2, 2.0, {"target.moe": 1.0}, prefill=3.5),
+            _row(3, -9.5, {"target.moe": -14.0, "draft.gpu": 2.0}, clean=False, prefill=-12.25)]
     s = fid.summarize(rows)
     assert s["iteration_error_median_pct"] == -4.0 and s["iteration_error_worst_pct"] == -9.5
     assert (s["worst_stage_error_pct"], s["worst_stage"]) == (-14.0, "target.moe")
@@ -37,6 +38,10 @@ def test_summary_of_hand_made_rounds(fid):
     assert m and m.groups() == ("3", "-4.0", "-9.5", "-14.0", "target.moe")
     t = fid.table(rows, s).splitlines()
     assert len(t) == 5 and "draft.gpu" in t[0] and t[3].split()[1] == "no" and t[-1].startswith("median")
+    assert "prefill" in t[0] and t[1].split()[5] == "-8.0%" and t[-1].split()[2] == "-8.0%"
+    assert fid.prefill_line(s) == ("prefill: error median -8.0%, worst -12.2% (the prompt pass before the first "
+                                   "iteration)")
+    assert fid.prefill_line(fid.summarize([_row(1, 1.0, {})])) == "prefill: not measured"
 
 
 def test_only_stages_over_five_percent_are_judged(fid):
@@ -54,6 +59,7 @@ def test_only_stages_over_five_percent_are_judged(fid):
     e = fid.errors_of(C())
     assert e["stage_error_pct"] == {"target.moe": -10.0}       # accept is 4% of the iteration, h2d none
     assert e["iteration_error_pct"] == -5.0 and e["iteration_measured_ms"] == pytest.approx(10.0)
+    assert e["prefill_error_pct"] == pytest.approx(-16.67, abs=0.01)
 
 
 def test_bad_arguments_exit_2():
