@@ -73,7 +73,8 @@ def kv_capacity(longest_prompt: int, max_new_tokens: int, max_k: int) -> int:
 class _Group:
     """Sequences of one part with the same N (host part: or all of them, n their counts): what one
     kernel call needs."""
-    n: int | torch.Tensor      # tokens per sequence; host part of many counts: int64 [Bg] host, each one's
+    n: int | torch.Tensor      # tokens per sequence; a host part of many counts: int64 [Bg] on the host, each
+                               # sequence's own (one ragged verify-kernel call)
     local_rows: torch.Tensor   # [Bg] int64 on the part's device
     ctx: torch.Tensor          # [Bg] int64 on the part's device
     max_ctx: int = 0           # max(ctx) as a host int (spares the decode kernel a sync)
