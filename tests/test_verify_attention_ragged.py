@@ -81,17 +81,23 @@ def test_ragged_rows_match_reference(D, heads, kv_dtype, path):
 @needs_kernel
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 def test_ragged_call_is_the_calls_per_count(kv_dtype):
-    """Grouped by count inside the kernel, each group a uniform call: the same bits as a call per count."""
+    """Grouped by count inside the kernel, each group a uniform call: the same bits as a call per count (on
+    one thread: the threads a call has decide how it splits long contexts); on two, side by side or one
+    after another, the reference's values."""
     seed = random.randrange(2**31)
     counts, ctxs = random_counts(random.Random(seed), 12)
     q, k, v, slots, ctx_lens, offsets, n, T = ragged_case(counts, ctxs, 8, 2, 64, kv_dtype, seed)
     one = torch.zeros(T, 8, 64)
-    va.verify_attention_tokens(q, k, v, slots, ctx_lens, offsets, n, one)
+    va.verify_attention_tokens(q, k, v, slots, ctx_lens, offsets, n, one, num_threads=1)
     per = torch.zeros(T, 8, 64)
     for nv in sorted(set(counts)):
         sel = torch.nonzero(n == nv).flatten()
-        va.verify_attention_tokens(q, k, v, slots[sel], ctx_lens[sel], offsets[sel], nv, per)
+        va.verify_attention_tokens(q, k, v, slots[sel], ctx_lens[sel], offsets[sel], nv, per, num_threads=1)
     assert torch.equal(one, per), f"seed={seed}"
+    two = torch.zeros(T, 8, 64)
+    va.verify_attention_tokens(q, k, v, slots, ctx_lens, offsets, n, two, num_threads=2)
+    tol = 1e-5 if kv_dtype == torch.float32 else 1e-2
+    assert ((two - one).abs().max() / one.abs().max()).item() <= tol, f"seed={seed}"
 
 
 def test_torch_backend_takes_ragged_rows():

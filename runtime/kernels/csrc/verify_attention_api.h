@@ -7,9 +7,11 @@
 //   specmoe_verify_attention         q and out [B, N, Hq, D] fp32, contiguous
 //   specmoe_verify_attention_info    what this build offers
 //
-// A ragged call runs its rows grouped by count, one group after another, each group as a tokens
-// call of that N (the kernel's tiles and its causal block are shaped by N): the same arithmetic as a
-// call per count, without the caller's per-call work (argument checks, a foreign call, index plans).
+// A ragged call runs its rows grouped by count, each group as a tokens call of that N (the kernel's
+// tiles and its causal block are shaped by N): the same arithmetic as a call per count, without the
+// caller's per-call work (argument checks, a foreign call, index plans). Groups none of which holds
+// more than a thread's share of the work (a prefill of many prompt lengths) run side by side, one
+// thread each; else one after another, each on the whole team.
 // Every argument is checked before any memory access; nothing is written on a bad argument.
 
 namespace {
@@ -56,14 +58,26 @@ Args make_args(const void* q, int32_t q_dtype, int64_t q_tok, const void* k_cach
   return a;
 }
 
+// Threads a call may use: num_threads, or OpenMP's default where <= 0 (1 without OpenMP).
+int resolve_threads(int32_t num_threads) {
+#ifdef _OPENMP
+  return num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  (void)num_threads;
+  return 1;
+#endif
+}
+
+// A call's arithmetic, roughly: query rows x keys they see, summed (to balance a ragged call's groups).
+double call_work(const Args& a) {
+  double w = 0.0;
+  for (int64_t b = 0; b < a.B; ++b) w += double(a.N) * double(a.ctx[b]) + double(a.N * (a.N + 1) / 2);
+  return w * double(a.Hq);
+}
+
 // Runs one uniform-N call on at most num_threads threads (<= 0: OpenMP's default).
 int run_call(const Args& a, int32_t num_threads, int64_t split_keys) {
-  int nt = num_threads;
-#ifdef _OPENMP
-  if (nt <= 0) nt = omp_get_max_threads();
-#else
-  nt = 1;
-#endif
+  const int nt = resolve_threads(num_threads);
   try {  // allocation failures outside the parallel region surface as -4, never as a crash
     if (a.flags & 1) return run_all<0>(a, nt, split_keys);
     switch (a.D) {
@@ -129,17 +143,27 @@ int specmoe_verify_attention_ragged(const void* q, int32_t q_dtype, int64_t q_to
   std::vector<int64_t> order(B);  // batch rows by count, largest first (stable: pass order inside a count)
   for (int64_t b = 0; b < B; ++b) order[b] = b;
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return counts[x] > counts[y]; });
-  std::vector<int64_t> gs, gc, gt;  // the group's slots, cached lengths and first token rows
+  std::vector<int64_t> rs(B), rl(B), rt(B);  // slots, cached lengths and first token rows in that order
+  for (int64_t i = 0; i < B; ++i) rs[i] = slots[order[i]], rl[i] = ctx_lens[order[i]], rt[i] = tokens[order[i]];
+  std::vector<Args> groups;  // each a run of one count in that order
+  double total = 0.0, largest = 0.0;
   for (int64_t i = 0; i < B;) {
-    const int64_t N = counts[order[i]];
-    gs.clear(), gc.clear(), gt.clear();
-    for (; i < B && counts[order[i]] == N; ++i) {
-      gs.push_back(slots[order[i]]), gc.push_back(ctx_lens[order[i]]), gt.push_back(tokens[order[i]]);
-    }
-    const Args a = make_args(q, q_dtype, q_tok, k_cache, v_cache, kv_dtype, gs.data(), gc.data(), gt.data(), out,
-                             out_dtype, out_tok, int64_t(gs.size()), N, Hq, Hkv, D, R, S, scale, chunk_keys, flags);
-    if (int rc = run_call(a, num_threads, split_keys)) return rc;
+    const int64_t N = counts[order[i]], i0 = i;
+    while (i < B && counts[order[i]] == N) ++i;
+    groups.push_back(make_args(q, q_dtype, q_tok, k_cache, v_cache, kv_dtype, &rs[i0], &rl[i0], &rt[i0], out,
+                               out_dtype, out_tok, i - i0, N, Hq, Hkv, D, R, S, scale, chunk_keys, flags));
+    const double w = call_work(groups.back());
+    total += w, largest = std::max(largest, w);
   }
+  const int nt = resolve_threads(num_threads), G = int(groups.size());
+  if (nt > 1 && G > 1 && largest * nt <= total) {  // side by side, one thread each, largest first
+    int rc = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::min(nt, G)) reduction(min : rc)
+    for (int i = 0; i < G; ++i) rc = std::min(rc, run_call(groups[i], 1, split_keys));
+    return rc;
+  }
+  for (const Args& a : groups)
+    if (int rc = run_call(a, num_threads, split_keys)) return rc;
   return 0;
 }
 
