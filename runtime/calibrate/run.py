@@ -213,11 +213,12 @@ class _Measurements:
             res.setdefault("skipped", {})["stage_overheads"] = "no engine configuration for this model"
             return
         try:
-            res["stage_overheads"] = measure_stage_overheads(
+            so = measure_stage_overheads(
                 cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=self.st.overhead_rounds,
                 per_round=self.st.overhead_per_round, progress=lambda msg: self.note(msg))
-            res["stage_overheads"]["prefill"] = measure_prefills(   # fitted with the stage overheads (overhead_fit)
+            so["prefill"] = measure_prefills(   # fitted with the stage overheads (overhead_fit)
                 cfgs["target"], rounds=min(self.st.overhead_rounds, PREFILL_ROUNDS), progress=lambda msg: self.note(msg))
+            res["stage_overheads"] = so
         except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:   # a family the engine lacks
             res.setdefault("skipped", {})["stage_overheads"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
 
