@@ -232,6 +232,24 @@ def test_a_uniform_miss_is_named_as_machine_drift(plan):
     assert not any("machine running" in n for n in compare(plan, make_run(plan, mixed, 1.0)).notes)
 
 
+def test_a_prefill_miss_says_where_the_measured_prefill_went(plan):
+    """A prefill 1.6x its prediction: a note with both times, the error and the measured target stages,
+    largest first, and the time outside them; a prefill within the goal gets no note."""
+    pred = plan.predicted.prefill_time_s
+    by = {"target.moe": 0.5 * pred, "target.pre_attn": 0.25 * pred, "target.attention": 0.15 * pred}
+    run = make_run(plan, {}, 1.0, prefill_stage_totals_s=by)
+    run["stages"]["prefill"] = 1.6 * pred
+    notes = [n for n in compare(plan, run).notes if n.startswith("Prefill:")]
+    assert len(notes) == 1, notes
+    n = notes[0]
+    assert "underestimates it by 37.5%" in n
+    assert n.index("moe") < n.index("pre_attn") < n.index("attention ")
+    outside = 1.6 * pred - 0.9 * pred
+    assert f"{outside * 1e3:.3g} ms outside them" in n or f"{outside:.3g} s outside them" in n
+    run["stages"]["prefill"] = 1.05 * pred
+    assert not any(n.startswith("Prefill:") for n in compare(plan, run).notes)
+
+
 def test_prediction_helpers(plan):
     assert predicted_timeline(plan) == plan.predicted.timeline
     by_k = throughput_by_k(plan)

@@ -1,6 +1,7 @@
 """'Where the model is off and why': the report's notes, each read from the numbers of a Comparison
 (the iteration's miss, the largest stage miss, a uniform miss, the machine's speed, the overlap,
-the bound resource, acceptance, the workload the run had, and how the run was taken)."""
+the bound resource, acceptance, the prefill's miss with where its measured time went, the workload the
+run had, and how the run was taken)."""
 from __future__ import annotations
 
 from specmoe.planner.plan import Plan
@@ -19,7 +20,8 @@ def explain(cmp: Comparison, plan: Plan, run: dict) -> list[str]:
     notes = [_iteration_note(cmp, it), _largest_miss_note(parts), _uniform_miss_note(parts),
              _drift_note(cmp, it.error_pct)]
     notes += _unmeasured_notes(parts)
-    notes += [_overlap_note(parts, it, run), _bound_note(parts, plan), _acceptance_note(cmp)]
+    notes += [_overlap_note(parts, it, run), _bound_note(parts, plan), _acceptance_note(cmp),
+              _prefill_note(cmp, run)]
     notes += _workload_notes(plan, run)
     notes += _run_notes(cmp, run)
     return [n for n in notes if n is not None]
@@ -140,6 +142,25 @@ def _acceptance_note(cmp: Comparison) -> str | None:
                 f"acc(k)={acc_row.predicted:.2f} ({acc_row.error_pct:+.0f}%): tokens per iteration, hence "
                 "throughput, move with it; re-profile acceptance (`specmoe profile-acceptance`) and plan again.")
     return None
+
+
+def _prefill_note(cmp: Comparison, run: dict) -> str | None:
+    """A prefill off by more than the goal: its measured time by target stage (the run record's
+    prefill_stage_totals_s) and the rest (the draft's own prefill, the first tokens' choice)."""
+    row = cmp.row(Stage.PREFILL.value)
+    if row.error_pct is None or abs(row.error_pct) <= cmp.goal_pct or not row.measured:
+        return None
+    by = {k: float(v) for k, v in (run.get("prefill_stage_totals_s") or {}).items()
+          if isinstance(v, (int, float)) and v > 0}
+    where = ""
+    if by:
+        parts = ", ".join(f"{k.split('.', 1)[-1]} {_ms(v)}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+        where = f"; measured by target stage: {parts}, and {_ms(max(0.0, row.measured - sum(by.values())))} " \
+                "outside them (the draft's own prefill, the first tokens' choice)"
+    way = "underestimates" if row.error_pct < 0 else "overestimates"
+    return (f"Prefill: {_ms(row.measured)} measured against {_ms(row.predicted)} predicted, the model {way} it "
+            f"by {abs(row.error_pct):.1f}%{where}. It is costed from the calibration's own prefill passes "
+            "(prefill.token), where the spec has them.")
 
 
 def _workload_notes(plan: Plan, run: dict) -> list[str]:
