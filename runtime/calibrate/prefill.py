@@ -35,10 +35,12 @@ def measure_prefills(target_cfg: dict, *, rounds: int = ROUNDS, configs=PREFILL_
     """Seconds of each configuration's prefill pass (wall, from the engine's call to its first tokens):
     every sample and the low quantile. A random target (the calibration's config) with every expert
     resident, on the device and in the dtype of the engine-stage measurement; fresh random prompts each
-    pass, of the lengths prompt_lengths(B, P)."""
+    pass, of the lengths prompt_lengths(B, P), each pass after the C heap's free pages are released, as
+    the engine's runs start."""
     import torch
 
     from specmoe.runtime.calibrate.overhead import engine_device, engine_parts, stage_decoder
+    from specmoe.runtime.memory_usage import release_free_heap
     from specmoe.runtime.speculative import Sequence
 
     dev, dtype = engine_device(device)
@@ -58,9 +60,12 @@ def measure_prefills(target_cfg: dict, *, rounds: int = ROUNDS, configs=PREFILL_
                     enumerate(run["lens"])]
             for i, s in enumerate(seqs):
                 s.row = i
+            # as every run of the engine starts (Engine.generate, MemoryMeter.run_started): its first prefill
+            # faults its activations' pages in anew (5 of the demo's 50 ms on this VM, side by side)
+            release_free_heap()
             t0 = time.perf_counter()
             run["dec"].prefill(seqs)
-            if r > 0:            # round 0: the untimed first pass (allocations, first touches)
+            if r > 0:            # round 0: the untimed first pass (allocations)
                 run["samples"].append(time.perf_counter() - t0)
     return {"expert_cache_slots": list(slots), "rounds": rounds,
             "configs": [{"B": run["B"], "P": run["P"], "samples_s": [round(x, 7) for x in run["samples"]],
