@@ -106,7 +106,7 @@ def one_round(i: int, args, job, plan, dtype: str, log) -> dict:
     plan_path = out / f"plan-{i}.json"
     plan_i.to_json(plan_path)
     eng = Engine(plan_i, TARGET_DIR, draft_dir(args), dtype=dtype)
-    eng.generate(job.prompts[:2], max_new_tokens=4, draft_len=plan_i.draft_len)     # one-time costs untimed
+    eng.warm_up(job.prompts)                                        # one-time costs untimed
     runs, slow = quiet_runs(eng, spec, job, plan_i.draft_len, args.repeats)
     best = fastest_run(runs)
     run_path = out / f"run-{i}.json"

@@ -182,3 +182,25 @@ def test_open_stream_plan_runs_on_five_prompts(setup, tmp_path):
                  "--max-new-tokens", "6", "-o", str(rec), "--no-progress"]) == 0
     r = json.loads(rec.read_text())
     assert r["complete"] and r["finished_sequences"] == 5 and r["rows"] == 5 and r["batch"] == p["batch"]
+
+
+def test_run_warms_the_engine_up_first(setup, tmp_path, monkeypatch):
+    """`specmoe run` makes one short untimed generation before the run (Engine.warm_up), whose one-time costs
+    then stay out of the run record; the run's tokens are those of an engine that never warmed up."""
+    from specmoe.runtime.engine import Engine
+
+    root, t, d, plan = setup
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w5 w6 w7\nw40\n")
+    calls = []
+    real = Engine.warm_up
+    monkeypatch.setattr(Engine, "warm_up", lambda self, p=None: calls.append(len(p)) or real(self, p))
+    out, rec = tmp_path / "out.jsonl", tmp_path / "run.json"
+    assert main(["run", str(plan), "--target", str(t), "--draft", str(d), "--prompts", str(prompts),
+                 "--max-new-tokens", "6", "--outputs", str(out), "-o", str(rec), "--no-progress"]) == 0
+    assert calls == [2]                                  # on the run's own first batch (plan batch 3)
+    r = json.loads(rec.read_text())
+    assert r["finished_sequences"] == 2 and r["sequences"] == 2      # the warm-up's two prompts are not the run's
+    cold = Engine(str(plan), t, d).generate(read_prompts(prompts), max_new_tokens=6)
+    warm = {x["index"]: x["token_ids"] for x in map(json.loads, out.read_text().splitlines())}
+    assert warm == {o.index: o.token_ids for o in cold.outputs}

@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                     rebalance_experts=True if args.rebalance_experts else None, threads=args.threads)
     if engine.plan is not given:
         _save_run_plan(engine.plan, out_path)
+    engine.warm_up(prompts)   # the process's one-time costs out of the run's timings (Engine.warm_up)
     for w in engine.calibration_warnings:
         print(f"specmoe run: warning: this run differs from the calibration of {engine.plan.hardware.get('name', '?')}"
               f" -- {w}", file=sys.stderr)

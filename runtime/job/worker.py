@@ -28,6 +28,7 @@ class EngineWorker:
         from specmoe.runtime.engine import Engine
 
         self.engine = Engine(Plan.from_dict(json.loads(plan_json)), target, draft, **engine_options)
+        self.engine.warm_up()      # one-time costs out of the first batch's record
         self.generate_options = dict(generate_options)
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.board = ray.get_actor(board)
