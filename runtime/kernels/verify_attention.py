@@ -286,19 +286,20 @@ def _validate_tokens(q, k_cache, v_cache, slots, ctx_lens, token_offsets, n, sca
     R, Hkv, S = _check_caches(k_cache, v_cache, Hq, D, reference)
     B = token_offsets.shape[0] if token_offsets.dim() == 1 else -1
     _check_index((("token_offsets", token_offsets), ("slots", slots), ("ctx_lens", ctx_lens)), B)
-    _check_counts(n, B)
+    _check_counts(n, B, values)
     if values:
         _check_tokens(token_offsets, n, Tq, out.shape[0])
         _check_values(slots, ctx_lens, n, R, S)
     return B, n, Hq, Hkv, D, R, S, _scale(scale, D)
 
 
-def _check_counts(n, B: int) -> None:
-    """n: query tokens per sequence, an int >= 1 or an int64 tensor [B] of counts >= 1 (a ragged call)."""
+def _check_counts(n, B: int, values: bool = True) -> None:
+    """n: query tokens per sequence, an int >= 1 or an int64 tensor [B] of counts >= 1 (a ragged call;
+    values=False leaves the counts' range to the C entry point, as _validate leaves slots and ctx_lens)."""
     if isinstance(n, torch.Tensor):
         _check_cpu((("n", n),))
         _check_index((("n", n),), B)
-        if B and int(n.min()) < 1:
+        if values and B and int(n.min()) < 1:
             _fail("n", f"holds {int(n.min())}", "every sequence has n >= 1 query tokens")
     elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
         _fail("n", f"is {n!r}", "n = k+1 >= 1 query tokens per sequence, or an int64 tensor [B] of them")

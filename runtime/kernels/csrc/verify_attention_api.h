@@ -68,13 +68,6 @@ int resolve_threads(int32_t num_threads) {
 #endif
 }
 
-// A call's arithmetic, roughly: query rows x keys they see, summed (to balance a ragged call's groups).
-double call_work(const Args& a) {
-  double w = 0.0;
-  for (int64_t b = 0; b < a.B; ++b) w += double(a.N) * double(a.ctx[b]) + double(a.N * (a.N + 1) / 2);
-  return w * double(a.Hq);
-}
-
 // Runs one uniform-N call on at most num_threads threads (<= 0: OpenMP's default).
 int run_call(const Args& a, int32_t num_threads, int64_t split_keys) {
   const int nt = resolve_threads(num_threads);
@@ -152,7 +145,7 @@ int specmoe_verify_attention_ragged(const void* q, int32_t q_dtype, int64_t q_to
     while (i < B && counts[order[i]] == N) ++i;
     groups.push_back(make_args(q, q_dtype, q_tok, k_cache, v_cache, kv_dtype, &rs[i0], &rl[i0], &rt[i0], out,
                                out_dtype, out_tok, i - i0, N, Hq, Hkv, D, R, S, scale, chunk_keys, flags));
-    const double w = call_work(groups.back());
+    const double w = call_row_keys(groups.back());  // the group's arithmetic, to balance the groups
     total += w, largest = std::max(largest, w);
   }
   const int nt = resolve_threads(num_threads), G = int(groups.size());

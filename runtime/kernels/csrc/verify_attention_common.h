@@ -351,11 +351,18 @@ struct Split {
   int64_t b, h, first, n;
 };
 
+// A call's query heads x the keys each of its query tokens sees, summed (4 D flops each: QK and PV).
+inline double call_row_keys(const Args& a) {
+  double w = 0.0;
+  for (int64_t b = 0; b < a.B; ++b) w += double(a.N) * double(a.ctx[b]) + double(a.N * (a.N + 1) / 2);
+  return w * double(a.Hq);
+}
+
 // A call small enough for the calling thread alone. Where idle OpenMP workers sleep
 // (OMP_WAIT_POLICY=PASSIVE, as the engine and the bench run), waking one costs the caller a futex
 // call and the worker 16-26 us before it starts (measured on a 2-core VM), so a call whose work one
-// core does in about that time is slower on two threads (1.4-2.4x at 10-50 us: the engine's prefill,
-// one call per prompt length and layer, and its small draft calls). The estimate is one core's
+// core does in about that time is slower on two threads (1.4-2.4x at 10-50 us: the groups of one
+// prompt length of the engine's prefill, and its small draft calls). The estimate is one core's
 // time, roughly: 50 GFLOP/s, 15 GB/s of KV and 1 us an item.
 constexpr double SMALL_CALL_US = 30.0;
 bool small_call(const Args& a, int64_t nitems) {
@@ -364,12 +371,10 @@ bool small_call(const Args& a, int64_t nitems) {
     return p && (std::strcmp(p, "PASSIVE") == 0 || std::strcmp(p, "passive") == 0);
   }();
   if (!passive) return false;
-  double flops = 0.0, kv_bytes = 0.0;
+  double kv_bytes = 0.0;
   const double elem = a.kv == 0 ? 4.0 : 2.0;
-  for (int64_t b = 0; b < a.B; ++b) {
-    flops += 4.0 * double(a.D) * double(a.Hq) * double(a.N * a.ctx[b] + a.N * (a.N + 1) / 2);
-    kv_bytes += 2.0 * double(a.ctx[b] + a.N) * double(a.Hkv) * double(a.D) * elem;
-  }
+  for (int64_t b = 0; b < a.B; ++b) kv_bytes += 2.0 * double(a.ctx[b] + a.N) * double(a.Hkv) * double(a.D) * elem;
+  const double flops = 4.0 * double(a.D) * call_row_keys(a);
   return flops / 5e4 + kv_bytes / 1.5e4 + double(nitems) < SMALL_CALL_US;
 }
 
