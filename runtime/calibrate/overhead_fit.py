@@ -125,7 +125,7 @@ def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, floa
     spec (raw mapping) holding the measured curves but no fixed costs."""
     from specmoe.planner.model_spec import ModelSpec
 
-    hw = _roofline_hardware(hw_raw)
+    hw = _hardware(hw_raw)
     spec = ModelSpec.from_hf_config(raw["target_config"], name="calibration target")
     dspecs = {int(k): ModelSpec.from_hf_config(v, name=f"calibration draft {k}") for k, v in raw["draft_configs"].items()}
     if raw.get("eagle_config"):
@@ -153,19 +153,22 @@ def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, floa
     if raw.get("prefill"):        # prefill passes timed: what the cost model's prefill leaves out per token
         from specmoe.runtime.calibrate.prefill import fit_prefill
 
-        theta_s, details["prefill"] = fit_prefill(raw, hw_raw, op_us, stage_us)
+        theta_s, details["prefill"] = fit_prefill(raw, _hardware(hw_raw, op_us, stage_us))
         stage_us[K.PREFILL_TOKEN.value] = _r(theta_s * 1e6)
     return op_us, stage_us, details
 
 
-def _roofline_hardware(hw_raw: dict):
-    """The hardware spec of hw_raw without its fixed costs: the cost model then gives the bare roofline."""
+def _hardware(hw_raw: dict, op_us: float | None = None, stage_us: dict[str, float] | None = None):
+    """The hardware spec of hw_raw with these fixed costs in place of its own (none: the cost model then
+    gives the bare roofline)."""
     from specmoe.planner.hardware_spec import parse_hardware
 
-    hw_raw = dict(hw_raw)
-    hw_raw["measured"] = {k: v for k, v in hw_raw.get("measured", {}).items()
-                          if k not in ("op_overhead_us", "stage_overhead_us")}
-    return parse_hardware(hw_raw, "calibration")
+    measured = {k: v for k, v in hw_raw.get("measured", {}).items() if k not in ("op_overhead_us", "stage_overhead_us")}
+    if op_us:
+        measured["op_overhead_us"] = op_us
+    if stage_us:
+        measured["stage_overhead_us"] = dict(stage_us)
+    return parse_hardware({**hw_raw, "measured": measured}, "calibration")
 
 
 def _stage_rows(raw: dict, spec, dspecs: dict, hw, dt: str, n_moe: int) -> dict[str, list[tuple[dict, float, float]]]:

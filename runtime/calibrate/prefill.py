@@ -1,7 +1,7 @@
 """Prefill passes of the engine, timed and fitted: part of `specmoe calibrate`'s engine-stage step.
 
     measure_prefills(target_cfg, ...) -> raw samples (kept with the stage overheads, under "prefill")
-    fit_prefill(raw, hw_raw, op_us, stage_us) -> (prefill.token seconds, details)
+    fit_prefill(raw, hw) -> (prefill.token seconds, details)
 
 The decode terms (runtime/calibrate/overhead.py) are fitted on passes of at most B (k+1) = 128 tokens.
 A prefill pass carries thousands: its rotary and norms, the expert GEMMs' outputs and silu_mul over
@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from specmoe.planner.overhead import OverheadKey as K
 from specmoe.runtime.calibrate.measure import low_quantile
 
 # (B, P): passes of 96 to 1280 tokens, prompts of 12 to 64 (the demo's: 32 prompts of 34 tokens)
@@ -79,9 +78,10 @@ def prompt_lengths(B: int, P: int) -> list[int]:
     return lens[::2] + lens[1::2]
 
 
-def fit_prefill(raw: dict, hw_raw: dict, op_us: float | None, stage_us: dict[str, float]) -> tuple[float, dict]:
+def fit_prefill(raw: dict, hw) -> tuple[float, dict]:
     """(seconds per prompt token per target layer, details) from measure_prefills' samples (raw["prefill"] of
-    the stage-overhead samples) against the cost model's prefill with the fixed costs op_us / stage_us."""
+    the stage-overhead samples) against the cost model's prefill on hw, the hardware spec with the fixed costs
+    just fitted."""
     import numpy as np
     from scipy.optimize import nnls
 
@@ -89,7 +89,6 @@ def fit_prefill(raw: dict, hw_raw: dict, op_us: float | None, stage_us: dict[str
 
     pre = raw["prefill"]
     spec = ModelSpec.from_hf_config(raw["target_config"], name="calibration target")
-    hw = _hardware_with(hw_raw, op_us, stage_us)
     dt = "bf16" if raw["dtype"] == "bfloat16" else "fp32"
     L = spec.num_layers
     meas = np.array([c["low_s"] for c in pre["configs"]], dtype=float)                             # [configs]
@@ -118,17 +117,6 @@ def model_prefill_s(spec, hw, dtype: str, B: int, P: int, slots: list[int]) -> f
     wl = Workload(prompt_len=P, gen_len=64, kv_dtype=dtype, weight_dtype=dtype)
     pl = Placement(expert_cache_slots=tuple(slots), draft_kv_gpu_sequences=0, target_kv_gpu_sequences=0)
     return prefill_time(CostModel(spec, hw, wl, None), B, pl)
-
-
-def _hardware_with(hw_raw: dict, op_us: float | None, stage_us: dict[str, float]):
-    """The hardware spec of hw_raw with these fixed costs (and no prefill.token)."""
-    from specmoe.planner.hardware_spec import parse_hardware
-
-    measured = {k: v for k, v in hw_raw.get("measured", {}).items() if k not in ("op_overhead_us", "stage_overhead_us")}
-    if op_us:
-        measured["op_overhead_us"] = op_us
-    measured["stage_overhead_us"] = {k: v for k, v in stage_us.items() if k != K.PREFILL_TOKEN.value}
-    return parse_hardware({**hw_raw, "measured": measured}, "calibration")
 
 
 def _r(x: float) -> float:
