@@ -283,15 +283,17 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], eagle_cfg: dict, 
     return runs
 
 
-def random_sequences(B: int, vocab_size: int, prompt_len: int, g) -> list:
-    """B sequences of random prompt tokens (ids >= 3, past the special ones) in rows 0..B-1, no length limit."""
+def random_sequences(B: int, vocab_size: int, prompt_len: int | list[int], g) -> list:
+    """B sequences of random prompt tokens (ids >= 3, past the special ones) in rows 0..B-1, no length limit;
+    prompt_len tokens each, or prompt_len[i] for sequence i."""
     import torch
 
     from specmoe.runtime.speculative import Sequence
 
+    lens = prompt_len if isinstance(prompt_len, list) else [prompt_len] * B
     seqs = []
     for i in range(B):
-        s = Sequence(i, torch.randint(3, vocab_size, (prompt_len,), generator=g).tolist(), 10**9)
+        s = Sequence(i, torch.randint(3, vocab_size, (lens[i],), generator=g).tolist(), 10**9)
         s.row = i
         seqs.append(s)
     return seqs

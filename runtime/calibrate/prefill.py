@@ -38,9 +38,8 @@ def measure_prefills(target_cfg: dict, *, rounds: int = ROUNDS, configs=PREFILL_
     the engine's runs start."""
     import torch
 
-    from specmoe.runtime.calibrate.overhead import engine_device, engine_parts, stage_decoder
+    from specmoe.runtime.calibrate.overhead import engine_device, engine_parts, random_sequences, stage_decoder
     from specmoe.runtime.memory_usage import release_free_heap
-    from specmoe.runtime.speculative import Sequence
 
     dev, dtype = engine_device(device)
     target, _, slots = engine_parts(target_cfg, dev, dtype, "full")
@@ -55,10 +54,7 @@ def measure_prefills(target_cfg: dict, *, rounds: int = ROUNDS, configs=PREFILL_
         if progress:
             progress(f"prefill passes: round {r}/{rounds}")
         for run in runs:
-            seqs = [Sequence(i, torch.randint(3, vocab, (n,), generator=g).tolist(), 10**9) for i, n in
-                    enumerate(run["lens"])]
-            for i, s in enumerate(seqs):
-                s.row = i
+            seqs = random_sequences(run["B"], vocab, run["lens"], g)
             # as every run of the engine starts (Engine.generate, MemoryMeter.run_started): its first prefill
             # faults its activations' pages in anew (5 of the demo's 50 ms on this VM, side by side)
             release_free_heap()
