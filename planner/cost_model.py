@@ -435,7 +435,7 @@ class CostModel:
 
     # ---- fixed per-invocation costs (planner/fixed_costs.py) ----
     def prefill_fixed_s(self, batch: int, prompt_len: int, chunks: int) -> float:
-        """Fixed seconds of the prefill (FixedCosts.prefill_s)."""
+        """Fixed seconds of the prefill (the sum of FixedCosts.prefill_parts)."""
         return self.fixed.prefill_s(batch, prompt_len, chunks)
 
     # ---- draft pieces ----

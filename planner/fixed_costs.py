@@ -15,7 +15,9 @@ costs fixed + roofline, the fixed part counted per invocation as the engine make
                      + per token per MoE layer; spread evenly over the micro-batch columns when batched_moe is off
   target.h2d         one per streamed expert (folded into the per-uncached-expert slope, so it stays linear)
   target.lm_head     one per iteration (spread over the micro-batch columns)
-  prefill.token      per prompt token and target layer of a prefill pass (FixedCosts.prefill_s only)
+  prefill.*          per target layer per prefill pass and (.token) per prompt token per target layer, in each
+                     target stage; prefill and prefill.token outside them (per pass, per token and layer);
+                     FixedCosts.prefill_parts only
   iteration.other    one per iteration + per sequence: engine work outside every stage, added to the
                      iteration (IterationCosts.other_s), not to a stage
   verify.accept      one per iteration + per sequence + per verified token
@@ -35,7 +37,9 @@ import numpy as np
 from specmoe.planner.cost_terms import touched_experts
 from specmoe.planner.iteration_costs import IterationCosts
 from specmoe.planner.model_spec import ModelSpec
-from specmoe.planner.overhead import DRAFT_PART_KEYS, EAGLE_PART_KEYS, OverheadKey as K, Overheads
+from specmoe.planner.overhead import (DRAFT_PART_KEYS, EAGLE_PART_KEYS, PREFILL_PART_KEYS, OverheadKey as K,
+                                      Overheads)
+from specmoe.planner.stages import Stage as S
 from specmoe.planner.workload import AcceptanceProfile
 
 
@@ -121,26 +125,42 @@ class FixedCosts:
 
     # ---- prefill ----
     def prefill_s(self, batch: int, prompt_len: int, chunks: int) -> float:
-        """Fixed seconds of the prefill: the same stage invocations as a decode pass with one
-        micro-batch, once per chunk of prompt tokens, with per-token terms over all B*P tokens and
-        per-sequence terms once per sequence, and prefill.token per token and layer (fitted to prefill
-        passes: what the decode terms miss at thousands of tokens); then the LM head and the draft's own
-        prefill pass."""
+        """Fixed seconds of the prefill: the sum of prefill_parts."""
+        return float(sum(self.prefill_parts(batch, prompt_len, chunks).values()))
+
+    def prefill_parts(self, batch: int, prompt_len: int, chunks: int) -> dict[str, float]:
+        """Fixed seconds of the prefill by where they are spent: each target stage (stage name), the draft's
+        own prefill pass ("draft") and the rest ("other"). The stage invocations are a decode pass's with one
+        micro-batch, once per chunk of prompt tokens, per-token terms over all B*P tokens, per-sequence terms
+        once per sequence, plus each part's prefill terms (PREFILL_PART_KEYS, fitted to prefill passes: what the
+        decode terms miss at thousands of tokens; a stage's prefill token term takes its decode token term's
+        place). {} without fixed costs."""
         if not self.any:
-            return 0.0
+            return {}
         o = self.ov.get
-        L = len(self.is_moe)
+        L, n_moe = len(self.is_moe), float(self.is_moe.sum())
         T = batch * prompt_len
-        per_chunk = L * (o(K.PRE_ATTN) + o(K.ATTENTION) + o(K.POST_ATTN)) \
-            + float(np.where(self.is_moe, o(K.MOE) + o(K.MOE_EXPERT) * touched_experts(
-                self.E, self.na, T / max(chunks, 1)), o(K.MOE)).sum())
-        t = chunks * per_chunk + o(K.PRE_ATTN) + o(K.LM_HEAD) + o(K.LM_HEAD_TOKEN) * batch
-        t += batch * (o(K.PRE_ATTN_SEQUENCE) + o(K.ATTENTION_SEQUENCE))
-        t += T * L * o(K.POST_ATTN_TOKEN) + T * float(self.is_moe.sum()) * o(K.MOE_TOKEN)
-        t += T * L * o(K.PREFILL_TOKEN)
-        if self.draft is not None:
-            t += o(K.DRAFT_STEP) + self.draft.num_layers * o(K.DRAFT_LAYER) + o(K.DRAFT_SEQUENCE) * batch
-        return t
+        moe = float(np.where(self.is_moe, o(K.MOE) + o(K.MOE_EXPERT) * touched_experts(
+            self.E, self.na, T / max(chunks, 1)), o(K.MOE)).sum())
+        parts = {
+            S.TARGET_PRE_ATTN.value: (chunks * L + 1) * o(K.PRE_ATTN) + batch * o(K.PRE_ATTN_SEQUENCE),
+            S.TARGET_ATTENTION.value: chunks * L * o(K.ATTENTION) + batch * o(K.ATTENTION_SEQUENCE),
+            S.TARGET_POST_ATTN.value: chunks * L * o(K.POST_ATTN) + T * L * self._decode_token(K.POST_ATTN_TOKEN),
+            S.TARGET_MOE.value: chunks * moe + T * n_moe * self._decode_token(K.MOE_TOKEN),
+            S.TARGET_LM_HEAD.value: o(K.LM_HEAD) + o(K.LM_HEAD_TOKEN) * batch,
+        }
+        parts["other"] = 0.0
+        for part, (per_pass, per_token) in PREFILL_PART_KEYS.items():
+            parts[part] += chunks * (1 if part == "other" else L) * o(per_pass) + T * L * o(per_token)
+        parts["draft"] = (o(K.DRAFT_STEP) + self.draft.num_layers * o(K.DRAFT_LAYER) + o(K.DRAFT_SEQUENCE) * batch
+                          if self.draft is not None else 0.0)
+        return parts
+
+    def _decode_token(self, key: K) -> float:
+        """A decode-fitted per-token term in a prefill: none where the spec has its stage's prefill token key,
+        which was fitted in its place (decode passes carry tens of tokens, a prefill pass thousands)."""
+        prefill_key = {K.POST_ATTN_TOKEN: K.PREFILL_POST_ATTN_TOKEN, K.MOE_TOKEN: K.PREFILL_MOE_TOKEN}[key]
+        return 0.0 if self.ov.has(prefill_key) else self.ov.get(key)
 
     # ---- draft ----
     def draft_step_s(self, seqs: int, q: float, on_gpu: bool = True) -> float:

@@ -72,7 +72,16 @@ class OverheadKey(str, Enum):
     DRAFT_CPU_EAGLE_STEP = f"{Stage.DRAFT_CPU.value}.eagle.step"
     DRAFT_CPU_EAGLE_SEQUENCE = f"{Stage.DRAFT_CPU.value}.eagle.sequence"
     DRAFT_CPU_EAGLE_CATCHUP = f"{Stage.DRAFT_CPU.value}.eagle.catchup"
+    PREFILL = Stage.PREFILL.value
     PREFILL_TOKEN = f"{Stage.PREFILL.value}.token"
+    PREFILL_PRE_ATTN = f"{Stage.PREFILL.value}.{Stage.TARGET_PRE_ATTN.value}"
+    PREFILL_ATTENTION = f"{Stage.PREFILL.value}.{Stage.TARGET_ATTENTION.value}"
+    PREFILL_POST_ATTN = f"{Stage.PREFILL.value}.{Stage.TARGET_POST_ATTN.value}"
+    PREFILL_MOE = f"{Stage.PREFILL.value}.{Stage.TARGET_MOE.value}"
+    PREFILL_PRE_ATTN_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_PRE_ATTN.value}.token"
+    PREFILL_ATTENTION_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_ATTENTION.value}.token"
+    PREFILL_POST_ATTN_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_POST_ATTN.value}.token"
+    PREFILL_MOE_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_MOE.value}.token"
 
     def __str__(self) -> str:
         return self.value
@@ -117,10 +126,33 @@ OVERHEAD_KEYS: dict[str, str] = {
     OverheadKey.DRAFT_CPU_EAGLE_STEP.value: "as draft.eagle.step, for the host part (else draft.eagle.step)",
     OverheadKey.DRAFT_CPU_EAGLE_SEQUENCE.value: "as draft.eagle.sequence, for the host part (else draft.eagle.sequence)",
     OverheadKey.DRAFT_CPU_EAGLE_CATCHUP.value: "as draft.eagle.catchup, for the host part (else draft.eagle.catchup)",
-    OverheadKey.PREFILL_TOKEN.value: ("per prompt token per target layer of a prefill pass: what the pass costs past the "
-                                      "roofline and the decode-fitted terms at thousands of tokens (rotary and norms, "
-                                      "silu_mul and the combine over [T*K, F], first touches of activations that size), "
-                                      "fitted to the engine's own prefill passes (runtime/calibrate/prefill.py)"),
+    OverheadKey.PREFILL.value: ("per prefill pass, outside the target's stages (the pass's layout and inputs, the KV "
+                                "commit, the first tokens' choice); this and the prefill keys below are fitted to the "
+                                "engine's own prefill passes (runtime/calibrate/prefill.py): what a pass of thousands of "
+                                "tokens costs past the roofline and the decode-fitted terms"),
+    OverheadKey.PREFILL_TOKEN.value: ("per prompt token per target layer of a prefill pass, outside the target's stages; a "
+                                      "spec fitted before the per-stage prefill keys holds the whole prefill's miss here"),
+    OverheadKey.PREFILL_PRE_ATTN.value: "per target layer per prefill pass, in target.pre_attn",
+    OverheadKey.PREFILL_PRE_ATTN_TOKEN.value: ("per prompt token per target layer of a prefill pass, in target.pre_attn "
+                                               "(rotary and norms over [T, H], first touches of activations that size)"),
+    OverheadKey.PREFILL_ATTENTION.value: "per target layer per prefill pass, in target.attention (causal, ragged)",
+    OverheadKey.PREFILL_ATTENTION_TOKEN.value: "per prompt token per target layer of a prefill pass, in target.attention",
+    OverheadKey.PREFILL_POST_ATTN.value: "per target layer per prefill pass, in target.post_attn (o-proj, router)",
+    OverheadKey.PREFILL_POST_ATTN_TOKEN.value: ("per prompt token per target layer of a prefill pass, in target.post_attn, "
+                                                "in place of target.post_attn.token"),
+    OverheadKey.PREFILL_MOE.value: "per target layer per prefill pass, in target.moe",
+    OverheadKey.PREFILL_MOE_TOKEN.value: ("per prompt token per target layer of a prefill pass, in target.moe (silu_mul, "
+                                          "permutation and combine over [T*K, F]), in place of target.moe.token"),
+}
+
+# The prefill keys of each target stage and of the rest of the pass: (per target layer per pass, per prompt
+# token per target layer), added by FixedCosts.prefill_parts and fitted by runtime/calibrate/prefill.py.
+PREFILL_PART_KEYS: dict[str, tuple[OverheadKey, OverheadKey]] = {
+    Stage.TARGET_PRE_ATTN.value: (OverheadKey.PREFILL_PRE_ATTN, OverheadKey.PREFILL_PRE_ATTN_TOKEN),
+    Stage.TARGET_ATTENTION.value: (OverheadKey.PREFILL_ATTENTION, OverheadKey.PREFILL_ATTENTION_TOKEN),
+    Stage.TARGET_POST_ATTN.value: (OverheadKey.PREFILL_POST_ATTN, OverheadKey.PREFILL_POST_ATTN_TOKEN),
+    Stage.TARGET_MOE.value: (OverheadKey.PREFILL_MOE, OverheadKey.PREFILL_MOE_TOKEN),
+    "other": (OverheadKey.PREFILL, OverheadKey.PREFILL_TOKEN),
 }
 
 # A draft part's keys: (step, layer, sequence, catchup) of a draft model's device and host parts, and

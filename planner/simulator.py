@@ -1,5 +1,5 @@
 """A small event simulator of the decode iteration (DESIGN.md: "a DAG of stage events per layer and
-micro-batch, not a bare max"), the prefill, and a whole run.
+micro-batch, not a bare max") and a whole run (its prefill: planner/prefill.py).
 
 Events (per target layer i, micro-batch j; durations from `cost_model.IterationCosts`):
 
@@ -46,8 +46,8 @@ import numpy as np
 
 from specmoe.planner.cost_model import CostModel, IterationCosts, split_even
 from specmoe.planner.event_dag import NO_SHARE, RES, Dag
-from specmoe.planner.memory import PREFILL_CHUNK_TOKENS
 from specmoe.planner.plan import Placement
+from specmoe.planner.prefill import prefill_time
 from specmoe.planner.stages import Stage
 
 _ST = {s: s.value for s in Stage}
@@ -294,53 +294,6 @@ def evaluate_config(cm: CostModel, batch: int, micro_batches: int, draft_len: in
     return ConfigEval(iteration_time_s=t, closed_form_s=closed,
                       decode_tokens_per_s=c.tokens_per_iteration / t if t > 0 else 0.0,
                       bound=max(busy, key=busy.get), moe_gpu_utilization=c.moe_gpu_utilization(t), costs=c)
-
-
-# ---------------------------------------------------------------------------------------------------
-def prefill_time(cm: CostModel, batch: int, placement: Placement, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
-    """Prefill of `batch` prompts: per layer, stream every non-resident expert once (overlapped with
-    the previous layer's compute), run all B*P prompt tokens through it in passes of whole prompts,
-    at most chunk_tokens tokens each as the engine groups them (one prompt when it is longer), on the GPU
-    (attention on the GPU, causal), and copy the new KV to the CPU (D2H). The layer pipeline costs
-    h2d(0) + sum_i max(gpu_i, h2d_{i+1}, d2h_i) (the plain sum where the CPU stands in for the GPU),
-    then the LM head of the last tokens and the draft's own prefill on the GPU (its weights and KV
-    are there), plus the fixed costs of those passes (CostModel.prefill_fixed_s)."""
-    from specmoe.planner.roofline import OpCost, time_on
-
-    m, hw, wl = cm.model, cm.hw, cm.workload
-    P = wl.prompt_len
-    T = batch * P
-    chunk = min(T, max(P, chunk_tokens // P * P))   # whole prompts per pass, as the engine prefills
-    nch = math.ceil(T / chunk)
-    wb, dt, um = cm.wb, cm.dtype, cm.use_measured
-
-    def g(flops, nbytes, tokens, kind="gemm"):
-        return time_on("gpu", hw, OpCost(flops, nbytes), dtype=dt, kind=kind, tokens=tokens, use_measured=um).time_s
-
-    pre = g(2.0 * T * cm.pre_elems, nch * cm.pre_elems * wb, chunk)
-    att_flops = 2.0 * batch * m.num_q_heads * cm.e_h * P * (P + 1) / 2.0
-    att = g(att_flops, T * cm.kv_tok_layer_bytes * 2, None, "attention")
-    post_moe = g(2.0 * T * cm.post_moe_elems, nch * cm.post_moe_elems * wb, chunk)
-    post_dense = g(2.0 * T * cm.post_dense_elems, nch * cm.post_dense_elems * wb, chunk)
-    E = cm.E
-    moe = g(2.0 * T * cm.na * m.expert_elems, nch * E * cm.expert_bytes, chunk * cm.na / max(E, 1)) if E else 0.0
-    d2h = T * cm.kv_tok_layer_bytes / hw.link.d2h_Bps
-    gpu = np.where(cm.is_moe, pre + att + post_moe + moe, pre + att + post_dense)            # [L]
-    slots = np.asarray(placement.expert_cache_slots, dtype=float)
-    h2d = np.where(cm.is_moe, (E - slots) * cm.expert_bytes / cm.h2d_Bps, 0.0)               # [L]
-    nxt = np.append(h2d[1:], 0.0)
-    if hw.gpu.shares_host_cpu:      # a CPU standing in for the GPU: copies and compute take turns
-        total = float(h2d.sum() + gpu.sum() + d2h * len(gpu))
-    else:
-        total = float(h2d[0] + np.maximum(np.maximum(gpu, nxt), d2h).sum())
-    total += g(2.0 * batch * m.vocab_size * m.hidden, m.vocab_size * m.hidden * wb, batch)
-    total += cm.prefill_fixed_s(batch, P, nch)
-    if cm.draft is not None:
-        d = cm.draft
-        total += g(2.0 * T * cm.d_mm, nch * cm.d_mm * wb, chunk)
-        total += g(2.0 * d.num_layers * batch * d.num_q_heads * cm.d_e_h * P * (P + 1) / 2.0,
-                   T * cm.d_kv_tok_bytes, None, "attention")
-    return total
 
 
 @dataclass

@@ -69,13 +69,16 @@ def test_quick_run_writes_a_loadable_plausible_spec(quick_run):
     # and finite; its speed is a benchmark's business, not this test's
     assert len(probe["samples_s"]) == 4 and all(0 < x < 60 for x in probe["samples_s"])
     assert calibration_probe_s(spec.raw) == pytest.approx(min(probe["samples_s"]), rel=2e-3)   # the fast state
-    # the engine's prefill passes were timed at every configuration and fitted into prefill.token
+    # the engine's prefill passes were timed at every configuration, with their stages, and fitted into the
+    # prefill keys of each target stage and of the rest
+    from specmoe.planner.overhead import PREFILL_PART_KEYS
     from specmoe.runtime.calibrate.prefill import PREFILL_CONFIGS
 
     pre = spec.raw["measured"]["details"]["stage_overheads"]["prefill"]
     assert [(c["B"], c["P"]) for c in pre["configs"]] == list(PREFILL_CONFIGS)
     assert all(c["measured_ms"] > 0 and c["model_ms"] > 0 for c in pre["configs"])
-    assert m.stage_overhead_us["prefill.token"] >= 0.0
+    assert all(m.stage_overhead_us[key.value] >= 0.0 for keys in PREFILL_PART_KEYS.values() for key in keys)
+    assert set(pre["parts"]) == set(PREFILL_PART_KEYS)
     # the progress bar's steps all ran and no temporary file was left beside the output
     assert sorted(p.name for p in quick_run["dir"].iterdir()) == ["box.yaml", "cache"]
     umask = os.umask(0)

@@ -33,3 +33,29 @@ def test_each_pass_follows_a_heap_release(monkeypatch):
     assert len(calls) == 3 * 2                          # an untimed first pass and two timed, per configuration
     assert [(c["B"], c["P"], len(c["samples_s"])) for c in r["configs"]] == [(3, 5, 2), (2, 9, 2)]
     assert all(c["low_s"] == pytest.approx(min(c["samples_s"]), abs=1e-6) and c["low_s"] > 0 for c in r["configs"])
+    # each pass's target stages, timed inside it: the four a dense or MoE layer runs, each within the pass
+    for c in r["configs"]:
+        st = c["stages_s"]
+        assert {"target.pre_attn", "target.attention", "target.post_attn", "target.moe"} <= set(st)
+        assert all(v > 0 for k, v in st.items() if k != "target.h2d")
+        assert sum(st.values()) <= max(c["samples_s"]) * 1.001
+
+
+def test_passes_timed_without_stages_fit_the_whole_pass_on_the_rest():
+    """Samples of the whole pass only (no stage times) fit prefill and prefill.token, and nothing else."""
+    from specmoe.planner.hardware_spec import load_hardware, parse_hardware
+    from specmoe.planner.model_spec import ModelSpec
+
+    cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    raw_hw = load_hardware("devbox-2core-calibrated").raw
+    spec = ModelSpec.from_hf_config(cfg, name="t")
+    slots = [spec.num_experts if i in spec.moe_layers else 0 for i in range(spec.num_layers)]
+    hw = parse_hardware(raw_hw, "x.yaml")
+    L = spec.num_layers
+    configs = [{"B": B, "P": P, "low_s": cp.model_prefill_s(spec, hw, "fp32", B, P, slots) + 1e-3 + 2e-6 * B * P * L}
+               for B, P in cp.PREFILL_CONFIGS]
+    theta, det = cp.fit_prefill({"prefill": {"expert_cache_slots": slots, "configs": configs}, "target_config": cfg,
+                                 "dtype": "float32"}, lambda keys: parse_hardware(raw_hw, "x.yaml"))
+    assert set(theta) == {"prefill", "prefill.token"}
+    assert theta["prefill"] == pytest.approx(1e-3, rel=1e-6) and theta["prefill.token"] == pytest.approx(2e-6, rel=1e-6)
+    assert max(abs(c["fit_rel_err"]) for c in det["configs"]) < 1e-6

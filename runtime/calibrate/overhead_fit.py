@@ -153,8 +153,8 @@ def fit_overheads(raw: dict, hw_raw: dict) -> tuple[float | None, dict[str, floa
     if raw.get("prefill"):        # prefill passes timed: what the cost model's prefill leaves out per token
         from specmoe.runtime.calibrate.prefill import fit_prefill
 
-        theta_s, details["prefill"] = fit_prefill(raw, _hardware(hw_raw, op_us, stage_us))
-        stage_us[K.PREFILL_TOKEN.value] = _r(theta_s * 1e6)
+        theta_s, details["prefill"] = fit_prefill(raw, lambda keys: _hardware(hw_raw, op_us, {**stage_us, **keys}))
+        stage_us.update({key: _r(v * 1e6) for key, v in theta_s.items()})
     return op_us, stage_us, details
 
 

@@ -1,7 +1,7 @@
 """Prefill passes of the engine, timed and fitted: part of `specmoe calibrate`'s engine-stage step.
 
     measure_prefills(target_cfg, ...) -> raw samples (kept with the stage overheads, under "prefill")
-    fit_prefill(raw, hw) -> (prefill.token seconds, details)
+    fit_prefill(raw, hw) -> (prefill key -> seconds per unit, details)
 
 The decode terms (runtime/calibrate/overhead.py) are fitted on passes of at most B (k+1) = 128 tokens.
 A prefill pass carries thousands: its rotary and norms, the expert GEMMs' outputs and silu_mul over
@@ -9,18 +9,20 @@ A prefill pass carries thousands: its rotary and norms, the expert GEMMs' output
 token than the decode passes show (the demo's prefill ran 18-31% over its prediction in every run on a
 2-core VM, 1065 tokens a pass). So the calibration runs the engine's own prefill (runtime/speculative.py
 prefill: target only, its KV in host memory) on tiny random prompts at a few (batch, mean prompt length),
-the lengths spread over P/2 .. 3P/2 as a real prompt set's are (the kernel then runs one group per
-length, and a pass of ragged prompts ran 1.2x one of equal prompts of the same tokens here), and
-fits what the cost model's prefill (planner/simulator.py prefill_time, with the fixed costs just fitted)
-leaves out as one term, seconds per prompt token per target layer (`prefill.token`, non-negative least
-squares relative to each configuration's time), which planner/fixed_costs.py adds to every prefill.
+the lengths spread over P/2 .. 3P/2 as a real prompt set's are, timing each pass and its target stages,
+and fits what the cost model's prefill (planner/prefill.py prefill_parts, with the fixed costs just
+fitted) leaves out of each part, a target stage or the rest of the pass outside them, as two terms: per
+target layer and pass, and per prompt token and target layer (overhead.PREFILL_PART_KEYS). One per-token
+term for the whole pass left the passes here -27 to +13% off (small passes under, large ones over: a
+pass pays a fixed part too, ~1 ms on this 2-core VM); the two terms per part leave them within ~10%,
+and give the report a prediction for each stage of the prefill.
 
 Dimensions: B sequences, P prompt tokens each, T = B*P tokens of a pass, L target layers.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from specmoe.runtime.calibrate.measure import low_quantile
 
@@ -47,14 +49,15 @@ def measure_prefills(target_cfg: dict, *, rounds: int = ROUNDS, configs=PREFILL_
     runs = []
     for B, P in configs:
         lens = prompt_lengths(B, P)
-        dec, _ = stage_decoder(target, None, B, 0, 1, 0, B, max(lens) + 4, dev, dtype)
-        runs.append({"B": B, "P": P, "lens": lens, "dec": dec, "samples": []})
+        dec, timer = stage_decoder(target, None, B, 0, 1, 0, B, max(lens) + 4, dev, dtype)
+        runs.append({"B": B, "P": P, "lens": lens, "dec": dec, "timer": timer, "samples": [], "stages": []})
     vocab = target.config.vocab_size
     for r in range(rounds + 1):
         if progress:
             progress(f"prefill passes: round {r}/{rounds}")
         for run in runs:
             seqs = random_sequences(run["B"], vocab, run["lens"], g)
+            before = dict(run["timer"].totals["prefill"])
             # as every run of the engine starts (Engine.generate, MemoryMeter.run_started): its first prefill
             # faults its activations' pages in anew (5 of the demo's 50 ms on this VM, side by side)
             release_free_heap()
@@ -62,9 +65,17 @@ def measure_prefills(target_cfg: dict, *, rounds: int = ROUNDS, configs=PREFILL_
             run["dec"].prefill(seqs)
             if r > 0:            # round 0: the untimed first pass (allocations)
                 run["samples"].append(time.perf_counter() - t0)
+                run["stages"].append({k: v - before.get(k, 0.0) for k, v in run["timer"].totals["prefill"].items()})
     return {"expert_cache_slots": list(slots), "rounds": rounds,
             "configs": [{"B": run["B"], "P": run["P"], "samples_s": [round(x, 7) for x in run["samples"]],
-                         "low_s": low_quantile(run["samples"])} for run in runs]}
+                         "low_s": low_quantile(run["samples"]), "stages_s": _stage_lows(run["stages"])}
+                        for run in runs]}
+
+
+def _stage_lows(passes: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's low quantile over the passes (stage -> seconds of one pass)."""
+    names = sorted({k for p in passes for k in p})
+    return {k: low_quantile([p.get(k, 0.0) for p in passes]) for k in names}
 
 
 def prompt_lengths(B: int, P: int) -> list[int]:
@@ -74,45 +85,77 @@ def prompt_lengths(B: int, P: int) -> list[int]:
     return lens[::2] + lens[1::2]
 
 
-def fit_prefill(raw: dict, hw) -> tuple[float, dict]:
-    """(seconds per prompt token per target layer, details) from measure_prefills' samples (raw["prefill"] of
-    the stage-overhead samples) against the cost model's prefill on hw, the hardware spec with the fixed costs
-    just fitted."""
+def fit_prefill(raw: dict, hw_with: Callable[[dict[str, float]], Any]) -> tuple[dict[str, float], dict]:
+    """(prefill key -> seconds per unit, details) from measure_prefills' samples (raw["prefill"] of the
+    stage-overhead samples) against the cost model's prefill on hw_with(keys), the hardware spec with the
+    fixed costs just fitted and these keys (microseconds) added. Each part of the pass (a target stage, or
+    the rest outside them) gets its two terms (PREFILL_PART_KEYS: per layer and pass, per token and layer)
+    by non-negative least squares of what the model's part leaves out, relative to each configuration's
+    whole pass, the model's prefill taken with every prefill key at 0 (so without the decode token terms
+    the prefill ones replace). Passes timed without their stages fit the whole pass on the rest's terms."""
     import numpy as np
     from scipy.optimize import nnls
 
     from specmoe.planner.model_spec import ModelSpec
+    from specmoe.planner.overhead import PREFILL_PART_KEYS
 
     pre = raw["prefill"]
+    cfgs = pre["configs"]
     spec = ModelSpec.from_hf_config(raw["target_config"], name="calibration target")
     dt = "bf16" if raw["dtype"] == "bfloat16" else "fp32"
     L = spec.num_layers
-    meas = np.array([c["low_s"] for c in pre["configs"]], dtype=float)                             # [configs]
-    model = np.array([model_prefill_s(spec, hw, dt, c["B"], c["P"], pre["expert_cache_slots"])
-                      for c in pre["configs"]], dtype=float)
-    X = np.array([[c["B"] * c["P"] * L] for c in pre["configs"]], dtype=float)                    # [configs, 1]
-    sol, _ = nnls(X / meas[:, None], (meas - model) / meas)
-    theta = float(sol[0])
-    err = (model + X[:, 0] * theta - meas) / meas
-    details = {"method": ("the engine's prefill (target, host KV) timed at (B, P); prefill.token = what the cost "
-                          "model's prefill (roofline + fixed costs) leaves out, per prompt token per layer, "
-                          "non-negative least squares relative to each pass"),
+    meas = np.array([c["low_s"] for c in cfgs], dtype=float)                                        # [configs]
+    by_stage = all(isinstance(c.get("stages_s"), dict) for c in cfgs)
+    hw = hw_with({key.value: 0.0 for keys in PREFILL_PART_KEYS.values() for key in keys} if by_stage else {})
+    parts = [model_prefill_parts(spec, hw, dt, c["B"], c["P"], pre["expert_cache_slots"]) for c in cfgs]
+    model = np.array([p.total_s for p in parts], dtype=float)
+    names = list(PREFILL_PART_KEYS) if by_stage else ["other"]
+    theta: dict[str, float] = {}
+    fitted = model.copy()
+    part_rows = {}
+    for name in names:
+        m_part = np.array([_measured_part(c, name) if by_stage else c["low_s"] for c in cfgs], dtype=float)
+        p_part = np.array([p.part_s(name) if by_stage else p.total_s for p in parts], dtype=float)
+        X = np.array([[p.passes * (1 if name == "other" else L), c["B"] * c["P"] * L] for c, p in zip(cfgs, parts)],
+                     dtype=float)                                                                   # [configs, 2]
+        sol, _ = nnls(X / meas[:, None], (m_part - p_part) / meas)
+        for key, v in zip(PREFILL_PART_KEYS[name], sol):
+            theta[key.value] = float(v)
+        fitted += X @ sol
+        part_rows[name] = {"measured_ms": [_r(x * 1e3) for x in m_part], "model_ms": [_r(x * 1e3) for x in p_part]}
+    details = {"method": ("the engine's prefill (target, host KV) timed at (B, P), with its stages; each part (a target "
+                          "stage, the rest outside them) gets what the cost model's part (roofline + fixed costs) leaves "
+                          "out as a term per layer and pass and one per prompt token and layer, non-negative least "
+                          "squares relative to each whole pass" if by_stage else
+                          "the engine's prefill (target, host KV) timed at (B, P) without its stages: the whole pass's "
+                          "miss on prefill and prefill.token"),
                "configs": [{"B": c["B"], "P": c["P"], "measured_ms": _r(m * 1e3), "model_ms": _r(p * 1e3),
-                            "fit_rel_err": _r(e)} for c, m, p, e in zip(pre["configs"], meas, model, err)],
-               "model_rel_err_before": [_r(e) for e in (model - meas) / meas]}
+                            "fit_rel_err": _r(e)} for c, m, p, e in zip(cfgs, meas, model, (fitted - meas) / meas)],
+               "model_rel_err_before": [_r(e) for e in (model - meas) / meas], "parts": part_rows}
     return theta, details
 
 
-def model_prefill_s(spec, hw, dtype: str, B: int, P: int, slots: list[int]) -> float:
-    """The cost model's prefill of B prompts of P tokens (no draft) on hw."""
+def _measured_part(c: dict, name: str) -> float:
+    """A configuration's measured seconds of one part: a target stage, or "other" (the pass outside them)."""
+    st = c["stages_s"]
+    return max(0.0, c["low_s"] - sum(st.values())) if name == "other" else float(st.get(name, 0.0))
+
+
+def model_prefill_parts(spec, hw, dtype: str, B: int, P: int, slots: list[int]):
+    """The cost model's prefill of B prompts of P tokens (no draft) on hw, by part (planner/prefill.py)."""
     from specmoe.planner.cost_model import CostModel
     from specmoe.planner.plan import Placement
-    from specmoe.planner.simulator import prefill_time
+    from specmoe.planner.prefill import prefill_parts
     from specmoe.planner.workload import Workload
 
     wl = Workload(prompt_len=P, gen_len=64, kv_dtype=dtype, weight_dtype=dtype)
     pl = Placement(expert_cache_slots=tuple(slots), draft_kv_gpu_sequences=0, target_kv_gpu_sequences=0)
-    return prefill_time(CostModel(spec, hw, wl, None), B, pl)
+    return prefill_parts(CostModel(spec, hw, wl, None), B, pl)
+
+
+def model_prefill_s(spec, hw, dtype: str, B: int, P: int, slots: list[int]) -> float:
+    """The cost model's prefill of B prompts of P tokens (no draft) on hw."""
+    return model_prefill_parts(spec, hw, dtype, B, P, slots).total_s
 
 
 def _r(x: float) -> float:
