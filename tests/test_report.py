@@ -250,6 +250,36 @@ def test_a_prefill_miss_says_where_the_measured_prefill_went(plan):
     assert not any(n.startswith("Prefill:") for n in compare(plan, run).notes)
 
 
+def test_the_prefill_by_stage_rows(plan):
+    """The prefill by part: each target stage's prediction against the run's prefill stage totals, and the time
+    outside them. On a CPU host the parts add up to the prefill's prediction; on the A30 host, whose copies
+    overlap compute, to at least it. The note of a missed prefill names the part furthest off; a run without
+    the prefill's stage times has no such rows."""
+    pred = plan.predicted.prefill_time_s
+    by = {"target.moe": 0.5 * pred, "target.pre_attn": 0.25 * pred, "target.attention": 0.15 * pred}
+    run = make_run(plan, {}, 1.0, prefill_stage_totals_s=by)
+    run["stages"]["prefill"] = 1.6 * pred
+    cmp = compare(plan, run)
+    rows = {r.name: r for r in cmp.prefill_stages}
+    assert list(rows)[-1] == "outside the stages" and {"target.moe", "target.pre_attn", "target.attention"} < set(rows)
+    for name, v in by.items():
+        assert rows[name].measured == pytest.approx(v, rel=1e-12)
+    assert rows["outside the stages"].measured == pytest.approx(0.7 * pred, rel=1e-9)
+    assert rows["target.attention"].resource == "gpu"
+    assert sum(r.predicted for r in cmp.prefill_stages) >= pred * (1 - 1e-9)
+    worst = max(cmp.prefill_stages, key=lambda r: abs(r.diff))
+    note = next(n for n in cmp.notes if n.startswith("Prefill:"))
+    assert f"furthest off: {worst.name}," in note
+    assert "prefill by stage" in render_table(cmp)
+    assert compare(plan, make_run(plan, {}, 1.0)).prefill_stages == []
+    cpu = fixed_plan(str(ROOT / "models" / "tiny-moe"), "devbox-2core-calibrated",
+                     Workload(60, 64, acceptance=load_acceptance(0.8)), draft_len=0, batch=8, micro_batches=1)
+    run = make_run(cpu, {}, 1.0, prefill_stage_totals_s={"target.moe": 1.0}, device="cpu", profile_stages=False,
+                   acceptance_histogram={}, mean_accepted=0.0)
+    parts = compare(cpu, run).prefill_stages
+    assert sum(r.predicted for r in parts) == pytest.approx(cpu.predicted.prefill_time_s, rel=1e-9)
+
+
 def test_prediction_helpers(plan):
     assert predicted_timeline(plan) == plan.predicted.timeline
     by_k = throughput_by_k(plan)

@@ -20,7 +20,7 @@ from specmoe.planner.report.explain import explain
 from specmoe.planner.report.memory_rows import MEMORY_GOAL_PCT, memory_rows, misses
 from specmoe.planner.report.inputs import check_match, load_plan, load_run
 from specmoe.planner.report.predict import (acceptance_at, job_prediction, live_batch, prediction_for_run,
-                                            throughput_by_k)
+                                            prefill_parts_for, throughput_by_k)
 from specmoe.planner.stages import ITERATION_PARTS, STAGE_RESOURCE, Stage
 
 
@@ -55,6 +55,7 @@ def compare(plan: Plan | dict | str | Path, run: dict | str | Path, goal_pct: fl
     cmp.drift = _drift(run, cmp.row(Stage.ITERATION.value))
     cmp.live = {"measured": live_m, "predicted": live_pred} if live_m else {}
     cmp.memory = memory_rows(plan, run)
+    cmp.prefill_stages = _prefill_rows(plan, run, k, warnings)
     off = misses(cmp.memory)
     if off:
         warnings.append(f"memory predicted more than {MEMORY_GOAL_PCT:g}% off the measurement: {', '.join(off)}")
@@ -92,6 +93,28 @@ def _stage_rows(plan: Plan, run: dict, pst: dict, tot: dict) -> list[Row]:
     rows.append(Row(Stage.ITERATION.value, "all", tot["iteration_time_s"], float(mst[Stage.ITERATION.value])))
     pre_m = mst.get(Stage.PREFILL.value)
     rows.append(Row(Stage.PREFILL.value, "all", tot["prefill_time_s"], None if pre_m is None else float(pre_m)))
+    return rows
+
+
+PREFILL_OUTSIDE = "outside the stages"
+
+
+def _prefill_rows(plan: Plan, run: dict, k: int, warnings: list[str]) -> list[Row]:
+    """The prefill by part, predicted (planner/prefill.py, from the plan's inputs at the run's k) against the
+    run's prefill stage totals; the attention of a prefill runs where the cost model costs it, on the GPU."""
+    by = run.get("prefill_stage_totals_s")
+    pre_m = run["stages"].get(Stage.PREFILL.value)
+    if not isinstance(by, dict) or not by or pre_m is None:
+        return []
+    parts = prefill_parts_for(plan, k)
+    if parts is None:
+        warnings.append("no prediction of the prefill by stage: the plan's inputs could not be costed")
+        return []
+    meas = {name: float(v) for name, v in by.items() if isinstance(v, (int, float))}
+    res = {name: "gpu" if name == Stage.TARGET_ATTENTION.value else STAGE_RESOURCE[Stage(name)] for name in parts.stages_s}
+    rows = [Row(name, res[name], pred, meas.get(name, 0.0)) for name, pred in parts.stages_s.items()
+            if pred > 0 or meas.get(name, 0.0) > 0]
+    rows.append(Row(PREFILL_OUTSIDE, "all", parts.draft_s + parts.other_s, max(0.0, float(pre_m) - sum(meas.values()))))
     return rows
 
 

@@ -59,6 +59,10 @@ class Comparison:
     # memory, predicted (the planner's footprint) against measured (the run record's `memory`), in MiB
     # (planner/report/memory_rows.py); [] for a run record without memory measurements
     memory: list[Row] = field(default_factory=list)
+    # the prefill by part (planner/prefill.py): each target stage, then `outside the stages` (predicted: the
+    # draft's own prefill and the rest; measured: the prefill less its stages); [] for a run record without
+    # the prefill's stage times (prefill_stage_totals_s). Not looked up by row(): the names are the stages'.
+    prefill_stages: list[Row] = field(default_factory=list)
 
     def row(self, name: str) -> Row:
         for r in self.stages + self.metrics + self.memory:
@@ -88,11 +92,13 @@ class Comparison:
 
         rows = [{"name": r.name, "resource": r.resource, "unit": r.unit, "predicted": r.predicted,
                  "measured": r.measured, "error_pct": r.error_pct} for r in self.stages + self.metrics + self.memory]
+        rows += [{"name": f"prefill {r.name}", "resource": r.resource, "unit": r.unit, "predicted": r.predicted,
+                  "measured": r.measured, "error_pct": r.error_pct} for r in self.prefill_stages]
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("stages", "metrics", "memory"):
+        for key in ("stages", "metrics", "memory", "prefill_stages"):
             for r, src in zip(d[key], getattr(self, key)):
                 r["error_pct"] = src.error_pct
         d.update(iteration_error_pct=self.iteration_error_pct, passed=self.passed, verdict=self.verdict)

@@ -146,7 +146,8 @@ def _acceptance_note(cmp: Comparison) -> str | None:
 
 def _prefill_note(cmp: Comparison, run: dict) -> str | None:
     """A prefill off by more than the goal: its measured time by target stage (the run record's
-    prefill_stage_totals_s) and the rest (the draft's own prefill, the first tokens' choice)."""
+    prefill_stage_totals_s) and the rest (the draft's own prefill, the first tokens' choice), and the part
+    whose prediction is furthest off (cmp.prefill_stages)."""
     row = cmp.row(Stage.PREFILL.value)
     if row.error_pct is None or abs(row.error_pct) <= cmp.goal_pct or not row.measured:
         return None
@@ -157,10 +158,14 @@ def _prefill_note(cmp: Comparison, run: dict) -> str | None:
         parts = ", ".join(f"{k.split('.', 1)[-1]} {_ms(v)}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
         where = f"; measured by target stage: {parts}, and {_ms(max(0.0, row.measured - sum(by.values())))} " \
                 "outside them (the draft's own prefill, the first tokens' choice)"
+    worst = max(cmp.prefill_stages, key=lambda r: abs(r.diff), default=None)
+    if worst is not None and worst.measured:
+        where += (f"; furthest off: {worst.name}, {_ms(worst.measured)} measured against {_ms(worst.predicted)} "
+                  "predicted (the table \"prefill by stage\")")
     way = "underestimates" if row.error_pct < 0 else "overestimates"
     return (f"Prefill: {_ms(row.measured)} measured against {_ms(row.predicted)} predicted, the model {way} it "
             f"by {abs(row.error_pct):.1f}%{where}. It is costed from the calibration's own prefill passes "
-            "(prefill.token), where the spec has them.")
+            "(the prefill keys of each stage), where the spec has them.")
 
 
 def _workload_notes(plan: Plan, run: dict) -> list[str]:

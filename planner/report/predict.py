@@ -178,6 +178,20 @@ def _prefill_for(plan: Plan, k_run: int, e) -> float:
         return e.prefill_time_s
 
 
+def prefill_parts_for(plan: Plan, k_run: int):
+    """The prefill of the plan's batch by part (planner/prefill.py PrefillParts) from the plan's inputs at the
+    run's k; None when the plan's inputs cannot be costed."""
+    from specmoe.planner.cost_model import CostModel
+    from specmoe.planner.prefill import prefill_parts
+
+    try:
+        cm = CostModel(plan.model_spec(), plan.hardware_spec(), plan.workload_spec(),
+                       plan.draft_spec() if k_run > 0 else None)
+        return prefill_parts(cm, plan.batch, plan.placement)
+    except SpecError:
+        return None
+
+
 def _plan_prediction(plan: Plan, k_run: int, warnings: list[str]) -> tuple[dict, dict, list[dict]]:
     """The plan's own prediction; its timeline re-simulated from its inputs when it carries none."""
     p = plan.predicted

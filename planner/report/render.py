@@ -70,6 +70,11 @@ def render_table(cmp: Comparison) -> str:
     for r in cmp.stages:
         lines.append(f"  {r.name:30s} {r.resource:8s} {_fmt(r.predicted, 's'):>12s} {_fmt(r.measured, 's'):>12s} "
                      f"{_err(r):>9s}")
+    if cmp.prefill_stages:
+        lines += ["", f"  {'prefill by stage':30s} {'resource':8s} {'predicted s':>12s} {'measured s':>12s} {'error':>9s}"]
+        for r in cmp.prefill_stages:
+            lines.append(f"  {r.name:30s} {r.resource:8s} {_fmt(r.predicted, 's'):>12s} {_fmt(r.measured, 's'):>12s} "
+                         f"{_err(r):>9s}")
     lines += ["", f"  {'metric':30s} {'unit':8s} {'predicted':>12s} {'measured':>12s} {'error':>9s}"]
     for r in cmp.metrics:
         lines.append(f"  {r.name:30s} {r.unit:8s} {_fmt(r.predicted, r.unit):>12s} {_fmt(r.measured, r.unit):>12s} "
@@ -174,7 +179,10 @@ def _page(cmp: Comparison, figs: list, headline: Headline | None = None) -> str:
              "<h2>Where the model is off and why</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in cmp.notes) + "</ul>"]
     if cmp.warnings:
         parts.append("<ul>" + "".join(f"<li class=warn>{e(w)}</li>" for w in cmp.warnings) + "</ul>")
-    parts += ["<h2>Stages</h2>", table(cmp.stages), "<h2>Throughput and acceptance</h2>", table(cmp.metrics, "metric")]
+    parts += ["<h2>Stages</h2>", table(cmp.stages)]
+    if cmp.prefill_stages:
+        parts += ["<h2>Prefill by stage</h2>", table(cmp.prefill_stages, "prefill part")]
+    parts += ["<h2>Throughput and acceptance</h2>", table(cmp.metrics, "metric")]
     if cmp.memory:
         parts += ["<h2>Memory</h2>", table(cmp.memory, "memory")]
     first = True
