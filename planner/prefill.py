@@ -8,7 +8,8 @@ all B*P prompt tokens run through the layer in passes of whole prompts, at most 
 each as the engine groups them (one prompt when it is longer), on the GPU (attention on the GPU,
 causal), and the new KV is copied to the CPU (D2H). The layer pipeline costs
 h2d(0) + sum_i max(gpu_i, h2d_{i+1}, d2h_i) (the plain sum where the CPU stands in for the GPU), then
-the LM head of the last tokens and the draft's own prefill on the GPU (its weights and KV are there),
+the LM head of the last tokens and the draft's own prefill on the GPU (its weights and KV are there;
+it fills the draft's KV and computes no logits, runtime/speculative.py),
 plus the fixed costs of those passes (FixedCosts.prefill_parts). A stage's part is its busy time
 (roofline + fixed); with copies overlapped the total is less than the parts' sum.
 
@@ -84,7 +85,8 @@ def prefill_parts(cm: CostModel, batch: int, placement: Placement,
     draft = 0.0
     if cm.draft is not None:
         d = cm.draft
-        draft = g(2.0 * T * cm.d_mm, nch * cm.d_mm * wb, chunk) + g(
+        d_mm = max(0.0, cm.d_mm - d.vocab_size * d.hidden)   # no LM head: the draft's prefill only fills its KV
+        draft = g(2.0 * T * d_mm, nch * d_mm * wb, chunk) + g(
             2.0 * d.num_layers * batch * d.num_q_heads * cm.d_e_h * P * (P + 1) / 2.0, T * cm.d_kv_tok_bytes, None,
             "attention")
     fixed = cm.fixed.prefill_parts(batch, P, nch)

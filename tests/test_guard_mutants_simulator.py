@@ -212,10 +212,11 @@ def _tiny_cm(gpu_TFLOPs=0.001, hbm_GBps=1.0, d2h_GBps=None, shares_host_cpu=Fals
 #   GPU        43200 ns; new KV to the host (D2H): 20 x 16 bytes = 320 bytes
 #   H2D        the uncached experts of 768 bytes: slots (1, 0): 3 x 768 = 2304, 4 x 768 = 3072 bytes
 # LM head of the 2 last tokens: 2 x 2 x 32 x 8 = 1024 flops (512 bytes of weights)      1024 ns
-# draft (728 multiplied weights, 1 layer of 4 heads, e_h 4, 32 KV bytes per token):
-#   GEMMs 2 x 20 x 728 = 29120 flops; attention 2 x 1 x 2 x 4 x 4 x 55 = 3520 flops    32640 ns
+# draft (728 multiplied weights less its LM head's 32 x 8 = 256: its prefill fills its KV and computes no
+# logits; 1 layer of 4 heads, e_h 4, 32 KV bytes per token):
+#   GEMMs 2 x 20 x 472 = 18880 flops; attention 2 x 1 x 2 x 4 x 4 x 55 = 3520 flops    22400 ns
 _PL = Placement(expert_cache_slots=(1, 0))
-_TAIL_NS = 1024 + 29120 + 3520
+_TAIL_NS = 1024 + 18880 + 3520
 
 
 def test_prefill_on_a_slow_gpu_by_hand():

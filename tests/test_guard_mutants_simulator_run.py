@@ -146,17 +146,17 @@ def test_prefill_on_a_memory_bound_gpu_by_hand():
     """A GPU of 1000 TFLOP/s and 1 GB/s of HBM: every GPU op takes its bytes in ns. Per layer and chunk
     the weights: q,k,v 128 x 2 = 256, o + router 96 x 2 = 192, all 4 experts 3072 bytes; per layer the K
     and V of the 20 tokens written and read, 2 x 20 x 16 = 640 bytes: 4160 ns, which hides layer 1's copy
-    (3072) and the D2H (320). LM head weights 32 x 8 x 2 = 512; draft weights 728 x 2 = 1456 per chunk and
-    its KV 20 x 32 = 640. One chunk: 2304 + 2 x 4160 + 512 + 1456 + 640 = 13232 ns. The engine prefills
-    whole prompts (10 tokens each here): passes of at most 10 or 19 tokens, or of 8 (shorter than a
-    prompt: one prompt each), are 2 passes, which re-read the weights: layers 2 x (2 x 3520 + 640),
-    draft 2 x 1456."""
+    (3072) and the D2H (320). LM head weights 32 x 8 x 2 = 512; draft weights (728 less its LM head's 256,
+    which its prefill does not run) 472 x 2 = 944 per chunk and its KV 20 x 32 = 640. One chunk:
+    2304 + 2 x 4160 + 512 + 944 + 640 = 12720 ns. The engine prefills whole prompts (10 tokens each here):
+    passes of at most 10 or 19 tokens, or of 8 (shorter than a prompt: one prompt each), are 2 passes,
+    which re-read the weights: layers 2 x (2 x 3520 + 640), draft 2 x 944."""
     from specmoe.planner.simulator import prefill_time
 
     cm = _tiny_cm(gpu_TFLOPs=1000.0, hbm_GBps=1.0)
-    assert prefill_time(cm, 2, _PL) == pytest.approx(13232 * NS, rel=1e-9)
-    assert prefill_time(cm, 2, _PL, chunk_tokens=20) == pytest.approx(13232 * NS, rel=1e-9)
-    two = (2304 + 2 * (2 * 3520 + 640) + 512 + 2 * 1456 + 640) * NS
+    assert prefill_time(cm, 2, _PL) == pytest.approx(12720 * NS, rel=1e-9)
+    assert prefill_time(cm, 2, _PL, chunk_tokens=20) == pytest.approx(12720 * NS, rel=1e-9)
+    two = (2304 + 2 * (2 * 3520 + 640) + 512 + 2 * 944 + 640) * NS
     for chunk in (19, 10, 8, 1):
         assert prefill_time(cm, 2, _PL, chunk_tokens=chunk) == pytest.approx(two, rel=1e-9), chunk
 
@@ -192,7 +192,7 @@ def test_prefill_reads_the_measured_gemm_rate_at_its_rows():
     the dense GEMMs of a chunk have M = 20 rows (4 GFLOP/s), an expert's M = 20 x 2 / 4 = 10 (2 GFLOP/s),
     the LM head M = 2 (1 GFLOP/s); attention runs at the peak (its 640 bytes bind).
     Per layer: pre 5120 / 4 = 1280, attention 640, post 3840 / 4 = 960, MoE 30720 / 2 = 15360: 18240;
-    LM head 1024; draft GEMMs 29120 / 4 = 7280 and attention 640: 2304 + 2 x 18240 + 1024 + 7920."""
+    LM head 1024; draft GEMMs (no LM head) 18880 / 4 = 4720 and attention 640: 2304 + 2 x 18240 + 1024 + 5360."""
     from specmoe.planner.simulator import prefill_time
 
     from specmoe.planner.cost_model import CostModel
@@ -205,13 +205,14 @@ def test_prefill_reads_the_measured_gemm_rate_at_its_rows():
     raw["measured"] = {"source": "test", "gpu_gemm_TFLOPs_by_M": {2: 0.001, 10: 0.002, 20: 0.004}}
     cm = CostModel(tiny_target(), parse_hardware(raw, "tiny.yaml"), Workload(10, 4, acceptance=load_acceptance(0.5)),
                    tiny_draft())
-    assert prefill_time(cm, 2, _PL) == pytest.approx((2304 + 2 * 18240 + 1024 + 7920) * NS, rel=1e-9)
+    assert prefill_time(cm, 2, _PL) == pytest.approx((2304 + 2 * 18240 + 1024 + 5360) * NS, rel=1e-9)
 
 
 def test_prefill_of_a_two_layer_draft_by_hand():
     """The tiny draft with 2 layers: 2 x 464 + final norm 8 + LM head 256 = 1192 multiplied weights per
-    token; its causal attention in both layers 2 x 2 x 2 x 4 x 4 x 55 = 7040 flops (1280 KV bytes).
-    Compute-bound (1 GFLOP/s): target 2304 + 2 x 43200 + 1024, draft 2 x 20 x 1192 = 47680 + 7040."""
+    token, 936 in its prefill (no logits); its causal attention in both layers 2 x 2 x 2 x 4 x 4 x 55 =
+    7040 flops (1280 KV bytes). Compute-bound (1 GFLOP/s): target 2304 + 2 x 43200 + 1024, draft
+    2 x 20 x 936 = 37440 + 7040."""
     from specmoe.planner.cost_model import CostModel
     from specmoe.planner.model_spec import ModelSpec
     from specmoe.planner.simulator import prefill_time
@@ -221,7 +222,7 @@ def test_prefill_of_a_two_layer_draft_by_hand():
     d2 = ModelSpec.from_hf_config(dict(TINY_DRAFT, num_hidden_layers=2), name="tiny-draft-2")
     cm = CostModel(tiny_target(), tiny_hw(), Workload(10, 4, acceptance=load_acceptance(0.5)), d2)
     assert cm.d_mm == 1192
-    assert prefill_time(cm, 2, _PL) == pytest.approx((2304 + 2 * 43200 + 1024 + 47680 + 7040) * NS, rel=1e-9)
+    assert prefill_time(cm, 2, _PL) == pytest.approx((2304 + 2 * 43200 + 1024 + 37440 + 7040) * NS, rel=1e-9)
 
 
 def _run_cm(gen, table=None, **hw):

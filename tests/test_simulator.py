@@ -132,6 +132,24 @@ def test_prefill_pays_the_fixed_costs_of_its_passes():
     assert cm0.prefill_fixed_s(B, 10, 1) == 0.0
 
 
+def test_the_drafts_prefill_computes_no_logits():
+    """The draft's prefill only fills its KV (runtime/speculative.py: logits="none"): its part is the same
+    for a draft of any vocabulary, and on the 1 GFLOP/s machine its GEMMs take at least 2 x T x 448 flops
+    (q, k, v, o 4 x 64 and the MLP 3 x 64 weight elements a token; test_guard_mutants_simulator works it
+    out whole)."""
+    from specmoe.planner.prefill import prefill_parts
+    from tiny_specs import TINY_DRAFT
+
+    wl = Workload(10, 4, acceptance=load_acceptance(0.5))
+    _, pl = _tiny()
+    wide = ModelSpec.from_hf_config({**TINY_DRAFT, "vocab_size": 4096}, name="wide-vocab draft")
+    base, big = (prefill_parts(CostModel(tiny_target(), tiny_hw(), wl, d), 2, pl) for d in (tiny_draft(), wide))
+    assert base.draft_s == pytest.approx(big.draft_s, rel=1e-12) and base.draft_s > 0
+    bare = prefill_parts(CostModel(tiny_target(), tiny_hw(), wl, None), 2, pl)
+    assert bare.draft_s == 0.0 and base.total_s - bare.total_s == pytest.approx(base.draft_s, rel=1e-12)
+    assert base.draft_s >= 2 * 20 * 448 * 1e-9
+
+
 def test_perfect_balance_tends_to_bare_max():
     """Each layer: H2D = CPU = GPU = 1 s. The bare max is L seconds; the pipeline adds fill and drain,
     whose share shrinks with more layers and more micro-batches. With m = 1 CPU and GPU cannot overlap."""
