@@ -229,6 +229,9 @@ def test_cli_prints_the_numbers(quick_run, capsys):
             os.environ["SPECMOE_CACHE_DIR"] = old
     text = capsys.readouterr().out
     assert "cached measurement" in text and "DRAM read" in text and "q16" in text
+    # the prefill passes' line: each configuration and how far the fitted model is off them
+    pre = next(line for line in text.splitlines() if "prefill passes (" in line)
+    assert "8x12, 4x64, 32x24, 20x64 prompts x tokens" in pre and "off them with the prefill keys" in pre
     HardwareSpec.from_yaml(d / "cli.yaml")
 
 

@@ -43,7 +43,15 @@ def summary_lines(raw: dict) -> list[str]:
         lines.append(f"  fixed cost per torch operation {m['op_overhead_us']:.1f} us")
     if m.get("stage_overhead_us"):
         lines.append("  fixed cost per stage invocation (us): "
-                     + "  ".join(f"{k}:{v:.0f}" for k, v in m["stage_overhead_us"].items()))
+                     + "  ".join(f"{k}:{v:.3g}" for k, v in m["stage_overhead_us"].items()))
+    pre = ((m.get("details") or {}).get("stage_overheads") or {}).get("prefill")
+    if isinstance(pre, dict) and pre.get("configs"):
+        fit = [c["fit_rel_err"] for c in pre["configs"]]
+        bare = pre.get("model_rel_err_before") or []
+        shapes = ", ".join(f"{c['B']}x{c['P']}" for c in pre["configs"])
+        lines.append(f"  prefill passes ({shapes} prompts x tokens): "
+                     f"the cost model {min(fit):+.0%} to {max(fit):+.0%} off them with the prefill keys"
+                     + (f", {min(bare):+.0%} to {max(bare):+.0%} without" if bare else ""))
     return lines
 
 
