@@ -1,10 +1,9 @@
-"""Simulator guards, part 2 (planner/simulator.py's mutants): prefill, whole runs and evaluate_config
+"""Simulator guards, part 2 (planner/simulator.py and planner/prefill.py mutants): prefill, whole runs and evaluate_config
 worked by hand; the shared helpers are in test_guard_mutants_simulator.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from specmoe.planner.iteration_costs import IterationCosts
 from specmoe.planner.plan import Placement
 from specmoe.planner.shared_dram import SharedDram
 from specmoe.planner.simulator import simulate_iteration
