@@ -43,6 +43,13 @@ def test_json_output(capsys):
                                                      / d["iteration_time_s"])
     assert d["draft"] == "mixtral-8x7b-eagle"       # the default draft
     assert "timeline" not in d
+    # the prefill by part: its total is the prefill; on the A30 host the copies overlap compute, so the
+    # parts' busy times add up to at least it, the MoE the largest (GEMM-bound at 566-token prompts)
+    parts = d["prefill_parts"]
+    assert parts["total"] == pytest.approx(d["prefill_time_s"], rel=1e-12)
+    busy = {k: v for k, v in parts.items() if k != "total"}
+    assert sum(busy.values()) >= parts["total"] * (1 - 1e-9) and max(busy, key=busy.get) == "target.moe"
+    assert STAGES - {"draft.gpu", "draft.cpu", "verify.accept", "iteration"} < set(busy) and busy["draft"] > 0
 
 
 def test_table_output(capsys):
@@ -52,6 +59,7 @@ def test_table_output(capsys):
     for word in ("target.attention", "target.h2d", "iteration", "tokens/s", "GPU memory", "CPU memory", "bound"):
         assert word in out
     assert "batch 64, micro-batches 4, draft length 2" in out
+    assert "prefill by part (busy s; copies overlap compute on a GPU host): target.moe " in out
 
 
 def test_path_forms_and_measured(tmp_path, capsys):

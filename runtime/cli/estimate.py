@@ -106,6 +106,10 @@ def format_table(e) -> str:
     if e.prefill_time_s:
         lines.append(f"  whole run: prefill {e.prefill_time_s:.2f} s, decode {e.decode_time_s:.2f} s, "
                      f"end-to-end {e.end_to_end_tokens_per_s:.1f} tokens/s (decode-only {e.run_decode_tokens_per_s:.1f})")
+        parts = {k: v for k, v in e.prefill_parts.items() if k != "total" and v > 0}
+        if parts:
+            lines.append("  prefill by part (busy s; copies overlap compute on a GPU host): " + ", ".join(
+                f"{k} {v:.3g}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
     if e.job:
         j = e.job
         lines.append(f"  job of {j['num_prompts']} prompts: the batch drains to {j['mean_live_batch']:.1f} live sequences "
