@@ -250,7 +250,7 @@ def test_a_prefill_miss_says_where_the_measured_prefill_went(plan):
     assert not any(n.startswith("Prefill:") for n in compare(plan, run).notes)
 
 
-def test_the_prefill_by_stage_rows(plan):
+def test_the_prefill_by_stage_rows(plan, tmp_path):
     """The prefill by part: each target stage's prediction against the run's prefill stage totals, and the time
     outside them. On a CPU host the parts add up to the prefill's prediction; on the A30 host, whose copies
     overlap compute, to at least it. The note of a missed prefill names the part furthest off; a run without
@@ -271,6 +271,8 @@ def test_the_prefill_by_stage_rows(plan):
     note = next(n for n in cmp.notes if n.startswith("Prefill:"))
     assert f"furthest off: {worst.name}," in note
     assert "prefill by stage" in render_table(cmp)
+    page = write_html(plan, run, tmp_path / "r.html").read_text()
+    assert page.count("<h2>Prefill by stage</h2>") == 2              # the table and its chart
     assert compare(plan, make_run(plan, {}, 1.0)).prefill_stages == []
     cpu = fixed_plan(str(ROOT / "models" / "tiny-moe"), "devbox-2core-calibrated",
                      Workload(60, 64, acceptance=load_acceptance(0.8)), draft_len=0, batch=8, micro_batches=1)

@@ -107,6 +107,9 @@ def test_every_figure_renders_to_png(tmp_path):
             "stage_bars": plots.stage_bars(SimpleNamespace(stages=[
                 SimpleNamespace(name="target.moe", predicted=0.004, measured=0.005, error_pct=-20.0),
                 SimpleNamespace(name="iteration", predicted=0.009, measured=0.010, error_pct=-10.0)])),
+            "prefill_bars": plots.prefill_bars(SimpleNamespace(prefill_stages=[
+                SimpleNamespace(name="target.moe", predicted=0.030, measured=0.033, error_pct=-9.1),
+                SimpleNamespace(name="outside the stages", predicted=0.009, measured=0.010, error_pct=-10.0)])),
             "live_batch": plots.live_batch([8.0, 7.5, 6.0], [8, 7, 5], 8),
             "acceptance": plots.acceptance_bars({"k": 2, "measured": {"0": 3, "1": 5, "2": 2},
                                                  "planned": {"0": 0.3, "1": 0.4, "2": 0.3}}),

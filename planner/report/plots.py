@@ -22,7 +22,18 @@ _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), hei
 def stage_bars(cmp) -> go.Figure:
     """Predicted and measured milliseconds per iteration of every stage, side by side (a linear axis: bars
     on a log axis exaggerate the small stages)."""
-    rows = [r for r in cmp.stages if r.name != Stage.PREFILL.value]
+    return _bars([r for r in cmp.stages if r.name != Stage.PREFILL.value],
+                 "Milliseconds per decode iteration, by stage (error = predicted vs measured)", "ms per iteration")
+
+
+def prefill_bars(cmp) -> go.Figure:
+    """The prefill by part (cmp.prefill_stages): predicted and measured milliseconds of each target stage and
+    of the time outside them, side by side."""
+    return _bars(cmp.prefill_stages, "Milliseconds of the prefill, by stage (error = predicted vs measured)",
+                 "ms of the prefill")
+
+
+def _bars(rows, title: str, y_title: str) -> go.Figure:
     names = [r.name for r in rows]
     err = ["" if r.error_pct is None else f"{r.error_pct:+.0f}%" for r in rows]
     fig = go.Figure([
@@ -30,8 +41,7 @@ def stage_bars(cmp) -> go.Figure:
         go.Bar(name="measured", x=names, y=[(r.measured or 0.0) * 1e3 for r in rows], marker_color="#3366aa",
                text=err, textposition="outside"),
     ])
-    fig.update_layout(barmode="group", title="Milliseconds per decode iteration, by stage (error = predicted vs "
-                      "measured)", yaxis_title="ms per iteration", **_LAYOUT)
+    fig.update_layout(barmode="group", title=title, yaxis_title=y_title, **_LAYOUT)
     return fig
 
 

@@ -116,6 +116,8 @@ def write_html(plan: Plan | dict | str | Path, run: dict | str | Path, path: str
 def _figures(rp, cmp: Comparison, plan: Plan, headline: Headline | None = None) -> list:
     """(title, plotly figure) for each chart the comparison has data for; rp: planner/report/plots.py."""
     figs = [("Stage times per iteration", rp.stage_bars(cmp))]
+    if cmp.prefill_stages:
+        figs.append(("Prefill by stage", rp.prefill_bars(cmp)))
     if cmp.predicted_timeline:
         figs.append(("Predicted timeline of one iteration", rp.gantt(cmp.predicted_timeline, "predicted")))
     if cmp.measured_timeline:
