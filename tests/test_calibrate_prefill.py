@@ -33,12 +33,13 @@ def test_each_pass_follows_a_heap_release(monkeypatch):
     assert len(calls) == 3 * 2                          # an untimed first pass and two timed, per configuration
     assert [(c["B"], c["P"], len(c["samples_s"])) for c in r["configs"]] == [(3, 5, 2), (2, 9, 2)]
     assert all(c["low_s"] == pytest.approx(min(c["samples_s"]), abs=1e-6) and c["low_s"] > 0 for c in r["configs"])
+    assert all(c["median_s"] == pytest.approx(sum(c["samples_s"]) / 2, abs=1e-6) for c in r["configs"])  # 2 passes
     # each pass's target stages, timed inside it: the four a dense or MoE layer runs, each within the pass
     for c in r["configs"]:
         st = c["stages_s"]
         assert {"target.pre_attn", "target.attention", "target.post_attn", "target.moe"} <= set(st)
         assert all(v > 0 for k, v in st.items() if k != "target.h2d")
-        assert sum(st.values()) <= max(c["samples_s"]) * 1.001
+        assert sum(st.values()) <= max(c["samples_s"]) * 1.001        # each stage's median over the 2 passes
 
 
 def test_passes_timed_without_stages_fit_the_whole_pass_on_the_rest():
@@ -59,3 +60,9 @@ def test_passes_timed_without_stages_fit_the_whole_pass_on_the_rest():
     assert set(theta) == {"prefill", "prefill.token"}
     assert theta["prefill"] == pytest.approx(1e-3, rel=1e-6) and theta["prefill.token"] == pytest.approx(2e-6, rel=1e-6)
     assert max(abs(c["fit_rel_err"]) for c in det["configs"]) < 1e-6
+    # passes with a median: the fit takes it, not the fastest pass
+    for c in configs:
+        c["median_s"], c["low_s"] = c["low_s"], 0.5 * c["low_s"]
+    theta2, _ = cp.fit_prefill({"prefill": {"expert_cache_slots": slots, "configs": configs}, "target_config": cfg,
+                                "dtype": "float32"}, lambda keys: parse_hardware(raw_hw, "x.yaml"))
+    assert theta2 == pytest.approx(theta, rel=1e-6)
