@@ -98,7 +98,7 @@ def format_table(e) -> str:
         res = "cpu+gpu" if st is Stage.DRAFT_CPU else STAGE_RESOURCE[st]
         lines.append(f"  {st.value:18s} {res:8s} {v:13.4f} {v / it if it else 0:7.1%}")
     lines += [f"  {'iteration':18s} {'all':8s} {it:13.4f}   (closed-form bare max {e.closed_form_iteration_s:.4f})",
-              "", f"  busy per iteration: " + ", ".join(f"{r} {v:.4f} s" for r, v in e.resource_busy_s.items())
+              "", "  busy per iteration: " + ", ".join(f"{r} {v:.4f} s" for r, v in e.resource_busy_s.items())
               + f"; bound: {e.bound}",
               f"  tokens per iteration {e.tokens_per_iteration:.1f}; decode {e.decode_tokens_per_s:.1f} tokens/s; "
               f"MoE GPU utilisation {e.moe_gpu_utilization:.2%} of peak per streamed layer (achieved over the "
