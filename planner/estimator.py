@@ -18,7 +18,6 @@ from specmoe.planner.hardware_spec import HardwareSpec, load_hardware
 from specmoe.planner.memory import check_context, default_placement, footprint, max_batch
 from specmoe.planner.model_spec import ModelSpec, default_draft_name, load_model
 from specmoe.planner.plan import Placement, Prediction
-from specmoe.planner.prefill import prefill_parts
 from specmoe.planner.schedule import Schedule
 from specmoe.planner.simulator import simulate_iteration, simulate_run
 from specmoe.planner.stages import Stage
@@ -237,7 +236,7 @@ def _add_run(est: Estimate, cm: CostModel, sim: _SimOptions) -> None:
     rr = simulate_run(cm, est.batch, est.micro_batches, est.draft_len, est.placement, overlap_draft=sim.overlap_draft,
                       batched_moe=sim.batched_moe, prefetch=sim.prefetch, batched_layer=sim.batched_layer)
     est.prefill_time_s = rr.prefill_time_s
-    est.prefill_parts = prefill_parts(cm, est.batch, est.placement).to_dict()
+    est.prefill_parts = rr.prefill_parts
     est.decode_time_s = rr.decode_time_s
     est.end_to_end_tokens_per_s = rr.end_to_end_tokens_per_s
     est.run_decode_tokens_per_s = rr.decode_tokens_per_s

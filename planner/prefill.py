@@ -27,15 +27,10 @@ from specmoe.planner.memory import PREFILL_CHUNK_TOKENS
 from specmoe.planner.plan import Placement
 from specmoe.planner.stages import Stage
 
-# The target stages a prefill runs, in the engine's order (runtime/model/target.py).
-PREFILL_STAGES: tuple[Stage, ...] = (Stage.TARGET_PRE_ATTN, Stage.TARGET_ATTENTION, Stage.TARGET_POST_ATTN,
-                                     Stage.TARGET_MOE, Stage.TARGET_H2D, Stage.TARGET_LM_HEAD)
-
-
 @dataclass(frozen=True)
 class PrefillParts:
     """Predicted seconds of one prefill of the batch."""
-    stages_s: dict[str, float]   # each target stage's busy time (PREFILL_STAGES), roofline + its fixed costs
+    stages_s: dict[str, float]   # each target stage's busy time (pre_attn .. lm_head), roofline + its fixed costs
     draft_s: float               # the draft's own prefill (roofline + fixed)
     other_s: float               # outside every stage: the KV copy to the host, prefill.token
     total_s: float               # the whole prefill, copies overlapped with compute where they can be
@@ -106,4 +101,4 @@ def prefill_time(cm: CostModel, batch: int, placement: Placement, chunk_tokens: 
     return prefill_parts(cm, batch, placement, chunk_tokens).total_s
 
 
-__all__ = ["PREFILL_STAGES", "PrefillParts", "prefill_parts", "prefill_time"]
+__all__ = ["PrefillParts", "prefill_parts", "prefill_time"]

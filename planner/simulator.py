@@ -47,7 +47,7 @@ import numpy as np
 from specmoe.planner.cost_model import CostModel, IterationCosts, split_even
 from specmoe.planner.event_dag import NO_SHARE, RES, Dag
 from specmoe.planner.plan import Placement
-from specmoe.planner.prefill import prefill_time
+from specmoe.planner.prefill import prefill_parts, prefill_time
 from specmoe.planner.stages import Stage
 
 _ST = {s: s.value for s in Stage}
@@ -305,6 +305,7 @@ class RunResult:
     end_to_end_tokens_per_s: float
     decode_tokens_per_s: float
     groups: list[dict]
+    prefill_parts: dict[str, float] = field(default_factory=dict)   # PrefillParts.to_dict of the prefill
 
 
 def _tokens_distribution(acc_table, k: int) -> tuple[float, float]:
@@ -332,7 +333,8 @@ def simulate_run(cm: CostModel, batch: int, micro_batches: int, draft_len: int, 
     wl = cm.workload
     Gn = wl.gen_len
     P = wl.prompt_len
-    prefill = prefill_time(cm, batch, placement)
+    parts = prefill_parts(cm, batch, placement)
+    prefill = parts.total_s
     mu, var = _tokens_distribution(wl.acceptance.acc, draft_len)
     n_mean = Gn / mu
     sd = math.sqrt(Gn * var / mu ** 3) if var > 0 else 0.0
@@ -372,7 +374,8 @@ def simulate_run(cm: CostModel, batch: int, micro_batches: int, draft_len: int, 
     total = prefill + decode
     return RunResult(prefill_time_s=prefill, decode_time_s=decode, iterations=float(n_end), generated_tokens=gen,
                      end_to_end_tokens_per_s=gen / total if total > 0 else 0.0,
-                     decode_tokens_per_s=gen / decode if decode > 0 else 0.0, groups=out)
+                     decode_tokens_per_s=gen / decode if decode > 0 else 0.0, groups=out,
+                     prefill_parts=parts.to_dict())
 
 
 __all__ = ["Dag", "SimResult", "RunResult", "ConfigEval", "simulate_iteration", "simulate_run", "evaluate_config",

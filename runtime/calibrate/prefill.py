@@ -1,7 +1,7 @@
 """Prefill passes of the engine, timed and fitted: part of `specmoe calibrate`'s engine-stage step.
 
     measure_prefills(target_cfg, ...) -> raw samples (kept with the stage overheads, under "prefill")
-    fit_prefill(raw, hw) -> (prefill key -> seconds per unit, details)
+    fit_prefill(raw, hw_with) -> (prefill key -> seconds per unit, details)
 
 The decode terms (runtime/calibrate/overhead.py) are fitted on passes of at most B (k+1) = 128 tokens.
 A prefill pass carries thousands: its rotary and norms, the expert GEMMs' outputs and silu_mul over
