@@ -17,7 +17,8 @@ costs fixed + roofline, the fixed part counted per invocation as the engine make
   target.lm_head     one per iteration (spread over the micro-batch columns)
   prefill.*          per target layer per prefill pass and (.token) per prompt token per target layer, in each
                      target stage; prefill and prefill.token outside them (per pass, per token and layer);
-                     FixedCosts.prefill_parts only
+                     prefill.draft(.eagle)(.token) in the draft's own prefill, per draft layer (with a draft
+                     step's fixed costs per pass); FixedCosts.prefill_parts only
   iteration.other    one per iteration + per sequence: engine work outside every stage, added to the
                      iteration (IterationCosts.other_s), not to a stage
   verify.accept      one per iteration + per sequence + per verified token
@@ -37,8 +38,8 @@ import numpy as np
 from specmoe.planner.cost_terms import touched_experts
 from specmoe.planner.iteration_costs import IterationCosts
 from specmoe.planner.model_spec import ModelSpec
-from specmoe.planner.overhead import (DRAFT_PART_KEYS, EAGLE_PART_KEYS, PREFILL_PART_KEYS, OverheadKey as K,
-                                      Overheads)
+from specmoe.planner.overhead import (DRAFT_PART_KEYS, EAGLE_PART_KEYS, PREFILL_DRAFT_KEYS, PREFILL_PART_KEYS,
+                                      OverheadKey as K, Overheads)
 from specmoe.planner.stages import Stage as S
 from specmoe.planner.workload import AcceptanceProfile
 
@@ -152,9 +153,20 @@ class FixedCosts:
         parts["other"] = 0.0
         for part, (per_pass, per_token) in PREFILL_PART_KEYS.items():
             parts[part] += chunks * (1 if part == "other" else L) * o(per_pass) + T * L * o(per_token)
-        parts["draft"] = (o(K.DRAFT_STEP) + self.draft.num_layers * o(K.DRAFT_LAYER) + o(K.DRAFT_SEQUENCE) * batch
-                          if self.draft is not None else 0.0)
+        parts["draft"] = self._draft_prefill_s(batch, T, chunks)
         return parts
+
+    def _draft_prefill_s(self, batch: int, tokens: int, chunks: int) -> float:
+        """The draft's own prefill, one pass per chunk (runtime/speculative.py): a draft step's fixed costs over
+        the chunk's sequences (draft_step_s, the keys of its kind), plus its prefill keys per draft layer and pass
+        and per prompt token and draft layer (PREFILL_DRAFT_KEYS; an EAGLE head takes a draft model's where the
+        spec has none of its own)."""
+        if self.draft is None:
+            return 0.0
+        o, Ld = self.ov.get, self.draft.num_layers
+        eagle = bool(self.draft.eagle) and any(self.ov.has(k.value) for k in PREFILL_DRAFT_KEYS[True])
+        per_pass, per_token = PREFILL_DRAFT_KEYS[eagle]
+        return chunks * self.draft_step_s(batch / chunks, 1.0) + chunks * Ld * o(per_pass) + tokens * Ld * o(per_token)
 
     def _decode_token(self, key: K) -> float:
         """A decode-fitted per-token term in a prefill: none where the spec has its stage's prefill token key,

@@ -82,6 +82,10 @@ class OverheadKey(str, Enum):
     PREFILL_ATTENTION_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_ATTENTION.value}.token"
     PREFILL_POST_ATTN_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_POST_ATTN.value}.token"
     PREFILL_MOE_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_MOE.value}.token"
+    PREFILL_DRAFT = f"{Stage.PREFILL.value}.draft"
+    PREFILL_DRAFT_TOKEN = f"{Stage.PREFILL.value}.draft.token"
+    PREFILL_DRAFT_EAGLE = f"{Stage.PREFILL.value}.draft.eagle"
+    PREFILL_DRAFT_EAGLE_TOKEN = f"{Stage.PREFILL.value}.draft.eagle.token"
 
     def __str__(self) -> str:
         return self.value
@@ -143,6 +147,12 @@ OVERHEAD_KEYS: dict[str, str] = {
     OverheadKey.PREFILL_MOE.value: "per target layer per prefill pass, in target.moe",
     OverheadKey.PREFILL_MOE_TOKEN.value: ("per prompt token per target layer of a prefill pass, in target.moe (silu_mul, "
                                           "permutation and combine over [T*K, F]), in place of target.moe.token"),
+    OverheadKey.PREFILL_DRAFT.value: ("per draft layer per prefill pass, in a draft model's own prefill (its KV filled, no "
+                                      "logits; draft.gpu of the prefill), past a draft step's fixed costs"),
+    OverheadKey.PREFILL_DRAFT_TOKEN.value: "per prompt token per draft layer of a draft model's own prefill",
+    OverheadKey.PREFILL_DRAFT_EAGLE.value: ("as prefill.draft, for an EAGLE head (its fc and its layer; a spec without "
+                                            "the prefill.draft.eagle keys costs a head with the prefill.draft ones)"),
+    OverheadKey.PREFILL_DRAFT_EAGLE_TOKEN.value: "as prefill.draft.token, for an EAGLE head",
 }
 
 # The prefill keys of each target stage and of the rest of the pass: (per target layer per pass, per prompt
@@ -153,6 +163,14 @@ PREFILL_PART_KEYS: dict[str, tuple[OverheadKey, OverheadKey]] = {
     Stage.TARGET_POST_ATTN.value: (OverheadKey.PREFILL_POST_ATTN, OverheadKey.PREFILL_POST_ATTN_TOKEN),
     Stage.TARGET_MOE.value: (OverheadKey.PREFILL_MOE, OverheadKey.PREFILL_MOE_TOKEN),
     "other": (OverheadKey.PREFILL, OverheadKey.PREFILL_TOKEN),
+}
+
+# The prefill keys of the draft's own prefill pass, a draft model's (False) and an EAGLE head's (True): (per draft
+# layer per pass, per prompt token per draft layer), added by FixedCosts.prefill_parts to its "draft" part and
+# fitted by runtime/calibrate/prefill.py.
+PREFILL_DRAFT_KEYS: dict[bool, tuple[OverheadKey, OverheadKey]] = {
+    False: (OverheadKey.PREFILL_DRAFT, OverheadKey.PREFILL_DRAFT_TOKEN),
+    True: (OverheadKey.PREFILL_DRAFT_EAGLE, OverheadKey.PREFILL_DRAFT_EAGLE_TOKEN),
 }
 
 # A draft part's keys: (step, layer, sequence, catchup) of a draft model's device and host parts, and

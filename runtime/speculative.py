@@ -166,11 +166,14 @@ class SpeculativeDecoder:
             if self.draft is not None:
                 for s in seqs:
                     self.dkv.set_len(s.row, 0)
-                if self.eagle is not None:
-                    self.eagle.prefill(layout.rows, layout.n, tokens, self.target.last_hidden, self.dkv)
-                else:
-                    self.draft.forward(tokens, layout, self.dkv, logits="none")
-                    self.dkv.commit(layout)
+                # the draft's own prefill (its KV filled, no logits), timed under draft.gpu: the stage the cost
+                # model puts it in (planner/prefill.py), the report's "draft" row of the prefill
+                with self.timer.stage(Stage.DRAFT_GPU):
+                    if self.eagle is not None:
+                        self.eagle.prefill(layout.rows, layout.n, tokens, self.target.last_hidden, self.dkv)
+                    else:
+                        self.draft.forward(tokens, layout, self.dkv, logits="none")
+                        self.dkv.commit(layout)
         for s, t in zip(seqs, first.tolist()):
             s.target_len = len(s.prompt)
             s.draft_pending = []

@@ -69,16 +69,19 @@ def test_quick_run_writes_a_loadable_plausible_spec(quick_run):
     # and finite; its speed is a benchmark's business, not this test's
     assert len(probe["samples_s"]) == 4 and all(0 < x < 60 for x in probe["samples_s"])
     assert calibration_probe_s(spec.raw) == pytest.approx(min(probe["samples_s"]), rel=2e-3)   # the fast state
-    # the engine's prefill passes were timed at every configuration, with their stages, and fitted into the
-    # prefill keys of each target stage and of the rest
-    from specmoe.planner.overhead import PREFILL_PART_KEYS
+    # the engine's prefill passes were timed at every configuration, once with a draft model and once with an
+    # EAGLE head, with their stages, and fitted into the prefill keys of each target stage, of each kind of
+    # draft's own prefill and of the rest
+    from specmoe.planner.overhead import PREFILL_DRAFT_KEYS, PREFILL_PART_KEYS
     from specmoe.runtime.calibrate.prefill import PREFILL_CONFIGS
 
     pre = spec.raw["measured"]["details"]["stage_overheads"]["prefill"]
-    assert [(c["B"], c["P"]) for c in pre["configs"]] == list(PREFILL_CONFIGS)
+    assert [(c["B"], c["P"], c["draft"]) for c in pre["configs"]] == [
+        (B, P, kind) for B, P in PREFILL_CONFIGS for kind in ("model", "eagle")]
     assert all(c["measured_ms"] > 0 and c["model_ms"] > 0 for c in pre["configs"])
-    assert all(m.stage_overhead_us[key.value] >= 0.0 for keys in PREFILL_PART_KEYS.values() for key in keys)
-    assert set(pre["parts"]) == set(PREFILL_PART_KEYS)
+    keys = [key.value for group in (*PREFILL_PART_KEYS.values(), *PREFILL_DRAFT_KEYS.values()) for key in group]
+    assert all(m.stage_overhead_us[key] >= 0.0 for key in keys)
+    assert set(pre["parts"]) == set(PREFILL_PART_KEYS) | {keys[0].value for keys in PREFILL_DRAFT_KEYS.values()}
     # the progress bar's steps all ran and no temporary file was left beside the output
     assert sorted(p.name for p in quick_run["dir"].iterdir()) == ["box.yaml", "cache"]
     umask = os.umask(0)

@@ -42,6 +42,22 @@ def test_each_pass_follows_a_heap_release(monkeypatch):
         assert sum(st.values()) <= max(c["samples_s"]) * 1.001        # each stage's median over the 2 passes
 
 
+def test_passes_with_drafts_time_the_drafts_own_prefill():
+    """Every (B, P) runs once with each kind of draft; the engine times the draft's own prefill as draft.gpu,
+    inside the pass beside the target's stages."""
+    from specmoe.runtime.calibrate.overhead import draft_config, eagle_config
+
+    cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    drafts = {"model": draft_config(cfg, None, 2), "eagle": eagle_config(cfg)}
+    r = cp.measure_prefills(cfg, drafts, rounds=2, configs=((3, 5), (2, 9)))
+    assert [(c["B"], c["P"], c["draft_kind"], c["draft_layers"]) for c in r["configs"]] == [
+        (3, 5, "model", 2), (3, 5, "eagle", 1), (2, 9, "model", 2), (2, 9, "eagle", 1)]
+    for c in r["configs"]:
+        st = c["stages_s"]
+        assert st["draft.gpu"] > 0 and st["target.moe"] > 0
+        assert sum(st.values()) <= max(c["samples_s"]) * 1.001
+
+
 def test_passes_timed_without_stages_fit_the_whole_pass_on_the_rest():
     """Samples of the whole pass only (no stage times) fit prefill and prefill.token, and nothing else."""
     from specmoe.planner.hardware_spec import load_hardware, parse_hardware

@@ -276,7 +276,8 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
         c["median_s"] = c["mean_s"] = med
         configs.append(c)
     raw = {"device": "cpu", "dtype": "float32", "target_config": target, "draft_configs": drafts,
-           "eagle_config": eagle_config(target), "configs": configs, "prefill": _prefill_samples(spec, hw_raw, truth)}
+           "eagle_config": eagle_config(target), "configs": configs,
+           "prefill": _prefill_samples(spec, hw_raw, truth, {"model": (dspecs[2], 2), "eagle": (dspecs["eagle"], 1)})}
     op_us, stage_us, det = fit_overheads(raw, hw_raw)
     for key, v in truth.items():
         assert stage_us[key] == pytest.approx(v, rel=1e-3 if not key.startswith("prefill") else 1e-2), key
@@ -309,9 +310,10 @@ def test_fit_recovers_known_fixed_costs_and_the_cost_model_reproduces_the_sample
             assert st[s] - bare[s] == pytest.approx(us * 1e-6, rel=1e-3), (B, k, M, s)
 
 
-def _prefill_samples(spec, hw_raw: dict, truth: dict) -> dict:
+def _prefill_samples(spec, hw_raw: dict, truth: dict, drafts: dict) -> dict:
     """Prefill passes made of the cost model's prefill with the known fixed costs, the known prefill keys
-    among them, each pass with its target stages (runtime/calibrate/prefill.py's raw form)."""
+    among them, each pass with its target stages and the draft's own (runtime/calibrate/prefill.py's raw
+    form): every configuration once with each draft of `drafts` (kind -> (ModelSpec, layers))."""
     from specmoe.runtime.calibrate.prefill import PREFILL_CONFIGS, model_prefill_parts
 
     known = copy.deepcopy(hw_raw)
@@ -320,8 +322,10 @@ def _prefill_samples(spec, hw_raw: dict, truth: dict) -> dict:
     slots = [spec.num_experts if l in spec.moe_layers else 0 for l in range(spec.num_layers)]
     configs = []
     for B, P in PREFILL_CONFIGS:
-        parts = model_prefill_parts(spec, hw, "fp32", B, P, slots)
-        configs.append({"B": B, "P": P, "low_s": parts.total_s, "stages_s": dict(parts.stages_s)})
+        for kind, (dspec, layers) in drafts.items():
+            parts = model_prefill_parts(spec, hw, "fp32", B, P, slots, dspec)
+            configs.append({"B": B, "P": P, "draft_kind": kind, "draft_layers": layers, "low_s": parts.total_s,
+                            "stages_s": {**parts.stages_s, "draft.gpu": parts.draft_s}})
     return {"expert_cache_slots": slots, "rounds": 1, "configs": configs}
 
 
@@ -369,6 +373,46 @@ def test_prefill_keys_cost_their_part_per_layer_pass_and_per_token():
         assert p.total_s == pytest.approx(sum(p.stages_s.values()) + p.draft_s + p.other_s, rel=1e-12)
     it = [cm.iteration(6, 1, 0, pl, context_len=80.0).stage_totals() for cm in (cm0, cm1)]
     assert it[0] == it[1]
+
+
+@pytest.mark.parametrize("draft_name", ["tiny-draft", "tiny-eagle"])
+def test_prefill_draft_keys_cost_the_drafts_own_prefill(draft_name):
+    """The draft's own prefill: one pass per chunk of prompts, each a draft step's fixed costs over the chunk's
+    sequences, plus its prefill keys per draft layer and pass and per prompt token and draft layer: a draft
+    model's prefill.draft keys, an EAGLE head's prefill.draft.eagle keys where the spec has them, else the
+    draft model's. Only the draft part moves; decode is untouched."""
+    from pathlib import Path
+
+    from specmoe.planner.prefill import prefill_parts
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    model, draft = load_model(str(models / "tiny-moe")), load_model(str(models / draft_name))
+    B, P = 700, 40                                   # T = 28,000 tokens: two passes of at most 16,384
+    wl = Workload(prompt_len=P, gen_len=64, kv_dtype="fp32", weight_dtype="fp32")
+    pl = Placement(expert_cache_slots=(0,) * model.num_layers, draft_kv_gpu_sequences=B, target_kv_gpu_sequences=0)
+    base = copy.deepcopy(load_hardware("devbox-2core-calibrated").raw)
+    model_keys = {"prefill.draft": 300.0, "prefill.draft.token": 0.5}
+    eagle_keys = {"prefill.draft.eagle": 70.0, "prefill.draft.eagle.token": 0.25}
+    specs = [base]
+    for added in (model_keys, {**model_keys, **eagle_keys}):
+        r = copy.deepcopy(base)
+        r["measured"]["stage_overhead_us"].update(added)
+        specs.append(r)
+    cms = [CostModel(model, parse_hardware(r, "x.yaml"), wl, draft) for r in specs]
+    p0, p_model, p_both = (prefill_parts(cm, B, pl) for cm in cms)
+    Ld, T, us = draft.num_layers, B * P, 1e-6
+    assert p0.passes == 2 and bool(draft.eagle) == (draft_name == "tiny-eagle")
+    want = (2 * Ld * 300.0 + T * Ld * 0.5) * us
+    assert p_model.draft_s - p0.draft_s == pytest.approx(want, rel=1e-9)
+    if draft.eagle:
+        want = (2 * Ld * 70.0 + T * Ld * 0.25) * us
+    assert p_both.draft_s - p0.draft_s == pytest.approx(want, rel=1e-9)
+    fc = cms[0].fixed                                # the draft step's own fixed costs, once per pass
+    assert fc.prefill_parts(B, P, 2)["draft"] == pytest.approx(2 * fc.draft_step_s(B / 2, 1.0), rel=1e-12)
+    for p in (p_model, p_both):
+        assert p.stages_s == p0.stages_s and p.other_s == p0.other_s
+    it = [cm.iteration(6, 1, 2, pl, context_len=80.0).stage_totals() for cm in cms]
+    assert it[0] == it[1] == it[2]
 
 
 def test_a_spec_without_host_draft_keys_costs_the_host_part_as_the_device_part():

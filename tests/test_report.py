@@ -282,6 +282,32 @@ def test_the_prefill_by_stage_rows(plan, tmp_path):
     assert sum(r.predicted for r in parts) == pytest.approx(cpu.predicted.prefill_time_s, rel=1e-9)
 
 
+def test_the_drafts_own_prefill_is_a_row_of_its_own(plan):
+    """A run that timed the draft's own prefill (draft.gpu among its prefill stage totals): a row of its own
+    against the plan's draft part, `outside the stages` predicted without it, and the note names it; a run
+    recorded before (no draft.gpu) keeps the draft's prediction outside the stages."""
+    from specmoe.planner.report.predict import prefill_parts_for
+
+    parts = prefill_parts_for(plan, plan.draft_len)
+    assert parts.draft_s > 0
+    pred = plan.predicted.prefill_time_s
+    by = {"target.moe": 0.5 * pred, "draft.gpu": 0.3 * pred}
+    run = make_run(plan, {}, 1.0, prefill_stage_totals_s=by)
+    run["stages"]["prefill"] = 1.6 * pred
+    cmp = compare(plan, run)
+    rows = {r.name: r for r in cmp.prefill_stages}
+    assert rows["draft.gpu"].predicted == pytest.approx(parts.draft_s, rel=1e-12)
+    assert rows["draft.gpu"].measured == pytest.approx(0.3 * pred, rel=1e-12)
+    assert rows["outside the stages"].predicted == pytest.approx(parts.other_s, rel=1e-12)
+    assert rows["outside the stages"].measured == pytest.approx(0.8 * pred, rel=1e-9)
+    note = next(n for n in cmp.notes if n.startswith("Prefill:"))
+    assert "the draft's own " in note and "outside them (the first tokens' choice)" in note
+    old = compare(plan, make_run(plan, {}, 1.0, prefill_stage_totals_s={"target.moe": 0.5 * pred}))
+    rows = {r.name: r for r in old.prefill_stages}
+    assert "draft.gpu" not in rows
+    assert rows["outside the stages"].predicted == pytest.approx(parts.draft_s + parts.other_s, rel=1e-12)
+
+
 def test_prediction_helpers(plan):
     assert predicted_timeline(plan) == plan.predicted.timeline
     by_k = throughput_by_k(plan)

@@ -114,7 +114,13 @@ def _prefill_rows(plan: Plan, run: dict, k: int, warnings: list[str]) -> list[Ro
     res = {name: "gpu" if name == Stage.TARGET_ATTENTION.value else STAGE_RESOURCE[Stage(name)] for name in parts.stages_s}
     rows = [Row(name, res[name], pred, meas.get(name, 0.0)) for name, pred in parts.stages_s.items()
             if pred > 0 or meas.get(name, 0.0) > 0]
-    rows.append(Row(PREFILL_OUTSIDE, "all", parts.draft_s + parts.other_s, max(0.0, float(pre_m) - sum(meas.values()))))
+    outside = parts.other_s
+    draft = Stage.DRAFT_GPU.value
+    if draft in meas:           # the draft's own prefill, timed as its stage (runs recorded before: outside them)
+        rows.append(Row(draft, "gpu", parts.draft_s, meas[draft]))
+    else:
+        outside += parts.draft_s
+    rows.append(Row(PREFILL_OUTSIDE, "all", outside, max(0.0, float(pre_m) - sum(meas.values()))))
     return rows
 
 

@@ -59,9 +59,10 @@ class Comparison:
     # memory, predicted (the planner's footprint) against measured (the run record's `memory`), in MiB
     # (planner/report/memory_rows.py); [] for a run record without memory measurements
     memory: list[Row] = field(default_factory=list)
-    # the prefill by part (planner/prefill.py): each target stage, then `outside the stages` (predicted: the
-    # draft's own prefill and the rest; measured: the prefill less its stages); [] for a run record without
-    # the prefill's stage times (prefill_stage_totals_s). Not looked up by row(): the names are the stages'.
+    # the prefill by part (planner/prefill.py): each target stage, the draft's own prefill (draft.gpu, where
+    # the run timed it), then `outside the stages` (predicted: the rest, and the draft's prefill for a run
+    # that did not time it; measured: the prefill less its stages); [] for a run record without the
+    # prefill's stage times (prefill_stage_totals_s). Not looked up by row(): the names are the stages'.
     prefill_stages: list[Row] = field(default_factory=list)
 
     def row(self, name: str) -> Row:

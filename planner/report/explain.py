@@ -144,10 +144,16 @@ def _acceptance_note(cmp: Comparison) -> str | None:
     return None
 
 
+def _part_name(stage: str) -> str:
+    """A prefill stage as the note names it: the target's by their part (pre_attn, moe), the draft's own prefill
+    as such."""
+    return "the draft's own" if stage == Stage.DRAFT_GPU.value else stage.split(".", 1)[-1]
+
+
 def _prefill_note(cmp: Comparison, run: dict) -> str | None:
-    """A prefill off by more than the goal: its measured time by target stage (the run record's
-    prefill_stage_totals_s) and the rest (the draft's own prefill, the first tokens' choice), and the part
-    whose prediction is furthest off (cmp.prefill_stages)."""
+    """A prefill off by more than the goal: its measured time by stage (the run record's prefill_stage_totals_s:
+    the target's, and the draft's own prefill as draft.gpu where the run timed it) and the rest (the KV commit,
+    the first tokens' choice), and the part whose prediction is furthest off (cmp.prefill_stages)."""
     row = cmp.row(Stage.PREFILL.value)
     if row.error_pct is None or abs(row.error_pct) <= cmp.goal_pct or not row.measured:
         return None
@@ -155,9 +161,10 @@ def _prefill_note(cmp: Comparison, run: dict) -> str | None:
           if isinstance(v, (int, float)) and v > 0}
     where = ""
     if by:
-        parts = ", ".join(f"{k.split('.', 1)[-1]} {_ms(v)}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
-        where = f"; measured by target stage: {parts}, and {_ms(max(0.0, row.measured - sum(by.values())))} " \
-                "outside them (the draft's own prefill, the first tokens' choice)"
+        parts = ", ".join(f"{_part_name(k)} {_ms(v)}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+        rest = "the first tokens' choice" if Stage.DRAFT_GPU.value in by else "the draft's own prefill, the first tokens' choice"
+        where = f"; measured by stage: {parts}, and {_ms(max(0.0, row.measured - sum(by.values())))} " \
+                f"outside them ({rest})"
     worst = max(cmp.prefill_stages, key=lambda r: abs(r.diff), default=None)
     if worst is not None and worst.measured:
         where += (f"; furthest off: {worst.name}, {_ms(worst.measured)} measured against {_ms(worst.predicted)} "

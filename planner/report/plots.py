@@ -27,8 +27,8 @@ def stage_bars(cmp) -> go.Figure:
 
 
 def prefill_bars(cmp) -> go.Figure:
-    """The prefill by part (cmp.prefill_stages): predicted and measured milliseconds of each target stage and
-    of the time outside them, side by side."""
+    """The prefill by part (cmp.prefill_stages): predicted and measured milliseconds of each target stage, the
+    draft's own prefill and the time outside them, side by side."""
     return _bars(cmp.prefill_stages, "Milliseconds of the prefill, by stage (error = predicted vs measured)",
                  "ms of the prefill")
 

@@ -246,10 +246,6 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], eagle_cfg: dict, 
     layers one draft model; an EAGLE head is built on its configuration's target)."""
     import torch
 
-    from specmoe.runtime.model.draft import DraftModel
-    from specmoe.runtime.model.eagle import EagleHead
-    from specmoe.runtime.weights.sources import WeightSource
-
     parts: dict[str, Any] = {}
     drafts: dict[Any, Any] = {}
     g = torch.Generator().manual_seed(0)
@@ -261,14 +257,8 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], eagle_cfg: dict, 
         target, store, slots = parts[cache]
         tc = target.config
         key = ("eagle", cache) if kind == "eagle" else Ld
-        if k > 0 and key not in drafts and kind == "eagle":
-            try:        # a target the engine's EAGLE head cannot sit on loses only the EAGLE configurations
-                drafts[key] = EagleHead(WeightSource.random(eagle_cfg, seed=1, dtype=dtype), target.embed,
-                                        target.lm_head_w, dev, dtype)
-            except (SpecError, ValueError, NotImplementedError, RuntimeError):
-                drafts[key] = None
-        elif k > 0 and key not in drafts:
-            drafts[key] = DraftModel(WeightSource.random(draft_cfgs[Ld], seed=1, dtype=dtype), dev, dtype)
+        if k > 0 and key not in drafts:
+            drafts[key] = build_draft(kind, eagle_cfg if kind == "eagle" else draft_cfgs[Ld], target, dev, dtype)
         draft = drafts.get(key) if k > 0 else None
         if k > 0 and draft is None:
             continue
@@ -281,6 +271,22 @@ def _build_runs(target_cfg: dict, draft_cfgs: dict[int, dict], eagle_cfg: dict, 
                      "timer": timer, "samples": {s: [] for s in STAGES + ("iteration",)}, "copies": [], "ctx": [],
                      "catchup": [], "catchup_host": [], "experts": []})
     return runs
+
+
+def build_draft(kind: str, cfg: dict, target, dev, dtype):
+    """A random draft of `kind` ("model": a draft model of config cfg; "eagle": an EAGLE head of config cfg on
+    the target's embedding and LM head), or None where the engine's EAGLE head cannot sit on the target (only
+    the EAGLE configurations are lost then)."""
+    from specmoe.runtime.model.draft import DraftModel
+    from specmoe.runtime.model.eagle import EagleHead
+    from specmoe.runtime.weights.sources import WeightSource
+
+    if kind != "eagle":
+        return DraftModel(WeightSource.random(cfg, seed=1, dtype=dtype), dev, dtype)
+    try:
+        return EagleHead(WeightSource.random(cfg, seed=1, dtype=dtype), target.embed, target.lm_head_w, dev, dtype)
+    except (SpecError, ValueError, NotImplementedError, RuntimeError):
+        return None
 
 
 def random_sequences(B: int, vocab_size: int, prompt_len: int | list[int], g) -> list:

@@ -216,8 +216,12 @@ class _Measurements:
             so = measure_stage_overheads(
                 cfgs["target"], {int(k): v for k, v in cfgs["drafts"].items()}, rounds=self.st.overhead_rounds,
                 per_round=self.st.overhead_per_round, progress=lambda msg: self.note(msg))
+            dcfgs = so["draft_configs"]     # the prefill passes run with the deepest draft model and the EAGLE head
+            drafts = {**({"model": dcfgs[max(dcfgs)]} if dcfgs else {}),
+                      **({"eagle": so["eagle_config"]} if so.get("eagle_config") else {})}
             so["prefill"] = measure_prefills(   # fitted with the stage overheads (overhead_fit)
-                cfgs["target"], rounds=min(self.st.overhead_rounds, PREFILL_ROUNDS), progress=lambda msg: self.note(msg))
+                cfgs["target"], drafts, rounds=min(self.st.overhead_rounds, PREFILL_ROUNDS),
+                progress=lambda msg: self.note(msg))
             res["stage_overheads"] = so
         except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:   # a family the engine lacks
             res.setdefault("skipped", {})["stage_overheads"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"

@@ -29,6 +29,9 @@ def _fmt_curve(c: dict, digits: int = 1) -> str:
     return "  ".join(f"{k}:{v:.{digits}f}" for k, v in c.items())
 
 
+DRAFT_NAMES = {"model": "a draft model", "eagle": "an EAGLE head"}   # the prefill passes' kinds of draft
+
+
 def summary_lines(raw: dict) -> list[str]:
     """The measured numbers of a written spec, a few lines for the terminal."""
     m = raw.get("measured", {})
@@ -48,8 +51,10 @@ def summary_lines(raw: dict) -> list[str]:
     if isinstance(pre, dict) and pre.get("configs"):
         fit = [c["fit_rel_err"] for c in pre["configs"]]
         bare = pre.get("model_rel_err_before") or []
-        shapes = ", ".join(f"{c['B']}x{c['P']}" for c in pre["configs"])
-        lines.append(f"  prefill passes ({shapes} prompts x tokens): "
+        shapes = ", ".join(dict.fromkeys(f"{c['B']}x{c['P']}" for c in pre["configs"]))
+        kinds = [DRAFT_NAMES[k] for k in dict.fromkeys(c.get("draft") for c in pre["configs"]) if k in DRAFT_NAMES]
+        drafts = f", each with {' and with '.join(kinds)}" if kinds else ""
+        lines.append(f"  prefill passes ({shapes} prompts x tokens{drafts}): "
                      f"the cost model {min(fit):+.0%} to {max(fit):+.0%} off them with the prefill keys"
                      + (f", {min(bare):+.0%} to {max(bare):+.0%} without" if bare else ""))
     return lines
