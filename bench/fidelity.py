@@ -154,7 +154,9 @@ def errors_of(cmp) -> dict:
               and r.measured >= STAGE_SHARE_MIN * it.measured}
     return {"iteration_predicted_ms": it.predicted * 1e3, "iteration_measured_ms": it.measured * 1e3,
             "iteration_error_pct": round(it.error_pct, 2), "stage_error_pct": stages,
-            "prefill_error_pct": round(pre.error_pct, 2) if pre.measured and pre.error_pct is not None else None}
+            "prefill_error_pct": round(pre.error_pct, 2) if pre.measured and pre.error_pct is not None else None,
+            "prefill_part_error_pct": {r.name: round(r.error_pct, 2) for r in getattr(cmp, "prefill_stages", [])
+                                       if r.measured and r.error_pct is not None}}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -163,8 +165,11 @@ def summarize(rows: list[dict]) -> dict:
     stage_errs = [(abs(e), e, st) for r in rows for st, e in r["stage_error_pct"].items()]
     _, worst_stage, stage = max(stage_errs) if stage_errs else (0.0, 0.0, "none")
     pre = [r["prefill_error_pct"] for r in rows if r.get("prefill_error_pct") is not None]
+    parts = {p: statistics.median([r["prefill_part_error_pct"][p] for r in rows if p in r.get("prefill_part_error_pct", {})])
+             for p in dict.fromkeys(p for r in rows for p in r.get("prefill_part_error_pct", {}))}
     return {"prefill_error_median_pct": statistics.median(pre) if pre else None,
-            "prefill_error_worst_pct": max(pre, key=abs) if pre else None,"runs": len(rows), "iteration_error_median_pct": statistics.median(its),
+            "prefill_error_worst_pct": max(pre, key=abs) if pre else None, "prefill_part_error_median_pct": parts,
+            "runs": len(rows), "iteration_error_median_pct": statistics.median(its),
             "iteration_error_worst_pct": max(its, key=abs), "worst_stage_error_pct": worst_stage,
             "worst_stage": stage, "clean_calibrations": sum(r["clean"] for r in rows),
             "stage_error_median_pct": {st: statistics.median([r["stage_error_pct"][st] for r in rows
@@ -196,8 +201,10 @@ def _pct(x: float | None) -> str:
 def prefill_line(summ: dict) -> str:
     if summ["prefill_error_median_pct"] is None:
         return "prefill: not measured"
+    parts = summ.get("prefill_part_error_median_pct") or {}
+    by_part = "; by part, median: " + ", ".join(f"{p} {e:+.1f}%" for p, e in parts.items()) if parts else ""
     return (f"prefill: error median {summ['prefill_error_median_pct']:+.1f}%, worst "
-            f"{summ['prefill_error_worst_pct']:+.1f}% (the prompt pass before the first iteration)")
+            f"{summ['prefill_error_worst_pct']:+.1f}% (the prompt pass before the first iteration){by_part}")
 
 
 def summary_line(summ: dict) -> str:

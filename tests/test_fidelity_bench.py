@@ -42,6 +42,11 @@ def test_summary_of_hand_made_rounds(fid):
     assert fid.prefill_line(s) == ("prefill: error median -8.0%, worst -12.2% (the prompt pass before the first "
                                    "iteration)")
     assert fid.prefill_line(fid.summarize([_row(1, 1.0, {})])) == "prefill: not measured"
+    # each prefill part's median error over the rounds that measured it, in the rows' order
+    rows[0]["prefill_part_error_pct"] = {"target.moe": -4.0, "draft.gpu": 10.0}
+    rows[2]["prefill_part_error_pct"] = {"target.moe": -2.0, "draft.gpu": 20.0, "outside the stages": -30.0}
+    line = fid.prefill_line(fid.summarize(rows))
+    assert line.endswith("; by part, median: target.moe -3.0%, draft.gpu +15.0%, outside the stages -30.0%"), line
 
 
 def test_only_stages_over_five_percent_are_judged(fid):
@@ -60,6 +65,9 @@ def test_only_stages_over_five_percent_are_judged(fid):
     assert e["stage_error_pct"] == {"target.moe": -10.0}       # accept is 4% of the iteration, h2d none
     assert e["iteration_error_pct"] == -5.0 and e["iteration_measured_ms"] == pytest.approx(10.0)
     assert e["prefill_error_pct"] == pytest.approx(-16.67, abs=0.01)
+    assert e["prefill_part_error_pct"] == {}                     # a comparison without the prefill's parts
+    C.prefill_stages = [R("draft.gpu", 0.009, 0.008), R("target.h2d", 0.0004, 0.0)]
+    assert fid.errors_of(C())["prefill_part_error_pct"] == {"draft.gpu": 12.5}
 
 
 def test_bad_arguments_exit_2():
