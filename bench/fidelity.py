@@ -81,7 +81,7 @@ def setup(args, log):
 
         raise SpecError("--num-prompts", f"{args.n_prompts} exceeds the {len(prompts)} bundled prompts",
                         f"use at most {len(prompts)}")
-    job = DemoJob(out, prompts[:args.n_prompts], prompts, args.max_new_tokens, args.quick, log)
+    job = DemoJob(out, prompts[:args.n_prompts], args.max_new_tokens, args.quick, log)
     spec, _, _ = calibrate_machine(job, progress=False)
     dev = pick_device(None)
     dtype = "float32" if dev.type == "cpu" else "bfloat16"

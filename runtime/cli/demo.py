@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch to plan for (default: the planner's choice, capped by the number of prompts)")
     p.add_argument("--quick", action="store_true",
                    help="faster and rougher: a quick calibration (unless a full one is cached), acceptance for "
-                        "k = 1..4 on the run's prompts only, k <= 4 in the plan")
+                        "k = 1..4, k <= 4 in the plan")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for the calibration and the runs (default 1: the tiny pair's operations are "
                         "too small to split over threads; 0 keeps torch's default)")
