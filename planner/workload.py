@@ -21,6 +21,12 @@ from specmoe.planner.paths import is_file
 # best k on its hosts is 4-6; acceptance falls geometrically past that).
 MAX_DRAFT_LEN = 8
 MAX_PROFILE_K = 64     # the longest draft an acceptance table may describe
+# The levels of the across-sequence quantiles a measured profile may carry (CSV columns accepted_p1 ..
+# accepted_p99): of each sequence's mean accepted drafts per iteration, at the sample's plotting positions
+# i/(m+1) (runtime/calibrate/acceptance.py). Their lower tail, which a Beta of the same mean and spread
+# thins out, sets how long a finite job's slowest sequences keep the batch (planner/batch_drain.py).
+QUANTILE_LEVELS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99)
+QUANTILE_COLUMNS = tuple(f"accepted_p{round(q * 100)}" for q in QUANTILE_LEVELS)
 KV_DTYPES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
 
 
@@ -35,6 +41,9 @@ class AcceptanceProfile:
     # at draft length k (spread[0] = 0); None when unmeasured. Sets how unevenly a batch finishes
     # (planner/batch_drain.py).
     spread: tuple[float, ...] | None = None
+    # quantiles[k]: that quantity's quantiles at QUANTILE_LEVELS at draft length k (quantiles[0] all 0); None
+    # when unmeasured
+    quantiles: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self):
         if not self.table or self.table[0] != 0:
@@ -54,12 +63,32 @@ class AcceptanceProfile:
             for k, sd in enumerate(self.spread):
                 if not (sd >= 0 and math.isfinite(sd)):
                     raise SpecError("acceptance", f"accepted_sd at k={k} is {sd}", "a standard deviation is >= 0")
+        if self.quantiles is not None:
+            self._check_quantiles()
+
+    def _check_quantiles(self) -> None:
+        if len(self.quantiles) != len(self.table):
+            raise SpecError("acceptance", f"quantiles has {len(self.quantiles)} rows for {len(self.table)} k values",
+                            f"give the columns {', '.join(QUANTILE_COLUMNS)} on every row")
+        for k, row in enumerate(self.quantiles):
+            if len(row) != len(QUANTILE_LEVELS) or not all(math.isfinite(x) and -1e-9 <= x <= k + 1e-9 for x in row):
+                raise SpecError("acceptance", f"the quantiles at k={k} are {list(row)}",
+                                f"{len(QUANTILE_LEVELS)} values in [0, {k}], one per column {', '.join(QUANTILE_COLUMNS)}")
+            if any(b + 1e-9 < a for a, b in zip(row, row[1:])):
+                raise SpecError("acceptance", f"the quantiles at k={k} fall: {list(row)}",
+                                "quantiles rise with their level (accepted_p1 <= accepted_p2 <= ...)")
 
     def spread_at(self, k: int) -> float | None:
         """Across-sequence standard deviation of accepted drafts per iteration at k (None: unmeasured)."""
         if self.spread is None or k <= 0:
             return None if self.spread is None else 0.0
         return self.spread[min(k, len(self.spread) - 1)]
+
+    def quantiles_at(self, k: int) -> tuple[float, ...] | None:
+        """Across-sequence quantiles (QUANTILE_LEVELS) of accepted drafts per iteration at k (None: unmeasured)."""
+        if self.quantiles is None or k <= 0:
+            return None
+        return self.quantiles[min(k, len(self.quantiles) - 1)]
 
     @property
     def max_k(self) -> int:
@@ -107,17 +136,22 @@ class AcceptanceProfile:
         if col is None:
             raise SpecError("acceptance", f"{source} lacks an `accepted` column", "header must be `k,accepted`")
         has_sd = "accepted_sd" in rows[0]
+        has_q = _quantile_columns(rows[0], source)
         pts: dict[int, float] = {0: 0.0}
         sds: dict[int, float] = {0: 0.0}
+        qs: dict[int, tuple[float, ...]] = {0: (0.0,) * len(QUANTILE_LEVELS)}
         seen: dict[int, int] = {}
         for i, r in enumerate(rows, start=2):
             try:
                 k, a = int(r["k"]), float(r[col])
                 if has_sd:
                     sds[k] = float(r["accepted_sd"])
+                if has_q:
+                    qs[k] = tuple(float(r[c]) for c in QUANTILE_COLUMNS)
             except (TypeError, ValueError):
                 raise SpecError("acceptance", f"{source} line {i}: k={r.get('k')!r} accepted={r.get(col)!r}"
                                 + (f" accepted_sd={r.get('accepted_sd')!r}" if has_sd else "")
+                                + (" or an accepted_p* column" if has_q else "")
                                 + " is not numeric", "fix the row") from None
             if k < 0:
                 raise SpecError("acceptance", f"{source} line {i}: k={k} is negative", "k must be >= 0")
@@ -127,7 +161,7 @@ class AcceptanceProfile:
             if k in seen:
                 raise SpecError("acceptance", f"{source} line {i}: k={k} repeats line {seen[k]}",
                                 "give one row per k")
-            if not (math.isfinite(a) and math.isfinite(sds.get(k, 0.0))):
+            if not (math.isfinite(a) and math.isfinite(sds.get(k, 0.0)) and all(map(math.isfinite, qs.get(k, ())))):
                 raise SpecError("acceptance", f"{source} line {i}: a value is not finite", "fix the row")
             seen[k] = i
             pts[k] = a
@@ -135,19 +169,33 @@ class AcceptanceProfile:
         if ks != list(range(ks[-1] + 1)):
             raise SpecError("acceptance", f"{source} must list every k from 1 to {ks[-1]}", "add the missing rows")
         return cls(tuple(pts[k] for k in ks), alpha=None, source=source,
-                   spread=tuple(sds.get(k, 0.0) for k in ks) if has_sd else None)
+                   spread=tuple(sds.get(k, 0.0) for k in ks) if has_sd else None,
+                   quantiles=tuple(qs[k] for k in ks) if has_q else None)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"table": list(self.table), "alpha": self.alpha, "source": self.source}
         if self.spread is not None:
             d["spread"] = list(self.spread)
+        if self.quantiles is not None:
+            d["quantiles"] = [list(row) for row in self.quantiles]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "AcceptanceProfile":
-        sp = d.get("spread")
+        sp, qs = d.get("spread"), d.get("quantiles")
         return cls(tuple(float(x) for x in d["table"]), d.get("alpha"), d.get("source", ""),
-                   tuple(float(x) for x in sp) if sp is not None else None)
+                   tuple(float(x) for x in sp) if sp is not None else None,
+                   tuple(tuple(float(x) for x in row) for row in qs) if qs is not None else None)
+
+
+def _quantile_columns(header: dict, source: str) -> bool:
+    """Whether a profile CSV's header has the quantile columns: all of them or none."""
+    present = [c for c in QUANTILE_COLUMNS if c in header]
+    if present and len(present) < len(QUANTILE_COLUMNS):
+        missing = [c for c in QUANTILE_COLUMNS if c not in header]
+        raise SpecError("acceptance", f"{source} has {', '.join(present)} but lacks {', '.join(missing)}",
+                        "give every quantile column or none")
+    return bool(present)
 
 
 def _alpha_acc(alpha: float, k: int) -> float:

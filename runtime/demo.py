@@ -213,7 +213,7 @@ def profile_pair(job: DemoJob, dev, dtype: str, draft_dir: Path | None = None):
     # demo's first 32 (acc(1) 0.81 against 0.79), which the plan then carried as an error of its input
     prof_prompts = job.prompts
     draft_dir = job.draft_dir if draft_dir is None else Path(draft_dir)
-    key = content_hash(TARGET_DIR, draft_dir, extra={"prompts": prof_prompts, "max_k": max_k, "format": 2,
+    key = content_hash(TARGET_DIR, draft_dir, extra={"prompts": prof_prompts, "max_k": max_k, "format": 3,
                                                      "new": job.max_new_tokens, "dtype": dtype, "device": dev.type})
     tag = "" if draft_dir == DRAFT_DIR else f"{draft_dir.name}-"
     acc_path = job.out / f"{tag}acceptance-{key[:16]}.csv"

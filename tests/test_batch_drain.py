@@ -174,6 +174,53 @@ def test_spread_column_round_trips(tmp_path):
         AcceptanceProfile.from_csv(p)
 
 
+def test_quantile_columns_round_trip_and_bad_ones_are_named(tmp_path):
+    from specmoe.planner.workload import QUANTILE_COLUMNS, QUANTILE_LEVELS
+
+    head = "k,accepted,accepted_sd," + ",".join(QUANTILE_COLUMNS)
+    q1 = [0.1, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.0, 1.0, 1.0]
+    q2 = [2 * x for x in q1]
+    row = lambda k, a, q: f"{k},{a},0.2," + ",".join(str(x) for x in q)  # noqa: E731
+    p = tmp_path / "acc.csv"
+    p.write_text("\n".join([head, row(1, 0.7, q1), row(2, 1.2, q2)]) + "\n")
+    prof = AcceptanceProfile.from_csv(p)
+    assert len(QUANTILE_LEVELS) == len(q1) and prof.quantiles == ((0.0,) * 11, tuple(q1), tuple(q2))
+    assert prof.quantiles_at(2) == tuple(q2) and prof.quantiles_at(7) == tuple(q2) and prof.quantiles_at(0) is None
+    assert AcceptanceProfile.from_dict(prof.to_dict()) == prof
+    assert AcceptanceProfile.from_csv_text("k,accepted,accepted_sd\n1,0.7,0.2\n").quantiles is None
+    bad = {"lacks accepted_p99": head.removesuffix(",accepted_p99") + "\n1,0.7,0.2," + ",".join(map(str, q1[:-1])),
+           "fall": "\n".join([head, row(1, 0.7, q1[::-1])]),
+           "in \\[0, 1\\]": "\n".join([head, row(1, 0.7, [x + 0.5 for x in q1])]),
+           "not numeric": "\n".join([head, row(1, 0.7, q1[:-1] + ["x"])])}
+    for what, text in bad.items():
+        with pytest.raises(SpecError, match=what):
+            AcceptanceProfile.from_csv_text(text + "\n")
+
+
+def test_a_heavy_lower_tail_drains_longer_than_its_beta():
+    """A profile carrying its quantiles drains by them: a few slow sequences (a low lower tail) keep a static
+    batch longer than a Beta of the same mean and spread does; lowering only the tail lengthens the job; a
+    profile whose quantiles show no spread falls back to the Beta of its standard deviation."""
+    from specmoe.planner.workload import QUANTILE_LEVELS
+
+    body = [0.3, 0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98]       # one sequence in 30 near 0.3
+    mean = 0.8
+
+    def prof(q1, sd=0.15):
+        qs = ((0.0,) * len(QUANTILE_LEVELS), tuple(q1), tuple(min(2.0, 1.8 * x) for x in q1))
+        return AcceptanceProfile((0.0, mean, 1.44), spread=(0.0, sd, 0.3), quantiles=qs)
+
+    def iters(p, k=1):
+        return drain(Workload(34, 48, acceptance=p, num_prompts=32), 32, k).iterations
+
+    beta = AcceptanceProfile((0.0, mean, 1.44), spread=(0.0, 0.15, 0.3))
+    assert iters(prof(body)) > iters(beta) + 1.0
+    lower = [0.1, 0.1, 0.3] + body[3:]
+    assert iters(prof(lower)) > iters(prof(body)) and iters(prof(lower), 2) > iters(prof(body), 2)
+    flat = prof([mean] * len(QUANTILE_LEVELS))
+    assert iters(flat) == pytest.approx(iters(beta), rel=1e-12)
+
+
 def test_workload_dict_keeps_old_hashes():
     wl = Workload(16, 32)
     assert "num_prompts" not in wl.to_dict()

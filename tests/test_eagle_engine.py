@@ -142,7 +142,10 @@ def test_profile_acceptance_writes_k_1_to_8(tmp_path, capsys):
                  str(prompts), "--max-new-tokens", "10", "-o", str(out), "--no-progress"]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [int(r["k"]) for r in rows] == list(range(1, 9))
-    assert list(rows[0]) == ["k", "accepted", "raw_accepted", "verified", "iterations", "accepted_sd"]
+    from specmoe.planner.workload import QUANTILE_COLUMNS
+
+    assert list(rows[0]) == ["k", "accepted", "raw_accepted", "verified", "iterations", "accepted_sd",
+                             *QUANTILE_COLUMNS]
     acc = [float(r["accepted"]) for r in rows]
     assert acc == sorted(acc) and 0.3 < acc[0] <= 1.0 and acc[-1] > acc[0]
     assert "0 sequences differ between k" in capsys.readouterr().out

@@ -69,6 +69,14 @@ def test_csv_loads_monotone_within_0_k(profiled, capsys):
         k, raw, ver, sd = int(r["k"]), float(r["raw_accepted"]), int(r["verified"]), float(r["accepted_sd"])
         assert 0.0 <= raw <= k and ver > 0 and 0.0 <= sd <= k
     assert prof.spread is not None and prof.spread[1:] == tuple(float(r["accepted_sd"]) for r in rows)
+    # the across-sequence quantiles of each k: rising with their level, within [0, k], the spread's own sample
+    from specmoe.planner.workload import QUANTILE_COLUMNS
+
+    assert prof.quantiles is not None and len(prof.quantiles) == 5
+    for k, r in enumerate(rows, start=1):
+        q = [float(r[c]) for c in QUANTILE_COLUMNS]
+        assert tuple(q) == prof.quantiles[k] and q == sorted(q) and 0.0 <= q[0] and q[-1] <= k
+        assert (q[-1] - q[0] > 0) == (float(r["accepted_sd"]) > 0)
     # a trained pair: the draft agrees with the target often (acc(1) is an acceptance rate)
     assert 0.2 < acc[0] <= 1.0
     assert sorted(p.name for p in out.parent.iterdir()) == ["acc.csv", "p.jsonl"]     # no temporary file left
@@ -114,3 +122,28 @@ def test_sequence_spread_is_the_sample_sd_of_per_sequence_means():
     want = statistics.stdev([0.3, 0.75, 0.0, 14 / 15])        # the sequence without an iteration is left out
     assert sequence_spread(outs) == pytest.approx(want, rel=1e-12)
     assert sequence_spread(outs[:1]) == 0.0
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_sequence_quantiles_are_the_samples_at_their_plotting_positions(trial):
+    """The across-sequence quantiles: the sorted means at positions i/(m+1), linear between, flat past the
+    ends (by hand on small samples, against numpy's interpolation on fresh random ones); sequences without
+    a decode iteration left out."""
+    import random
+    from types import SimpleNamespace as Out
+
+    import numpy as np
+
+    from specmoe.planner.workload import QUANTILE_LEVELS
+    from specmoe.runtime.calibrate.acceptance import sequence_quantiles
+
+    outs = lambda means: [Out(accepted_drafts=m * 10, decode_iterations=10) for m in means]  # noqa: E731
+    assert sequence_quantiles(outs([0.6, 0.2, 0.4])) == pytest.approx([0.2] * 5 + [0.4] + [0.6] * 5)
+    q = dict(zip(QUANTILE_LEVELS, sequence_quantiles(outs([1.0, 0.0, 0.75, 0.5]))))
+    assert (q[0.25], q[0.5], q[0.75]) == pytest.approx((0.125, 0.625, 0.9375))
+    assert sequence_quantiles([]) == [0.0] * len(QUANTILE_LEVELS)
+    rng = random.Random(trial)
+    means = [rng.random() * 3 for _ in range(rng.randint(1, 200))]
+    got = sequence_quantiles(outs(means) + [Out(accepted_drafts=0, decode_iterations=0)])
+    pos = np.arange(1, len(means) + 1) / (len(means) + 1)
+    assert got == pytest.approx(np.interp(QUANTILE_LEVELS, pos, sorted(means)), abs=1e-12)

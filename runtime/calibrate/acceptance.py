@@ -2,15 +2,17 @@
 speculative loop: `specmoe profile-acceptance` and the demo.
 
     prof = profile_acceptance(target_dir, draft_dir, prompts, max_k=8, max_new_tokens=48)
-    prof.write_csv("acceptance.csv")      # k,accepted,raw_accepted,verified,iterations,accepted_sd
+    prof.write_csv("acceptance.csv")      # k,accepted,raw_accepted,verified,iterations,accepted_sd,accepted_p1..p99
 
 Method: one Engine (a plan from plan_for_checkpoint at draft length max_k, so memory is checked for
 the largest k once) generates every prompt greedily at each k = 1..max_k (generate(draft_len=k));
 acc(k) is the RunRecord's accepted drafts / verified sequences over the whole run, exactly the
 quantity the cost model's acc(k) stands for (tokens per iteration = acc(k) + 1), measured where the
 engine's iterations really start. `accepted_sd` is the standard deviation across prompts of each
-sequence's own mean accepted drafts per iteration: how unevenly a batch finishes under speculation
-(planner/batch_drain.py turns it into the mean live batch of a finite job). Greedy acceptance is exact, so every k emits the target's greedy
+sequence's own mean accepted drafts per iteration, `accepted_p1` .. `accepted_p99` its quantiles
+(planner.workload.QUANTILE_LEVELS): how unevenly a batch finishes under speculation (planner/batch_drain.py
+turns them into the mean live batch of a finite job; the lower tail, a few prompts the draft fails on,
+sets how long its slowest sequences run). Greedy acceptance is exact, so every k emits the target's greedy
 text; sequences whose tokens differ between k (a top-2 logit gap inside float noise) are counted.
 
 acc(k) = E[min(A, k)] (A: the run of draft tokens the target agrees with) cannot fall as k grows,
@@ -20,6 +22,7 @@ planner.workload.AcceptanceProfile requires, and `raw_accepted` keeps the measur
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import math
@@ -31,7 +34,7 @@ from typing import Callable
 from specmoe.planner.errors import SpecError
 
 from specmoe.planner.atomic_file import atomic_write_text
-from specmoe.planner.workload import MAX_DRAFT_LEN
+from specmoe.planner.workload import MAX_DRAFT_LEN, QUANTILE_COLUMNS, QUANTILE_LEVELS
 
 
 @dataclass
@@ -49,14 +52,18 @@ class AcceptanceResult:
     elapsed_s: float
     info: dict = field(default_factory=dict)
     accepted_sd: list[float] = field(default_factory=list)   # across sequences, of each one's mean accepted drafts
+    accepted_quantiles: list[list[float]] = field(default_factory=list)   # [k][QUANTILE_LEVELS] of the same
 
     def csv_text(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         sd = self.accepted_sd if len(self.accepted_sd) == len(self.ks) else None
-        w.writerow(["k", "accepted", "raw_accepted", "verified", "iterations"] + (["accepted_sd"] if sd else []))
+        q = self.accepted_quantiles if len(self.accepted_quantiles) == len(self.ks) else None
+        w.writerow(["k", "accepted", "raw_accepted", "verified", "iterations"] + (["accepted_sd"] if sd else [])
+                   + (list(QUANTILE_COLUMNS) if q else []))
         for i, (k, a, r, v, n) in enumerate(zip(self.ks, self.accepted, self.raw, self.verified, self.iterations)):
-            w.writerow([k, f"{a:.6f}", f"{r:.6f}", v, n] + ([f"{sd[i]:.6f}"] if sd else []))
+            w.writerow([k, f"{a:.6f}", f"{r:.6f}", v, n] + ([f"{sd[i]:.6f}"] if sd else [])
+                       + ([f"{x:.6f}" for x in q[i]] if q else []))
         return buf.getvalue()
 
     def write_csv(self, path: str | Path) -> Path:
@@ -116,7 +123,7 @@ def profile_acceptance(target_dir, draft_dir, prompts: list, max_k: int = MAX_DR
                                prompt_len=longest, gen_len=max_new_tokens)
     t0 = time.perf_counter()
     eng = Engine(plan, target_dir, draft_dir, device=device, dtype=dtype, max_k=max_k)
-    raw, verified, iters, tps, sds = [], [], [], [], []
+    raw, verified, iters, tps, sds, qs = [], [], [], [], [], []
     first: dict[int, list[int]] | None = None
     differing: set[int] = set()
     flips = 0
@@ -129,6 +136,7 @@ def profile_acceptance(target_dir, draft_dir, prompts: list, max_k: int = MAX_DR
         iters.append(int(rec.iterations))
         tps.append(float(rec.decode_tokens_per_s))
         sds.append(sequence_spread(res.outputs))
+        qs.append(sequence_quantiles(res.outputs))
         flips += int(rec.token_flips)
         toks = {o.index: list(o.token_ids) for o in res.outputs}
         if first is None:
@@ -144,13 +152,38 @@ def profile_acceptance(target_dir, draft_dir, prompts: list, max_k: int = MAX_DR
                             prompts=len(prompts), max_new_tokens=max_new_tokens,
                             elapsed_s=time.perf_counter() - t0,
                             info={"batch": B, "device": str(eng.device), "dtype": str(eng.dtype).replace("torch.", "")},
-                            accepted_sd=sds)
+                            accepted_sd=sds, accepted_quantiles=qs)
+
+
+def _sequence_means(outputs) -> list[float]:
+    """Each sequence's mean accepted drafts per decode iteration (sequences without one left out)."""
+    return [o.accepted_drafts / o.decode_iterations for o in outputs if o.decode_iterations > 0]
+
+
+def sequence_quantiles(outputs) -> list[float]:
+    """The quantiles at QUANTILE_LEVELS across sequences of each one's mean accepted drafts per decode
+    iteration: the sorted means at plotting positions i/(m+1), i = 1..m, linear between them and flat past
+    the ends (all 0 without a sequence)."""
+    means = sorted(_sequence_means(outputs))
+    m = len(means)
+    if m == 0:
+        return [0.0] * len(QUANTILE_LEVELS)
+    pos = [(i + 1) / (m + 1) for i in range(m)]
+    out = []
+    for q in QUANTILE_LEVELS:
+        j = bisect.bisect_left(pos, q)
+        if j == 0 or j == m:
+            out.append(means[min(j, m - 1)])
+        else:
+            t = (q - pos[j - 1]) / (pos[j] - pos[j - 1])
+            out.append(means[j - 1] + t * (means[j] - means[j - 1]))
+    return out
 
 
 def sequence_spread(outputs) -> float:
     """Standard deviation across sequences of each one's mean accepted drafts per decode iteration
     (sequences without a decode iteration left out; 0 with fewer than two)."""
-    means = [o.accepted_drafts / o.decode_iterations for o in outputs if o.decode_iterations > 0]
+    means = _sequence_means(outputs)
     if len(means) < 2:
         return 0.0
     m = sum(means) / len(means)
