@@ -16,7 +16,8 @@ costs fixed + roofline, the fixed part counted per invocation as the engine make
   target.h2d         one per streamed expert (folded into the per-uncached-expert slope, so it stays linear)
   target.lm_head     one per iteration (spread over the micro-batch columns)
   prefill.*          per target layer per prefill pass and (.token) per prompt token per target layer, in each
-                     target stage; prefill and prefill.token outside them (per pass, per token and layer);
+                     layer's target stage; in the LM head per pass and per token; prefill and prefill.token
+                     outside the stages (per pass, per token and layer);
                      prefill.draft(.eagle)(.token) in the draft's own prefill, per draft layer (with a draft
                      step's fixed costs per pass); FixedCosts.prefill_parts only
   iteration.other    one per iteration + per sequence: engine work outside every stage, added to the
@@ -39,7 +40,7 @@ from specmoe.planner.cost_terms import touched_experts
 from specmoe.planner.iteration_costs import IterationCosts
 from specmoe.planner.model_spec import ModelSpec
 from specmoe.planner.overhead import (DRAFT_PART_KEYS, EAGLE_PART_KEYS, PREFILL_DRAFT_KEYS, PREFILL_PART_KEYS,
-                                      OverheadKey as K, Overheads)
+                                      PREFILL_PART_PER_LAYER, OverheadKey as K, Overheads)
 from specmoe.planner.stages import Stage as S
 from specmoe.planner.workload import AcceptanceProfile
 
@@ -148,11 +149,12 @@ class FixedCosts:
             S.TARGET_ATTENTION.value: chunks * L * o(K.ATTENTION) + batch * o(K.ATTENTION_SEQUENCE),
             S.TARGET_POST_ATTN.value: chunks * L * o(K.POST_ATTN) + T * L * self._decode_token(K.POST_ATTN_TOKEN),
             S.TARGET_MOE.value: chunks * moe + T * n_moe * self._decode_token(K.MOE_TOKEN),
-            S.TARGET_LM_HEAD.value: o(K.LM_HEAD) + o(K.LM_HEAD_TOKEN) * batch,
+            S.TARGET_LM_HEAD.value: chunks * o(K.LM_HEAD) + o(K.LM_HEAD_TOKEN) * batch,
         }
         parts["other"] = 0.0
         for part, (per_pass, per_token) in PREFILL_PART_KEYS.items():
-            parts[part] += chunks * (1 if part == "other" else L) * o(per_pass) + T * L * o(per_token)
+            lp, lt = PREFILL_PART_PER_LAYER[part]
+            parts[part] += chunks * (L if lp else 1) * o(per_pass) + T * (L if lt else 1) * o(per_token)
         parts["draft"] = self._draft_prefill_s(batch, T, chunks)
         return parts
 

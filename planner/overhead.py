@@ -82,6 +82,8 @@ class OverheadKey(str, Enum):
     PREFILL_ATTENTION_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_ATTENTION.value}.token"
     PREFILL_POST_ATTN_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_POST_ATTN.value}.token"
     PREFILL_MOE_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_MOE.value}.token"
+    PREFILL_LM_HEAD = f"{Stage.PREFILL.value}.{Stage.TARGET_LM_HEAD.value}"
+    PREFILL_LM_HEAD_TOKEN = f"{Stage.PREFILL.value}.{Stage.TARGET_LM_HEAD.value}.token"
     PREFILL_DRAFT = f"{Stage.PREFILL.value}.draft"
     PREFILL_DRAFT_TOKEN = f"{Stage.PREFILL.value}.draft.token"
     PREFILL_DRAFT_EAGLE = f"{Stage.PREFILL.value}.draft.eagle"
@@ -147,6 +149,10 @@ OVERHEAD_KEYS: dict[str, str] = {
     OverheadKey.PREFILL_MOE.value: "per target layer per prefill pass, in target.moe",
     OverheadKey.PREFILL_MOE_TOKEN.value: ("per prompt token per target layer of a prefill pass, in target.moe (silu_mul, "
                                           "permutation and combine over [T*K, F]), in place of target.moe.token"),
+    OverheadKey.PREFILL_LM_HEAD.value: "per prefill pass, in target.lm_head (not per layer)",
+    OverheadKey.PREFILL_LM_HEAD_TOKEN.value: ("per prompt token of a prefill pass, in target.lm_head (not per layer): "
+                                              "picking the last tokens out of the pass's [T, H] rows and, with an "
+                                              "EAGLE head, norming all of them for it"),
     OverheadKey.PREFILL_DRAFT.value: ("per draft layer per prefill pass, in a draft model's own prefill (its KV filled, no "
                                       "logits; draft.gpu of the prefill), past a draft step's fixed costs"),
     OverheadKey.PREFILL_DRAFT_TOKEN.value: "per prompt token per draft layer of a draft model's own prefill",
@@ -155,14 +161,23 @@ OVERHEAD_KEYS: dict[str, str] = {
     OverheadKey.PREFILL_DRAFT_EAGLE_TOKEN.value: "as prefill.draft.token, for an EAGLE head",
 }
 
-# The prefill keys of each target stage and of the rest of the pass: (per target layer per pass, per prompt
-# token per target layer), added by FixedCosts.prefill_parts and fitted by runtime/calibrate/prefill.py.
+# The prefill keys of each target stage and of the rest of the pass: (per pass, per prompt token), each per
+# target layer as PREFILL_PART_PER_LAYER says, added by FixedCosts.prefill_parts and fitted by
+# runtime/calibrate/prefill.py.
 PREFILL_PART_KEYS: dict[str, tuple[OverheadKey, OverheadKey]] = {
     Stage.TARGET_PRE_ATTN.value: (OverheadKey.PREFILL_PRE_ATTN, OverheadKey.PREFILL_PRE_ATTN_TOKEN),
     Stage.TARGET_ATTENTION.value: (OverheadKey.PREFILL_ATTENTION, OverheadKey.PREFILL_ATTENTION_TOKEN),
     Stage.TARGET_POST_ATTN.value: (OverheadKey.PREFILL_POST_ATTN, OverheadKey.PREFILL_POST_ATTN_TOKEN),
     Stage.TARGET_MOE.value: (OverheadKey.PREFILL_MOE, OverheadKey.PREFILL_MOE_TOKEN),
+    Stage.TARGET_LM_HEAD.value: (OverheadKey.PREFILL_LM_HEAD, OverheadKey.PREFILL_LM_HEAD_TOKEN),
     "other": (OverheadKey.PREFILL, OverheadKey.PREFILL_TOKEN),
+}
+# Whether a part's (per-pass, per-token) prefill keys count once per target layer: the layers' stages both, the
+# rest outside them its per-token key only, the LM head (once a pass) neither.
+PREFILL_PART_PER_LAYER: dict[str, tuple[bool, bool]] = {
+    **{part: (True, True) for part in PREFILL_PART_KEYS},
+    Stage.TARGET_LM_HEAD.value: (False, False),
+    "other": (False, True),
 }
 
 # The prefill keys of the draft's own prefill pass, a draft model's (False) and an EAGLE head's (True): (per draft

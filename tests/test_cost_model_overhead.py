@@ -356,7 +356,8 @@ def test_prefill_keys_cost_their_part_per_layer_pass_and_per_token():
     pl = Placement(expert_cache_slots=(2,) * model.num_layers, draft_kv_gpu_sequences=0, target_kv_gpu_sequences=0)
     base = copy.deepcopy(load_hardware("devbox-2core-calibrated").raw)
     added = {"prefill.target.pre_attn": 11.0, "prefill.target.attention.token": 0.5, "prefill.target.moe": 7.0,
-             "prefill.target.moe.token": 0.25, "prefill": 900.0, "prefill.token": 0.125}
+             "prefill.target.moe.token": 0.25, "prefill": 900.0, "prefill.token": 0.125,
+             "prefill.target.lm_head": 13.0, "prefill.target.lm_head.token": 0.75}
     with_keys = copy.deepcopy(base)
     with_keys["measured"]["stage_overhead_us"].update(added)
     cm0, cm1 = (CostModel(model, parse_hardware(r, "x.yaml"), wl, None) for r in (base, with_keys))
@@ -365,10 +366,14 @@ def test_prefill_keys_cost_their_part_per_layer_pass_and_per_token():
     assert p1.passes == 2
     moe_token = base["measured"]["stage_overhead_us"]["target.moe.token"]
     want = {"target.pre_attn": 2 * L * 11.0, "target.attention": T * L * 0.5, "target.post_attn": 0.0,
-            "target.moe": 2 * L * 7.0 + T * L * 0.25 - T * n_moe * moe_token}
+            "target.moe": 2 * L * 7.0 + T * L * 0.25 - T * n_moe * moe_token,
+            "target.lm_head": 2 * 13.0 + T * 0.75}                # once a pass, not per layer
     for stage, v in want.items():
         assert p1.stages_s[stage] - p0.stages_s[stage] == pytest.approx(v * us, rel=1e-9, abs=1e-12), stage
     assert p1.other_s - p0.other_s == pytest.approx((2 * 900.0 + T * L * 0.125) * us, rel=1e-9)
+    o = cm0.fixed.ov.get                                 # the decode LM head's own keys: the LM head runs each pass
+    assert cm0.fixed.prefill_parts(B, P, 2)["target.lm_head"] == pytest.approx(
+        2 * o("target.lm_head") + B * o("target.lm_head.token"), rel=1e-12)
     for p in (p0, p1):
         assert p.total_s == pytest.approx(sum(p.stages_s.values()) + p.draft_s + p.other_s, rel=1e-12)
     it = [cm.iteration(6, 1, 0, pl, context_len=80.0).stage_totals() for cm in (cm0, cm1)]

@@ -126,7 +126,7 @@ def fit_prefill(raw: dict, hw_with: Callable[[dict[str, float]], Any]) -> tuple[
     import numpy as np
 
     from specmoe.planner.model_spec import ModelSpec
-    from specmoe.planner.overhead import PREFILL_DRAFT_KEYS, PREFILL_PART_KEYS
+    from specmoe.planner.overhead import PREFILL_DRAFT_KEYS, PREFILL_PART_KEYS, PREFILL_PART_PER_LAYER
 
     pre = raw["prefill"]
     cfgs = pre["configs"]
@@ -141,9 +141,10 @@ def fit_prefill(raw: dict, hw_with: Callable[[dict[str, float]], Any]) -> tuple[
     parts = [model_prefill_parts(spec, hw, dt, c["B"], c["P"], pre["expert_cache_slots"], d) for c, d in zip(cfgs, dspecs)]
     model = np.array([p.total_s for p in parts], dtype=float)
     # (part, its keys, the configurations it is fitted on, [configs] layers a unit of its per-pass term counts,
-    # and of its per-token term: a target stage's both L, the rest's 1 and L, the draft's its own layers)
+    # and of its per-token term: a target part's L or 1 (PREFILL_PART_PER_LAYER), the draft's its own layers)
     every = list(range(len(cfgs)))
-    fits = [(name, PREFILL_PART_KEYS[name], every, [1 if name == "other" else L] * len(cfgs), [L] * len(cfgs))
+    fits = [(name, PREFILL_PART_KEYS[name], every, *([L if per_layer else 1] * len(cfgs)
+                                                      for per_layer in PREFILL_PART_PER_LAYER[name]))
             for name in (list(PREFILL_PART_KEYS) if by_stage else ["other"])]
     for eagle in (False, True):
         on = [i for i, d in enumerate(dspecs) if d is not None and bool(d.eagle) == eagle and by_stage]
