@@ -7,7 +7,7 @@ costs fixed + roofline, the fixed part counted per invocation as the engine make
   target.pre_attn    one per layer and micro-batch (one per layer with batched_layer), plus one per pass
                      (embedding), + per sequence per pass
   target.attention   one per layer and micro-batch on each KV part it has (host / device), + per sequence
-                     per pass. The GPU-KV sequences spread over the micro-batches as everywhere in the cost
+                     per pass, + per query token per layer. The GPU-KV sequences spread over the micro-batches as everywhere in the cost
                      model (split_even, which planner.milp models too); the engine puts the first rows on
                      the device, so with m > 1 and 0 < GPU-KV sequences < B its part count can differ
   target.post_attn   one per layer and micro-batch (one per layer with batched_layer), + per token per layer
@@ -95,16 +95,17 @@ class FixedCosts:
             if attn_on_gpu:
                 n_dev, n_host = n_dev + n_host, 0
             if n_host > 0:
-                attn_cpu[:, j] += o(K.ATTENTION)
+                attn_cpu[:, j] += o(K.ATTENTION) + o(K.ATTENTION_TOKEN) * k1 * n_host
                 attn_cpu[0, j] += o(K.ATTENTION_SEQUENCE) * n_host
             if n_dev > 0:
-                attn_gpu[:, j] += o(K.ATTENTION_GPU)
+                attn_gpu[:, j] += o(K.ATTENTION_GPU) + o(K.ATTENTION_TOKEN) * k1 * n_dev
                 attn_gpu[0, j] += o(K.ATTENTION_SEQUENCE) * n_dev
             costs.lm_head_s[j] += o(K.LM_HEAD) / M + o(K.LM_HEAD_TOKEN) * k1 * mb[j]
             costs.verify_s[j] += (o(K.ACCEPT) / M
                                   + (o(K.ACCEPT_SEQUENCE) + o(K.ACCEPT_TOKEN) * k1) * mb[j])
-        costs.cpu_attn_s_per_seq[0] += o(K.ATTENTION_SEQUENCE)
-        costs.gpu_attn_s_per_seq[0] += o(K.ATTENTION_SEQUENCE)
+        for per_seq in (costs.cpu_attn_s_per_seq, costs.gpu_attn_s_per_seq):     # [L]
+            per_seq[0] += o(K.ATTENTION_SEQUENCE)
+            per_seq += o(K.ATTENTION_TOKEN) * k1
 
     def _add_moe(self, costs: IterationCosts, N: int) -> float:
         """target.moe on every layer (dense layers: one invocation); returns the fixed MoE seconds of
@@ -146,7 +147,8 @@ class FixedCosts:
             self.E, self.na, T / max(chunks, 1)), o(K.MOE)).sum())
         parts = {
             S.TARGET_PRE_ATTN.value: (chunks * L + 1) * o(K.PRE_ATTN) + batch * o(K.PRE_ATTN_SEQUENCE),
-            S.TARGET_ATTENTION.value: chunks * L * o(K.ATTENTION) + batch * o(K.ATTENTION_SEQUENCE),
+            S.TARGET_ATTENTION.value: chunks * L * o(K.ATTENTION) + batch * o(K.ATTENTION_SEQUENCE)
+            + T * L * self._decode_token(K.ATTENTION_TOKEN),
             S.TARGET_POST_ATTN.value: chunks * L * o(K.POST_ATTN) + T * L * self._decode_token(K.POST_ATTN_TOKEN),
             S.TARGET_MOE.value: chunks * moe + T * n_moe * self._decode_token(K.MOE_TOKEN),
             S.TARGET_LM_HEAD.value: chunks * o(K.LM_HEAD) + o(K.LM_HEAD_TOKEN) * batch,
@@ -173,7 +175,8 @@ class FixedCosts:
     def _decode_token(self, key: K) -> float:
         """A decode-fitted per-token term in a prefill: none where the spec has its stage's prefill token key,
         which was fitted in its place (decode passes carry tens of tokens, a prefill pass thousands)."""
-        prefill_key = {K.POST_ATTN_TOKEN: K.PREFILL_POST_ATTN_TOKEN, K.MOE_TOKEN: K.PREFILL_MOE_TOKEN}[key]
+        prefill_key = {K.POST_ATTN_TOKEN: K.PREFILL_POST_ATTN_TOKEN, K.MOE_TOKEN: K.PREFILL_MOE_TOKEN,
+                       K.ATTENTION_TOKEN: K.PREFILL_ATTENTION_TOKEN}[key]
         return 0.0 if self.ov.has(prefill_key) else self.ov.get(key)
 
     # ---- draft ----

@@ -45,6 +45,7 @@ class OverheadKey(str, Enum):
     ATTENTION = Stage.TARGET_ATTENTION.value
     ATTENTION_GPU = f"{Stage.TARGET_ATTENTION.value}.gpu"
     ATTENTION_SEQUENCE = f"{Stage.TARGET_ATTENTION.value}.sequence"
+    ATTENTION_TOKEN = f"{Stage.TARGET_ATTENTION.value}.token"
     POST_ATTN = Stage.TARGET_POST_ATTN.value
     POST_ATTN_TOKEN = f"{Stage.TARGET_POST_ATTN.value}.token"
     MOE = Stage.TARGET_MOE.value
@@ -100,6 +101,9 @@ OVERHEAD_KEYS: dict[str, str] = {
     OverheadKey.ATTENTION.value: "per invocation over host-memory (CPU) KV: each layer and micro-batch that has such sequences",
     OverheadKey.ATTENTION_GPU.value: "per invocation over device (GPU) KV: each layer and micro-batch that has such sequences",
     OverheadKey.ATTENTION_SEQUENCE.value: "per sequence per target pass (the KV cache's index plan, built once per pass)",
+    OverheadKey.ATTENTION_TOKEN.value: ("per query token per layer (each of a sequence's k+1 rows: the kernel packs, "
+                                        "rescales and stores it, whatever the context); in a prefill "
+                                        "prefill.target.attention.token takes its place where the spec has it"),
     OverheadKey.POST_ATTN.value: "per layer and micro-batch (o-proj, router, shared expert)",
     OverheadKey.POST_ATTN_TOKEN.value: "per token per layer (elementwise work, routing softmax/top-k the roofline omits)",
     OverheadKey.MOE.value: "per layer (the engine runs the routed experts of all micro-batches of a layer together)",

@@ -62,7 +62,7 @@ def _expected(model, draft, B, M, k, pl: Placement, cost) -> dict[str, float]:
     out = {
         Stage.TARGET_PRE_ATTN.value: (1 + L * M) * cost("target.pre_attn") + B * cost("target.pre_attn.sequence"),
         Stage.TARGET_ATTENTION.value: (L * host_mbs * cost("target.attention") + L * dev_mbs * cost("target.attention.gpu")
-                                       + B * cost("target.attention.sequence")),
+                                       + B * cost("target.attention.sequence") + L * N * cost("target.attention.token")),
         Stage.TARGET_POST_ATTN.value: L * M * cost("target.post_attn") + L * N * cost("target.post_attn.token"),
         Stage.TARGET_MOE.value: L * cost("target.moe") + n_moe * touched_experts(model.num_experts, model.top_k, N)
         * cost("target.moe.expert") + n_moe * N * cost("target.moe.token"),
@@ -109,6 +109,10 @@ def test_each_stage_grows_by_invocations_times_its_fixed_cost(case):
     # the linear pieces the optimizer reads move with the arrays
     assert withv.h2d_s_per_uncached_expert - base.h2d_s_per_uncached_expert == pytest.approx(
         (1 - (1 - model.top_k / model.num_experts) ** (B * (k + 1))) * TABLE["target.h2d"] * 1e-6)
+    per_seq = np.full(model.num_layers, TABLE["target.attention.token"] * (k + 1))   # [L] every layer, k+1 rows
+    per_seq[0] += TABLE["target.attention.sequence"]                                  # once a pass
+    for side in ("cpu_attn_s_per_seq", "gpu_attn_s_per_seq"):
+        assert getattr(withv, side) - getattr(base, side) == pytest.approx(per_seq * 1e-6, rel=1e-9), side
 
 
 def test_op_overhead_alone_costs_ops_per_invocation():
@@ -378,6 +382,27 @@ def test_prefill_keys_cost_their_part_per_layer_pass_and_per_token():
         assert p.total_s == pytest.approx(sum(p.stages_s.values()) + p.draft_s + p.other_s, rel=1e-12)
     it = [cm.iteration(6, 1, 0, pl, context_len=80.0).stage_totals() for cm in (cm0, cm1)]
     assert it[0] == it[1]
+
+
+def test_attention_token_key_costs_a_prefill_token_until_its_prefill_key_replaces_it():
+    """target.attention.token (per query token per layer) costs each prompt token of a prefill too, unless the
+    spec has prefill.target.attention.token, fitted on prefill passes in its place."""
+    from specmoe.planner.prefill import prefill_parts
+
+    model = load_model("mixtral-8x7b")
+    B, P = 6, 40
+    wl = Workload(prompt_len=P, gen_len=64, kv_dtype="fp32", weight_dtype="fp32")
+    pl = Placement(expert_cache_slots=(2,) * model.num_layers, draft_kv_gpu_sequences=0, target_kv_gpu_sequences=0)
+    raws = [copy.deepcopy(load_hardware("devbox-2core-calibrated").raw) for _ in range(3)]
+    for r in raws:
+        r["measured"]["stage_overhead_us"].pop("prefill.target.attention.token", None)
+    raws[1]["measured"]["stage_overhead_us"]["target.attention.token"] = 3.0
+    raws[2]["measured"]["stage_overhead_us"].update({"target.attention.token": 3.0, "prefill.target.attention.token": 1.0})
+    att = [prefill_parts(CostModel(model, parse_hardware(r, "x.yaml"), wl, None), B, pl).stages_s["target.attention"]
+           for r in raws]
+    T, L = B * P, model.num_layers
+    assert att[1] - att[0] == pytest.approx(3e-6 * T * L, rel=1e-9)
+    assert att[2] - att[0] == pytest.approx(1e-6 * T * L, rel=1e-9)
 
 
 @pytest.mark.parametrize("draft_name", ["tiny-draft", "tiny-eagle"])

@@ -55,7 +55,8 @@ def stage_features(c: dict, spec, n_moe: int, touched: float) -> dict[str, dict[
     host_mbs = sum(1 for _, h in parts if h > 0)
     f = {
         S.TARGET_PRE_ATTN: {K.PRE_ATTN: 1 + L * M, K.PRE_ATTN_SEQUENCE: B},
-        S.TARGET_ATTENTION: {K.ATTENTION: L * host_mbs, K.ATTENTION_GPU: L * dev_mbs, K.ATTENTION_SEQUENCE: B},
+        S.TARGET_ATTENTION: {K.ATTENTION: L * host_mbs, K.ATTENTION_GPU: L * dev_mbs, K.ATTENTION_SEQUENCE: B,
+                             K.ATTENTION_TOKEN: L * B * (k + 1)},
         S.TARGET_POST_ATTN: {K.POST_ATTN: L * M, K.POST_ATTN_TOKEN: L * B * (k + 1)},
         # the expert chains the engine ran (counted), else uniform routing's expected count
         S.TARGET_MOE: {K.MOE: L, K.MOE_EXPERT: c.get("experts_per_iteration") or n_moe * touched,
