@@ -7,9 +7,10 @@ costs fixed + roofline, the fixed part counted per invocation as the engine make
   target.pre_attn    one per layer and micro-batch (one per layer with batched_layer), plus one per pass
                      (embedding), + per sequence per pass
   target.attention   one per layer and micro-batch on each KV part it has (host / device), + per sequence
-                     per pass, + per query token per layer. The GPU-KV sequences spread over the micro-batches as everywhere in the cost
-                     model (split_even, which planner.milp models too); the engine puts the first rows on
-                     the device, so with m > 1 and 0 < GPU-KV sequences < B its part count can differ
+                     per pass, + per query token per layer. The GPU-KV sequences spread over the
+                     micro-batches as everywhere in the cost model (split_even, which planner.milp models
+                     too); the engine puts the first rows on the device, so with m > 1 and 0 < GPU-KV
+                     sequences < B its part count can differ
   target.post_attn   one per layer and micro-batch (one per layer with batched_layer), + per token per layer
   target.moe         one per layer (all micro-batches together) + one per touched expert, E(1-(1-n_a/E)^N),
                      + per token per MoE layer; spread evenly over the micro-batch columns when batched_moe is off

@@ -133,9 +133,10 @@ def run_demo(out_dir: str | Path = "out/demo", n_prompts: int = 32, max_new_toke
              quick: bool = False, log: Callable[[str], None] = print, progress: bool = True,
              threads: int | None = 1) -> DemoResult:
     """The demo (module doc). `quick`: acceptance profiled for k = 1..4 (else 1..8) and the planner's draft
-    lengths limited to 0..4. `threads`: torch intra-op threads for everything measured and run here (default 1: the tiny pair's operations are
-    too small to split, and OpenMP hand-offs on shared cores only add time and noise; None keeps
-    torch's default). The calibration is cached per thread count (it is part of the fingerprint)."""
+    lengths limited to 0..4. `threads`: torch intra-op threads for everything measured and run here
+    (default 1: the tiny pair's operations are too small to split, and OpenMP hand-offs on shared cores
+    only add time and noise; None keeps torch's default). The calibration is cached per thread count (it
+    is part of the fingerprint)."""
     all_prompts = _check_inputs(n_prompts, max_new_tokens, batch)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise SpecError("--threads", f"must be a positive integer, got {threads!r}", "e.g. --threads 1")

@@ -162,7 +162,8 @@ def _prefill_note(cmp: Comparison, run: dict) -> str | None:
     where = ""
     if by:
         parts = ", ".join(f"{_part_name(k)} {_ms(v)}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
-        rest = "the first tokens' choice" if Stage.DRAFT_GPU.value in by else "the draft's own prefill, the first tokens' choice"
+        rest = ("the first tokens' choice" if Stage.DRAFT_GPU.value in by
+                else "the draft's own prefill, the first tokens' choice")
         where = f"; measured by stage: {parts}, and {_ms(max(0.0, row.measured - sum(by.values())))} " \
                 f"outside them ({rest})"
     worst = max(cmp.prefill_stages, key=lambda r: abs(r.diff), default=None)
