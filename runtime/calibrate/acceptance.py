@@ -22,7 +22,6 @@ planner.workload.AcceptanceProfile requires, and `raw_accepted` keeps the measur
 """
 from __future__ import annotations
 
-import bisect
 import csv
 import io
 import math
@@ -164,20 +163,13 @@ def sequence_quantiles(outputs) -> list[float]:
     """The quantiles at QUANTILE_LEVELS across sequences of each one's mean accepted drafts per decode
     iteration: the sorted means at plotting positions i/(m+1), i = 1..m, linear between them and flat past
     the ends (all 0 without a sequence)."""
+    import numpy as np
+
     means = sorted(_sequence_means(outputs))
-    m = len(means)
-    if m == 0:
+    if not means:
         return [0.0] * len(QUANTILE_LEVELS)
-    pos = [(i + 1) / (m + 1) for i in range(m)]
-    out = []
-    for q in QUANTILE_LEVELS:
-        j = bisect.bisect_left(pos, q)
-        if j == 0 or j == m:
-            out.append(means[min(j, m - 1)])
-        else:
-            t = (q - pos[j - 1]) / (pos[j] - pos[j - 1])
-            out.append(means[j - 1] + t * (means[j] - means[j - 1]))
-    return out
+    pos = np.arange(1, len(means) + 1) / (len(means) + 1)
+    return [float(x) for x in np.interp(QUANTILE_LEVELS, pos, means)]   # np.interp is flat past the ends
 
 
 def sequence_spread(outputs) -> float:

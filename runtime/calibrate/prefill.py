@@ -124,6 +124,7 @@ def fit_prefill(raw: dict, hw_with: Callable[[dict[str, float]], Any]) -> tuple[
     token terms the prefill ones replace). Passes timed without their stages fit the whole pass on the
     rest's terms."""
     import numpy as np
+    from scipy.optimize import nnls
 
     from specmoe.planner.model_spec import ModelSpec
     from specmoe.planner.overhead import PREFILL_DRAFT_KEYS, PREFILL_PART_KEYS, PREFILL_PART_PER_LAYER
@@ -159,7 +160,7 @@ def fit_prefill(raw: dict, hw_with: Callable[[dict[str, float]], Any]) -> tuple[
         p_part = np.array([parts[i].part_s(name) if by_stage else parts[i].total_s for i in on], dtype=float)
         X = np.array([[parts[i].passes * per_pass[i], cfgs[i]["B"] * cfgs[i]["P"] * per_token[i]] for i in on],
                      dtype=float)                                                                   # [on, 2]
-        sol = _nnls(X / meas[on, None], (m_part - p_part) / meas[on])
+        sol, _ = nnls(X / meas[on, None], (m_part - p_part) / meas[on])
         for key, v in zip(keys, sol):
             theta[key.value] = float(v)
         fitted[on] += X @ sol
@@ -177,12 +178,6 @@ def fit_prefill(raw: dict, hw_with: Callable[[dict[str, float]], Any]) -> tuple[
                            for c, m, p, e in zip(cfgs, meas, model, (fitted - meas) / meas)],
                "model_rel_err_before": [_r(e) for e in (model - meas) / meas], "parts": part_rows}
     return theta, details
-
-
-def _nnls(A, b):
-    from scipy.optimize import nnls
-
-    return nnls(A, b)[0]
 
 
 def _draft_spec(raw: dict, c: dict):
